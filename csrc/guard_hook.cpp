@@ -1,0 +1,202 @@
+#include "guard_hook.h"
+
+#include <Python.h>
+#include <frameobject.h>
+
+#include <unordered_map>
+#include <vector>
+
+namespace dynamo_dist {
+
+namespace {
+
+struct CodeInfo {
+  uint64_t hash;
+  bool use_lasti;
+};
+
+struct IdentityDesc {
+  PyObject* code;  // strong reference, kept for the life of the process
+  int lasti;
+  int64_t region;
+};
+
+// Code objects are kept alive by the cache (strong references) so a freed
+// code object's address can never be reused for a different frame's hash.
+std::unordered_map<PyObject*, CodeInfo>& code_cache() {
+  static auto* cache = new std::unordered_map<PyObject*, CodeInfo>();
+  return *cache;
+}
+
+std::unordered_map<uint64_t, IdentityDesc>& identity_table() {
+  static auto* table = new std::unordered_map<uint64_t, IdentityDesc>();
+  return *table;
+}
+
+py::object& classifier() {
+  static auto* fn = new py::object();
+  return *fn;
+}
+
+thread_local std::vector<int64_t> region_stack;
+
+py::object& sticky_error() {
+  static auto* err = new py::object();
+  return *err;
+}
+
+inline uint64_t mix(uint64_t h, uint64_t v) {
+  // splitmix64 finaliser over the running hash: cheap and well distributed.
+  uint64_t z = h ^ (v + 0x9e3779b97f4a7c15ULL + (h << 6) + (h >> 2));
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+CodeInfo classify(PyObject* code) {
+  auto& cache = code_cache();
+  auto it = cache.find(code);
+  if (it != cache.end()) {
+    return it->second;
+  }
+  CodeInfo info{reinterpret_cast<uintptr_t>(code), false};
+  if (classifier()) {
+    py::tuple res = classifier()(py::handle(code));
+    info.hash = res[0].cast<uint64_t>();
+    info.use_lasti = res[1].cast<bool>();
+  }
+  Py_INCREF(code);
+  cache.emplace(code, info);
+  return info;
+}
+
+int frame_lasti(PyFrameObject* f) {
+#if PY_VERSION_HEX >= 0x030B0000
+  return PyFrame_GetLasti(f);
+#else
+  return f->f_lasti;
+#endif
+}
+
+}  // namespace
+
+uint64_t current_identity(int skip) {
+  int64_t region = region_stack.empty() ? -1 : region_stack.back();
+  PyFrameObject* f = PyEval_GetFrame();  // borrowed
+  Py_XINCREF(f);
+  for (int i = 0; i < skip && f != nullptr; ++i) {
+    PyFrameObject* back = PyFrame_GetBack(f);  // new reference
+    Py_DECREF(f);
+    f = back;
+  }
+  uint64_t ident = mix(0x6479646973743031ULL, static_cast<uint64_t>(region));
+  if (f == nullptr) {
+    return ident >> 2;
+  }
+  PyCodeObject* code = PyFrame_GetCode(f);  // new reference
+  int lasti = frame_lasti(f);
+  Py_DECREF(f);
+  CodeInfo info;
+  try {
+    info = classify(reinterpret_cast<PyObject*>(code));
+  } catch (...) {
+    Py_DECREF(code);
+    throw;
+  }
+  ident = mix(ident, info.hash);
+  int used_lasti = info.use_lasti ? lasti : -1;
+  ident = mix(ident, static_cast<uint64_t>(static_cast<int64_t>(used_lasti)));
+  // 62 bits: the gloo path packs identities and their negations into int64.
+  ident >>= 2;
+  auto& table = identity_table();
+  if (table.find(ident) == table.end()) {
+    Py_INCREF(code);
+    table.emplace(ident, IdentityDesc{reinterpret_cast<PyObject*>(code), used_lasti, region});
+  }
+  Py_DECREF(code);
+  return ident;
+}
+
+py::object describe_identity(uint64_t ident) {
+  auto& table = identity_table();
+  auto it = table.find(ident);
+  if (it == table.end()) {
+    return py::none();
+  }
+  return py::make_tuple(py::handle(it->second.code), it->second.lasti, it->second.region);
+}
+
+void set_code_classifier(py::object fn) {
+  classifier() = std::move(fn);
+}
+
+py::object pending_error() {
+  return sticky_error() ? sticky_error() : py::none();
+}
+
+void set_pending_error(py::object err) {
+  sticky_error() = err.is_none() ? py::object() : std::move(err);
+}
+
+RegionEnter::RegionEnter(int64_t region) : region_(region) {}
+
+py::object RegionEnter::call() {
+  static auto* exit_obj = new py::object(py::cast(RegionExit()));
+  if (sticky_error()) {
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(sticky_error().ptr())), sticky_error().ptr());
+    throw py::error_already_set();
+  }
+  region_stack.push_back(region_);
+  return *exit_obj;
+}
+
+void RegionExit::call() {
+  if (!region_stack.empty()) {
+    region_stack.pop_back();
+  }
+}
+
+GuardHook::GuardHook(py::object exchange) : exchange_(std::move(exchange)) {}
+
+bool GuardHook::call(bool hit) {
+  ++evaluations_;
+  if (!hit) {
+    ++local_misses_;
+  }
+  // Only calls inside a dynamo_dist.compile region are exchanged: plain
+  // torch.compile code elsewhere in the program keeps its own semantics.
+  if (!enabled_ || region_stack.empty()) {
+    return hit;
+  }
+  if (sticky_error()) {
+    // The guard group is unusable after an error; force the frame into the
+    // Python callback, which re-raises the stored error to the user.
+    return false;
+  }
+  try {
+    uint64_t ident = current_identity(0);
+    ++exchanges_;
+    bool verdict = exchange_(hit, ident).cast<bool>();
+    if (hit && !verdict) {
+      ++forced_recompiles_;
+    }
+    return verdict;
+  } catch (py::error_already_set& e) {
+    sticky_error() = e.value();
+  } catch (const std::exception& e) {
+    sticky_error() = py::module_::import("builtins").attr("RuntimeError")(e.what());
+  }
+  return false;
+}
+
+py::dict GuardHook::counters() const {
+  py::dict d;
+  d["evaluations"] = evaluations_;
+  d["local_misses"] = local_misses_;
+  d["forced_recompiles"] = forced_recompiles_;
+  d["hook_exchanges"] = exchanges_;
+  return d;
+}
+
+
+}  // namespace dynamo_dist

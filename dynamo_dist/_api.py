@@ -1,0 +1,101 @@
+"""``dynamo_dist.compile`` and ``dynamo_dist.stats``: the entry points users call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import torch
+
+from . import _config, _hook, _log, _runtime
+from ._config import POLICIES
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@overload
+def compile(model: _F, **kwargs: Any) -> _F: ...
+@overload
+def compile(model: None = None, **kwargs: Any) -> Callable[[_F], _F]: ...
+
+
+def compile(
+    model: Any = None,
+    *,
+    backend: str | Callable[..., Any] = "inductor",
+    fullgraph: bool = False,
+    dynamic: bool | None = None,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    policy: str | None = None,
+    timeout: float | None = None,
+    cache_dir: str | None = None,
+    config: str | None = None,
+) -> Any:
+    """Drop-in for :func:`torch.compile` that keeps every rank's compiles in step.
+
+    In a distributed job (``torch.distributed`` initialized, more than one rank),
+    every entry into the compiled code is agreed across ranks: if any rank's
+    guards miss, all ranks recompile together, and ranks that call compiled code
+    in a different order get a :class:`RankDivergenceError` instead of a hang.
+    In a single process it is exactly ``torch.compile``.
+
+    The first call is collective (it creates the guard process group): call it on
+    every rank, after ``init_process_group``. ``policy``, ``timeout`` and
+    ``cache_dir`` override the config file (``config`` or ``DYNAMO_DIST_CONFIG``)
+    and the ``DYNAMO_DIST_*`` environment.
+    """
+    if model is None:
+        def decorate(fn: _F) -> _F:
+            return compile(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic, mode=mode,
+                           options=options, policy=policy, timeout=timeout, cache_dir=cache_dir,
+                           config=config)
+
+        return decorate
+    if not callable(model):
+        raise TypeError(
+            f"dynamo_dist.compile: model must be callable (a function, method or nn.Module), "
+            f"got {type(model).__name__}"
+        )
+    if policy is not None and (not isinstance(policy, str) or policy.lower() not in POLICIES):
+        raise ValueError(
+            f"dynamo_dist.compile: policy={policy!r} is invalid; allowed: {', '.join(POLICIES)}"
+        )
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        raise ValueError(
+            f"dynamo_dist.compile: timeout={timeout!r} is invalid; allowed: a positive number "
+            "of seconds"
+        )
+    cfg = _config.resolve(config_file=config, policy=policy, timeout=timeout, cache_dir=cache_dir)
+    _log.configure(cfg.log_level)
+    compile_kwargs: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph,
+                                      "dynamic": dynamic, "mode": mode, "options": options}
+    runtime = _runtime.ensure(cfg)
+    if runtime is None:
+        return torch.compile(model, **compile_kwargs)
+    region = _hook.register_region(model)
+    with _runtime.adopting(runtime, region, cfg.policy) as adopted:
+        compiled = torch.compile(model, **compile_kwargs)
+    if not adopted:
+        _log.get_logger("api").warning(
+            "could not attach to this torch's Dynamo context; %s compiles without rank "
+            "consistency", _hook.describe_callable(model),
+        )
+    return compiled
+
+
+def stats() -> dict[str, Any]:
+    """This rank's counters as a plain dict (empty-ish in single-process programs)."""
+    rt = _runtime.current()
+    if rt is None:
+        return {"rank": 0, "world_size": _runtime.distributed_world(), "installed": False}
+    out = rt.stats()
+    out["installed"] = True
+    return out
+
+
+def shutdown() -> None:
+    """Uninstall the hook and restore Dynamo's previous settings (idempotent)."""
+    _runtime.shutdown()

@@ -1,0 +1,143 @@
+"""Installing the C++ guard hook into Dynamo, and naming the frames it sees.
+
+Installation mirrors ``torch.compiler``'s setters: installing returns what was
+there before, uninstalling puts it back, and both are idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from ._log import get_logger
+
+log = get_logger("hook")
+
+try:
+    from . import _C
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "dynamo_dist's C++ extension (dynamo_dist._C) is missing or was built for another "
+        f"Python ({e}). Rebuild it: `pip install --no-build-isolation -e .` in the source tree, "
+        "or reinstall the package with pip."
+    ) from e
+
+_regions: dict[int, str] = {}
+
+
+def _torch_dir() -> str:
+    import torch
+
+    return os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def _is_dynamo_output(code: types.CodeType) -> bool:
+    try:
+        from torch._dynamo.convert_frame import output_codes
+    except ImportError:  # pragma: no cover
+        return False
+    return id(code) in output_codes.seen_ids
+
+
+def classify_code(code: types.CodeType) -> tuple[int, bool]:
+    """(hash stable across hosts, whether the call offset is part of the identity).
+
+    The hash uses the file's basename, not its path: ranks on different hosts may
+    install the same program under different prefixes. The call offset is left
+    out for code Dynamo generated, whose bytecode layout depends on each rank's
+    compile history.
+    """
+    name = getattr(code, "co_qualname", code.co_name)
+    key = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}:{name}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little"), not _is_dynamo_output(code)
+
+
+_C.set_code_classifier(classify_code)
+
+
+def register_region(fn: object) -> int:
+    """A new region id for one dynamo_dist.compile call, named after the compiled object."""
+    region = len(_regions) + 1
+    _regions[region] = describe_callable(fn)
+    return region
+
+
+def describe_callable(fn: object) -> str:
+    target = getattr(fn, "forward", fn) if not isinstance(fn, types.FunctionType) else fn
+    target = getattr(target, "__func__", target)
+    code = getattr(target, "__code__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    if code is None:
+        return str(name)
+    return f"{name} ({os.path.basename(code.co_filename)}:{code.co_firstlineno})"
+
+
+def _line_of(code: types.CodeType, lasti: int) -> int:
+    if lasti < 0:
+        return code.co_firstlineno
+    for start, end, line in code.co_lines():
+        if start <= lasti < end and line is not None:
+            return line
+    return code.co_firstlineno
+
+
+def describe_identity(ident: int) -> str:
+    """Human name of a frame identity: the compiled region and, inside it, the call site."""
+    desc = _C.describe_identity(ident)
+    if desc is None:
+        return f"frame {ident:#x}"
+    code, lasti, region = desc
+    where = _regions.get(region, "code outside dynamo_dist.compile")
+    if code.co_filename.startswith(_torch_dir()):
+        return where
+    name = getattr(code, "co_qualname", code.co_name)
+    site = f"{name} ({os.path.basename(code.co_filename)}:{_line_of(code, lasti)})"
+    return f"{where}, called from {site}"
+
+
+def region_enter(region: int) -> Callable[[], Callable[[], None]]:
+    """The Dynamo enter/exit hook that marks calls of one compiled region."""
+    return _C.RegionEnter(region)
+
+
+def current_hook() -> object | None:
+    from torch._C._dynamo.eval_frame import set_guard_complete_hook
+
+    prev = set_guard_complete_hook(None)
+    set_guard_complete_hook(prev)
+    return prev
+
+
+def install(hook: _C.GuardHook) -> object | None:
+    """Install ``hook`` as Dynamo's guard-complete hook; returns the previous hook."""
+    from torch._C._dynamo.eval_frame import set_guard_complete_hook
+
+    prev = set_guard_complete_hook(hook)
+    if prev is hook:
+        return None
+    if prev is not None:
+        log.warning("replacing an existing guard-complete hook (%r); restored on uninstall", prev)
+    return prev
+
+
+def uninstall(hook: _C.GuardHook, previous: object | None) -> None:
+    """Restore ``previous`` if ``hook`` is still the installed one."""
+    from torch._C._dynamo.eval_frame import set_guard_complete_hook
+
+    current = set_guard_complete_hook(previous)
+    if current is not None and current is not hook:
+        # Someone installed their own hook after us; leave theirs in place.
+        set_guard_complete_hook(current)
+
+
+@contextmanager
+def installed(hook: _C.GuardHook) -> Iterator[_C.GuardHook]:
+    prev = install(hook)
+    try:
+        yield hook
+    finally:
+        uninstall(hook, prev)

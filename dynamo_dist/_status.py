@@ -1,0 +1,158 @@
+"""Out-of-band status board: where each rank last was, kept in the job's key-value store.
+
+A rank stuck in a collective cannot answer questions, so when an exchange
+times out the waiting rank reads this board to name the ranks that did not
+arrive and the last frame each reached. Publishing runs on a background thread
+at ``status_interval`` so the exchange hot path only stores two integers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from ._log import get_logger
+
+log = get_logger("status")
+
+_PREFIX = "dynamo_dist/status/"
+
+
+class StatusBoard:
+    """Publishes this rank's (sequence number, frame, state) and reads everyone's."""
+
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        world_size: int,
+        interval: float,
+        describe: Callable[[int], str],
+    ) -> None:
+        self._store = store
+        self._rank = rank
+        self._world = world_size
+        self._interval = interval
+        self._describe = describe
+        # Written by the exchange hot path; read by the publisher thread. Plain
+        # attribute stores are atomic under the GIL, which is all we need.
+        self.seq = 0
+        self.ident = 0
+        self._state = "running"
+        self._published: tuple[int, int, str] | None = None
+        self._last_publish = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dynamo_dist-status", daemon=True)
+        self._thread.start()
+        atexit.register(self.close, "exited")
+
+    def update(self, seq: int, ident: int) -> None:
+        self.seq = seq
+        self.ident = ident
+
+    def _payload(self) -> str:
+        return json.dumps(
+            {
+                "seq": self.seq,
+                "frame": self._describe(self.ident) if self.ident else None,
+                "state": self._state,
+                "time": time.time(),
+            }
+        )
+
+    def publish(self, force: bool = False) -> None:
+        key = (self.seq, self.ident, self._state)
+        now = time.monotonic()
+        # Unchanged status is re-published every 5 intervals, as a heartbeat.
+        if not force and key == self._published and now - self._last_publish < 5 * self._interval:
+            return
+        try:
+            self._store.set(f"{_PREFIX}{self._rank}", self._payload())
+            self._published = key
+            self._last_publish = now
+        except Exception as e:  # the store going away must never break training
+            log.debug("could not publish status: %s", e)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.publish()
+
+    def close(self, state: str = "exited") -> None:
+        if self._stop.is_set():
+            return
+        self._state = state
+        self._stop.set()
+        self.publish(force=True)
+
+    def set_state(self, state: str) -> None:
+        self._state = state
+        self.publish(force=True)
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        """Last published status of every rank ({} entries for ranks that never published)."""
+        out: dict[int, dict[str, Any]] = {}
+        for r in range(self._world):
+            key = f"{_PREFIX}{r}"
+            try:
+                if not self._store.check([key]):
+                    out[r] = {}
+                    continue
+                out[r] = json.loads(self._store.get(key))
+            except Exception as e:
+                out[r] = {"error": str(e)}
+        return out
+
+
+def open_store(timeout: float) -> dist.Store | None:
+    """A client of the job's store for the board's own use (None if there is none)."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+    clone = getattr(store, "clone", None)
+    if clone is not None:
+        # Its own connection: the publisher thread must not interleave with
+        # the main thread's store traffic (rendezvous, barriers).
+        try:
+            store = clone()
+        except Exception:
+            pass
+    try:
+        store.set_timeout(timedelta(seconds=min(timeout, 30.0)))
+    except Exception:
+        pass
+    return store
+
+
+def describe_missing(
+    board: dict[int, dict[str, Any]], my_seq: int, stale_after: float
+) -> tuple[list[int], list[str]]:
+    """Ranks that did not reach exchange ``my_seq`` and one line per rank saying where it was."""
+    now = time.time()
+    missing: list[int] = []
+    lines: list[str] = []
+    for r, st in sorted(board.items()):
+        if not st or "seq" not in st:
+            missing.append(r)
+            lines.append(f"rank {r}: never published a status (not started, or no exchange yet)")
+            continue
+        age = now - float(st.get("time", now))
+        where = f"exchange #{st['seq']} at {st.get('frame') or 'no frame yet'}"
+        state = st.get("state", "running")
+        if state != "running":
+            missing.append(r)
+            lines.append(f"rank {r}: {state} after {where}")
+        elif int(st["seq"]) < my_seq or age > stale_after:
+            missing.append(r)
+            stale = f", silent for {age:.0f}s" if age > stale_after else ""
+            lines.append(f"rank {r}: last at {where}{stale}")
+        else:
+            lines.append(f"rank {r}: arrived, at {where}")
+    return missing, lines
