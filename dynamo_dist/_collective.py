@@ -128,7 +128,7 @@ class GlooExchange:
                 waited = time.perf_counter_ns() / 1e9 - t0 / 1e9
                 if "timed out" not in str(e).lower():
                     # A peer's connection closed: it exited or crashed.
-                    err = self._timeout_error(seq, ident, waited, cause=str(e).splitlines()[0])
+                    err = self._timeout_error(seq, ident, waited, cause=_short(str(e)))
                     self.broken = err
                     raise err from None
                 if time.perf_counter_ns() / 1e9 >= deadline:
@@ -196,6 +196,13 @@ class GlooExchange:
 
     def latency_percentiles(self) -> dict[str, float]:
         return percentiles(self.latencies_ns)
+
+
+def _short(gloo_error: str) -> str:
+    text = gloo_error.splitlines()[0] if gloo_error else ""
+    if "closed by peer" in text.lower() or "connection reset" in text.lower():
+        return "the peer process exited or crashed"
+    return text[:200]
 
 
 def percentiles(samples_ns: Any) -> dict[str, float]:
