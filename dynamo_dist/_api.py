@@ -46,10 +46,20 @@ def compile(
     and the ``DYNAMO_DIST_*`` environment.
     """
     if model is None:
+
         def decorate(fn: _F) -> _F:
-            return compile(fn, backend=backend, fullgraph=fullgraph, dynamic=dynamic, mode=mode,
-                           options=options, policy=policy, timeout=timeout, cache_dir=cache_dir,
-                           config=config)
+            return compile(
+                fn,
+                backend=backend,
+                fullgraph=fullgraph,
+                dynamic=dynamic,
+                mode=mode,
+                options=options,
+                policy=policy,
+                timeout=timeout,
+                cache_dir=cache_dir,
+                config=config,
+            )
 
         return decorate
     if not callable(model):
@@ -70,8 +80,13 @@ def compile(
         )
     cfg = _config.resolve(config_file=config, policy=policy, timeout=timeout, cache_dir=cache_dir)
     _log.configure(cfg.log_level)
-    compile_kwargs: dict[str, Any] = {"backend": backend, "fullgraph": fullgraph,
-                                      "dynamic": dynamic, "mode": mode, "options": options}
+    compile_kwargs: dict[str, Any] = {
+        "backend": backend,
+        "fullgraph": fullgraph,
+        "dynamic": dynamic,
+        "mode": mode,
+        "options": options,
+    }
     runtime = _runtime.ensure(cfg)
     if runtime is None:
         return torch.compile(model, **compile_kwargs)
@@ -80,8 +95,8 @@ def compile(
         compiled = torch.compile(model, **compile_kwargs)
     if not adopted:
         _log.get_logger("api").warning(
-            "could not attach to this torch's Dynamo context; %s compiles without rank "
-            "consistency", _hook.describe_callable(model),
+            "could not attach to this torch's Dynamo context; %s compiles without rank consistency",
+            _hook.describe_callable(model),
         )
     return compiled
 

@@ -72,8 +72,9 @@ class GlooExchange:
 
     transport = "gloo"
 
-    def __init__(self, timeout: float, wait_log_interval: float, board: StatusBoard | None,
-                 describe: Any) -> None:
+    def __init__(
+        self, timeout: float, wait_log_interval: float, board: StatusBoard | None, describe: Any
+    ) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.timeout = timeout
@@ -137,7 +138,10 @@ class GlooExchange:
                     raise err from None
                 log.warning(
                     "waiting %.0fs for the other ranks at guard exchange #%d (%s); timeout %.0fs",
-                    waited, seq, self._describe(ident), self.timeout,
+                    waited,
+                    seq,
+                    self._describe(ident),
+                    self.timeout,
                 )
 
     # -- error paths (rare) --------------------------------------------------
@@ -168,8 +172,9 @@ class GlooExchange:
         )
         return RankDivergenceError(msg, ranks)
 
-    def _timeout_error(self, seq: int, ident: int, waited: float,
-                       cause: str | None) -> CollectiveTimeoutError:
+    def _timeout_error(
+        self, seq: int, ident: int, waited: float, cause: str | None
+    ) -> CollectiveTimeoutError:
         board = self._board.snapshot() if self._board is not None else {}
         stale = max(10.0, 5 * (self._board._interval if self._board else 2.0))
         missing, lines = describe_missing(board, seq, stale) if board else ([], [])
@@ -191,8 +196,11 @@ class GlooExchange:
             "rank's log; raise `timeout` if it was only slow (e.g. rank 0 writing a checkpoint)."
         )
         body = "\n".join(f"  {line}" for line in lines)
-        return CollectiveTimeoutError(f"{head}\n{body}\n{hint}" if body else f"{head}\n{hint}",
-                                      missing=missing, last_seen=board)
+        return CollectiveTimeoutError(
+            f"{head}\n{body}\n{hint}" if body else f"{head}\n{hint}",
+            missing=missing,
+            last_seen=board,
+        )
 
     def latency_percentiles(self) -> dict[str, float]:
         return percentiles(self.latencies_ns)

@@ -8,12 +8,14 @@ launcher wrote.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+
+import tomllib
 
 from ._errors import ConfigError
 
@@ -28,7 +30,8 @@ class Config:
 
     policy: str = "sync"
     """What a guard miss on some ranks does: ``sync`` (all recompile), ``strict`` (raise
-    RankDivergenceError with the reasons), ``warn`` (sync and log the reasons), ``off`` (no hook)."""
+    RankDivergenceError with the reasons), ``warn`` (sync and log the reasons), ``off``
+    (no hook)."""
 
     timeout: float = 900.0
     """Seconds one guard exchange may wait for the other ranks before CollectiveTimeoutError.
@@ -233,7 +236,7 @@ def describe() -> list[tuple[str, str, str, str]]:
     docs: dict[str, str] = {}
     tree = ast.parse(textwrap.dedent(inspect.getsource(Config)))
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in zip(body, body[1:], strict=False):
+    for node, nxt in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -248,4 +251,4 @@ def describe() -> list[tuple[str, str, str, str]]:
     ]
 
 
-__all__ = ["Config", "resolve", "load_file", "from_env", "to_env", "describe", "ENV_VARS"]
+__all__ = ["ENV_VARS", "Config", "describe", "from_env", "load_file", "resolve", "to_env"]

@@ -41,7 +41,9 @@ def configure(level: str | None = None) -> None:
         return
     handler = logging.StreamHandler()
     handler.addFilter(_RankFilter())
-    handler.setFormatter(logging.Formatter("[rank %(dd_rank)s] %(name)s %(levelname)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("[rank %(dd_rank)s] %(name)s %(levelname)s: %(message)s")
+    )
     logger.addHandler(handler)
     logger.propagate = False
     _configured = True

@@ -51,8 +51,9 @@ class Runtime:
         )
         # Group creation is collective: every rank reaches this on its first
         # dynamo_dist.compile call, in the same order, in SPMD programs.
-        self.exchange = GlooExchange(cfg.timeout, cfg.wait_log_interval, self.board,
-                                     describe_identity)
+        self.exchange = GlooExchange(
+            cfg.timeout, cfg.wait_log_interval, self.board, describe_identity
+        )
         self.consensus = False
         if cfg.compiler_collectives:
             self.consensus = _consensus.enable(new_gloo_group(cfg.timeout + 60.0))
@@ -65,7 +66,10 @@ class Runtime:
         self._thread = threading.get_ident()
         log.info(
             "guard exchange on (policy %s, transport %s, timeout %.0fs, %d ranks, consensus %s)",
-            cfg.policy, self.exchange.transport, cfg.timeout, self.world_size,
+            cfg.policy,
+            self.exchange.transport,
+            cfg.timeout,
+            self.world_size,
             "on" if self.consensus else "off",
         )
 
@@ -123,8 +127,10 @@ class Runtime:
         self.forced_recompiles_logged += 1
         if policy == "strict":
             self.strict_errors += 1
-            ranks = {r: {"hit": rec["hit"], "reasons": rec["reasons"], "frame": what,
-                         "seq": outcome.seq} for r, rec in enumerate(records)}
+            ranks = {
+                r: {"hit": rec["hit"], "reasons": rec["reasons"], "frame": what, "seq": outcome.seq}
+                for r, rec in enumerate(records)
+            }
             raise RankDivergenceError(
                 f"policy 'strict': {msg}. Make the inputs that the listed guards check identical "
                 "across ranks (or mark them dynamic), or use policy 'sync' to recompile on all "
@@ -234,7 +240,10 @@ def ensure(cfg: Config) -> Runtime | None:
     elif (cfg.timeout, cfg.transport) != (_runtime.cfg.timeout, _runtime.cfg.transport):
         log.warning(
             "timeout/transport are per process and already set to %.0fs/%s; ignoring %.0fs/%s",
-            _runtime.cfg.timeout, _runtime.cfg.transport, cfg.timeout, cfg.transport,
+            _runtime.cfg.timeout,
+            _runtime.cfg.transport,
+            cfg.timeout,
+            cfg.transport,
         )
     return _runtime
 

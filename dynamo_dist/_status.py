@@ -9,6 +9,7 @@ at ``status_interval`` so the exchange hot path only stores two integers.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import threading
 import time
@@ -120,14 +121,10 @@ def open_store(timeout: float) -> dist.Store | None:
     if clone is not None:
         # Its own connection: the publisher thread must not interleave with
         # the main thread's store traffic (rendezvous, barriers).
-        try:
+        with contextlib.suppress(Exception):
             store = clone()
-        except Exception:
-            pass
-    try:
+    with contextlib.suppress(Exception):
         store.set_timeout(timedelta(seconds=min(timeout, 30.0)))
-    except Exception:
-        pass
     return store
 
 

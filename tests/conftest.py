@@ -28,12 +28,20 @@ class RankRun:
         return self.ranks[r]
 
 
-def run_command(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
-                cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_command(
+    cmd: list[str], timeout: float, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` in its own process group; on timeout kill the whole group and fail."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env, cwd=cwd or ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+        cwd=cwd or ROOT,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -43,11 +51,23 @@ def run_command(cmd: list[str], timeout: float, env: dict[str, str] | None = Non
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 
-def torchrun(script: Path | str, *args: str, nproc: int = 2, timeout: float = 180,
-             env: dict[str, str] | None = None, launcher: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    script: Path | str,
+    *args: str,
+    nproc: int = 2,
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+    launcher: list[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     cmd = launcher or [sys.executable, "-m", "torch.distributed.run"]
-    cmd = [*cmd, "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
-           str(script), *args]
+    cmd = [
+        *cmd,
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "--max-restarts=0",
+        str(script),
+        *args,
+    ]
     return run_command(cmd, timeout=timeout, env=env)
 
 
@@ -55,8 +75,9 @@ def torchrun(script: Path | str, *args: str, nproc: int = 2, timeout: float = 18
 def run_ranks(tmp_path: Path):
     """run_ranks(scenario, nproc=2, timeout=180, env=None) -> RankRun."""
 
-    def run(scenario: str, nproc: int = 2, timeout: float = 180,
-            env: dict[str, str] | None = None) -> RankRun:
+    def run(
+        scenario: str, nproc: int = 2, timeout: float = 180, env: dict[str, str] | None = None
+    ) -> RankRun:
         outdir = tmp_path / scenario
         outdir.mkdir(exist_ok=True)
         proc = torchrun(WORKERS, scenario, str(outdir), nproc=nproc, timeout=timeout, env=env)

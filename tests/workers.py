@@ -49,8 +49,13 @@ class CountingBackend:
 
 
 def _result(cb: CountingBackend, ok: bool = True, **extra: Any) -> dict[str, Any]:
-    return {"graphs": cb.graphs, "dynamic": cb.dynamic, "ok": ok, "stats": dynamo_dist.stats(),
-            **extra}
+    return {
+        "graphs": cb.graphs,
+        "dynamic": cb.dynamic,
+        "ok": ok,
+        "stats": dynamo_dist.stats(),
+        **extra,
+    }
 
 
 def _f(x: torch.Tensor) -> torch.Tensor:
@@ -228,8 +233,14 @@ def extra_call(rank: int, world: int) -> dict[str, Any]:
         try:
             cf(x)
         except dynamo_dist.CollectiveTimeoutError as e:
-            return _result(cb, False, error=type(e).__name__, message=str(e), missing=e.missing,
-                           waited=time.monotonic() - t0)
+            return _result(
+                cb,
+                False,
+                error=type(e).__name__,
+                message=str(e),
+                missing=e.missing,
+                waited=time.monotonic() - t0,
+            )
         return _result(cb, True)
     # The others stay alive (not in any exchange) well past the timeout.
     time.sleep(float(os.environ.get("DD_T", "4")) + 6)
@@ -250,8 +261,14 @@ def killed_rank(rank: int, world: int) -> dict[str, Any]:
             t0 = time.monotonic()
             cf(x)
     except dynamo_dist.CollectiveTimeoutError as e:
-        return _result(cb, False, error=type(e).__name__, message=str(e), missing=e.missing,
-                       waited=time.monotonic() - t0)
+        return _result(
+            cb,
+            False,
+            error=type(e).__name__,
+            message=str(e),
+            missing=e.missing,
+            waited=time.monotonic() - t0,
+        )
     return _result(cb, True)
 
 
@@ -264,8 +281,13 @@ def policy_strict(rank: int, world: int) -> dict[str, Any]:
             n = 5 if (rank == 1 and step == 2) else 4
             cf(torch.randn(n, 3))
     except dynamo_dist.RankDivergenceError as e:
-        return _result(cb, False, error=type(e).__name__, message=str(e),
-                       ranks={str(k): v for k, v in e.ranks.items()})
+        return _result(
+            cb,
+            False,
+            error=type(e).__name__,
+            message=str(e),
+            ranks={str(k): v for k, v in e.ranks.items()},
+        )
     return _result(cb, True)
 
 
@@ -322,8 +344,12 @@ def main() -> None:
     try:
         result = SCENARIOS[name](rank, world)
     except BaseException as e:
-        result = {"ok": False, "error": type(e).__name__, "message": str(e),
-                  "traceback": traceback.format_exc()}
+        result = {
+            "ok": False,
+            "error": type(e).__name__,
+            "message": str(e),
+            "traceback": traceback.format_exc(),
+        }
     with open(os.path.join(outdir, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh, default=str)
     # Exit without tearing the group down collectively: some scenarios leave

@@ -1,0 +1,150 @@
+"""Per-call cost of a guard exchange, measured side by side in one run.
+
+    python benchmarks/guard_exchange.py            # 2 and 4 ranks, one host
+    python benchmarks/guard_exchange.py --nproc 2 --calls 3000
+
+For each rank count it starts the ranks with torchrun and, on the same compiled
+function, times a compiled call with: no hook; upstream's
+``torch.compiler.set_enable_guard_collectives(True)``; dynamo_dist over gloo;
+dynamo_dist over shared memory (where available); and a bare gloo all_reduce
+of one int. Medians of per-call times; ratios are taken within the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ["no hook", "upstream hook", "dynamo_dist gloo", "dynamo_dist shm", "bare all_reduce"]
+
+
+def _median_us(fn, calls: int) -> float:
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter_ns()
+        fn()
+        samples.append(time.perf_counter_ns() - t0)
+    return statistics.median(samples) / 1e3
+
+
+def worker(out: str, calls: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import dynamo_dist
+    from dynamo_dist import _runtime
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    x = torch.ones(4)
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return t + 1
+
+    results: dict[str, float | None] = {}
+    plain = torch.compile(fn, backend="eager")
+    for _ in range(50):
+        plain(x)
+    dist.barrier()
+    results["no hook"] = _median_us(lambda: plain(x), calls)
+
+    dist.barrier()
+    prev = torch.compiler.set_enable_guard_collectives(True)
+    for _ in range(20):
+        plain(x)
+    results["upstream hook"] = _median_us(lambda: plain(x), max(200, calls // 5))
+    torch.compiler.set_enable_guard_collectives(prev)
+
+    for transport in ("gloo", "shm"):
+        dist.barrier()
+        os.environ["DYNAMO_DIST_TRANSPORT"] = transport
+        compiled = dynamo_dist.compile(fn, backend="eager")
+        rt = _runtime.current()
+        if rt is None or rt.exchange.transport not in (transport, f"{transport}+gloo"):
+            results[f"dynamo_dist {transport}"] = None
+        else:
+            for _ in range(50):
+                compiled(x)
+            results[f"dynamo_dist {transport}"] = _median_us(lambda c=compiled: c(x), calls)
+        dynamo_dist.shutdown()
+        torch._dynamo.reset()
+
+    dist.barrier()
+    pg = dist.new_group(backend="cpu:gloo")
+    one = torch.zeros(1, dtype=torch.int64)
+    for _ in range(50):
+        dist.all_reduce(one, group=pg)
+    results["bare all_reduce"] = _median_us(lambda: dist.all_reduce(one, group=pg), calls)
+
+    gathered: list[dict[str, float | None] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(nproc: int, calls: int) -> dict[str, float | None]:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "result.json")
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            __file__,
+            "--worker",
+            out,
+            "--calls",
+            str(calls),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run(cmd, check=True, env=env, timeout=1800, stdout=subprocess.DEVNULL)
+        per_rank = json.loads(Path(out).read_text())
+    # The slowest rank bounds the step: report the max over ranks of each median.
+    return {
+        m: (max(r[m] for r in per_rank) if per_rank[0].get(m) is not None else None) for m in MODES
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--nproc", type=int, action="append", help="rank counts (default 2 and 4)")
+    p.add_argument("--calls", type=int, default=3000)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.worker, args.calls)
+        return
+    for nproc in args.nproc or [2, 4]:
+        res = run(nproc, args.calls)
+        print(
+            f"\n{nproc} ranks on {os.cpu_count()} cores: median us per compiled call "
+            "(max over ranks)"
+        )
+        base, up, bare = res["no hook"], res["upstream hook"], res["bare all_reduce"]
+        for m in MODES:
+            v = res[m]
+            if v is None:
+                print(f"  {m:18s}      n/a")
+                continue
+            extra = ""
+            if m.startswith("dynamo_dist") and base is not None:
+                extra = f"  adds {v - base:8.1f} us over no hook"
+                if up:
+                    extra += f"; {up / v:7.1f}x cheaper than upstream"
+                if bare:
+                    extra += f"; {v / bare:5.2f}x a bare all_reduce"
+            print(f"  {m:18s} {v:9.1f}{extra}")
+
+
+if __name__ == "__main__":
+    main()

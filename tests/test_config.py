@@ -1,0 +1,84 @@
+"""Configuration: precedence, validation, and error messages that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from dynamo_dist import Config, ConfigError
+from dynamo_dist import _config as C
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "dd.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults():
+    cfg = C.resolve(environ={})
+    assert cfg == Config()
+    assert cfg.policy == "sync" and cfg.transport == "auto" and cfg.timeout > 0
+
+
+def test_precedence_defaults_file_env_arguments(tmp_path):
+    f = write(tmp_path, 'policy = "warn"\ntimeout = 30\ntransport = "gloo"\n')
+    env = {"DYNAMO_DIST_TIMEOUT": "20", "DYNAMO_DIST_TRANSPORT": "shm"}
+    cfg = C.resolve(config_file=f, environ=env, transport="auto")
+    assert cfg.policy == "warn"  # file over default
+    assert cfg.timeout == 20.0  # env over file
+    assert cfg.transport == "auto"  # argument over env
+    assert cfg.status_interval == Config().status_interval  # default
+
+
+def test_config_file_from_environment(tmp_path):
+    f = write(tmp_path, '[dynamo_dist]\npolicy = "strict"\n')
+    assert C.resolve(environ={"DYNAMO_DIST_CONFIG": str(f)}).policy == "strict"
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('polcy = "sync"', ["unknown key", "polcy", "known keys", "policy"]),
+        ('policy = "fast"', ["policy", "'fast'", "sync, strict, warn, off"]),
+        ("timeout = -1", ["timeout", "-1", "positive"]),
+        ('timeout = "soon"', ["timeout", "'soon'"]),
+        ("compiler_collectives = 3", ["compiler_collectives", "true or false"]),
+        ('transport = "rdma"', ["transport", "auto, shm, gloo"]),
+        ("policy = ", ["not valid TOML"]),
+    ],
+)
+def test_bad_file_names_file_key_and_allowed(tmp_path, text, words):
+    f = write(tmp_path, text + "\n")
+    with pytest.raises(ConfigError) as info:
+        C.resolve(config_file=f, environ={})
+    msg = str(info.value)
+    assert str(f) in msg
+    for w in words:
+        assert w in msg
+
+
+def test_bad_environment_names_variable():
+    with pytest.raises(ConfigError, match=r"DYNAMO_DIST_POLICY: policy = 'maybe'.*allowed"):
+        C.resolve(environ={"DYNAMO_DIST_POLICY": "maybe"})
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        C.resolve(config_file="/nonexistent/dd.toml", environ={})
+
+
+def test_bad_dataclass_value():
+    with pytest.raises(ConfigError, match="timeout"):
+        Config(timeout=0)
+
+
+def test_to_env_round_trip():
+    cfg = Config(policy="strict", timeout=12.5, compiler_collectives=False, cache_dir="/tmp/x")
+    assert C.resolve(environ=C.to_env(cfg)) == cfg
+
+
+def test_every_key_has_env_var_and_doc():
+    rows = C.describe()
+    assert {r[0] for r in rows} == set(C.ENV_VARS)
+    for key, var, _default, doc in rows:
+        assert var.startswith("DYNAMO_DIST_") and doc, key
