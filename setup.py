@@ -10,9 +10,10 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "dynamo_dist._C",
-        sorted(["csrc/module.cpp", "csrc/guard_hook.cpp"]),
+        sorted(["csrc/module.cpp", "csrc/guard_hook.cpp", "csrc/shm_exchange.cpp"]),
         cxx_std=17,
         extra_compile_args=["-O2"],
+        libraries=["rt"],
     ),
 ]
 

@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <frameobject.h>
 
+#include <chrono>
 #include <unordered_map>
 #include <vector>
 
@@ -158,6 +159,64 @@ void RegionExit::call() {
 
 GuardHook::GuardHook(py::object exchange) : exchange_(std::move(exchange)) {}
 
+GuardHook::GuardHook(std::shared_ptr<ShmExchange> shm, py::object slow_path)
+    : shm_(std::move(shm)), slow_path_(std::move(slow_path)) {}
+
+namespace {
+constexpr uint64_t kM32 = 0xFFFFFFFFULL;
+constexpr size_t kLatencySamples = 8192;
+
+// Same packing as dynamo_dist/_collective.py: low half x = (ident << 1) | hit,
+// high half ~x, so an AND over ranks exposes disagreeing bits.
+inline uint64_t pack_record(bool hit, uint64_t ident) {
+  uint64_t x = (((ident & 0x7FFFFFFFULL) << 1) | (hit ? 1ULL : 0ULL)) & kM32;
+  return ((~x & kM32) << 32) | x;
+}
+
+inline uint64_t now_ns() {
+  using namespace std::chrono;
+  return static_cast<uint64_t>(
+      duration_cast<nanoseconds>(steady_clock::now().time_since_epoch()).count());
+}
+}  // namespace
+
+bool GuardHook::exchange(bool hit, uint64_t ident) {
+  ++exchanges_;
+  if (!shm_) {
+    return exchange_(hit, ident).cast<bool>();
+  }
+  const uint64_t seq = ++seq_;
+  last_ident_ = ident;
+  const uint64_t t0 = now_ns();
+  ExchangeResult r = shm_->exchange(pack_record(hit, ident), seq);
+  if (r.status == ExchangeStatus::kOk) {
+    const uint64_t dt = now_ns() - t0;
+    const uint32_t sample = dt > 0xFFFFFFFFULL ? 0xFFFFFFFFU : static_cast<uint32_t>(dt);
+    if (latencies_.size() < kLatencySamples) {
+      latencies_.push_back(sample);
+    } else {
+      latencies_[latency_next_] = sample;
+      latency_next_ = (latency_next_ + 1) % kLatencySamples;
+    }
+    const uint64_t low = r.word & kM32, high = r.word >> 32;
+    const uint64_t disagree = ~(low | high) & kM32;
+    const bool all_hit = (low & 1) != 0;
+    const bool any_hit = (high & 1) == 0;
+    if ((disagree & ~1ULL) == 0 && (all_hit || !any_hit)) {
+      return all_hit;
+    }
+  }
+  return slow_path_(static_cast<int>(r.status), seq, ident, hit, static_cast<int64_t>(r.word),
+                    r.culprit, r.waited_s)
+      .cast<bool>();
+}
+
+py::list GuardHook::latencies_ns() const {
+  py::list out;
+  for (uint32_t v : latencies_) out.append(v);
+  return out;
+}
+
 bool GuardHook::call(bool hit) {
   ++evaluations_;
   if (!hit) {
@@ -174,9 +233,7 @@ bool GuardHook::call(bool hit) {
     return false;
   }
   try {
-    uint64_t ident = current_identity(0);
-    ++exchanges_;
-    bool verdict = exchange_(hit, ident).cast<bool>();
+    bool verdict = exchange(hit, current_identity(0));
     if (hit && !verdict) {
       ++forced_recompiles_;
     }

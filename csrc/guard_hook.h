@@ -6,6 +6,10 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "shm_exchange.h"
 
 namespace dynamo_dist {
 
@@ -54,7 +58,19 @@ class RegionExit {
 // The hook object installed with set_guard_complete_hook.
 class GuardHook {
  public:
+  // Python transport: exchange(hit, ident) -> bool.
   explicit GuardHook(py::object exchange);
+  // Shared-memory transport with a C++ fast path. slow_path(status, seq, ident,
+  // hit, word, culprit, waited_s) -> bool runs in Python only when the fast
+  // path cannot decide alone (mixed hits, a mismatch, a timeout, a dead peer).
+  GuardHook(std::shared_ptr<ShmExchange> shm, py::object slow_path);
+
+  // One exchange; may throw. Used by call() and by the Python callback
+  // wrapper for frames without cache entries.
+  bool exchange(bool hit, uint64_t ident);
+  uint64_t seq() const { return seq_; }
+  uint64_t last_ident() const { return last_ident_; }
+  py::list latencies_ns() const;
 
   // Called by Dynamo: hit == true means the local cache lookup found an entry.
   // Returns false to force a recompile. Never throws: an exception escaping
@@ -68,6 +84,12 @@ class GuardHook {
 
  private:
   py::object exchange_;
+  std::shared_ptr<ShmExchange> shm_;
+  py::object slow_path_;
+  uint64_t seq_ = 0;
+  uint64_t last_ident_ = 0;
+  std::vector<uint32_t> latencies_;
+  size_t latency_next_ = 0;
   bool enabled_ = true;
   uint64_t evaluations_ = 0;
   uint64_t local_misses_ = 0;

@@ -2,7 +2,10 @@
 // reporting live in Python; C++ keeps only what runs on every compiled call.
 #include <pybind11/pybind11.h>
 
+#include <pybind11/stl.h>
+
 #include "guard_hook.h"
+#include "shm_exchange.h"
 
 namespace py = pybind11;
 using namespace dynamo_dist;
@@ -10,9 +13,41 @@ using namespace dynamo_dist;
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dynamo_dist native core: the Dynamo guard-complete hook and frame identities.";
 
+  py::class_<ShmExchange, std::shared_ptr<ShmExchange>>(
+      m, "ShmExchange", "Intra-host guard exchange through a shared-memory segment.")
+      .def(py::init<const std::string&, bool, int, int, bool, double, double>(), py::arg("name"),
+           py::arg("create"), py::arg("local_rank"), py::arg("local_world"),
+           py::arg("hierarchical"), py::arg("timeout"), py::arg("log_interval"))
+      .def("unlink", &ShmExchange::unlink, "Remove the segment's name (leader, once all attached).")
+      .def("abort", &ShmExchange::abort, "Make local ranks stop waiting.")
+      .def("set_cross_host", &ShmExchange::set_cross_host, py::arg("fn"),
+           "Leader: fn(word) -> word ANDed over hosts.")
+      .def("set_wait_logger", &ShmExchange::set_wait_logger, py::arg("fn"))
+      .def(
+          "exchange",
+          [](ShmExchange& self, uint64_t word, uint64_t seq) {
+            ExchangeResult r = self.exchange(word, seq);
+            return py::make_tuple(static_cast<int>(r.status), static_cast<int64_t>(r.word),
+                                  r.culprit, r.waited_s);
+          },
+          py::arg("word"), py::arg("seq"), "(status, word, culprit, waited_s); for tests.")
+      .def_property_readonly("name", &ShmExchange::name)
+      .def_property_readonly("local_rank", &ShmExchange::local_rank)
+      .def_property_readonly("local_world", &ShmExchange::local_world)
+      .def_property_readonly("hierarchical", &ShmExchange::hierarchical);
+
   py::class_<GuardHook>(m, "GuardHook", "Callable installed as Dynamo's guard-complete hook.")
       .def(py::init<py::object>(), py::arg("exchange"),
            "exchange(hit: bool, ident: int) -> bool is called for every guard result.")
+      .def(py::init<std::shared_ptr<ShmExchange>, py::object>(), py::arg("shm"),
+           py::arg("slow_path"),
+           "Shared-memory fast path; slow_path(status, seq, ident, hit, word, culprit, waited) "
+           "decides the rare cases in Python.")
+      .def("exchange", &GuardHook::exchange, py::arg("hit"), py::arg("ident"),
+           "One exchange (may raise): for frames Dynamo has no entries for yet.")
+      .def_property_readonly("seq", &GuardHook::seq)
+      .def_property_readonly("last_ident", &GuardHook::last_ident)
+      .def("latencies_ns", &GuardHook::latencies_ns)
       .def("__call__", &GuardHook::call, py::arg("hit"),
            "Dynamo's entry point: returns the verdict agreed by all ranks (False forces a recompile).")
       .def("counters", &GuardHook::counters, "This rank's hook counters as a dict.")

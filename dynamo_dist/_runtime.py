@@ -21,11 +21,12 @@ import torch
 import torch.distributed as dist
 
 from . import _consensus, _hook
-from ._collective import GlooExchange, Outcome, new_gloo_group
+from ._collective import ExchangeBase, GlooExchange, Outcome, new_gloo_group, percentiles
 from ._config import Config
 from ._errors import RankDivergenceError
 from ._hook import _C, describe_identity
 from ._log import get_logger
+from ._shm import ShmTransport, ShmUnavailable, topology
 from ._status import StatusBoard, open_store
 
 log = get_logger("runtime")
@@ -51,13 +52,16 @@ class Runtime:
         )
         # Group creation is collective: every rank reaches this on its first
         # dynamo_dist.compile call, in the same order, in SPMD programs.
-        self.exchange = GlooExchange(
-            cfg.timeout, cfg.wait_log_interval, self.board, describe_identity
-        )
+        # The groups' own timeout is what bounds an exchange on the network.
+        group = new_gloo_group(cfg.timeout)
+        self.transport = _make_transport(cfg, group, self.board)
+        if self.board is not None:
+            self.board.position = self.transport.position
+            self.board.ticks.append(self.transport.watch)
         self.consensus = False
         if cfg.compiler_collectives:
             self.consensus = _consensus.enable(new_gloo_group(cfg.timeout + 60.0))
-        self.hook = _C.GuardHook(self.exchange.exchange)
+        self.hook = self.transport.make_hook()
         self._previous_hook = _hook.install(self.hook)
         self.compiles = 0
         self.first_entry_exchanges = 0
@@ -67,7 +71,7 @@ class Runtime:
         log.info(
             "guard exchange on (policy %s, transport %s, timeout %.0fs, %d ranks, consensus %s)",
             cfg.policy,
-            self.exchange.transport,
+            self.transport.transport,
             cfg.timeout,
             self.world_size,
             "on" if self.consensus else "off",
@@ -88,16 +92,16 @@ class Runtime:
         # caller of the frame Dynamo is evaluating.
         ident = _C.current_identity(2)
         try:
-            return self.exchange.exchange(False, ident)
+            return self.hook.exchange(False, ident)
         except BaseException as e:
             _C.set_pending_error(e)
             raise
 
     def take_mixed(self) -> Outcome | None:
         """The last exchange's outcome if some ranks hit and others missed."""
-        out = self.exchange.last_mixed
-        if out is not None and out.seq == self.exchange.seq:
-            self.exchange.last_mixed = None
+        out = self.transport.last_mixed
+        if out is not None and out.seq == self.transport.position()[0]:
+            self.transport.last_mixed = None
             return out
         return None
 
@@ -113,7 +117,7 @@ class Runtime:
             reasons = [_FIRST_ENTRY_REASON]
         else:
             reasons = guard_failure_reasons(frame)
-        records = self.exchange.gather_objects({"hit": outcome.hit, "reasons": reasons})
+        records = self.transport.gather_objects({"hit": outcome.hit, "reasons": reasons})
         missed = [r for r, rec in enumerate(records) if not rec["hit"]]
         hit = [r for r, rec in enumerate(records) if rec["hit"]]
         what = describe_identity(outcome.ident)
@@ -147,19 +151,35 @@ class Runtime:
             "rank": self.rank,
             "world_size": self.world_size,
             "policy": self.cfg.policy,
-            "transport": self.exchange.transport,
+            "transport": self.transport.transport,
             "consensus": self.consensus,
         }
         out.update(self.hook.counters())
         out.update(
-            exchanges=self.exchange.seq,
+            exchanges=self.transport.position()[0],
             first_entry_exchanges=self.first_entry_exchanges,
-            mixed_outcomes=self.exchange.mixed,
-            divergences=self.exchange.divergences + self.strict_errors,
+            mixed_outcomes=self.transport.mixed,
+            divergences=self.transport.divergences + self.strict_errors,
             compiles=self.compiles,
         )
-        out.update(self.exchange.latency_percentiles())
+        out.update(percentiles(self.transport.latencies()))
         return out
+
+
+def _make_transport(
+    cfg: Config, group: dist.ProcessGroup, board: StatusBoard | None
+) -> ExchangeBase:
+    """Shared memory within hosts (hierarchical across them) unless gloo is asked for."""
+    if cfg.transport in ("auto", "shm"):
+        topo = topology(group)
+        try:
+            return ShmTransport(
+                group, topo, cfg.timeout, cfg.wait_log_interval, board, describe_identity
+            )
+        except ShmUnavailable as e:
+            level = log.warning if cfg.transport == "shm" else log.info
+            level("shared-memory guard exchange unavailable (%s); using gloo", e)
+    return GlooExchange(group, cfg.timeout, cfg.wait_log_interval, board, describe_identity)
 
 
 def guard_failure_reasons(frame: Any) -> list[str]:

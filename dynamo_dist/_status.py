@@ -3,7 +3,8 @@
 A rank stuck in a collective cannot answer questions, so when an exchange
 times out the waiting rank reads this board to name the ranks that did not
 arrive and the last frame each reached. Publishing runs on a background thread
-at ``status_interval`` so the exchange hot path only stores two integers.
+at ``status_interval`` and reads the rank's position itself: the exchange hot
+path never touches the board.
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ class StatusBoard:
         self._store = store
         self._rank = rank
         self._world = world_size
-        self._interval = interval
+        self.interval = interval
         self._describe = describe
-        # Written by the exchange hot path; read by the publisher thread. Plain
-        # attribute stores are atomic under the GIL, which is all we need.
-        self.seq = 0
-        self.ident = 0
+        # Where this rank is: (last exchange number, its frame identity). Set by
+        # the runtime once the transport exists; read only by the publisher
+        # thread, so the exchange hot path never touches the board.
+        self.position: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        # Called on every tick, off the hot path (progress lines while waiting).
+        self.ticks: list[Callable[[], None]] = []
         self._state = "running"
         self._published: tuple[int, int, str] | None = None
         self._last_publish = 0.0
@@ -54,36 +57,38 @@ class StatusBoard:
         self._thread.start()
         atexit.register(self.close, "exited")
 
-    def update(self, seq: int, ident: int) -> None:
-        self.seq = seq
-        self.ident = ident
-
-    def _payload(self) -> str:
+    def _payload(self, seq: int, ident: int) -> str:
         return json.dumps(
             {
-                "seq": self.seq,
-                "frame": self._describe(self.ident) if self.ident else None,
+                "seq": seq,
+                "frame": self._describe(ident) if ident else None,
                 "state": self._state,
                 "time": time.time(),
             }
         )
 
     def publish(self, force: bool = False) -> None:
-        key = (self.seq, self.ident, self._state)
+        seq, ident = self.position()
+        key = (seq, ident, self._state)
         now = time.monotonic()
         # Unchanged status is re-published every 5 intervals, as a heartbeat.
-        if not force and key == self._published and now - self._last_publish < 5 * self._interval:
+        if not force and key == self._published and now - self._last_publish < 5 * self.interval:
             return
         try:
-            self._store.set(f"{_PREFIX}{self._rank}", self._payload())
+            self._store.set(f"{_PREFIX}{self._rank}", self._payload(seq, ident))
             self._published = key
             self._last_publish = now
         except Exception as e:  # the store going away must never break training
             log.debug("could not publish status: %s", e)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        while not self._stop.wait(self.interval):
             self.publish()
+            for tick in self.ticks:
+                try:
+                    tick()
+                except Exception as e:  # a diagnostic must never kill the thread
+                    log.debug("status tick failed: %s", e)
 
     def close(self, state: str = "exited") -> None:
         if self._stop.is_set():

@@ -17,12 +17,18 @@ def _assert_consistent(run, nproc: int = 2) -> None:
     assert all(d == dynamic[0] for d in dynamic), f"dynamic decisions differ: {dynamic}"
 
 
-def test_divergent_shape_recompiles_on_all_ranks(run_ranks):
-    run = run_ranks("divergent_shape")
+TRANSPORTS = pytest.mark.parametrize("transport", ["shm", "gloo"])
+
+
+@TRANSPORTS
+def test_divergent_shape_recompiles_on_all_ranks(run_ranks, transport):
+    run = run_ranks("divergent_shape", env={"DYNAMO_DIST_TRANSPORT": transport})
     _assert_consistent(run)
     assert run.rank(0)["stats"]["forced_recompiles"] == 1
     assert run.rank(1)["stats"]["forced_recompiles"] == 0
     assert run.rank(0)["graphs"] == 2
+    assert run.rank(0)["stats"]["transport"] == transport
+    assert run.rank(0)["hook_type"] == "GuardHook"
 
 
 def test_long_loop_one_divergent_step(run_ranks):
@@ -47,15 +53,17 @@ def test_same_compile_decisions(run_ranks, scenario):
     _assert_consistent(run_ranks(scenario))
 
 
-def test_reset_on_one_rank_does_not_hang(run_ranks):
-    run = run_ranks("reset_on_one_rank")
+@TRANSPORTS
+def test_reset_on_one_rank_does_not_hang(run_ranks, transport):
+    run = run_ranks("reset_on_one_rank", env={"DYNAMO_DIST_TRANSPORT": transport})
     _assert_consistent(run)
     assert run.rank(0)["stats"]["forced_recompiles"] == 1
     assert run.rank(1)["stats"]["first_entry_exchanges"] == 2
 
 
-def test_different_call_order_raises_divergence(run_ranks):
-    run = run_ranks("different_order")
+@TRANSPORTS
+def test_different_call_order_raises_divergence(run_ranks, transport):
+    run = run_ranks("different_order", env={"DYNAMO_DIST_TRANSPORT": transport})
     for r in (0, 1):
         res = run.rank(r)
         assert res["error"] == "RankDivergenceError", res
@@ -64,8 +72,9 @@ def test_different_call_order_raises_divergence(run_ranks):
         assert res["ranks"] == [0, 1]
 
 
-def test_extra_call_times_out_naming_the_rank(run_ranks):
-    run = run_ranks("extra_call", env={"DD_T": "4"})
+@TRANSPORTS
+def test_extra_call_times_out_naming_the_rank(run_ranks, transport):
+    run = run_ranks("extra_call", env={"DD_T": "4", "DYNAMO_DIST_TRANSPORT": transport})
     res = run.rank(0)
     assert res["error"] == "CollectiveTimeoutError", res
     assert res["missing"] == [1]
@@ -74,8 +83,16 @@ def test_extra_call_times_out_naming_the_rank(run_ranks):
     assert run.rank(1)["ok"]
 
 
-def test_killed_rank_reports_clear_error(run_ranks):
-    run = run_ranks("killed_rank")
+@TRANSPORTS
+def test_killed_rank_reports_clear_error(run_ranks, transport):
+    # torchrun's agent stops the survivors once it notices a dead worker; a slower
+    # monitor gives the survivor time to report, as it would under a real launcher
+    # configured not to tear the job down at once.
+    run = run_ranks(
+        "killed_rank",
+        env={"DYNAMO_DIST_TRANSPORT": transport},
+        torchrun_args=["--monitor-interval", "3"],
+    )
     res = run.rank(0)
     assert res["error"] == "CollectiveTimeoutError", res
     assert res["missing"] == [1]

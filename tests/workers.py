@@ -72,7 +72,9 @@ def divergent_shape(rank: int, world: int) -> dict[str, Any]:
         n = 5 if (rank == 1 and step == 3) else 4
         x = torch.full((n, 3), float(step + 1))
         ok &= bool(torch.allclose(cf(x), _f(x)))
-    return _result(cb, ok)
+    from dynamo_dist._hook import current_hook
+
+    return _result(cb, ok, hook_type=type(current_hook()).__name__)
 
 
 @scenario
@@ -335,6 +337,55 @@ def recompile_limit(rank: int, world: int) -> dict[str, Any]:
         x = torch.randn(3)
         ok &= bool(torch.allclose(cg(x, k), g(x, k)))
     return _result(cb, ok)
+
+
+# -- issue 5: transports ---------------------------------------------------------
+@scenario
+def transports_agree(rank: int, world: int) -> dict[str, Any]:
+    """Both transports, driven directly, against an oracle every rank can compute."""
+    import random
+
+    from dynamo_dist import _runtime
+    from dynamo_dist._collective import GlooExchange, new_gloo_group
+    from dynamo_dist._shm import ShmTransport, topology
+
+    n = int(os.environ.get("DD_N", "100000"))
+    n_gloo = int(os.environ.get("DD_N_GLOO", str(n)))
+    group = new_gloo_group(120)
+    gloo = GlooExchange(group, 60, 30, None, str)
+    topo = topology(group)
+    shm = ShmTransport(group, topo, 60, 30, None, str)
+    shm_hook = shm.make_hook()
+
+    def plan(step: int) -> list[bool]:
+        rng = random.Random(step)
+        miss_rate = rng.choice([0.0, 0.0, 0.01, 0.3])
+        return [rng.random() >= miss_rate for _ in range(world)]
+
+    mismatches = {"gloo": 0, "shm": 0}
+    verdicts = {"gloo": 0, "shm": 0}
+    for step in range(max(n, n_gloo)):
+        hits = plan(step)
+        want = all(hits)
+        ident = 1000 + step % 7
+        if step < n:
+            got = shm_hook.exchange(hits[rank], ident)
+            mismatches["shm"] += got != want
+            verdicts["shm"] += got
+        if step < n_gloo:
+            got = gloo.exchange(hits[rank], ident)
+            mismatches["gloo"] += got != want
+            verdicts["gloo"] += got
+    _ = _runtime
+    return {
+        "ok": True,
+        "mismatches": mismatches,
+        "verdicts": verdicts,
+        "transport": shm.transport,
+        "hosts": topo.hosts,
+        "local_world": topo.local_world,
+        "mixed": shm.mixed,
+    }
 
 
 def main() -> None:

@@ -1,0 +1,259 @@
+"""Shared-memory guard exchange within a host, hierarchical across hosts.
+
+The local ranks of a host agree through a segment (``csrc/shm_exchange.cpp``)
+in microseconds; with several hosts, one leader per host (local rank 0) takes
+the host's combined record to the other leaders over a gloo group of leaders,
+and publishes the verdict to its local ranks. The record format and the
+decision are the same as the gloo transport's, so both give identical verdicts
+and identical errors.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from ._collective import BandAllreduce, ExchangeBase, new_gloo_group, unpack
+from ._hook import _C
+from ._log import get_logger
+from ._status import StatusBoard
+
+log = get_logger("shm")
+
+_SHM_DIR = "/dev/shm"
+_PREFIX = "dynamo_dist."
+_STATUS = {1: "timeout", 2: "peer_dead", 3: "aborted"}
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Which ranks share this host, from torchrun's environment or, failing that, hostnames."""
+
+    local_rank: int
+    local_world: int
+    host: int
+    hosts: int
+    local_ranks: list[int]  # global ranks on this host, local rank order
+    leaders: list[int]  # global rank of each host's local rank 0, host order
+
+
+def topology(group: dist.ProcessGroup) -> Topology:
+    """Collective over ``group``: every rank reports its host key and LOCAL_RANK."""
+    env_ok = all(k in os.environ for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"))
+    host_key = f"group{os.environ['GROUP_RANK']}" if env_ok else _host_identity()
+    local = int(os.environ["LOCAL_RANK"]) if env_ok else -1
+    records: list[tuple[str, int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(records, (host_key, local), group=group)
+    hosts: dict[str, list[tuple[int, int]]] = {}
+    for rank, rec in enumerate(records):
+        assert rec is not None
+        hosts.setdefault(rec[0], []).append((rec[1], rank))
+    order = sorted(hosts, key=lambda k: min(r for _, r in hosts[k]))
+    members = []
+    for key in order:
+        locals_ = hosts[key]
+        # A missing or inconsistent LOCAL_RANK falls back to global-rank order.
+        if sorted(lr for lr, _ in locals_) != list(range(len(locals_))):
+            locals_ = [(i, r) for i, (_, r) in enumerate(sorted(locals_, key=lambda t: t[1]))]
+        members.append([r for _, r in sorted(locals_)])
+    me = dist.get_rank()
+    host = next(i for i, m in enumerate(members) if me in m)
+    return Topology(
+        local_rank=members[host].index(me),
+        local_world=len(members[host]),
+        host=host,
+        hosts=len(members),
+        local_ranks=members[host],
+        leaders=[m[0] for m in members],
+    )
+
+
+def _host_identity() -> str:
+    boot = ""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        pass
+    return f"{socket.gethostname()}/{boot}"
+
+
+def shm_available() -> bool:
+    return os.path.isdir(_SHM_DIR) and os.access(_SHM_DIR, os.W_OK)
+
+
+def sweep_stale_segments() -> None:
+    """Remove segments left by a leader that died between creating and unlinking one.
+
+    Names carry the creator's pid; a name whose creator no longer exists is
+    stale. Segments are unlinked as soon as every local rank attached, so this
+    only ever finds leftovers of a crash during start-up.
+    """
+    try:
+        names = os.listdir(_SHM_DIR)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(_PREFIX):
+            continue
+        try:
+            pid = int(name.split(".")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            try:
+                os.unlink(os.path.join(_SHM_DIR, name))
+                log.info("removed stale shared-memory segment %s (creator %d is gone)", name, pid)
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ShmUnavailable(RuntimeError):
+    """Some rank could not create or attach the segment; every rank falls back together."""
+
+
+def _open_segment(
+    group: dist.ProcessGroup,
+    topo: Topology,
+    hierarchical: bool,
+    timeout: float,
+    log_interval: float,
+) -> _C.ShmExchange:
+    """Create (leader) or attach (others) this host's segment. Collective over ``group``.
+
+    Every step ends in an agreement over all ranks, so a failure on one rank
+    (no /dev/shm, a full tmpfs) makes all ranks fall back to gloo together
+    instead of leaving some waiting in a collective the others skipped.
+    """
+    seg: _C.ShmExchange | None = None
+    name: str | None = None
+    error = ""
+    if topo.local_rank == 0:
+        try:
+            if not shm_available():
+                raise OSError(f"{_SHM_DIR} is missing or not writable")
+            sweep_stale_segments()
+            name = f"/{_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
+            seg = _C.ShmExchange(
+                name, True, 0, topo.local_world, hierarchical, timeout, log_interval
+            )
+        except (OSError, RuntimeError) as e:
+            error, name = str(e), None
+    names: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, name, group=group)
+    leader_name = names[topo.local_ranks[0]]
+    if topo.local_rank != 0:
+        if leader_name is None:
+            error = "the host's leader could not create the segment"
+        else:
+            try:
+                seg = _C.ShmExchange(
+                    leader_name,
+                    False,
+                    topo.local_rank,
+                    topo.local_world,
+                    hierarchical,
+                    timeout,
+                    log_interval,
+                )
+            except (OSError, RuntimeError) as e:
+                error = str(e)
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error, group=group)
+    # Every rank has attached (or failed) by now: the leader removes the name.
+    # The mapping lives on, and no crash from here on can leave a segment behind.
+    if topo.local_rank == 0 and seg is not None:
+        seg.unlink()
+    failed = {r: e for r, e in enumerate(errors) if e}
+    if failed or seg is None:
+        raise ShmUnavailable("; ".join(f"rank {r}: {e}" for r, e in sorted(failed.items())))
+    return seg
+
+
+class ShmTransport(ExchangeBase):
+    """Guard exchange through shared memory; the C++ hook runs its fast path."""
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        topo: Topology,
+        timeout: float,
+        wait_log_interval: float,
+        board: StatusBoard | None,
+        describe: Callable[[int], str],
+    ) -> None:
+        super().__init__(group, timeout, board, describe)
+        self.topo = topo
+        hierarchical = topo.hosts > 1
+        self.transport = "shm+gloo" if hierarchical else "shm"
+        # Every rank takes part in creating the leaders' group (new_group is
+        # collective over the whole job), even ranks that are not leaders.
+        self.wait_log_interval = wait_log_interval
+        leaders_group = new_gloo_group(timeout, topo.leaders) if hierarchical else None
+        self.shm = _open_segment(group, topo, hierarchical, timeout, wait_log_interval)
+        if hierarchical and topo.local_rank == 0:
+            assert leaders_group is not None
+            self._cross = BandAllreduce(leaders_group)
+            self.waiters.append(self._cross)
+            self.shm.set_cross_host(self._cross_host)
+        self._hook: _C.GuardHook | None = None
+        self.shm.set_wait_logger(self._log_wait)
+
+    def make_hook(self) -> _C.GuardHook:
+        self._hook = _C.GuardHook(self.shm, self.slow_path)
+        return self._hook
+
+    def _seq_ident(self) -> tuple[int, int]:
+        return (self._hook.seq, self._hook.last_ident) if self._hook is not None else (0, 0)
+
+    def position(self) -> tuple[int, int]:
+        return self._seq_ident()
+
+    def latencies(self) -> list[int]:
+        return list(self._hook.latencies_ns()) if self._hook is not None else []
+
+    def _log_wait(self, seq: int, waited: float) -> None:
+        self.log_wait(seq, self._seq_ident()[1], waited)
+
+    def _cross_host(self, word: int) -> int:
+        seq, ident = self._seq_ident()
+        t0 = time.monotonic()
+        out, failure = self._cross(word)
+        if failure is not None:
+            raise self.timeout_error(seq, ident, time.monotonic() - t0, failure)
+        return out
+
+    def slow_path(
+        self, status: int, seq: int, ident: int, hit: bool, word: int, culprit: int, waited: float
+    ) -> bool:
+        """Decides what the C++ fast path could not: mixed hits, mismatches, failures."""
+        if status == 0:
+            return self.decide(seq, ident, hit, word)
+        self.shm.abort()
+        suspects = [self.topo.local_ranks[culprit]] if culprit >= 0 else []
+        cause = {
+            "timeout": "timeout",
+            "peer_dead": f"local rank {culprit} (rank {suspects[0] if suspects else '?'}) "
+            "exited or crashed",
+            "aborted": "another rank on this host gave up on the exchange",
+        }[_STATUS[status]]
+        raise self.timeout_error(seq, ident, waited, cause, suspects)
+
+
+__all__ = ["ShmTransport", "Topology", "shm_available", "topology", "unpack"]
