@@ -36,6 +36,11 @@ def configure(level: str | None = None) -> None:
         logger.setLevel(level.upper())
     elif logger.level == logging.NOTSET:
         logger.setLevel(logging.WARNING)
+    # The job report is output the user asked for, not a diagnostic: shown at
+    # the default level, hidden only by an explicit DYNAMO_DIST_LOG=ERROR.
+    report = logging.getLogger(f"{_ROOT}.report")
+    if logger.getEffectiveLevel() <= logging.WARNING and report.level == logging.NOTSET:
+        report.setLevel(logging.INFO)
     if _configured or logger.handlers:
         _configured = True
         return

@@ -12,6 +12,7 @@ is exchanged exactly once on every rank, whatever its cache state.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import _consensus, _hook
+from . import _consensus, _hook, _report
 from ._collective import ExchangeBase, GlooExchange, Outcome, new_gloo_group, percentiles
 from ._config import Config
 from ._errors import RankDivergenceError
@@ -78,11 +79,21 @@ class Runtime:
         )
 
     def close(self) -> None:
+        """Uninstall, restore Dynamo's settings, and hand this rank's stats to the job report."""
+        stats = self.stats()
         _hook.uninstall(self.hook, self._previous_hook)
         _consensus.disable()
         _C.set_pending_error(None)
         if self.board is not None:
             self.board.close("exited")
+            _report.publish_and_collect(
+                self.board.store,
+                self.rank,
+                self.world_size,
+                stats,
+                wait_s=min(self.cfg.timeout, 30.0),
+                path=self.cfg.report,
+            )
 
     # -- called from the callback wrapper -------------------------------------
     def exchange_first_entry(self) -> bool:
@@ -257,6 +268,9 @@ def ensure(cfg: Config) -> Runtime | None:
         return None
     if _runtime is None:
         _runtime = Runtime(cfg)
+        # The report must be collected while the store still answers: at exit,
+        # before torch's own atexit handlers tear distributed state down.
+        atexit.register(shutdown)
     elif (cfg.timeout, cfg.transport) != (_runtime.cfg.timeout, _runtime.cfg.transport):
         log.warning(
             "timeout/transport are per process and already set to %.0fs/%s; ignoring %.0fs/%s",

@@ -9,7 +9,6 @@ path never touches the board.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import threading
@@ -38,7 +37,7 @@ class StatusBoard:
         interval: float,
         describe: Callable[[int], str],
     ) -> None:
-        self._store = store
+        self.store = store
         self._rank = rank
         self._world = world_size
         self.interval = interval
@@ -55,7 +54,6 @@ class StatusBoard:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dynamo_dist-status", daemon=True)
         self._thread.start()
-        atexit.register(self.close, "exited")
 
     def _payload(self, seq: int, ident: int) -> str:
         return json.dumps(
@@ -75,7 +73,7 @@ class StatusBoard:
         if not force and key == self._published and now - self._last_publish < 5 * self.interval:
             return
         try:
-            self._store.set(f"{_PREFIX}{self._rank}", self._payload(seq, ident))
+            self.store.set(f"{_PREFIX}{self._rank}", self._payload(seq, ident))
             self._published = key
             self._last_publish = now
         except Exception as e:  # the store going away must never break training
@@ -107,10 +105,10 @@ class StatusBoard:
         for r in range(self._world):
             key = f"{_PREFIX}{r}"
             try:
-                if not self._store.check([key]):
+                if not self.store.check([key]):
                     out[r] = {}
                     continue
-                out[r] = json.loads(self._store.get(key))
+                out[r] = json.loads(self.store.get(key))
             except Exception as e:
                 out[r] = {"error": str(e)}
         return out

@@ -388,6 +388,39 @@ def transports_agree(rank: int, world: int) -> dict[str, Any]:
     }
 
 
+# -- issue 6: launcher and report --------------------------------------------------
+@scenario
+def echo_config(rank: int, world: int) -> dict[str, Any]:
+    from dynamo_dist import _config
+
+    cb = CountingBackend()
+    cf = dynamo_dist.compile(_f, backend=cb)
+    cf(torch.randn(4, 3))
+    cfg = _config.resolve()
+    return _result(
+        cb,
+        True,
+        policy=cfg.policy,
+        timeout=cfg.timeout,
+        report=cfg.report,
+        cache_dir=cfg.cache_dir,
+        world=world,
+        env={k: v for k, v in os.environ.items() if k.startswith("DYNAMO_DIST_")},
+    )
+
+
+@scenario
+def report_run(rank: int, world: int) -> dict[str, Any]:
+    cb = CountingBackend()
+    cf = dynamo_dist.compile(_f, backend=cb)
+    for step in range(8):
+        n = 5 if (rank == 1 and step in (3, 6)) else 4
+        cf(torch.randn(n, 3))
+    final = dynamo_dist.stats()
+    dynamo_dist.shutdown()  # publishes this rank's stats; rank 0 writes the report
+    return _result(cb, True, final=final)
+
+
 def main() -> None:
     name, outdir = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")

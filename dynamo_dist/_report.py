@@ -1,0 +1,120 @@
+"""The job report: every rank's counters in one table, printed by rank 0 at exit.
+
+Ranks publish their stats to the job's key-value store when dynamo_dist shuts
+down (explicitly or at interpreter exit); rank 0 waits a bounded time for the
+others, so a crashed rank shows up as missing rather than hanging the exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+from ._log import get_logger
+
+log = get_logger("report")
+
+_PREFIX = "dynamo_dist/report/"
+
+COLUMNS: list[tuple[str, str, str]] = [
+    # (header, stats key, format)
+    ("rank", "rank", "d"),
+    ("exchanges", "exchanges", "d"),
+    ("hit rate", "hit_rate", ".1%"),
+    ("forced", "forced_recompiles", "d"),
+    ("diverg.", "divergences", "d"),
+    ("compiles", "compiles", "d"),
+    ("p50 us", "p50_us", ".1f"),
+    ("p99 us", "p99_us", ".1f"),
+    ("transport", "transport", "s"),
+    ("loads", "cache_loads", "d"),
+    ("publishes", "cache_publishes", "d"),
+    ("saved s", "compile_seconds_saved", ".1f"),
+]
+
+
+def with_derived(stats: dict[str, Any]) -> dict[str, Any]:
+    out = dict(stats)
+    ev = int(out.get("evaluations", 0) or 0)
+    out["hit_rate"] = (ev - int(out.get("local_misses", 0) or 0)) / ev if ev else 1.0
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """One row per rank; ranks that never reported are listed as missing."""
+    ranks: dict[str, dict[str, Any]] = report.get("ranks", {})
+    rows = [[h for h, _, _ in COLUMNS]]
+    for r in sorted(ranks, key=int):
+        st = ranks[r]
+        row = []
+        for _, key, fmt in COLUMNS:
+            v = st.get(key)
+            try:
+                row.append(format(v, fmt) if v is not None else "-")
+            except (TypeError, ValueError):
+                row.append(str(v))
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    missing = report.get("missing") or []
+    head = f"dynamo_dist job report ({report.get('world_size', len(ranks))} ranks)"
+    if missing:
+        head += f"; no report from ranks {missing} (exited early or crashed)"
+    return head + "\n" + "\n".join(lines)
+
+
+def publish_and_collect(
+    store: Any, rank: int, world_size: int, stats: dict[str, Any], wait_s: float, path: str | None
+) -> dict[str, Any] | None:
+    """Publish this rank's stats; on rank 0 collect everyone's, log the table, write ``path``."""
+    try:
+        store.set(f"{_PREFIX}{rank}", json.dumps(with_derived(stats), default=str))
+    except Exception as e:
+        log.debug("could not publish the report: %s", e)
+        return None
+    if rank != 0:
+        return None
+    keys = [f"{_PREFIX}{r}" for r in range(world_size)]
+    deadline = time.monotonic() + wait_s
+    with_timeout = getattr(store, "set_timeout", None)
+    if with_timeout is not None:
+        with_timeout(timedelta(seconds=max(1.0, wait_s)))
+    ranks: dict[str, dict[str, Any]] = {}
+    while True:
+        for r, key in enumerate(keys):
+            if str(r) in ranks:
+                continue
+            try:
+                if store.check([key]):
+                    ranks[str(r)] = json.loads(store.get(key))
+            except Exception:
+                pass
+        if len(ranks) == world_size or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    report = {
+        "world_size": world_size,
+        "created": time.time(),
+        "ranks": ranks,
+        "missing": [r for r in range(world_size) if str(r) not in ranks],
+    }
+    log.info("%s", format_table(report))
+    if path:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = f"{path}.tmp.{os.getpid()}"
+            with open(tmp, "w") as fh:
+                json.dump(report, fh, indent=2, default=str)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("could not write the job report to %s: %s; the table above has it", path, e)
+    return report
+
+
+def load(path: str) -> dict[str, Any]:
+    with open(path) as fh:
+        return json.load(fh)

@@ -1,0 +1,82 @@
+"""``dynamo-dist-run``: torchrun with dynamo_dist's settings, for unmodified scripts.
+
+    dynamo-dist-run [--config FILE] [--cache-dir DIR] [--policy P] [--timeout S]
+                    [--report PATH] <any torchrun arguments> script.py [script args]
+
+Built on ``torch.distributed.run``: its own parser and ``run()``, so every
+torchrun flag (rendezvous, multi-node, restarts, log redirection) behaves as
+documented upstream. The configuration is resolved and validated here, before
+any worker starts, and exported to the workers as ``DYNAMO_DIST_*`` variables
+that ``dynamo_dist.compile`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from . import _config
+from ._errors import ConfigError
+
+_OURS = ("dd_config", "dd_cache_dir", "dd_policy", "dd_timeout", "dd_report")
+
+
+def parser() -> argparse.ArgumentParser:
+    from torch.distributed.run import get_args_parser
+
+    p = get_args_parser()
+    p.prog = "dynamo-dist-run"
+    p.description = "torchrun with rank-consistent torch.compile (dynamo_dist)."
+    g = p.add_argument_group("dynamo_dist")
+    g.add_argument(
+        "--config",
+        dest="dd_config",
+        metavar="FILE",
+        help="TOML profile (see configs/); default $DYNAMO_DIST_CONFIG",
+    )
+    g.add_argument(
+        "--cache-dir", dest="dd_cache_dir", metavar="DIR", help="shared precompile cache directory"
+    )
+    g.add_argument("--policy", dest="dd_policy", metavar="P", help="sync, strict, warn or off")
+    g.add_argument(
+        "--timeout", dest="dd_timeout", metavar="S", help="seconds a guard exchange may wait"
+    )
+    g.add_argument(
+        "--report", dest="dd_report", metavar="PATH", help="write the job report as JSON to PATH"
+    )
+    return p
+
+
+def resolve(args: argparse.Namespace) -> _config.Config:
+    """The workers' configuration; raises ConfigError naming the file/variable and key."""
+    return _config.resolve(
+        config_file=args.dd_config,
+        policy=args.dd_policy,
+        timeout=args.dd_timeout,
+        cache_dir=args.dd_cache_dir,
+        report=args.dd_report,
+    )
+
+
+@record
+def main(argv: list[str] | None = None) -> None:
+    from torch.distributed.run import run
+
+    args = parser().parse_args(argv)
+    try:
+        cfg = resolve(args)
+    except ConfigError as e:
+        # Fail before any worker starts: a bad profile must not cost a job slot.
+        sys.stderr.write(f"dynamo-dist-run: {e}\n")
+        raise SystemExit(2) from None
+    os.environ.update(_config.to_env(cfg))
+    for name in _OURS:
+        delattr(args, name)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

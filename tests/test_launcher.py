@@ -1,0 +1,151 @@
+"""dynamo-dist-run (torchrun pass-through, settings export, fail-fast config) and the job report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, WORKERS, RankRun, run_command, torchrun, torchrun_two_hosts
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
+
+LAUNCHER = [sys.executable, "-m", "dynamo_dist.launch"]
+
+
+def _ranks(outdir: Path, proc) -> RankRun:
+    ranks = {int(f.stem[4:]): json.loads(f.read_text()) for f in outdir.glob("rank*.json")}
+    return RankRun(proc.returncode, proc.stdout, ranks)
+
+
+def test_launcher_exports_settings_and_passes_torchrun_flags(tmp_path):
+    proc = torchrun(
+        WORKERS,
+        "echo_config",
+        str(tmp_path),
+        nproc=2,
+        launcher=[
+            *LAUNCHER,
+            "--policy",
+            "strict",
+            "--timeout",
+            "77",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        torchrun_args=["--monitor-interval", "0.5"],
+    )
+    run = _ranks(tmp_path, proc)
+    for r in (0, 1):
+        res = run.rank(r)
+        assert res["world"] == 2
+        assert res["policy"] == "strict" and res["timeout"] == 77.0
+        assert res["cache_dir"] == str(tmp_path / "cache")
+        assert res["stats"]["policy"] == "strict"
+        assert res["env"]["DYNAMO_DIST_POLICY"] == "strict"
+
+
+def test_launcher_two_agents_multi_node(tmp_path):
+    procs = torchrun_two_hosts(
+        WORKERS, "echo_config", str(tmp_path), nproc=2, launcher=[*LAUNCHER, "--policy", "warn"]
+    )
+    assert all(p.returncode == 0 for p in procs), procs[0].stdout[-3000:]
+    ranks = {int(f.stem[4:]): json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")}
+    assert sorted(ranks) == [0, 1, 2, 3]
+    assert {r["policy"] for r in ranks.values()} == {"warn"}
+    assert {r["stats"]["transport"] for r in ranks.values()} == {"shm+gloo"}
+
+
+def test_precedence_file_env_arguments(tmp_path):
+    cfg = tmp_path / "profile.toml"
+    cfg.write_text('policy = "warn"\ntimeout = 50\nreport = "from-file.json"\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = torchrun(
+        WORKERS,
+        "echo_config",
+        str(out),
+        nproc=2,
+        launcher=[*LAUNCHER, "--config", str(cfg), "--policy", "strict"],
+        env={"DYNAMO_DIST_TIMEOUT": "40"},
+    )
+    res = _ranks(out, proc).rank(1)
+    assert res["policy"] == "strict"  # argument over file
+    assert res["timeout"] == 40.0  # environment over file
+    assert res["report"] == "from-file.json"  # file over default
+
+
+@pytest.mark.parametrize(
+    ("profile", "env", "words"),
+    [
+        ('polcy = "sync"\n', {}, ["unknown key", "'polcy'", "known keys"]),
+        ('timeout = "soon"\n', {}, ["timeout", "'soon'", "positive number"]),
+        ('transport = "rdma"\n', {}, ["transport", "'rdma'", "auto, shm, gloo"]),
+        ("timeout = [1, 2]\n", {}, ["timeout", "positive number"]),
+        (
+            None,
+            {"DYNAMO_DIST_POLICY": "loud"},
+            ["DYNAMO_DIST_POLICY", "'loud'", "sync, strict, warn, off"],
+        ),
+        ("missing", {}, ["does not exist"]),
+    ],
+)
+def test_bad_config_fails_before_any_worker_starts(tmp_path, profile, env, words):
+    marker = tmp_path / "worker-started"
+    script = tmp_path / "script.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    args = [*LAUNCHER]
+    if profile == "missing":
+        args += ["--config", str(tmp_path / "nope.toml")]
+    elif profile is not None:
+        (tmp_path / "bad.toml").write_text(profile)
+        args += ["--config", str(tmp_path / "bad.toml")]
+    proc = run_command(
+        [*args, "--standalone", "--nproc-per-node=2", str(script)], timeout=120, env=env
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert not marker.exists()
+    first = proc.stdout.strip().splitlines()[-1]
+    assert first.startswith("dynamo-dist-run: ")
+    if profile not in (None, "missing"):
+        assert "bad.toml" in first
+    for w in words:
+        assert w in first, first
+
+
+def test_report_matches_what_ranks_counted(tmp_path):
+    report = tmp_path / "report.json"
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = torchrun(
+        WORKERS, "report_run", str(out), nproc=2, env={"DYNAMO_DIST_REPORT": str(report)}
+    )
+    run = _ranks(out, proc)
+    saved = json.loads(report.read_text())
+    assert saved["missing"] == []
+    for r in (0, 1):
+        counted = run.rank(r)["final"]
+        reported = saved["ranks"][str(r)]
+        for key in (
+            "exchanges",
+            "forced_recompiles",
+            "local_misses",
+            "compiles",
+            "divergences",
+            "evaluations",
+            "transport",
+        ):
+            assert reported[key] == counted[key], key
+    assert saved["ranks"]["1"]["local_misses"] >= 1
+    assert "dynamo_dist job report (2 ranks)" in proc.stdout
+    cli = run_command([sys.executable, "-m", "dynamo_dist", "report", str(report)], timeout=60)
+    assert cli.returncode == 0 and "hit rate" in cli.stdout and "forced" in cli.stdout
+
+
+def test_config_reference_in_docs_is_generated():
+    cli = run_command([sys.executable, "-m", "dynamo_dist", "config"], timeout=60)
+    assert cli.returncode == 0
+    docs = (ROOT / "docs" / "configuration.md").read_text()
+    assert cli.stdout.strip() in docs, "regenerate docs/configuration.md: dynamo-dist config"
