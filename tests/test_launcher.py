@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, WORKERS, RankRun, run_command, torchrun, torchrun_two_hosts
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
