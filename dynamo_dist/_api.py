@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 import torch
 
-from . import _config, _hook, _log, _runtime
+from . import _cache, _config, _hook, _log, _runtime
 from ._config import POLICIES
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -88,6 +89,8 @@ def compile(
         "options": options,
     }
     runtime = _runtime.ensure(cfg)
+    if cfg.cache_dir:
+        compile_kwargs = _with_shared_cache(model, cfg, compile_kwargs, agree=runtime is not None)
     if runtime is None:
         return torch.compile(model, **compile_kwargs)
     region = _hook.register_region(model)
@@ -101,13 +104,44 @@ def compile(
     return compiled
 
 
+def _with_shared_cache(
+    model: Any, cfg: _config.Config, kwargs: dict[str, Any], agree: bool
+) -> dict[str, Any]:
+    """Put the shared precompile cache in front of inductor (other backends compile nothing)."""
+    if kwargs["backend"] != "inductor":
+        _log.get_logger("cache").info(
+            "cache_dir is set but backend %r is not inductor: nothing to cache", kwargs["backend"]
+        )
+        return kwargs
+    from torch import _TorchCompileInductorWrapper
+
+    inner = _TorchCompileInductorWrapper(kwargs["mode"], kwargs["options"], kwargs["dynamic"])
+    static = {
+        "backend": "inductor",
+        "mode": kwargs["mode"],
+        "options": json.dumps(kwargs["options"], sort_keys=True, default=repr),
+        "dynamic": kwargs["dynamic"],
+        "fullgraph": kwargs["fullgraph"],
+        "source": _cache.source_hash(model),
+    }
+    cache = _cache.get_cache(cfg, agree)
+    backend = _cache.CachingBackend(inner, cache, static, _hook.describe_callable(model))
+    return {"backend": backend, "fullgraph": kwargs["fullgraph"], "dynamic": kwargs["dynamic"]}
+
+
 def stats() -> dict[str, Any]:
     """This rank's counters as a plain dict (empty-ish in single-process programs)."""
     rt = _runtime.current()
     if rt is None:
-        return {"rank": 0, "world_size": _runtime.distributed_world(), "installed": False}
-    out = rt.stats()
-    out["installed"] = True
+        out: dict[str, Any] = {
+            "rank": 0,
+            "world_size": _runtime.distributed_world(),
+            "installed": False,
+        }
+    else:
+        out = rt.stats()
+        out["installed"] = True
+    out.update(_cache.stats())
     return out
 
 

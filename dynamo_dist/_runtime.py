@@ -80,7 +80,9 @@ class Runtime:
 
     def close(self) -> None:
         """Uninstall, restore Dynamo's settings, and hand this rank's stats to the job report."""
-        stats = self.stats()
+        from . import _cache
+
+        stats = {**self.stats(), **_cache.stats()}
         _hook.uninstall(self.hook, self._previous_hook)
         _consensus.disable()
         _C.set_pending_error(None)

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the configuration reference, or check a profile")
     c.add_argument("--check", metavar="FILE", help="validate FILE (with the environment)")
     c.set_defaults(func=_cmd_config)
+    from . import _cache_cli
+
+    _cache_cli.add_parser(sub)
     return p
 
 

@@ -421,6 +421,55 @@ def report_run(rank: int, world: int) -> dict[str, Any]:
     return _result(cb, True, final=final)
 
 
+# -- issue 4: shared precompile cache -----------------------------------------------
+def _local_inductor_cache(rank: int) -> None:
+    """Each rank gets its own empty inductor cache, as if on its own host."""
+    base = os.environ["DD_LOCAL_BASE"]
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, f"rank{rank}")
+
+
+@scenario
+def cache_job(rank: int, world: int) -> dict[str, Any]:
+    _local_inductor_cache(rank)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    cm = dynamo_dist.compile(model)
+    x = torch.randn(4, 8)
+    t0 = time.perf_counter()
+    y = cm(x)
+    y.sum().backward()
+    first_step = time.perf_counter() - t0
+    grad = model[0].weight.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    ok = bool(torch.allclose(y, model(x), atol=1e-5)) and bool(
+        torch.allclose(grad, model[0].weight.grad, atol=1e-5)
+    )
+    return {"ok": ok, "stats": dynamo_dist.stats(), "first_step": first_step}
+
+
+@scenario
+def cache_leader_dies(rank: int, world: int) -> dict[str, Any]:
+    """Rank 0 takes the lock and dies (or hangs) inside inductor; rank 1 must not wait forever."""
+    _local_inductor_cache(rank)
+    how = os.environ.get("DD_LEADER", "dies")
+    if rank == 0:
+
+        def leader_fails(graph: Any) -> None:
+            if how == "dies":
+                os._exit(9)
+            time.sleep(float(os.environ.get("DD_HANG", "20")))
+
+        torch._inductor.config.post_grad_custom_pre_pass = leader_fails
+    else:
+        time.sleep(4)  # let rank 0 take the lock first
+    cf = dynamo_dist.compile(lambda x: (x.sin() * 2).cos())
+    x = torch.randn(16)
+    t0 = time.perf_counter()
+    ok = bool(torch.allclose(cf(x), (x.sin() * 2).cos()))
+    return {"ok": ok, "stats": dynamo_dist.stats(), "waited": time.perf_counter() - t0}
+
+
 def main() -> None:
     name, outdir = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")

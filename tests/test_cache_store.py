@@ -1,0 +1,162 @@
+"""The cache directory, single process: keys, verification, atomic publishing, locks, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from dynamo_dist import _cache
+from dynamo_dist._cache_store import DiskStore, EntryRefused, alive_on_this_host, extract
+
+
+def _room(tmp_path, name="room", payload=b"kernel"):
+    room = tmp_path / name
+    (room / "ab").mkdir(parents=True)
+    (room / "ab" / "cabc.so").write_bytes(payload)
+    (room / "fxgraph").mkdir()
+    (room / "fxgraph" / "entry").write_bytes(b"pickled graph")
+    return room
+
+
+def _put(store, key, room, torch_version=None):
+    factors = {**_cache.version_factors()}
+    if torch_version:
+        factors["torch"] = torch_version
+    return store.put(
+        key,
+        room,
+        {
+            "factors": factors,
+            "owner": {"rank": 0},
+            "compile_seconds": 1.5,
+            "created": time.time(),
+            "label": "f",
+        },
+    )
+
+
+def test_put_get_extract_round_trip(tmp_path):
+    store = DiskStore(tmp_path / "c")
+    store.check_usable()
+    assert _put(store, "k" * 40, _room(tmp_path)) > 0
+    entry = store.get("k" * 40, expect=_cache.version_factors())
+    assert entry is not None and entry.manifest["compile_seconds"] == 1.5
+    extract(entry, tmp_path / "out")
+    assert (tmp_path / "out" / "ab" / "cabc.so").read_bytes() == b"kernel"
+    assert not list((tmp_path / "c" / "entries").glob("*/.tmp*"))
+
+
+def test_second_publisher_loses_quietly(tmp_path):
+    store = DiskStore(tmp_path / "c")
+    assert _put(store, "a" * 40, _room(tmp_path, "r1")) > 0
+    assert _put(store, "a" * 40, _room(tmp_path, "r2", b"other")) == 0
+    entry = store.get("a" * 40)
+    extract(entry, tmp_path / "out")
+    assert (tmp_path / "out" / "ab" / "cabc.so").read_bytes() == b"kernel"
+
+
+def test_version_skew_and_signature(tmp_path):
+    store = DiskStore(tmp_path / "c")
+    _put(store, "b" * 40, _room(tmp_path), torch_version="0.1")
+    with pytest.raises(EntryRefused, match="version skew"):
+        store.get("b" * 40, expect=_cache.version_factors())
+    assert list((tmp_path / "c" / "refused").iterdir())
+    signed = DiskStore(tmp_path / "s", secret="x")
+    _put(signed, "c" * 40, _room(tmp_path, "r3"))
+    assert signed.get("c" * 40) is not None
+    with pytest.raises(EntryRefused, match="HMAC"):
+        DiskStore(tmp_path / "s", secret="y").get("c" * 40)
+
+
+def test_archive_cannot_escape(tmp_path):
+    import tarfile
+
+    store = DiskStore(tmp_path / "c")
+    _put(store, "d" * 40, _room(tmp_path))
+    entry = store.get("d" * 40)
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        f = tmp_path / "x"
+        f.write_text("x")
+        tar.add(f, arcname="../../escape")
+    os.replace(evil, entry.artifact)
+    with pytest.raises(EntryRefused, match="escapes"):
+        extract(entry, tmp_path / "out")
+
+
+def test_locks_and_liveness(tmp_path):
+    store = DiskStore(tmp_path / "c")
+    lock = store.try_lock("e" * 40, {"rank": 0, "host": os.uname().nodename, "pid": os.getpid()})
+    assert lock is not None
+    assert store.try_lock("e" * 40, {}) is None
+    owner, age = store.lock_owner("e" * 40)
+    assert owner["rank"] == 0 and age < 5
+    assert alive_on_this_host(owner) is True
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert alive_on_this_host({"host": os.uname().nodename, "pid": dead.pid}) is False
+    assert alive_on_this_host({"host": "elsewhere", "pid": 1}) is None
+    lock.release()
+    assert store.lock_owner("e" * 40) is None
+
+
+def test_unusable_directory(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(OSError):
+        DiskStore(f).check_usable()
+
+
+def test_graph_key_is_stable_and_sensitive():
+    def fn(x):
+        return x.sin()
+
+    gm = torch.fx.symbolic_trace(fn)
+    a = _cache.graph_key(gm, [torch.randn(3)], {"backend": "inductor"})
+    b = _cache.graph_key(gm, [torch.randn(3)], {"backend": "inductor"})
+    c = _cache.graph_key(gm, [torch.randn(4)], {"backend": "inductor"})
+    d = _cache.graph_key(gm, [torch.randn(3)], {"backend": "inductor", "mode": "max-autotune"})
+    assert a == b and a[0] != c[0] and a[0] != d[0]
+    assert set(a[1]) >= {"torch", "python", "dynamo_dist", "device", "graph", "backend"}
+
+
+def _cli(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "dynamo_dist", "cache", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_cli_ls_verify_prune_clear(tmp_path):
+    root = tmp_path / "c"
+    store = DiskStore(root)
+    for i, k in enumerate(("1" * 40, "2" * 40, "3" * 40)):
+        _put(store, k, _room(tmp_path, f"r{i}", b"x" * (1000 * (i + 1))))
+    old = store.entry_dir("1" * 40) / "manifest.json"
+    man = json.loads(old.read_text())
+    man["created"] = time.time() - 10 * 86400
+    old.write_text(json.dumps(man))  # without a secret the manifest carries no checksum
+    ls = _cli("ls", str(root))
+    assert ls.returncode == 0 and "3 entries" in ls.stdout and "yes" in ls.stdout
+    assert _cli("verify", str(root)).returncode == 0
+    art = store.entry_dir("2" * 40) / "artifact.tar"
+    art.write_bytes(art.read_bytes()[:-10])
+    v = _cli("verify", str(root))
+    assert v.returncode == 1 and "truncated" in v.stdout and "2 of 3" in v.stdout
+    p = _cli("prune", str(root), "--older-than", "7d")
+    assert p.returncode == 0 and "removed 1 entries" in p.stdout
+    assert not store.entry_dir("1" * 40).exists()
+    p = _cli("prune", str(root), "--max-size", "1K")
+    assert "removed" in p.stdout
+    assert _cli("prune", str(root), "--max-size", "lots").returncode == 2
+    c = _cli("clear", str(root))
+    assert c.returncode == 0 and not list(store.iter_entries())
