@@ -96,7 +96,7 @@ def worker(out: str, calls: int) -> None:
 def run(nproc: int, calls: int, hosts: int = 1) -> dict[str, float | None]:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DYNAMO_DIST_LOG": "ERROR"}
         base = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
         worker = [__file__, "--worker", out, "--calls", str(calls)]
         if hosts == 1:

@@ -134,7 +134,15 @@ def graph_key(
 ) -> tuple[str, dict[str, Any]]:
     """(key, factors) for one graph. Every factor is listed in the entry's manifest."""
     h = hashlib.sha256(gm.code.encode())
-    h.update(json.dumps([_describe_input(x) for x in example_inputs]).encode())
+    # Placeholders' fake values carry symbolic sizes ("s52"); the example inputs
+    # carry this rank's concrete sizes, which differ across ranks for one graph.
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    metas = [n.meta.get("example_value", n.meta.get("val")) for n in placeholders]
+    if len(metas) == len(example_inputs) and all(m is not None for m in metas):
+        described = [_describe_input(m) for m in metas]
+    else:
+        described = [_describe_input(x) for x in example_inputs]
+    h.update(json.dumps(described).encode())
     collectives = False
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -233,7 +241,7 @@ class SharedCache:
             "inductor_compiles": 0,
         }
         self.compile_seconds_saved = 0.0
-        self._calls: dict[str, int] = {}
+        self._compiles = 0
         try:
             self.store.check_usable()
         except OSError as e:
@@ -277,7 +285,10 @@ class SharedCache:
     ) -> Any:
         if not self.enabled:
             return self._compile_counted(compile_fn)
-        n = self._calls[key] = self._calls.get(key, 0) + 1
+        # Numbered by compile, not by key: ranks compiling rank-specific graphs
+        # (different keys) still meet at the same agreement.
+        self._compiles += 1
+        n = self._compiles
         with _eager_backward():
             role, entry, result = self._obtain(key, factors, compile_fn, label)
             staging: Path | None = None
@@ -462,13 +473,13 @@ class SharedCache:
             return None
 
     def _agree(self, key: str, n: int, ok: bool) -> bool:
-        """True if every rank reported ok for this (key, n); bounded by the timeout."""
+        """True if every rank reported ok for its n-th compile; bounded by the timeout."""
         from ._status import open_store
 
         store = open_store(self.timeout)
         if store is None:
             return ok
-        base = f"dynamo_dist/cache/agree/{key}/{n}"
+        base = f"dynamo_dist/cache/agree/{n}"
         try:
             store.add(f"{base}/fail", 0 if ok else 1)
             store.add(f"{base}/done", 1)

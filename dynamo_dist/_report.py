@@ -68,17 +68,28 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def publish_and_collect(
-    store: Any, rank: int, world_size: int, stats: dict[str, Any], wait_s: float, path: str | None
+    store: Any,
+    generation: int,
+    rank: int,
+    world_size: int,
+    stats: dict[str, Any],
+    wait_s: float,
+    path: str | None,
 ) -> dict[str, Any] | None:
-    """Publish this rank's stats; on rank 0 collect everyone's, log the table, write ``path``."""
+    """Publish this rank's stats; on rank 0 collect everyone's, log the table, write ``path``.
+
+    ``generation`` numbers dynamo_dist runtimes within the job (a program may shut
+    one down and start another), so a report never mixes in an earlier one's stats.
+    """
+    prefix = f"{_PREFIX}{generation}/"
     try:
-        store.set(f"{_PREFIX}{rank}", json.dumps(with_derived(stats), default=str))
+        store.set(f"{prefix}{rank}", json.dumps(with_derived(stats), default=str))
     except Exception as e:
         log.debug("could not publish the report: %s", e)
         return None
     if rank != 0:
         return None
-    keys = [f"{_PREFIX}{r}" for r in range(world_size)]
+    keys = [f"{prefix}{r}" for r in range(world_size)]
     deadline = time.monotonic() + wait_s
     with_timeout = getattr(store, "set_timeout", None)
     if with_timeout is not None:

@@ -42,6 +42,11 @@ class Runtime:
     """Everything dynamo_dist keeps per process once a distributed job compiles."""
 
     def __init__(self, cfg: Config) -> None:
+        global _generation
+        _generation += 1
+        # Runtimes are created and shut down in the same order on every rank,
+        # so this numbers the job-report keys consistently across ranks.
+        self.generation = _generation
         self.cfg = cfg
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -90,6 +95,7 @@ class Runtime:
             self.board.close("exited")
             _report.publish_and_collect(
                 self.board.store,
+                self.generation,
                 self.rank,
                 self.world_size,
                 stats,
@@ -118,7 +124,7 @@ class Runtime:
             return out
         return None
 
-    def handle_mixed(self, outcome: Outcome, policy: str, frame: Any, has_entries: bool) -> None:
+    def handle_mixed(self, outcome: Outcome, policy: str, frame: Any, cache_entry: Any) -> None:
         """Gather why the missing ranks missed, then log or raise according to ``policy``.
 
         Every rank reaches this for the same exchange (the hitting ranks were
@@ -126,10 +132,10 @@ class Runtime:
         """
         if outcome.hit:
             reasons = None
-        elif not has_entries:
+        elif cache_entry is None:
             reasons = [_FIRST_ENTRY_REASON]
         else:
-            reasons = guard_failure_reasons(frame)
+            reasons = guard_failure_reasons(frame, cache_entry)
         records = self.transport.gather_objects({"hit": outcome.hit, "reasons": reasons})
         missed = [r for r, rec in enumerate(records) if not rec["hit"]]
         hit = [r for r, rec in enumerate(records) if rec["hit"]]
@@ -195,19 +201,22 @@ def _make_transport(
     return GlooExchange(group, cfg.timeout, cfg.wait_log_interval, board, describe_identity)
 
 
-def guard_failure_reasons(frame: Any) -> list[str]:
+def guard_failure_reasons(frame: Any, cache_entry: Any) -> list[str]:
     """Dynamo's own guard-failure reasons for ``frame`` against its cache entries."""
     try:
+        import inspect
+
         from torch._dynamo.guards import get_and_maybe_log_recompilation_reasons as reasons_fn
 
-        entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(frame.f_code)
-        try:
+        first = next(iter(inspect.signature(reasons_fn).parameters))
+        if first == "cache_entries":  # torch >= 2.12 takes the list of entries
+            entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(frame.f_code)
             reasons = reasons_fn(entries, frame, None, skip_logging=True)
-        except TypeError:  # torch < 2.10 takes the first entry
-            reasons = reasons_fn(entries[0] if entries else None, frame, skip_logging=True)
+        else:  # older torch walks the linked list from the first entry
+            reasons = reasons_fn(cache_entry, frame, None, skip_logging=True)
         return [" ".join(str(r).split()) for r in reasons] or ["guards failed"]
     except Exception as e:  # diagnostics must never break training
-        return [f"guards failed (reasons unavailable: {type(e).__name__})"]
+        return [f"guards failed (reasons unavailable: {type(e).__name__}: {e})"]
 
 
 class GuardedCallback:
@@ -229,12 +238,11 @@ class GuardedCallback:
         if err is not None:
             raise err
         rt = self._runtime
-        has_entries = cache_entry is not None
-        if not has_entries and _exchanges_on_first_entry(frame):
+        if cache_entry is None and _exchanges_on_first_entry(frame):
             rt.exchange_first_entry()
         outcome = rt.take_mixed()
         if outcome is not None:
-            rt.handle_mixed(outcome, self._policy, frame, has_entries)
+            rt.handle_mixed(outcome, self._policy, frame, cache_entry)
         result = self._inner(frame, cache_entry, frame_state)
         if getattr(result, "guarded_code", None) is not None:
             rt.compiles += 1
@@ -255,6 +263,7 @@ def _exchanges_on_first_entry(frame: Any) -> bool:
 
 
 _runtime: Runtime | None = None
+_generation = 0
 
 
 def distributed_world() -> int:

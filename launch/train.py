@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     dist.init_process_group(dist_backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     if args.device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        # More ranks than GPUs (a single-GPU test box) share the devices round-robin.
+        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:

@@ -78,6 +78,16 @@ def test_warm_restart_compiles_nothing(cold, run_ranks, tmp_path):
         assert s["compile_seconds_saved"] > 0
 
 
+def test_recompile_with_rank_specific_sizes_shares_one_entry(run_ranks, tmp_path):
+    cache = tmp_path / "cache"
+    run = _job(run_ranks, cache, tmp_path / "local", scenario="cache_recompile")
+    s = [_stats(run, r) for r in (0, 1)]
+    # Two graphs (static, then dynamic after the forced recompile), each compiled once.
+    assert sum(x["cache_publishes"] for x in s) == 2
+    assert sum(x["cache_loads"] for x in s) == 2
+    assert len(_entries(cache)) == 2
+
+
 def _mutate_artifact(entry: Path, fix_checksum: bool) -> None:
     art = entry / "artifact.tar"
     data = bytearray(art.read_bytes())

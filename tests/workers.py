@@ -449,6 +449,18 @@ def cache_job(rank: int, world: int) -> dict[str, Any]:
 
 
 @scenario
+def cache_recompile(rank: int, world: int) -> dict[str, Any]:
+    """A per-rank batch size forces a recompile: both ranks must key it identically."""
+    _local_inductor_cache(rank)
+    cf = dynamo_dist.compile(lambda x: (x.sin() * 2).sum(0))
+    ok = True
+    for step, n in enumerate([4, 4, 6 if rank == 1 else 4, 5]):
+        x = torch.full((n, 3), float(step))
+        ok &= bool(torch.allclose(cf(x), (x.sin() * 2).sum(0)))
+    return {"ok": ok, "stats": dynamo_dist.stats()}
+
+
+@scenario
 def cache_leader_dies(rank: int, world: int) -> dict[str, Any]:
     """Rank 0 takes the lock and dies (or hangs) inside inductor; rank 1 must not wait forever."""
     _local_inductor_cache(rank)
