@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ._log import get_logger
+from ._proc import pid_alive
 
 log = get_logger("cache")
 
@@ -307,17 +308,4 @@ def alive_on_this_host(owner: dict[str, Any]) -> bool | None:
     if owner.get("host") != socket.gethostname():
         return None
     pid = int(owner.get("pid", 0) or 0)
-    if pid <= 0:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+    return pid_alive(pid) if pid > 0 else None

@@ -105,6 +105,7 @@ class ExchangeBase:
         timeout: float,
         board: StatusBoard | None,
         describe: Callable[[int], str],
+        wait_log_interval: float,
     ) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -116,7 +117,7 @@ class ExchangeBase:
         self.mixed = 0
         self.last_mixed: Outcome | None = None
         self.broken: BaseException | None = None
-        self.wait_log_interval = 30.0
+        self.wait_log_interval = wait_log_interval
         self.waiters: list[BandAllreduce] = []
         self._last_wait_log = 0.0
 
@@ -234,8 +235,7 @@ class GlooExchange(ExchangeBase):
         board: StatusBoard | None,
         describe: Callable[[int], str],
     ) -> None:
-        super().__init__(group, timeout, board, describe)
-        self.wait_log_interval = wait_log_interval
+        super().__init__(group, timeout, board, describe, wait_log_interval)
         self._allreduce = BandAllreduce(group)
         self.waiters.append(self._allreduce)
         self.seq = 0

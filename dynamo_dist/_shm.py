@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ._collective import BandAllreduce, ExchangeBase, new_gloo_group, unpack
 from ._hook import _C
 from ._log import get_logger
+from ._proc import pid_alive
 from ._status import StatusBoard
 
 log = get_logger("shm")
@@ -106,22 +107,12 @@ def sweep_stale_segments() -> None:
             pid = int(name.split(".")[1])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not _alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             try:
                 os.unlink(os.path.join(_SHM_DIR, name))
                 log.info("removed stale shared-memory segment %s (creator %d is gone)", name, pid)
             except OSError:
                 pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class ShmUnavailable(RuntimeError):
@@ -198,13 +189,12 @@ class ShmTransport(ExchangeBase):
         board: StatusBoard | None,
         describe: Callable[[int], str],
     ) -> None:
-        super().__init__(group, timeout, board, describe)
+        super().__init__(group, timeout, board, describe, wait_log_interval)
         self.topo = topo
         hierarchical = topo.hosts > 1
         self.transport = "shm+gloo" if hierarchical else "shm"
         # Every rank takes part in creating the leaders' group (new_group is
         # collective over the whole job), even ranks that are not leaders.
-        self.wait_log_interval = wait_log_interval
         leaders_group = new_gloo_group(timeout, topo.leaders) if hierarchical else None
         self.shm = _open_segment(group, topo, hierarchical, timeout, wait_log_interval)
         if hierarchical and topo.local_rank == 0:
