@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ._collective import BandAllreduce, ExchangeBase, new_gloo_group, unpack
+from ._collective import BandAllreduce, ExchangeBase, new_gloo_group
 from ._hook import _C
 from ._log import get_logger
 from ._proc import pid_alive
@@ -246,4 +246,4 @@ class ShmTransport(ExchangeBase):
         raise self.timeout_error(seq, ident, waited, cause, suspects)
 
 
-__all__ = ["ShmTransport", "Topology", "shm_available", "topology", "unpack"]
+__all__ = ["ShmTransport", "ShmUnavailable", "Topology", "shm_available", "topology"]
