@@ -242,6 +242,8 @@ class SharedCache:
         }
         self.compile_seconds_saved = 0.0
         self._compiles = 0
+        self._store_client: Any = None  # the job's store, opened on first agreement
+        self._store_opened = False
         try:
             self.store.check_usable()
         except OSError as e:
@@ -474,9 +476,13 @@ class SharedCache:
 
     def _agree(self, key: str, n: int, ok: bool) -> bool:
         """True if every rank reported ok for its n-th compile; bounded by the timeout."""
-        from ._status import open_store
+        if not self._store_opened:
+            from ._status import open_store
 
-        store = open_store(self.timeout)
+            # One client for the process: each open clones a TCP connection.
+            self._store_client = open_store(self.timeout)
+            self._store_opened = True
+        store = self._store_client
         if store is None:
             return ok
         base = f"dynamo_dist/cache/agree/{n}"

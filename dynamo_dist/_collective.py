@@ -125,6 +125,14 @@ class ExchangeBase:
         """(last exchange number, its frame identity) on this rank."""
         raise NotImplementedError
 
+    def make_hook(self) -> Any:
+        """The C++ guard hook driving this transport."""
+        raise NotImplementedError
+
+    def latencies(self) -> list[int]:
+        """Recent exchange latencies in nanoseconds."""
+        raise NotImplementedError
+
     def watch(self) -> None:
         """Called periodically off the hot path: log while an exchange waits on the network."""
         now = time.monotonic()

@@ -13,7 +13,6 @@ is exchanged exactly once on every rank, whatever its cache state.
 from __future__ import annotations
 
 import atexit
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -73,7 +72,6 @@ class Runtime:
         self.first_entry_exchanges = 0
         self.forced_recompiles_logged = 0
         self.strict_errors = 0
-        self._thread = threading.get_ident()
         log.info(
             "guard exchange on (policy %s, transport %s, timeout %.0fs, %d ranks, consensus %s)",
             cfg.policy,
