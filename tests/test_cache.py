@@ -68,8 +68,7 @@ def test_cold_start_one_rank_compiles(cold):
 
 
 def test_warm_restart_compiles_nothing(cold, run_ranks, tmp_path):
-    cache = tmp_path / "cache"
-    shutil.copytree(cold[0], cache)
+    cache = _copy_of_cold(cold, tmp_path)
     run = _job(run_ranks, cache, tmp_path / "fresh-local")
     for r in (0, 1):
         s = _stats(run, r)
@@ -86,6 +85,12 @@ def test_recompile_with_rank_specific_sizes_shares_one_entry(run_ranks, tmp_path
     assert sum(x["cache_publishes"] for x in s) == 2
     assert sum(x["cache_loads"] for x in s) == 2
     assert len(_entries(cache)) == 2
+
+
+def _copy_of_cold(cold, tmp_path: Path) -> Path:
+    cache = tmp_path / "cache"
+    shutil.copytree(cold[0], cache)
+    return cache
 
 
 def _mutate_artifact(entry: Path, fix_checksum: bool) -> None:
@@ -112,16 +117,14 @@ def _assert_refused_and_recompiled(run, cache: Path, words: list[str]) -> None:
 
 
 def test_corrupted_entry_is_refused_and_recompiled(cold, run_ranks, tmp_path):
-    cache = tmp_path / "cache"
-    shutil.copytree(cold[0], cache)
+    cache = _copy_of_cold(cold, tmp_path)
     _mutate_artifact(_entries(cache)[0], fix_checksum=False)
     run = _job(run_ranks, cache, tmp_path / "local")
     _assert_refused_and_recompiled(run, cache, ["sha256"])
 
 
 def test_truncated_entry_is_refused(cold, run_ranks, tmp_path):
-    cache = tmp_path / "cache"
-    shutil.copytree(cold[0], cache)
+    cache = _copy_of_cold(cold, tmp_path)
     art = _entries(cache)[0] / "artifact.tar"
     art.write_bytes(art.read_bytes()[:100])
     run = _job(run_ranks, cache, tmp_path / "local")
@@ -129,8 +132,7 @@ def test_truncated_entry_is_refused(cold, run_ranks, tmp_path):
 
 
 def test_version_skew_is_refused(cold, run_ranks, tmp_path):
-    cache = tmp_path / "cache"
-    shutil.copytree(cold[0], cache)
+    cache = _copy_of_cold(cold, tmp_path)
     man_path = _entries(cache)[0] / "manifest.json"
     man = json.loads(man_path.read_text())
     man["factors"]["torch"] = "1.0.0"
@@ -152,8 +154,7 @@ def test_tampered_entry_with_secret_is_refused(run_ranks, tmp_path):
 
 
 def test_unsigned_entry_is_refused_when_a_secret_is_set(cold, run_ranks, tmp_path):
-    cache = tmp_path / "cache"
-    shutil.copytree(cold[0], cache)
+    cache = _copy_of_cold(cold, tmp_path)
     run = _job(run_ranks, cache, tmp_path / "local", env={"DYNAMO_DIST_CACHE_SECRET": "k"})
     _assert_refused_and_recompiled(run, cache, ["signature"])
 

@@ -58,6 +58,10 @@ def _result(cb: CountingBackend, ok: bool = True, **extra: Any) -> dict[str, Any
     }
 
 
+def _error_result(cb: CountingBackend, e: BaseException, **extra: Any) -> dict[str, Any]:
+    return _result(cb, False, error=type(e).__name__, message=str(e), **extra)
+
+
 def _f(x: torch.Tensor) -> torch.Tensor:
     return (x * 2).sum(0) + 1
 
@@ -218,7 +222,7 @@ def different_order(rank: int, world: int) -> dict[str, Any]:
                 cg(x)
                 cf(x)
     except dynamo_dist.RankDivergenceError as e:
-        return _result(cb, False, error=type(e).__name__, message=str(e), ranks=sorted(e.ranks))
+        return _error_result(cb, e, ranks=sorted(e.ranks))
     return _result(cb, True)
 
 
@@ -235,11 +239,9 @@ def extra_call(rank: int, world: int) -> dict[str, Any]:
         try:
             cf(x)
         except dynamo_dist.CollectiveTimeoutError as e:
-            return _result(
+            return _error_result(
                 cb,
-                False,
-                error=type(e).__name__,
-                message=str(e),
+                e,
                 missing=e.missing,
                 waited=time.monotonic() - t0,
             )
@@ -263,11 +265,9 @@ def killed_rank(rank: int, world: int) -> dict[str, Any]:
             t0 = time.monotonic()
             cf(x)
     except dynamo_dist.CollectiveTimeoutError as e:
-        return _result(
+        return _error_result(
             cb,
-            False,
-            error=type(e).__name__,
-            message=str(e),
+            e,
             missing=e.missing,
             waited=time.monotonic() - t0,
         )
@@ -283,11 +283,9 @@ def policy_strict(rank: int, world: int) -> dict[str, Any]:
             n = 5 if (rank == 1 and step == 2) else 4
             cf(torch.randn(n, 3))
     except dynamo_dist.RankDivergenceError as e:
-        return _result(
+        return _error_result(
             cb,
-            False,
-            error=type(e).__name__,
-            message=str(e),
+            e,
             ranks={str(k): v for k, v in e.ranks.items()},
         )
     return _result(cb, True)
