@@ -7,11 +7,18 @@
 #include "guard_hook.h"
 #include "shm_exchange.h"
 
+#ifndef DYNAMO_DIST_VERSION
+#error "build with setup.py: it defines DYNAMO_DIST_VERSION from dynamo_dist/_version.py"
+#endif
+
 namespace py = pybind11;
 using namespace dynamo_dist;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dynamo_dist native core: the Dynamo guard-complete hook and frame identities.";
+  // setup.py passes the package version (dynamo_dist/_version.py); _hook.py refuses a
+  // mismatch so a stale in-tree build fails at import with a clear message.
+  m.attr("__version__") = DYNAMO_DIST_VERSION;
 
   py::class_<ShmExchange, std::shared_ptr<ShmExchange>>(
       m, "ShmExchange", "Intra-host guard exchange through a shared-memory segment.")

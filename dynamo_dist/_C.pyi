@@ -3,6 +3,9 @@
 from collections.abc import Callable
 from types import CodeType
 
+__version__: str
+"""The dynamo_dist version this binary was built for (checked at import)."""
+
 class ShmExchange:
     """Intra-host guard exchange through a shared-memory segment."""
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 from ._api import compile, shutdown, stats
 from ._config import Config
 from ._errors import CollectiveTimeoutError, ConfigError, DynamoDistError, RankDivergenceError
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "CollectiveTimeoutError",

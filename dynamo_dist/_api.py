@@ -15,9 +15,33 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 @overload
-def compile(model: _F, **kwargs: Any) -> _F: ...
+def compile(
+    model: _F,
+    *,
+    backend: str | Callable[..., Any] = ...,
+    fullgraph: bool = ...,
+    dynamic: bool | None = ...,
+    mode: str | None = ...,
+    options: dict[str, Any] | None = ...,
+    policy: str | None = ...,
+    timeout: float | None = ...,
+    cache_dir: str | None = ...,
+    config: str | None = ...,
+) -> _F: ...
 @overload
-def compile(model: None = None, **kwargs: Any) -> Callable[[_F], _F]: ...
+def compile(
+    model: None = None,
+    *,
+    backend: str | Callable[..., Any] = ...,
+    fullgraph: bool = ...,
+    dynamic: bool | None = ...,
+    mode: str | None = ...,
+    options: dict[str, Any] | None = ...,
+    policy: str | None = ...,
+    timeout: float | None = ...,
+    cache_dir: str | None = ...,
+    config: str | None = ...,
+) -> Callable[[_F], _F]: ...
 
 
 def compile(

@@ -46,6 +46,7 @@ from ._cache_store import (
 )
 from ._config import CACHE_SECRET_ENV, Config
 from ._log import get_logger
+from ._version import __version__
 
 log = get_logger("cache")
 
@@ -61,8 +62,6 @@ def _warn_once(key: str, msg: str, *args: Any) -> None:
 
 def version_factors() -> dict[str, Any]:
     """What an entry must match exactly to be loaded, whatever the graph."""
-    from . import __version__
-
     return {
         "torch": torch.__version__,
         "python": ".".join(str(v) for v in sys.version_info[:3]),
@@ -129,6 +128,37 @@ def _describe_input(x: Any) -> Any:
 _COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "c10d")
 
 
+class UnkeyableGraph(Exception):
+    """The graph's cache key cannot be computed; the graph is compiled uncached."""
+
+
+def _constant_bytes(gm: torch.fx.GraphModule, target: str) -> bytes:
+    """Everything that identifies one ``get_attr`` constant: its type, dtype, shape and bytes.
+
+    Submodules (higher-order ops' bodies) are identified by their code, which ``gm.code``
+    does not include.
+    """
+    obj: Any = gm
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            raise UnkeyableGraph(f"constant {target!r} is not an attribute of the graph")
+        obj = getattr(obj, part)
+    if isinstance(obj, torch.fx.GraphModule):
+        return f"G:{target}:".encode() + obj.code.encode()
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.is_sparse or t.is_quantized or t.layout != torch.strided:
+            raise UnkeyableGraph(f"constant {target!r} has layout {t.layout}")
+        head = f"T:{target}:{t.dtype}:{list(t.shape)}:".encode()
+        # view(uint8) works for every strided dtype, bfloat16 and float8 included,
+        # where .numpy() does not.
+        flat = t.cpu().contiguous().reshape(-1)
+        return head + flat.view(torch.uint8).numpy().tobytes()
+    if isinstance(obj, torch.nn.Module):
+        raise UnkeyableGraph(f"constant {target!r} is a {type(obj).__qualname__} module")
+    return f"O:{target}:{type(obj).__qualname__}:{obj!r}".encode()
+
+
 def graph_key(
     gm: torch.fx.GraphModule, example_inputs: list[Any], static: dict[str, Any]
 ) -> tuple[str, dict[str, Any]]:
@@ -146,11 +176,10 @@ def graph_key(
     collectives = False
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            # Small constants are part of what is compiled (rank-specific ones too).
-            with contextlib.suppress(Exception):
-                t = getattr(gm, str(node.target))
-                if isinstance(t, torch.Tensor) and t.numel() <= 4096:
-                    h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            # Constants are part of what is compiled (rank-specific ones too). Any
+            # failure here propagates: a key that silently left a constant out would
+            # let two different graphs share one entry.
+            h.update(_constant_bytes(gm, str(node.target)))
         ns = getattr(getattr(node.target, "namespace", None), "__str__", lambda: "")()
         if node.op == "call_function" and ns in _COLLECTIVE_NAMESPACES:
             collectives = True
@@ -522,8 +551,15 @@ class CachingBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         try:
             key, factors = graph_key(gm, example_inputs, self._static)
-        except Exception as e:  # an unkeyable graph is compiled the plain way
-            log.debug("no cache key for a graph of %s (%s)", self._label, e)
+        except Exception as e:  # an unkeyable graph is compiled the plain way, and said so
+            _warn_once(
+                f"unkeyable:{self._label}:{type(e).__name__}",
+                "a graph of %s is compiled without the shared cache: its cache key could not "
+                "be computed (%s: %s)",
+                self._label,
+                type(e).__name__,
+                e,
+            )
             return self._inner(gm, example_inputs)
         return self._cache.compile(
             key, factors, lambda: self._inner(gm, example_inputs), self._label

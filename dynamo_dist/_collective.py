@@ -78,7 +78,7 @@ class BandAllreduce:
         self._buf = torch.zeros(1, dtype=torch.int64)
         self._arr = self._buf.numpy()  # numpy item access is ~20x cheaper than tensor indexing
         self._opts = dist.AllreduceOptions()
-        self._opts.reduceOp = dist.ReduceOp.BAND
+        self._opts.reduceOp = dist.ReduceOp(dist.ReduceOp.BAND)
         self.waiting_since: float | None = None
 
     def __call__(self, word: int) -> tuple[int, str | None]:

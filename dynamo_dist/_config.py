@@ -11,11 +11,10 @@ import dataclasses
 import itertools
 import math
 import os
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
-
-import tomllib
 
 from ._errors import ConfigError
 

@@ -11,8 +11,10 @@ import os
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
 from ._log import get_logger
+from ._version import __version__
 
 log = get_logger("hook")
 
@@ -24,6 +26,16 @@ except ImportError as e:  # pragma: no cover - exercised only on a broken instal
         f"Python ({e}). Rebuild it: `pip install --no-build-isolation -e .` in the source tree, "
         "or reinstall the package with pip."
     ) from e
+
+if getattr(_C, "__version__", None) != __version__:
+    # An editable install keeps the compiled _C in the source tree: after a pull that
+    # changes the C++ side, the old binary would otherwise load against new Python code.
+    raise ImportError(
+        f"dynamo_dist._C at {_C.__file__} was built for dynamo_dist "
+        f"{getattr(_C, '__version__', '(unknown, older)')}, but the Python package is "
+        f"{__version__}. Rebuild it: `pip install -e .` in the source tree, or reinstall "
+        "the package with pip."
+    )
 
 _regions: dict[int, str] = {}
 
@@ -116,7 +128,8 @@ def install(hook: _C.GuardHook) -> object | None:
     """Install ``hook`` as Dynamo's guard-complete hook; returns the previous hook."""
     from torch._C._dynamo.eval_frame import set_guard_complete_hook
 
-    prev = set_guard_complete_hook(hook)
+    # Dynamo's stub wants its Protocol; the C++ hook is a pybind11 callable of that shape.
+    prev = set_guard_complete_hook(cast(Any, hook))
     if prev is hook:
         return None
     if prev is not None:
@@ -128,7 +141,7 @@ def uninstall(hook: _C.GuardHook, previous: object | None) -> None:
     """Restore ``previous`` if ``hook`` is still the installed one."""
     from torch._C._dynamo.eval_frame import set_guard_complete_hook
 
-    current = set_guard_complete_hook(previous)
+    current = set_guard_complete_hook(cast(Any, previous))
     if current is not None and current is not hook:
         # Someone installed their own hook after us; leave theirs in place.
         set_guard_complete_hook(current)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import atexit
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -209,9 +209,9 @@ def guard_failure_reasons(frame: Any, cache_entry: Any) -> list[str]:
         first = next(iter(inspect.signature(reasons_fn).parameters))
         if first == "cache_entries":  # torch >= 2.12 takes the list of entries
             entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(frame.f_code)
-            reasons = reasons_fn(entries, frame, None, skip_logging=True)
+            reasons = reasons_fn(entries, frame, cast(Any, None), skip_logging=True)
         else:  # older torch walks the linked list from the first entry
-            reasons = reasons_fn(cache_entry, frame, None, skip_logging=True)
+            reasons = reasons_fn(cache_entry, frame, cast(Any, None), skip_logging=True)
         return [" ".join(str(r).split()) for r in reasons] or ["guards failed"]
     except Exception as e:  # diagnostics must never break training
         return [f"guards failed (reasons unavailable: {type(e).__name__}: {e})"]
