@@ -1,0 +1,85 @@
+"""The shared cache's key: every constant counts, and a key that cannot be computed is loud.
+
+A key that silently leaves something out lets two different graphs share one entry,
+so a rank would load and run the wrong program.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+import pytest
+import torch
+import torch.fx
+
+from dynamo_dist import _cache
+
+
+def _graph(const: Any) -> torch.fx.GraphModule:
+    """x + c, with c a get_attr constant, as Dynamo/AOT graphs hold lifted constants."""
+    root = torch.nn.Module()
+    root.register_buffer("c", const)
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    c = g.get_attr("c")
+    g.output(g.call_function(torch.add, (x, c)))
+    return torch.fx.GraphModule(root, g)
+
+
+def _key(gm: torch.fx.GraphModule) -> str:
+    return _cache.graph_key(gm, [torch.zeros(3)], {"backend": "test"})[0]
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool]
+)
+def test_constants_of_every_dtype_are_in_the_key(dtype: torch.dtype) -> None:
+    a = torch.zeros(3).to(dtype)
+    b = torch.ones(3).to(dtype)
+    assert _key(_graph(a)) != _key(_graph(b))
+    assert _key(_graph(a)) == _key(_graph(a.clone()))
+
+
+def test_large_constants_are_in_the_key() -> None:
+    a = torch.zeros(10_000)
+    b = a.clone()
+    b[-1] = 1.0
+    assert _key(_graph(a)) != _key(_graph(b))
+
+
+def test_same_bytes_other_dtype_or_shape_differ() -> None:
+    a = torch.zeros(4, dtype=torch.int32)
+    assert _key(_graph(a)) != _key(_graph(a.view(torch.float32)))
+    assert _key(_graph(a)) != _key(_graph(a.view(2, 2)))
+
+
+def test_unkeyable_constant_raises() -> None:
+    gm = _graph(torch.zeros(3))
+    del gm.c
+    with pytest.raises(_cache.UnkeyableGraph, match="'c'"):
+        _key(gm)
+
+
+def test_unkeyable_graph_compiles_uncached_with_one_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled: list[torch.fx.GraphModule] = []
+
+    def inner(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        compiled.append(gm)
+        return gm.forward
+
+    # The cache is never reached: an unkeyable graph goes straight to the backend.
+    backend = _cache.CachingBackend(inner, cast(Any, None), {"backend": "test"}, "f (t.py:1)")
+    gm = _graph(torch.zeros(3))
+    del gm.c
+    monkeypatch.setattr(logging.getLogger("dynamo_dist"), "propagate", True)
+    with caplog.at_level(logging.WARNING, logger="dynamo_dist"):
+        backend(gm, [torch.zeros(3)])
+        backend(gm, [torch.zeros(3)])
+    assert compiled == [gm, gm]
+    warnings = [r for r in caplog.records if "could not be computed" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    assert "f (t.py:1)" in warnings[0].getMessage()
+    assert "UnkeyableGraph" in warnings[0].getMessage()
