@@ -155,8 +155,12 @@ def test_cli_ls_verify_prune_clear(tmp_path):
     p = _cli("prune", str(root), "--older-than", "7d")
     assert p.returncode == 0 and "removed 1 entries" in p.stdout
     assert not store.entry_dir("1" * 40).exists()
-    p = _cli("prune", str(root), "--max-size", "1K")
-    assert "removed" in p.stdout
+    # Two entries left; a budget of exactly the newer one's size removes the older only.
+    newest = store.entry_dir("3" * 40)
+    budget = sum(f.stat().st_size for f in newest.rglob("*") if f.is_file())
+    p = _cli("prune", str(root), "--max-size", str(budget))
+    assert p.returncode == 0 and "removed 1 entries" in p.stdout and "1 left" in p.stdout, p.stdout
+    assert not store.entry_dir("2" * 40).exists() and newest.exists()
     assert _cli("prune", str(root), "--max-size", "lots").returncode == 2
     c = _cli("clear", str(root))
     assert c.returncode == 0 and not list(store.iter_entries())
