@@ -177,6 +177,7 @@ def launch(
 
     Results go to a fresh directory under ``tmp``, so a test may launch several times.
     """
+    _require_multiproc()
     outdir = Path(tempfile.mkdtemp(prefix=f"{program}-", dir=tmp))
     proc = torchrun(
         module,
