@@ -163,15 +163,7 @@ GuardHook::GuardHook(std::shared_ptr<ShmExchange> shm, py::object slow_path)
     : shm_(std::move(shm)), slow_path_(std::move(slow_path)) {}
 
 namespace {
-constexpr uint64_t kM32 = 0xFFFFFFFFULL;
 constexpr size_t kLatencySamples = 8192;
-
-// Same packing as dynamo_dist/_collective.py: low half x = (ident << 1) | hit,
-// high half ~x, so an AND over ranks exposes disagreeing bits.
-inline uint64_t pack_record(bool hit, uint64_t ident) {
-  uint64_t x = (((ident & 0x7FFFFFFFULL) << 1) | (hit ? 1ULL : 0ULL)) & kM32;
-  return ((~x & kM32) << 32) | x;
-}
 
 inline uint64_t now_ns() {
   using namespace std::chrono;
@@ -198,12 +190,9 @@ bool GuardHook::exchange(bool hit, uint64_t ident) {
       latencies_[latency_next_] = sample;
       latency_next_ = (latency_next_ + 1) % kLatencySamples;
     }
-    const uint64_t low = r.word & kM32, high = r.word >> 32;
-    const uint64_t disagree = ~(low | high) & kM32;
-    const bool all_hit = (low & 1) != 0;
-    const bool any_hit = (high & 1) == 0;
-    if ((disagree & ~1ULL) == 0 && (all_hit || !any_hit)) {
-      return all_hit;
+    const int verdict = fast_verdict(r.word);  // pack_record/fast_verdict: guard_hook.h
+    if (verdict >= 0) {
+      return verdict == 1;
     }
   }
   return slow_path_(static_cast<int>(r.status), seq, ident, hit, static_cast<int64_t>(r.word),

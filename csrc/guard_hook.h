@@ -15,6 +15,31 @@ namespace dynamo_dist {
 
 namespace py = pybind11;
 
+// The guard record, the same as dynamo_dist/_collective.py's pack(): low half
+// x = (ident << 1) | hit, high half ~x, so an AND over ranks exposes
+// disagreeing bits. Exposed to Python (_C._pack_record) only for tests.
+inline uint64_t pack_record(bool hit, uint64_t ident) {
+  constexpr uint64_t kM32 = 0xFFFFFFFFULL;
+  uint64_t x = (((ident & 0x7FFFFFFFULL) << 1) | (hit ? 1ULL : 0ULL)) & kM32;
+  return ((~x & kM32) << 32) | x;
+}
+
+// The fast path's decision on an AND-reduced word: 1 if every rank hit, 0 if
+// every rank missed, -1 if Python's slow path must decide (identities
+// disagree, or some ranks hit while others missed). Exposed to Python
+// (_C._fast_verdict) only for tests.
+inline int fast_verdict(uint64_t word) {
+  constexpr uint64_t kM32 = 0xFFFFFFFFULL;
+  const uint64_t low = word & kM32, high = word >> 32;
+  const uint64_t disagree = ~(low | high) & kM32;
+  const bool all_hit = (low & 1) != 0;
+  const bool any_hit = (high & 1) == 0;
+  if ((disagree & ~1ULL) == 0 && (all_hit || !any_hit)) {
+    return all_hit ? 1 : 0;
+  }
+  return -1;
+}
+
 // Identity of the frame Dynamo is about to run, as seen from the frame that
 // calls it (Dynamo has not linked the callee into the thread state yet when it
 // runs the hook), combined with the innermost compiled region entered on this

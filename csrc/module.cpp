@@ -75,6 +75,11 @@ PYBIND11_MODULE(_C, m) {
         "62-bit identity of the frame about to run (caller code, call site, region).");
   m.def("describe_identity", &describe_identity, py::arg("ident"),
         "(caller code, lasti, region) for an identity seen on this process, or None.");
+  m.def("_pack_record", &pack_record, py::arg("hit"), py::arg("ident"),
+        "The fast path's record for (hit, ident), as an unsigned 64-bit int; for tests.");
+  m.def("_fast_verdict", &fast_verdict, py::arg("word"),
+        "The fast path's decision on an AND-reduced word: 1 all hit, 0 all missed, -1 the "
+        "slow path decides; for tests.");
   m.def("set_code_classifier", &set_code_classifier, py::arg("fn"),
         "fn(code) -> (stable hash, use_lasti); called once per caller code object.");
 }

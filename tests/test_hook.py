@@ -1,6 +1,9 @@
 """Single-process tests of the C++ hook, its installation, and dynamo_dist.compile."""
 
 from __future__ import annotations
+import __future__
+
+import types
 
 import pytest
 import torch
@@ -187,12 +190,32 @@ def test_bad_arguments(kwargs, exc, words):
 
 
 def test_public_api():
-    assert set(dynamo_dist.__all__) >= {
-        "compile",
-        "stats",
-        "RankDivergenceError",
+    """Exactly the documented names are public, each resolves, and nothing else leaks.
+
+    The docstring of ``dynamo_dist`` promises that everything else is private, so an
+    added or dropped name must be a deliberate change to this list.
+    """
+    public = {
         "CollectiveTimeoutError",
         "Config",
         "ConfigError",
+        "DynamoDistError",
+        "RankDivergenceError",
+        "__version__",
+        "compile",
+        "shutdown",
+        "stats",
     }
+    assert sorted(dynamo_dist.__all__) == sorted(public)
+    for name in public:
+        assert getattr(dynamo_dist, name) is not None, name
+    exported = {
+        n
+        for n, v in vars(dynamo_dist).items()
+        if not n.startswith("_") and not isinstance(v, (types.ModuleType, __future__._Feature))
+    }
+    assert exported == public - {"__version__"}, exported ^ (public - {"__version__"})
+    assert dynamo_dist.compile.__module__ == "dynamo_dist._api"
     assert issubclass(dynamo_dist.CollectiveTimeoutError, TimeoutError)
+    for err in ("CollectiveTimeoutError", "ConfigError", "RankDivergenceError"):
+        assert issubclass(getattr(dynamo_dist, err), dynamo_dist.DynamoDistError), err

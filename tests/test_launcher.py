@@ -3,28 +3,68 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import ROOT, WORKERS, RankRun, run_command, torchrun, torchrun_two_hosts
+import ranks
+import torch
+from ranks import ROOT, CountingBackend, result, run_command
+
+import dynamo_dist
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
 
+HERE = __file__
 LAUNCHER = [sys.executable, "-m", "dynamo_dist.launch"]
 
 
-def _ranks(outdir: Path, proc) -> RankRun:
-    ranks = {int(f.stem[4:]): json.loads(f.read_text()) for f in outdir.glob("rank*.json")}
-    return RankRun(proc.returncode, proc.stdout, ranks)
+def _f(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2).sum(0) + 1
+
+
+# -- rank programs ---------------------------------------------------------------------
+def echo_config(rank: int, world: int) -> dict[str, Any]:
+    """What the launcher handed this rank: resolved settings and DYNAMO_DIST_* variables."""
+    from dynamo_dist import _config
+
+    cb = CountingBackend()
+    cf = dynamo_dist.compile(_f, backend=cb)
+    cf(torch.randn(4, 3))
+    cfg = _config.resolve()
+    return result(
+        cb,
+        True,
+        policy=cfg.policy,
+        timeout=cfg.timeout,
+        report=cfg.report,
+        cache_dir=cfg.cache_dir,
+        world=world,
+        env={k: v for k, v in os.environ.items() if k.startswith("DYNAMO_DIST_")},
+    )
+
+
+def report_run(rank: int, world: int) -> dict[str, Any]:
+    """Some forced recompiles, then shutdown: rank 0 writes the job report."""
+    cb = CountingBackend()
+    cf = dynamo_dist.compile(_f, backend=cb)
+    for step in range(8):
+        n = 5 if (rank == 1 and step in (3, 6)) else 4
+        cf(torch.randn(n, 3))
+    final = dynamo_dist.stats()
+    dynamo_dist.shutdown()  # publishes this rank's stats; rank 0 writes the report
+    return result(cb, True, final=final)
+
+
+# -- tests -----------------------------------------------------------------------------
 
 
 def test_launcher_exports_settings_and_passes_torchrun_flags(tmp_path):
-    proc = torchrun(
-        WORKERS,
+    run = ranks.launch(
+        HERE,
         "echo_config",
-        str(tmp_path),
-        nproc=2,
+        tmp=tmp_path,
         launcher=[
             *LAUNCHER,
             "--policy",
@@ -36,7 +76,6 @@ def test_launcher_exports_settings_and_passes_torchrun_flags(tmp_path):
         ],
         torchrun_args=["--monitor-interval", "0.5"],
     )
-    run = _ranks(tmp_path, proc)
     for r in (0, 1):
         res = run.rank(r)
         assert res["world"] == 2
@@ -47,30 +86,25 @@ def test_launcher_exports_settings_and_passes_torchrun_flags(tmp_path):
 
 
 def test_launcher_two_agents_multi_node(tmp_path):
-    procs = torchrun_two_hosts(
-        WORKERS, "echo_config", str(tmp_path), nproc=2, launcher=[*LAUNCHER, "--policy", "warn"]
+    run = ranks.launch(
+        HERE, "echo_config", tmp=tmp_path, hosts=2, launcher=[*LAUNCHER, "--policy", "warn"]
     )
-    assert all(p.returncode == 0 for p in procs), procs[0].stdout[-3000:]
-    ranks = {int(f.stem[4:]): json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")}
-    assert sorted(ranks) == [0, 1, 2, 3]
-    assert {r["policy"] for r in ranks.values()} == {"warn"}
-    assert {r["stats"]["transport"] for r in ranks.values()} == {"shm+gloo"}
+    assert run.returncode == 0, run.output[-3000:]  # the worse of the two agents
+    assert sorted(run.ranks) == [0, 1, 2, 3]
+    assert {r["policy"] for r in run.ranks.values()} == {"warn"}
+    assert {r["stats"]["transport"] for r in run.ranks.values()} == {"shm+gloo"}
 
 
 def test_precedence_file_env_arguments(tmp_path):
     cfg = tmp_path / "profile.toml"
     cfg.write_text('policy = "warn"\ntimeout = 50\nreport = "from-file.json"\n')
-    out = tmp_path / "out"
-    out.mkdir()
-    proc = torchrun(
-        WORKERS,
+    res = ranks.launch(
+        HERE,
         "echo_config",
-        str(out),
-        nproc=2,
+        tmp=tmp_path,
         launcher=[*LAUNCHER, "--config", str(cfg), "--policy", "strict"],
         env={"DYNAMO_DIST_TIMEOUT": "40"},
-    )
-    res = _ranks(out, proc).rank(1)
+    ).rank(1)
     assert res["policy"] == "strict"  # argument over file
     assert res["timeout"] == 40.0  # environment over file
     assert res["report"] == "from-file.json"  # file over default
@@ -116,12 +150,7 @@ def test_bad_config_fails_before_any_worker_starts(tmp_path, profile, env, words
 
 def test_report_matches_what_ranks_counted(tmp_path):
     report = tmp_path / "report.json"
-    out = tmp_path / "out"
-    out.mkdir()
-    proc = torchrun(
-        WORKERS, "report_run", str(out), nproc=2, env={"DYNAMO_DIST_REPORT": str(report)}
-    )
-    run = _ranks(out, proc)
+    run = ranks.launch(HERE, "report_run", tmp=tmp_path, env={"DYNAMO_DIST_REPORT": str(report)})
     saved = json.loads(report.read_text())
     assert saved["missing"] == []
     for r in (0, 1):
@@ -138,7 +167,7 @@ def test_report_matches_what_ranks_counted(tmp_path):
         ):
             assert reported[key] == counted[key], key
     assert saved["ranks"]["1"]["local_misses"] >= 1
-    assert "dynamo_dist job report (2 ranks)" in proc.stdout
+    assert "dynamo_dist job report (2 ranks)" in run.output
     cli = run_command([sys.executable, "-m", "dynamo_dist", "report", str(report)], timeout=60)
     assert cli.returncode == 0 and "hit rate" in cli.stdout and "forced" in cli.stdout
 
@@ -148,3 +177,7 @@ def test_config_reference_in_docs_is_generated():
     assert cli.returncode == 0
     docs = (ROOT / "docs" / "configuration.md").read_text()
     assert cli.stdout.strip() in docs, "regenerate docs/configuration.md: dynamo-dist config"
+
+
+if __name__ == "__main__":
+    ranks.main(globals())

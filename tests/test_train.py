@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import ROOT, torchrun
+from ranks import ROOT, torchrun
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(400)]
 

@@ -3,20 +3,67 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
+from pathlib import Path
+from typing import Any
 
 import pytest
+import ranks
 
 from dynamo_dist._shm import sweep_stale_segments
 
-pytestmark = [pytest.mark.multiproc]
+HERE = __file__
+CONSISTENCY = str(Path(__file__).with_name("test_consistency.py"))
 
 
-def _segments() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if n.startswith("dynamo_dist.")}
+# -- rank program ----------------------------------------------------------------------
+def transports_agree(rank: int, world: int, n: str, n_gloo: str) -> dict[str, Any]:
+    """Both transports, driven directly, against an oracle every rank can compute."""
+    from dynamo_dist._collective import GlooExchange, new_gloo_group
+    from dynamo_dist._shm import ShmTransport, topology
+
+    n_shm, n_gl = int(n), int(n_gloo)
+    group = new_gloo_group(120)
+    gloo = GlooExchange(group, 60, 30, None, str)
+    topo = topology(group)
+    shm = ShmTransport(group, topo, 60, 30, None, str)
+    shm_hook = shm.make_hook()
+
+    def plan(step: int) -> list[bool]:
+        rng = random.Random(step)
+        miss_rate = rng.choice([0.0, 0.0, 0.01, 0.3])
+        return [rng.random() >= miss_rate for _ in range(world)]
+
+    mismatches = {"gloo": 0, "shm": 0}
+    verdicts = {"gloo": 0, "shm": 0}
+    for step in range(max(n_shm, n_gl)):
+        hits = plan(step)
+        want = all(hits)
+        ident = 1000 + step % 7
+        if step < n_shm:
+            got = shm_hook.exchange(hits[rank], ident)
+            mismatches["shm"] += got != want
+            verdicts["shm"] += got
+        if step < n_gl:
+            got = gloo.exchange(hits[rank], ident)
+            mismatches["gloo"] += got != want
+            verdicts["gloo"] += got
+    return {
+        "ok": True,
+        "mismatches": mismatches,
+        "verdicts": verdicts,
+        "transport": shm.transport,
+        "hosts": topo.hosts,
+        "local_world": topo.local_world,
+        "mixed": shm.mixed,
+    }
 
 
-def _assert_agree(run, nproc: int, n: int, n_gloo: int, transport: str, hosts: int) -> None:
+# -- tests -----------------------------------------------------------------------------
+def _assert_agree(
+    run: ranks.RankRun, nproc: int, n: int, n_gloo: int, transport: str, hosts: int
+) -> None:
     for r in range(nproc):
         res = run.rank(r)
         assert res["ok"], res
@@ -29,50 +76,72 @@ def _assert_agree(run, nproc: int, n: int, n_gloo: int, transport: str, hosts: i
         assert verdicts[0]["shm"] == verdicts[0]["gloo"]
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(400)
-def test_transports_agree_two_ranks(run_ranks):
-    run = run_ranks(
-        "transports_agree", nproc=2, timeout=360, env={"DD_N": "100000", "DD_N_GLOO": "100000"}
-    )
+def test_transports_agree_two_ranks(tmp_path):
+    run = ranks.launch(HERE, "transports_agree", 100000, 100000, tmp=tmp_path, timeout=360)
     _assert_agree(run, 2, 100000, 100000, "shm", 1)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(400)
-def test_transports_agree_four_ranks_oversubscribed(run_ranks):
+def test_transports_agree_four_ranks_oversubscribed(tmp_path):
     # 4 ranks on 2 cores: the gloo leg is 4x slower, so it covers a 20,000 prefix.
-    run = run_ranks(
-        "transports_agree", nproc=4, timeout=360, env={"DD_N": "100000", "DD_N_GLOO": "20000"}
-    )
+    run = ranks.launch(HERE, "transports_agree", 100000, 20000, tmp=tmp_path, nproc=4, timeout=360)
     _assert_agree(run, 4, 100000, 20000, "shm", 1)
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(400)
-def test_two_hosts_use_the_hierarchical_path(run_ranks):
-    run = run_ranks(
-        "transports_agree",
-        nproc=2,
-        hosts=2,
-        timeout=360,
-        env={"DD_N": "20000", "DD_N_GLOO": "20000"},
-    )
+def test_two_hosts_use_the_hierarchical_path(tmp_path):
+    run = ranks.launch(HERE, "transports_agree", 20000, 20000, tmp=tmp_path, hosts=2, timeout=360)
     _assert_agree(run, 4, 20000, 20000, "shm+gloo", 2)
     assert {run.rank(r)["local_world"] for r in range(4)} == {2}
 
 
+@pytest.mark.multiproc
 @pytest.mark.timeout(300)
-def test_two_hosts_consistency_end_to_end(run_ranks):
-    run = run_ranks("divergent_shape", nproc=2, hosts=2, timeout=240)
+def test_two_hosts_consistency_end_to_end(tmp_path):
+    run = ranks.launch(CONSISTENCY, "divergent_shape", tmp=tmp_path, hosts=2, timeout=240)
     graphs = {run.rank(r)["graphs"] for r in range(4)}
     assert graphs == {2}
     assert {run.rank(r)["stats"]["transport"] for r in range(4)} == {"shm+gloo"}
 
 
+def _leftovers(runs: list[dict[str, Any]]) -> list[str]:
+    """Segments in /dev/shm named by the runs or created by one of their processes."""
+    pids = {str(res["pid"]) for res in runs}
+    named = {res["segment"].lstrip("/") for res in runs if res.get("segment")}
+    return sorted(
+        n
+        for n in os.listdir("/dev/shm")
+        if n.startswith("dynamo_dist.") and (n in named or n.split(".")[1] in pids)
+    )
+
+
+@pytest.mark.multiproc
 @pytest.mark.timeout(300)
-def test_no_segment_left_after_normal_exit_and_crash(run_ranks):
-    before = _segments()
-    run_ranks("divergent_shape", env={"DYNAMO_DIST_TRANSPORT": "shm"})
-    run_ranks("killed_rank", env={"DYNAMO_DIST_TRANSPORT": "shm"})
-    assert _segments() <= before
+def test_no_segment_left_after_normal_exit_and_crash(tmp_path):
+    shm = {"DYNAMO_DIST_TRANSPORT": "shm"}
+    normal = ranks.launch(CONSISTENCY, "divergent_shape", tmp=tmp_path, env=shm)
+    done = [normal.rank(r) for r in (0, 1)]
+    for res in done:
+        assert res["ok"] and res["stats"]["transport"] == "shm", res
+    assert done[0]["segment"] and done[0]["segment"] == done[1]["segment"]
+
+    crash = ranks.launch(
+        CONSISTENCY,
+        "killed_rank",
+        tmp=tmp_path,
+        env=shm,
+        torchrun_args=["--monitor-interval", "3"],
+    )
+    survivor = crash.rank(0)  # the host's leader, which created the segment
+    assert survivor["error"] == "CollectiveTimeoutError", survivor
+    assert survivor["stats"]["transport"] == "shm" and survivor["segment"], survivor
+    assert 1 not in crash.ranks, "rank 1 must have died without writing a result"
+
+    assert _leftovers([*done, survivor]) == []
 
 
 def test_stale_segment_of_a_dead_creator_is_swept():
@@ -92,3 +161,7 @@ def test_stale_segment_of_a_dead_creator_is_swept():
         for p in (path, mine):
             if os.path.exists(p):
                 os.unlink(p)
+
+
+if __name__ == "__main__":
+    ranks.main(globals())

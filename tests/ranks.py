@@ -1,0 +1,297 @@
+"""The one runner for multi-process tests, and the rank-side entry of every rank program.
+
+Test side: :func:`launch` runs ``python -m torch.distributed.run`` on a test module
+(``--standalone``, or two agents as two simulated hosts) and collects what each
+rank wrote to ``OUTDIR/rank<R>.json``. Every launch runs in its own process
+group; on timeout the whole group is killed and the test fails with the output
+tail. Launching from a test that lacks the ``multiproc`` marker fails that test,
+so the fast tier (``pytest -m "not multiproc"``) can never grow a torchrun.
+
+Rank side: a test module ends with ``if __name__ == "__main__": ranks.main(globals())``;
+``torchrun tests/test_x.py PROGRAM OUTDIR [ARGS...]`` then calls ``PROGRAM(rank,
+world, *ARGS)`` from that module on every rank. Rank programs are plain functions
+next to the test that asserts on them; scenario parameters are their arguments.
+
+This is not a conftest: tests import it as ``ranks`` (pytest puts ``tests/`` on
+``sys.path``), and torchrun finds it next to the script it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+# The pytest item being run, set by conftest.py before its fixtures are set up, so
+# that launches from module-scoped fixtures are checked against the first test too.
+current_item: Any = None
+
+
+# -- test side ---------------------------------------------------------------------
+@dataclass
+class RankRun:
+    """What one launch left behind: exit status, combined output, each rank's result."""
+
+    returncode: int
+    output: str
+    ranks: dict[int, dict[str, Any]]
+
+    def rank(self, r: int) -> dict[str, Any]:
+        assert r in self.ranks, f"rank {r} wrote no result; output:\n{self.output[-4000:]}"
+        return self.ranks[r]
+
+
+def _require_multiproc() -> None:
+    """Fail the calling test unless it is marked ``multiproc`` (keeps the fast tier fast)."""
+    import pytest
+
+    item = current_item
+    if item is not None and item.get_closest_marker("multiproc") is None:
+        pytest.fail(f"{item.nodeid} spawns processes but is not marked multiproc", pytrace=False)
+
+
+def _env(env: dict[str, str] | None) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
+def _spawn(cmd: list[str], env: dict[str, str] | None, cwd: Path | None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(env),
+        cwd=cwd or ROOT,
+        start_new_session=True,  # its own process group, killed as a whole on timeout
+    )
+
+
+def _collect(
+    procs: list[subprocess.Popen[str]], timeout: float, what: str
+) -> list[subprocess.CompletedProcess[str]]:
+    """Wait for all of ``procs`` under one deadline; on timeout kill every group and fail."""
+    import pytest
+
+    deadline = time.monotonic() + timeout
+    done = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(q.pid, signal.SIGKILL)
+            out, _ = p.communicate()
+            pytest.fail(f"{what} did not finish in {timeout}s; output:\n{out[-4000:]}")
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out, None))
+    return done
+
+
+def run_command(
+    cmd: list[str], timeout: float, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in its own process group; on timeout kill the whole group and fail."""
+    _require_multiproc()
+    return _collect([_spawn(cmd, env, cwd)], timeout, " ".join(cmd))[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(
+    script: Path | str,
+    *args: str,
+    nproc: int = 2,
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+    launcher: list[str] | None = None,
+    torchrun_args: list[str] | None = None,
+    hosts: int = 1,
+) -> subprocess.CompletedProcess[str]:
+    """``script`` on ``nproc`` ranks per host; ``hosts=2`` starts two agents (static rendezvous).
+
+    With two hosts the result's return code is the worst of the two agents' and
+    its output is both agents' output, one after the other.
+    """
+    _require_multiproc()
+    base = [*(launcher or [sys.executable, "-m", "torch.distributed.run"]), *(torchrun_args or [])]
+    tail = [f"--nproc-per-node={nproc}", "--max-restarts=0", str(script), *args]
+    if hosts == 1:
+        cmds = [[*base, "--standalone", *tail]]
+    else:
+        port = free_port()
+        cmds = [
+            [
+                *base,
+                f"--nnodes={hosts}",
+                f"--node-rank={node}",
+                "--master-addr=127.0.0.1",
+                f"--master-port={port}",
+                *tail,
+            ]
+            for node in range(hosts)
+        ]
+    procs = [_spawn(cmd, env, None) for cmd in cmds]
+    done = _collect(procs, timeout, f"{Path(script).name} {' '.join(args)} on {hosts} host(s)")
+    return subprocess.CompletedProcess(
+        cmds, max(p.returncode for p in done), "\n".join(p.stdout for p in done), None
+    )
+
+
+def read_results(outdir: Path, proc: subprocess.CompletedProcess[str]) -> RankRun:
+    ranks = {int(f.stem[4:]): json.loads(f.read_text()) for f in outdir.glob("rank*.json")}
+    return RankRun(proc.returncode, proc.stdout, ranks)
+
+
+def launch(
+    module: Path | str,
+    program: str,
+    *args: Any,
+    tmp: Path,
+    nproc: int = 2,
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+    torchrun_args: list[str] | None = None,
+    hosts: int = 1,
+    launcher: list[str] | None = None,
+) -> RankRun:
+    """Run rank program ``program`` of test module ``module`` (a path) and collect results.
+
+    Results go to a fresh directory under ``tmp``, so a test may launch several times.
+    """
+    _require_multiproc()
+    outdir = Path(tempfile.mkdtemp(prefix=f"{program}-", dir=tmp))
+    proc = torchrun(
+        module,
+        program,
+        str(outdir),
+        *(str(a) for a in args),
+        nproc=nproc,
+        timeout=timeout,
+        env=env,
+        launcher=launcher,
+        torchrun_args=torchrun_args,
+        hosts=hosts,
+    )
+    return read_results(outdir, proc)
+
+
+# -- rank side ---------------------------------------------------------------------
+class CountingBackend:
+    """Counts graphs and records, per graph, whether any input is symbolic (dynamic)."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+        self.dynamic: list[bool] = []
+
+    def __call__(self, gm: Any, example_inputs: list[Any]) -> Callable[..., Any]:
+        import torch
+
+        self.graphs += 1
+
+        def symbolic(a: Any) -> bool:
+            if isinstance(a, torch.SymInt):
+                return True
+            return isinstance(a, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in a.shape)
+
+        self.dynamic.append(any(symbolic(a) for a in example_inputs))
+        return gm.forward
+
+
+def result(cb: CountingBackend, ok: bool = True, **extra: Any) -> dict[str, Any]:
+    """A rank's result: its compile counts and dynamo_dist's stats, plus ``extra``."""
+    import dynamo_dist
+
+    return {
+        "graphs": cb.graphs,
+        "dynamic": cb.dynamic,
+        "ok": ok,
+        "stats": dynamo_dist.stats(),
+        **extra,
+    }
+
+
+def error_result(cb: CountingBackend, e: BaseException, **extra: Any) -> dict[str, Any]:
+    """A rank's result when it caught ``e``: the test asserts on the error's type and text."""
+    return result(cb, False, error=type(e).__name__, message=str(e), **extra)
+
+
+def store() -> Any:
+    """The job's key-value store, for handshakes between ranks."""
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def signal_peers(key: str) -> None:
+    """Tell the other ranks that ``key`` happened (see :func:`wait_for_peer`)."""
+    store().set(f"test/{key}", "1")
+
+
+def wait_for_peer(key: str, timeout: float = 120) -> None:
+    """Block until some rank called ``signal_peers(key)``; raises after ``timeout``."""
+    store().wait([f"test/{key}"], timedelta(seconds=timeout))
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``cond`` until it holds; raise TimeoutError naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout}s")
+        time.sleep(0.05)
+
+
+def main(namespace: dict[str, Any]) -> None:
+    """Rank-side entry: ``argv = PROGRAM OUTDIR [ARGS...]``; runs ``namespace[PROGRAM]``.
+
+    Writes ``OUTDIR/rank<R>.json``: the program's result, or the error it raised.
+    """
+    import torch.distributed as dist
+
+    name, outdir, *args = sys.argv[1:]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        out = namespace[name](rank, world, *args)
+    except BaseException as e:
+        out = {
+            "ok": False,
+            "error": type(e).__name__,
+            "message": str(e),
+            "traceback": traceback.format_exc(),
+        }
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as fh:
+        json.dump(out, fh, default=str)
+    # Exit without tearing the group down collectively: some programs leave
+    # peers dead or out of step on purpose.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def shm_segment() -> dict[str, Any]:
+    """This rank's pid and the name of its host's shared-memory segment (None without shm)."""
+    from dynamo_dist import _runtime
+
+    rt = _runtime.current()
+    shm = getattr(rt.transport, "shm", None) if rt is not None else None
+    return {"pid": os.getpid(), "segment": shm.name if shm is not None else None}

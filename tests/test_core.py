@@ -1,0 +1,425 @@
+"""Fast unit tests of the pure decision functions, no processes and no Dynamo.
+
+The guard record and the fast-path decision exist twice, in C++ (the shared-memory
+hook, ``csrc/guard_hook.h``) and in Python (``_collective.pack``/``unpack``/``decide``,
+the gloo transport and the slow path). Both are checked against one table and
+against each other on random records: a drift between them would make the two
+transports give different verdicts for the same guard results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import random
+import time
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from dynamo_dist import _C, _shm
+from dynamo_dist._cache_cli import parse_age, parse_size
+from dynamo_dist._collective import ExchangeBase, pack, percentiles, unpack
+from dynamo_dist._errors import RankDivergenceError
+from dynamo_dist._report import format_table, with_derived
+from dynamo_dist._status import describe_missing
+
+M64 = (1 << 64) - 1
+
+
+# -- the record and the decision: one table for C++ and Python ---------------------------
+@dataclass(frozen=True)
+class Case:
+    """What every rank reports for one exchange, and what all ranks must conclude."""
+
+    name: str
+    records: list[tuple[bool, int]]  # (hit, identity) per rank
+    outcome: str  # "hit", "miss" (fast path), "mixed", "mismatch" (slow path)
+
+
+BIG = (1 << 62) - 1  # identities are 62-bit; the record keeps the low 31 bits
+RECORDS = [
+    Case("one rank hits", [(True, 7)], "hit"),
+    Case("one rank misses", [(False, 7)], "miss"),
+    Case("all hit", [(True, 7)] * 4, "hit"),
+    Case("all miss", [(False, 7)] * 4, "miss"),
+    Case("one of two misses", [(True, 7), (False, 7)], "mixed"),
+    Case("one of eight hits", [(False, 9)] * 7 + [(True, 9)], "mixed"),
+    Case("identity zero", [(True, 0), (True, 0)], "hit"),
+    Case("largest 31-bit identity", [(True, 2**31 - 1)] * 3, "hit"),
+    Case("62-bit identities", [(True, BIG), (True, BIG)], "hit"),
+    Case("different frames, both hit", [(True, 7), (True, 8)], "mismatch"),
+    Case("different frames, both miss", [(False, 1), (False, 2)], "mismatch"),
+    Case("different frames and hits", [(True, 1), (False, 2)], "mismatch"),
+    Case("frames differ in bit 30 only", [(True, 0), (True, 1 << 30)], "mismatch"),
+    Case("one odd frame among many", [(True, 5)] * 6 + [(True, 4)], "mismatch"),
+    # Documented limit: identities equal in their low 31 bits are the same frame.
+    Case("frames equal modulo 2**31", [(True, 3), (True, 3 + (1 << 31))], "hit"),
+]
+
+# (all_hit, any_hit, identities_agree) that unpack must report for each outcome.
+UNPACKED = {
+    "hit": (True, True, True),
+    "miss": (False, False, True),
+    "mixed": (False, True, True),
+}
+# _C._fast_verdict: 1 all hit, 0 all missed, -1 the Python slow path decides.
+FAST = {"hit": 1, "miss": 0, "mixed": -1, "mismatch": -1}
+
+
+def _and(words: list[int]) -> int:
+    return functools.reduce(lambda a, b: a & b, (w & M64 for w in words), M64)
+
+
+def _py_word(records: list[tuple[bool, int]]) -> int:
+    return _and([pack(h, i) for h, i in records])
+
+
+def _cpp_word(records: list[tuple[bool, int]]) -> int:
+    return _and([_C._pack_record(h, i) for h, i in records])
+
+
+class _Decider(ExchangeBase):
+    """ExchangeBase.decide without a process group: only the state decide touches."""
+
+    def __init__(self) -> None:  # no super(): no dist, no group
+        self.divergences = 0
+        self.mixed = 0
+        self.last_mixed = None
+        self.broken = None
+
+    def divergence_error(self, seq: int, ident: int, hit: bool) -> RankDivergenceError:
+        return RankDivergenceError(f"mismatch at #{seq}", {})
+
+
+@pytest.mark.parametrize("case", RECORDS, ids=[c.name for c in RECORDS])
+def test_record_packing_is_identical_in_cpp_and_python(case: Case) -> None:
+    for hit, ident in case.records:
+        py = pack(hit, ident)
+        assert -(1 << 63) <= py < (1 << 63), "pack must fit a signed int64 for torch"
+        assert py & M64 == _C._pack_record(hit, ident), (hit, ident)
+
+
+@pytest.mark.parametrize("case", RECORDS, ids=[c.name for c in RECORDS])
+def test_cpp_fast_path_decides(case: Case) -> None:
+    assert _C._fast_verdict(_cpp_word(case.records)) == FAST[case.outcome]
+
+
+@pytest.mark.parametrize("case", RECORDS, ids=[c.name for c in RECORDS])
+def test_python_unpack_and_decide(case: Case) -> None:
+    word = _py_word(case.records)
+    all_hit, any_hit, agree = unpack(word)
+    if case.outcome == "mismatch":
+        assert not agree
+    else:
+        assert (all_hit, any_hit, agree) == UNPACKED[case.outcome]
+
+    # Every rank runs decide on the same reduced word, each with its own record.
+    for r, (hit, ident) in enumerate(case.records):
+        d = _Decider()
+        signed = word - (1 << 64) if word >= (1 << 63) else word  # what torch hands back
+        if case.outcome == "mismatch":
+            with pytest.raises(RankDivergenceError):
+                d.decide(3, ident, hit, signed)
+            assert d.divergences == 1 and isinstance(d.broken, RankDivergenceError), r
+            continue
+        assert d.decide(3, ident, hit, signed) is (case.outcome == "hit"), r
+        assert d.divergences == 0 and d.broken is None
+        if case.outcome == "mixed":
+            assert d.mixed == 1 and d.last_mixed is not None
+            assert (d.last_mixed.seq, d.last_mixed.ident, d.last_mixed.hit) == (3, ident, hit)
+        else:
+            assert d.mixed == 0 and d.last_mixed is None
+
+
+def _python_fast_verdict(word: int) -> int:
+    """What the C++ fast path must return, derived from Python's unpack."""
+    all_hit, any_hit, agree = unpack(word)
+    if not agree or (any_hit and not all_hit):
+        return -1
+    return int(all_hit)
+
+
+def test_cpp_and_python_agree_on_random_records() -> None:
+    rng = random.Random(20240611)
+    for _ in range(3000):
+        world = rng.randint(1, 9)
+        pool = [rng.getrandbits(rng.choice([3, 31, 62])) for _ in range(rng.randint(1, 3))]
+        records = [(rng.random() < 0.8, rng.choice(pool)) for _ in range(world)]
+        py, cpp = _py_word(records), _cpp_word(records)
+        assert py == cpp, records
+        assert _C._fast_verdict(cpp) == _python_fast_verdict(py), records
+    # Arbitrary words, not only ANDs of valid records, decide the same way too.
+    for _ in range(3000):
+        word = rng.getrandbits(64)
+        assert _C._fast_verdict(word) == _python_fast_verdict(word), hex(word)
+
+
+# -- percentiles -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("samples", "want"),
+    [
+        ([], {"p50_us": 0.0, "p99_us": 0.0}),
+        ([1500], {"p50_us": 1.5, "p99_us": 1.5}),
+        ([1000 * i for i in range(1, 101)], {"p50_us": 51.0, "p99_us": 100.0}),
+        ([1000 * i for i in range(100, 0, -1)], {"p50_us": 51.0, "p99_us": 100.0}),  # unsorted
+        ([1234, 5678], {"p50_us": 5.68, "p99_us": 5.68}),  # rounded to 2 decimals
+        ([10] * 99 + [10**9], {"p50_us": 0.01, "p99_us": 1e6}),  # one outlier in 100
+        ([10] * 200 + [10**9], {"p50_us": 0.01, "p99_us": 0.01}),  # below the 99th
+    ],
+)
+def test_percentiles(samples: list[int], want: dict[str, float]) -> None:
+    assert percentiles(samples) == want
+    assert percentiles(iter(samples)) == want  # any iterable, e.g. a deque
+
+
+# -- describe_missing ----------------------------------------------------------------------
+def test_describe_missing_names_each_rank_and_why() -> None:
+    now = time.time()
+    board: dict[int, dict[str, Any]] = {
+        4: {"seq": 5, "frame": "f (a.py:1)", "state": "running", "time": now},
+        0: {"seq": 5, "frame": "f (a.py:1)", "state": "running", "time": now},
+        1: {},
+        2: {"seq": 3, "frame": "g (b.py:2)", "state": "exited", "time": now},
+        3: {"seq": 4, "frame": None, "state": "running", "time": now},
+        5: {"seq": 5, "frame": "f (a.py:1)", "state": "running", "time": now - 100},
+        6: {"error": "store unreachable"},
+        7: {"seq": 6, "frame": "h (c.py:3)"},  # no state or time: running, fresh
+    }
+    missing, lines = describe_missing(board, my_seq=5, stale_after=30)
+    assert missing == [1, 2, 3, 5, 6]
+    assert lines == [
+        "rank 0: arrived, at exchange #5 at f (a.py:1)",
+        "rank 1: never published a status (not started, or no exchange yet)",
+        "rank 2: exited after exchange #3 at g (b.py:2)",
+        "rank 3: last at exchange #4 at no frame yet",
+        "rank 4: arrived, at exchange #5 at f (a.py:1)",
+        "rank 5: last at exchange #5 at f (a.py:1), silent for 100s",
+        "rank 6: never published a status (not started, or no exchange yet)",
+        "rank 7: arrived, at exchange #6 at h (c.py:3)",
+    ]
+
+
+def test_describe_missing_empty_board() -> None:
+    assert describe_missing({}, 1, 10) == ([], [])
+
+
+# -- the job report table --------------------------------------------------------------
+def test_with_derived_hit_rate() -> None:
+    assert with_derived({"evaluations": 10, "local_misses": 3})["hit_rate"] == 0.7
+    assert with_derived({})["hit_rate"] == 1.0  # nothing evaluated: nothing missed
+    assert with_derived({"evaluations": None, "local_misses": None})["hit_rate"] == 1.0
+    original = {"evaluations": 4}
+    with_derived(original)
+    assert "hit_rate" not in original  # a copy, not a mutation
+
+
+def test_format_table_rows_columns_and_missing_ranks() -> None:
+    rank = {
+        "exchanges": 1200,
+        "hit_rate": 0.995,
+        "forced_recompiles": 2,
+        "divergences": 0,
+        "compiles": 3,
+        "p50_us": 12.345,
+        "p99_us": 80.0,
+        "transport": "shm",
+        "cache_loads": 1,
+        "cache_publishes": 0,
+        "compile_seconds_saved": 4.25,
+    }
+    report = {
+        "world_size": 12,
+        "ranks": {
+            "10": {**rank, "rank": 10},
+            "2": {**rank, "rank": 2, "exchanges": "n/a", "transport": None},
+        },
+        "missing": [5, 7],
+    }
+    lines = format_table(report).splitlines()
+    assert lines[0] == (
+        "dynamo_dist job report (12 ranks); no report from ranks [5, 7] (exited early or crashed)"
+    )
+    header, rule, first, second = lines[1:]
+    assert header.split() == [
+        "rank",
+        "exchanges",
+        "hit",
+        "rate",
+        "forced",
+        "diverg.",
+        "compiles",
+        "p50",
+        "us",
+        "p99",
+        "us",
+        "transport",
+        "loads",
+        "publishes",
+        "saved",
+        "s",
+    ]
+    assert set(rule.replace(" ", "")) == {"-"}
+    # Ranks sorted as numbers; a value that cannot take its format is printed as is.
+    assert first.split() == [
+        "2",
+        "n/a",
+        "99.5%",
+        "2",
+        "0",
+        "3",
+        "12.3",
+        "80.0",
+        "-",
+        "1",
+        "0",
+        "4.2",
+    ]
+    assert second.split()[:3] == ["10", "1200", "99.5%"]
+    # Every column is right-aligned to one width.
+    assert len({len(line) for line in lines[1:]}) == 1
+
+
+def test_format_table_without_ranks_or_missing() -> None:
+    text = format_table({"ranks": {}})
+    assert text.splitlines()[0] == "dynamo_dist job report (0 ranks)"
+    assert len(text.splitlines()) == 3  # title, header, rule
+
+
+# -- cache CLI arguments -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("1048576", 1048576),
+        ("0", 0),
+        ("1K", 1024),
+        ("1k", 1024),
+        ("1KB", 1024),
+        ("1KiB", 1024),
+        ("500M", 500 * 2**20),
+        ("20G", 20 * 2**30),
+        ("1.5G", int(1.5 * 2**30)),
+        ("2T", 2 * 2**40),
+        (" 3 M ", 3 * 2**20),
+        ("10b", 10),
+    ],
+)
+def test_parse_size(text: str, want: int) -> None:
+    assert parse_size(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "lots", "1X", "-1K", "1 K B B", "K", "1.2.3G"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="--max-size") as info:
+        parse_size(text)
+    assert repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("30s", 30.0),
+        ("30m", 1800.0),
+        ("12h", 43200.0),
+        ("7d", 604800.0),
+        ("7D", 604800.0),
+        ("2w", 1209600.0),
+        ("1.5h", 5400.0),
+        (" 7d ", 604800.0),
+        ("0s", 0.0),
+    ],
+)
+def test_parse_age(text: str, want: float) -> None:
+    assert parse_age(text) == want
+
+
+@pytest.mark.parametrize("text", ["", "7", "d", "7y", "7 days", "-1d", "1h30m"])
+def test_parse_age_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="--older-than") as info:
+        parse_age(text)
+    assert repr(text) in str(info.value)
+
+
+# -- host grouping ---------------------------------------------------------------------------
+TORCHRUN_VARS = ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")
+
+
+def _topology(
+    monkeypatch: pytest.MonkeyPatch,
+    others: list[tuple[str, int]],
+    me: int,
+    env: dict[str, str] | None,
+) -> _shm.Topology:
+    """_shm.topology on rank ``me`` of ``len(others)`` ranks; ``others[me]`` is replaced
+    by what this rank really reports, so the host key and LOCAL_RANK logic are exercised."""
+    for var in TORCHRUN_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var, value in (env or {}).items():
+        monkeypatch.setenv(var, value)
+
+    def all_gather_object(out: list[Any], obj: Any, group: Any = None) -> None:
+        out[:] = others
+        out[me] = obj
+
+    fake = types.SimpleNamespace(
+        get_world_size=lambda: len(others),
+        get_rank=lambda: me,
+        all_gather_object=all_gather_object,
+    )
+    monkeypatch.setattr(_shm, "dist", fake)
+    return _shm.topology(group=None)
+
+
+def _env(group: int, local: int, local_world: int = 2) -> dict[str, str]:
+    return {
+        "GROUP_RANK": str(group),
+        "LOCAL_RANK": str(local),
+        "LOCAL_WORLD_SIZE": str(local_world),
+    }
+
+
+def test_hosts_from_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    others = [("group0", 0), ("group0", 1), ("group1", 0), ("group1", 1)]
+    topo = _topology(monkeypatch, others, me=3, env=_env(1, 1))
+    assert topo == _shm.Topology(
+        local_rank=1, local_world=2, host=1, hosts=2, local_ranks=[2, 3], leaders=[0, 2]
+    )
+
+
+def test_hosts_interleaved_over_global_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    others = [("group0", 0), ("group1", 0), ("group0", 1), ("group1", 1)]
+    topo = _topology(monkeypatch, others, me=2, env=_env(0, 1))
+    assert (topo.host, topo.local_rank, topo.local_ranks, topo.leaders) == (0, 1, [0, 2], [0, 1])
+
+
+def test_local_rank_order_wins_over_global_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    others = [("group0", 1), ("group0", 0)]
+    topo = _topology(monkeypatch, others, me=0, env=_env(0, 1))
+    assert (topo.local_rank, topo.local_ranks, topo.leaders) == (1, [1, 0], [1])
+
+
+def test_inconsistent_local_ranks_fall_back_to_global_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    others = [("group0", 0), ("group0", 0), ("group0", 5)]
+    topo = _topology(monkeypatch, others, me=1, env=_env(0, 0, 3))
+    assert (topo.local_rank, topo.local_world, topo.local_ranks) == (1, 3, [0, 1, 2])
+
+
+@pytest.mark.parametrize(
+    "env",
+    [None, {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}],  # none, or GROUP_RANK missing
+    ids=["no torchrun variables", "partial torchrun variables"],
+)
+def test_hosts_without_torchrun_variables_use_host_identity(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None
+) -> None:
+    here = _shm._host_identity()
+    assert here and "/" in here  # hostname/boot id
+    others = [(here, -1), ("elsewhere/other-boot", -1), (here, -1), ("elsewhere/other-boot", -1)]
+    topo = _topology(monkeypatch, others, me=2, env=env)
+    assert topo == _shm.Topology(
+        local_rank=1, local_world=2, host=0, hosts=2, local_ranks=[0, 2], leaders=[0, 1]
+    )
