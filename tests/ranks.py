@@ -156,6 +156,53 @@ def torchrun(
     )
 
 
+def agentless(
+    script: Path | str,
+    *args: str,
+    nproc: int = 2,
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``script`` on ``nproc`` plain processes, with no torchrun agent to tear them down.
+
+    torchrun kills every rank as soon as its monitor sees one fail, so a test in which a
+    rank dies on purpose would race the agent's monitor interval. Here this process hosts
+    the job's store, as torchrun's agent does (ranks join it as clients through
+    ``TORCHELASTIC_USE_AGENT_STORE``), so the store outlives any rank and the survivors
+    run to their end.
+    """
+    import torch.distributed as dist
+
+    _require_multiproc()
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, nproc, is_master=True, wait_for_workers=False)
+    common = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "GROUP_RANK": "0",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RUN_ID": f"agentless-{port}",
+        **(env or {}),
+    }
+    cmds = [[sys.executable, str(script), *args] for _ in range(nproc)]
+    procs = [
+        _spawn(cmd, {**common, "RANK": str(r), "LOCAL_RANK": str(r)}, None)
+        for r, cmd in enumerate(cmds)
+    ]
+    try:
+        done = _collect(procs, timeout, f"{Path(script).name} {' '.join(args)} (no agent)")
+    finally:
+        del server
+    return subprocess.CompletedProcess(
+        cmds,
+        max(abs(p.returncode) for p in done),
+        "\n".join(f"[process of rank {r}]\n{p.stdout}" for r, p in enumerate(done)),
+        None,
+    )
+
+
 def read_results(outdir: Path, proc: subprocess.CompletedProcess[str]) -> RankRun:
     ranks = {int(f.stem[4:]): json.loads(f.read_text()) for f in outdir.glob("rank*.json")}
     return RankRun(proc.returncode, proc.stdout, ranks)
@@ -172,13 +219,28 @@ def launch(
     torchrun_args: list[str] | None = None,
     hosts: int = 1,
     launcher: list[str] | None = None,
+    agent: bool = True,
 ) -> RankRun:
     """Run rank program ``program`` of test module ``module`` (a path) and collect results.
 
     Results go to a fresh directory under ``tmp``, so a test may launch several times.
+    ``agent=False`` runs the ranks without torchrun (see :func:`agentless`), for
+    programs in which a rank dies on purpose.
     """
     _require_multiproc()
     outdir = Path(tempfile.mkdtemp(prefix=f"{program}-", dir=tmp))
+    if not agent:
+        assert hosts == 1 and launcher is None and torchrun_args is None
+        run = agentless(
+            module,
+            program,
+            str(outdir),
+            *(str(a) for a in args),
+            nproc=nproc,
+            timeout=timeout,
+            env=env,
+        )
+        return read_results(outdir, run)
     proc = torchrun(
         module,
         program,
