@@ -44,9 +44,7 @@ def _rank_program(name: str, outdir: str) -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.environ["DD_LOCAL_BASE"], f"rank{rank}")
     try:
         torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)
-        )
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
         cm = dynamo_dist.compile(model)
         x = torch.randn(4, 8)
         y = cm(x)
@@ -157,7 +155,6 @@ def _files_containing(root: Path, needle: bytes) -> list[str]:
 
 
 pytestmark = pytest.mark.timeout(900)
-multiproc = [pytest.mark.multiproc, pytest.mark.inductor]
 
 
 # -- item 1: the secret never reaches a file --------------------------------------------
