@@ -6,10 +6,21 @@ and the exceptions below. Everything else is private.
 
 from __future__ import annotations
 
-from ._api import compile, shutdown, stats
-from ._config import Config
-from ._errors import CollectiveTimeoutError, ConfigError, DynamoDistError, RankDivergenceError
-from ._version import __version__
+from . import _secret
+
+# First, before anything can compile: inductor copies DYNAMO*/TORCH* environment
+# variables into the repro scripts it pickles into every cache entry (see _secret).
+_secret.take_from_environment()
+
+from ._api import compile, shutdown, stats  # noqa: E402
+from ._config import Config  # noqa: E402
+from ._errors import (  # noqa: E402
+    CollectiveTimeoutError,
+    ConfigError,
+    DynamoDistError,
+    RankDivergenceError,
+)
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     "CollectiveTimeoutError",

@@ -44,8 +44,9 @@ from ._cache_store import (
     extract,
     merge_into,
 )
-from ._config import CACHE_SECRET_ENV, Config
+from ._config import CACHE_SECRET_FILE_ENV, Config
 from ._log import get_logger
+from ._secret import cache_secret, untrusted_reason
 from ._version import __version__
 
 log = get_logger("cache")
@@ -240,6 +241,45 @@ def _local_inductor_dir() -> Path:
     return Path(cache_dir())
 
 
+def _private_local_dir() -> Path | None:
+    """This rank's inductor cache directory if only this user can write it, else None.
+
+    Verified entries are unpacked there and inductor reads them again later, so a
+    directory someone else created first (the default is under /tmp) or can write
+    would be a second way to get code loaded. Created with mode 0700 when absent; one
+    of ours that nobody else can write is tightened to 0700. Warns once otherwise.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    path = Path(os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        reason = untrusted_reason(path)
+        if reason is None:
+            st = os.stat(path)
+            if st.st_uid != os.geteuid():
+                reason = f"{path} is owned by uid {st.st_uid}, not by this user"
+            elif st.st_mode & 0o077:
+                # Ours, and untrusted_reason found it writable by nobody else.
+                os.chmod(path, 0o700)
+    except OSError as e:
+        reason = f"{path}: {e.strerror or e}"
+    if reason is None:
+        return path
+    _warn_once(
+        f"local:{path}",
+        "local inductor cache %s is not private (%s): shared cache entries are installed "
+        "only into a directory owned by this user with mode 0700, and this rank does not "
+        "lead compiles there either; compiling locally. Fix: chmod 700 it if it is yours, "
+        "or set TORCHINDUCTOR_CACHE_DIR to a directory of your own with mode 0700.",
+        path,
+        reason,
+    )
+    return None
+
+
 def _inductor_misses() -> int:
     from torch._dynamo.utils import counters
 
@@ -251,7 +291,7 @@ class SharedCache:
 
     def __init__(self, root: str, timeout: float, wait_log_interval: float, agree: bool) -> None:
         self.root = root
-        self.store = DiskStore(root, os.environ.get(CACHE_SECRET_ENV))
+        self.store = DiskStore(root, cache_secret())  # ConfigError if misconfigured
         self.timeout = timeout
         self.wait_log_interval = wait_log_interval
         self.agree_across_ranks = agree
@@ -286,6 +326,30 @@ class SharedCache:
                 type(e).__name__,
                 e.strerror or e,
             )
+        if self.enabled and self.store.secret is None:
+            self._check_unsigned_is_safe()
+
+    def _check_unsigned_is_safe(self) -> None:
+        """Without a secret, load only from a directory nobody else can write.
+
+        A sha256 in the manifest proves nothing: whoever can edit an entry can
+        recompute it, and loading an entry runs its code on every rank.
+        """
+        reason = untrusted_reason(self.root)
+        if reason is None:
+            return
+        self.enabled = False
+        _warn_once(
+            f"untrusted:{self.root}",
+            "shared cache directory %s can be written by others (%s), and without a secret "
+            "an entry cannot be told from a forged one: not loading unsigned entries from "
+            "it; compiling without the shared cache. Fix: set %s to a file (mode 0600) "
+            "holding a random secret on every rank, or use a private directory (owned by "
+            "this user, mode 0700, no parent writable by others).",
+            self.root,
+            reason,
+            CACHE_SECRET_FILE_ENV,
+        )
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -320,6 +384,12 @@ class SharedCache:
         # (different keys) still meet at the same agreement.
         self._compiles += 1
         n = self._compiles
+        if _private_local_dir() is None:
+            # Neither load (nowhere safe to install) nor lead (the clean room would be
+            # there too); still report, so peers waiting to agree need not time out.
+            if self.agree_across_ranks and self.world_size > 1:
+                self._agree(key, n, False, wait=False)
+            return self._compile_counted(compile_fn)
         with _eager_backward():
             role, entry, result = self._obtain(key, factors, compile_fn, label)
             staging: Path | None = None
@@ -503,8 +573,11 @@ class SharedCache:
             )
             return None
 
-    def _agree(self, key: str, n: int, ok: bool) -> bool:
-        """True if every rank reported ok for its n-th compile; bounded by the timeout."""
+    def _agree(self, key: str, n: int, ok: bool, wait: bool = True) -> bool:
+        """True if every rank reported ok for its n-th compile; bounded by the timeout.
+
+        ``wait=False`` only reports (a rank that compiles locally whatever the others say).
+        """
         if not self._store_opened:
             from ._status import open_store
 
@@ -518,6 +591,8 @@ class SharedCache:
         try:
             store.add(f"{base}/fail", 0 if ok else 1)
             store.add(f"{base}/done", 1)
+            if not wait:
+                return False
             deadline = time.monotonic() + self.timeout
             delay = 0.005
             while store.add(f"{base}/done", 0) < self.world_size:

@@ -13,6 +13,8 @@ from typing import Any
 
 from ._cache_store import ARTIFACT, DiskStore, EntryRefused
 from ._config import CACHE_SECRET_ENV
+from ._errors import ConfigError
+from ._secret import cache_secret
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.I)
@@ -39,7 +41,10 @@ def parse_age(text: str) -> float:
 def _store(path: str) -> DiskStore:
     if not os.path.isdir(path):
         raise SystemExit(f"dynamo-dist cache: {path} is not a directory")
-    return DiskStore(path, os.environ.get(CACHE_SECRET_ENV))
+    try:
+        return DiskStore(path, cache_secret())  # read (and removed from the env) at import
+    except ConfigError as e:
+        raise SystemExit(f"dynamo-dist cache: {e}") from None
 
 
 def _entry_info(store: DiskStore, path: Path) -> dict[str, Any]:
@@ -137,10 +142,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_clear(args: argparse.Namespace) -> int:
     store = _store(args.dir)
     n = 0
-    for p in list(store.iter_entries()):
+    # Every namespace: rotating the secret means clearing the old key's entries too.
+    for p in list(store.iter_all_entries()):
         shutil.rmtree(p, ignore_errors=True)
         n += 1
-    for d in (store.refused, store.locks):
+    for d in (store.refused.parent, store.locks.parent):
         shutil.rmtree(d, ignore_errors=True)
     print(f"removed {n} entries from {args.dir}")
     return 0

@@ -2,10 +2,14 @@
 
 Layout under the root (one directory per entry, named by its key)::
 
-    <root>/entries/<kk>/<key>/manifest.json   # versions, key factors, sha256 per file, HMAC
-    <root>/entries/<kk>/<key>/artifact.tar    # inductor's own cache files for one graph
-    <root>/locks/<key>.lock                   # who is compiling it right now
-    <root>/refused/<key>.<time>               # entries refused (corrupt, tampered, skewed)
+    <root>/entries/<ns>/<kk>/<key>/manifest.json  # versions, key factors, sha256 per file, HMAC
+    <root>/entries/<ns>/<kk>/<key>/artifact.tar   # inductor's own cache files for one graph
+    <root>/locks/<ns>/<key>.lock                  # who is compiling it right now
+    <root>/refused/<ns>/<key>.<time>              # entries refused (corrupt, tampered, skewed)
+
+``<ns>`` is ``k-<key id>`` for entries signed with a secret (the key id is derived
+from the secret, see :func:`key_id`), ``unsigned`` without one: jobs with different
+secrets share nothing, so neither refuses (and evicts) the other's valid entries.
 
 An entry is built in a temporary directory beside its final place and renamed
 into place, so readers see a whole entry or none. Nothing is unpickled before
@@ -72,15 +76,26 @@ def sign(manifest: dict[str, Any], secret: str) -> str:
     return hmac.new(secret.encode(), _canonical(manifest), hashlib.sha256).hexdigest()
 
 
+def key_id(secret: str) -> str:
+    """A short public name for ``secret``: an HMAC of a constant, so it reveals nothing."""
+    return hmac.new(secret.encode(), b"dynamo_dist key id", hashlib.sha256).hexdigest()[:16]
+
+
+def namespace(secret: str | None) -> str:
+    """The directory, under entries/, locks/ and refused/, of the entries ``secret`` signs."""
+    return "unsigned" if secret is None else f"k-{key_id(secret)}"
+
+
 class DiskStore:
     """Entries on a (shared) filesystem. ``get`` verifies, ``put`` publishes atomically."""
 
     def __init__(self, root: str | os.PathLike[str], secret: str | None = None) -> None:
         self.root = Path(root)
         self.secret = secret or None
-        self.entries = self.root / "entries"
-        self.locks = self.root / "locks"
-        self.refused = self.root / "refused"
+        self.namespace = namespace(self.secret)
+        self.entries = self.root / "entries" / self.namespace
+        self.locks = self.root / "locks" / self.namespace
+        self.refused = self.root / "refused" / self.namespace
 
     def check_usable(self) -> None:
         """Raise OSError (with the reason) unless entries can be written here."""
@@ -232,6 +247,23 @@ class DiskStore:
             if sub.is_dir():
                 for e in sorted(sub.iterdir()):
                     if e.is_dir() and not e.name.startswith(".tmp."):
+                        yield e
+
+    def iter_all_entries(self) -> Iterator[Path]:
+        """Entries of every namespace, and of the layout before namespaces (for ``clear``)."""
+        top = self.root / "entries"
+        if not top.is_dir() or top.is_symlink():
+            return
+        for ns in sorted(top.iterdir()):
+            if ns.is_symlink() or not ns.is_dir():
+                continue
+            # Before namespaces: entries/<kk>/<key>; now: entries/<ns>/<kk>/<key>.
+            subs = [ns] if len(ns.name) == 2 else sorted(ns.iterdir())
+            for sub in subs:
+                if sub.is_symlink() or not sub.is_dir():
+                    continue
+                for e in sorted(sub.iterdir()):
+                    if e.is_dir() and not e.is_symlink():
                         yield e
 
 

@@ -141,7 +141,10 @@ ENV_VARS: dict[str, str] = {
     "report": "DYNAMO_DIST_REPORT",
 }
 CONFIG_FILE_ENV = "DYNAMO_DIST_CONFIG"
+# The cache secret is not a Config key: it must never be exported, logged or reported
+# (see _secret). The file variable is preferred; it holds a path, not the secret.
 CACHE_SECRET_ENV = "DYNAMO_DIST_CACHE_SECRET"
+CACHE_SECRET_FILE_ENV = "DYNAMO_DIST_CACHE_SECRET_FILE"
 
 _current_source = "arguments"
 

@@ -18,7 +18,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import _config
+from . import _config, _secret
 from ._errors import ConfigError
 
 _OURS = ("dd_config", "dd_cache_dir", "dd_policy", "dd_timeout", "dd_report")
@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     try:
         cfg = resolve(args)
+        _secret.cache_secret()  # a secret file others can read fails here, not in a worker
     except ConfigError as e:
         # Fail before any worker starts: a bad profile must not cost a job slot.
         sys.stderr.write(f"dynamo-dist-run: {e}\n")
         raise SystemExit(2) from None
     os.environ.update(_config.to_env(cfg))
+    # Importing dynamo_dist took the secret out of this process's environment; the
+    # workers inherit it from here and each takes it out again at its own import.
+    os.environ.update(_secret.secret_environment())
     for name in _OURS:
         delattr(args, name)
     run(args)

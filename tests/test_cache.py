@@ -101,7 +101,8 @@ def _stats(run, r: int) -> dict:
 
 
 def _entries(cache: Path) -> list[Path]:
-    return sorted(p for p in (cache / "entries").glob("*/*") if not p.name.startswith("."))
+    # entries/<namespace>/<kk>/<key>: the namespace is "unsigned" or the secret's key id.
+    return sorted(p for p in (cache / "entries").glob("*/*/*") if not p.name.startswith("."))
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def _assert_refused_and_recompiled(run, cache: Path, words: list[str]) -> None:
     s = [_stats(run, r) for r in (0, 1)]
     assert sum(x["cache_refused"] for x in s) >= 1
     assert sum(x["cache_publishes"] for x in s) == 1  # recompiled and republished
-    refused = list((cache / "refused").iterdir())
+    refused = list((cache / "refused").glob("*/*"))
     assert refused, "the bad entry must be moved aside"
     reason = (refused[0] / "REFUSED").read_text()
     for w in words:  # the recorded reason itself, not just anything in the log, names the fault
@@ -211,10 +212,16 @@ def test_tampered_entry_with_secret_is_refused(tmp_path):
     _assert_refused_and_recompiled(run, cache, ["HMAC"])
 
 
-def test_unsigned_entry_is_refused_when_a_secret_is_set(cold, tmp_path):
+def test_unsigned_entry_is_never_read_when_a_secret_is_set(cold, tmp_path):
     cache = _copy_of_cold(cold, tmp_path)
+    unsigned = _entries(cache)
     run = _job(tmp_path, cache, tmp_path / "local", env={"DYNAMO_DIST_CACHE_SECRET": "k"})
-    _assert_refused_and_recompiled(run, cache, ["signature"])
+    s = [_stats(run, r) for r in (0, 1)]
+    # Signed entries live in the secret's own namespace: the unsigned one is neither
+    # loaded nor refused (a job without the secret may still use it).
+    assert sum(x["cache_loads"] for x in s) == 1 and sum(x["cache_refused"] for x in s) == 0
+    assert sum(x["cache_publishes"] for x in s) == 1
+    assert all(p.exists() for p in unsigned) and len(_entries(cache)) == 2
 
 
 def test_unusable_directory_warns_and_trains_on(tmp_path):

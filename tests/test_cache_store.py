@@ -51,7 +51,7 @@ def test_put_get_extract_round_trip(tmp_path):
     assert entry is not None and entry.manifest["compile_seconds"] == 1.5
     extract(entry, tmp_path / "out")
     assert (tmp_path / "out" / "ab" / "cabc.so").read_bytes() == b"kernel"
-    assert not list((tmp_path / "c" / "entries").glob("*/.tmp*"))
+    assert not list((tmp_path / "c" / "entries").glob("*/*/.tmp*"))
 
 
 def test_second_publisher_loses_quietly(tmp_path):
@@ -73,7 +73,10 @@ def test_version_skew_and_signature(tmp_path):
     _put(signed, "c" * 40, _room(tmp_path, "r3"))
     assert signed.get("c" * 40) is not None
     with pytest.raises(EntryRefused, match="HMAC"):
-        DiskStore(tmp_path / "s", secret="y").get("c" * 40)
+        DiskStore(tmp_path / "s", secret="y").verify(signed.entry_dir("c" * 40))
+    # Another secret looks in its own namespace: it neither sees nor refuses the entry.
+    assert DiskStore(tmp_path / "s", secret="y").get("c" * 40) is None
+    assert signed.get("c" * 40) is not None
 
 
 def test_archive_cannot_escape(tmp_path):
@@ -174,5 +177,7 @@ def test_cli_ls_verify_prune_clear(tmp_path):
     assert p.returncode == 0 and "removed 1 entries" in p.stdout and "1 left" in p.stdout, p.stdout
     assert not store.entry_dir("2" * 40).exists() and newest.exists()
     assert _cli("prune", str(root), "--max-size", "lots").returncode == 2
+    _put(DiskStore(root, secret="old"), "4" * 40, _room(tmp_path, "r4"))
     c = _cli("clear", str(root))
     assert c.returncode == 0 and not list(store.iter_entries())
+    assert not list(store.iter_all_entries()), "clear removes every secret's entries"

@@ -1,0 +1,319 @@
+"""The cache secret and what the shared cache trusts (issue 10, items 1, 5, 6 and 8).
+
+The rank programs below run under torchrun through the one runner, ``tests/ranks.py``;
+each rank writes ``OUTDIR/rank<R>.json`` and the tests assert on every rank's facts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ranks
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
+SECRET_ENV = "DYNAMO_DIST_CACHE_SECRET"
+SECRET_FILE_ENV = "DYNAMO_DIST_CACHE_SECRET_FILE"
+
+
+# -- rank programs ------------------------------------------------------------------------
+def job(rank: int, world: int, local_base: str, report: str = "") -> dict[str, Any]:
+    """One training step of a user-defined module through the shared cache."""
+    import torch
+
+    import dynamo_dist
+
+    # Is the secret still in this process's environment now that dynamo_dist is imported?
+    # Inductor copies DYNAMO*/TORCH* variables into the repro scripts it pickles.
+    secret_in_env = SECRET_ENV in os.environ
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local_base, f"rank{rank}")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    cm = dynamo_dist.compile(model)
+    x = torch.randn(4, 8)
+    y = cm(x)
+    y.sum().backward()
+    out = {
+        "ok": bool(torch.allclose(y, model(x), atol=1e-5)),
+        "stats": dynamo_dist.stats(),
+        "secret_in_env": secret_in_env,
+    }
+    if report:
+        dynamo_dist.shutdown()  # rank 0 writes the job report
+    return out
+
+
+# -- launching ------------------------------------------------------------------------
+def _job(
+    tmp: Path,
+    name: str,
+    cache: Path,
+    env: dict[str, str] | None = None,
+    launcher: list[str] | None = None,
+    report: bool = False,
+) -> tuple[dict[int, dict[str, Any]], str]:
+    full = {"DYNAMO_DIST_CACHE_DIR": str(cache), "DYNAMO_DIST_LOG": "INFO", **(env or {})}
+    run = ranks.launch(
+        HERE,
+        "job",
+        str(tmp / f"{name}-local"),
+        *(["report"] if report else []),
+        tmp=tmp,
+        env=full,
+        timeout=300,
+        launcher=launcher,
+    )
+    for r in (0, 1):
+        assert run.rank(r)["ok"], (run.rank(r), run.output[-4000:])
+    return run.ranks, run.output
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(p.parent for p in (cache / "entries").rglob("manifest.json"))
+
+
+def _refused(cache: Path) -> list[Path]:
+    return [p for p in (cache / "refused").rglob("REFUSED")] if (cache / "refused").exists() else []
+
+
+def _files_containing(root: Path, needle: bytes) -> list[str]:
+    """Every file under ``root`` (and every member of every tar in it) holding ``needle``."""
+    hits = []
+    for f in sorted(root.rglob("*")):
+        if f.is_symlink() or not f.is_file():
+            continue
+        data = f.read_bytes()
+        if needle in data:
+            hits.append(str(f))
+        if f.suffix == ".tar" or tarfile.is_tarfile(f):
+            try:
+                with tarfile.open(f) as tar:
+                    for m in tar.getmembers():
+                        fh = tar.extractfile(m) if m.isfile() else None
+                        if fh is not None and needle in fh.read():
+                            hits.append(f"{f}!{m.name}")
+            except (tarfile.TarError, OSError):
+                pass
+    return hits
+
+
+pytestmark = pytest.mark.timeout(900)
+
+
+# -- item 1: the secret never reaches a file --------------------------------------------
+@pytest.mark.multiproc
+@pytest.mark.inductor
+def test_secret_leaves_no_trace(tmp_path):
+    secret = "s3cret-" + os.urandom(8).hex()
+    cache, trace, report = tmp_path / "cache", tmp_path / "trace", tmp_path / "report.json"
+    # Cold job through the launcher (which must pass the secret to the workers), with a
+    # structured trace and a job report.
+    res, out1 = _job(
+        tmp_path,
+        "cold",
+        cache,
+        env={SECRET_ENV: secret, "TORCH_TRACE": str(trace)},
+        launcher=[sys.executable, "-m", "dynamo_dist.launch", "--report", str(report)],
+        report=True,
+    )
+    cold_res = res
+    assert sum(res[r]["stats"]["cache_publishes"] for r in (0, 1)) == 1
+    assert sum(res[r]["stats"]["cache_loads"] for r in (0, 1)) == 1
+    assert report.exists() and trace.exists()
+    entry = _entries(cache)[0]
+    assert "signature" in json.loads((entry / "manifest.json").read_text())
+    # Warm job with the same secret from a file: it verifies and loads the signed entry.
+    secret_file = tmp_path / "keys" / "cache.key"
+    secret_file.parent.mkdir()
+    secret_file.write_text(secret + "\n")
+    secret_file.chmod(0o600)
+    res, out2 = _job(tmp_path, "warm", cache, env={SECRET_FILE_ENV: str(secret_file)})
+    for r in (0, 1):
+        assert res[r]["stats"]["cache_loads"] == 1, res[r]
+        assert res[r]["stats"]["inductor_compiles"] == 0, res[r]
+    assert not _refused(cache)
+    needle = secret.encode()
+    hits: list[str] = []
+    for where in (cache, tmp_path / "cold-local", tmp_path / "warm-local", trace):
+        hits += _files_containing(where, needle)
+    hits += _files_containing(tmp_path, needle)  # rank results and everything else here
+    assert needle not in report.read_bytes()
+    assert secret not in out1 and secret not in out2
+    assert not hits, f"the secret is in clear text in: {hits[:10]}"
+    assert not any(cold_res[r]["secret_in_env"] for r in (0, 1)), "import must remove it"
+
+
+def test_secret_is_removed_from_the_environment_at_import(tmp_path):
+    code = (
+        "import os, dynamo_dist\n"
+        "from dynamo_dist import _secret\n"
+        "assert 'DYNAMO_DIST_CACHE_SECRET' not in os.environ\n"
+        "print(_secret.cache_secret())\n"
+    )
+    env = {**os.environ, SECRET_ENV: "abc123"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.strip().splitlines()[-1] == "abc123", proc.stdout
+
+
+def test_secret_file_must_be_private(tmp_path):
+    from dynamo_dist import _secret
+    from dynamo_dist._errors import ConfigError
+
+    f = tmp_path / "key"
+    f.write_text("k3y\n")
+    f.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"chmod 600") as e:
+        _secret.read_secret({SECRET_FILE_ENV: str(f)})
+    assert str(f) in str(e.value)
+    f.chmod(0o600)
+    assert _secret.read_secret({SECRET_FILE_ENV: str(f)}) == "k3y"
+    with pytest.raises(ConfigError, match="not a regular file"):
+        _secret.read_secret({SECRET_FILE_ENV: str(tmp_path)})
+    with pytest.raises(ConfigError, match="does not exist"):
+        _secret.read_secret({SECRET_FILE_ENV: str(tmp_path / "nope")})
+    with pytest.raises(ConfigError, match="only one"):
+        _secret.read_secret({SECRET_FILE_ENV: str(f), SECRET_ENV: "x"})
+    assert _secret.read_secret({SECRET_ENV: "x"}) == "x"
+    assert _secret.read_secret({}) is None
+
+
+# -- item 5: without a secret, only a private directory is trusted ------------------------
+def test_directory_trust_check(tmp_path):
+    from dynamo_dist._secret import untrusted_reason
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    assert untrusted_reason(private) is None
+    private.chmod(0o777)
+    why = untrusted_reason(private)
+    assert why is not None and str(private) in why and "writable" in why
+    private.chmod(0o700)
+    inner = private / "inner"
+    inner.mkdir()
+    private.chmod(0o775)  # a group-writable parent lets the group swap ``inner``
+    why = untrusted_reason(inner)
+    assert why is not None and str(private) in why
+    private.chmod(0o700)
+    assert untrusted_reason(inner) is None
+    if os.geteuid() == 0:  # root can hand a component to another user
+        os.chown(inner, 12345, 12345)
+        why = untrusted_reason(inner)
+        assert why is not None and "12345" in why
+    # /tmp is world-writable but sticky and root-owned: fine as a parent, not as the root.
+    if stat.S_IMODE(os.lstat("/tmp").st_mode) & stat.S_ISVTX and os.lstat("/tmp").st_uid == 0:
+        assert untrusted_reason(Path("/tmp")) is not None
+    # A symlink is judged by where it points, and by who could replace it.
+    link = tmp_path / "link"
+    link.symlink_to(private)
+    assert untrusted_reason(link) is None
+    private.chmod(0o777)
+    assert untrusted_reason(link) is not None
+    private.chmod(0o700)
+
+
+@pytest.mark.multiproc
+@pytest.mark.inductor
+def test_unsigned_cache_in_a_shared_directory_is_not_loaded(tmp_path):
+    cache = tmp_path / "cache"
+    res, _ = _job(tmp_path, "first", cache)
+    assert sum(res[r]["stats"]["cache_publishes"] for r in (0, 1)) == 1
+    assert _entries(cache)
+    # Anyone may now edit the entry and recompute its sha256: it must not run.
+    cache.chmod(0o777)
+    res, out = _job(tmp_path, "second", cache)
+    for r in (0, 1):
+        s = res[r]["stats"]
+        assert s["cache_loads"] == 0 and s["inductor_compiles"] > 0, s
+        assert s["cache_enabled"] is False
+    assert str(cache) in out and "group- or other-writable" in out
+    assert SECRET_FILE_ENV in out and "private directory" in out
+    assert out.count("not loading unsigned entries") == 2  # once per rank
+
+
+# -- item 6: verified files go only into a private local directory ------------------------
+@pytest.mark.multiproc
+@pytest.mark.inductor
+def test_nothing_is_installed_into_a_shared_local_directory(tmp_path):
+    cache = tmp_path / "cache"
+    env = {SECRET_ENV: "item6"}
+    _job(tmp_path, "first", cache, env=env)
+    local = tmp_path / "second-local"
+    for r in (0, 1):
+        (local / f"rank{r}").mkdir(parents=True)
+        (local / f"rank{r}").chmod(0o777)
+    res, out = _job(tmp_path, "second", cache, env=env)
+    for r in (0, 1):
+        s = res[r]["stats"]
+        assert s["cache_loads"] == 0 and s["inductor_compiles"] > 0, s
+        assert not (local / f"rank{r}" / "dynamo_dist").exists()
+        assert str(local / f"rank{r}") in out
+    assert "0700" in out
+
+
+def test_local_directory_is_created_private(tmp_path, monkeypatch):
+    from dynamo_dist import _cache
+
+    target = tmp_path / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(target))
+    assert _cache._private_local_dir() == target
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    target.chmod(0o755)  # ours and not writable by others: tightened, still used
+    assert _cache._private_local_dir() == target
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    target.chmod(0o777)
+    assert _cache._private_local_dir() is None
+
+
+# -- item 8: jobs with different secrets share nothing and destroy nothing ----------------
+def test_key_namespaces_in_the_store(tmp_path):
+    from dynamo_dist import _cache
+    from dynamo_dist._cache_store import DiskStore, key_id
+
+    assert key_id("a") != key_id("b") and len(key_id("a")) == 16
+    room = tmp_path / "room"
+    room.mkdir()
+    (room / "f").write_bytes(b"x")
+    man = {"factors": _cache.version_factors(), "created": time.time()}
+    a, b, u = (DiskStore(tmp_path / "c", s) for s in ("a", "b", None))
+    assert a.put("k" * 40, room, man) > 0
+    assert b.get("k" * 40) is None and u.get("k" * 40) is None
+    assert b.put("k" * 40, room, man) > 0
+    assert a.get("k" * 40) is not None and b.get("k" * 40) is not None
+    assert not list((tmp_path / "c").rglob("REFUSED"))
+    assert key_id("a") not in str(b.entries) and key_id("a") in str(a.entries)
+    assert "unsigned" in str(u.entries)
+
+
+@pytest.mark.multiproc
+@pytest.mark.inductor
+def test_jobs_with_different_secrets_do_not_evict_each_other(tmp_path):
+    cache = tmp_path / "cache"
+    a = {SECRET_ENV: "secret-A"}
+    res, _ = _job(tmp_path, "a1", cache, env=a)
+    assert sum(res[r]["stats"]["cache_publishes"] for r in (0, 1)) == 1
+    res, _ = _job(tmp_path, "b", cache, env={SECRET_ENV: "secret-B"})
+    assert sum(res[r]["stats"]["cache_refused"] for r in (0, 1)) == 0
+    assert sum(res[r]["stats"]["cache_publishes"] for r in (0, 1)) == 1
+    res, _ = _job(tmp_path, "a2", cache, env=a)
+    for r in (0, 1):
+        s = res[r]["stats"]
+        assert s["cache_loads"] == 1 and s["inductor_compiles"] == 0 and s["cache_refused"] == 0
+    assert not _refused(cache)
+    assert len(_entries(cache)) == 2
+
+
+if __name__ == "__main__":
+    ranks.main(globals())
