@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import platform
@@ -286,6 +287,19 @@ def _inductor_misses() -> int:
     return int(counters["inductor"]["fxgraph_cache_miss"])
 
 
+_compile_seq = itertools.count(1)
+
+
+def _next_compile() -> int:
+    """The number of this process's next cached compile, over every cache directory.
+
+    Every rank compiles the same sequence of graphs (that is what the guard exchange
+    enforces), so the n-th compile is the same graph on every rank, even when ranks
+    name their cache directories differently or a process uses several.
+    """
+    return next(_compile_seq)
+
+
 class SharedCache:
     """One shared cache directory, as seen from this process."""
 
@@ -310,7 +324,6 @@ class SharedCache:
             "inductor_compiles": 0,
         }
         self.compile_seconds_saved = 0.0
-        self._compiles = 0
         self._store_client: Any = None  # the job's store, opened on first agreement
         self._store_opened = False
         try:
@@ -378,20 +391,22 @@ class SharedCache:
     def compile(
         self, key: str, factors: dict[str, Any], compile_fn: Callable[[], Any], label: str
     ) -> Any:
-        if not self.enabled:
-            return self._compile_counted(compile_fn)
         # Numbered by compile, not by key: ranks compiling rank-specific graphs
         # (different keys) still meet at the same agreement.
-        self._compiles += 1
-        n = self._compiles
-        if _private_local_dir() is None:
-            # Neither load (nowhere safe to install) nor lead (the clean room would be
-            # there too); still report, so peers waiting to agree need not time out.
-            if self.agree_across_ranks and self.world_size > 1:
-                self._agree(key, n, False, wait=False)
-            return self._compile_counted(compile_fn)
+        n = _next_compile()
+        if not self.enabled or _private_local_dir() is None:
+            # Neither load nor lead (no usable or trusted directory, or nowhere safe to
+            # install: the clean room would be there too). Still report, so peers that
+            # could use the cache need not wait out the timeout for this rank.
+            return self.compile_uncached(compile_fn, n)
         with _eager_backward():
-            role, entry, result = self._obtain(key, factors, compile_fn, label)
+            try:
+                role, entry, result = self._obtain(key, factors, compile_fn, label)
+            except BaseException:
+                # The compile itself failed (a leader's inductor error, say): report before
+                # the error reaches Dynamo, or the other ranks wait for this one.
+                self._abstain(n)
+                raise
             staging: Path | None = None
             if role == "load":
                 assert entry is not None
@@ -573,6 +588,20 @@ class SharedCache:
             )
             return None
 
+    def compile_uncached(self, compile_fn: Callable[[], Any], n: int | None = None) -> Any:
+        """Compile without the cache, telling the other ranks not to wait for this one.
+
+        For graphs this rank cannot use the cache for (no key, cache off here): every
+        rank compiles the same sequence of graphs, so each one still takes part in the
+        n-th agreement, as a "no".
+        """
+        self._abstain(_next_compile() if n is None else n)
+        return self._compile_counted(compile_fn)
+
+    def _abstain(self, n: int) -> None:
+        if self.agree_across_ranks and self.world_size > 1:
+            self._agree("-", n, False, wait=False)
+
     def _agree(self, key: str, n: int, ok: bool, wait: bool = True) -> bool:
         """True if every rank reported ok for its n-th compile; bounded by the timeout.
 
@@ -587,7 +616,9 @@ class SharedCache:
         store = self._store_client
         if store is None:
             return ok
-        base = f"dynamo_dist/cache/agree/{n}"
+        # Per restart: keys from an earlier attempt of an elastic job must not count.
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        base = f"dynamo_dist/cache/agree/{restart}/{n}"
         try:
             store.add(f"{base}/fail", 0 if ok else 1)
             store.add(f"{base}/done", 1)
@@ -635,7 +666,7 @@ class CachingBackend:
                 type(e).__name__,
                 e,
             )
-            return self._inner(gm, example_inputs)
+            return self._cache.compile_uncached(lambda: self._inner(gm, example_inputs))
         return self._cache.compile(
             key, factors, lambda: self._inner(gm, example_inputs), self._label
         )

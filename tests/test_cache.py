@@ -57,6 +57,15 @@ def cache_recompile(rank: int, world: int, local_base: str) -> dict[str, Any]:
     return {"ok": ok, "stats": dynamo_dist.stats()}
 
 
+def cache_unusable_on_one_rank(rank: int, world: int, local_base: str, bad: str) -> dict[str, Any]:
+    """Rank 1's cache directory is unusable; rank 0's works."""
+    _local_inductor_cache(rank, local_base)
+    cf = dynamo_dist.compile(lambda x: (x.sin() * 2).cos(), cache_dir=bad if rank == 1 else None)
+    x = torch.randn(16)
+    ok = bool(torch.allclose(cf(x), (x.sin() * 2).cos()))
+    return {"ok": ok, "stats": dynamo_dist.stats()}
+
+
 def cache_leader_dies(
     rank: int, world: int, local_base: str, how: str = "dies", hang: str = "20"
 ) -> dict[str, Any]:
@@ -233,6 +242,25 @@ def test_unusable_directory_warns_and_trains_on(tmp_path):
         assert s["cache_enabled"] is False
     assert "is unusable" in run.output and str(not_a_dir) in run.output
     assert run.output.count("is unusable") == 2  # once per rank
+
+
+def test_a_rank_without_the_cache_does_not_stall_the_others(tmp_path):
+    """A rank that cannot use the cache still reports at the agreement, as a "no"."""
+    not_a_dir = tmp_path / "cache-file"
+    not_a_dir.write_text("I am a file")
+    run = _job(
+        tmp_path,
+        tmp_path / "cache",
+        tmp_path / "local",
+        program="cache_unusable_on_one_rank",
+        args=(str(not_a_dir),),
+        env={"DYNAMO_DIST_TIMEOUT": "120"},
+    )
+    s0, s1 = _stats(run, 0), _stats(run, 1)
+    assert s1["cache_enabled"] is False and s0["cache_enabled"] is True
+    assert s0["cache_publishes"] == 1  # rank 0 led and published for later jobs
+    # Before the fix rank 0 waited out the whole timeout for rank 1's report.
+    assert "not every rank reported" not in run.output, run.output[-3000:]
 
 
 def test_dead_leader_follower_takes_over(tmp_path):

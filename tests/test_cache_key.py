@@ -7,7 +7,8 @@ so a rank would load and run the wrong program.
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_unkeyable_constant_raises() -> None:
 
 
 def test_unkeyable_graph_compiles_uncached_with_one_warning(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     compiled: list[torch.fx.GraphModule] = []
 
@@ -70,8 +71,8 @@ def test_unkeyable_graph_compiles_uncached_with_one_warning(
         compiled.append(gm)
         return gm.forward
 
-    # The cache is never reached: an unkeyable graph goes straight to the backend.
-    backend = _cache.CachingBackend(inner, cast(Any, None), {"backend": "test"}, "f (t.py:1)")
+    cache = _cache.SharedCache(str(tmp_path / "c"), 10.0, 30.0, agree=False)
+    backend = _cache.CachingBackend(inner, cache, {"backend": "test"}, "f (t.py:1)")
     gm = _graph(torch.zeros(3))
     del gm.c
     monkeypatch.setattr(logging.getLogger("dynamo_dist"), "propagate", True)
@@ -83,3 +84,5 @@ def test_unkeyable_graph_compiles_uncached_with_one_warning(
     assert len(warnings) == 1, caplog.text
     assert "f (t.py:1)" in warnings[0].getMessage()
     assert "UnkeyableGraph" in warnings[0].getMessage()
+    assert cache.counts["cache_misses"] == 0
+    assert not list((tmp_path / "c").rglob("manifest.json"))
