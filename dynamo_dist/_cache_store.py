@@ -229,11 +229,9 @@ class DiskStore:
         A job that creates the cache also writes its marker, which ``cache
         clear`` and ``prune`` require before deleting anything.
         """
-        new = not os.path.lexists(self.entries)
-        for d in (self.entries, self.locks, self.refused):
+        self._make_entries()
+        for d in (self.locks, self.refused):
             _real_dir(d)
-        if new:
-            write_marker(self.root)
         # mkstemp: unpredictable name, O_CREAT|O_EXCL|O_NOFOLLOW, so no planted link
         # is written through.
         fd, probe = tempfile.mkstemp(prefix=".probe.", dir=self.root)
@@ -243,6 +241,13 @@ class DiskStore:
         finally:
             os.close(fd)
             os.unlink(probe)
+
+    def _make_entries(self) -> None:
+        """Create ``entries/``; whoever creates it creates the cache and marks it."""
+        new = not os.path.lexists(self.entries)
+        _real_dir(self.entries)
+        if new:
+            write_marker(self.root)
 
     def entry_dir(self, key: str) -> Path:
         return self.entries / key[:2] / key
@@ -346,7 +351,7 @@ class DiskStore:
         describe the same graph, and the first one wins.
         """
         final = self.entry_dir(key)
-        _real_dir(self.entries)
+        self._make_entries()
         shard = _real_dir(final.parent)
         # mkdtemp: a name nobody can predict and plant links in (it is 0700 while filled).
         tmp = _private_dir(shard, f".tmp.{key}.")
