@@ -544,7 +544,7 @@ def _unpack(fileobj: IO[bytes], dest: Path, size: int) -> None:
     try:
         # "r:" : no transparent decompression, so 30 KB cannot become 200 MiB.
         with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-            members = []
+            members: list[tarfile.TarInfo] = []
             total = 0
             for m in tar:
                 if len(members) >= MAX_MEMBERS:
