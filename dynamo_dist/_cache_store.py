@@ -107,16 +107,21 @@ def _umask() -> int:
 
 
 def _private_dir(parent: Path, prefix: str) -> Path:
-    """A fresh directory with an unpredictable name (mkdtemp), then opened up to the umask.
+    """A fresh directory with an unpredictable name (mkdtemp).
 
     mkdtemp creates it 0700, so nothing can be planted in it while it is filled;
-    callers widen it only after writing (readers on other accounts need 0755).
+    callers widen it with ``_open_up`` only after writing.
     """
     return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
 def _open_up(path: Path) -> None:
-    os.chmod(path, 0o777 & ~_umask(), follow_symlinks=False)
+    """Give a directory of ours the usual umask mode: readers on other accounts need it."""
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        os.fchmod(fd, 0o777 & ~_umask())
+    finally:
+        os.close(fd)
 
 
 def _real_dir(path: Path) -> Path:
