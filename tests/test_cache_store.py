@@ -92,7 +92,7 @@ def test_archive_cannot_escape(tmp_path):
         "sha256": hashlib.sha256(entry.artifact.read_bytes()).hexdigest(),
         "size": entry.artifact.stat().st_size,
     }
-    with pytest.raises(EntryRefused, match="unsafe name|escapes"):
+    with pytest.raises(EntryRefused, match=r"unsafe name|escapes"):
         extract(entry, tmp_path / "out")
     assert not (tmp_path / "escape").exists()
 
