@@ -1,17 +1,35 @@
-"""``dynamo-dist cache ls|verify|prune|clear DIR``: look after a shared cache directory."""
+"""``dynamo-dist cache ls|verify|prune|clear|init DIR``: look after a shared cache directory.
+
+Deleting commands (``prune``, ``clear``) act only in a directory that carries the
+cache marker (``DYNAMO_DIST_CACHE``, written when a job creates the cache, or by
+``dynamo-dist cache init DIR`` for caches made before markers existed), and
+never follow a link: a planted ``entries/zz -> /home/victim`` is unlinked, not
+emptied.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
+import stat
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._cache_store import ARTIFACT, DiskStore, EntryRefused
+from ._cache_store import (
+    ARTIFACT,
+    FORMAT,
+    MARKER,
+    DiskStore,
+    EntryRefused,
+    read_marker,
+    write_marker,
+)
 from ._config import CACHE_SECRET_ENV
 from ._errors import ConfigError
 from ._secret import cache_secret
@@ -47,23 +65,95 @@ def _store(path: str) -> DiskStore:
         raise SystemExit(f"dynamo-dist cache: {e}") from None
 
 
+def _tree_size(path: Path) -> int:
+    """Bytes of the files under ``path``, counted without following any link."""
+    total = 0
+    for top, _dirs, files in os.walk(path):  # followlinks=False
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(top, name))
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_size
+    return total
+
+
 def _entry_info(store: DiskStore, path: Path) -> dict[str, Any]:
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    size = _tree_size(path)
     try:
         manifest = store.verify(path, key=path.name)
         problem = None
     except EntryRefused as e:
         manifest, problem = {}, str(e)
-    created = manifest.get("created") or path.stat().st_mtime
+    created = manifest.get("created")
+    if not isinstance(created, (int, float)) or isinstance(created, bool):
+        try:
+            created = os.lstat(path).st_mtime
+        except OSError:
+            created = time.time()
+    factors = manifest.get("factors")
     return {
         "key": path.name,
         "path": path,
         "size": size,
         "age": time.time() - created,
-        "torch": manifest.get("factors", {}).get("torch", "?"),
-        "label": manifest.get("label", ""),
+        "torch": str(factors.get("torch", "?")) if isinstance(factors, dict) else "?",
+        "label": str(manifest.get("label", "")),
         "problem": problem,
     }
+
+
+def _remove_at(root: Path, parts: Sequence[str]) -> None:
+    """Delete ``root/parts...`` without following links anywhere below ``root``.
+
+    Each directory on the way is opened with O_NOFOLLOW (a symlinked shard fails
+    with ELOOP instead of leading elsewhere); the last part is unlinked if it is
+    not a directory, else removed by ``shutil.rmtree(dir_fd=...)``, whose
+    descriptor-based walk never descends into a link.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(
+                part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
+            os.close(fd)
+            fd = nxt
+        name = parts[-1]
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=fd)
+        else:
+            os.unlink(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _try_remove(root: Path, parts: Sequence[str]) -> bool:
+    try:
+        _remove_at(root, parts)
+    except FileNotFoundError:
+        return True  # gone already (another prune, or a job's refuse)
+    except OSError as e:
+        print(f"dynamo-dist cache: could not remove {root.joinpath(*parts)}: {e}", file=sys.stderr)
+        return False
+    return True
+
+
+def _require_marker(args: argparse.Namespace, what: str) -> str | None:
+    """Why ``args.dir`` must not be touched by ``what``, or None if it is a marked cache."""
+    marker = read_marker(Path(args.dir))
+    if marker is None:
+        return (
+            f"dynamo-dist cache {what}: {args.dir} has no valid {MARKER} marker, so it is not "
+            f"known to be a dynamo_dist cache; nothing was deleted. If it is one (made before "
+            f"markers existed), mark it once with: dynamo-dist cache init {args.dir}"
+        )
+    if marker["format"] != FORMAT:
+        return (
+            f"dynamo-dist cache {what}: {args.dir} is a format {marker['format']} cache; this "
+            f"dynamo_dist uses format {FORMAT}; nothing was deleted"
+        )
+    return None
 
 
 def _human(n: float) -> str:
@@ -117,6 +207,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         print("dynamo-dist cache prune: give --max-size and/or --older-than", file=sys.stderr)
         return 2
     store = _store(args.dir)
+    refusal = _require_marker(args, "prune")
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
     rows = sorted((_entry_info(store, p) for p in store.iter_entries()), key=lambda r: -r["age"])
     removed = []
     if args.older_than is not None:
@@ -130,25 +224,51 @@ def cmd_prune(args: argparse.Namespace) -> int:
             removed.append(r)
             kept.remove(r)
             total -= r["size"]
+    failed = 0
     for r in removed:
-        shutil.rmtree(r["path"], ignore_errors=True)
+        rel = r["path"].relative_to(store.root)
+        failed += not _try_remove(store.root, rel.parts)
     print(
-        f"removed {len(removed)} entries ({_human(sum(r['size'] for r in removed))}); "
+        f"removed {len(removed) - failed} entries ({_human(sum(r['size'] for r in removed))}); "
         f"{len(kept)} left ({_human(sum(r['size'] for r in kept))})"
     )
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
     store = _store(args.dir)
-    n = 0
+    refusal = _require_marker(args, "clear")
+    if refusal:
+        print(refusal, file=sys.stderr)
+        return 2
     # Every namespace: rotating the secret means clearing the old key's entries too.
-    for p in list(store.iter_all_entries()):
-        shutil.rmtree(p, ignore_errors=True)
-        n += 1
-    for d in (store.refused.parent, store.locks.parent):
-        shutil.rmtree(d, ignore_errors=True)
+    n = sum(1 for _ in store.iter_all_entries())
+    ok = True
+    for name in ("entries", "refused", "locks"):
+        if os.path.lexists(store.root / name):
+            ok = _try_remove(store.root, [name]) and ok
     print(f"removed {n} entries from {args.dir}")
+    return 0 if ok else 1
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Mark a directory as a cache: for caches made before markers, or a new one."""
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    known = {"entries", "locks", "refused", MARKER}
+    other = sorted(n for n in os.listdir(root) if n not in known and not n.startswith(".probe."))
+    if other and not args.force:
+        print(
+            f"dynamo-dist cache init: {args.dir} holds {', '.join(other[:5])}"
+            f"{' ...' if len(other) > 5 else ''}, which a cache does not; "
+            "not marking it (add --force if it really is the cache)",
+            file=sys.stderr,
+        )
+        return 2
+    if write_marker(root):
+        print(f"marked {args.dir} as a dynamo_dist cache (format {FORMAT})")
+    else:
+        print(f"{args.dir} is already marked ({MARKER})")
     return 0
 
 
@@ -158,7 +278,7 @@ def add_parser(sub: Any) -> None:
     for name, fn, text in (
         ("ls", cmd_ls, "list entries: size, age, torch version, validity"),
         ("verify", cmd_verify, "check every manifest, checksum and signature (exit 1 on problems)"),
-        ("clear", cmd_clear, "remove every entry"),
+        ("clear", cmd_clear, "remove every entry (only in a directory marked as a cache)"),
     ):
         p = csub.add_parser(name, help=text)
         p.add_argument("dir")
@@ -168,6 +288,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-size", type=parse_size, help="keep at most this much (e.g. 20G)")
     p.add_argument("--older-than", type=parse_age, help="remove entries older than (e.g. 7d)")
     p.set_defaults(func=cmd_prune)
+    p = csub.add_parser(
+        "init", help=f"mark DIR as a cache ({MARKER}), e.g. one made before markers existed"
+    )
+    p.add_argument("dir")
+    p.add_argument("--force", action="store_true", help="mark it even if it holds other files")
+    p.set_defaults(func=cmd_init)
 
 
 __all__ = ["ARTIFACT", "add_parser"]

@@ -1,0 +1,432 @@
+"""A hostile shared cache directory (issue 10, items 2, 3, 4, 7).
+
+Every byte under the shared directory may have been written by someone else.
+Each test plants what an attacker without the secret can plant and checks that
+the store, the loader and the CLI neither follow it, hang on it, nor write or
+delete through it. Single process and fast, except the CLI tests (subprocesses
+with timeouts).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from dynamo_dist._cache_store import MARKER, DiskStore, EntryRefused, extract
+
+KEY = "ab" + "c" * 38
+
+
+def _room(tmp_path: Path, name: str = "room", payload: bytes = b"kernel") -> Path:
+    room = tmp_path / name
+    (room / "ab").mkdir(parents=True)
+    (room / "ab" / "cabc.so").write_bytes(payload)
+    (room / "fxgraph").mkdir()
+    (room / "fxgraph" / "entry").write_bytes(b"pickled graph")
+    return room
+
+
+def _publish(store: DiskStore, tmp_path: Path, key: str = KEY, **extra: object) -> Path:
+    store.put(key, _room(tmp_path, f"room-{key[:6]}"), {"created": time.time(), **extra})
+    return store.entry_dir(key)
+
+
+def _edit_manifest(entry: Path, **changes: object) -> None:
+    """What anyone can do to an unsigned entry: rewrite its manifest."""
+    man = json.loads((entry / "manifest.json").read_text())
+    man.update(changes)
+    (entry / "manifest.json").unlink()
+    (entry / "manifest.json").write_text(json.dumps(man))
+
+
+def _redeclare(entry: Path) -> None:
+    """Declare whatever artifact.tar now holds as the entry's artifact (no secret)."""
+    data = (entry / "artifact.tar").read_bytes()
+    meta = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    _edit_manifest(entry, files={"artifact.tar": meta})
+
+
+def _tar(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:") as tar:
+        for info, data in members:
+            info.size = len(data) if info.isreg() else 0
+            tar.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return buf.getvalue()
+
+
+def _plant_artifact(entry: Path, data: bytes) -> None:
+    (entry / "artifact.tar").unlink()
+    (entry / "artifact.tar").write_bytes(data)
+    _redeclare(entry)
+
+
+# -- item 2: time of check, time of use --------------------------------------------------
+@pytest.mark.parametrize("how", ["swap", "in-place"])
+def test_artifact_changed_after_verify_is_not_unpacked(tmp_path, how):
+    """The bytes extract() unpacks are the bytes that were hashed, not what is there later.
+
+    get() verifies; an attacker then replaces artifact.tar (a new file renamed over
+    it, or the same inode rewritten, same size) before extract() runs. Before the
+    fix extract() reopened the path and unpacked the attacker's archive.
+    """
+    store = DiskStore(tmp_path / "c")
+    entry_dir = _publish(store, tmp_path)
+    entry = store.get(KEY)
+    assert entry is not None
+    art = entry_dir / "artifact.tar"
+    evil = art.read_bytes().replace(b"kernel", b"EVIL!!")
+    assert len(evil) == art.stat().st_size and evil != art.read_bytes()
+    if how == "swap":
+        (entry_dir / "new").write_bytes(evil)
+        os.replace(entry_dir / "new", art)
+    else:
+        with open(art, "r+b") as fh:
+            fh.write(evil)
+    out = tmp_path / "out"
+    with pytest.raises(EntryRefused, match="sha256"):
+        extract(entry, out)
+    assert not (out / "ab" / "cabc.so").exists()
+
+    # The honest case still works: the same entry, untouched, unpacks what was hashed.
+    store2 = DiskStore(tmp_path / "c2")
+    _publish(store2, tmp_path / "second")
+    good = store2.get(KEY)
+    assert good is not None
+    extract(good, tmp_path / "out2")
+    assert (tmp_path / "out2" / "ab" / "cabc.so").read_bytes() == b"kernel"
+
+
+# -- item 3: no writes through links -----------------------------------------------------
+def test_refuse_does_not_write_through_a_planted_link(tmp_path):
+    """refuse() used to write REFUSED into the (attacker's) entry, following a link there."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    store = DiskStore(tmp_path / "c")
+    entry = _publish(store, tmp_path)
+    _edit_manifest(entry, format=99)  # any reason to refuse
+    os.symlink(victim, entry / "REFUSED")
+    with pytest.raises(EntryRefused, match="format"):
+        store.get(KEY)
+    assert victim.read_text() == "precious\n"
+    assert not entry.exists()
+    (box,) = list(store.refused.iterdir())
+    assert (box / "REFUSED").is_file() and not (box / "REFUSED").is_symlink()
+    assert "format" in (box / "REFUSED").read_text()
+
+
+def test_usability_probe_does_not_write_through_a_planted_link(tmp_path):
+    """The probe had a predictable name (.probe.<host>.<pid>); a link there was written through."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    root = tmp_path / "c"
+    root.mkdir()
+    os.symlink(victim, root / f".probe.{socket.gethostname()}.{os.getpid()}")
+    DiskStore(root).check_usable()
+    assert victim.read_text() == "precious\n"
+
+
+class _PlantingStore(DiskStore):
+    """Plants manifest.json -> victim in the leader's temporary directory mid-publish.
+
+    ``put`` reads ``self.secret`` after writing the archive and before writing the
+    manifest: the moment an attacker who can guess (or list) the temporary
+    directory would plant a link there.
+    """
+
+    victim: Path
+    tmp_names: list[str]
+
+    @property  # type: ignore[override]
+    def secret(self) -> str | None:
+        shard = getattr(self, "entries", None)
+        if shard is not None and (shard / KEY[:2]).is_dir():
+            for d in (shard / KEY[:2]).iterdir():
+                if d.name.startswith(".tmp.") and d.is_dir() and not d.is_symlink():
+                    self.tmp_names.append(d.name)
+                    if not os.path.lexists(d / "manifest.json"):
+                        os.symlink(self.victim, d / "manifest.json")
+        return None
+
+    @secret.setter
+    def secret(self, value: str | None) -> None:
+        pass
+
+
+def test_leader_temp_dir_is_unpredictable_and_not_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    store = _PlantingStore(tmp_path / "c")
+    store.victim, store.tmp_names = victim, []
+    # Refusing to publish (OSError) is fine; writing through the link is not.
+    with contextlib.suppress(OSError):
+        store.put(KEY, _room(tmp_path), {"created": time.time()})
+    assert victim.read_text() == "precious\n"
+    assert store.tmp_names, "the planting hook did not run"
+    predictable = f".tmp.{KEY}.{socket.gethostname()}.{os.getpid()}"
+    assert predictable not in store.tmp_names
+
+
+# -- item 7: unsafe inputs, with or without a secret -------------------------------------
+def test_manifest_file_names_cannot_leave_the_entry(tmp_path):
+    """A name like ../../victim was stat()ed and its size reported: an information leak."""
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"x" * 12345)
+    store = DiskStore(tmp_path / "c")
+    entry = _publish(store, tmp_path)
+    man = json.loads((entry / "manifest.json").read_text())
+    rel = os.path.relpath(victim, entry)
+    for bad in (rel, str(victim), "manifest.json", "a/../artifact.tar"):
+        files = {**man["files"], bad: {"sha256": "0" * 64, "size": 0}}
+        _edit_manifest(entry, files=files)
+        with pytest.raises(EntryRefused, match="outside the entry") as e:
+            store.verify(entry, KEY)
+        assert "12345" not in str(e.value)
+
+
+def test_malformed_manifests_are_refused_not_raised(tmp_path):
+    store = DiskStore(tmp_path / "c")
+    entry = _publish(store, tmp_path)
+    good = json.loads((entry / "manifest.json").read_text())
+    for change in (
+        {"files": []},
+        {"files": {}},  # nothing verified would be unpacked unchecked
+        {"files": {"artifact.tar": "x"}},
+        {"files": {"artifact.tar": {"size": "1", "sha256": "0" * 64}}},
+        {"factors": "x"},
+    ):
+        _edit_manifest(entry, **{**good, **change})
+        with pytest.raises(EntryRefused):
+            store.verify(entry, KEY, expect={"torch": "x"} if "factors" in change else None)
+    (entry / "manifest.json").unlink()
+    (entry / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(EntryRefused):
+        store.verify(entry, KEY)
+
+
+_NO_HANG = r"""
+import json, os, sys, time
+from pathlib import Path
+from dynamo_dist._cache_store import DiskStore, EntryRefused
+root = Path(sys.argv[1]); key = sys.argv[2]
+store = DiskStore(root)
+entry = store.entry_dir(key)
+out = {}
+def attempt(name):
+    t0 = time.monotonic()
+    try:
+        store.verify(entry, key)
+        out[name] = "accepted"
+    except EntryRefused as e:
+        out[name] = "refused: " + str(e)
+    print(name, out[name], flush=True)
+man = json.loads((entry / "manifest.json").read_text())
+art = entry / "artifact.tar"
+os.rename(art, entry / "real.tar")
+# artifact.tar -> /dev/zero, declared empty: the old reader hashed forever.
+os.symlink("/dev/zero", art)
+man["files"]["artifact.tar"]["size"] = 0
+(entry / "manifest.json").unlink(); (entry / "manifest.json").write_text(json.dumps(man))
+attempt("devzero")
+os.unlink(art); os.mkfifo(art)
+attempt("artifact-fifo")
+os.unlink(art); os.rename(entry / "real.tar", art)
+(entry / "manifest.json").unlink(); os.mkfifo(entry / "manifest.json")
+attempt("manifest-fifo")
+os.mkfifo(store.locks / (key + ".lock"))
+print("lock", store.lock_owner(key) is not None, flush=True)
+print("RESULT", json.dumps(out), flush=True)
+"""
+
+
+def test_devices_and_fifos_do_not_hang_the_reader(tmp_path):
+    """/dev/zero or a FIFO in place of an entry file used to hang the training job."""
+    store = DiskStore(tmp_path / "c")
+    store.check_usable()
+    _publish(store, tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _NO_HANG, str(store.root), KEY],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        text, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        text, _ = proc.communicate()
+        pytest.fail(f"the reader hung on a planted device or FIFO; got so far:\n{text}")
+    result = next(line for line in text.splitlines() if line.startswith("RESULT "))
+    verdicts = json.loads(result[len("RESULT ") :])
+    assert set(verdicts) == {"devzero", "artifact-fifo", "manifest-fifo"}
+    assert all(v.startswith("refused") for v in verdicts.values()), verdicts
+    assert "lock True" in text  # a FIFO lock reads as an unnamed owner, without blocking
+
+
+def test_compressed_archives_are_not_decompressed(tmp_path):
+    """tarfile.open() guessed compression: 20 KB of gzip became 20 MiB on the local disk."""
+    store = DiskStore(tmp_path / "c")
+    entry_dir = _publish(store, tmp_path)
+    bomb = io.BytesIO()
+    with gzip.GzipFile(fileobj=bomb, mode="wb") as gz:
+        gz.write(_tar([(tarfile.TarInfo("ab/bomb"), bytes(20 << 20))]))
+    assert len(bomb.getvalue()) < 100_000
+    _plant_artifact(entry_dir, bomb.getvalue())
+    entry = store.get(KEY)
+    assert entry is not None  # checksums match: only the archive itself is hostile
+    out = tmp_path / "out"
+    with pytest.raises(EntryRefused):
+        extract(entry, out)
+    assert not (out / "ab" / "bomb").exists()
+
+
+def test_unpacked_files_lose_setuid_and_shared_write_bits(tmp_path):
+    store = DiskStore(tmp_path / "c")
+    entry_dir = _publish(store, tmp_path)
+    suid = tarfile.TarInfo("ab/suid")
+    suid.mode = 0o4777
+    sgid_dir = tarfile.TarInfo("sg")
+    sgid_dir.type, sgid_dir.mode = tarfile.DIRTYPE, 0o3777
+    _plant_artifact(entry_dir, _tar([(suid, b"#!/bin/sh\n"), (sgid_dir, b"")]))
+    entry = store.get(KEY)
+    assert entry is not None
+    out = tmp_path / "out"
+    extract(entry, out)
+    for p in (out / "ab" / "suid", out / "sg"):
+        mode = os.lstat(p).st_mode
+        assert not mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX), oct(mode)
+        assert not mode & (stat.S_IWGRP | stat.S_IWOTH), oct(mode)
+
+
+@pytest.mark.parametrize(
+    "kind", ["symlink", "hardlink", "fifo", "device", "absolute", "dotdot", "dotslash"]
+)
+def test_only_plain_members_are_unpacked(tmp_path, kind):
+    store = DiskStore(tmp_path / "c")
+    entry_dir = _publish(store, tmp_path)
+    info = tarfile.TarInfo("ab/x")
+    data = b"x"
+    if kind == "symlink":
+        info.type, info.linkname = tarfile.SYMTYPE, str(tmp_path / "victim")
+    elif kind == "hardlink":
+        info.type, info.linkname = tarfile.LNKTYPE, "ab/cabc.so"
+    elif kind == "fifo":
+        info.type = tarfile.FIFOTYPE
+    elif kind == "device":
+        info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 5
+    else:
+        info.name = {"absolute": str(tmp_path / "abs"), "dotdot": "ab/../../up", "dotslash": "./x"}[
+            kind
+        ]
+    _plant_artifact(entry_dir, _tar([(info, data)]))
+    entry = store.get(KEY)
+    assert entry is not None
+    with pytest.raises(EntryRefused, match="archive member"):
+        extract(entry, tmp_path / "out")
+    assert not (tmp_path / "abs").exists() and not (tmp_path / "up").exists()
+
+
+# -- item 4: the CLI never deletes outside the cache -------------------------------------
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dynamo_dist", "cache", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _victim(tmp_path: Path) -> Path:
+    home = tmp_path / "home" / "victim"
+    (home / "Documents").mkdir(parents=True)
+    (home / "Documents" / "thesis.tex").write_text("precious")
+    (home / ".ssh").mkdir()
+    (home / ".ssh" / "id_ed25519").write_text("key")
+    old = time.time() - 30 * 86400
+    for p in (home / "Documents", home / ".ssh"):
+        os.utime(p, (old, old))
+    return home
+
+
+def _victim_intact(home: Path) -> bool:
+    return (home / "Documents" / "thesis.tex").read_text() == "precious" and (
+        home / ".ssh" / "id_ed25519"
+    ).exists()
+
+
+def test_cli_clear_and_prune_never_follow_links(tmp_path):
+    home = _victim(tmp_path)
+    store = DiskStore(tmp_path / "c")
+    store.check_usable()
+    if not (store.root / MARKER).exists():  # (only for running this test on older code)
+        (store.root / MARKER).write_text('{"format": 1}')
+    _publish(store, tmp_path)
+    os.symlink(home, store.entries / "zz")  # a symlinked shard
+    os.symlink(home, store.entries / KEY[:2] / ("ab" + "d" * 38))  # a symlinked entry
+    p = _cli("prune", str(store.root), "--older-than", "1d")
+    assert p.returncode == 0, p.stderr
+    assert _victim_intact(home)
+    (store.locks / "x.lock").write_text("{}")
+    store.locks.rename(store.root / "locks.real")
+    os.symlink(home, store.locks)  # a symlinked locks/ too
+    c = _cli("clear", str(store.root))
+    assert c.returncode == 0, c.stderr
+    assert _victim_intact(home)
+    assert not os.path.lexists(store.entries / "zz") and not os.path.lexists(store.locks)
+    assert not list(store.iter_entries())
+
+
+def test_a_job_marks_the_cache_it_creates_and_only_that(tmp_path):
+    store = DiskStore(tmp_path / "c")
+    store.check_usable()
+    assert json.loads((store.root / MARKER).read_text()) == {"format": 1}
+    old = tmp_path / "old"  # a cache from before markers: not marked behind the user's back
+    (old / "entries").mkdir(parents=True)
+    DiskStore(old).check_usable()
+    assert not (old / MARKER).exists()
+
+
+def test_cli_refuses_to_delete_in_an_unmarked_directory(tmp_path):
+    """clear on a directory that is not a cache deleted its subdirectories and exited 0."""
+    d = tmp_path / "project"
+    (d / "entries" / "data" / "run1").mkdir(parents=True)
+    (d / "entries" / "data" / "run1" / "results.csv").write_text("1,2\n")
+    (d / "locks").mkdir()
+    (d / "locks" / "keep").write_text("x")
+    for args in (("clear", str(d)), ("prune", str(d), "--older-than", "1s")):
+        r = _cli(*args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert str(d) in r.stderr and "cache init" in r.stderr
+        assert (d / "entries" / "data" / "run1" / "results.csv").exists()
+        assert (d / "locks" / "keep").exists()
+    # Adopting an old cache: init refuses a directory with foreign files unless forced.
+    (d / "notes.txt").write_text("x")
+    assert _cli("init", str(d)).returncode == 2
+    assert not (d / MARKER).exists()
+    (d / "notes.txt").unlink()
+    i = _cli("init", str(d))
+    assert i.returncode == 0 and json.loads((d / MARKER).read_text())["format"] == 1
+    assert _cli("clear", str(d)).returncode == 0
+    assert not (d / "entries").exists() and not (d / "locks").exists()
