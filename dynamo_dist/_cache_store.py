@@ -435,7 +435,7 @@ class DiskStore:
         # A lock that exists but cannot be read (garbage, a FIFO, a link) is an owner
         # we cannot name: waiters still time out or break it once its mtime is stale.
         owner: Any = {}
-        with contextlib.suppress(OSError, ValueError, EntryRefused):
+        with contextlib.suppress(OSError, ValueError, RecursionError, EntryRefused):
             owner = json.loads(_read_small(path, 1 << 16, "lock") or b"{}")
         if not isinstance(owner, dict):
             owner = {}
@@ -622,12 +622,16 @@ def merge_into(src: Path, dest: Path) -> None:
         os.replace(tmp, target)
 
 
+_PID_LIMIT = 1 << 22  # Linux's pid_max can be at most 2**22
+
+
 def alive_on_this_host(owner: dict[str, Any]) -> bool | None:
     """Whether the owner process lives (None when it runs on another host)."""
     if owner.get("host") != socket.gethostname():
         return None
-    try:
-        pid = int(owner.get("pid", 0) or 0)
-    except (TypeError, ValueError):
-        return None  # lock files are written by others: a bad pid is no answer
-    return pid_alive(pid) if pid > 0 else None
+    pid = owner.get("pid")
+    # Lock files are written by others: anything but a plausible pid is no answer
+    # (a huge int or 1e400 would overflow os.kill).
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < _PID_LIMIT:
+        return None
+    return pid_alive(pid)

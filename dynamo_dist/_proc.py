@@ -9,8 +9,8 @@ def pid_alive(pid: int) -> bool:
     """False for a pid that is gone or a zombie (exited, not yet reaped by its launcher)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+    except (ProcessLookupError, OverflowError):
+        return False  # OverflowError: no such pid can exist
     except PermissionError:
         return True
     try:

@@ -23,6 +23,7 @@ from ._errors import ConfigError
 
 _secret: str | None = None
 _error: ConfigError | None = None
+_from_file = False
 
 
 def read_secret(environ: Mapping[str, str]) -> str | None:
@@ -39,6 +40,15 @@ def read_secret(environ: Mapping[str, str]) -> str | None:
         raise ConfigError(
             f"both {CACHE_SECRET_ENV} and {CACHE_SECRET_FILE_ENV} are set; set only one "
             f"(preferably {CACHE_SECRET_FILE_ENV})"
+        )
+    # Whoever could write the file, or replace it or a directory above it, could choose
+    # the secret and sign entries the job then loads.
+    problem = untrusted_reason(path) if os.path.lexists(path) else None
+    if problem is not None:
+        raise ConfigError(
+            f"{CACHE_SECRET_FILE_ENV}={path}: another user could have written or replaced "
+            f"it: {problem}. Fix: keep the secret in a file you own (chmod 600) in a "
+            "directory only you can write, such as your home directory"
         )
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -87,7 +97,8 @@ def take_from_environment() -> None:
     Called once at ``import dynamo_dist``, before anything compiles. An error is
     kept and raised when the shared cache is first used, not at import.
     """
-    global _secret, _error
+    global _secret, _error, _from_file
+    _from_file = bool(os.environ.get(CACHE_SECRET_FILE_ENV))
     try:
         _secret = read_secret(os.environ)
     except ConfigError as e:
@@ -105,8 +116,15 @@ def cache_secret() -> str | None:
 
 
 def secret_environment() -> dict[str, str]:
-    """What a launcher must put back into its workers' environment (each removes it again)."""
-    return {CACHE_SECRET_ENV: _secret} if _secret is not None and _error is None else {}
+    """What a launcher must put back into its workers' environment (each removes it again).
+
+    Nothing when the secret came from a file: ``DYNAMO_DIST_CACHE_SECRET_FILE`` stays
+    in the environment and each worker reads the file itself, so the secret never
+    enters any process's environment.
+    """
+    if _secret is None or _error is not None or _from_file:
+        return {}
+    return {CACHE_SECRET_ENV: _secret}
 
 
 def _trusted_owner(uid: int) -> bool:

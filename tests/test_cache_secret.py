@@ -35,6 +35,9 @@ def job(rank: int, world: int, local_base: str, report: str = "") -> dict[str, A
     # Is the secret still in this process's environment now that dynamo_dist is imported?
     # Inductor copies DYNAMO*/TORCH* variables into the repro scripts it pickles.
     secret_in_env = SECRET_ENV in os.environ
+    # The environment this process started with (unsetenv does not erase it from /proc).
+    with open("/proc/self/environ", "rb") as fh:
+        started_with_secret = (SECRET_ENV + "=").encode() in fh.read()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local_base, f"rank{rank}")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
@@ -46,6 +49,7 @@ def job(rank: int, world: int, local_base: str, report: str = "") -> dict[str, A
         "ok": bool(torch.allclose(y, model(x), atol=1e-5)),
         "stats": dynamo_dist.stats(),
         "secret_in_env": secret_in_env,
+        "started_with_secret": started_with_secret,
     }
     if report:
         dynamo_dist.shutdown()  # rank 0 writes the job report
@@ -313,6 +317,47 @@ def test_jobs_with_different_secrets_do_not_evict_each_other(tmp_path):
         assert s["cache_loads"] == 1 and s["inductor_compiles"] == 0 and s["cache_refused"] == 0
     assert not _refused(cache)
     assert len(_entries(cache)) == 2
+
+
+@pytest.mark.multiproc
+@pytest.mark.inductor
+def test_launcher_with_a_secret_file(tmp_path):
+    """dynamo-dist-run passes the file's path, never the secret, to its workers."""
+    secret_file = tmp_path / "cache.key"
+    secret_file.write_text("from-a-file-" + os.urandom(8).hex())
+    secret_file.chmod(0o600)
+    cache = tmp_path / "cache"
+    res, _ = _job(
+        tmp_path,
+        "launched",
+        cache,
+        env={SECRET_FILE_ENV: str(secret_file)},
+        launcher=[sys.executable, "-m", "dynamo_dist.launch"],
+    )
+    for r in (0, 1):
+        assert not res[r]["started_with_secret"], "the secret entered a worker's environment"
+    assert sum(res[r]["stats"]["cache_publishes"] for r in (0, 1)) == 1
+    assert "signature" in json.loads((_entries(cache)[0] / "manifest.json").read_text())
+
+
+def test_secret_file_another_user_could_write_is_refused(tmp_path):
+    from dynamo_dist import _secret
+    from dynamo_dist._errors import ConfigError
+
+    theirs = tmp_path / "theirs.key"
+    theirs.write_text("attacker-known")
+    theirs.chmod(0o600)
+    os.chown(theirs, 3000, 3000)  # another user's file: they chose the secret
+    with pytest.raises(ConfigError, match="another user"):
+        _secret.read_secret({SECRET_FILE_ENV: str(theirs)})
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone may replace the file in here
+    mine = shared / "mine.key"
+    mine.write_text("mine")
+    mine.chmod(0o600)
+    with pytest.raises(ConfigError, match="other-writable"):
+        _secret.read_secret({SECRET_FILE_ENV: str(mine)})
 
 
 if __name__ == "__main__":
