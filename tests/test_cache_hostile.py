@@ -31,14 +31,10 @@ from dynamo_dist._cache_store import (
     DiskStore,
     Entry,
     EntryRefused,
+    EntryUntrusted,
     extract,
     merge_into,
 )
-
-try:
-    from dynamo_dist._cache_store import EntryUntrusted
-except ImportError:  # before the fix: the tests below fail, the module still imports
-    EntryUntrusted = EntryRefused  # type: ignore[misc,assignment]
 
 KEY = "ab" + "c" * 38
 
@@ -591,6 +587,7 @@ def test_unsigned_store_never_creates_shared_writable_paths(tmp_path):
         bad = DiskStore(root)
         _publish(bad, tmp_path, key="ef" + "0" * 38)
         _edit_manifest(bad.entry_dir("ef" + "0" * 38), format=99)
+        os.chmod(bad.entry_dir("ef" + "0" * 38) / "manifest.json", 0o644)  # else untrusted
         with pytest.raises(EntryRefused):
             bad.get("ef" + "0" * 38)
     finally:
