@@ -388,6 +388,8 @@ class DiskStore:
         self.locks = self.root / "locks" / self.namespace
         self.refused = self.root / "refused" / self.namespace
         self.marker = self.root / MARKER
+        # Keys already reported untrusted: waiters call get() in a loop, one line is enough.
+        self._untrusted_seen: set[str] = set()
 
     # -- modes -------------------------------------------------------------------
     @property
@@ -536,7 +538,9 @@ class DiskStore:
         try:
             manifest = self.verify(path, key, expect)
         except EntryUntrusted as e:
-            log.warning("not loading shared cache entry %s: %s; compiling", key[:12], e)
+            if key not in self._untrusted_seen:
+                self._untrusted_seen.add(key)
+                log.warning("not loading shared cache entry %s: %s; compiling", key[:12], e)
             return None
         except EntryRefused as e:
             self.refuse(path, str(e))

@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import socket
@@ -529,6 +530,17 @@ def test_lock_release_and_break_only_touch_our_own_lock(tmp_path):
     assert not (moved / f"{KEY}.lock").exists()  # our own lock went, by descriptor
 
 
+class _Records(logging.Handler):
+    """Collects records (dynamo_dist's logger may not propagate to pytest's caplog)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def _plant_unsigned(root: Path, tmp_path: Path, how: str) -> Path:
     """An entry a second account plants in an unsigned cache: valid tar, recomputed sha256."""
     donor = DiskStore(tmp_path / "donor")
@@ -563,7 +575,15 @@ def test_unsigned_entries_must_be_ours_all_the_way_down(tmp_path, how):
     planted = _plant_unsigned(root, tmp_path, how)
     os.chmod(root, 0o700)
     store = DiskStore(root)
-    assert store.get(KEY) is None
+    records = _Records()
+    logging.getLogger("dynamo_dist.cache").addHandler(records)
+    try:
+        assert store.get(KEY) is None
+        assert store.get(KEY) is None  # a waiter asks again and again: one line is enough
+    finally:
+        logging.getLogger("dynamo_dist.cache").removeHandler(records)
+    assert [r.levelno for r in records.records] == [logging.WARNING]
+    assert KEY[:12] in records.records[0].getMessage()
     assert (planted / "manifest.json").exists()
     with pytest.raises(EntryUntrusted):
         store.verify(planted, KEY)
