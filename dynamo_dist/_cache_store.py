@@ -23,8 +23,18 @@ Every byte under the root may have been written by someone else, so:
 * files are opened once, with ``O_NOFOLLOW | O_NONBLOCK``, must be regular files
   of bounded size, and are hashed from that descriptor; ``extract`` unpacks a
   private copy of exactly the bytes it hashed (no check-then-reopen race);
-* files are created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` in directories from
-  ``mkdtemp``, so nothing is ever written through a planted link;
+* files are created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` in fresh directories
+  with unpredictable names, so nothing is ever written through a planted link;
+* the root is opened once (a link there is the user's choice and is followed);
+  every directory below it is walked from its parent's descriptor with
+  ``O_NOFOLLOW``, and every create, rename, unlink and utime is relative to such a
+  descriptor, so a directory swapped for a link at any moment redirects nothing;
+* without a secret only who wrote an entry vouches for it: every directory below
+  the root and every file read must be this user's (or root's) and writable by
+  nobody else, else the entry is a miss (``EntryUntrusted``), and the unsigned
+  namespace is created without group/other write whatever the umask;
+* ``merge_into`` installs into the local inductor cache without following links,
+  and only into directories of this user;
 * archives are plain tar (never decompressed), hold only regular files and
   directories with safe relative names, and lose setuid/setgid/sticky bits;
 * every malformed input ends as ``EntryRefused`` (or a miss), never as another
@@ -40,6 +50,7 @@ import hmac
 import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import stat
@@ -47,8 +58,8 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -81,11 +92,32 @@ class EntryRefused(Exception):
     """An entry failed verification; ``reason`` says why."""
 
 
+class EntryUntrusted(EntryRefused):
+    """An unsigned entry that someone other than this user (or root) could have written.
+
+    Without a secret, only who wrote an entry vouches for it. Such an entry is not
+    proven bad, and moving it aside may need rights we lack, so it is a miss: it
+    is left where it is (``DiskStore.get`` returns None).
+    """
+
+
 @dataclass
 class Entry:
     key: str
     path: Path
     manifest: dict[str, Any]
+    # The cache root the entry was found under: ``extract`` walks from it without
+    # following links. None: only the entry directory itself must not be a link.
+    root: Path | None = field(default=None, repr=False)
+    # Whether every directory and file must be this user's and writable by nobody else
+    # (entries without a secret). None: so when the manifest carries no signature.
+    private: bool | None = field(default=None, repr=False)
+
+    @property
+    def must_be_private(self) -> bool:
+        if self.private is not None:
+            return self.private
+        return "signature" not in self.manifest
 
     @property
     def artifact(self) -> Path:
@@ -120,35 +152,90 @@ def _umask() -> int:
     return 0o022
 
 
-def _private_dir(parent: Path, prefix: str) -> Path:
-    """A fresh directory with an unpredictable name (mkdtemp).
+def _private_owner(uid: int) -> bool:
+    """Whether files owned by ``uid`` can only have been written by us (or root)."""
+    return uid in (os.geteuid(), 0)
 
-    mkdtemp creates it 0700, so nothing can be planted in it while it is filled;
-    callers widen it with ``_open_up`` only after writing.
+
+def _check_private(st: os.stat_result, what: str) -> None:
+    """EntryUntrusted unless ``st`` is ours (or root's) and writable by nobody else.
+
+    Applied to the descriptor that is then used (fstat), so a name swapped after
+    the check changes nothing.
     """
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    if not _private_owner(st.st_uid):
+        raise EntryUntrusted(
+            f"{what} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}) or "
+            "root, and without a secret nothing else vouches for it"
+        )
+    if st.st_mode & 0o022:
+        raise EntryUntrusted(
+            f"{what} is group- or other-writable (mode {stat.S_IMODE(st.st_mode):04o}), "
+            "and without a secret nothing else vouches for it"
+        )
 
 
-def _open_up(path: Path) -> None:
-    """Give a directory of ours the usual umask mode: readers on other accounts need it."""
-    fd = os.open(path, _DIR_FLAGS)
+def _open_root(root: Path, create: bool = False, mode: int = 0o777) -> int:
+    """A descriptor of the cache root.
+
+    The root is the user's choice, so a link there is followed, once; everything
+    below it is reached from this descriptor and never through a link.
+    """
+    if create:
+        os.makedirs(root, mode=mode, exist_ok=True)
+    return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def _open_dir_at(parent_fd: int, name: str, create_mode: int | None = None) -> int:
+    """Open directory ``name`` of ``parent_fd`` without following a link.
+
+    With ``create_mode``, a missing directory is created with that mode (the umask
+    can only remove bits from it). A planted link (``locks -> /home/victim``) fails
+    with ELOOP or ENOTDIR instead of leading elsewhere.
+    """
+    if create_mode is not None:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, create_mode, dir_fd=parent_fd)
     try:
-        os.fchmod(fd, 0o777 & ~_umask())
-    finally:
-        os.close(fd)
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(e.errno, "not a plain directory (a symlink?)", name) from None
+        raise
 
 
-def _real_dir(path: Path) -> Path:
-    """Create ``path`` if needed and insist it is a directory, not a link to one.
+@contextlib.contextmanager
+def _dir_fds(
+    root: Path,
+    parts: Sequence[str],
+    create_mode: int | None = None,
+    check: bool = False,
+) -> Iterator[list[int]]:
+    """Descriptors of ``root`` and of each of ``parts`` below it, walked without links.
 
-    A planted symlink (``entries/zz -> /home/victim``) would otherwise make us
-    write, or later delete, wherever it points.
+    With ``check``, every directory below the root must be ours and writable by
+    nobody else (EntryUntrusted), checked with fstat on the descriptor walked.
+    All descriptors are closed on exit.
     """
-    path.mkdir(parents=True, exist_ok=True)
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise OSError(errno.ELOOP, "not a plain directory (a symlink?)", str(path))
-    return path
+    fds = [_open_root(root, create=create_mode is not None, mode=create_mode or 0o777)]
+    try:
+        for i, part in enumerate(parts):
+            fds.append(_open_dir_at(fds[-1], part, create_mode))
+            if check:
+                _check_private(os.fstat(fds[-1]), "/".join(parts[: i + 1]))
+        yield fds
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
+
+
+def _create_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
+    """Write a new file in ``dir_fd``; never through a link, never over an existing file."""
+    fd = os.open(name, _CREATE_FLAGS, mode, dir_fd=dir_fd)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _create(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -160,14 +247,22 @@ def _create(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(fh.fileno())
 
 
-def _open_regular(path: Path, max_size: int, what: str) -> tuple[int, int]:
-    """(fd, size) of a regular file at ``path``, else EntryRefused.
+def _open_regular(
+    path: Path | str,
+    max_size: int,
+    what: str,
+    dir_fd: int | None = None,
+    private: bool = False,
+) -> tuple[int, int]:
+    """(fd, size) of a regular file at ``path`` (relative to ``dir_fd``), else EntryRefused.
 
     Links, FIFOs and devices (``artifact.tar -> /dev/zero``) are refused before a
-    byte is read, and so are files larger than ``max_size``.
+    byte is read, and so are files larger than ``max_size``. With ``private``, the
+    file must also be ours and writable by nobody else (EntryUntrusted), checked on
+    the descriptor that is then read.
     """
     try:
-        fd = os.open(path, _READ_FLAGS)
+        fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         raise EntryRefused(f"{what} is missing") from None
     except OSError as e:
@@ -178,6 +273,8 @@ def _open_regular(path: Path, max_size: int, what: str) -> tuple[int, int]:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise EntryRefused(f"{what} is not a regular file")
+        if private:
+            _check_private(st, what)
         if st.st_size > max_size:
             raise EntryRefused(f"{what} is too large ({st.st_size} > {max_size} bytes)")
     except BaseException:
@@ -186,14 +283,57 @@ def _open_regular(path: Path, max_size: int, what: str) -> tuple[int, int]:
     return fd, st.st_size
 
 
-def _read_small(path: Path, max_size: int, what: str) -> bytes:
+def _read_small(
+    path: Path | str,
+    max_size: int,
+    what: str,
+    dir_fd: int | None = None,
+    private: bool = False,
+) -> bytes:
     """The whole (bounded, regular) file at ``path``, read from one descriptor."""
-    fd, _ = _open_regular(path, max_size, what)
+    fd, _ = _open_regular(path, max_size, what, dir_fd, private)
     with os.fdopen(fd, "rb") as fh:
         data = fh.read(max_size + 1)
     if len(data) > max_size:
         raise EntryRefused(f"{what} is too large (more than {max_size} bytes)")
     return data
+
+
+def _entry_parts(root: Path | None, path: Path) -> tuple[Path, list[str]]:
+    """(directory to start from, names to walk below it) to reach entry ``path``.
+
+    Under ``root``: the root and every name below it, so no link on the way is
+    followed. Elsewhere (an entry given by path alone): its parent as given.
+    """
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            parts = list(path.relative_to(root).parts)
+            if parts and ".." not in parts:
+                return root, parts
+    return path.parent, [path.name]
+
+
+@contextlib.contextmanager
+def _open_entry(root: Path | None, path: Path, private: bool) -> Iterator[int]:
+    """A descriptor of the entry directory ``path``, reached without following links.
+
+    EntryRefused if a link (or a missing directory) is on the way; with ``private``,
+    EntryUntrusted unless every directory below the root is ours and writable by
+    nobody else.
+    """
+    start, parts = _entry_parts(root, path)
+    with contextlib.ExitStack() as stack:
+        try:
+            fds = stack.enter_context(_dir_fds(start, parts, check=private))
+        except FileNotFoundError:
+            raise EntryRefused("entry directory is missing") from None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise EntryRefused(
+                    f"a directory on the way to the entry is a symlink ({e})"
+                ) from None
+            raise EntryRefused(f"entry directory cannot be opened ({e.strerror})") from None
+        yield fds[-1]
 
 
 def _hash_fd(fd: int, size: int, copy: IO[bytes] | None = None) -> str:
@@ -232,7 +372,13 @@ def _file_meta(manifest: dict[str, Any], name: str) -> tuple[int, str]:
 
 
 class DiskStore:
-    """Entries on a (shared) filesystem. ``get`` verifies, ``put`` publishes atomically."""
+    """Entries on a (shared) filesystem. ``get`` verifies, ``put`` publishes atomically.
+
+    Every name below the root is reached from a descriptor of the root, one
+    directory at a time with ``O_NOFOLLOW``, and every create, rename and unlink
+    is relative to such a descriptor: a directory swapped for a link at any moment
+    (``locks -> /home/victim``) fails the walk instead of redirecting a write.
+    """
 
     def __init__(self, root: str | os.PathLike[str], secret: str | None = None) -> None:
         self.root = Path(root)
@@ -242,6 +388,32 @@ class DiskStore:
         self.locks = self.root / "locks" / self.namespace
         self.refused = self.root / "refused" / self.namespace
         self.marker = self.root / MARKER
+        # Keys already reported untrusted: waiters call get() in a loop, one line is enough.
+        self._untrusted_seen: set[str] = set()
+
+    # -- modes -------------------------------------------------------------------
+    @property
+    def _unsigned(self) -> bool:
+        return self.namespace == "unsigned"
+
+    def _mkdir_mode(self) -> int:
+        """Mode for new directories: never group/other-writable without a secret.
+
+        Unsigned entries are trusted only if nobody else could have written them, so
+        their directories must not be shared-writable whatever the umask. Signed
+        namespaces keep the umask's mode: a group may share a signed cache.
+        """
+        return 0o755 if self._unsigned else 0o777
+
+    def _open_mode(self) -> int:
+        """The final mode of a directory we filled privately (0700) and now publish."""
+        return self._mkdir_mode() & ~_umask()
+
+    def _walk(
+        self, *parts: str, create: bool = False
+    ) -> contextlib.AbstractContextManager[list[int]]:
+        """Descriptors of the root and ``parts`` below it (created if ``create``), no links."""
+        return _dir_fds(self.root, parts, self._mkdir_mode() if create else None)
 
     def check_usable(self) -> None:
         """Raise OSError (with the reason) unless entries can be written here.
@@ -250,26 +422,37 @@ class DiskStore:
         clear`` and ``prune`` require before deleting anything.
         """
         self._make_entries()
-        for d in (self.locks.parent, self.locks, self.refused.parent, self.refused):
-            _real_dir(d)
-        # mkstemp: unpredictable name, O_CREAT|O_EXCL|O_NOFOLLOW, so no planted link
-        # is written through.
-        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=self.root)
-        try:
-            os.write(fd, b"ok")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
+        for top in ("locks", "refused"):
+            with self._walk(top, self.namespace, create=True):
+                pass
+        with self._walk() as (root_fd,):
+            # An unpredictable name, O_CREAT|O_EXCL|O_NOFOLLOW: no planted link is written through.
+            probe = f".probe.{secrets.token_hex(8)}"
+            fd = os.open(probe, _CREATE_FLAGS, 0o600, dir_fd=root_fd)
+            try:
+                os.write(fd, b"ok")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(probe, dir_fd=root_fd)
 
     def _make_entries(self) -> None:
         """Create ``entries/``; whoever creates it creates the cache and marks it."""
-        top = self.root / "entries"
-        new = not os.path.lexists(top)
-        _real_dir(top)  # a planted link here would move every namespace elsewhere
-        _real_dir(self.entries)
-        if new:
-            write_marker(self.root)
+        with self._walk(create=True) as (root_fd,):
+            try:
+                os.mkdir("entries", self._mkdir_mode(), dir_fd=root_fd)
+                new = True
+            except FileExistsError:
+                new = False
+            # A planted link here would move every namespace elsewhere: _open_dir_at refuses it.
+            fd = _open_dir_at(root_fd, "entries")
+            try:
+                os.close(_open_dir_at(fd, self.namespace, self._mkdir_mode()))
+            finally:
+                os.close(fd)
+            if new:
+                with contextlib.suppress(FileExistsError):
+                    _create_at(root_fd, MARKER, json.dumps({"format": FORMAT}).encode() + b"\n")
 
     def entry_dir(self, key: str) -> Path:
         return self.entries / key[:2] / key
@@ -281,6 +464,8 @@ class DiskStore:
         """The manifest of the entry at ``path`` if it is intact, else EntryRefused.
 
         Total: whatever is on disk, the answer is a manifest or EntryRefused.
+        Without a secret, EntryUntrusted (an EntryRefused) when anyone but this user
+        (or root) could have written a directory or file of the entry.
         """
         try:
             return self._verify(path, key, expect)
@@ -290,10 +475,16 @@ class DiskStore:
             raise EntryRefused(f"malformed entry ({type(e).__name__}: {e})") from None
 
     def _verify(self, path: Path, key: str | None, expect: dict[str, Any] | None) -> dict[str, Any]:
-        if os.path.islink(path):
-            raise EntryRefused("entry directory is a symlink")
+        private = self.secret is None
+        with _open_entry(self.root, path, private) as entry_fd:
+            return self._verify_at(entry_fd, key, expect, private)
+
+    def _verify_at(
+        self, entry_fd: int, key: str | None, expect: dict[str, Any] | None, private: bool
+    ) -> dict[str, Any]:
         try:
-            manifest = json.loads(_read_small(path / MANIFEST, MAX_MANIFEST_BYTES, MANIFEST))
+            raw = _read_small(MANIFEST, MAX_MANIFEST_BYTES, MANIFEST, entry_fd, private)
+            manifest = json.loads(raw)
         except ValueError as e:
             raise EntryRefused(f"unreadable manifest ({e})") from None
         if not isinstance(manifest, dict):
@@ -325,7 +516,7 @@ class DiskStore:
                 raise EntryRefused(f"manifest names a file outside the entry: {name!r}")
         for name in sorted(files):
             size, digest = _file_meta(manifest, name)
-            fd, actual = _open_regular(path / name, min(size, MAX_ARTIFACT_BYTES), name)
+            fd, actual = _open_regular(name, min(size, MAX_ARTIFACT_BYTES), name, entry_fd, private)
             try:
                 if actual != size:
                     raise EntryRefused(f"{name} is truncated ({actual} of {size} bytes)")
@@ -336,34 +527,51 @@ class DiskStore:
         return manifest
 
     def get(self, key: str, expect: dict[str, Any] | None = None) -> Entry | None:
-        """The verified entry for ``key``; a bad one is moved aside (EntryRefused)."""
+        """The verified entry for ``key``; a bad one is moved aside (EntryRefused).
+
+        An unsigned entry that someone else could have written is a miss (None), left
+        in place: it is not proven bad, and moving it may need rights we lack.
+        """
         path = self.entry_dir(key)
-        if not os.path.lexists(path / MANIFEST):
+        if not os.path.lexists(path / MANIFEST):  # a hint only: verify walks without links
             return None
         try:
             manifest = self.verify(path, key, expect)
+        except EntryUntrusted as e:
+            if key not in self._untrusted_seen:
+                self._untrusted_seen.add(key)
+                log.warning("not loading shared cache entry %s: %s; compiling", key[:12], e)
+            return None
         except EntryRefused as e:
             self.refuse(path, str(e))
             raise
-        return Entry(key, path, manifest)
+        return Entry(key, path, manifest, root=self.root, private=self.secret is None)
 
     def refuse(self, path: Path, reason: str) -> None:
         """Move a bad entry aside so the next reader recompiles instead of re-refusing it.
 
         Nothing is written into the refused entry (its files may be links): it is
-        renamed into a fresh directory of ours, and the reason goes beside it.
+        renamed, by directory descriptors, into a fresh directory of ours with an
+        unpredictable name, and the reason goes beside it.
         """
-        with contextlib.suppress(OSError):
-            _real_dir(self.refused)
-            stamp = f"{path.name}.{int(time.time() * 1000)}."
-            box = _private_dir(self.refused, stamp)
+        start, parts = _entry_parts(self.root, path)
+        with contextlib.suppress(OSError), contextlib.ExitStack() as stack:
+            (*_, parent_fd) = stack.enter_context(_dir_fds(start, parts[:-1]))
+            (*_, refused_fd) = stack.enter_context(
+                self._walk("refused", self.namespace, create=True)
+            )
+            box = f"{parts[-1][:64]}.{int(time.time() * 1000)}.{secrets.token_hex(8)}"
+            # 0700 while it is filled, so nothing can be planted in it.
+            os.mkdir(box, 0o700, dir_fd=refused_fd)
+            box_fd = _open_dir_at(refused_fd, box)
+            stack.callback(os.close, box_fd)
             try:
-                os.rename(path, box / "entry")
+                os.rename(parts[-1], "entry", src_dir_fd=parent_fd, dst_dir_fd=box_fd)
             except OSError:
-                shutil.rmtree(box, ignore_errors=True)  # someone else moved it first
+                os.rmdir(box, dir_fd=refused_fd)  # someone else moved it first
                 return
-            _create(box / "REFUSED", (reason + "\n").encode())
-            _open_up(box)
+            _create_at(box_fd, "REFUSED", (reason + "\n").encode())
+            os.fchmod(box_fd, self._open_mode())
 
     # -- writing ---------------------------------------------------------------
     def put(self, key: str, artifact_dir: Path, manifest: dict[str, Any]) -> int:
@@ -372,81 +580,103 @@ class DiskStore:
         Losing a race to another publisher of the same key is fine: both entries
         describe the same graph, and the first one wins.
         """
-        final = self.entry_dir(key)
         self._make_entries()
-        shard = _real_dir(final.parent)
-        # mkdtemp: a name nobody can predict and plant links in (it is 0700 while filled).
-        tmp = _private_dir(shard, f".tmp.{key}.")
+        with self._walk("entries", self.namespace, key[:2], create=True) as fds:
+            return self._put_at(fds[-1], key, artifact_dir, manifest)
+
+    def _put_at(self, shard_fd: int, key: str, artifact_dir: Path, manifest: dict[str, Any]) -> int:
+        # A name nobody can predict, 0700 while filled: nobody can plant links in it.
+        tmp = f".tmp.{key}.{secrets.token_hex(8)}"
+        os.mkdir(tmp, 0o700, dir_fd=shard_fd)
         try:
-            artifact = tmp / ARTIFACT
-            fd = os.open(artifact, (_CREATE_FLAGS & ~os.O_WRONLY) | os.O_RDWR, 0o644)
-            with os.fdopen(fd, "w+b") as out:
-                with tarfile.open(fileobj=out, mode="w:") as tar:
-                    for f in sorted(p for p in artifact_dir.rglob("*") if p.is_file()):
-                        rel = f.relative_to(artifact_dir)
-                        if rel.parts[0] in ("locks", "dynamo_dist"):
-                            continue
-                        tar.add(f, arcname=str(rel))
-                out.flush()
-                os.fsync(out.fileno())
-                size = out.seek(0, os.SEEK_END)
-                out.seek(0)
-                digest = _hash_fd(out.fileno(), size)
-            manifest = {
-                **manifest,
-                "format": FORMAT,
-                "key": key,
-                "files": {ARTIFACT: {"sha256": digest, "size": size}},
-            }
-            if self.secret is not None:
-                manifest["signature"] = sign(manifest, self.secret)
-            _create(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
-            _open_up(tmp)
+            tmp_fd = _open_dir_at(shard_fd, tmp)
             try:
-                os.rename(tmp, final)
+                size = self._fill(tmp_fd, key, artifact_dir, manifest)
+                os.fchmod(tmp_fd, self._open_mode())
+            finally:
+                os.close(tmp_fd)
+            try:
+                os.rename(tmp, key, src_dir_fd=shard_fd, dst_dir_fd=shard_fd)
             except OSError:
-                if os.path.lexists(final / MANIFEST):
+                with contextlib.suppress(OSError):
+                    os.stat(f"{key}/{MANIFEST}", dir_fd=shard_fd, follow_symlinks=False)
                     return 0  # someone else published it first
                 raise
-            _fsync_dir(shard)
+            with contextlib.suppress(OSError):
+                os.fsync(shard_fd)
             return size
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                shutil.rmtree(tmp, dir_fd=shard_fd)
+
+    def _fill(self, tmp_fd: int, key: str, artifact_dir: Path, manifest: dict[str, Any]) -> int:
+        """Write artifact.tar and manifest.json into the private directory ``tmp_fd``."""
+        flags = (_CREATE_FLAGS & ~os.O_WRONLY) | os.O_RDWR
+        fd = os.open(ARTIFACT, flags, 0o644, dir_fd=tmp_fd)
+        with os.fdopen(fd, "w+b") as out:
+            with tarfile.open(fileobj=out, mode="w:") as tar:
+                for f in sorted(p for p in artifact_dir.rglob("*") if p.is_file()):
+                    rel = f.relative_to(artifact_dir)
+                    if rel.parts[0] in ("locks", "dynamo_dist"):
+                        continue
+                    tar.add(f, arcname=str(rel))
+            out.flush()
+            os.fsync(out.fileno())
+            size = out.seek(0, os.SEEK_END)
+            out.seek(0)
+            digest = _hash_fd(out.fileno(), size)
+        manifest = {
+            **manifest,
+            "format": FORMAT,
+            "key": key,
+            "files": {ARTIFACT: {"sha256": digest, "size": size}},
+        }
+        if self.secret is not None:
+            manifest["signature"] = sign(manifest, self.secret)
+        _create_at(tmp_fd, MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+        return size
 
     # -- leader locks ------------------------------------------------------------
     def try_lock(self, key: str, owner: dict[str, Any]) -> Lock | None:
-        _real_dir(self.locks)
-        path = self.locks / f"{key}.lock"
-        try:
-            fd = os.open(path, _CREATE_FLAGS, 0o644)
-        except FileExistsError:
-            return None
-        with os.fdopen(fd, "w") as fh:
-            json.dump({**owner, "time": time.time()}, fh)
-        return Lock(path)
+        """The lock for ``key``, or None if someone holds it; OSError if locks are unusable."""
+        with self._walk("locks", self.namespace, create=True) as fds:
+            name = f"{key}.lock"
+            try:
+                fd = os.open(name, _CREATE_FLAGS, 0o644, dir_fd=fds[-1])
+            except FileExistsError:
+                return None
+            try:
+                os.write(fd, json.dumps({**owner, "time": time.time()}).encode())
+                # The lock keeps its own descriptors: heartbeat and release touch only
+                # this inode in this directory, whatever the names become.
+                return Lock(self.locks / name, fd=fd, dir_fd=os.dup(fds[-1]))
+            except BaseException:
+                os.close(fd)
+                raise
 
     def lock_owner(self, key: str) -> tuple[dict[str, Any], float] | None:
         """(owner record, seconds since its last heartbeat), or None if unlocked."""
-        path = self.locks / f"{key}.lock"
+        name = f"{key}.lock"
         try:
-            st = os.lstat(path)
+            with self._walk("locks", self.namespace) as fds:
+                st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
+                # A lock that exists but cannot be read (garbage, a FIFO, a link) is an
+                # owner we cannot name: waiters still time out or break it once stale.
+                owner: Any = {}
+                with contextlib.suppress(OSError, ValueError, RecursionError, EntryRefused):
+                    owner = json.loads(_read_small(name, 1 << 16, "lock", fds[-1]) or b"{}")
         except OSError:
             return None
-        # A lock that exists but cannot be read (garbage, a FIFO, a link) is an owner
-        # we cannot name: waiters still time out or break it once its mtime is stale.
-        owner: Any = {}
-        with contextlib.suppress(OSError, ValueError, RecursionError, EntryRefused):
-            owner = json.loads(_read_small(path, 1 << 16, "lock") or b"{}")
         if not isinstance(owner, dict):
             owner = {}
         return owner, time.time() - st.st_mtime
 
     def break_lock(self, key: str) -> None:
-        path = self.locks / f"{key}.lock"
-        stale = self.locks / f"{key}.stale.{os.getpid()}"
-        with contextlib.suppress(OSError):
-            os.replace(path, stale)
-            stale.unlink()
+        """Remove a dead leader's lock: renamed aside first, so one breaker wins."""
+        stale = f"{key}.stale.{os.getpid()}.{secrets.token_hex(4)}"
+        with contextlib.suppress(OSError), self._walk("locks", self.namespace) as fds:
+            os.rename(f"{key}.lock", stale, src_dir_fd=fds[-1], dst_dir_fd=fds[-1])
+            os.unlink(stale, dir_fd=fds[-1])
 
     def iter_entries(self) -> Iterator[Path]:
         """Entry directories; links are never followed (they are not entries)."""
@@ -506,12 +736,22 @@ def read_marker(root: Path) -> dict[str, Any] | None:
 
 
 class Lock:
-    """A held leader lock with a heartbeat: its mtime says the owner is alive."""
+    """A held leader lock with a heartbeat: its mtime says the owner is alive.
+
+    It keeps the lock file's descriptor and its directory's: the heartbeat touches
+    only our inode, and release unlinks the name only while it is still our inode,
+    so a swapped ``locks/`` never redirects either to someone else's file.
+    """
 
     HEARTBEAT_S = 2.0
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, fd: int | None = None, dir_fd: int | None = None) -> None:
         self.path = path
+        if fd is None or dir_fd is None:  # a lock made by name: open what is there now
+            dir_fd = os.open(path.parent, _DIR_FLAGS)
+            fd = os.open(path.name, _READ_FLAGS, dir_fd=dir_fd)
+        self._fd = fd
+        self._dir_fd = dir_fd
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._beat, daemon=True, name="dynamo_dist-cache-lock"
@@ -521,21 +761,22 @@ class Lock:
     def _beat(self) -> None:
         while not self._stop.wait(self.HEARTBEAT_S):
             with contextlib.suppress(OSError, NotImplementedError):
-                os.utime(self.path, follow_symlinks=False)
+                os.utime(self._fd)
 
     def release(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
+        self._thread.join()  # the heartbeat must not touch a closed (reused) descriptor
         try:
-            os.fsync(fd)
+            with contextlib.suppress(OSError):
+                ours = os.fstat(self._fd)
+                there = os.stat(self.path.name, dir_fd=self._dir_fd, follow_symlinks=False)
+                if (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino):
+                    os.unlink(self.path.name, dir_fd=self._dir_fd)
         finally:
-            os.close(fd)
+            os.close(self._fd)
+            os.close(self._dir_fd)
 
 
 def _safe_member(m: tarfile.TarInfo) -> str | None:
@@ -551,15 +792,21 @@ def _safe_member(m: tarfile.TarInfo) -> str | None:
 def extract(entry: Entry, dest: Path) -> int:
     """Unpack an entry's verified artifact into ``dest``; returns bytes read.
 
-    The artifact is opened once (no links, FIFOs or devices) and copied into a
-    private anonymous file while it is hashed; the hash must match the verified
-    manifest, and only that copy is unpacked. So the bytes unpacked are exactly
-    the bytes checked, even if the shared file is swapped or rewritten after
-    ``verify``. Anything unsafe in the archive refuses the entry (EntryRefused).
+    The artifact is opened once (no links, FIFOs or devices, reached from the
+    cache root without following links) and copied into a private anonymous file
+    while it is hashed; the hash must match the verified manifest, and only that
+    copy is unpacked. So the bytes unpacked are exactly the bytes checked, even if
+    the shared file is swapped or rewritten after ``verify``. Anything unsafe in the
+    archive refuses the entry (EntryRefused). An unsigned entry must still be ours
+    and writable by nobody else (EntryUntrusted), directories and file alike.
     """
     size, digest = _file_meta(entry.manifest, ARTIFACT)
+    private = entry.must_be_private
     dest.mkdir(parents=True, exist_ok=True)
-    fd, actual = _open_regular(entry.artifact, min(size, MAX_ARTIFACT_BYTES), ARTIFACT)
+    with _open_entry(entry.root, entry.path, private) as entry_fd:
+        fd, actual = _open_regular(
+            ARTIFACT, min(size, MAX_ARTIFACT_BYTES), ARTIFACT, entry_fd, private
+        )
     try:
         if actual != size:
             raise EntryRefused(f"{ARTIFACT} is truncated ({actual} of {size} bytes)")
@@ -606,20 +853,118 @@ def _unpack(fileobj: IO[bytes], dest: Path, size: int) -> None:
         raise EntryRefused(f"unreadable archive ({e})") from None
 
 
-def merge_into(src: Path, dest: Path) -> None:
-    """Move files from ``src`` into ``dest`` atomically, keeping files already there.
+def _local_dir_at(parent_fd: int, name: str, where: Path) -> int:
+    """Directory ``name`` of the local cache, created 0700 if missing; OSError unless ours.
 
-    Inductor's cache files are content-addressed, so an existing file is the
-    same file; os.replace per file means a concurrent reader never sees half.
+    A link (``fxgraph -> /attacker/dir``) or a directory of another account would let
+    someone else choose the files inductor later loads, so either refuses the merge.
     """
-    for f in sorted(p for p in src.rglob("*") if p.is_file()):
-        target = dest / f.relative_to(src)
-        if target.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.dd{os.getpid()}")
-        shutil.copy2(f, tmp)
-        os.replace(tmp, target)
+    try:
+        fd = _open_dir_at(parent_fd, name, 0o700)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(
+                e.errno, "refusing to install through a symlink (or non-directory)", str(where)
+            ) from None
+        raise
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        os.close(fd)
+        raise OSError(
+            errno.EPERM,
+            f"refusing to install into a directory owned by uid {st.st_uid}, not this user",
+            str(where),
+        )
+    return fd
+
+
+def _install_at(dir_fd: int, name: str, src: Path, where: Path) -> None:
+    """Copy regular file ``src`` to ``name`` in ``dir_fd`` atomically; keep one already there.
+
+    Inductor's files are content-addressed, so a regular file of ours under the name
+    is the same file. Anything else there (a link, another account's file) refuses.
+    The copy goes to an unpredictable O_EXCL|O_NOFOLLOW name beside it, is fsynced,
+    and is renamed into place by descriptor.
+    """
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    else:
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+            return
+        raise OSError(
+            errno.EEXIST,
+            "refusing to install over a symlink or a file not owned by this user",
+            str(where),
+        )
+    try:
+        in_fd = os.open(src, _READ_FLAGS)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return  # became a link: nothing of ours to install
+        raise
+    with os.fdopen(in_fd, "rb") as fin:
+        sst = os.fstat(fin.fileno())
+        if not stat.S_ISREG(sst.st_mode):
+            return
+        tmp = f".{name[:100]}.dd{secrets.token_hex(8)}"
+        out_fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+        try:
+            with os.fdopen(out_fd, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+                fout.flush()
+                os.fchmod(fout.fileno(), stat.S_IMODE(sst.st_mode) & 0o755)
+                os.utime(fout.fileno(), ns=(sst.st_atime_ns, sst.st_mtime_ns))
+                os.fsync(fout.fileno())
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+
+
+def merge_into(src: Path, dest: Path) -> None:
+    """Copy files from ``src`` into ``dest`` atomically, keeping files already there.
+
+    ``dest`` is the rank's local inductor cache, whose files are later unpickled and
+    dlopen'ed, so nothing is written through a link: ``dest`` is opened once (the
+    user chose it), every directory below it is walked with O_NOFOLLOW from its
+    parent's descriptor and must be ours (OSError otherwise), and each file is
+    renamed into place within one directory descriptor. ``src`` is walked without
+    following links, and only its regular files are copied.
+    """
+    os.makedirs(dest, mode=0o700, exist_ok=True)
+    root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fds: dict[tuple[str, ...], int] = {(): root_fd}
+    try:
+        st = os.fstat(root_fd)
+        if st.st_uid != os.geteuid():
+            raise OSError(
+                errno.EPERM,
+                f"refusing to install into a directory owned by uid {st.st_uid}",
+                str(dest),
+            )
+        for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+            dirnames.sort()
+            rel = Path(dirpath).relative_to(src).parts
+            for fname in sorted(filenames):
+                f = Path(dirpath, fname)
+                with contextlib.suppress(FileNotFoundError):
+                    if not stat.S_ISREG(os.lstat(f).st_mode):
+                        continue  # links, FIFOs, sockets: never copied
+                    _install_at(_dest_dir(fds, rel, dest), fname, f, dest.joinpath(*rel, fname))
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def _dest_dir(fds: dict[tuple[str, ...], int], rel: tuple[str, ...], dest: Path) -> int:
+    """The descriptor of ``dest/rel`` (walked, and cached in ``fds``), created as needed."""
+    for i in range(1, len(rel) + 1):
+        if rel[:i] not in fds:
+            fds[rel[:i]] = _local_dir_at(fds[rel[: i - 1]], rel[i - 1], dest.joinpath(*rel[:i]))
+    return fds[rel]
 
 
 _PID_LIMIT = 1 << 22  # Linux's pid_max can be at most 2**22

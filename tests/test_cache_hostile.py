@@ -14,7 +14,9 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -25,7 +27,15 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_dist._cache_store import MARKER, DiskStore, EntryRefused, extract
+from dynamo_dist._cache_store import (
+    MARKER,
+    DiskStore,
+    Entry,
+    EntryRefused,
+    EntryUntrusted,
+    extract,
+    merge_into,
+)
 
 KEY = "ab" + "c" * 38
 
@@ -430,3 +440,219 @@ def test_cli_refuses_to_delete_in_an_unmarked_directory(tmp_path):
     assert i.returncode == 0 and json.loads((d / MARKER).read_text())["format"] == 1
     assert _cli("clear", str(d)).returncode == 0
     assert not (d / "entries").exists() and not (d / "locks").exists()
+
+
+# -- review: parents swapped for links, unsigned trust inside the root, local installs --
+ATTACKER = 3000  # another account's uid: we run as root, so chown makes files "theirs"
+
+
+def _chown_tree(path: Path, uid: int = ATTACKER) -> None:
+    os.chown(path, uid, uid, follow_symlinks=False)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), uid, uid, follow_symlinks=False)
+
+
+def _swap_for_link(path: Path, target: Path) -> Path:
+    """What the attacker does to a directory of the shared root: rename it away, link it."""
+    moved = path.with_name(path.name + ".moved")
+    if path.exists():
+        os.rename(path, moved)
+    os.symlink(target, path)
+    return moved
+
+
+@pytest.mark.parametrize("level", ["top", "namespace"])
+def test_no_writes_through_symlinked_parent_directories(tmp_path, level):
+    """locks/, refused/, entries/ (or their <ns>) swapped for links to a victim's dirs.
+
+    Before the fix the victim job created <key>.lock there, wrote REFUSED (with text
+    from the attacker's manifest) there, moved the attacker's entry tree there, and
+    moved a tree out of the victim's directory into refused/.
+    """
+    victim, theirs = tmp_path / "victim", tmp_path / "theirs"
+    victim.mkdir()
+    store = DiskStore(tmp_path / "c")
+    store.check_usable()
+    entry = _publish(store, tmp_path)
+    _edit_manifest(entry, format=99, note="attacker text")  # any reason to refuse
+    # The victim's own tree, shaped like an entry, where entries/ will lead.
+    mine = theirs / ("unsigned" if level == "top" else "") / KEY[:2] / KEY
+    mine.mkdir(parents=True)
+    (mine / "manifest.json").write_text('{"format": 99}')
+    # A link as the last component (locks/<ns>) was caught; a link above it was not.
+    # Leave refused/<ns> real there, to show a victim's tree is not moved into it.
+    for d in (store.locks, store.refused) if level == "top" else (store.locks,):
+        _swap_for_link(d.parent if level == "top" else d, victim)
+    _swap_for_link(store.entries.parent if level == "top" else store.entries, theirs)
+    with contextlib.suppress(OSError):
+        lock = store.try_lock(KEY, {"rank": 0})
+        if lock is not None:
+            lock.release()
+    with pytest.raises(EntryRefused, match=r"format|symlink"):
+        store.get(KEY)
+    store.break_lock(KEY)
+    assert sorted(victim.rglob("*")) == []
+    assert (mine / "manifest.json").read_text() == '{"format": 99}'
+
+
+def test_publish_and_refuse_do_not_follow_a_symlinked_shard(tmp_path):
+    """entries/<ns>/<kk> -> victim: put() wrote the entry there, refuse() moved it from there."""
+    victim = tmp_path / "victim"
+    (victim / KEY).mkdir(parents=True)
+    (victim / KEY / "manifest.json").write_text("{}")  # what a refusal would move away
+    store = DiskStore(tmp_path / "c")
+    store.check_usable()
+    shard = store.entry_dir(KEY).parent
+    shard.mkdir()
+    _swap_for_link(shard, victim)
+    with contextlib.suppress(OSError):
+        store.put(KEY, _room(tmp_path), {"created": time.time()})
+    with contextlib.suppress(EntryRefused):
+        store.get(KEY)
+    assert sorted(p.name for p in victim.rglob("*")) == [KEY, "manifest.json"]
+    assert not list(tmp_path.joinpath("c", "refused").rglob("manifest.json"))
+
+
+def test_lock_release_and_break_only_touch_our_own_lock(tmp_path):
+    """Release and break used to unlink <key>.lock through a swapped locks/<ns>."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / f"{KEY}.lock").write_text("victim's file\n")
+    store = DiskStore(tmp_path / "c")
+    lock = store.try_lock(KEY, {"rank": 0})
+    assert lock is not None
+    moved = _swap_for_link(store.locks, victim)
+    time.sleep(0.01)
+    lock.release()
+    store.break_lock(KEY)
+    assert (victim / f"{KEY}.lock").read_text() == "victim's file\n"
+    assert not (moved / f"{KEY}.lock").exists()  # our own lock went, by descriptor
+
+
+class _Records(logging.Handler):
+    """Collects records (dynamo_dist's logger may not propagate to pytest's caplog)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _plant_unsigned(root: Path, tmp_path: Path, how: str) -> Path:
+    """An entry a second account plants in an unsigned cache: valid tar, recomputed sha256."""
+    donor = DiskStore(tmp_path / "donor")
+    src = _publish(donor, tmp_path, torch_version="victim's")
+    dest = root / "entries" / "unsigned" / KEY[:2] / KEY
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(src, dest)
+    if how == "attacker-owned":
+        _chown_tree(dest.parent)
+    elif how == "attacker-file":
+        os.chown(dest / "artifact.tar", ATTACKER, ATTACKER)
+    elif how == "writable-dir":
+        os.chmod(root / "entries", 0o777)
+    return dest
+
+
+@pytest.mark.parametrize("how", ["attacker-owned", "attacker-file", "writable-dir"])
+def test_unsigned_entries_must_be_ours_all_the_way_down(tmp_path, how):
+    """Without a secret, trust only what nobody else could have written under the root.
+
+    The victim made the cache under umask 000, an attacker planted an entry, and the
+    victim then chmod 700'ed the root as advised: get() returned the planted entry
+    and extract() unpacked it. Now it is a miss, and the entry is left where it is
+    (not proven bad, and moving it may need rights we lack).
+    """
+    root = tmp_path / "c"
+    old = os.umask(0)
+    try:
+        DiskStore(root).check_usable()
+    finally:
+        os.umask(old)
+    planted = _plant_unsigned(root, tmp_path, how)
+    os.chmod(root, 0o700)
+    store = DiskStore(root)
+    records = _Records()
+    logging.getLogger("dynamo_dist.cache").addHandler(records)
+    try:
+        assert store.get(KEY) is None
+        assert store.get(KEY) is None  # a waiter asks again and again: one line is enough
+    finally:
+        logging.getLogger("dynamo_dist.cache").removeHandler(records)
+    assert [r.levelno for r in records.records] == [logging.WARNING]
+    assert KEY[:12] in records.records[0].getMessage()
+    assert (planted / "manifest.json").exists()
+    with pytest.raises(EntryUntrusted):
+        store.verify(planted, KEY)
+    manifest = json.loads((planted / "manifest.json").read_text())
+    with pytest.raises(EntryUntrusted):
+        extract(Entry(KEY, planted, manifest, root=root), tmp_path / "out")
+    assert not (tmp_path / "out" / "ab" / "cabc.so").exists()
+
+
+def test_unsigned_store_never_creates_shared_writable_paths(tmp_path):
+    """Under umask 000 the unsigned namespace used to come out 0777, open to planting."""
+    root = tmp_path / "c"
+    old = os.umask(0)
+    try:
+        store = DiskStore(root)
+        store.check_usable()
+        _publish(store, tmp_path)
+        lock = store.try_lock("e" * 40, {"rank": 0})
+        assert lock is not None
+        lock.release()
+        bad = DiskStore(root)
+        _publish(bad, tmp_path, key="ef" + "0" * 38)
+        _edit_manifest(bad.entry_dir("ef" + "0" * 38), format=99)
+        os.chmod(bad.entry_dir("ef" + "0" * 38) / "manifest.json", 0o644)  # else untrusted
+        with pytest.raises(EntryRefused):
+            bad.get("ef" + "0" * 38)
+    finally:
+        os.umask(old)
+    for p in [root, *root.rglob("*")]:
+        assert not os.lstat(p).st_mode & 0o022, p
+    got = store.get(KEY)  # and our own entries still load
+    assert got is not None
+    extract(got, tmp_path / "out")
+    assert (tmp_path / "out" / "ab" / "cabc.so").read_bytes() == b"kernel"
+
+
+def test_merge_into_does_not_follow_planted_links(tmp_path):
+    """merge_into followed links in the local cache (and in src) and wrote through them."""
+    attacker = tmp_path / "attacker"
+    attacker.mkdir()
+    os.chown(attacker, ATTACKER, ATTACKER)
+    src = _room(tmp_path)
+    (src / "ab" / "passwd").symlink_to("/etc/passwd")  # never copied
+    local = tmp_path / "local"
+    local.mkdir(mode=0o700)
+    os.symlink(attacker, local / "fxgraph")
+    with pytest.raises(OSError, match=r"link|owned"):
+        merge_into(src, local)
+    assert list(attacker.iterdir()) == []
+
+    # A directory of another account, or a link where a file goes: refused too.
+    for plant in ("foreign-dir", "file-link"):
+        local = tmp_path / f"local-{plant}"
+        (local / "ab").mkdir(parents=True, mode=0o700)
+        if plant == "foreign-dir":
+            os.chown(local / "ab", ATTACKER, ATTACKER)
+        else:
+            (attacker / "evil.so").write_bytes(b"evil")
+            (local / "ab" / "cabc.so").symlink_to(attacker / "evil.so")
+        with pytest.raises(OSError, match=r"link|owned"):
+            merge_into(src, local)
+        assert (attacker / "evil.so").read_bytes() == b"evil" if plant == "file-link" else True
+
+    # The honest case: files land as regular files of ours; existing ones are kept.
+    local = tmp_path / "local-ok"
+    (local / "ab").mkdir(parents=True, mode=0o700)
+    (local / "ab" / "cabc.so").write_bytes(b"kernel")
+    merge_into(src, local)
+    assert (local / "fxgraph" / "entry").read_bytes() == b"pickled graph"
+    assert not (local / "ab" / "passwd").exists()
+    names = sorted(p.name for p in local.rglob("*"))
+    assert names == ["ab", "cabc.so", "entry", "fxgraph"]
