@@ -256,6 +256,33 @@ def launch(
     return read_results(outdir, proc)
 
 
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``dynamo-dist cache ARGS`` run in this process, as (returncode, stdout, stderr).
+
+    A subprocess per call would import torch anew (seconds each) in the fast tier; the
+    entry point itself runs as ``python -m dynamo_dist`` in tests/test_launcher.py.
+    """
+    import io
+    from unittest import mock
+
+    from dynamo_dist import cli as dd_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        mock.patch.dict(os.environ, env or {}),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            dd_cli.main(["cache", *args])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (1 if e.code else 0)
+            if isinstance(e.code, str):
+                err.write(e.code + "\n")
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 # -- rank side ---------------------------------------------------------------------
 class CountingBackend:
     """Counts graphs and records, per graph, whether any input is symbolic (dynamic)."""

@@ -3,8 +3,7 @@
 Every byte under the shared directory may have been written by someone else.
 Each test plants what an attacker without the secret can plant and checks that
 the store, the loader and the CLI neither follow it, hang on it, nor write or
-delete through it. Single process and fast, except the CLI tests (subprocesses
-with timeouts).
+delete through it. Single process and fast; the CLI runs in this process too.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ranks
 
 from dynamo_dist._cache_store import (
     MARKER,
@@ -351,21 +351,7 @@ def test_only_plain_members_are_unpacked(tmp_path, kind):
 
 
 # -- item 4: the CLI never deletes outside the cache -------------------------------------
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dynamo_dist", "cache", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+_cli = ranks.cli  # in this process: a subprocess per call would import torch anew
 
 
 def _victim(tmp_path: Path) -> Path:

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import subprocess
 import time
-from unittest import mock
 
 import pytest
+import ranks
 import torch
 
-from dynamo_dist import _cache, cli
+from dynamo_dist import _cache
 from dynamo_dist._cache_store import DiskStore, EntryRefused, alive_on_this_host, extract
 
 
@@ -138,24 +136,7 @@ def test_graph_key_is_stable_and_sensitive():
     assert set(a[1]) >= {"torch", "python", "dynamo_dist", "device", "graph", "backend"}
 
 
-def _cli(*args, env=None):
-    """``dynamo-dist cache ARGS`` in this process: a subprocess per call imports torch anew,
-    which made this the slowest test of the fast tier (the entry point itself is run as
-    ``python -m dynamo_dist`` by tests/test_launcher.py)."""
-    out, err = io.StringIO(), io.StringIO()
-    with (
-        mock.patch.dict(os.environ, env or {}),
-        contextlib.redirect_stdout(out),
-        contextlib.redirect_stderr(err),
-    ):
-        try:
-            cli.main(["cache", *args])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (1 if e.code else 0)
-            if isinstance(e.code, str):
-                err.write(e.code + "\n")
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+_cli = ranks.cli
 
 
 def test_cli_ls_verify_prune_clear(tmp_path):
