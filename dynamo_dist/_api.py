@@ -8,7 +8,7 @@ from typing import Any, TypeVar, overload
 
 import torch
 
-from . import _cache, _config, _hook, _log, _runtime
+from . import _cache, _config, _hook, _intercept, _log, _runtime, _torch_compat
 from ._config import POLICIES
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -118,7 +118,7 @@ def compile(
     if runtime is None:
         return torch.compile(model, **compile_kwargs)
     region = _hook.register_region(model)
-    with _runtime.adopting(runtime, region, cfg.policy) as adopted:
+    with _intercept.adopting(runtime, region, cfg.policy) as adopted:
         compiled = torch.compile(model, **compile_kwargs)
     if not adopted:
         _log.get_logger("api").warning(
@@ -137,9 +137,7 @@ def _with_shared_cache(
             "cache_dir is set but backend %r is not inductor: nothing to cache", kwargs["backend"]
         )
         return kwargs
-    from torch import _TorchCompileInductorWrapper
-
-    inner = _TorchCompileInductorWrapper(kwargs["mode"], kwargs["options"], kwargs["dynamic"])
+    inner = _torch_compat.inductor_backend(kwargs["mode"], kwargs["options"], kwargs["dynamic"])
     static = {
         "backend": "inductor",
         "mode": kwargs["mode"],
@@ -155,18 +153,7 @@ def _with_shared_cache(
 
 def stats() -> dict[str, Any]:
     """This rank's counters as a plain dict (empty-ish in single-process programs)."""
-    rt = _runtime.current()
-    if rt is None:
-        out: dict[str, Any] = {
-            "rank": 0,
-            "world_size": _runtime.distributed_world(),
-            "installed": False,
-        }
-    else:
-        out = rt.stats()
-        out["installed"] = True
-    out.update(_cache.stats())
-    return out
+    return _runtime.stats().as_dict()
 
 
 def shutdown() -> None:

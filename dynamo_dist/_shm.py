@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ._collective import BandAllreduce, ExchangeBase, new_gloo_group
+from ._collective import BandAllreduce, Transport, new_gloo_group
 from ._hook import _C
 from ._log import get_logger
 from ._proc import pid_alive
@@ -177,11 +177,14 @@ def _open_segment(
     return seg
 
 
-class ShmTransport(ExchangeBase):
+class ShmTransport(Transport):
     """Guard exchange through shared memory; the C++ hook runs its fast path."""
+
+    name = "shm"
 
     def __init__(
         self,
+        *,
         group: dist.ProcessGroup,
         topo: Topology,
         timeout: float,
@@ -189,10 +192,16 @@ class ShmTransport(ExchangeBase):
         board: StatusBoard | None,
         describe: Callable[[int], str],
     ) -> None:
-        super().__init__(group, timeout, board, describe, wait_log_interval)
+        super().__init__(
+            group=group,
+            timeout=timeout,
+            wait_log_interval=wait_log_interval,
+            board=board,
+            describe=describe,
+        )
         self.topo = topo
         hierarchical = topo.hosts > 1
-        self.transport = "shm+gloo" if hierarchical else "shm"
+        self.name = "shm+gloo" if hierarchical else "shm"
         # Every rank takes part in creating the leaders' group (new_group is
         # collective over the whole job), even ranks that are not leaders.
         leaders_group = new_gloo_group(timeout, topo.leaders) if hierarchical else None

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from . import _torch_compat
 from ._log import get_logger
 
 log = get_logger("status")
@@ -117,7 +118,7 @@ class StatusBoard:
 def open_store(timeout: float) -> dist.Store | None:
     """A client of the job's store for the board's own use (None if there is none)."""
     try:
-        store = dist.distributed_c10d._get_default_store()
+        store = _torch_compat.default_store()
     except Exception:
         return None
     clone = getattr(store, "clone", None)

@@ -21,7 +21,7 @@ import pytest
 
 from dynamo_dist import _C, _shm
 from dynamo_dist._cache_cli import parse_age, parse_size
-from dynamo_dist._collective import ExchangeBase, pack, percentiles, unpack
+from dynamo_dist._collective import Transport, pack, percentiles, unpack
 from dynamo_dist._errors import RankDivergenceError
 from dynamo_dist._report import format_table, with_derived
 from dynamo_dist._status import describe_missing
@@ -81,10 +81,11 @@ def _cpp_word(records: list[tuple[bool, int]]) -> int:
     return _and([_C._pack_record(h, i) for h, i in records])
 
 
-class _Decider(ExchangeBase):
-    """ExchangeBase.decide without a process group: only the state decide touches."""
+class _Decider(Transport):
+    """Transport.decide without a process group: only the state decide touches."""
 
     def __init__(self) -> None:  # no super(): no dist, no group
+        self.rank = 0
         self.divergences = 0
         self.mixed = 0
         self.last_mixed = None
