@@ -28,9 +28,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
         for key, value in sorted(_config.to_env(cfg).items()):
             print(f"{key}={value}")
         return 0
-    print("| key | environment | default | meaning |\n| --- | --- | --- | --- |")
-    for key, var, default, doc in _config.describe():
-        print(f"| {key} | {var} | `{default}` | {doc} |")
+    print("| key | environment | dynamo-dist-run | default | meaning |")
+    print("| --- | --- | --- | --- | --- |")
+    for key, var, flag, default, doc in _config.describe():
+        print(f"| {key} | {var} | {f'`{flag}`' if flag else ''} | `{default}` | {doc} |")
     return 0
 
 
