@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -320,4 +320,5 @@ def percentiles(samples_ns: Iterable[int]) -> dict[str, float]:
 
 def new_gloo_group(timeout: float, ranks: list[int] | None = None) -> dist.ProcessGroup:
     """A CPU-only gloo group. Collective: every rank must call it, in the same order."""
-    return dist.new_group(ranks=ranks, backend="cpu:gloo", timeout=timedelta(seconds=timeout))
+    group = dist.new_group(ranks=ranks, backend="cpu:gloo", timeout=timedelta(seconds=timeout))
+    return cast(dist.ProcessGroup, group)

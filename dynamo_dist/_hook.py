@@ -19,7 +19,7 @@ from ._version import __version__
 log = get_logger("hook")
 
 try:
-    from . import _C
+    from . import _C as _C  # re-exported: the layers above reach the extension through here
 except ImportError as e:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "dynamo_dist's C++ extension (dynamo_dist._C) is missing or was built for another "

@@ -10,7 +10,7 @@ are emitted as events (``_events``).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from . import _events, _torch_compat
 from ._collective import Outcome, Transport
@@ -20,8 +20,6 @@ from ._log import get_logger
 from ._stats import Counts
 
 log = get_logger("runtime")
-
-PolicyName = Literal["sync", "strict", "warn", "off"]
 
 _FIRST_ENTRY_REASON = (
     "no compiled entry for this frame on this rank (first call here, or after Dynamo's reset())"

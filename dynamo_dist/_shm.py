@@ -38,7 +38,6 @@ class Topology:
 
     local_rank: int
     local_world: int
-    host: int
     hosts: int
     local_ranks: list[int]  # global ranks on this host, local rank order
     leaders: list[int]  # global rank of each host's local rank 0, host order
@@ -68,7 +67,6 @@ def topology(group: dist.ProcessGroup) -> Topology:
     return Topology(
         local_rank=members[host].index(me),
         local_world=len(members[host]),
-        host=host,
         hosts=len(members),
         local_ranks=members[host],
         leaders=[m[0] for m in members],

@@ -23,7 +23,7 @@ def trace_artifact(name: str, payload: dict[str, Any]) -> None:
     ``metadata_fn``/``payload_fn`` is stable from 2.4 through 2.13. A no-op (cheap)
     when no structured trace is being written.
     """
-    from torch._logging import trace_structured
+    from torch._logging._internal import trace_structured
 
     trace_structured(
         "artifact",
@@ -157,9 +157,11 @@ def inductor_backend(mode: str | None, options: dict[str, Any] | None, dynamic: 
 
     ``torch._TorchCompileInductorWrapper(mode, options, dynamic)``: torch 2.9 through 2.13.
     """
+    from typing import cast
+
     import torch
 
-    return torch._TorchCompileInductorWrapper(mode, options, dynamic)
+    return cast(Any, torch._TorchCompileInductorWrapper)(mode, options, dynamic)
 
 
 def _run_compiler_collective(self: Any) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import cast
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.update(_secret.secret_environment())
     for name in _OURS:
         delattr(args, name)
-    run(args)
+    # torch.distributed.run.run is public but unannotated.
+    cast(Callable[[argparse.Namespace], None], run)(args)
 
 
 if __name__ == "__main__":

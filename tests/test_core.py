@@ -385,14 +385,14 @@ def test_hosts_from_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     others = [("group0", 0), ("group0", 1), ("group1", 0), ("group1", 1)]
     topo = _topology(monkeypatch, others, me=3, env=_env(1, 1))
     assert topo == _shm.Topology(
-        local_rank=1, local_world=2, host=1, hosts=2, local_ranks=[2, 3], leaders=[0, 2]
+        local_rank=1, local_world=2, hosts=2, local_ranks=[2, 3], leaders=[0, 2]
     )
 
 
 def test_hosts_interleaved_over_global_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     others = [("group0", 0), ("group1", 0), ("group0", 1), ("group1", 1)]
     topo = _topology(monkeypatch, others, me=2, env=_env(0, 1))
-    assert (topo.host, topo.local_rank, topo.local_ranks, topo.leaders) == (0, 1, [0, 2], [0, 1])
+    assert (topo.local_rank, topo.local_ranks, topo.leaders) == (1, [0, 2], [0, 1])
 
 
 def test_local_rank_order_wins_over_global_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -422,5 +422,5 @@ def test_hosts_without_torchrun_variables_use_host_identity(
     others = [(here, -1), ("elsewhere/other-boot", -1), (here, -1), ("elsewhere/other-boot", -1)]
     topo = _topology(monkeypatch, others, me=2, env=env)
     assert topo == _shm.Topology(
-        local_rank=1, local_world=2, host=0, hosts=2, local_ranks=[0, 2], leaders=[0, 1]
+        local_rank=1, local_world=2, hosts=2, local_ranks=[0, 2], leaders=[0, 1]
     )
