@@ -7,6 +7,7 @@ there before, uninstalling puts it back, and both are idempotent.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import types
 from collections.abc import Callable, Iterator
@@ -43,7 +44,7 @@ _regions: dict[int, str] = {}
 def _torch_dir() -> str:
     import torch
 
-    return os.path.dirname(os.path.abspath(torch.__file__))
+    return os.path.dirname(os.path.abspath(inspect.getfile(torch)))
 
 
 def classify_code(code: types.CodeType) -> tuple[int, bool]:

@@ -1,6 +1,6 @@
 """Attaching to the Dynamo context ``torch.compile`` builds, without re-implementing it.
 
-``torch.compile`` ends with ``torch._dynamo.optimize(...)(model)``. Wrapping
+``torch.compile`` ends with Dynamo's ``optimize(...)(model)``. Wrapping
 ``optimize`` for the duration of that one call (``_torch_compat.wrapping_optimize``,
 restored on exit) lets us wrap the context's frame callback (``_callback``) and add
 our region marker before the context is applied, while torch.compile keeps its own
