@@ -67,7 +67,7 @@ def worker(out: str, calls: int) -> None:
         os.environ["DYNAMO_DIST_TRANSPORT"] = transport
         compiled = dynamo_dist.compile(fn, backend="eager")
         rt = _runtime.current()
-        if rt is None or rt.transport.transport not in (transport, f"{transport}+gloo"):
+        if rt is None or rt.transport.name not in (transport, f"{transport}+gloo"):
             results[f"dynamo_dist {transport}"] = None
         else:
             for _ in range(50):

@@ -107,7 +107,8 @@ uint64_t current_identity(int skip) {
   ident = mix(ident, info.hash);
   int used_lasti = info.use_lasti ? lasti : -1;
   ident = mix(ident, static_cast<uint64_t>(static_cast<int64_t>(used_lasti)));
-  // 62 bits: the gloo path packs identities and their negations into int64.
+  // 62 bits fit Python's int64 everywhere they travel; the exchange record (both
+  // transports) carries only the low 31 (_collective._IDENT_BITS).
   ident >>= 2;
   auto& table = identity_table();
   if (table.find(ident) == table.end()) {
@@ -213,7 +214,7 @@ bool GuardHook::call(bool hit) {
   }
   // Only calls inside a dynamo_dist.compile region are exchanged: plain
   // torch.compile code elsewhere in the program keeps its own semantics.
-  if (!enabled_ || region_stack.empty()) {
+  if (region_stack.empty()) {
     return hit;
   }
   if (sticky_error()) {

@@ -44,7 +44,8 @@ inline int fast_verdict(uint64_t word) {
 // calls it (Dynamo has not linked the callee into the thread state yet when it
 // runs the hook), combined with the innermost compiled region entered on this
 // thread. `skip` walks that many frames further back first: the Python
-// callback wrapper passes 1 to step over its own frame.
+// callback wrapper passes 2 to step over its own frame and the policy method's
+// frame (_policy.Policy.exchange_first_entry).
 uint64_t current_identity(int skip);
 
 // Describes an identity seen earlier on this process: (caller code, lasti,
@@ -69,7 +70,6 @@ class RegionEnter {
  public:
   explicit RegionEnter(int64_t region);
   py::object call();
-  int64_t region() const { return region_; }
 
  private:
   int64_t region_;
@@ -104,8 +104,6 @@ class GuardHook {
   bool call(bool hit);
 
   py::dict counters() const;
-  void set_enabled(bool enabled) { enabled_ = enabled; }
-  bool enabled() const { return enabled_; }
 
  private:
   py::object exchange_;
@@ -115,7 +113,6 @@ class GuardHook {
   uint64_t last_ident_ = 0;
   std::vector<uint32_t> latencies_;
   size_t latency_next_ = 0;
-  bool enabled_ = true;
   uint64_t evaluations_ = 0;
   uint64_t local_misses_ = 0;
   uint64_t forced_recompiles_ = 0;

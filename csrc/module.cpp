@@ -30,18 +30,7 @@ PYBIND11_MODULE(_C, m) {
       .def("set_cross_host", &ShmExchange::set_cross_host, py::arg("fn"),
            "Leader: fn(word) -> word ANDed over hosts.")
       .def("set_wait_logger", &ShmExchange::set_wait_logger, py::arg("fn"))
-      .def(
-          "exchange",
-          [](ShmExchange& self, uint64_t word, uint64_t seq) {
-            ExchangeResult r = self.exchange(word, seq);
-            return py::make_tuple(static_cast<int>(r.status), static_cast<int64_t>(r.word),
-                                  r.culprit, r.waited_s);
-          },
-          py::arg("word"), py::arg("seq"), "(status, word, culprit, waited_s); for tests.")
-      .def_property_readonly("name", &ShmExchange::name)
-      .def_property_readonly("local_rank", &ShmExchange::local_rank)
-      .def_property_readonly("local_world", &ShmExchange::local_world)
-      .def_property_readonly("hierarchical", &ShmExchange::hierarchical);
+      .def_property_readonly("name", &ShmExchange::name);
 
   py::class_<GuardHook>(m, "GuardHook", "Callable installed as Dynamo's guard-complete hook.")
       .def(py::init<py::object>(), py::arg("exchange"),
@@ -57,14 +46,11 @@ PYBIND11_MODULE(_C, m) {
       .def("latencies_ns", &GuardHook::latencies_ns)
       .def("__call__", &GuardHook::call, py::arg("hit"),
            "Dynamo's entry point: returns the verdict agreed by all ranks (False forces a recompile).")
-      .def("counters", &GuardHook::counters, "This rank's hook counters as a dict.")
-      .def_property("enabled", &GuardHook::enabled, &GuardHook::set_enabled,
-                    "When False the hook passes the local result through.");
+      .def("counters", &GuardHook::counters, "This rank's hook counters as a dict.");
 
   py::class_<RegionEnter>(m, "RegionEnter", "Dynamo enter/exit hook that marks a compiled region.")
       .def(py::init<int64_t>(), py::arg("region"))
-      .def("__call__", &RegionEnter::call)
-      .def_property_readonly("region", &RegionEnter::region);
+      .def("__call__", &RegionEnter::call);
   py::class_<RegionExit>(m, "RegionExit").def("__call__", &RegionExit::call);
 
   m.def("pending_error", &pending_error,
@@ -72,7 +58,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_pending_error", &set_pending_error, py::arg("error"),
         "Set (or clear, with None) the exception raised on the next compiled call.");
   m.def("current_identity", &current_identity, py::arg("skip") = 0,
-        "62-bit identity of the frame about to run (caller code, call site, region).");
+        "Identity of the frame about to run (caller code, call site, region); the exchange "
+        "record carries its low 31 bits.");
   m.def("describe_identity", &describe_identity, py::arg("ident"),
         "(caller code, lasti, region) for an identity seen on this process, or None.");
   m.def("_pack_record", &pack_record, py::arg("hit"), py::arg("ident"),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 import torch
 
-from . import _cache, _config, _hook, _log, _runtime
-from ._config import POLICIES
+from . import _cache, _config, _hook, _intercept, _log, _runtime, _torch_compat
+from ._config import POLICIES, Config, PolicyName
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -18,29 +19,31 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 def compile(
     model: _F,
     *,
-    backend: str | Callable[..., Any] = ...,
-    fullgraph: bool = ...,
-    dynamic: bool | None = ...,
-    mode: str | None = ...,
-    options: dict[str, Any] | None = ...,
-    policy: str | None = ...,
-    timeout: float | None = ...,
-    cache_dir: str | None = ...,
-    config: str | None = ...,
+    backend: str | Callable[..., Any] = "inductor",
+    fullgraph: bool = False,
+    dynamic: bool | None = None,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    disable: bool = False,
+    policy: PolicyName | None = None,
+    timeout: float | None = None,
+    cache_dir: str | None = None,
+    config: str | os.PathLike[str] | Config | None = None,
 ) -> _F: ...
 @overload
 def compile(
     model: None = None,
     *,
-    backend: str | Callable[..., Any] = ...,
-    fullgraph: bool = ...,
-    dynamic: bool | None = ...,
-    mode: str | None = ...,
-    options: dict[str, Any] | None = ...,
-    policy: str | None = ...,
-    timeout: float | None = ...,
-    cache_dir: str | None = ...,
-    config: str | None = ...,
+    backend: str | Callable[..., Any] = "inductor",
+    fullgraph: bool = False,
+    dynamic: bool | None = None,
+    mode: str | None = None,
+    options: dict[str, Any] | None = None,
+    disable: bool = False,
+    policy: PolicyName | None = None,
+    timeout: float | None = None,
+    cache_dir: str | None = None,
+    config: str | os.PathLike[str] | Config | None = None,
 ) -> Callable[[_F], _F]: ...
 
 
@@ -52,10 +55,11 @@ def compile(
     dynamic: bool | None = None,
     mode: str | None = None,
     options: dict[str, Any] | None = None,
-    policy: str | None = None,
+    disable: bool = False,
+    policy: PolicyName | None = None,
     timeout: float | None = None,
     cache_dir: str | None = None,
-    config: str | None = None,
+    config: str | os.PathLike[str] | Config | None = None,
 ) -> Any:
     """Drop-in for :func:`torch.compile` that keeps every rank's compiles in step.
 
@@ -67,8 +71,11 @@ def compile(
 
     The first call is collective (it creates the guard process group): call it on
     every rank, after ``init_process_group``. ``policy``, ``timeout`` and
-    ``cache_dir`` override the config file (``config`` or ``DYNAMO_DIST_CONFIG``)
-    and the ``DYNAMO_DIST_*`` environment.
+    ``cache_dir`` override the configuration: ``config`` (a :class:`Config`, used as
+    given, or the path of a TOML profile, which the ``DYNAMO_DIST_*`` environment
+    overrides; default ``DYNAMO_DIST_CONFIG``). ``disable=True`` returns ``model``
+    unchanged, as ``torch.compile(disable=True)`` does, and is not collective: every
+    rank must pass the same value.
     """
     if model is None:
 
@@ -80,6 +87,7 @@ def compile(
                 dynamic=dynamic,
                 mode=mode,
                 options=options,
+                disable=disable,
                 policy=policy,
                 timeout=timeout,
                 cache_dir=cache_dir,
@@ -103,7 +111,16 @@ def compile(
             f"dynamo_dist.compile: timeout={timeout!r} is invalid; allowed: a positive number "
             "of seconds"
         )
-    cfg = _config.resolve(config_file=config, policy=policy, timeout=timeout, cache_dir=cache_dir)
+    if disable:
+        # torch.compile(disable=True) returns the model itself; so do we, before
+        # anything collective, so a disabled compile never creates the guard group.
+        return model
+    if isinstance(config, Config):
+        cfg = _config.override(config, policy=policy, timeout=timeout, cache_dir=cache_dir)
+    else:
+        cfg = _config.resolve(
+            config_file=config, policy=policy, timeout=timeout, cache_dir=cache_dir
+        )
     _log.configure(cfg.log_level)
     compile_kwargs: dict[str, Any] = {
         "backend": backend,
@@ -118,7 +135,7 @@ def compile(
     if runtime is None:
         return torch.compile(model, **compile_kwargs)
     region = _hook.register_region(model)
-    with _runtime.adopting(runtime, region, cfg.policy) as adopted:
+    with _intercept.adopting(runtime, region, cfg.policy) as adopted:
         compiled = torch.compile(model, **compile_kwargs)
     if not adopted:
         _log.get_logger("api").warning(
@@ -137,9 +154,7 @@ def _with_shared_cache(
             "cache_dir is set but backend %r is not inductor: nothing to cache", kwargs["backend"]
         )
         return kwargs
-    from torch import _TorchCompileInductorWrapper
-
-    inner = _TorchCompileInductorWrapper(kwargs["mode"], kwargs["options"], kwargs["dynamic"])
+    inner = _torch_compat.inductor_backend(kwargs["mode"], kwargs["options"], kwargs["dynamic"])
     static = {
         "backend": "inductor",
         "mode": kwargs["mode"],
@@ -155,18 +170,7 @@ def _with_shared_cache(
 
 def stats() -> dict[str, Any]:
     """This rank's counters as a plain dict (empty-ish in single-process programs)."""
-    rt = _runtime.current()
-    if rt is None:
-        out: dict[str, Any] = {
-            "rank": 0,
-            "world_size": _runtime.distributed_world(),
-            "installed": False,
-        }
-    else:
-        out = rt.stats()
-        out["installed"] = True
-    out.update(_cache.stats())
-    return out
+    return _runtime.stats().as_dict()
 
 
 def shutdown() -> None:

@@ -21,12 +21,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
 
+from . import _events
 from ._errors import CollectiveTimeoutError, RankDivergenceError
+from ._hook import _C
 from ._log import get_logger
 from ._status import StatusBoard, describe_missing
 
@@ -94,18 +96,23 @@ class BandAllreduce:
         return int(self._arr[0]), None
 
 
-class ExchangeBase:
-    """What every transport shares: the decision on a reduced word and the error reports."""
+class Transport:
+    """What every transport shares: the decision on a reduced word and the error reports.
 
-    transport = "base"
+    The sibling transports, :class:`GlooTransport` here and ``_shm.ShmTransport``, differ
+    only in how the word is reduced; ``name`` is what the stats and logs report.
+    """
+
+    name = "base"
 
     def __init__(
         self,
+        *,
         group: dist.ProcessGroup,
         timeout: float,
+        wait_log_interval: float,
         board: StatusBoard | None,
         describe: Callable[[int], str],
-        wait_log_interval: float,
     ) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -125,7 +132,7 @@ class ExchangeBase:
         """(last exchange number, its frame identity) on this rank."""
         raise NotImplementedError
 
-    def make_hook(self) -> Any:
+    def make_hook(self) -> _C.GuardHook:
         """The C++ guard hook driving this transport."""
         raise NotImplementedError
 
@@ -151,6 +158,9 @@ class ExchangeBase:
         if not agree:
             self.divergences += 1
             err = self.divergence_error(seq, ident, hit)
+            _events.emit(
+                "divergence", kind="frame_mismatch", seq=seq, rank=self.rank, frames=err.ranks
+            )
             self.broken = err
             raise err
         if any_hit and not all_hit:
@@ -213,6 +223,15 @@ class ExchangeBase:
             last_seen=board,
         )
         self.broken = err
+        _events.emit(
+            "stall",
+            seq=seq,
+            rank=self.rank,
+            frame=self.describe(ident),
+            waited_s=round(waited, 3),
+            cause=cause or "timeout",
+            missing=missing,
+        )
         return err
 
     def log_wait(self, seq: int, ident: int, waited: float) -> None:
@@ -225,7 +244,7 @@ class ExchangeBase:
         )
 
 
-class GlooExchange(ExchangeBase):
+class GlooTransport(Transport):
     """Guard exchange over its own gloo group, created collectively on every rank.
 
     Guard traffic gets its own gloo group even when the job runs NCCL: a guard
@@ -233,17 +252,24 @@ class GlooExchange(ExchangeBase):
     collectives on GPU streams, and a CPU-only group never touches a device.
     """
 
-    transport = "gloo"
+    name = "gloo"
 
     def __init__(
         self,
+        *,
         group: dist.ProcessGroup,
         timeout: float,
         wait_log_interval: float,
         board: StatusBoard | None,
         describe: Callable[[int], str],
     ) -> None:
-        super().__init__(group, timeout, board, describe, wait_log_interval)
+        super().__init__(
+            group=group,
+            timeout=timeout,
+            wait_log_interval=wait_log_interval,
+            board=board,
+            describe=describe,
+        )
         self._allreduce = BandAllreduce(group)
         self.waiters.append(self._allreduce)
         self.seq = 0
@@ -264,9 +290,7 @@ class GlooExchange(ExchangeBase):
         self.latencies_ns.append(time.perf_counter_ns() - t0)
         return self.decide(seq, ident, hit, word)
 
-    def make_hook(self) -> Any:
-        from ._hook import _C
-
+    def make_hook(self) -> _C.GuardHook:
         return _C.GuardHook(self.exchange)
 
     def position(self) -> tuple[int, int]:
@@ -296,4 +320,5 @@ def percentiles(samples_ns: Iterable[int]) -> dict[str, float]:
 
 def new_gloo_group(timeout: float, ranks: list[int] | None = None) -> dist.ProcessGroup:
     """A CPU-only gloo group. Collective: every rank must call it, in the same order."""
-    return dist.new_group(ranks=ranks, backend="cpu:gloo", timeout=timedelta(seconds=timeout))
+    group = dist.new_group(ranks=ranks, backend="cpu:gloo", timeout=timedelta(seconds=timeout))
+    return cast(dist.ProcessGroup, group)

@@ -1,78 +1,107 @@
 """One typed configuration, filled from defaults < config file < environment < call arguments.
 
-Every ``DYNAMO_DIST_*`` variable is declared once, in ``ENV_VARS``; the launcher
-exports settings through the same table, so a worker reads exactly what the
-launcher wrote.
+Each key is one field of :class:`Config`, with its docstring. Everything else derives
+from the fields: the check (from the annotation: a ``Literal`` is a choice, ``float`` a
+positive number of seconds, ``bool`` a flag, ``str | None`` an optional path), the
+``DYNAMO_DIST_*`` variable (``ENV_VARS``: the key upper-cased, unless the field names
+another) and the ``dynamo-dist-run`` flag (for fields that declare one). The launcher
+exports settings through the same table, so a worker reads exactly what the launcher wrote.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import os
 import tomllib
+import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
 from ._errors import ConfigError
 
-POLICIES = ("sync", "strict", "warn", "off")
-TRANSPORTS = ("auto", "shm", "gloo")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+PolicyName = Literal["sync", "strict", "warn", "off"]
+TransportChoice = Literal["auto", "shm", "gloo"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+POLICIES: tuple[str, ...] = get_args(PolicyName)
+TRANSPORTS: tuple[str, ...] = get_args(TransportChoice)
+LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
+
+
+def _key(
+    default: Any,
+    *,
+    env: str | None = None,
+    flag: str | None = None,
+    metavar: str = "",
+    help: str = "",
+) -> Any:
+    """A config field. ``env`` overrides the derived variable name; ``flag`` (with
+    ``metavar`` and ``help``) makes ``dynamo-dist-run`` accept it."""
+    return field(
+        default=default, metadata={"env": env, "flag": flag, "metavar": metavar, "help": help}
+    )
 
 
 @dataclass(kw_only=True, slots=True)
 class Config:
     """dynamo_dist settings for one process. Build it with :func:`resolve`."""
 
-    policy: str = "sync"
+    policy: PolicyName = _key(
+        "sync", flag="--policy", metavar="P", help="sync, strict, warn or off"
+    )
     """What a guard miss on some ranks does: ``sync`` (all recompile), ``strict`` (raise
     RankDivergenceError with the reasons), ``warn`` (sync and log the reasons), ``off``
     (no hook)."""
 
-    timeout: float = 900.0
+    timeout: float = _key(
+        900.0, flag="--timeout", metavar="S", help="seconds a guard exchange may wait"
+    )
     """Seconds one guard exchange may wait for the other ranks before CollectiveTimeoutError.
     Generous by default: rank 0 writing a checkpoint must not look like a hang."""
 
-    transport: str = "auto"
+    transport: TransportChoice = _key("auto")
     """How ranks exchange guard results: ``auto`` (shared memory within a host, gloo across
     hosts), ``shm`` or ``gloo``."""
 
-    compiler_collectives: bool = True
+    compiler_collectives: bool = _key(True)
     """Agree on automatic-dynamic decisions across ranks while compiling, so every rank marks
     the same dims and scalars dynamic."""
 
-    cache_dir: str | None = None
+    cache_dir: str | None = _key(
+        None, flag="--cache-dir", metavar="DIR", help="shared precompile cache directory"
+    )
     """Shared directory for precompiled artifacts; None disables the shared cache."""
 
-    status_interval: float = 2.0
+    status_interval: float = _key(2.0)
     """Seconds between out-of-band status publications (last exchange and frame per rank),
     read to name the ranks that did not arrive when an exchange times out."""
 
-    wait_log_interval: float = 30.0
+    wait_log_interval: float = _key(30.0)
     """Seconds between progress lines while a rank waits (for peers or for a cache leader)."""
 
-    log_level: str = "WARNING"
+    log_level: LogLevel = _key("WARNING", env="DYNAMO_DIST_LOG")
     """Level of the ``dynamo_dist`` logger."""
 
-    report: str | None = None
+    report: str | None = _key(
+        None, flag="--report", metavar="PATH", help="write the job report as JSON to PATH"
+    )
     """Path of a JSON job report written by rank 0 at exit; None prints the table only."""
 
     def __post_init__(self) -> None:
         _validate(self, source="arguments")
 
-    def replace(self, **changes: Any) -> Config:
-        return dataclasses.replace(self, **changes)
-
 
 def _choice(key: str, allowed: tuple[str, ...]) -> Callable[[Any], str]:
+    upper = all(a == a.upper() for a in allowed)
+
     def check(value: Any) -> str:
         if not isinstance(value, str) or value.strip().lower() not in {a.lower() for a in allowed}:
             raise _bad(key, value, "one of " + ", ".join(allowed))
         v = value.strip()
-        return v.upper() if allowed is LOG_LEVELS else v.lower()
+        return v.upper() if upper else v.lower()
 
     return check
 
@@ -116,30 +145,41 @@ def _optional_path(key: str) -> Callable[[Any], str | None]:
     return check
 
 
-_CHECKS: dict[str, Callable[[Any], Any]] = {
-    "policy": _choice("policy", POLICIES),
-    "timeout": _positive("timeout"),
-    "transport": _choice("transport", TRANSPORTS),
-    "compiler_collectives": _boolean("compiler_collectives"),
-    "cache_dir": _optional_path("cache_dir"),
-    "status_interval": _positive("status_interval"),
-    "wait_log_interval": _positive("wait_log_interval"),
-    "log_level": _choice("log_level", LOG_LEVELS),
-    "report": _optional_path("report"),
-}
+def _check_for(key: str, hint: Any) -> Callable[[Any], Any]:
+    """The check a field's annotation implies (a new kind of annotation needs a case here)."""
+    if get_origin(hint) is Literal:
+        return _choice(key, get_args(hint))
+    if hint is bool:
+        return _boolean(key)
+    if hint is float:
+        return _positive(key)
+    if get_origin(hint) in (types.UnionType,) and set(get_args(hint)) == {str, type(None)}:
+        return _optional_path(key)
+    raise TypeError(f"Config.{key}: no check for annotation {hint!r}")
 
+
+class LauncherFlag(NamedTuple):
+    """A ``dynamo-dist-run`` option for one config key."""
+
+    key: str
+    flag: str
+    metavar: str
+    help: str
+
+
+_HINTS = get_type_hints(Config)
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    f.name: _check_for(f.name, _HINTS[f.name]) for f in fields(Config)
+}
 # The one registry of environment variables (config key -> variable).
 ENV_VARS: dict[str, str] = {
-    "policy": "DYNAMO_DIST_POLICY",
-    "timeout": "DYNAMO_DIST_TIMEOUT",
-    "transport": "DYNAMO_DIST_TRANSPORT",
-    "compiler_collectives": "DYNAMO_DIST_COMPILER_COLLECTIVES",
-    "cache_dir": "DYNAMO_DIST_CACHE_DIR",
-    "status_interval": "DYNAMO_DIST_STATUS_INTERVAL",
-    "wait_log_interval": "DYNAMO_DIST_WAIT_LOG_INTERVAL",
-    "log_level": "DYNAMO_DIST_LOG",
-    "report": "DYNAMO_DIST_REPORT",
+    f.name: f.metadata["env"] or f"DYNAMO_DIST_{f.name.upper()}" for f in fields(Config)
 }
+LAUNCHER_FLAGS: tuple[LauncherFlag, ...] = tuple(
+    LauncherFlag(f.name, f.metadata["flag"], f.metadata["metavar"], f.metadata["help"])
+    for f in fields(Config)
+    if f.metadata["flag"]
+)
 CONFIG_FILE_ENV = "DYNAMO_DIST_CONFIG"
 # The cache secret is not a Config key: it must never be exported, logged or reported
 # (see _secret). The file variable is preferred; it holds a path, not the secret.
@@ -218,6 +258,13 @@ def resolve(
     return Config(**values)
 
 
+def override(cfg: Config, **overrides: Any) -> Config:
+    """``cfg`` with ``overrides`` (None = unset) applied and checked like call arguments."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    _apply(values, {k: v for k, v in overrides.items() if v is not None}, source="arguments")
+    return Config(**values)
+
+
 def to_env(cfg: Config) -> dict[str, str]:
     """The environment that makes a worker's :func:`resolve` produce ``cfg`` (launcher use)."""
     out: dict[str, str] = {}
@@ -229,8 +276,8 @@ def to_env(cfg: Config) -> dict[str, str]:
     return out
 
 
-def describe() -> list[tuple[str, str, str, str]]:
-    """(key, environment variable, default, doc) for every key: the configuration reference."""
+def describe() -> list[tuple[str, str, str, str, str]]:
+    """(key, environment variable, launcher flag, default, doc) for every key: the reference."""
     import ast
     import inspect
     import textwrap
@@ -248,9 +295,24 @@ def describe() -> list[tuple[str, str, str, str]]:
             docs[node.target.id] = " ".join(str(nxt.value.value).split())
     defaults = Config()
     return [
-        (f.name, ENV_VARS[f.name], repr(getattr(defaults, f.name)), docs.get(f.name, ""))
+        (
+            f.name,
+            ENV_VARS[f.name],
+            f.metadata["flag"] or "",
+            repr(getattr(defaults, f.name)),
+            docs.get(f.name, ""),
+        )
         for f in fields(Config)
     ]
 
 
-__all__ = ["ENV_VARS", "Config", "describe", "from_env", "load_file", "resolve", "to_env"]
+__all__ = [
+    "ENV_VARS",
+    "LAUNCHER_FLAGS",
+    "Config",
+    "describe",
+    "from_env",
+    "load_file",
+    "resolve",
+    "to_env",
+]

@@ -17,71 +17,35 @@ same frame at the same time; without it a rank compiling alone would wait here.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import torch.distributed as dist
 
+from . import _torch_compat
 from ._log import get_logger
 
 log = get_logger("consensus")
 
-_saved: dict[str, Any] | None = None
-
-
-def _run_compiler_collective(self: Any) -> None:
-    """Dynamo's run_compiler_collective, without the accelerator device context."""
-    from torch._dynamo import exc
-
-    tx = self.root_tx
-    if tx is None:
-        raise AssertionError("root_tx must not be None")
-    ds = tx.distributed_state
-    if ds is not None and ds.all_states is None:
-        log.debug("compiler collective: %s", ds.local_state)
-        all_states: list[Any] = [None] * ds.compile_pg.size()
-        dist.all_gather_object(all_states, ds.local_state, group=ds.compile_pg)
-        ds.all_states = all_states
-        # Tracing may diverge from here with the merged information.
-        tx.speculation_log.clear()
-        raise exc.CompileCollectiveRestartAnalysis
+_restore: Callable[[], None] | None = None
 
 
 def enable(group: dist.ProcessGroup) -> bool:
     """Turn on Dynamo's compiler collectives over ``group``; False if this torch lacks them."""
-    global _saved
-    if _saved is not None:
+    global _restore
+    if _restore is not None:
         return True
-    try:
-        import torch._dynamo.config as dconfig
-        import torch._dynamo.distributed as ddist
-        from torch._dynamo.output_graph import OutputGraph
-    except ImportError:  # pragma: no cover
-        return False
-    if not hasattr(dconfig, "enable_compiler_collectives") or not hasattr(
-        OutputGraph, "run_compiler_collective"
-    ):
+    restore = _torch_compat.install_compiler_collectives(group)
+    if restore is None:
         log.warning("this torch has no compiler collectives; automatic-dynamic consensus is off")
         return False
-    _saved = {
-        "config": dconfig.enable_compiler_collectives,
-        "pg": ddist._COMPILE_PG,
-        "method": OutputGraph.__dict__["run_compiler_collective"],
-    }
-    ddist._COMPILE_PG = group
-    dconfig.enable_compiler_collectives = True
-    OutputGraph.run_compiler_collective = _run_compiler_collective  # type: ignore[method-assign]
+    _restore = restore
     return True
 
 
 def disable() -> None:
-    global _saved
-    if _saved is None:
+    """Put back Dynamo's settings and method as :func:`enable` found them (idempotent)."""
+    global _restore
+    if _restore is None:
         return
-    import torch._dynamo.config as dconfig
-    import torch._dynamo.distributed as ddist
-    from torch._dynamo.output_graph import OutputGraph
-
-    dconfig.enable_compiler_collectives = _saved["config"]
-    ddist._COMPILE_PG = _saved["pg"]
-    OutputGraph.run_compiler_collective = _saved["method"]  # type: ignore[method-assign]
-    _saved = None
+    restore, _restore = _restore, None
+    restore()

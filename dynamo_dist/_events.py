@@ -2,7 +2,7 @@
 
 Each event goes to PyTorch's structured trace (``TORCH_TRACE=dir``, read by tlparse)
 as a ``dynamo_dist_<name>`` artifact, and is counted in
-``torch._dynamo.utils.counters["dynamo_dist"]``. Emitting must never break training:
+Dynamo's ``utils.counters["dynamo_dist"]``. Emitting must never break training:
 any failure here is swallowed after one debug line.
 """
 

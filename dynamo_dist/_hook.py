@@ -7,19 +7,20 @@ there before, uninstalling puts it back, and both are idempotent.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, cast
 
+from . import _torch_compat
 from ._log import get_logger
 from ._version import __version__
 
 log = get_logger("hook")
 
 try:
-    from . import _C
+    from . import _C as _C  # re-exported: the layers above reach the extension through here
 except ImportError as e:  # pragma: no cover - exercised only on a broken install
     raise ImportError(
         "dynamo_dist's C++ extension (dynamo_dist._C) is missing or was built for another "
@@ -43,15 +44,7 @@ _regions: dict[int, str] = {}
 def _torch_dir() -> str:
     import torch
 
-    return os.path.dirname(os.path.abspath(torch.__file__))
-
-
-def _is_dynamo_output(code: types.CodeType) -> bool:
-    try:
-        from torch._dynamo.convert_frame import output_codes
-    except ImportError:  # pragma: no cover
-        return False
-    return id(code) in output_codes.seen_ids
+    return os.path.dirname(os.path.abspath(inspect.getfile(torch)))
 
 
 def classify_code(code: types.CodeType) -> tuple[int, bool]:
@@ -65,7 +58,7 @@ def classify_code(code: types.CodeType) -> tuple[int, bool]:
     name = getattr(code, "co_qualname", code.co_name)
     key = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}:{name}"
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little"), not _is_dynamo_output(code)
+    return int.from_bytes(digest, "little"), not _torch_compat.is_dynamo_output(code)
 
 
 _C.set_code_classifier(classify_code)
@@ -117,19 +110,15 @@ def region_enter(region: int) -> Callable[[], Callable[[], None]]:
 
 
 def current_hook() -> object | None:
-    from torch._C._dynamo.eval_frame import set_guard_complete_hook
-
-    prev = set_guard_complete_hook(None)
-    set_guard_complete_hook(prev)
+    """The installed guard-complete hook (read by swapping it out and straight back)."""
+    prev = _torch_compat.set_guard_complete_hook(None)
+    _torch_compat.set_guard_complete_hook(prev)
     return prev
 
 
 def install(hook: _C.GuardHook) -> object | None:
     """Install ``hook`` as Dynamo's guard-complete hook; returns the previous hook."""
-    from torch._C._dynamo.eval_frame import set_guard_complete_hook
-
-    # Dynamo's stub wants its Protocol; the C++ hook is a pybind11 callable of that shape.
-    prev = set_guard_complete_hook(cast(Any, hook))
+    prev = _torch_compat.set_guard_complete_hook(hook)
     if prev is hook:
         return None
     if prev is not None:
@@ -139,16 +128,15 @@ def install(hook: _C.GuardHook) -> object | None:
 
 def uninstall(hook: _C.GuardHook, previous: object | None) -> None:
     """Restore ``previous`` if ``hook`` is still the installed one."""
-    from torch._C._dynamo.eval_frame import set_guard_complete_hook
-
-    current = set_guard_complete_hook(cast(Any, previous))
+    current = _torch_compat.set_guard_complete_hook(previous)
     if current is not None and current is not hook:
         # Someone installed their own hook after us; leave theirs in place.
-        set_guard_complete_hook(current)
+        _torch_compat.set_guard_complete_hook(current)
 
 
 @contextmanager
 def installed(hook: _C.GuardHook) -> Iterator[_C.GuardHook]:
+    """``hook`` installed for the ``with`` block, the previous one restored after it."""
     prev = install(hook)
     try:
         yield hook

@@ -128,4 +128,5 @@ def publish_and_collect(
 
 def load(path: str) -> dict[str, Any]:
     with open(path) as fh:
-        return json.load(fh)
+        report: dict[str, Any] = json.load(fh)
+    return report

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from ._collective import BandAllreduce, ExchangeBase, new_gloo_group
+from ._collective import BandAllreduce, Transport, new_gloo_group
 from ._hook import _C
 from ._log import get_logger
 from ._proc import pid_alive
@@ -38,7 +38,6 @@ class Topology:
 
     local_rank: int
     local_world: int
-    host: int
     hosts: int
     local_ranks: list[int]  # global ranks on this host, local rank order
     leaders: list[int]  # global rank of each host's local rank 0, host order
@@ -68,7 +67,6 @@ def topology(group: dist.ProcessGroup) -> Topology:
     return Topology(
         local_rank=members[host].index(me),
         local_world=len(members[host]),
-        host=host,
         hosts=len(members),
         local_ranks=members[host],
         leaders=[m[0] for m in members],
@@ -177,11 +175,14 @@ def _open_segment(
     return seg
 
 
-class ShmTransport(ExchangeBase):
+class ShmTransport(Transport):
     """Guard exchange through shared memory; the C++ hook runs its fast path."""
+
+    name = "shm"
 
     def __init__(
         self,
+        *,
         group: dist.ProcessGroup,
         topo: Topology,
         timeout: float,
@@ -189,10 +190,16 @@ class ShmTransport(ExchangeBase):
         board: StatusBoard | None,
         describe: Callable[[int], str],
     ) -> None:
-        super().__init__(group, timeout, board, describe, wait_log_interval)
+        super().__init__(
+            group=group,
+            timeout=timeout,
+            wait_log_interval=wait_log_interval,
+            board=board,
+            describe=describe,
+        )
         self.topo = topo
         hierarchical = topo.hosts > 1
-        self.transport = "shm+gloo" if hierarchical else "shm"
+        self.name = "shm+gloo" if hierarchical else "shm"
         # Every rank takes part in creating the leaders' group (new_group is
         # collective over the whole job), even ranks that are not leaders.
         leaders_group = new_gloo_group(timeout, topo.leaders) if hierarchical else None

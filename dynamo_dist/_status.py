@@ -17,11 +17,14 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import torch.distributed as dist
-
+from . import _torch_compat
 from ._log import get_logger
 
 log = get_logger("status")
+
+# torch.distributed.Store: exported only when torch is built with distributed support,
+# so its stubs do not declare it; the board only calls set/get/check on it.
+Store = Any
 
 _PREFIX = "dynamo_dist/status/"
 
@@ -31,7 +34,7 @@ class StatusBoard:
 
     def __init__(
         self,
-        store: dist.Store,
+        store: Store,
         rank: int,
         world_size: int,
         interval: float,
@@ -95,10 +98,6 @@ class StatusBoard:
         self._stop.set()
         self.publish(force=True)
 
-    def set_state(self, state: str) -> None:
-        self._state = state
-        self.publish(force=True)
-
     def snapshot(self) -> dict[int, dict[str, Any]]:
         """Last published status of every rank ({} entries for ranks that never published)."""
         out: dict[int, dict[str, Any]] = {}
@@ -114,10 +113,10 @@ class StatusBoard:
         return out
 
 
-def open_store(timeout: float) -> dist.Store | None:
+def open_store(timeout: float) -> Store | None:
     """A client of the job's store for the board's own use (None if there is none)."""
     try:
-        store = dist.distributed_c10d._get_default_store()
+        store = _torch_compat.default_store()
     except Exception:
         return None
     clone = getattr(store, "clone", None)

@@ -23,7 +23,7 @@ def trace_artifact(name: str, payload: dict[str, Any]) -> None:
     ``metadata_fn``/``payload_fn`` is stable from 2.4 through 2.13. A no-op (cheap)
     when no structured trace is being written.
     """
-    from torch._logging import trace_structured
+    from torch._logging._internal import trace_structured
 
     trace_structured(
         "artifact",
@@ -42,5 +42,184 @@ def bump_counter(group: str, name: str, by: int = 1) -> None:
 
 
 # -- hook, exchange, policy, consensus (Dynamo) ---------------------------------------------
+
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import AbstractContextManager  # noqa: E402
+
+# Supported torch versions for every shim below: >= 2.9 (the package's floor), run on
+# 2.11 on the GPU hosts and 2.13 in CI. A shim that needs a newer API says so.
+
+
+def set_guard_complete_hook(hook: object | None) -> object | None:
+    """Install ``hook`` as Dynamo's guard-complete hook and return the previous one.
+
+    ``torch._C._dynamo.eval_frame.set_guard_complete_hook``: torch 2.9 through 2.13.
+    Callers restore what this returns (see ``_hook.install``/``uninstall``).
+    """
+    from typing import cast
+
+    from torch._C._dynamo.eval_frame import set_guard_complete_hook as set_hook
+
+    # Dynamo's stub wants its Protocol; the C++ hook is a pybind11 callable of that shape.
+    return set_hook(cast(Any, hook))
+
+
+def is_dynamo_output(code: Any) -> bool:
+    """Whether ``code`` is bytecode Dynamo generated (its layout depends on compile history).
+
+    ``torch._dynamo.convert_frame.output_codes.seen_ids``: torch 2.9 through 2.13.
+    """
+    try:
+        from torch._dynamo.convert_frame import output_codes
+    except ImportError:  # pragma: no cover
+        return False
+    return id(code) in output_codes.seen_ids
+
+
+def guard_failure_reasons(frame: Any, cache_entry: Any) -> list[str]:
+    """Dynamo's own reasons why ``frame`` failed the guards of its cache entries.
+
+    ``torch._dynamo.guards.get_and_maybe_log_recompilation_reasons``: torch 2.9 through
+    2.11 take the first cache entry (a linked list); 2.12 and 2.13 take the list of
+    entries (``torch._C._dynamo.eval_frame._debug_get_cache_entry_list``). Raises on an
+    unknown torch; callers turn that into a generic reason.
+    """
+    import inspect
+    from typing import cast
+
+    import torch
+    from torch._dynamo.guards import get_and_maybe_log_recompilation_reasons as reasons_fn
+
+    first = next(iter(inspect.signature(reasons_fn).parameters))
+    if first == "cache_entries":  # torch >= 2.12 takes the list of entries
+        entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(frame.f_code)
+        reasons = reasons_fn(entries, frame, cast(Any, None), skip_logging=True)
+    else:  # older torch walks the linked list from the first entry
+        reasons = reasons_fn(cache_entry, frame, cast(Any, None), skip_logging=True)
+    return [str(r) for r in reasons]
+
+
+def dynamo_would_trace(code: Any) -> bool:
+    """Whether Dynamo would trace ``code``: not disabled, and not skip-listed.
+
+    ``torch._dynamo.config.disable`` and ``torch._dynamo.trace_rules.check``: torch 2.9
+    through 2.13. Skip-listed code never gets cache entries, so it is never exchanged.
+    """
+    from torch._dynamo import config as dconfig
+    from torch._dynamo import trace_rules
+
+    if dconfig.disable:
+        return False
+    try:
+        return not trace_rules.check(code)
+    except Exception:
+        return True
+
+
+def wrapping_optimize(wrap: Callable[[Any], Any]) -> AbstractContextManager[None]:
+    """While active, pass every context ``torch._dynamo.optimize`` builds through ``wrap``.
+
+    ``torch.compile`` ends with ``torch._dynamo.optimize(...)(model)`` in torch 2.9 through
+    2.13. Patched for the duration of the ``with`` block only, and restored on exit.
+    """
+    import contextlib
+
+    import torch._dynamo as dynamo
+
+    @contextlib.contextmanager
+    def scope() -> Iterator[None]:
+        original = dynamo.optimize
+
+        def optimize(*args: Any, **kwargs: Any) -> Any:
+            return wrap(original(*args, **kwargs))
+
+        dynamo.optimize = optimize
+        try:
+            yield
+        finally:
+            dynamo.optimize = original
+
+    return scope()
+
+
+def default_store() -> Any:
+    """The job's key-value store (raises when there is none).
+
+    ``torch.distributed.distributed_c10d._get_default_store``: torch 2.9 through 2.13.
+    """
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def inductor_backend(mode: str | None, options: dict[str, Any] | None, dynamic: bool | None) -> Any:
+    """The backend object ``torch.compile(backend="inductor", ...)`` builds.
+
+    ``torch._TorchCompileInductorWrapper(mode, options, dynamic)``: torch 2.9 through 2.13.
+    """
+    from typing import cast
+
+    import torch
+
+    return cast(Any, torch._TorchCompileInductorWrapper)(mode, options, dynamic)
+
+
+def _run_compiler_collective(self: Any) -> None:
+    """Dynamo's ``OutputGraph.run_compiler_collective``, without the accelerator device context.
+
+    Mirrors torch 2.9 through 2.13: ``root_tx.distributed_state``, ``speculation_log`` and
+    ``exc.CompileCollectiveRestartAnalysis``.
+    """
+    import logging
+
+    import torch.distributed as dist
+    from torch._dynamo import exc
+
+    tx = self.root_tx
+    if tx is None:
+        raise AssertionError("root_tx must not be None")
+    ds = tx.distributed_state
+    if ds is not None and ds.all_states is None:
+        logging.getLogger("dynamo_dist.consensus").debug("compiler collective: %s", ds.local_state)
+        all_states: list[Any] = [None] * ds.compile_pg.size()
+        dist.all_gather_object(all_states, ds.local_state, group=ds.compile_pg)
+        ds.all_states = all_states
+        # Tracing may diverge from here with the merged information.
+        tx.speculation_log.clear()
+        raise exc.CompileCollectiveRestartAnalysis
+
+
+def install_compiler_collectives(group: Any) -> Callable[[], None] | None:
+    """Turn on Dynamo's compiler collectives over ``group``; returns the function that restores.
+
+    None when this torch has none. Sets ``torch._dynamo.config.enable_compiler_collectives``
+    and ``torch._dynamo.distributed._COMPILE_PG``, and replaces
+    ``OutputGraph.run_compiler_collective`` (upstream enters a device context that CPU/gloo
+    jobs lack): torch 2.9 through 2.13.
+    """
+    try:
+        import torch._dynamo.config as dconfig
+        import torch._dynamo.distributed as ddist
+        from torch._dynamo.output_graph import OutputGraph
+    except ImportError:  # pragma: no cover
+        return None
+    if not hasattr(dconfig, "enable_compiler_collectives") or not hasattr(
+        OutputGraph, "run_compiler_collective"
+    ):
+        return None
+    saved_config = dconfig.enable_compiler_collectives
+    saved_pg = ddist._COMPILE_PG
+    saved_method = OutputGraph.__dict__["run_compiler_collective"]
+    ddist._COMPILE_PG = group
+    dconfig.enable_compiler_collectives = True
+    OutputGraph.run_compiler_collective = _run_compiler_collective  # type: ignore[method-assign]
+
+    def restore() -> None:
+        dconfig.enable_compiler_collectives = saved_config
+        ddist._COMPILE_PG = saved_pg
+        OutputGraph.run_compiler_collective = saved_method  # type: ignore[method-assign]
+
+    return restore
+
 
 # -- cache (Inductor, AOTAutograd) ------------------------------------------------------------

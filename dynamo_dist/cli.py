@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import _config, _report
+from ._errors import ConfigError
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -22,15 +23,16 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.check:
         try:
             cfg = _config.resolve(config_file=args.check)
-        except _config.ConfigError as e:
+        except ConfigError as e:
             print(f"dynamo-dist config: {e}", file=sys.stderr)
             return 2
         for key, value in sorted(_config.to_env(cfg).items()):
             print(f"{key}={value}")
         return 0
-    print("| key | environment | default | meaning |\n| --- | --- | --- | --- |")
-    for key, var, default, doc in _config.describe():
-        print(f"| {key} | {var} | `{default}` | {doc} |")
+    print("| key | environment | dynamo-dist-run | default | meaning |")
+    print("| --- | --- | --- | --- | --- |")
+    for key, var, flag, default, doc in _config.describe():
+        print(f"| {key} | {var} | {f'`{flag}`' if flag else ''} | `{default}` | {doc} |")
     return 0
 
 

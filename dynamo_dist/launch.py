@@ -15,13 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import cast
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import _config, _secret
 from ._errors import ConfigError
 
-_OURS = ("dd_config", "dd_cache_dir", "dd_policy", "dd_timeout", "dd_report")
+# argparse destinations of our options: prefixed, so they never collide with torchrun's.
+_OURS = ("dd_config", *(f"dd_{f.key}" for f in _config.LAUNCHER_FLAGS))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,16 +40,8 @@ def parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="TOML profile (see configs/); default $DYNAMO_DIST_CONFIG",
     )
-    g.add_argument(
-        "--cache-dir", dest="dd_cache_dir", metavar="DIR", help="shared precompile cache directory"
-    )
-    g.add_argument("--policy", dest="dd_policy", metavar="P", help="sync, strict, warn or off")
-    g.add_argument(
-        "--timeout", dest="dd_timeout", metavar="S", help="seconds a guard exchange may wait"
-    )
-    g.add_argument(
-        "--report", dest="dd_report", metavar="PATH", help="write the job report as JSON to PATH"
-    )
+    for f in _config.LAUNCHER_FLAGS:
+        g.add_argument(f.flag, dest=f"dd_{f.key}", metavar=f.metavar, help=f.help)
     return p
 
 
@@ -54,10 +49,7 @@ def resolve(args: argparse.Namespace) -> _config.Config:
     """The workers' configuration; raises ConfigError naming the file/variable and key."""
     return _config.resolve(
         config_file=args.dd_config,
-        policy=args.dd_policy,
-        timeout=args.dd_timeout,
-        cache_dir=args.dd_cache_dir,
-        report=args.dd_report,
+        **{f.key: getattr(args, f"dd_{f.key}") for f in _config.LAUNCHER_FLAGS},
     )
 
 
@@ -79,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.update(_secret.secret_environment())
     for name in _OURS:
         delattr(args, name)
-    run(args)
+    # torch.distributed.run.run is public but unannotated.
+    cast(Callable[[argparse.Namespace], None], run)(args)
 
 
 if __name__ == "__main__":

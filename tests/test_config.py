@@ -80,5 +80,60 @@ def test_to_env_round_trip():
 def test_every_key_has_env_var_and_doc():
     rows = C.describe()
     assert {r[0] for r in rows} == set(C.ENV_VARS)
-    for key, var, _default, doc in rows:
+    for key, var, _flag, _default, doc in rows:
         assert var.startswith("DYNAMO_DIST_") and doc, key
+
+
+def test_checks_env_and_flags_derive_from_the_fields():
+    from dataclasses import fields
+
+    keys = [f.name for f in fields(Config)]
+    assert list(C.ENV_VARS) == keys and set(C._CHECKS) == set(keys)
+    assert C.ENV_VARS["log_level"] == "DYNAMO_DIST_LOG"  # named by the field
+    assert C.ENV_VARS["status_interval"] == "DYNAMO_DIST_STATUS_INTERVAL"  # derived
+    assert {f.key: f.flag for f in C.LAUNCHER_FLAGS} == {
+        "policy": "--policy",
+        "timeout": "--timeout",
+        "cache_dir": "--cache-dir",
+        "report": "--report",
+    }
+    # Choices come from the Literal annotations.
+    assert C.POLICIES == ("sync", "strict", "warn", "off")
+    assert C.resolve(environ={"DYNAMO_DIST_LOG": "debug"}).log_level == "DEBUG"
+    with pytest.raises(ConfigError, match="one of auto, shm, gloo"):
+        C.resolve(environ={"DYNAMO_DIST_TRANSPORT": "tcp"})
+
+
+def test_launcher_flags_reach_the_config():
+    from dynamo_dist import launch
+
+    args = launch.parser().parse_args(
+        ["--policy", "warn", "--timeout", "7", "--cache-dir", "/tmp/c", "x.py"]
+    )
+    cfg = launch.resolve(args)
+    assert (cfg.policy, cfg.timeout, cfg.cache_dir, cfg.report) == ("warn", 7.0, "/tmp/c", None)
+
+
+def test_override_keeps_a_config_and_checks_arguments():
+    base = Config(policy="strict", timeout=5.0)
+    assert C.override(base, timeout=None, cache_dir="/tmp/c") == Config(
+        policy="strict", timeout=5.0, cache_dir="/tmp/c"
+    )
+    with pytest.raises(ConfigError, match="arguments: timeout"):
+        C.override(base, timeout=-1)
+
+
+def test_compile_accepts_a_config_and_disable():
+    import torch
+
+    import dynamo_dist
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    assert dynamo_dist.compile(f, disable=True) is f
+    assert dynamo_dist.compile(disable=True)(f) is f
+    cf = dynamo_dist.compile(f, backend="eager", config=Config(policy="warn"))
+    assert cf is not f and torch.equal(cf(torch.ones(2)), f(torch.ones(2)))
+    with pytest.raises(ConfigError, match="arguments: cache_dir"):
+        dynamo_dist.compile(f, backend="eager", config=Config(), cache_dir=3)  # type: ignore[arg-type]

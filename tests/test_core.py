@@ -21,7 +21,7 @@ import pytest
 
 from dynamo_dist import _C, _shm
 from dynamo_dist._cache_cli import parse_age, parse_size
-from dynamo_dist._collective import ExchangeBase, pack, percentiles, unpack
+from dynamo_dist._collective import Transport, pack, percentiles, unpack
 from dynamo_dist._errors import RankDivergenceError
 from dynamo_dist._report import format_table, with_derived
 from dynamo_dist._status import describe_missing
@@ -81,10 +81,11 @@ def _cpp_word(records: list[tuple[bool, int]]) -> int:
     return _and([_C._pack_record(h, i) for h, i in records])
 
 
-class _Decider(ExchangeBase):
-    """ExchangeBase.decide without a process group: only the state decide touches."""
+class _Decider(Transport):
+    """Transport.decide without a process group: only the state decide touches."""
 
     def __init__(self) -> None:  # no super(): no dist, no group
+        self.rank = 0
         self.divergences = 0
         self.mixed = 0
         self.last_mixed = None
@@ -384,14 +385,14 @@ def test_hosts_from_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     others = [("group0", 0), ("group0", 1), ("group1", 0), ("group1", 1)]
     topo = _topology(monkeypatch, others, me=3, env=_env(1, 1))
     assert topo == _shm.Topology(
-        local_rank=1, local_world=2, host=1, hosts=2, local_ranks=[2, 3], leaders=[0, 2]
+        local_rank=1, local_world=2, hosts=2, local_ranks=[2, 3], leaders=[0, 2]
     )
 
 
 def test_hosts_interleaved_over_global_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     others = [("group0", 0), ("group1", 0), ("group0", 1), ("group1", 1)]
     topo = _topology(monkeypatch, others, me=2, env=_env(0, 1))
-    assert (topo.host, topo.local_rank, topo.local_ranks, topo.leaders) == (0, 1, [0, 2], [0, 1])
+    assert (topo.local_rank, topo.local_ranks, topo.leaders) == (1, [0, 2], [0, 1])
 
 
 def test_local_rank_order_wins_over_global_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -421,5 +422,5 @@ def test_hosts_without_torchrun_variables_use_host_identity(
     others = [(here, -1), ("elsewhere/other-boot", -1), (here, -1), ("elsewhere/other-boot", -1)]
     topo = _topology(monkeypatch, others, me=2, env=env)
     assert topo == _shm.Topology(
-        local_rank=1, local_world=2, host=0, hosts=2, local_ranks=[0, 2], leaders=[0, 1]
+        local_rank=1, local_world=2, hosts=2, local_ranks=[0, 2], leaders=[0, 1]
     )

@@ -20,14 +20,16 @@ CONSISTENCY = str(Path(__file__).with_name("test_consistency.py"))
 # -- rank program ----------------------------------------------------------------------
 def transports_agree(rank: int, world: int, n: str, n_gloo: str) -> dict[str, Any]:
     """Both transports, driven directly, against an oracle every rank can compute."""
-    from dynamo_dist._collective import GlooExchange, new_gloo_group
+    from dynamo_dist._collective import GlooTransport, new_gloo_group
     from dynamo_dist._shm import ShmTransport, topology
 
     n_shm, n_gl = int(n), int(n_gloo)
     group = new_gloo_group(120)
-    gloo = GlooExchange(group, 60, 30, None, str)
+    gloo = GlooTransport(group=group, timeout=60, wait_log_interval=30, board=None, describe=str)
     topo = topology(group)
-    shm = ShmTransport(group, topo, 60, 30, None, str)
+    shm = ShmTransport(
+        group=group, topo=topo, timeout=60, wait_log_interval=30, board=None, describe=str
+    )
     shm_hook = shm.make_hook()
 
     def plan(step: int) -> list[bool]:
@@ -53,7 +55,7 @@ def transports_agree(rank: int, world: int, n: str, n_gloo: str) -> dict[str, An
         "ok": True,
         "mismatches": mismatches,
         "verdicts": verdicts,
-        "transport": shm.transport,
+        "transport": shm.name,
         "hosts": topo.hosts,
         "local_world": topo.local_world,
         "mixed": shm.mixed,

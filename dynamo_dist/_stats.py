@@ -1,0 +1,112 @@
+"""One typed record of this rank's counters, flattened to the dict users and the report read.
+
+The counters come from four places: the C++ hook (evaluations, misses), the runtime
+(compiles, first-entry exchanges), the transport (exchanges, latencies) and the cache.
+Each has a typed record here; :meth:`Stats.as_dict` flattens them into the keys
+``dynamo_dist.stats()`` has always returned, so the job report and scripts keep working.
+This module imports nothing from the package: every layer can count into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Counts:
+    """What the runtime counts itself; the policy layer and the frame callback add to it."""
+
+    compiles: int = 0
+    """Frames Dynamo compiled through a dynamo_dist callback."""
+
+    first_entry_exchanges: int = 0
+    """Exchanges run for a frame this rank had no compiled entry for."""
+
+    forced_recompiles_logged: int = 0
+    """Mixed exchanges the policy reported (every rank counts each one)."""
+
+    strict_errors: int = 0
+    """Mixed exchanges policy ``strict`` turned into a RankDivergenceError."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HookCounters:
+    """The C++ guard hook's counters (``GuardHook.counters()``)."""
+
+    evaluations: int = 0
+    local_misses: int = 0
+    forced_recompiles: int = 0
+    hook_exchanges: int = 0
+
+    @classmethod
+    def from_hook(cls, counters: Mapping[str, int]) -> HookCounters:
+        """Typed view of the hook's dict; a key the C++ side does not report stays 0."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: int(v) for k, v in counters.items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TransportStats:
+    """The guard exchange's counts and latencies."""
+
+    name: str
+    """``gloo``, ``shm`` or ``shm+gloo`` (reported as ``transport``)."""
+
+    exchanges: int
+    mixed_outcomes: int
+    divergences: int
+    """Frame mismatches, plus mixed exchanges policy ``strict`` refused."""
+
+    p50_us: float
+    p99_us: float
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RuntimeStats:
+    """Everything a running dynamo_dist runtime reports."""
+
+    policy: str
+    consensus: bool
+    hook: HookCounters
+    transport: TransportStats
+    first_entry_exchanges: int
+    compiles: int
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Stats:
+    """This rank's counters: the runtime's (None without one) and the shared cache's."""
+
+    rank: int
+    world_size: int
+    runtime: RuntimeStats | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
+    """``_cache.stats()``: counts summed over the cache directories this process uses."""
+
+    @property
+    def installed(self) -> bool:
+        return self.runtime is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The flat dict ``dynamo_dist.stats()`` returns (the keys the job report reads)."""
+        out: dict[str, Any] = {"rank": self.rank, "world_size": self.world_size}
+        rt = self.runtime
+        if rt is not None:
+            tr = rt.transport
+            out.update(policy=rt.policy, transport=tr.name, consensus=rt.consensus)
+            out.update(dataclasses.asdict(rt.hook))
+            out.update(
+                exchanges=tr.exchanges,
+                first_entry_exchanges=rt.first_entry_exchanges,
+                mixed_outcomes=tr.mixed_outcomes,
+                divergences=tr.divergences,
+                compiles=rt.compiles,
+                p50_us=tr.p50_us,
+                p99_us=tr.p99_us,
+            )
+        out["installed"] = self.installed
+        out.update(self.cache)
+        return out
