@@ -57,7 +57,8 @@ def inductor_backend(mode: str | None, options: dict[str, Any] | None, dynamic: 
     """
     from torch import _TorchCompileInductorWrapper
 
-    return _TorchCompileInductorWrapper(mode, options, dynamic)
+    wrapper: Any = _TorchCompileInductorWrapper  # untyped in torch
+    return wrapper(mode, options, dynamic)
 
 
 class eager_backward_lowering:
