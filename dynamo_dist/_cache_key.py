@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.fx
+from torch import __version__ as torch_version
 
 from ._version import __version__
 
@@ -38,7 +39,7 @@ class UnkeyableGraph(Exception):
 def version_factors() -> dict[str, Any]:
     """What an entry must match exactly to be loaded, whatever the graph."""
     return {
-        "torch": torch.__version__,
+        "torch": torch_version,
         "python": ".".join(str(v) for v in sys.version_info[:3]),
         "dynamo_dist": __version__,
         "machine": platform.machine(),
