@@ -223,3 +223,91 @@ def install_compiler_collectives(group: Any) -> Callable[[], None] | None:
 
 
 # -- cache (Inductor, AOTAutograd) ------------------------------------------------------------
+#
+# Context managers here are small classes rather than ``contextlib`` generators so this
+# section needs no imports of its own at the top of the file (sections stay independent).
+
+
+class eager_backward_lowering:
+    """Have AOTAutograd compile the backward inside the backend call; restored on exit.
+
+    ``torch._functorch.config.force_non_lazy_backward_lowering``: present in torch 2.9
+    through 2.13; where a torch lacks it this is a no-op (the backward is then compiled
+    lazily, outside the cache entry). ``config.patch`` puts the previous value back.
+    """
+
+    def __init__(self) -> None:
+        self._patch: Any = None
+
+    def __enter__(self) -> None:
+        from torch._functorch import config as functorch_config
+
+        if hasattr(functorch_config, "force_non_lazy_backward_lowering"):
+            self._patch = functorch_config.patch(force_non_lazy_backward_lowering=True)
+            self._patch.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._patch is not None:
+            patch, self._patch = self._patch, None
+            patch.__exit__(*exc)
+
+
+class inductor_cache_dir_override:
+    """Point inductor's on-disk caches at ``path`` for the block; restored on exit.
+
+    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` on every cache lookup
+    (``torch._inductor.runtime.cache_dir_utils.cache_dir``, torch 2.4 through 2.13), so
+    setting the variable for the block is enough; its previous value (or absence) is
+    put back even if the compile raises.
+    """
+
+    _VAR = "TORCHINDUCTOR_CACHE_DIR"
+
+    def __init__(self, path: object) -> None:
+        self._path = str(path)
+        self._prev: str | None = None
+
+    def __enter__(self) -> None:
+        import os
+
+        self._prev = os.environ.get(self._VAR)
+        os.environ[self._VAR] = self._path
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        if self._prev is None:
+            os.environ.pop(self._VAR, None)
+        else:
+            os.environ[self._VAR] = self._prev
+
+
+def inductor_cache_dir() -> str:
+    """The inductor cache directory in effect now (``TORCHINDUCTOR_CACHE_DIR`` included).
+
+    ``torch._inductor.runtime.cache_dir_utils.cache_dir``: torch 2.4 through 2.13.
+    """
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return str(cache_dir())
+
+
+def inductor_default_cache_dir() -> str:
+    """Inductor's cache directory when ``TORCHINDUCTOR_CACHE_DIR`` is unset (under /tmp).
+
+    ``torch._inductor.runtime.cache_dir_utils.default_cache_dir``: torch 2.4 through 2.13.
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return str(default_cache_dir())
+
+
+def inductor_fxgraph_cache_misses() -> int:
+    """How many FX graph cache misses (real inductor compiles) this process has had.
+
+    ``torch._dynamo.utils.counters["inductor"]["fxgraph_cache_miss"]``: torch 2.2 through
+    2.13.
+    """
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_miss"])

@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.fx
 
-from dynamo_dist import _cache
+from dynamo_dist._cache_backend import CachingBackend
+from dynamo_dist._cache_key import UnkeyableGraph, graph_key
+from dynamo_dist._cache_protocol import SharedCache
 
 
 def _graph(const: Any) -> torch.fx.GraphModule:
@@ -29,7 +31,7 @@ def _graph(const: Any) -> torch.fx.GraphModule:
 
 
 def _key(gm: torch.fx.GraphModule) -> str:
-    return _cache.graph_key(gm, [torch.zeros(3)], {"backend": "test"})[0]
+    return graph_key(gm, [torch.zeros(3)], {"backend": "test"})[0]
 
 
 @pytest.mark.parametrize(
@@ -58,7 +60,7 @@ def test_same_bytes_other_dtype_or_shape_differ() -> None:
 def test_unkeyable_constant_raises() -> None:
     gm = _graph(torch.zeros(3))
     del gm.c
-    with pytest.raises(_cache.UnkeyableGraph, match="'c'"):
+    with pytest.raises(UnkeyableGraph, match="'c'"):
         _key(gm)
 
 
@@ -71,8 +73,8 @@ def test_unkeyable_graph_compiles_uncached_with_one_warning(
         compiled.append(gm)
         return gm.forward
 
-    cache = _cache.SharedCache(str(tmp_path / "c"), 10.0, 30.0, agree=False)
-    backend = _cache.CachingBackend(inner, cache, {"backend": "test"}, "f (t.py:1)")
+    cache = SharedCache(str(tmp_path / "c"), 10.0, 30.0, agree=False)
+    backend = CachingBackend(inner, cache, {"backend": "test"}, "f (t.py:1)")
     gm = _graph(torch.zeros(3))
     del gm.c
     monkeypatch.setattr(logging.getLogger("dynamo_dist"), "propagate", True)
@@ -84,5 +86,5 @@ def test_unkeyable_graph_compiles_uncached_with_one_warning(
     assert len(warnings) == 1, caplog.text
     assert "f (t.py:1)" in warnings[0].getMessage()
     assert "UnkeyableGraph" in warnings[0].getMessage()
-    assert cache.counts["cache_misses"] == 0
+    assert cache.counts.cache_misses == 0
     assert not list((tmp_path / "c").rglob("manifest.json"))

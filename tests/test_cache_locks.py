@@ -42,3 +42,40 @@ def test_planted_lock_costs_a_local_compile_not_the_job(
     assert cache.compile(KEY, {}, lambda: "compiled", "f (t.py:1)") == "compiled"
     assert cache.stats()["cache_fallbacks"] == 1
     json.dumps(cache.stats())  # the counters stay plain data
+
+
+def _publishing_compile() -> str:
+    """What inductor does in the leader's clean room, in miniature: write cache files."""
+    from dynamo_dist import _torch_compat
+
+    d = Path(_torch_compat.inductor_cache_dir()) / "fxgraph" / "ab"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "graph").write_text("compiled graph")
+    return "compiled by the leader"
+
+
+def test_a_failed_install_costs_a_local_compile_not_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = str(tmp_path / "cache")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "leader"))
+    leader = _cache.SharedCache(root, 5.0, 30.0, agree=False)
+    factors = _cache.version_factors()  # as graph_key's factors include them
+    assert (
+        leader.compile(KEY, factors, _publishing_compile, "f (t.py:1)") == "compiled by the leader"
+    )
+    assert leader.stats()["cache_publishes"] == 1
+    # The follower's own local cache holds a link (planted, or left by a tool): the
+    # install is refused; the rank compiles locally and the shared entry stays good.
+    local = tmp_path / "follower"
+    local.mkdir(mode=0o700)
+    (tmp_path / "elsewhere").mkdir()
+    (local / "fxgraph").symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(local))
+    follower = _cache.SharedCache(root, 5.0, 30.0, agree=False)
+    assert follower.compile(KEY, factors, lambda: "compiled here", "f (t.py:1)") == "compiled here"
+    s = follower.stats()
+    assert s["cache_loads"] == 0 and s["cache_refused"] == 0
+    assert not list((tmp_path / "elsewhere").iterdir())
+    assert not list(Path(root, "refused").rglob("REFUSED"))
+    assert not [p for p in local.iterdir() if p.name.startswith(".dd-staging")]

@@ -269,29 +269,29 @@ def test_nothing_is_installed_into_a_shared_local_directory(tmp_path):
 
 
 def test_local_directory_is_created_private(tmp_path, monkeypatch):
-    from dynamo_dist import _cache
+    from dynamo_dist._cache_protocol import private_local_dir
 
     target = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(target))
-    assert _cache._private_local_dir() == target
+    assert private_local_dir() == target
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
     target.chmod(0o755)  # ours and not writable by others: tightened, still used
-    assert _cache._private_local_dir() == target
+    assert private_local_dir() == target
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
     target.chmod(0o777)
-    assert _cache._private_local_dir() is None
+    assert private_local_dir() is None
 
 
 # -- item 8: jobs with different secrets share nothing and destroy nothing ----------------
 def test_key_namespaces_in_the_store(tmp_path):
-    from dynamo_dist import _cache
+    from dynamo_dist._cache_key import version_factors
     from dynamo_dist._cache_store import DiskStore, key_id
 
     assert key_id("a") != key_id("b") and len(key_id("a")) == 16
     room = tmp_path / "room"
     room.mkdir()
     (room / "f").write_bytes(b"x")
-    man = {"factors": _cache.version_factors(), "created": time.time()}
+    man = {"factors": version_factors(), "created": time.time()}
     a, b, u = (DiskStore(tmp_path / "c", s) for s in ("a", "b", None))
     assert a.put("k" * 40, room, man) > 0
     assert b.get("k" * 40) is None and u.get("k" * 40) is None

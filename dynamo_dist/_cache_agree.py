@@ -1,0 +1,90 @@
+"""Cross-rank agreement on each cached compile: all ranks install an entry, or none does.
+
+A rank that loaded an entry must not run it while another rank compiled the same graph
+itself (a different program for one graph). So for its n-th cached compile every rank
+reports ok or not in the job's key-value store and waits, bounded by the timeout, for
+all reports; one "no" (or a missing report) makes every rank compile locally. A rank
+that cannot use the cache at all still reports, as a "no", so its peers never wait out
+the timeout for it.
+
+Compiles are numbered per process, not per key: every rank compiles the same sequence
+of graphs (the guard exchange enforces it), so the n-th compile is the same graph on
+every rank even when rank-specific graphs have different keys.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any
+
+from ._cache_stats import log
+from ._status import open_store
+
+__all__ = ["Agreement", "next_compile"]
+
+_compile_seq = itertools.count(1)
+
+
+def next_compile() -> int:
+    """The number of this process's next cached compile, over every cache directory.
+
+    Every rank compiles the same sequence of graphs (that is what the guard exchange
+    enforces), so the n-th compile is the same graph on every rank, even when ranks
+    name their cache directories differently or a process uses several.
+    """
+    return next(_compile_seq)
+
+
+class Agreement:
+    """This process's side of the agreements for one cache directory."""
+
+    def __init__(self, world_size: int, timeout: float, enabled: bool) -> None:
+        self.world_size = world_size
+        self.timeout = timeout
+        self.enabled = enabled and world_size > 1
+        self._store_client: Any = None  # the job's store, opened on first agreement
+        self._store_opened = False
+
+    def abstain(self, n: int) -> None:
+        """Report "no" for compile ``n`` without waiting: this rank compiles locally anyway."""
+        if self.enabled:
+            self.agree("-", n, False, wait=False)
+
+    def agree(self, key: str, n: int, ok: bool, wait: bool = True) -> bool:
+        """True if every rank reported ok for its n-th compile; bounded by the timeout.
+
+        ``wait=False`` only reports (a rank that compiles locally whatever the others say).
+        """
+        if not self._store_opened:
+            # One client per cache directory: each open clones a TCP connection.
+            self._store_client = open_store(self.timeout)
+            self._store_opened = True
+        store = self._store_client
+        if store is None:
+            return ok
+        # Per restart: keys from an earlier attempt of an elastic job must not count.
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        base = f"dynamo_dist/cache/agree/{restart}/{n}"
+        try:
+            store.add(f"{base}/fail", 0 if ok else 1)
+            store.add(f"{base}/done", 1)
+            if not wait:
+                return False
+            deadline = time.monotonic() + self.timeout
+            delay = 0.005
+            while store.add(f"{base}/done", 0) < self.world_size:
+                if time.monotonic() >= deadline:
+                    log.warning(
+                        "not every rank reported on cache entry %s within %.0fs; compiling locally",
+                        key[:12],
+                        self.timeout,
+                    )
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+            return bool(store.add(f"{base}/fail", 0) == 0)
+        except Exception as e:
+            log.warning("cache agreement failed (%s); compiling locally", e)
+            return False

@@ -1,0 +1,95 @@
+"""What the shared cache tells its users: one typed counters record, warnings and events.
+
+Counters are a dataclass rather than a dict so a misspelt counter is a type error, not a
+new key in the report. Each cache decision users debug with (an entry loaded, published
+or refused) is also an event: a ``dynamo_dist_cache_*`` artifact in the structured trace
+(``TORCH_TRACE``, read by tlparse) and a count in ``counters["dynamo_dist"]``.
+
+Event payloads name the entry (a key prefix), the graph's label, ranks and sizes, never
+the entry's factors or anything else that could carry a secret or the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from . import _events
+from ._log import get_logger
+
+__all__ = ["CacheStats", "emit_load", "emit_publish", "emit_refusal", "log", "warn_once"]
+
+log = get_logger("cache")
+
+_warned: set[str] = set()
+
+#: Enough of a key to find the entry on disk and in the logs.
+_KEY_PREFIX = 12
+#: A refusal reason is a short message; cap it so a pathological one stays small.
+_REASON_MAX = 300
+
+
+def warn_once(key: str, msg: str, *args: Any) -> None:
+    """Log a warning once per process per ``key``: a broken directory must not flood logs."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(msg, *args)
+
+
+@dataclass
+class CacheStats:
+    """One cache directory's counters in this process (field order is the report's order)."""
+
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_loads: int = 0
+    cache_publishes: int = 0
+    cache_refused: int = 0
+    cache_fallbacks: int = 0
+    cache_bytes_read: int = 0
+    cache_bytes_written: int = 0
+    inductor_compiles: int = 0
+    compile_seconds_saved: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counters under the keys ``dynamo_dist.stats()`` has always reported."""
+        out = dataclasses.asdict(self)
+        out["compile_seconds_saved"] = round(self.compile_seconds_saved, 2)
+        return out
+
+
+def emit_load(key: str, label: str, owner_rank: Any, rank: int, compile_seconds: float) -> None:
+    """An entry was verified and installed: this rank skips inductor for ``label``."""
+    _events.emit(
+        "cache_load",
+        key=key[:_KEY_PREFIX],
+        label=label,
+        rank=rank,
+        owner_rank=owner_rank,
+        compile_seconds_saved=compile_seconds,
+    )
+
+
+def emit_publish(key: str, label: str, rank: int, nbytes: int, compile_seconds: float) -> None:
+    """This rank led the compile of ``label`` and published the entry for the others."""
+    _events.emit(
+        "cache_publish",
+        key=key[:_KEY_PREFIX],
+        label=label,
+        rank=rank,
+        owner_rank=rank,
+        bytes=nbytes,
+        compile_seconds=round(compile_seconds, 3),
+    )
+
+
+def emit_refusal(key: str, rank: int, stage: str, reason: str) -> None:
+    """An entry failed verification (``stage``: "verify" or "unpack") and was moved aside."""
+    _events.emit(
+        "cache_refusal",
+        key=key[:_KEY_PREFIX],
+        rank=rank,
+        stage=stage,
+        reason=reason[:_REASON_MAX],
+    )
