@@ -229,30 +229,21 @@ def launch(
     """
     _require_multiproc()
     outdir = Path(tempfile.mkdtemp(prefix=f"{program}-", dir=tmp))
-    if not agent:
-        assert hosts == 1 and launcher is None and torchrun_args is None
-        run = agentless(
+    argv = [program, str(outdir), *(str(a) for a in args)]
+    if agent:
+        proc = torchrun(
             module,
-            program,
-            str(outdir),
-            *(str(a) for a in args),
+            *argv,
             nproc=nproc,
             timeout=timeout,
             env=env,
+            launcher=launcher,
+            torchrun_args=torchrun_args,
+            hosts=hosts,
         )
-        return read_results(outdir, run)
-    proc = torchrun(
-        module,
-        program,
-        str(outdir),
-        *(str(a) for a in args),
-        nproc=nproc,
-        timeout=timeout,
-        env=env,
-        launcher=launcher,
-        torchrun_args=torchrun_args,
-        hosts=hosts,
-    )
+    else:
+        assert hosts == 1 and launcher is None and torchrun_args is None
+        proc = agentless(module, *argv, nproc=nproc, timeout=timeout, env=env)
     return read_results(outdir, proc)
 
 
