@@ -35,9 +35,17 @@ def divergent_shape(rank: int, world: int) -> dict[str, Any]:
         n = 5 if (rank == 1 and step == 3) else 4
         x = torch.full((n, 3), float(step + 1))
         ok &= bool(torch.allclose(cf(x), _f(x)))
+    from torch._dynamo.utils import counters
+
     from dynamo_dist._hook import current_hook
 
-    return result(cb, ok, hook_type=type(current_hook()).__name__, **ranks.shm_segment())
+    return result(
+        cb,
+        ok,
+        hook_type=type(current_hook()).__name__,
+        counters=dict(counters["dynamo_dist"]),  # read by tests/test_events.py
+        **ranks.shm_segment(),
+    )
 
 
 def long_loop(rank: int, world: int) -> dict[str, Any]:
