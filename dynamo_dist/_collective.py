@@ -313,8 +313,9 @@ class Transport:
         hint = (
             "A rank that exited, crashed or hangs elsewhere, or that entered compiled code fewer "
             "times than this rank (an SPMD violation), never reaches this exchange: run code only "
-            "some ranks run inside `dynamo_dist.local()`. Check that rank's log; raise `timeout` "
-            "if it was only slow (e.g. rank 0 writing a checkpoint)."
+            "some ranks run inside `dynamo_dist.local()`, and compile code that different groups "
+            "of ranks run (pipeline stages) with `group=` those ranks. Check that rank's log; "
+            "raise `timeout` if it was only slow (e.g. rank 0 writing a checkpoint)."
         )
         body = "\n".join(f"  {line}" for line in lines)
         err = CollectiveTimeoutError(
