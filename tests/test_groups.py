@@ -204,6 +204,41 @@ def _f(x: torch.Tensor) -> torch.Tensor:
     return (x * 2).sum(0) + 1
 
 
+def overlapping_groups(rank: int, world: int) -> dict[str, Any]:
+    """Two groups per rank on a (dp=2, tp=2) mesh, called in an order that differs by replica.
+
+    ``f`` is compiled for the rank's tp group, ``g`` for its dp group. Replica 0 calls
+    ``f`` then ``g`` every step, replica 1 ``g`` then ``f``: SPMD within each group,
+    but not across the world. In each group one rank changes its input size once.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp, tp = mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
+    cb_f, cb_g = CountingBackend(), CountingBackend()
+
+    def g(x: torch.Tensor) -> torch.Tensor:
+        return x.cos().sum(0) - 1
+
+    cf = dynamo_dist.compile(_f, backend=cb_f, group=mesh["tp"])
+    cg = dynamo_dist.compile(g, backend=cb_g, group=mesh["dp"])
+    ok = True
+    for step in range(STEPS):
+        xf = torch.randn(5 if (tp == 1 and step == 2) else 4, 3)
+        xg = torch.randn(7 if (dp == 1 and step == 3) else 6, 2)
+        calls = [(cf, _f, xf), (cg, g, xg)]
+        for compiled, eager, x in calls if dp == 0 else calls[::-1]:
+            ok &= bool(torch.allclose(compiled(x), eager(x)))
+    return result(
+        cb_f,
+        ok,
+        g_graphs=cb_g.graphs,
+        g_dynamic=cb_g.dynamic,
+        tp_ranks=mesh["tp"].mesh.tolist(),
+        dp_ranks=mesh["dp"].mesh.tolist(),
+    )
+
+
 def disagree(rank: int, world: int) -> dict[str, Any]:
     """Ranks 0 and 2 compile for the whole world; rank 1 for the group of ranks 0 and 1."""
     assert world == 3
@@ -263,6 +298,33 @@ def test_tensor_parallel_stage_on_dp_tp_mesh(tmp_path):
     _assert_scoped(run, {0: [0, 1, 2, 3]})
     # TP partners see the same batch and hold the same replicated loss.
     assert run.rank(0)["losses"] == pytest.approx(run.rank(1)["losses"])
+
+
+def test_overlapping_groups_in_any_interleaving(tmp_path):
+    run = ranks.launch(HERE, "overlapping_groups", tmp=tmp_path, nproc=4, timeout=500)
+    res = {r: run.rank(r) for r in range(4)}
+    for r, one in res.items():
+        assert one["ok"], f"rank {r}: {one}"
+        groups = sorted(g["ranks"] for g in one["stats"]["groups"].values())
+        assert groups == sorted([one["tp_ranks"], one["dp_ranks"]]), f"rank {r}: {groups}"
+    for members, key in [
+        ([0, 1], "graphs"),
+        ([2, 3], "graphs"),
+        ([0, 2], "g_graphs"),
+        ([1, 3], "g_graphs"),
+    ]:
+        counts = {r: res[r][key] for r in members}
+        assert len(set(counts.values())) == 1, f"{key} differ within group {members}: {counts}"
+        dyn_key = "dynamic" if key == "graphs" else "g_dynamic"
+        dynamic = {r: res[r][dyn_key] for r in members}
+        assert len({str(d) for d in dynamic.values()}) == 1, f"group {members}: {dynamic}"
+        entries = {}
+        for r in members:
+            (entry,) = [g for g in res[r]["stats"]["groups"].values() if g["ranks"] == members]
+            assert entry["exchanges"] > 0 and entry["divergences"] == 0, f"rank {r}: {entry}"
+            entries[r] = entry
+        exchanges = {r: e["exchanges"] for r, e in entries.items()}
+        assert len(set(exchanges.values())) == 1, f"group {members}: {exchanges}"
 
 
 def test_ranks_disagreeing_about_a_group_get_an_error(tmp_path):
