@@ -93,7 +93,7 @@ def pipeline(rank: int, world: int, layout: str) -> dict[str, Any]:
     ``mesh["dp"]`` instead of the all-reduce.
     """
     assert world == 4
-    if layout == "new_group":
+    if layout in ("new_group", "world"):
         groups = {s: dist.new_group(r) for s, r in STAGE_RANKS.items()}
         stage, replica = divmod(rank, 2)
         group: Any = groups[stage]
@@ -113,7 +113,29 @@ def pipeline(rank: int, world: int, layout: str) -> dict[str, Any]:
 
         fully_shard(module, mesh=group)
     cb = CountingBackend()
-    cstage = dynamo_dist.compile(module, backend=cb, group=group)
+    try:
+        cstage = dynamo_dist.compile(module, backend=cb, group=None if layout == "world" else group)
+        losses = _train_stage(module, cstage, stage, replica, peer, layout, pg)
+    except dynamo_dist.DynamoDistError as e:
+        return error_result(cb, e, stage=stage, missing=getattr(e, "missing", None))
+    finite = all(
+        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+        for p in module.parameters()
+    )
+    return result(
+        cb,
+        finite and all(math.isfinite(v) for v in losses),
+        stage=stage,
+        replica=replica,
+        losses=losses,
+        group_ranks=dist.get_process_group_ranks(pg),
+    )
+
+
+def _train_stage(
+    module: nn.Module, cstage: Any, stage: int, replica: int, peer: int, layout: str, pg: Any
+) -> list[float]:
+    """STEPS steps of one stage: forward, send/recv with the peer stage, backward, dp sync."""
     opt = torch.optim.SGD(module.parameters(), lr=0.05)
     losses: list[float] = []
     for step in range(STEPS):
@@ -137,18 +159,7 @@ def pipeline(rank: int, world: int, layout: str) -> dict[str, Any]:
         if layout != "fsdp":
             _all_reduce_grads(list(module.parameters()), pg)
         opt.step()
-    finite = all(
-        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
-        for p in module.parameters()
-    )
-    return result(
-        cb,
-        finite and all(math.isfinite(v) for v in losses),
-        stage=stage,
-        replica=replica,
-        losses=losses,
-        group_ranks=dist.get_process_group_ranks(pg),
-    )
+    return losses
 
 
 class MLP(nn.Module):
@@ -286,6 +297,25 @@ def test_pipeline_stages_exchange_within_their_group(tmp_path, layout):
     # Replica 1's different batch sizes: both ranks of a stage made the same decision.
     for r in (2, 3):
         assert len(run.rank(r)["losses"]) == STEPS
+
+
+def test_pipeline_stages_without_group_time_out(tmp_path):
+    """The control: compiled for the whole world, stage 0's first exchange waits for stage 1,
+    whose ranks wait in ``recv`` for stage 0's activations. Nothing pairs them: it can only
+    time out, naming the stage-1 ranks."""
+    run = ranks.launch(
+        HERE,
+        "pipeline",
+        "world",
+        tmp=tmp_path,
+        nproc=4,
+        timeout=400,
+        env={"DYNAMO_DIST_TIMEOUT": "20"},
+    )
+    for r in (0, 1):
+        res = run.rank(r)
+        assert res["error"] == "CollectiveTimeoutError", res
+        assert "[2, 3]" in res["message"], res["message"]
 
 
 def test_fsdp2_stage_exchanges_within_dp_group(tmp_path):
