@@ -16,6 +16,7 @@ one and asserts on what every rank reported.
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import Any
 
@@ -92,6 +93,45 @@ def pipeline(rank: int, world: int, layout: str) -> dict[str, Any]:
     ``fsdp``: as ``mesh``, with the stage sharded by FSDP2 (``fully_shard``) over
     ``mesh["dp"]`` instead of the all-reduce.
     """
+    stage, replica, group, pg, peer, module = _stage_setup(rank, world, layout)
+    cb = CountingBackend()
+    try:
+        cstage = dynamo_dist.compile(module, backend=cb, group=None if layout == "world" else group)
+        losses = _train_stage(module, cstage, stage, replica, peer, layout, pg)
+    except dynamo_dist.DynamoDistError as e:
+        return error_result(cb, e, stage=stage, missing=getattr(e, "missing", None))
+    return result(
+        cb,
+        _finite(module, losses),
+        stage=stage,
+        replica=replica,
+        losses=losses,
+        group_ranks=dist.get_process_group_ranks(pg),
+    )
+
+
+def pipeline_cached(rank: int, world: int, local_base: str) -> dict[str, Any]:
+    """:func:`pipeline` with inductor and the shared cache (``DYNAMO_DIST_CACHE_DIR``).
+
+    Each stage's ranks agree on their own entries: one rank per stage compiles, the
+    other loads, and no rank waits for the other stage's graphs.
+    """
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local_base, f"rank{rank}")
+    stage, replica, group, pg, peer, module = _stage_setup(rank, world, "new_group")
+    cstage = dynamo_dist.compile(module, group=group)
+    losses = _train_stage(module, cstage, stage, replica, peer, "new_group", pg)
+    return {"ok": _finite(module, losses), "stats": dynamo_dist.stats(), "stage": stage}
+
+
+def _finite(module: nn.Module, losses: list[float]) -> bool:
+    params = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+    return all(bool(torch.isfinite(p).all()) for p in params) and all(
+        math.isfinite(v) for v in losses
+    )
+
+
+def _stage_setup(rank: int, world: int, layout: str) -> tuple[int, int, Any, Any, int, nn.Module]:
+    """This rank's stage, replica, group (to compile with), process group, peer and module."""
     assert world == 4
     if layout in ("new_group", "world"):
         groups = {s: dist.new_group(r) for s, r in STAGE_RANKS.items()}
@@ -112,24 +152,7 @@ def pipeline(rank: int, world: int, layout: str) -> dict[str, Any]:
         from torch.distributed.fsdp import fully_shard
 
         fully_shard(module, mesh=group)
-    cb = CountingBackend()
-    try:
-        cstage = dynamo_dist.compile(module, backend=cb, group=None if layout == "world" else group)
-        losses = _train_stage(module, cstage, stage, replica, peer, layout, pg)
-    except dynamo_dist.DynamoDistError as e:
-        return error_result(cb, e, stage=stage, missing=getattr(e, "missing", None))
-    finite = all(
-        bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
-        for p in module.parameters()
-    )
-    return result(
-        cb,
-        finite and all(math.isfinite(v) for v in losses),
-        stage=stage,
-        replica=replica,
-        losses=losses,
-        group_ranks=dist.get_process_group_ranks(pg),
-    )
+    return stage, replica, group, pg, peer, module
 
 
 def _train_stage(
@@ -316,6 +339,32 @@ def test_pipeline_stages_without_group_time_out(tmp_path):
         res = run.rank(r)
         assert res["error"] == "CollectiveTimeoutError", res
         assert "[2, 3]" in res["message"], res["message"]
+
+
+@pytest.mark.inductor
+def test_pipeline_stages_share_the_cache_within_their_group(tmp_path):
+    cache = tmp_path / "cache"
+    run = ranks.launch(
+        HERE,
+        "pipeline_cached",
+        str(tmp_path / "local"),
+        tmp=tmp_path,
+        nproc=4,
+        timeout=500,
+        env={"DYNAMO_DIST_CACHE_DIR": str(cache), "DYNAMO_DIST_LOG": "INFO"},
+    )
+    for s, members in STAGE_RANKS.items():
+        st = {}
+        for r in members:
+            res = run.rank(r)
+            assert res["ok"], res
+            st[r] = res["stats"]
+        # Every graph of the stage compiled by one of its ranks and loaded by the other.
+        assert len({x["compiles"] for x in st.values()}) == 1, f"stage {s}: {st}"
+        publishes = sum(x["cache_publishes"] for x in st.values())
+        assert publishes >= 1, f"stage {s}: {st}"
+        assert sum(x["cache_loads"] for x in st.values()) == publishes, f"stage {s}: {st}"
+        assert all(len(x["groups"]) == 1 for x in st.values()), f"stage {s}: {st}"
 
 
 def test_fsdp2_stage_exchanges_within_dp_group(tmp_path):
