@@ -339,6 +339,9 @@ def test_pipeline_stages_without_group_time_out(tmp_path):
         res = run.rank(r)
         assert res["error"] == "CollectiveTimeoutError", res
         assert "[2, 3]" in res["message"], res["message"]
+    # Before that, the stall warning (default 10 s, under the 20 s timeout) named the fix.
+    assert "stalled at guard exchange" in run.output, run.output[-3000:]
+    assert "compile each part with `group=`" in run.output, run.output[-3000:]
 
 
 @pytest.mark.inductor
@@ -421,7 +424,9 @@ def test_ranks_disagreeing_about_a_group_get_an_error(tmp_path):
         assert res["dd_error"], f"rank {r}: not a DynamoDistError: {res}"
         # A clear error, not the timeout after waiting for a rank that never comes.
         assert res["error"] != "CollectiveTimeoutError", f"rank {r}: {res['message']}"
-        assert "group" in res["message"].lower(), f"rank {r}: {res['message']}"
+        # It names the disagreement: the group and the two ranks that set up different ones.
+        msg = res["message"]
+        assert "group" in msg.lower() and "rank 0" in msg and "rank 1" in msg, f"rank {r}: {msg}"
 
 
 def test_train_pp_example_runs(tmp_path):
