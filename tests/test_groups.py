@@ -441,14 +441,16 @@ def test_train_pp_example_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     lines = re.findall(
-        r"\[rank (\d)\] stage (\d) replica (\d): steps (\d+), loss (\S+), compiles (\d+)",
+        r"\[rank (\d)\] stage (\d) replica (\d): steps (\d+), loss ([^,]+), compiles (\d+), "
+        r"exchanges \d+, exchange groups (.*)",
         proc.stdout,
     )
     assert sorted(int(r) for r, *_ in lines) == [0, 1, 2, 3], proc.stdout[-3000:]
     by_stage: dict[str, set[str]] = {}
-    for _, stage, _, steps, loss, compiles in lines:
+    for _, stage, _, steps, loss, compiles, groups in lines:
         assert steps == "6"
         assert math.isfinite(float(loss))
+        assert groups == str([STAGE_RANKS[int(stage)]]), f"stage {stage}: {groups}"
         by_stage.setdefault(stage, set()).add(compiles)
     assert sorted(by_stage) == ["0", "1"]
     for stage, counts in by_stage.items():
