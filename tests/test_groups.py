@@ -74,6 +74,29 @@ class Stage1(nn.Module):
         return F.mse_loss(z, y)
 
 
+class TPStage0(nn.Module):
+    """Stage 0 for tensor parallelism: ``up`` column-wise, ``down`` row-wise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(IN, HID)
+        self.down = nn.Linear(HID, HID)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+class TPStage1(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(HID, HID)
+        self.down = nn.Linear(HID, HID)
+
+    def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        z = self.down(torch.relu(self.up(h))) + h
+        return F.mse_loss(z.mean(-1), y)
+
+
 def _all_reduce_grads(params: list[torch.nn.Parameter], group: Any) -> None:
     """Data-parallel sync within the stage: average the gradients over its replicas."""
     n = dist.get_world_size(group)
@@ -91,7 +114,9 @@ def pipeline(rank: int, world: int, layout: str) -> dict[str, Any]:
     ``new_group``: ``dist.new_group`` per stage (created on every rank), gradients
     all-reduced on it. ``mesh``: a (pp, dp) DeviceMesh, ``group=mesh["dp"]``.
     ``fsdp``: as ``mesh``, with the stage sharded by FSDP2 (``fully_shard``) over
-    ``mesh["dp"]`` instead of the all-reduce.
+    ``mesh["dp"]`` instead of the all-reduce. ``mesh3d``: a (pp=2, dp=2, tp=1) mesh,
+    ``group=mesh["dp", "tp"]`` (a 2-D submesh). ``tp``: a (pp=2, dp=1, tp=2) mesh whose
+    stages are DTensor tensor-parallel over ``mesh["tp"]``, ``group=mesh["dp", "tp"]``.
     """
     stage, replica, group, pg, peer, module = _stage_setup(rank, world, layout)
     cb = CountingBackend()
@@ -106,8 +131,15 @@ def pipeline(rank: int, world: int, layout: str) -> dict[str, Any]:
         stage=stage,
         replica=replica,
         losses=losses,
-        group_ranks=dist.get_process_group_ranks(pg),
+        group_ranks=_ranks_of(group),
     )
+
+
+def _ranks_of(group: Any) -> list[int]:
+    """The global ranks of a ProcessGroup or of a DeviceMesh (any number of dimensions)."""
+    if hasattr(group, "mesh"):
+        return sorted(group.mesh.flatten().tolist())
+    return dist.get_process_group_ranks(group)
 
 
 def pipeline_cached(rank: int, world: int, local_base: str) -> dict[str, Any]:
@@ -138,6 +170,18 @@ def _stage_setup(rank: int, world: int, layout: str) -> tuple[int, int, Any, Any
         stage, replica = divmod(rank, 2)
         group: Any = groups[stage]
         pg = group
+    elif layout in ("mesh3d", "tp"):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = (2, 2, 1) if layout == "mesh3d" else (2, 1, 2)
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("pp", "dp", "tp"))
+        stage, replica = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
+        group = mesh["dp", "tp"]  # this stage's dp x tp ranks
+        pg = mesh["dp"].get_group()
+        if layout == "tp":
+            # The one replica's two TP ranks must see the same batch: they both draw
+            # replica 1's, whose size changes at step 3.
+            replica = 1
     else:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -147,7 +191,19 @@ def _stage_setup(rank: int, world: int, layout: str) -> tuple[int, int, Any, Any
         pg = group.get_group()
     peer = rank + 2 if stage == 0 else rank - 2
     torch.manual_seed(stage)  # the same initial weights on both replicas of a stage
-    module: nn.Module = Stage0() if stage == 0 else Stage1()
+    module: nn.Module
+    if layout == "tp":
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        module = TPStage0() if stage == 0 else TPStage1()
+        plan = {"up": ColwiseParallel(), "down": RowwiseParallel()}
+        parallelize_module(module, mesh["tp"], plan)  # type: ignore[arg-type]
+    else:
+        module = Stage0() if stage == 0 else Stage1()
     if layout == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -220,7 +276,7 @@ def tensor_parallel(rank: int, world: int) -> dict[str, Any]:
     for step in range(STEPS):
         x, y = _data(step, replica)
         opt.zero_grad(set_to_none=True)
-        loss = F.mse_loss(cmodel(x).sum(-1), y)
+        loss = F.mse_loss(cmodel(x).mean(-1), y)
         loss.backward()
         _all_reduce_grads(list(model.parameters()), mesh["dp"].get_group())
         opt.step()
@@ -313,7 +369,7 @@ def _assert_scoped(run: ranks.RankRun, stage_ranks: dict[int, list[int]]) -> Non
             assert g["divergences"] == 0, f"rank {r}: {groups}"
 
 
-@pytest.mark.parametrize("layout", ["new_group", "mesh"])
+@pytest.mark.parametrize("layout", ["new_group", "mesh", "mesh3d", "tp"])
 def test_pipeline_stages_exchange_within_their_group(tmp_path, layout):
     run = ranks.launch(HERE, "pipeline", layout, tmp=tmp_path, nproc=4, timeout=500)
     _assert_scoped(run, STAGE_RANKS)
@@ -367,6 +423,8 @@ def test_pipeline_stages_share_the_cache_within_their_group(tmp_path):
         publishes = sum(x["cache_publishes"] for x in st.values())
         assert publishes >= 1, f"stage {s}: {st}"
         assert sum(x["cache_loads"] for x in st.values()) == publishes, f"stage {s}: {st}"
+        ran_inductor = sorted(x["inductor_compiles"] > 0 for x in st.values())
+        assert ran_inductor == [False, True], f"stage {s}: one rank compiles, one loads: {st}"
         assert all(len(x["groups"]) == 1 for x in st.values()), f"stage {s}: {st}"
 
 
