@@ -373,7 +373,7 @@ def _assert_scoped(run: ranks.RankRun, stage_ranks: dict[int, list[int]]) -> Non
 def test_pipeline_stages_exchange_within_their_group(tmp_path, layout):
     run = ranks.launch(HERE, "pipeline", layout, tmp=tmp_path, nproc=4, timeout=500)
     _assert_scoped(run, STAGE_RANKS)
-    # Replica 1's different batch sizes: both ranks of a stage made the same decision.
+    # Both replicas trained every step (the last stage records the loss).
     for r in (2, 3):
         assert len(run.rank(r)["losses"]) == STEPS
 
@@ -397,7 +397,7 @@ def test_pipeline_stages_without_group_time_out(tmp_path):
         assert "[2, 3]" in res["message"], res["message"]
     # Before that, the stall warning (default 10 s, under the 20 s timeout) named the fix.
     assert "stalled at guard exchange" in run.output, run.output[-3000:]
-    assert "compile each part with `group=`" in run.output, run.output[-3000:]
+    assert "`group=`" in run.output, run.output[-3000:]
 
 
 @pytest.mark.inductor
