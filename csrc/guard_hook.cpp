@@ -20,6 +20,12 @@ struct IdentityDesc {
   PyObject* code;  // strong reference, kept for the life of the process
   int lasti;
   int64_t region;
+  bool grad;
+};
+
+struct RegionFrame {
+  int64_t region;
+  GuardHook* hook;
 };
 
 // Code objects are kept alive by the cache (strong references) so a freed
@@ -39,7 +45,26 @@ py::object& classifier() {
   return *fn;
 }
 
-thread_local std::vector<int64_t> region_stack;
+py::object& mode_probe() {
+  static auto* fn = new py::object();
+  return *fn;
+}
+
+thread_local std::vector<RegionFrame> region_stack;
+thread_local int local_depth_ = 0;
+uint64_t exchange_epoch = 0;  // guarded by the GIL
+
+bool grad_enabled() {
+  if (!mode_probe()) return true;
+  PyObject* r = PyObject_CallNoArgs(mode_probe().ptr());
+  if (r == nullptr) {
+    PyErr_Clear();
+    return true;
+  }
+  const bool on = (r == Py_True);
+  Py_DECREF(r);
+  return on;
+}
 
 py::object& sticky_error() {
   static auto* err = new py::object();
@@ -82,7 +107,8 @@ int frame_lasti(PyFrameObject* f) {
 }  // namespace
 
 uint64_t current_identity(int skip) {
-  int64_t region = region_stack.empty() ? -1 : region_stack.back();
+  int64_t region = region_stack.empty() ? -1 : region_stack.back().region;
+  const bool grad = grad_enabled();
   PyFrameObject* f = PyEval_GetFrame();  // borrowed
   Py_XINCREF(f);
   for (int i = 0; i < skip && f != nullptr; ++i) {
@@ -91,6 +117,7 @@ uint64_t current_identity(int skip) {
     f = back;
   }
   uint64_t ident = mix(0x6479646973743031ULL, static_cast<uint64_t>(region));
+  ident = mix(ident, grad ? 0x67726164ULL : 0x6e6f6772ULL);
   if (f == nullptr) {
     return ident >> 2;
   }
@@ -113,7 +140,8 @@ uint64_t current_identity(int skip) {
   auto& table = identity_table();
   if (table.find(ident) == table.end()) {
     Py_INCREF(code);
-    table.emplace(ident, IdentityDesc{reinterpret_cast<PyObject*>(code), used_lasti, region});
+    table.emplace(ident,
+                  IdentityDesc{reinterpret_cast<PyObject*>(code), used_lasti, region, grad});
   }
   Py_DECREF(code);
   return ident;
@@ -125,8 +153,19 @@ py::object describe_identity(uint64_t ident) {
   if (it == table.end()) {
     return py::none();
   }
-  return py::make_tuple(py::handle(it->second.code), it->second.lasti, it->second.region);
+  return py::make_tuple(py::handle(it->second.code), it->second.lasti, it->second.region,
+                        it->second.grad);
 }
+
+void set_mode_probe(py::object fn) { mode_probe() = std::move(fn); }
+
+void local_enter() { ++local_depth_; }
+
+void local_exit() {
+  if (local_depth_ > 0) --local_depth_;
+}
+
+int local_depth() { return local_depth_; }
 
 void set_code_classifier(py::object fn) {
   classifier() = std::move(fn);
@@ -140,7 +179,7 @@ void set_pending_error(py::object err) {
   sticky_error() = err.is_none() ? py::object() : std::move(err);
 }
 
-RegionEnter::RegionEnter(int64_t region) : region_(region) {}
+RegionEnter::RegionEnter(int64_t region, GuardHook* hook) : region_(region), hook_(hook) {}
 
 py::object RegionEnter::call() {
   static auto* exit_obj = new py::object(py::cast(RegionExit()));
@@ -148,7 +187,7 @@ py::object RegionEnter::call() {
     PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(sticky_error().ptr())), sticky_error().ptr());
     throw py::error_already_set();
   }
-  region_stack.push_back(region_);
+  region_stack.push_back(RegionFrame{region_, hook_});
   return *exit_obj;
 }
 
@@ -175,6 +214,7 @@ inline uint64_t now_ns() {
 
 bool GuardHook::exchange(bool hit, uint64_t ident) {
   ++exchanges_;
+  last_epoch_ = ++exchange_epoch;
   if (!shm_) {
     return exchange_(hit, ident).cast<bool>();
   }
@@ -213,8 +253,9 @@ bool GuardHook::call(bool hit) {
     ++local_misses_;
   }
   // Only calls inside a dynamo_dist.compile region are exchanged: plain
-  // torch.compile code elsewhere in the program keeps its own semantics.
-  if (region_stack.empty()) {
+  // torch.compile code elsewhere in the program keeps its own semantics, and
+  // so does code inside dynamo_dist.local().
+  if (region_stack.empty() || local_depth_ > 0) {
     return hit;
   }
   if (sticky_error()) {
@@ -245,5 +286,12 @@ py::dict GuardHook::counters() const {
   return d;
 }
 
+bool Router::call(bool hit) {
+  if (region_stack.empty() || local_depth_ > 0 || region_stack.back().hook == nullptr) {
+    ++passed_;
+    return hit;
+  }
+  return region_stack.back().hook->call(hit);
+}
 
 }  // namespace dynamo_dist

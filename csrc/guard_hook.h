@@ -43,14 +43,26 @@ inline int fast_verdict(uint64_t word) {
 // Identity of the frame Dynamo is about to run, as seen from the frame that
 // calls it (Dynamo has not linked the callee into the thread state yet when it
 // runs the hook), combined with the innermost compiled region entered on this
-// thread. `skip` walks that many frames further back first: the Python
+// thread and the thread's grad mode (so a rank evaluating under no_grad never
+// pairs with a rank training through the same call site). `skip` walks that many frames further back first: the Python
 // callback wrapper passes 2 to step over its own frame and the policy method's
 // frame (_policy.Policy.exchange_first_entry).
 uint64_t current_identity(int skip);
 
 // Describes an identity seen earlier on this process: (caller code, lasti,
-// region) or None.
+// region, grad_enabled) or None.
 py::object describe_identity(uint64_t ident);
+
+// Python callable () -> bool: torch.is_grad_enabled, mixed into every identity.
+void set_mode_probe(py::object fn);
+
+// dynamo_dist.local(): a per-thread depth. While it is positive, compiled
+// calls on this thread exchange nothing (plain torch.compile semantics).
+void local_enter();
+void local_exit();
+int local_depth();
+
+class GuardHook;
 
 // Python callable (code) -> (hash: int, use_lasti: bool), called once per
 // caller code object. The hash must be stable across processes.
@@ -66,13 +78,16 @@ void set_pending_error(py::object err);
 // Region stack: dynamo_dist.compile appends a RegionEnter to the Dynamo
 // context's enter/exit hooks, so every call of a compiled function pushes its
 // region id for the duration of the call.
+// Each entry names the channel (a GuardHook, one per group of ranks) that
+// exchanges the region's guard results; the installed Router dispatches to it.
 class RegionEnter {
  public:
-  explicit RegionEnter(int64_t region);
+  RegionEnter(int64_t region, GuardHook* hook);
   py::object call();
 
  private:
   int64_t region_;
+  GuardHook* hook_;  // kept alive by the Python RegionEnter (keep_alive)
 };
 
 class RegionExit {
@@ -95,6 +110,8 @@ class GuardHook {
   bool exchange(bool hit, uint64_t ident);
   uint64_t seq() const { return seq_; }
   uint64_t last_ident() const { return last_ident_; }
+  // Process-wide order of this hook's last exchange among all hooks' exchanges.
+  uint64_t last_epoch() const { return last_epoch_; }
   py::list latencies_ns() const;
 
   // Called by Dynamo: hit == true means the local cache lookup found an entry.
@@ -111,12 +128,25 @@ class GuardHook {
   py::object slow_path_;
   uint64_t seq_ = 0;
   uint64_t last_ident_ = 0;
+  uint64_t last_epoch_ = 0;
   std::vector<uint32_t> latencies_;
   size_t latency_next_ = 0;
   uint64_t evaluations_ = 0;
   uint64_t local_misses_ = 0;
   uint64_t forced_recompiles_ = 0;
   uint64_t exchanges_ = 0;
+};
+
+// The one hook installed into Dynamo: routes each guard result to the channel
+// of the innermost compiled region on this thread; passes results through
+// outside regions and inside dynamo_dist.local().
+class Router {
+ public:
+  bool call(bool hit);
+  uint64_t passed_through() const { return passed_; }
+
+ private:
+  uint64_t passed_ = 0;
 };
 
 }  // namespace dynamo_dist

@@ -30,6 +30,8 @@ PYBIND11_MODULE(_C, m) {
       .def("set_cross_host", &ShmExchange::set_cross_host, py::arg("fn"),
            "Leader: fn(word) -> word ANDed over hosts.")
       .def("set_wait_logger", &ShmExchange::set_wait_logger, py::arg("fn"))
+      .def("waiting_for", &ShmExchange::waiting_for,
+           "Seconds the exchange in progress has waited, or -1 (for the status thread).")
       .def_property_readonly("name", &ShmExchange::name);
 
   py::class_<GuardHook>(m, "GuardHook", "Callable installed as Dynamo's guard-complete hook.")
@@ -43,13 +45,21 @@ PYBIND11_MODULE(_C, m) {
            "One exchange (may raise): for frames Dynamo has no entries for yet.")
       .def_property_readonly("seq", &GuardHook::seq)
       .def_property_readonly("last_ident", &GuardHook::last_ident)
+      .def_property_readonly("last_epoch", &GuardHook::last_epoch)
       .def("latencies_ns", &GuardHook::latencies_ns)
       .def("__call__", &GuardHook::call, py::arg("hit"),
            "Dynamo's entry point: returns the verdict agreed by all ranks (False forces a recompile).")
       .def("counters", &GuardHook::counters, "This rank's hook counters as a dict.");
 
+  py::class_<Router>(m, "Router",
+                     "The installed guard-complete hook: routes to the innermost region's channel.")
+      .def(py::init<>())
+      .def("__call__", &Router::call, py::arg("hit"))
+      .def_property_readonly("passed_through", &Router::passed_through);
+
   py::class_<RegionEnter>(m, "RegionEnter", "Dynamo enter/exit hook that marks a compiled region.")
-      .def(py::init<int64_t>(), py::arg("region"))
+      .def(py::init<int64_t, GuardHook*>(), py::arg("region"), py::arg("hook") = nullptr,
+           py::keep_alive<1, 3>())
       .def("__call__", &RegionEnter::call);
   py::class_<RegionExit>(m, "RegionExit").def("__call__", &RegionExit::call);
 
@@ -61,12 +71,17 @@ PYBIND11_MODULE(_C, m) {
         "Identity of the frame about to run (caller code, call site, region); the exchange "
         "record carries its low 31 bits.");
   m.def("describe_identity", &describe_identity, py::arg("ident"),
-        "(caller code, lasti, region) for an identity seen on this process, or None.");
+        "(caller code, lasti, region, grad_enabled) for an identity seen on this process, or None.");
   m.def("_pack_record", &pack_record, py::arg("hit"), py::arg("ident"),
         "The fast path's record for (hit, ident), as an unsigned 64-bit int; for tests.");
   m.def("_fast_verdict", &fast_verdict, py::arg("word"),
         "The fast path's decision on an AND-reduced word: 1 all hit, 0 all missed, -1 the "
         "slow path decides; for tests.");
+  m.def("set_mode_probe", &set_mode_probe, py::arg("fn"),
+        "fn() -> bool (torch.is_grad_enabled): mixed into every frame identity.");
+  m.def("local_enter", &local_enter, "Enter dynamo_dist.local() on this thread.");
+  m.def("local_exit", &local_exit, "Leave dynamo_dist.local() on this thread.");
+  m.def("local_depth", &local_depth, "How deep this thread is inside dynamo_dist.local().");
   m.def("set_code_classifier", &set_code_classifier, py::arg("fn"),
         "fn(code) -> (stable hash, use_lasti); called once per caller code object.");
 }

@@ -232,7 +232,21 @@ ExchangeResult ShmExchange::wait_for(uint64_t seq, Ready ready, int* culprit_hin
   return res;
 }
 
+double ShmExchange::waiting_for() const {
+  const double start = wait_start_.load(std::memory_order_relaxed);
+  return start > 0.0 ? now_s() - start : -1.0;
+}
+
 ExchangeResult ShmExchange::exchange(uint64_t word, uint64_t seq) {
+  struct Clear {
+    std::atomic<double>& start;
+    ~Clear() { start.store(0.0, std::memory_order_relaxed); }
+  } clear{wait_start_};
+  wait_start_.store(now_s(), std::memory_order_relaxed);
+  return exchange_impl(word, seq);
+}
+
+ExchangeResult ShmExchange::exchange_impl(uint64_t word, uint64_t seq) {
   Header* h = header(base_);
   Slot* s = slots(base_);
   Slot& me = s[local_rank_];

@@ -59,6 +59,10 @@ class ShmExchange {
   // GIL held; releases it while sleeping.
   ExchangeResult exchange(uint64_t word, uint64_t seq);
 
+  // Seconds the current exchange has waited so far, or -1 when none is in
+  // progress. Read by the status thread (stall warnings), never on the hot path.
+  double waiting_for() const;
+
   // Leader only: fn(word: int) -> int, the AND of all hosts' combined words.
   void set_cross_host(py::object fn) { cross_host_ = std::move(fn); }
   // Called (with the GIL) every log interval while waiting: fn(seq, waited_s).
@@ -75,6 +79,7 @@ class ShmExchange {
   template <typename Ready>
   ExchangeResult wait_for(uint64_t seq, Ready ready, int* culprit_hint, double timeout_s);
   void notify();
+  ExchangeResult exchange_impl(uint64_t word, uint64_t seq);
 
   std::string name_;
   bool owner_;
@@ -88,6 +93,7 @@ class ShmExchange {
   size_t size_ = 0;
   py::object cross_host_;
   py::object wait_logger_;
+  std::atomic<double> wait_start_{0.0};
 };
 
 }  // namespace dynamo_dist

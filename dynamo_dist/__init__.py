@@ -1,6 +1,6 @@
 """dynamo_dist: torch.compile that is safe and fast in multi-rank training.
 
-Public API: :func:`compile`, :func:`stats`, :func:`shutdown`, :class:`Config`
+Public API: :func:`compile`, :func:`local`, :func:`stats`, :func:`shutdown`, :class:`Config`
 and the exceptions below. Everything else is private.
 """
 
@@ -20,6 +20,7 @@ from ._errors import (  # noqa: E402
     DynamoDistError,
     RankDivergenceError,
 )
+from ._local import local  # noqa: E402
 from ._version import __version__  # noqa: E402
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "RankDivergenceError",
     "__version__",
     "compile",
+    "local",
     "shutdown",
     "stats",
 ]

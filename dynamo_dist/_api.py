@@ -9,7 +9,7 @@ from typing import Any, TypeVar, overload
 
 import torch
 
-from . import _cache, _config, _hook, _intercept, _log, _runtime, _torch_compat
+from . import _cache, _config, _group, _hook, _intercept, _log, _runtime, _torch_compat
 from ._config import POLICIES, Config, PolicyName
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -29,6 +29,7 @@ def compile(
     timeout: float | None = None,
     cache_dir: str | None = None,
     config: str | os.PathLike[str] | Config | None = None,
+    group: Any = None,
 ) -> _F: ...
 @overload
 def compile(
@@ -44,6 +45,7 @@ def compile(
     timeout: float | None = None,
     cache_dir: str | None = None,
     config: str | os.PathLike[str] | Config | None = None,
+    group: Any = None,
 ) -> Callable[[_F], _F]: ...
 
 
@@ -60,6 +62,7 @@ def compile(
     timeout: float | None = None,
     cache_dir: str | None = None,
     config: str | os.PathLike[str] | Config | None = None,
+    group: Any = None,
 ) -> Any:
     """Drop-in for :func:`torch.compile` that keeps every rank's compiles in step.
 
@@ -69,8 +72,13 @@ def compile(
     in a different order get a :class:`RankDivergenceError` instead of a hang.
     In a single process it is exactly ``torch.compile``.
 
-    The first call is collective (it creates the guard process group): call it on
-    every rank, after ``init_process_group``. ``policy``, ``timeout`` and
+    The first call for a group is collective over that group's ranks (it sets up the
+    group's exchange channel): call it on every rank of ``group``, after
+    ``init_process_group``. ``group`` (a ProcessGroup or a DeviceMesh; default the
+    whole world) is the set of ranks that run this code: a pipeline stage's ranks, for
+    instance (all dp x tp ranks of one stage). Guard exchanges, consensus and the cache
+    agreement then run within it only. Code that only some ranks run (rank-0
+    evaluation) belongs inside :func:`dynamo_dist.local`. ``policy``, ``timeout`` and
     ``cache_dir`` override the configuration: ``config`` (a :class:`Config`, used as
     given, or the path of a TOML profile, which the ``DYNAMO_DIST_*`` environment
     overrides; default ``DYNAMO_DIST_CONFIG``). ``disable=True`` returns ``model``
@@ -92,6 +100,7 @@ def compile(
                 timeout=timeout,
                 cache_dir=cache_dir,
                 config=config,
+                group=group,
             )
 
         return decorate
@@ -130,12 +139,14 @@ def compile(
         "options": options,
     }
     runtime = _runtime.ensure(cfg)
+    ranks = _group.resolve(group) if runtime is not None else ()
     if cfg.cache_dir:
         compile_kwargs = _with_shared_cache(model, cfg, compile_kwargs, agree=runtime is not None)
     if runtime is None:
         return torch.compile(model, **compile_kwargs)
+    channel = runtime.channel(ranks, _hook.describe_callable(model))
     region = _hook.register_region(model)
-    with _intercept.adopting(runtime, region, cfg.policy) as adopted:
+    with _intercept.adopting(channel, region, cfg.policy) as adopted:
         compiled = torch.compile(model, **compile_kwargs)
     if not adopted:
         _log.get_logger("api").warning(

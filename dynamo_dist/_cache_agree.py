@@ -7,52 +7,62 @@ all reports; one "no" (or a missing report) makes every rank compile locally. A 
 that cannot use the cache at all still reports, as a "no", so its peers never wait out
 the timeout for it.
 
-Compiles are numbered per process, not per key: every rank compiles the same sequence
-of graphs (the guard exchange enforces it), so the n-th compile is the same graph on
-every rank even when rank-specific graphs have different keys.
+Compiles are numbered per group, not per key: every rank of a group compiles the same
+sequence of graphs (the guard exchange enforces it), so the n-th compile is the same
+graph on every rank even when rank-specific graphs have different keys. The group is
+the scope of the compile in progress (``_local.current_scope``): a pipeline stage's
+ranks agree among themselves, and a compile inside ``dynamo_dist.local()`` (no scope)
+neither agrees nor advances any sequence.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from typing import Any
 
 from ._cache_stats import log
+from ._local import Scope
 from ._status import open_store
 
 __all__ = ["Agreement", "next_compile"]
 
-_compile_seq = itertools.count(1)
+_compile_seq: dict[str, int] = {}
 
 
-def next_compile() -> int:
-    """The number of this process's next cached compile, over every cache directory.
+def next_compile(scope: Scope) -> int:
+    """The number of this process's next cached compile in ``scope``'s group.
 
-    Every rank compiles the same sequence of graphs (that is what the guard exchange
-    enforces), so the n-th compile is the same graph on every rank, even when ranks
-    name their cache directories differently or a process uses several.
+    Over every cache directory: every rank of the group compiles the same sequence of
+    graphs (that is what the guard exchange enforces), so the n-th compile is the same
+    graph on every rank, even when ranks name their cache directories differently or a
+    process uses several.
     """
-    return next(_compile_seq)
+    n = _compile_seq.get(scope.key, 0) + 1
+    _compile_seq[scope.key] = n
+    return n
 
 
 class Agreement:
     """This process's side of the agreements for one cache directory."""
 
-    def __init__(self, world_size: int, timeout: float, enabled: bool) -> None:
-        self.world_size = world_size
+    def __init__(self, timeout: float, enabled: bool) -> None:
         self.timeout = timeout
-        self.enabled = enabled and world_size > 1
+        self.enabled = enabled
         self._store_client: Any = None  # the job's store, opened on first agreement
         self._store_opened = False
 
-    def abstain(self, n: int) -> None:
-        """Report "no" for compile ``n`` without waiting: this rank compiles locally anyway."""
-        if self.enabled:
-            self.agree("-", n, False, wait=False)
+    def applies(self, scope: Scope | None) -> bool:
+        """Whether a compile in ``scope`` must agree with other ranks."""
+        return self.enabled and scope is not None and scope.size > 1
 
-    def agree(self, key: str, n: int, ok: bool, wait: bool = True) -> bool:
+    def abstain(self, n: int, scope: Scope | None) -> None:
+        """Report "no" for compile ``n`` without waiting: this rank compiles locally anyway."""
+        if self.applies(scope):
+            assert scope is not None
+            self.agree("-", n, False, scope, wait=False)
+
+    def agree(self, key: str, n: int, ok: bool, scope: Scope, wait: bool = True) -> bool:
         """True if every rank reported ok for its n-th compile; bounded by the timeout.
 
         ``wait=False`` only reports (a rank that compiles locally whatever the others say).
@@ -66,7 +76,7 @@ class Agreement:
             return ok
         # Per restart: keys from an earlier attempt of an elastic job must not count.
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        base = f"dynamo_dist/cache/agree/{restart}/{n}"
+        base = f"dynamo_dist/cache/agree/{restart}/{scope.key}/{n}"
         try:
             store.add(f"{base}/fail", 0 if ok else 1)
             store.add(f"{base}/done", 1)
@@ -74,7 +84,7 @@ class Agreement:
                 return False
             deadline = time.monotonic() + self.timeout
             delay = 0.005
-            while store.add(f"{base}/done", 0) < self.world_size:
+            while store.add(f"{base}/done", 0) < scope.size:
                 if time.monotonic() >= deadline:
                     log.warning(
                         "not every rank reported on cache entry %s within %.0fs; compiling locally",

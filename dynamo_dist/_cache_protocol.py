@@ -28,7 +28,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from . import _torch_compat
+from . import _local, _torch_compat
 from ._cache_agree import Agreement, next_compile
 from ._cache_key import version_factors
 from ._cache_stats import CacheStats, emit_load, emit_publish, emit_refusal, log, warn_once
@@ -108,7 +108,7 @@ class SharedCache:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.enabled = True
         self.counts = CacheStats()
-        self.agreement = Agreement(self.world_size, timeout, agree)
+        self.agreement = Agreement(timeout, agree)
         try:
             self.store.check_usable()
         except OSError as e:
@@ -176,9 +176,11 @@ class SharedCache:
         self, key: str, factors: dict[str, Any], compile_fn: Callable[[], Any], label: str
     ) -> Any:
         """Compile one graph through the cache: load it, lead its compile, or fall back."""
-        # Numbered by compile, not by key: ranks compiling rank-specific graphs
-        # (different keys) still meet at the same agreement.
-        n = next_compile()
+        # Numbered by compile within the group, not by key: ranks compiling
+        # rank-specific graphs (different keys) still meet at the same agreement. A
+        # compile inside dynamo_dist.local() has no scope: it agrees with nobody.
+        scope = _local.current_scope()
+        n = next_compile(scope) if self.agreement.applies(scope) and scope is not None else 0
         if not self.enabled or private_local_dir() is None:
             # Neither load nor lead (no usable or trusted directory, or nowhere safe to
             # install: the clean room would be there too). Still report, so peers that
@@ -192,7 +194,7 @@ class SharedCache:
             except BaseException:
                 # The compile itself failed (a leader's inductor error, say): report before
                 # the error reaches Dynamo, or the other ranks wait for this one.
-                self.agreement.abstain(n)
+                self.agreement.abstain(n, scope)
                 raise
             staging: Path | None = None
             if role == "load":
@@ -201,8 +203,9 @@ class SharedCache:
             ok = role == "leader" or staging is not None
             # All or nothing: a rank installs the loaded entry only if every rank
             # could, so no rank runs different code for the same graph.
-            if self.agreement.enabled:
-                ok = self.agreement.agree(key, n, ok) and ok
+            if self.agreement.applies(scope):
+                assert scope is not None
+                ok = self.agreement.agree(key, n, ok, scope) and ok
             if role == "leader":
                 return result
             if staging is not None and ok and entry is not None:
@@ -425,5 +428,8 @@ class SharedCache:
         rank compiles the same sequence of graphs, so each one still takes part in the
         n-th agreement, as a "no".
         """
-        self.agreement.abstain(next_compile() if n is None else n)
+        scope = _local.current_scope()
+        if self.agreement.applies(scope):
+            assert scope is not None
+            self.agreement.abstain(next_compile(scope) if n is None else n, scope)
         return self._compile_counted(compile_fn)

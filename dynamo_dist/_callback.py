@@ -7,6 +7,13 @@ exchange the fresh rank never joins: upstream's guard collectives hang or pair
 unrelated frames exactly this way. So the wrapper runs the same exchange, with a local
 "miss", before Dynamo compiles: every entry into a compiled frame is exchanged exactly
 once on every rank, whatever its cache state.
+
+The wrapper also scopes each compile: to its group (``_local.compiling``: the consensus
+and the cache agreement read it), or, inside ``dynamo_dist.local()``, to nobody. A
+local compile runs against its own automatic-dynamic state, and the entries it adds
+are not counted against the recompile limit of the calls outside ``local()``: on the
+rank that evaluates, the training calls must hit the limit exactly when the other
+ranks' do, or one rank would fall back to eager while the others compile.
 """
 
 from __future__ import annotations
@@ -14,18 +21,61 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import _torch_compat
+from . import _local, _torch_compat
 from ._hook import _C
+from ._local import Scope
 from ._policy import Policy
+from ._stats import Counts
+
+
+class LocalEntries:
+    """What ``dynamo_dist.local()`` compiled in this process: entry code, dynamic state."""
+
+    def __init__(self) -> None:
+        self.codes: dict[int, Any] = {}  # id -> code object (kept alive: ids stay unique)
+        self.code_state: dict[Any, Any] = {}  # the automatic-dynamic view of local compiles
+        self.frames: set[Any] = set()  # frame code objects with at least one local entry
+
+    def record(self, frame_code: Any, result: Any) -> None:
+        code = getattr(getattr(result, "guarded_code", None), "code", None)
+        if code is not None:
+            self.codes[id(code)] = code
+            self.frames.add(frame_code)
+
+    def headroom(self, frame: Any) -> tuple[int, int]:
+        """(entries counting toward ``frame``'s recompile limit, all local entries of it)."""
+        if frame.f_code not in self.frames:
+            return 0, 0
+        specific = total = 0
+        try:
+            for entry in _torch_compat.cache_entries(frame.f_code):
+                if id(_torch_compat.entry_code(entry)) in self.codes:
+                    total += 1
+                    specific += int(_torch_compat.same_id_matched_objs(frame, entry))
+        except Exception:  # accounting must never break a compile
+            return 0, 0
+        return specific, total
+
+
+local_entries = LocalEntries()
 
 
 class GuardedCallback:
-    """Wraps Dynamo's frame callback: first-entry exchanges, policies, sticky errors."""
+    """Wraps Dynamo's frame callback: first-entry exchanges, policies, scopes, sticky errors."""
 
-    def __init__(self, inner: Callable[..., Any], policy: Policy, policy_name: str) -> None:
+    def __init__(
+        self,
+        inner: Callable[..., Any],
+        policy: Policy | None,
+        policy_name: str,
+        scope: Scope | None,
+        counts: Counts,
+    ) -> None:
         self._inner = inner
-        self._policy = policy
+        self._policy = policy  # None: a group of one rank, nobody to exchange with
         self._policy_name = policy_name
+        self._scope = scope
+        self._counts = counts
         # Dynamo's C++ get_backend() follows this chain to find the backend
         # that keys its cache entries; it must lead through us to the real one.
         self._torchdynamo_orig_backend = inner
@@ -37,14 +87,34 @@ class GuardedCallback:
         err = _C.pending_error()
         if err is not None:
             raise err
+        if _C.local_depth() > 0:
+            return self._local(frame, cache_entry, frame_state)
         policy = self._policy
-        if cache_entry is None and _torch_compat.dynamo_would_trace(frame.f_code):
-            # Called from here so that its skip=2 lands on the frame's caller.
-            policy.exchange_first_entry()
-        outcome = policy.take_mixed()
-        if outcome is not None:
-            policy.handle_mixed(outcome, self._policy_name, frame, cache_entry)
-        result = self._inner(frame, cache_entry, frame_state)
+        if policy is not None:
+            if cache_entry is None and _torch_compat.dynamo_would_trace(frame.f_code):
+                # Called from here so that its skip=2 lands on the frame's caller.
+                policy.exchange_first_entry()
+            outcome = policy.take_mixed()
+            if outcome is not None:
+                policy.handle_mixed(outcome, self._policy_name, frame, cache_entry)
+        specific, total = local_entries.headroom(frame)
+        with (
+            _local.compiling(self._scope),
+            _torch_compat.recompile_headroom(specific, total),
+        ):
+            result = self._inner(frame, cache_entry, frame_state)
         if getattr(result, "guarded_code", None) is not None:
-            policy.counts.compiles += 1
+            self._counts.compiles += 1
+        return result
+
+    def _local(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
+        """Plain torch.compile on this rank: nothing exchanged, nothing shared with lockstep."""
+        with (
+            _local.compiling(None),
+            _torch_compat.isolated_code_state(local_entries.code_state),
+        ):
+            result = self._inner(frame, cache_entry, frame_state)
+        if getattr(result, "guarded_code", None) is not None:
+            self._counts.local_compiles += 1
+            local_entries.record(frame.f_code, result)
         return result

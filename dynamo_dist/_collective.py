@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from datetime import timedelta
-from typing import Any, cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from . import _events
+from . import _events, _hook
 from ._errors import CollectiveTimeoutError, RankDivergenceError
+from ._group import all_gather_objects
 from ._hook import _C
 from ._log import get_logger
 from ._status import StatusBoard, describe_missing
@@ -75,7 +75,7 @@ class BandAllreduce:
     thread instead, which watches ``waiting_since``.
     """
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
+    def __init__(self, group: Any) -> None:
         self.group = group
         self._buf = torch.zeros(1, dtype=torch.int64)
         self._arr = self._buf.numpy()  # numpy item access is ~20x cheaper than tensor indexing
@@ -108,15 +108,20 @@ class Transport:
     def __init__(
         self,
         *,
-        group: dist.ProcessGroup,
+        group: Any,
+        ranks: Sequence[int],
+        channel: str,
         timeout: float,
         wait_log_interval: float,
+        stall_warning: float,
         board: StatusBoard | None,
         describe: Callable[[int], str],
     ) -> None:
+        self.ranks = list(ranks)  # the group's global ranks, ascending
         self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        self.group = group  # the full CPU gloo group: rare, richer collectives
+        self.world_size = len(self.ranks)
+        self.channel = channel  # the group's name in logs, stats and the status board
+        self.group = group  # the group's own CPU gloo group: rare, richer collectives
         self.timeout = timeout
         self.board = board
         self.describe = describe
@@ -125,12 +130,24 @@ class Transport:
         self.last_mixed: Outcome | None = None
         self.broken: BaseException | None = None
         self.wait_log_interval = wait_log_interval
+        self.stall_warning = stall_warning
         self.waiters: list[BandAllreduce] = []
         self._last_wait_log = 0.0
+        self._stall_warned_seq = -1
 
     def position(self) -> tuple[int, int]:
         """(last exchange number, its frame identity) on this rank."""
         raise NotImplementedError
+
+    def last_epoch(self) -> int:
+        """Process-wide order of this channel's last exchange among all channels' exchanges."""
+        return 0
+
+    def waited(self) -> float | None:
+        """Seconds the exchange in progress has waited so far (None: not waiting)."""
+        now = time.monotonic()
+        waits = [now - w.waiting_since for w in self.waiters if w.waiting_since is not None]
+        return max(waits) if waits else None
 
     def make_hook(self) -> _C.GuardHook:
         """The C++ guard hook driving this transport."""
@@ -141,16 +158,72 @@ class Transport:
         raise NotImplementedError
 
     def watch(self) -> None:
-        """Called periodically off the hot path: log while an exchange waits on the network."""
+        """Called periodically off the hot path: progress lines, and one stall warning.
+
+        The progress line (``waiting Ns``) repeats every ``wait_log_interval`` while an
+        exchange waits on the network (the shared-memory exchange logs its own from C++).
+        The stall warning comes once per exchange, after ``stall_warning`` seconds, and
+        only when the status board shows the missing ranks alive but elsewhere: the
+        pattern of compiled code that only some ranks run, which the frame identity
+        cannot always tell apart.
+        """
+        waited = self.waited()
+        if waited is None:
+            return
+        seq, ident = self.position()
         now = time.monotonic()
-        for w in self.waiters:
-            since = w.waiting_since
-            if since is None or now - since < self.wait_log_interval:
-                continue
-            if now - self._last_wait_log >= self.wait_log_interval:
-                self._last_wait_log = now
-                seq, ident = self.position()
-                self.log_wait(seq, ident, now - since)
+        if (
+            waited >= self.wait_log_interval
+            and self.waiters
+            and any(w.waiting_since is not None for w in self.waiters)
+            and now - self._last_wait_log >= self.wait_log_interval
+        ):
+            self._last_wait_log = now
+            self.log_wait(seq, ident, waited)
+        if waited >= self.stall_warning and self._stall_warned_seq != seq:
+            self._stall_warned_seq = seq
+            self.warn_stall(seq, ident, waited)
+
+    def warn_stall(self, seq: int, ident: int, waited: float) -> None:
+        """One WARNING naming the frame, the exchange, where the missing ranks are, the fix."""
+        if self.board is None:
+            return
+        board = {r: st for r, st in self.board.snapshot().items() if r in self.ranks}
+        missing, lines = describe_missing(board, self.channel, seq, self.board.stale_after)
+        alive_elsewhere = [
+            r
+            for r in missing
+            if r != self.rank
+            and board.get(r, {}).get("state", "running") == "running"
+            and board.get(r, {}).get("channels") is not None
+        ]
+        if not alive_elsewhere:
+            return
+        where = "\n".join(f"  {line}" for line in lines)
+        log.warning(
+            "stalled at guard exchange #%d for %s (group %s): waited %.0fs; ranks %s are "
+            "alive but elsewhere:\n%s\nThey called compiled code fewer times (or in another "
+            "order) than this rank. If only some ranks run this code (rank-0 evaluation, "
+            "sampling, logging), wrap it in `dynamo_dist.local()`; if different ranks run "
+            "different code (pipeline stages), compile each part with `group=` its ranks. "
+            "Waiting goes on until the timeout (%.0fs).",
+            seq,
+            self.describe(ident),
+            self.channel,
+            waited,
+            alive_elsewhere,
+            where,
+            self.timeout,
+        )
+        _events.emit(
+            "stall_warning",
+            seq=seq,
+            rank=self.rank,
+            group=self.channel,
+            frame=self.describe(ident),
+            waited_s=round(waited, 3),
+            missing=alive_elsewhere,
+        )
 
     def decide(self, seq: int, ident: int, hit: bool, word: int) -> bool:
         """The verdict for a reduced word; raises RankDivergenceError on a frame mismatch."""
@@ -169,38 +242,64 @@ class Transport:
         return all_hit
 
     def gather_objects(self, obj: Any) -> list[Any]:
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        """Every member's ``obj``, in group order (index i is global rank ``ranks[i]``)."""
+        return all_gather_objects(self.group, obj)
 
     def divergence_error(self, seq: int, ident: int, hit: bool) -> RankDivergenceError:
         records = self.gather_objects(
-            {"seq": seq, "ident": ident, "frame": self.describe(ident), "hit": hit}
+            {
+                "seq": seq,
+                "ident": ident,
+                "frame": self.describe(ident),
+                "grad": _hook.identity_grad(ident),
+                "hit": hit,
+            }
         )
-        ranks = dict(enumerate(records))
+        ranks = dict(zip(self.ranks, records, strict=True))
         frames = {int(rec["ident"]) for rec in records}
+        grads = {rec["grad"] for rec in records if rec["grad"] is not None}
+
+        def mode(rec: dict[str, Any]) -> str:
+            if rec["grad"] is None:
+                return ""
+            return ", grad enabled" if rec["grad"] else ", grad disabled"
+
         lines = [
             f"  rank {r}: guard exchange #{rec['seq']} for {rec['frame']} "
-            f"({'hit' if rec['hit'] else 'miss'})"
+            f"({'hit' if rec['hit'] else 'miss'}{mode(rec)})"
             for r, rec in ranks.items()
         ]
+        cause = (
+            "Some ranks run it with grad disabled and others with grad enabled: typically "
+            "evaluation (torch.no_grad(), model.eval()) on some ranks only while the others train. "
+            if len(grads) > 1
+            else "The ranks called compiled code in a different order or a different number of "
+            "times (an SPMD violation). "
+        )
         msg = (
-            f"ranks are guarding different frames at the same exchange "
-            f"({len(frames)} distinct frames):\n" + "\n".join(lines) + "\n"
-            "The ranks called compiled code in a different order or a different number of times "
-            "(an SPMD violation). Make every rank call compiled functions in the same order, or "
-            "run this code outside dynamo_dist (policy='off')."
+            f"ranks of group {self.channel} are guarding different frames at the same exchange "
+            f"({len(frames)} distinct frames):\n" + "\n".join(lines) + "\n" + cause + "Fix: run "
+            "compiled code that only some ranks run (rank-0 evaluation, sampling, logging) inside "
+            "`dynamo_dist.local()` (a context manager or a decorator); compile code that different "
+            "groups of ranks run (pipeline stages) with `group=` those ranks; otherwise make every "
+            "rank call compiled functions in the same order."
         )
         return RankDivergenceError(msg, ranks)
 
     def timeout_error(
         self, seq: int, ident: int, waited: float, cause: str | None, suspects: Iterable[int] = ()
     ) -> CollectiveTimeoutError:
-        board = self.board.snapshot() if self.board is not None else {}
-        stale = max(10.0, 5 * (self.board.interval if self.board else 2.0))
-        missing, lines = describe_missing(board, seq, stale) if board else (list(suspects), [])
+        board = (
+            {r: st for r, st in self.board.snapshot().items() if r in self.ranks}
+            if self.board is not None
+            else {}
+        )
+        stale = self.board.stale_after if self.board is not None else 10.0
+        missing, lines = (
+            describe_missing(board, self.channel, seq, stale) if board else (list(suspects), [])
+        )
         missing = [r for r in missing if r != self.rank]
-        what = f"guard exchange #{seq} for {self.describe(ident)}"
+        what = f"guard exchange #{seq} of group {self.channel} for {self.describe(ident)}"
         if cause and cause != "timeout":
             head = (
                 f"{what} failed after {waited:.1f}s: {cause}. "
@@ -213,8 +312,9 @@ class Transport:
             )
         hint = (
             "A rank that exited, crashed or hangs elsewhere, or that entered compiled code fewer "
-            "times than this rank (an SPMD violation), never reaches this exchange. Check that "
-            "rank's log; raise `timeout` if it was only slow (e.g. rank 0 writing a checkpoint)."
+            "times than this rank (an SPMD violation), never reaches this exchange: run code only "
+            "some ranks run inside `dynamo_dist.local()`. Check that rank's log; raise `timeout` "
+            "if it was only slow (e.g. rank 0 writing a checkpoint)."
         )
         body = "\n".join(f"  {line}" for line in lines)
         err = CollectiveTimeoutError(
@@ -254,27 +354,14 @@ class GlooTransport(Transport):
 
     name = "gloo"
 
-    def __init__(
-        self,
-        *,
-        group: dist.ProcessGroup,
-        timeout: float,
-        wait_log_interval: float,
-        board: StatusBoard | None,
-        describe: Callable[[int], str],
-    ) -> None:
-        super().__init__(
-            group=group,
-            timeout=timeout,
-            wait_log_interval=wait_log_interval,
-            board=board,
-            describe=describe,
-        )
-        self._allreduce = BandAllreduce(group)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._allreduce = BandAllreduce(self.group)
         self.waiters.append(self._allreduce)
         self.seq = 0
         self.last_ident = 0
         self.latencies_ns: deque[int] = deque(maxlen=_LATENCY_SAMPLES)
+        self.epoch = 0
 
     def exchange(self, hit: bool, ident: int) -> bool:
         """Agree on one guard result; returns True only if every rank hit."""
@@ -283,6 +370,7 @@ class GlooTransport(Transport):
         self.seq += 1
         seq = self.seq
         self.last_ident = ident
+        self.epoch = _next_epoch()
         t0 = time.perf_counter_ns()
         word, failure = self._allreduce(pack(hit, ident))
         if failure is not None:
@@ -296,8 +384,21 @@ class GlooTransport(Transport):
     def position(self) -> tuple[int, int]:
         return self.seq, self.last_ident
 
+    def last_epoch(self) -> int:
+        return self.epoch
+
     def latencies(self) -> list[int]:
         return list(self.latencies_ns)
+
+
+_epoch = 0
+
+
+def _next_epoch() -> int:
+    """Order of gloo exchanges across channels (the C++ hook counts its own)."""
+    global _epoch
+    _epoch += 1
+    return _epoch
 
 
 def _short(gloo_error: str) -> str:
@@ -316,9 +417,3 @@ def percentiles(samples_ns: Iterable[int]) -> dict[str, float]:
         return xs[min(len(xs) - 1, int(q * len(xs)))] / 1e3
 
     return {"p50_us": round(pick(0.50), 2), "p99_us": round(pick(0.99), 2)}
-
-
-def new_gloo_group(timeout: float, ranks: list[int] | None = None) -> dist.ProcessGroup:
-    """A CPU-only gloo group. Collective: every rank must call it, in the same order."""
-    group = dist.new_group(ranks=ranks, backend="cpu:gloo", timeout=timedelta(seconds=timeout))
-    return cast(dist.ProcessGroup, group)

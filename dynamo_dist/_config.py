@@ -82,6 +82,12 @@ class Config:
     wait_log_interval: float = _key(30.0)
     """Seconds between progress lines while a rank waits (for peers or for a cache leader)."""
 
+    stall_warning: float = _key(10.0)
+    """Seconds a rank waits at a guard exchange before one WARNING, if the status board
+    shows the missing ranks alive but elsewhere: it names the frame, the exchange, where
+    each missing rank last was, and the fix (``dynamo_dist.local()`` or ``group=``). The
+    ``waiting Ns`` progress lines (``wait_log_interval``) go on until the timeout."""
+
     log_level: LogLevel = _key("WARNING", env="DYNAMO_DIST_LOG")
     """Level of the ``dynamo_dist`` logger."""
 

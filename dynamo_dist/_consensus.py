@@ -3,13 +3,16 @@
 This reuses Dynamo's own compiler collectives (``enable_compiler_collectives``):
 while tracing, ranks exchange which sizes they saw and restart analysis with
 the union, so a batch size that differs across ranks becomes dynamic on all of
-them. Upstream runs the exchange on a group of the job's default backend and
+them. Each compile exchanges within its own group only (``_local.current_scope``,
+set around the compile by the frame callback): a pipeline stage's ranks agree among
+themselves, and a compile inside ``dynamo_dist.local()`` (no scope) with nobody.
+Upstream runs the exchange on a group of the job's default backend and
 enters a device context (``rank % torch.accelerator.device_count()``), which
 fails for gloo/CPU (the CPU device interface has no ``device`` context, and the
-count is 0 on CPU-only hosts). We give Dynamo a CPU-only gloo group of our own
-and replace one method, ``OutputGraph.run_compiler_collective``, with the same
-logic minus the device context. Nothing in torch's files changes, and
-``disable()`` puts everything back.
+count is 0 on CPU-only hosts). We answer Dynamo's ``get_compile_pg()`` with the
+CPU-only gloo group of the compile's scope and replace one method,
+``OutputGraph.run_compiler_collective``, with the same logic minus the device context.
+Nothing in torch's files changes, and ``disable()`` puts everything back.
 
 The exchange is only safe because the guard hook makes all ranks compile the
 same frame at the same time; without it a rank compiling alone would wait here.
@@ -18,10 +21,10 @@ same frame at the same time; without it a rank compiling alone would wait here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
-import torch.distributed as dist
-
-from . import _torch_compat
+from . import _local, _torch_compat
+from ._group import all_gather_objects
 from ._log import get_logger
 
 log = get_logger("consensus")
@@ -29,12 +32,17 @@ log = get_logger("consensus")
 _restore: Callable[[], None] | None = None
 
 
-def enable(group: dist.ProcessGroup) -> bool:
-    """Turn on Dynamo's compiler collectives over ``group``; False if this torch lacks them."""
+def _group_for_compile() -> Any | None:
+    scope = _local.current_scope()
+    return scope.consensus if scope is not None else None
+
+
+def enable() -> bool:
+    """Turn on Dynamo's compiler collectives, scoped per compile; False if torch lacks them."""
     global _restore
     if _restore is not None:
         return True
-    restore = _torch_compat.install_compiler_collectives(group)
+    restore = _torch_compat.install_compiler_collectives(_group_for_compile, all_gather_objects)
     if restore is None:
         log.warning("this torch has no compiler collectives; automatic-dynamic consensus is off")
         return False

@@ -64,6 +64,17 @@ def classify_code(code: types.CodeType) -> tuple[int, bool]:
 _C.set_code_classifier(classify_code)
 
 
+def _install_mode_probe() -> None:
+    import torch
+
+    # Grad mode is part of every frame identity: a rank evaluating under no_grad must
+    # never pair with a rank training through the same call site.
+    _C.set_mode_probe(torch.is_grad_enabled)
+
+
+_install_mode_probe()
+
+
 def register_region(fn: object) -> int:
     """A new region id for one dynamo_dist.compile call, named after the compiled object."""
     region = len(_regions) + 1
@@ -95,7 +106,7 @@ def describe_identity(ident: int) -> str:
     desc = _C.describe_identity(ident)
     if desc is None:
         return f"frame {ident:#x}"
-    code, lasti, region = desc
+    code, lasti, region, _grad = desc
     where = _regions.get(region, "code outside dynamo_dist.compile")
     if code.co_filename.startswith(_torch_dir()):
         return where
@@ -104,9 +115,19 @@ def describe_identity(ident: int) -> str:
     return f"{where}, called from {site}"
 
 
-def region_enter(region: int) -> Callable[[], Callable[[], None]]:
-    """The Dynamo enter/exit hook that marks calls of one compiled region."""
-    return _C.RegionEnter(region)
+def identity_grad(ident: int) -> bool | None:
+    """Whether grad was enabled for an identity seen on this process (None: unknown)."""
+    desc = _C.describe_identity(ident)
+    return None if desc is None else bool(desc[3])
+
+
+def region_enter(region: int, hook: _C.GuardHook | None) -> Callable[[], Callable[[], None]]:
+    """The Dynamo enter/exit hook that marks calls of one compiled region.
+
+    ``hook`` is the channel (one per group of ranks) that exchanges the region's guard
+    results; the installed :class:`_C.Router` dispatches to it. None: nobody to agree with.
+    """
+    return _C.RegionEnter(region, hook)
 
 
 def current_hook() -> object | None:
@@ -116,7 +137,7 @@ def current_hook() -> object | None:
     return prev
 
 
-def install(hook: _C.GuardHook) -> object | None:
+def install(hook: _C.GuardHook | _C.Router) -> object | None:
     """Install ``hook`` as Dynamo's guard-complete hook; returns the previous hook."""
     prev = _torch_compat.set_guard_complete_hook(hook)
     if prev is hook:
@@ -126,7 +147,7 @@ def install(hook: _C.GuardHook) -> object | None:
     return prev
 
 
-def uninstall(hook: _C.GuardHook, previous: object | None) -> None:
+def uninstall(hook: _C.GuardHook | _C.Router, previous: object | None) -> None:
     """Restore ``previous`` if ``hook`` is still the installed one."""
     current = _torch_compat.set_guard_complete_hook(previous)
     if current is not None and current is not hook:

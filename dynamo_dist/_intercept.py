@@ -15,11 +15,11 @@ from typing import Any
 
 from . import _hook, _torch_compat
 from ._callback import GuardedCallback
-from ._runtime import Runtime
+from ._runtime import Channel
 
 
 @contextmanager
-def adopting(runtime: Runtime, region: int, policy: str) -> Iterator[list[Any]]:
+def adopting(channel: Channel, region: int, policy: str) -> Iterator[list[Any]]:
     """While torch.compile runs, catch the Dynamo context it builds and adopt it.
 
     Yields the list of adopted contexts: empty afterwards means this torch built
@@ -29,8 +29,10 @@ def adopting(runtime: Runtime, region: int, policy: str) -> Iterator[list[Any]]:
 
     def adopt(ctx: Any) -> Any:
         if hasattr(ctx, "callback") and hasattr(ctx, "enter_exit_hooks") and callable(ctx.callback):
-            ctx.callback = GuardedCallback(ctx.callback, runtime.policy, policy)
-            ctx.enter_exit_hooks.append(_hook.region_enter(region))
+            ctx.callback = GuardedCallback(
+                ctx.callback, channel.policy, policy, channel.scope, channel.counts
+            )
+            ctx.enter_exit_hooks.append(_hook.region_enter(region, channel.hook))
             adopted.append(ctx)
         return ctx
 

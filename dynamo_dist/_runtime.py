@@ -1,34 +1,116 @@
-"""The per-process runtime's lifecycle: create the groups, transport, hook and board; close them.
+"""The per-process runtime's lifecycle: the board, the router hook, one channel per group.
 
 The jobs are split along the architecture: the hook (``_hook``), the exchange
 (``_collective``, ``_shm``), the policy (``_policy``) and the frame callback
 (``_callback``), consensus (``_consensus``), the cache (``_cache``). This module
-owns one process's instance of them, from the first ``dynamo_dist.compile`` to exit,
-and assembles its typed stats (``_stats``). Intercepting ``torch.compile`` to attach
-the callback lives above it, in ``_intercept``.
+owns one process's instance of them, from the first ``dynamo_dist.compile`` to exit:
+one :class:`Channel` per group of ranks that compiles together (``group=``), and
+assembles its typed stats (``_stats``), totals and per group. Intercepting
+``torch.compile`` to attach the callback lives above it, in ``_intercept``.
 """
 
 from __future__ import annotations
 
 import atexit
+from typing import Any
 
 import torch.distributed as dist
 
-from . import _cache, _consensus, _hook, _report
-from ._collective import GlooTransport, Transport, new_gloo_group, percentiles
+from . import _cache, _consensus, _group, _hook, _report
+from ._collective import GlooTransport, Transport, percentiles
 from ._config import Config
+from ._group import group_name
 from ._hook import _C, describe_identity
+from ._local import Scope
 from ._log import get_logger
 from ._policy import Policy
 from ._shm import ShmTransport, ShmUnavailable, topology
-from ._stats import Counts, HookCounters, RuntimeStats, Stats, TransportStats
+from ._stats import Counts, GroupStats, HookCounters, RuntimeStats, Stats, TransportStats
 from ._status import StatusBoard, open_store
 
 log = get_logger("runtime")
 
 
+class Channel:
+    """One group's guard exchange: its transport, C++ hook, policy, counts and scope.
+
+    Set up on the first ``dynamo_dist.compile`` naming the group, collectively over the
+    group's members only (``_group.rendezvous``, then gloo groups of its own). A group of
+    one rank has nobody to exchange with: no transport, no hook.
+    """
+
+    def __init__(
+        self, cfg: Config, ranks: tuple[int, ...], board: StatusBoard | None, where: str
+    ) -> None:
+        world = dist.get_world_size()
+        self.ranks = ranks
+        self.name = group_name(ranks, world)
+        self.counts = Counts()
+        self.transport: Transport | None = None
+        self.hook: _C.GuardHook | None = None
+        self.policy: Policy | None = None
+        self.consensus = False
+        if len(ranks) == 1:
+            self.scope: Scope | None = None
+            return
+        store = _group.job_store()
+        prefix = _group.rendezvous(store, ranks, cfg.timeout, cfg.stall_warning, where)
+        # The group's own gloo groups; their timeout is what bounds an exchange on the
+        # network.
+        guard = _group.gloo_group(store, f"{prefix}/guard", ranks, cfg.timeout)
+        self.transport = _make_transport(cfg, guard, ranks, self.name, board, store, prefix)
+        consensus_group = None
+        if cfg.compiler_collectives and _consensus.enable():
+            consensus_group = _group.gloo_group(
+                store, f"{prefix}/consensus", ranks, cfg.timeout + 60.0
+            )
+            self.consensus = True
+        self.scope = Scope(
+            name=self.name,
+            key=_group.group_key(ranks, world),
+            size=len(ranks),
+            consensus=consensus_group,
+        )
+        self.hook = self.transport.make_hook()
+        self.policy = Policy(self.transport, self.hook, self.counts)
+        if board is not None:
+            transport = self.transport
+            board.positions[self.name] = lambda: (*transport.position(), transport.last_epoch())
+            board.ticks.append(transport.watch)
+        log.info(
+            "guard exchange for %s on (transport %s, timeout %.0fs, %d ranks, consensus %s)",
+            self.name,
+            self.transport.name,
+            cfg.timeout,
+            len(ranks),
+            "on" if self.consensus else "off",
+        )
+
+    def stats(self) -> GroupStats:
+        tr = self.transport
+        lat = percentiles(tr.latencies()) if tr is not None else {"p50_us": 0.0, "p99_us": 0.0}
+        return GroupStats(
+            ranks=list(self.ranks),
+            transport=TransportStats(
+                name=tr.name if tr is not None else "none",
+                exchanges=tr.position()[0] if tr is not None else 0,
+                mixed_outcomes=tr.mixed if tr is not None else 0,
+                divergences=(tr.divergences if tr is not None else 0) + self.counts.strict_errors,
+                p50_us=lat["p50_us"],
+                p99_us=lat["p99_us"],
+            ),
+            compiles=self.counts.compiles,
+            local_compiles=self.counts.local_compiles,
+            first_entry_exchanges=self.counts.first_entry_exchanges,
+        )
+
+
 class Runtime:
-    """Everything dynamo_dist keeps per process once a distributed job compiles."""
+    """Everything dynamo_dist keeps per process once a distributed job compiles.
+
+    Creating it is not collective: it opens the status board and installs the router
+    hook. Each group's channel is set up on first use, by that group's members.
+    """
 
     def __init__(self, cfg: Config) -> None:
         global _generation
@@ -45,34 +127,31 @@ class Runtime:
             if store is not None
             else None
         )
-        # Group creation is collective: every rank reaches this on its first
-        # dynamo_dist.compile call, in the same order, in SPMD programs.
-        # The groups' own timeout is what bounds an exchange on the network.
-        group = new_gloo_group(cfg.timeout)
-        self.transport = _make_transport(cfg, group, self.board)
-        if self.board is not None:
-            self.board.position = self.transport.position
-            self.board.ticks.append(self.transport.watch)
-        self.consensus = False
-        if cfg.compiler_collectives:
-            self.consensus = _consensus.enable(new_gloo_group(cfg.timeout + 60.0))
-        self.hook = self.transport.make_hook()
-        self._previous_hook = _hook.install(self.hook)
-        self.counts = Counts()
-        self.policy = Policy(self.transport, self.hook, self.counts)
-        log.info(
-            "guard exchange on (policy %s, transport %s, timeout %.0fs, %d ranks, consensus %s)",
-            cfg.policy,
-            self.transport.name,
-            cfg.timeout,
-            self.world_size,
-            "on" if self.consensus else "off",
-        )
+        self.channels: dict[tuple[int, ...], Channel] = {}
+        self.router = _C.Router()
+        self._previous_hook = _hook.install(self.router)
+        log.info("guard exchange on (policy %s, %d ranks)", cfg.policy, self.world_size)
+
+    def channel(self, ranks: tuple[int, ...], where: str) -> Channel:
+        """The channel of ``ranks``, set up (collectively over its members) on first use."""
+        ch = self.channels.get(ranks)
+        if ch is None:
+            ch = Channel(self.cfg, ranks, self.board, where)
+            self.channels[ranks] = ch
+        return ch
+
+    @property
+    def transport(self) -> Transport | None:
+        """The whole world's transport if it has one, else the first group's (for tests)."""
+        world = tuple(range(self.world_size))
+        if world in self.channels:
+            return self.channels[world].transport
+        return next((c.transport for c in self.channels.values() if c.transport), None)
 
     def close(self) -> None:
         """Uninstall, restore Dynamo's settings, and hand this rank's stats to the job report."""
         stats = self.stats().as_dict()
-        _hook.uninstall(self.hook, self._previous_hook)
+        _hook.uninstall(self.router, self._previous_hook)
         _consensus.disable()
         _C.set_pending_error(None)
         if self.board is not None:
@@ -88,51 +167,65 @@ class Runtime:
             )
 
     def stats(self) -> Stats:
-        """This rank's typed stats record, the shared cache's counts included."""
-        lat = percentiles(self.transport.latencies())
+        """This rank's typed stats record: totals over its groups, each group, the cache."""
+        groups = {c.name: c.stats() for c in self.channels.values()}
+        hooks = [c.hook.counters() for c in self.channels.values() if c.hook is not None]
+        hook_totals = {k: sum(int(h.get(k, 0)) for h in hooks) for k in hooks[0]} if hooks else {}
+        samples = [
+            ns for c in self.channels.values() if c.transport for ns in c.transport.latencies()
+        ]
+        lat = percentiles(samples)
+        names = sorted({g.transport.name for g in groups.values()} - {"none"})
         runtime = RuntimeStats(
             policy=self.cfg.policy,
-            consensus=self.consensus,
-            hook=HookCounters.from_hook(self.hook.counters()),
+            consensus=any(c.consensus for c in self.channels.values()),
+            hook=HookCounters.from_hook(hook_totals),
             transport=TransportStats(
-                name=self.transport.name,
-                exchanges=self.transport.position()[0],
-                mixed_outcomes=self.transport.mixed,
-                divergences=self.transport.divergences + self.counts.strict_errors,
+                name="+".join(names) if len(names) != 1 else names[0],
+                exchanges=sum(g.transport.exchanges for g in groups.values()),
+                mixed_outcomes=sum(g.transport.mixed_outcomes for g in groups.values()),
+                divergences=sum(g.transport.divergences for g in groups.values()),
                 p50_us=lat["p50_us"],
                 p99_us=lat["p99_us"],
             ),
-            first_entry_exchanges=self.counts.first_entry_exchanges,
-            compiles=self.counts.compiles,
+            first_entry_exchanges=sum(g.first_entry_exchanges for g in groups.values()),
+            compiles=sum(g.compiles for g in groups.values()),
+            local_compiles=sum(g.local_compiles for g in groups.values()),
+            groups=groups,
         )
         return Stats(
             rank=self.rank, world_size=self.world_size, runtime=runtime, cache=_cache.stats()
         )
 
 
-def _make_transport(cfg: Config, group: dist.ProcessGroup, board: StatusBoard | None) -> Transport:
+def _make_transport(
+    cfg: Config,
+    group: Any,
+    ranks: tuple[int, ...],
+    name: str,
+    board: StatusBoard | None,
+    store: Any,
+    prefix: str,
+) -> Transport:
     """Shared memory within hosts (hierarchical across them) unless gloo is asked for."""
+    common: dict[str, Any] = {
+        "group": group,
+        "ranks": ranks,
+        "channel": name,
+        "timeout": cfg.timeout,
+        "wait_log_interval": cfg.wait_log_interval,
+        "stall_warning": cfg.stall_warning,
+        "board": board,
+        "describe": describe_identity,
+    }
     if cfg.transport in ("auto", "shm"):
-        topo = topology(group)
+        topo = topology(group, ranks)
         try:
-            return ShmTransport(
-                group=group,
-                topo=topo,
-                timeout=cfg.timeout,
-                wait_log_interval=cfg.wait_log_interval,
-                board=board,
-                describe=describe_identity,
-            )
+            return ShmTransport(topo=topo, store=store, prefix=prefix, **common)
         except ShmUnavailable as e:
             level = log.warning if cfg.transport == "shm" else log.info
             level("shared-memory guard exchange unavailable (%s); using gloo", e)
-    return GlooTransport(
-        group=group,
-        timeout=cfg.timeout,
-        wait_log_interval=cfg.wait_log_interval,
-        board=board,
-        describe=describe_identity,
-    )
+    return GlooTransport(**common)
 
 
 _runtime: Runtime | None = None

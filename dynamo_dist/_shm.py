@@ -14,16 +14,17 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
-from ._collective import BandAllreduce, Transport, new_gloo_group
+from ._collective import BandAllreduce, Transport
+from ._group import all_gather_objects, gloo_group
 from ._hook import _C
 from ._log import get_logger
 from ._proc import pid_alive
-from ._status import StatusBoard
 
 log = get_logger("shm")
 
@@ -41,17 +42,21 @@ class Topology:
     hosts: int
     local_ranks: list[int]  # global ranks on this host, local rank order
     leaders: list[int]  # global rank of each host's local rank 0, host order
+    group_ranks: list[int]  # the group's global ranks, in group order
+
+    @property
+    def group_index(self) -> dict[int, int]:
+        return {r: i for i, r in enumerate(self.group_ranks)}
 
 
-def topology(group: dist.ProcessGroup) -> Topology:
-    """Collective over ``group``: every rank reports its host key and LOCAL_RANK."""
+def topology(group: Any, ranks: Sequence[int]) -> Topology:
+    """Collective over ``group`` (global ranks ``ranks``): each reports its host and LOCAL_RANK."""
     env_ok = all(k in os.environ for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK"))
     host_key = f"group{os.environ['GROUP_RANK']}" if env_ok else _host_identity()
     local = int(os.environ["LOCAL_RANK"]) if env_ok else -1
-    records: list[tuple[str, int] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(records, (host_key, local), group=group)
+    records: list[tuple[str, int]] = all_gather_objects(group, (host_key, local))
     hosts: dict[str, list[tuple[int, int]]] = {}
-    for rank, rec in enumerate(records):
+    for rank, rec in zip(ranks, records, strict=True):
         assert rec is not None
         hosts.setdefault(rec[0], []).append((rec[1], rank))
     order = sorted(hosts, key=lambda k: min(r for _, r in hosts[k]))
@@ -70,6 +75,7 @@ def topology(group: dist.ProcessGroup) -> Topology:
         hosts=len(members),
         local_ranks=members[host],
         leaders=[m[0] for m in members],
+        group_ranks=list(ranks),
     )
 
 
@@ -118,7 +124,7 @@ class ShmUnavailable(RuntimeError):
 
 
 def _open_segment(
-    group: dist.ProcessGroup,
+    group: Any,
     topo: Topology,
     hierarchical: bool,
     timeout: float,
@@ -144,9 +150,8 @@ def _open_segment(
             )
         except (OSError, RuntimeError) as e:
             error, name = str(e), None
-    names: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(names, name, group=group)
-    leader_name = names[topo.local_ranks[0]]
+    names: list[str | None] = all_gather_objects(group, name)
+    leader_name = names[topo.group_index[topo.local_ranks[0]]]
     if topo.local_rank != 0:
         if leader_name is None:
             error = "the host's leader could not create the segment"
@@ -163,13 +168,12 @@ def _open_segment(
                 )
             except (OSError, RuntimeError) as e:
                 error = str(e)
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error, group=group)
+    errors: list[str | None] = all_gather_objects(group, error)
     # Every rank has attached (or failed) by now: the leader removes the name.
     # The mapping lives on, and no crash from here on can leave a segment behind.
     if topo.local_rank == 0 and seg is not None:
         seg.unlink()
-    failed = {r: e for r, e in enumerate(errors) if e}
+    failed = {r: e for r, e in zip(topo.group_ranks, errors, strict=True) if e}
     if failed or seg is None:
         raise ShmUnavailable("; ".join(f"rank {r}: {e}" for r, e in sorted(failed.items())))
     return seg
@@ -180,32 +184,16 @@ class ShmTransport(Transport):
 
     name = "shm"
 
-    def __init__(
-        self,
-        *,
-        group: dist.ProcessGroup,
-        topo: Topology,
-        timeout: float,
-        wait_log_interval: float,
-        board: StatusBoard | None,
-        describe: Callable[[int], str],
-    ) -> None:
-        super().__init__(
-            group=group,
-            timeout=timeout,
-            wait_log_interval=wait_log_interval,
-            board=board,
-            describe=describe,
-        )
+    def __init__(self, *, topo: Topology, store: Any, prefix: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.topo = topo
+        timeout = self.timeout
         hierarchical = topo.hosts > 1
         self.name = "shm+gloo" if hierarchical else "shm"
-        # Every rank takes part in creating the leaders' group (new_group is
-        # collective over the whole job), even ranks that are not leaders.
-        leaders_group = new_gloo_group(timeout, topo.leaders) if hierarchical else None
-        self.shm = _open_segment(group, topo, hierarchical, timeout, wait_log_interval)
+        self.shm = _open_segment(self.group, topo, hierarchical, timeout, self.wait_log_interval)
         if hierarchical and topo.local_rank == 0:
-            assert leaders_group is not None
+            # Built by the host leaders alone: the other ranks take no part.
+            leaders_group = gloo_group(store, f"{prefix}/leaders", topo.leaders, timeout)
             self._cross = BandAllreduce(leaders_group)
             self.waiters.append(self._cross)
             self.shm.set_cross_host(self._cross_host)
@@ -221,6 +209,15 @@ class ShmTransport(Transport):
 
     def position(self) -> tuple[int, int]:
         return self._seq_ident()
+
+    def last_epoch(self) -> int:
+        return int(self._hook.last_epoch) if self._hook is not None else 0
+
+    def waited(self) -> float | None:
+        local = self.shm.waiting_for()
+        cross = super().waited()
+        waits = [w for w in (local if local >= 0 else None, cross) if w is not None]
+        return max(waits) if waits else None
 
     def latencies(self) -> list[int]:
         return list(self._hook.latencies_ns()) if self._hook is not None else []

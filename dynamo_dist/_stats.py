@@ -20,7 +20,10 @@ class Counts:
     """What the runtime counts itself; the policy layer and the frame callback add to it."""
 
     compiles: int = 0
-    """Frames Dynamo compiled through a dynamo_dist callback."""
+    """Frames Dynamo compiled through a dynamo_dist callback, in lockstep with the group."""
+
+    local_compiles: int = 0
+    """Frames compiled inside ``dynamo_dist.local()`` (this rank alone)."""
 
     first_entry_exchanges: int = 0
     """Exchanges run for a frame this rank had no compiled entry for."""
@@ -65,8 +68,34 @@ class TransportStats:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class GroupStats:
+    """One group's channel: its ranks, its exchanges and its compiles on this rank."""
+
+    ranks: list[int]
+    transport: TransportStats
+    compiles: int
+    local_compiles: int
+    first_entry_exchanges: int
+
+    def as_dict(self) -> dict[str, Any]:
+        tr = self.transport
+        return {
+            "ranks": self.ranks,
+            "transport": tr.name,
+            "exchanges": tr.exchanges,
+            "mixed_outcomes": tr.mixed_outcomes,
+            "divergences": tr.divergences,
+            "compiles": self.compiles,
+            "local_compiles": self.local_compiles,
+            "first_entry_exchanges": self.first_entry_exchanges,
+            "p50_us": tr.p50_us,
+            "p99_us": tr.p99_us,
+        }
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class RuntimeStats:
-    """Everything a running dynamo_dist runtime reports."""
+    """Everything a running dynamo_dist runtime reports (totals over its groups)."""
 
     policy: str
     consensus: bool
@@ -74,6 +103,8 @@ class RuntimeStats:
     transport: TransportStats
     first_entry_exchanges: int
     compiles: int
+    local_compiles: int = 0
+    groups: dict[str, GroupStats] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -104,8 +135,10 @@ class Stats:
                 mixed_outcomes=tr.mixed_outcomes,
                 divergences=tr.divergences,
                 compiles=rt.compiles,
+                local_compiles=rt.local_compiles,
                 p50_us=tr.p50_us,
                 p99_us=tr.p99_us,
+                groups={name: g.as_dict() for name, g in rt.groups.items()},
             )
         out["installed"] = self.installed
         out.update(self.cache)

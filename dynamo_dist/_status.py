@@ -45,38 +45,50 @@ class StatusBoard:
         self._world = world_size
         self.interval = interval
         self._describe = describe
-        # Where this rank is: (last exchange number, its frame identity). Set by
-        # the runtime once the transport exists; read only by the publisher
-        # thread, so the exchange hot path never touches the board.
-        self.position: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        # Where this rank is, per channel (group of ranks): () -> (last exchange
+        # number, its frame identity, process-wide order of that exchange). Added by
+        # the runtime as channels are set up; read only by the publisher thread, so
+        # the exchange hot path never touches the board.
+        self.positions: dict[str, Callable[[], tuple[int, int, int]]] = {}
+        # A rank counts as silent after this long without a heartbeat (published
+        # at most every 2 intervals, so a live rank is never mislabelled).
+        self.stale_after = max(10.0, 5 * interval)
         # Called on every tick, off the hot path (progress lines while waiting).
         self.ticks: list[Callable[[], None]] = []
         self._state = "running"
-        self._published: tuple[int, int, str] | None = None
+        self._published: tuple[Any, str] | None = None
         self._last_publish = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dynamo_dist-status", daemon=True)
         self._thread.start()
 
-    def _payload(self, seq: int, ident: int) -> str:
+    def _payload(self, positions: dict[str, tuple[int, int, int]]) -> str:
+        channels = {
+            name: {"seq": seq, "frame": self._describe(ident) if ident else None, "epoch": epoch}
+            for name, (seq, ident, epoch) in positions.items()
+        }
+        latest = max(channels.items(), key=lambda kv: int(kv[1]["epoch"] or 0), default=None)
         return json.dumps(
             {
-                "seq": seq,
-                "frame": self._describe(ident) if ident else None,
+                # The most recent exchange on any channel (what "where is it" means).
+                "seq": latest[1]["seq"] if latest else 0,
+                "frame": latest[1]["frame"] if latest else None,
+                "group": latest[0] if latest else None,
+                "channels": channels,
                 "state": self._state,
                 "time": time.time(),
             }
         )
 
     def publish(self, force: bool = False) -> None:
-        seq, ident = self.position()
-        key = (seq, ident, self._state)
+        positions = {name: pos() for name, pos in list(self.positions.items())}
+        key = (tuple(sorted(positions.items())), self._state)
         now = time.monotonic()
-        # Unchanged status is re-published every 5 intervals, as a heartbeat.
-        if not force and key == self._published and now - self._last_publish < 5 * self.interval:
+        # Unchanged status is re-published every 2 intervals, as a heartbeat.
+        if not force and key == self._published and now - self._last_publish < 2 * self.interval:
             return
         try:
-            self.store.set(f"{_PREFIX}{self._rank}", self._payload(seq, ident))
+            self.store.set(f"{_PREFIX}{self._rank}", self._payload(positions))
             self._published = key
             self._last_publish = now
         except Exception as e:  # the store going away must never break training
@@ -131,9 +143,9 @@ def open_store(timeout: float) -> Store | None:
 
 
 def describe_missing(
-    board: dict[int, dict[str, Any]], my_seq: int, stale_after: float
+    board: dict[int, dict[str, Any]], channel: str, my_seq: int, stale_after: float
 ) -> tuple[list[int], list[str]]:
-    """Ranks that did not reach exchange ``my_seq`` and one line per rank saying where it was."""
+    """Ranks that did not reach exchange ``my_seq`` of ``channel``, and where each rank was."""
     now = time.time()
     missing: list[int] = []
     lines: list[str] = []
@@ -143,12 +155,18 @@ def describe_missing(
             lines.append(f"rank {r}: never published a status (not started, or no exchange yet)")
             continue
         age = now - float(st.get("time", now))
-        where = f"exchange #{st['seq']} at {st.get('frame') or 'no frame yet'}"
+        mine = (st.get("channels") or {}).get(channel, {"seq": 0, "frame": None})
+        where = f"exchange #{mine['seq']} at {mine.get('frame') or 'no frame yet'}"
+        if st.get("group") not in (None, channel):
+            where += (
+                f" (latest: exchange #{st['seq']} of group {st['group']} at "
+                f"{st.get('frame') or '?'})"
+            )
         state = st.get("state", "running")
         if state != "running":
             missing.append(r)
             lines.append(f"rank {r}: {state} after {where}")
-        elif int(st["seq"]) < my_seq or age > stale_after:
+        elif int(mine["seq"]) < my_seq or age > stale_after:
             missing.append(r)
             stale = f", silent for {age:.0f}s" if age > stale_after else ""
             lines.append(f"rank {r}: last at {where}{stale}")

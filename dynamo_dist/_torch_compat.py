@@ -164,62 +164,153 @@ def inductor_backend(mode: str | None, options: dict[str, Any] | None, dynamic: 
     return cast(Any, torch._TorchCompileInductorWrapper)(mode, options, dynamic)
 
 
-def _run_compiler_collective(self: Any) -> None:
+def _compiler_collective(gather: Callable[[Any, Any], list[Any]]) -> Callable[[Any], None]:
     """Dynamo's ``OutputGraph.run_compiler_collective``, without the accelerator device context.
 
-    Mirrors torch 2.9 through 2.13: ``root_tx.distributed_state``, ``speculation_log`` and
+    ``gather(group, obj)`` is the object all-gather over the compile's group. Mirrors torch
+    2.9 through 2.13: ``root_tx.distributed_state``, ``speculation_log`` and
     ``exc.CompileCollectiveRestartAnalysis``.
     """
-    import logging
 
-    import torch.distributed as dist
-    from torch._dynamo import exc
+    def run_compiler_collective(self: Any) -> None:
+        import logging
 
-    tx = self.root_tx
-    if tx is None:
-        raise AssertionError("root_tx must not be None")
-    ds = tx.distributed_state
-    if ds is not None and ds.all_states is None:
-        logging.getLogger("dynamo_dist.consensus").debug("compiler collective: %s", ds.local_state)
-        all_states: list[Any] = [None] * ds.compile_pg.size()
-        dist.all_gather_object(all_states, ds.local_state, group=ds.compile_pg)
-        ds.all_states = all_states
-        # Tracing may diverge from here with the merged information.
-        tx.speculation_log.clear()
-        raise exc.CompileCollectiveRestartAnalysis
+        from torch._dynamo import exc
+
+        tx = self.root_tx
+        if tx is None:
+            raise AssertionError("root_tx must not be None")
+        ds = tx.distributed_state
+        if ds is not None and ds.all_states is None:
+            logging.getLogger("dynamo_dist.consensus").debug(
+                "compiler collective: %s", ds.local_state
+            )
+            ds.all_states = gather(ds.compile_pg, ds.local_state)
+            # Tracing may diverge from here with the merged information.
+            tx.speculation_log.clear()
+            raise exc.CompileCollectiveRestartAnalysis
+
+    return run_compiler_collective
 
 
-def install_compiler_collectives(group: Any) -> Callable[[], None] | None:
-    """Turn on Dynamo's compiler collectives over ``group``; returns the function that restores.
+def install_compiler_collectives(
+    group_for_compile: Callable[[], Any | None],
+    gather: Callable[[Any, Any], list[Any]],
+) -> Callable[[], None] | None:
+    """Turn on Dynamo's compiler collectives, over the group ``group_for_compile()`` names.
 
-    None when this torch has none. Sets ``torch._dynamo.config.enable_compiler_collectives``
-    and ``torch._dynamo.distributed._COMPILE_PG``, and replaces
+    Dynamo asks ``get_compile_pg()`` once per compile; the answer is the group of the
+    compile in progress (None: this compile talks to nobody, e.g. one inside
+    ``dynamo_dist.local()`` or plain ``torch.compile`` code elsewhere). None when this
+    torch has no compiler collectives. Sets ``torch._dynamo.config.enable_compiler_collectives``,
+    replaces ``torch._dynamo.convert_frame.get_compile_pg`` and
     ``OutputGraph.run_compiler_collective`` (upstream enters a device context that CPU/gloo
     jobs lack): torch 2.9 through 2.13.
     """
     try:
         import torch._dynamo.config as dconfig
-        import torch._dynamo.distributed as ddist
+        import torch._dynamo.convert_frame as convert_frame
         from torch._dynamo.output_graph import OutputGraph
     except ImportError:  # pragma: no cover
         return None
-    if not hasattr(dconfig, "enable_compiler_collectives") or not hasattr(
-        OutputGraph, "run_compiler_collective"
+    if (
+        not hasattr(dconfig, "enable_compiler_collectives")
+        or not hasattr(OutputGraph, "run_compiler_collective")
+        or not hasattr(convert_frame, "get_compile_pg")
     ):
         return None
     saved_config = dconfig.enable_compiler_collectives
-    saved_pg = ddist._COMPILE_PG
+    saved_get = convert_frame.get_compile_pg
     saved_method = OutputGraph.__dict__["run_compiler_collective"]
-    ddist._COMPILE_PG = group
     dconfig.enable_compiler_collectives = True
-    OutputGraph.run_compiler_collective = _run_compiler_collective  # type: ignore[method-assign]
+    convert_frame.get_compile_pg = group_for_compile
+    OutputGraph.run_compiler_collective = _compiler_collective(gather)  # type: ignore[method-assign,assignment]
 
     def restore() -> None:
         dconfig.enable_compiler_collectives = saved_config
-        ddist._COMPILE_PG = saved_pg
+        convert_frame.get_compile_pg = saved_get
         OutputGraph.run_compiler_collective = saved_method  # type: ignore[method-assign]
 
     return restore
+
+
+def cache_entries(code: Any) -> list[Any]:
+    """Dynamo's cache entries for ``code``, most recently used first.
+
+    ``torch._C._dynamo.eval_frame._debug_get_cache_entry_list``: torch 2.9 through 2.13.
+    """
+    import torch
+
+    return list(torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code))
+
+
+def entry_code(entry: Any) -> Any:
+    """The bytecode a cache entry runs (``_CacheEntry.code``: torch 2.9 through 2.13)."""
+    return getattr(entry, "code", None)
+
+
+def same_id_matched_objs(frame: Any, entry: Any) -> bool:
+    """Whether ``entry`` counts toward ``frame``'s recompile limit.
+
+    ``torch._dynamo.cache_size._has_same_id_matched_objs``: torch 2.9 through 2.13.
+    """
+    from torch._dynamo.cache_size import _has_same_id_matched_objs
+
+    return bool(_has_same_id_matched_objs(frame, entry))
+
+
+def recompile_headroom(specific: int, accumulated: int) -> AbstractContextManager[None]:
+    """Raise Dynamo's recompile limits by the given numbers of entries for one compile.
+
+    ``torch._dynamo.config.recompile_limit`` / ``accumulated_recompile_limit`` (their
+    ``config.patch``): torch 2.9 through 2.13. Restored on exit.
+    """
+    import contextlib
+
+    import torch._dynamo.config as dconfig
+
+    if not specific and not accumulated:
+        return contextlib.nullcontext()
+    patch: Any = dconfig.patch(
+        recompile_limit=dconfig.recompile_limit + specific,
+        accumulated_recompile_limit=dconfig.accumulated_recompile_limit + accumulated,
+    )
+    return patch
+
+
+class isolated_code_state:
+    """Run a compile against its own automatic-dynamic state, keeping another one aside.
+
+    ``torch._dynamo.pgo.get_code_state()`` (the process's ``CodeId -> CodeState`` map that
+    automatic dynamic updates in place): torch 2.9 through 2.13. ``view`` is the state to
+    compile against (a dict, filled from a copy of the current state when empty); on exit
+    it holds what the compile learned and the current state is restored.
+    """
+
+    def __init__(self, view: dict[Any, Any]) -> None:
+        self._view = view
+        self._saved: dict[Any, Any] | None = None
+
+    def __enter__(self) -> None:
+        import copy
+
+        from torch._dynamo.pgo import get_code_state
+
+        state = get_code_state()
+        self._saved = dict(state)
+        if not self._view:
+            self._view.update(copy.deepcopy(self._saved))
+        state.clear()
+        state.update(self._view)
+
+    def __exit__(self, *exc: object) -> None:
+        from torch._dynamo.pgo import get_code_state
+
+        state = get_code_state()
+        self._view.clear()
+        self._view.update(state)
+        state.clear()
+        state.update(self._saved or {})
 
 
 # -- cache (Inductor, AOTAutograd) ------------------------------------------------------------

@@ -325,7 +325,7 @@ def test_divergent_shape_recompiles_on_all_ranks(tmp_path, transport):
     assert run.rank(1)["stats"]["forced_recompiles"] == 0
     assert run.rank(0)["graphs"] == 2
     assert run.rank(0)["stats"]["transport"] == transport
-    assert run.rank(0)["hook_type"] == "GuardHook"
+    assert run.rank(0)["hook_type"] == "Router"
 
 
 def test_long_loop_one_divergent_step(tmp_path):

@@ -177,20 +177,44 @@ def test_percentiles(samples: list[int], want: dict[str, float]) -> None:
 
 
 # -- describe_missing ----------------------------------------------------------------------
+def _st(seq: int, frame: str | None, **extra: Any) -> dict[str, Any]:
+    """A published status whose latest exchange is on the ``world`` channel."""
+    return {
+        "seq": seq,
+        "frame": frame,
+        "group": "world",
+        "channels": {"world": {"seq": seq, "frame": frame, "epoch": seq}},
+        **extra,
+    }
+
+
 def test_describe_missing_names_each_rank_and_why() -> None:
     now = time.time()
-    board: dict[int, dict[str, Any]] = {
-        4: {"seq": 5, "frame": "f (a.py:1)", "state": "running", "time": now},
-        0: {"seq": 5, "frame": "f (a.py:1)", "state": "running", "time": now},
-        1: {},
-        2: {"seq": 3, "frame": "g (b.py:2)", "state": "exited", "time": now},
-        3: {"seq": 4, "frame": None, "state": "running", "time": now},
-        5: {"seq": 5, "frame": "f (a.py:1)", "state": "running", "time": now - 100},
-        6: {"error": "store unreachable"},
-        7: {"seq": 6, "frame": "h (c.py:3)"},  # no state or time: running, fresh
+    elsewhere = {
+        "seq": 9,
+        "frame": "stage (s.py:4)",
+        "group": "ranks 8,9",
+        "channels": {
+            "world": {"seq": 5, "frame": "f (a.py:1)", "epoch": 1},
+            "ranks 8,9": {"seq": 9, "frame": "stage (s.py:4)", "epoch": 2},
+        },
+        "state": "running",
+        "time": now,
     }
-    missing, lines = describe_missing(board, my_seq=5, stale_after=30)
-    assert missing == [1, 2, 3, 5, 6]
+    board: dict[int, dict[str, Any]] = {
+        4: _st(5, "f (a.py:1)", state="running", time=now),
+        0: _st(5, "f (a.py:1)", state="running", time=now),
+        1: {},
+        2: _st(3, "g (b.py:2)", state="exited", time=now),
+        3: _st(4, None, state="running", time=now),
+        5: _st(5, "f (a.py:1)", state="running", time=now - 100),
+        6: {"error": "store unreachable"},
+        7: _st(6, "h (c.py:3)"),  # no state or time: running, fresh
+        8: elsewhere,
+        9: {**elsewhere, "channels": {"ranks 8,9": elsewhere["channels"]["ranks 8,9"]}},
+    }
+    missing, lines = describe_missing(board, "world", my_seq=5, stale_after=30)
+    assert missing == [1, 2, 3, 5, 6, 9]
     assert lines == [
         "rank 0: arrived, at exchange #5 at f (a.py:1)",
         "rank 1: never published a status (not started, or no exchange yet)",
@@ -200,11 +224,15 @@ def test_describe_missing_names_each_rank_and_why() -> None:
         "rank 5: last at exchange #5 at f (a.py:1), silent for 100s",
         "rank 6: never published a status (not started, or no exchange yet)",
         "rank 7: arrived, at exchange #6 at h (c.py:3)",
+        "rank 8: arrived, at exchange #5 at f (a.py:1) (latest: exchange #9 of group "
+        "ranks 8,9 at stage (s.py:4))",
+        "rank 9: last at exchange #0 at no frame yet (latest: exchange #9 of group "
+        "ranks 8,9 at stage (s.py:4))",
     ]
 
 
 def test_describe_missing_empty_board() -> None:
-    assert describe_missing({}, 1, 10) == ([], [])
+    assert describe_missing({}, "world", 1, 10) == ([], [])
 
 
 # -- the job report table --------------------------------------------------------------
@@ -360,17 +388,14 @@ def _topology(
     for var, value in (env or {}).items():
         monkeypatch.setenv(var, value)
 
-    def all_gather_object(out: list[Any], obj: Any, group: Any = None) -> None:
-        out[:] = others
+    def all_gather_objects(group: Any, obj: Any) -> list[Any]:
+        out: list[Any] = list(others)
         out[me] = obj
+        return out
 
-    fake = types.SimpleNamespace(
-        get_world_size=lambda: len(others),
-        get_rank=lambda: me,
-        all_gather_object=all_gather_object,
-    )
-    monkeypatch.setattr(_shm, "dist", fake)
-    return _shm.topology(group=None)
+    monkeypatch.setattr(_shm, "all_gather_objects", all_gather_objects)
+    monkeypatch.setattr(_shm, "dist", types.SimpleNamespace(get_rank=lambda: me))
+    return _shm.topology(None, list(range(len(others))))
 
 
 def _env(group: int, local: int, local_world: int = 2) -> dict[str, str]:
@@ -385,7 +410,12 @@ def test_hosts_from_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     others = [("group0", 0), ("group0", 1), ("group1", 0), ("group1", 1)]
     topo = _topology(monkeypatch, others, me=3, env=_env(1, 1))
     assert topo == _shm.Topology(
-        local_rank=1, local_world=2, hosts=2, local_ranks=[2, 3], leaders=[0, 2]
+        local_rank=1,
+        local_world=2,
+        hosts=2,
+        local_ranks=[2, 3],
+        leaders=[0, 2],
+        group_ranks=[0, 1, 2, 3],
     )
 
 
@@ -422,5 +452,10 @@ def test_hosts_without_torchrun_variables_use_host_identity(
     others = [(here, -1), ("elsewhere/other-boot", -1), (here, -1), ("elsewhere/other-boot", -1)]
     topo = _topology(monkeypatch, others, me=2, env=env)
     assert topo == _shm.Topology(
-        local_rank=1, local_world=2, hosts=2, local_ranks=[0, 2], leaders=[0, 1]
+        local_rank=1,
+        local_world=2,
+        hosts=2,
+        local_ranks=[0, 2],
+        leaders=[0, 1],
+        group_ranks=list(range(len(others))),
     )

@@ -203,6 +203,7 @@ def test_public_api():
         "RankDivergenceError",
         "__version__",
         "compile",
+        "local",
         "shutdown",
         "stats",
     }

@@ -19,7 +19,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("_events", "_stats", "_config"),
     ("_secret",),
     ("_hook",),  # hook
-    ("_status",),
+    ("_local",),  # which ranks a compile agrees with (local(), the group's scope)
+    ("_status", "_group"),
     ("_collective",),  # exchange
     ("_shm",),
     ("_policy",),  # policy

@@ -20,16 +20,28 @@ CONSISTENCY = str(Path(__file__).with_name("test_consistency.py"))
 # -- rank program ----------------------------------------------------------------------
 def transports_agree(rank: int, world: int, n: str, n_gloo: str) -> dict[str, Any]:
     """Both transports, driven directly, against an oracle every rank can compute."""
-    from dynamo_dist._collective import GlooTransport, new_gloo_group
+    from dynamo_dist import _group
+    from dynamo_dist._collective import GlooTransport
     from dynamo_dist._shm import ShmTransport, topology
 
     n_shm, n_gl = int(n), int(n_gloo)
-    group = new_gloo_group(120)
-    gloo = GlooTransport(group=group, timeout=60, wait_log_interval=30, board=None, describe=str)
-    topo = topology(group)
-    shm = ShmTransport(
-        group=group, topo=topo, timeout=60, wait_log_interval=30, board=None, describe=str
-    )
+    ranks = tuple(range(world))
+    store = _group.job_store()
+    prefix = _group.rendezvous(store, ranks, timeout=120, stall_warning=10, where="test")
+    group = _group.gloo_group(store, f"{prefix}/guard", ranks, 120)
+    common: dict[str, Any] = {
+        "group": group,
+        "ranks": ranks,
+        "channel": "world",
+        "timeout": 60,
+        "wait_log_interval": 30,
+        "stall_warning": 10,
+        "board": None,
+        "describe": str,
+    }
+    gloo = GlooTransport(**common)
+    topo = topology(group, ranks)
+    shm = ShmTransport(topo=topo, store=store, prefix=prefix, **common)
     shm_hook = shm.make_hook()
 
     def plan(step: int) -> list[bool]:
