@@ -197,9 +197,10 @@ def stall(rank: int, world: int) -> dict[str, Any]:
         def emit(self, record: logging.LogRecord) -> None:
             records.append((record.levelno, record.getMessage()))
 
-    logging.getLogger("dynamo_dist").addHandler(Grab(level=logging.DEBUG))
     cb = CountingBackend()
     cf = dynamo_dist.compile(_f, backend=cb)  # timeout and stall_warning from the environment
+    # After compile(): dynamo_dist adds its own stderr handler only to a logger that has none.
+    logging.getLogger("dynamo_dist").addHandler(Grab(level=logging.DEBUG))
     x = torch.randn(4, 3)
 
     def stalls() -> list[str]:
