@@ -240,6 +240,11 @@ def _assert_local_run_completes(run: ranks.RankRun) -> None:
         assert all(math.isfinite(v) for v in one["train_losses"]), one["train_losses"]
     compiles = [one["stats"]["compiles"] for one in res]
     assert len(set(compiles)) == 1 and compiles[0] >= 1, f"training compiles differ: {compiles}"
+    # Rank 0's evaluations exchanged nothing: both ranks saw the same lockstep exchanges.
+    exchanges = [one["stats"]["exchanges"] for one in res]
+    assert len(set(exchanges)) == 1, f"exchange counts differ: {exchanges}"
+    assert all(one["stats"]["divergences"] == 0 for one in res)
+    assert [one["stats"]["groups"]["world"]["compiles"] for one in res] == compiles
     assert res[0]["stats"]["local_compiles"] >= 1, res[0]["stats"]
     assert res[1]["stats"]["local_compiles"] == 0, res[1]["stats"]
     # Only rank 0 evaluated, every eval_interval iterations from iteration 0 on.
@@ -278,7 +283,11 @@ def test_nanogpt_without_local_fails_fast(tmp_path, cache):
         res = run.rank(r)
         assert res["error"] != "CollectiveTimeoutError", f"rank {r} hung until the timeout: {res}"
         assert res["error"] == "RankDivergenceError", f"rank {r}: {res}\n{run.output[-4000:]}"
-        assert "dynamo_dist.local()" in res["message"], res["message"]
+        msg = res["message"]
+        assert "dynamo_dist.local()" in msg, msg
+        # It names the frame, each rank and each rank's grad mode.
+        assert "GPT (test_dropin.py:" in msg and "rank 0" in msg and "rank 1" in msg, msg
+        assert "grad disabled" in msg and "grad enabled" in msg, msg
         # Rank 0's first evaluation call, at iteration 0, is the one that diverges.
         assert res["iters"] == 0, res
     assert run.rank(0)["evals"] == []
