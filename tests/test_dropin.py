@@ -158,7 +158,7 @@ def nanogpt(rank: int, world: int, mode: str, cache_dir: str) -> dict[str, Any]:
         model.train()
         return out
 
-    if mode == "local":
+    if mode == "local":  # the one-line change: @dynamo_dist.local() on estimate_loss
         estimate_loss = dynamo_dist.local()(estimate_loss)
 
     evals: list[dict[str, float]] = []
