@@ -60,11 +60,47 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.extend(_group_lines(ranks))
     missing = report.get("missing") or []
     head = f"dynamo_dist job report ({report.get('world_size', len(ranks))} ranks)"
     if missing:
         head += f"; no report from ranks {missing} (exited early or crashed)"
     return head + "\n" + "\n".join(lines)
+
+
+def _group_lines(ranks: dict[str, dict[str, Any]]) -> list[str]:
+    """Per group (``group=``): each figure once if every member agrees, else per rank.
+
+    Shown when the job used a group other than the whole world, or several groups.
+    """
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for r, st in ranks.items():
+        for name, g in (st.get("groups") or {}).items():
+            groups.setdefault(name, {})[r] = g
+    if not groups or list(groups) == ["world"]:
+        return []
+    out = ["per group:"]
+    for name in sorted(groups, key=lambda n: (n != "world", n)):
+        members = groups[name]
+        transport = next(iter(members.values())).get("transport", "?")
+        parts = []
+        for key, label in (
+            ("exchanges", "exchanges"),
+            ("compiles", "compiles"),
+            ("local_compiles", "local compiles"),
+            ("divergences", "divergences"),
+        ):
+            values = {r: g.get(key, 0) for r, g in members.items()}
+            if len(set(values.values())) == 1:
+                parts.append(f"{label} {next(iter(values.values()))}")
+            else:
+                per = " ".join(
+                    f"r{r}={v}" for r, v in sorted(values.items(), key=lambda t: int(t[0]))
+                )
+                parts.append(f"{label} {per}")
+        reported = ",".join(sorted(members, key=int))
+        out.append(f"  {name} ({transport}; reported by ranks {reported}): " + ", ".join(parts))
+    return out
 
 
 def publish_and_collect(

@@ -459,3 +459,40 @@ def test_hosts_without_torchrun_variables_use_host_identity(
         leaders=[0, 1],
         group_ranks=list(range(len(others))),
     )
+
+
+def test_format_table_shows_each_group_once() -> None:
+    """A pipeline job's report: one line per group, a figure once when members agree."""
+
+    def stage(name: str, compiles: int) -> dict[str, Any]:
+        return {
+            "groups": {
+                name: {
+                    "transport": "shm",
+                    "exchanges": 7,
+                    "compiles": compiles,
+                    "local_compiles": 0,
+                    "divergences": 0,
+                }
+            }
+        }
+
+    report = {
+        "world_size": 4,
+        "ranks": {
+            "0": stage("ranks 0,1", 2),
+            "1": stage("ranks 0,1", 2),
+            "2": stage("ranks 2,3", 2),
+            "3": stage("ranks 2,3", 3),
+        },
+    }
+    lines = format_table(report).splitlines()
+    i = lines.index("per group:")
+    assert lines[i + 1 :] == [
+        "  ranks 0,1 (shm; reported by ranks 0,1): exchanges 7, compiles 2, local compiles 0, "
+        "divergences 0",
+        "  ranks 2,3 (shm; reported by ranks 2,3): exchanges 7, compiles r2=2 r3=3, local "
+        "compiles 0, divergences 0",
+    ]
+    world_only = {"ranks": {"0": {"groups": {"world": stage("world", 1)["groups"]["world"]}}}}
+    assert "per group:" not in format_table(world_only)
