@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <frameobject.h>
 
+#include <atomic>
 #include <chrono>
 #include <unordered_map>
 #include <vector>
@@ -52,6 +53,7 @@ py::object& mode_probe() {
 
 thread_local std::vector<RegionFrame> region_stack;
 thread_local int local_depth_ = 0;
+std::atomic<int> local_threads{0};  // threads inside dynamo_dist.local(), for the status board
 uint64_t exchange_epoch = 0;  // guarded by the GIL
 
 bool grad_enabled() {
@@ -159,11 +161,17 @@ py::object describe_identity(uint64_t ident) {
 
 void set_mode_probe(py::object fn) { mode_probe() = std::move(fn); }
 
-void local_enter() { ++local_depth_; }
+void local_enter() {
+  if (local_depth_++ == 0) local_threads.fetch_add(1, std::memory_order_relaxed);
+}
 
 void local_exit() {
-  if (local_depth_ > 0) --local_depth_;
+  if (local_depth_ > 0 && --local_depth_ == 0) {
+    local_threads.fetch_sub(1, std::memory_order_relaxed);
+  }
 }
+
+int local_active_threads() { return local_threads.load(std::memory_order_relaxed); }
 
 int local_depth() { return local_depth_; }
 
@@ -223,8 +231,7 @@ bool GuardHook::exchange(bool hit, uint64_t ident) {
   const uint64_t t0 = now_ns();
   ExchangeResult r = shm_->exchange(pack_record(hit, ident), seq);
   if (r.status == ExchangeStatus::kOk) {
-    const uint64_t dt = now_ns() - t0;
-    const uint32_t sample = dt > 0xFFFFFFFFULL ? 0xFFFFFFFFU : static_cast<uint32_t>(dt);
+    const uint64_t sample = now_ns() - t0;
     if (latencies_.size() < kLatencySamples) {
       latencies_.push_back(sample);
     } else {
@@ -243,7 +250,7 @@ bool GuardHook::exchange(bool hit, uint64_t ident) {
 
 py::list GuardHook::latencies_ns() const {
   py::list out;
-  for (uint32_t v : latencies_) out.append(v);
+  for (uint64_t v : latencies_) out.append(v);
   return out;
 }
 

@@ -61,6 +61,10 @@ void set_mode_probe(py::object fn);
 void local_enter();
 void local_exit();
 int local_depth();
+// How many threads of this process are inside dynamo_dist.local() now (any thread
+// may ask: the status board publishes it, so a waiting rank knows its peer is busy
+// with rank-local work rather than lost).
+int local_active_threads();
 
 class GuardHook;
 
@@ -129,7 +133,7 @@ class GuardHook {
   uint64_t seq_ = 0;
   uint64_t last_ident_ = 0;
   uint64_t last_epoch_ = 0;
-  std::vector<uint32_t> latencies_;
+  std::vector<uint64_t> latencies_;
   size_t latency_next_ = 0;
   uint64_t evaluations_ = 0;
   uint64_t local_misses_ = 0;

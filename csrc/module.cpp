@@ -82,6 +82,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("local_enter", &local_enter, "Enter dynamo_dist.local() on this thread.");
   m.def("local_exit", &local_exit, "Leave dynamo_dist.local() on this thread.");
   m.def("local_depth", &local_depth, "How deep this thread is inside dynamo_dist.local().");
+  m.def("local_active_threads", &local_active_threads,
+        "How many threads of this process are inside dynamo_dist.local() now.");
   m.def("set_code_classifier", &set_code_classifier, py::arg("fn"),
         "fn(code) -> (stable hash, use_lasti); called once per caller code object.");
 }

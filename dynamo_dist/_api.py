@@ -9,7 +9,7 @@ from typing import Any, TypeVar, overload
 
 import torch
 
-from . import _cache, _config, _group, _hook, _intercept, _log, _runtime, _torch_compat
+from . import _cache, _config, _group, _hook, _intercept, _local, _log, _runtime, _torch_compat
 from ._config import POLICIES, Config, PolicyName
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -142,10 +142,12 @@ def compile(
     ranks = _group.resolve(group) if runtime is not None else ()
     if cfg.cache_dir:
         compile_kwargs = _with_shared_cache(model, cfg, compile_kwargs, agree=runtime is not None)
-    if runtime is None:
+    if runtime is None or _local.is_local():
+        # Compiled inside dynamo_dist.local(): rank-local code, plain torch.compile
+        # (its shared-cache entries, if any, are loaded and published without agreement).
         return torch.compile(model, **compile_kwargs)
     channel = runtime.channel(ranks, _hook.describe_callable(model))
-    region = _hook.register_region(model)
+    region = _hook.register_region(model, channel.name)
     with _intercept.adopting(channel, region, cfg.policy) as adopted:
         compiled = torch.compile(model, **compile_kwargs)
     if not adopted:

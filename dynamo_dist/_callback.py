@@ -24,6 +24,7 @@ from typing import Any
 from . import _local, _torch_compat
 from ._hook import _C
 from ._local import Scope
+from ._log import get_logger
 from ._policy import Policy
 from ._stats import Counts
 
@@ -42,22 +43,29 @@ class LocalEntries:
             self.codes[id(code)] = code
             self.frames.add(frame_code)
 
-    def headroom(self, frame: Any) -> tuple[int, int]:
-        """(entries counting toward ``frame``'s recompile limit, all local entries of it)."""
+    def counts(self, frame: Any) -> tuple[int, int, int, int]:
+        """``frame``'s cache entries that count toward its recompile limit, split in two.
+
+        (local, local in total, lockstep, lockstep in total): "counting" entries are
+        those Dynamo compares with ``recompile_limit`` (same ID_MATCH'd objects), the
+        totals those it compares with ``accumulated_recompile_limit``.
+        """
         if frame.f_code not in self.frames:
-            return 0, 0
-        specific = total = 0
+            return 0, 0, 0, 0
+        out = [0, 0, 0, 0]
         try:
             for entry in _torch_compat.cache_entries(frame.f_code):
-                if id(_torch_compat.entry_code(entry)) in self.codes:
-                    total += 1
-                    specific += int(_torch_compat.same_id_matched_objs(frame, entry))
+                base = 0 if id(_torch_compat.entry_code(entry)) in self.codes else 2
+                out[base + 1] += 1
+                out[base] += int(_torch_compat.same_id_matched_objs(frame, entry))
         except Exception:  # accounting must never break a compile
-            return 0, 0
-        return specific, total
+            return 0, 0, 0, 0
+        return out[0], out[1], out[2], out[3]
 
 
 local_entries = LocalEntries()
+log = get_logger("runtime")
+_warned: set[Any] = set()
 
 
 class GuardedCallback:
@@ -97,7 +105,7 @@ class GuardedCallback:
             outcome = policy.take_mixed()
             if outcome is not None:
                 policy.handle_mixed(outcome, self._policy_name, frame, cache_entry)
-        specific, total = local_entries.headroom(frame)
+        specific, total, _, _ = local_entries.counts(frame)
         with (
             _local.compiling(self._scope),
             _torch_compat.recompile_headroom(specific, total),
@@ -108,10 +116,30 @@ class GuardedCallback:
         return result
 
     def _local(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
-        """Plain torch.compile on this rank: nothing exchanged, nothing shared with lockstep."""
+        """Plain torch.compile on this rank: nothing exchanged, nothing shared with lockstep.
+
+        Local entries get a recompile limit of their own. Were they to reach Dynamo's,
+        Dynamo would mark the code object to run eagerly for good, lockstep calls
+        included, on this rank only; so at the limit this call runs eagerly instead.
+        """
+        local_same, local_total, lock_same, lock_total = local_entries.counts(frame)
+        specific, accumulated = _torch_compat.recompile_limits()
+        if local_same >= specific or local_total >= accumulated:
+            if frame.f_code not in _warned:
+                _warned.add(frame.f_code)
+                log.warning(
+                    "%s reached the recompile limit (%d) with entries compiled inside "
+                    "dynamo_dist.local(); further rank-local calls that miss run eagerly (the "
+                    "calls outside local() keep their own limit)",
+                    f"{frame.f_code.co_name} ({frame.f_code.co_filename}:"
+                    f"{frame.f_code.co_firstlineno})",
+                    specific,
+                )
+            return _torch_compat.run_eagerly_once()
         with (
             _local.compiling(None),
             _torch_compat.isolated_code_state(local_entries.code_state),
+            _torch_compat.recompile_headroom(lock_same, lock_total),
         ):
             result = self._inner(frame, cache_entry, frame_state)
         if getattr(result, "guarded_code", None) is not None:

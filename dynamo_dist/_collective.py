@@ -190,23 +190,40 @@ class Transport:
             return
         board = {r: st for r, st in self.board.snapshot().items() if r in self.ranks}
         missing, lines = describe_missing(board, self.channel, seq, self.board.stale_after)
+        now = time.time()
         alive_elsewhere = [
             r
             for r in missing
             if r != self.rank
             and board.get(r, {}).get("state", "running") == "running"
             and board.get(r, {}).get("channels") is not None
+            and now - float(board[r].get("time", now)) <= self.board.stale_after
         ]
+        in_local = [r for r in alive_elsewhere if board[r].get("local")]
+        if in_local and len(in_local) == len(alive_elsewhere):
+            # Rank-local work, marked as such (rank-0 evaluation): waiting is expected.
+            log.info(
+                "waiting %.0fs at guard exchange #%d for %s (group %s): ranks %s are running "
+                "code inside dynamo_dist.local() (rank-local work, such as evaluation)",
+                waited,
+                seq,
+                self.describe(ident),
+                self.channel,
+                in_local,
+            )
+            return
         if not alive_elsewhere:
             return
         where = "\n".join(f"  {line}" for line in lines)
         log.warning(
             "stalled at guard exchange #%d for %s (group %s): waited %.0fs; ranks %s are "
-            "alive but elsewhere:\n%s\nThey called compiled code fewer times (or in another "
-            "order) than this rank. If only some ranks run this code (rank-0 evaluation, "
-            "sampling, logging), wrap it in `dynamo_dist.local()`; if different ranks run "
-            "different code (pipeline stages), compile each part with `group=` its ranks. "
-            "Waiting goes on until the timeout (%.0fs).",
+            "alive but elsewhere:\n%s\nEither they are busy with slow work outside compiled "
+            "code (a checkpoint, evaluation not marked with local()), or they called compiled "
+            "code fewer times (or in another order) than this rank and will never arrive. If "
+            "only some ranks run this code (rank-0 evaluation, sampling, logging), wrap it in "
+            "`dynamo_dist.local()`; if different ranks run different code (pipeline stages), "
+            "compile each part with `group=` its ranks. Waiting goes on until the timeout "
+            "(%.0fs).",
             seq,
             self.describe(ident),
             self.channel,

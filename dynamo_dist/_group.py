@@ -51,6 +51,14 @@ def resolve(group: Any) -> tuple[int, ...]:
     if group is None:
         return tuple(range(world))
     ranks: list[int]
+    me = dist.get_rank()
+    if group is dist.GroupMember.NON_GROUP_MEMBER:
+        # What torch's new_group returns on ranks outside the group.
+        raise ValueError(
+            f"dynamo_dist.compile: this rank ({me}) is not a member of the group passed as "
+            "group= (new_group returned NON_GROUP_MEMBER here); every rank must pass a group "
+            "it belongs to"
+        )
     mesh = getattr(group, "mesh", None)
     if isinstance(mesh, torch.Tensor) and hasattr(group, "get_group"):
         ranks = [int(r) for r in mesh.flatten().tolist()]
@@ -67,7 +75,6 @@ def resolve(group: Any) -> tuple[int, ...]:
             f"dynamo_dist.compile: group must be None (the whole world), a "
             f"torch.distributed ProcessGroup or a DeviceMesh; got {type(group).__name__}"
         )
-    me = dist.get_rank()
     if me not in ranks:
         raise ValueError(
             f"dynamo_dist.compile: this rank ({me}) is not a member of group={group!r} "

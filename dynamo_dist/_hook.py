@@ -7,7 +7,6 @@ there before, uninstalling puts it back, and both are idempotent.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import types
 from collections.abc import Callable, Iterator
@@ -39,12 +38,7 @@ if getattr(_C, "__version__", None) != __version__:
     )
 
 _regions: dict[int, str] = {}
-
-
-def _torch_dir() -> str:
-    import torch
-
-    return os.path.dirname(os.path.abspath(inspect.getfile(torch)))
+_region_counts: dict[str, int] = {}
 
 
 def classify_code(code: types.CodeType) -> tuple[int, bool]:
@@ -75,10 +69,18 @@ def _install_mode_probe() -> None:
 _install_mode_probe()
 
 
-def register_region(fn: object) -> int:
-    """A new region id for one dynamo_dist.compile call, named after the compiled object."""
-    region = len(_regions) + 1
-    _regions[region] = describe_callable(fn)
+def register_region(fn: object, channel: str) -> int:
+    """A new region id for one dynamo_dist.compile call in ``channel``'s group.
+
+    Numbered per group: the n-th compile for a group is the same code on each of its
+    ranks, whatever else each rank compiled (other groups, code compiled on some
+    ranks only), so the id, part of every frame identity, matches across the group.
+    """
+    n = _region_counts.get(channel, 0) + 1
+    _region_counts[channel] = n
+    digest = hashlib.blake2b(f"{channel}#{n}".encode(), digest_size=8).digest()
+    region = int.from_bytes(digest, "little") >> 2  # a positive int64
+    _regions[region] = f"{describe_callable(fn)} [compile #{n} of group {channel}]"
     return region
 
 
@@ -108,8 +110,6 @@ def describe_identity(ident: int) -> str:
         return f"frame {ident:#x}"
     code, lasti, region, _grad = desc
     where = _regions.get(region, "code outside dynamo_dist.compile")
-    if code.co_filename.startswith(_torch_dir()):
-        return where
     name = getattr(code, "co_qualname", code.co_name)
     site = f"{name} ({os.path.basename(code.co_filename)}:{_line_of(code, lasti)})"
     return f"{where}, called from {site}"

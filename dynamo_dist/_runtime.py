@@ -127,6 +127,8 @@ class Runtime:
             if store is not None
             else None
         )
+        if self.board is not None:
+            self.board.in_local = lambda: _C.local_active_threads() > 0
         self.channels: dict[tuple[int, ...], Channel] = {}
         self.router = _C.Router()
         self._previous_hook = _hook.install(self.router)

@@ -53,16 +53,19 @@ class StatusBoard:
         # A rank counts as silent after this long without a heartbeat (published
         # at most every 2 intervals, so a live rank is never mislabelled).
         self.stale_after = max(10.0, 5 * interval)
+        # Whether this rank is running code inside dynamo_dist.local() (any thread):
+        # a peer waiting for it is then waiting on rank-local work, not on a lost rank.
+        self.in_local: Callable[[], bool] = lambda: False
         # Called on every tick, off the hot path (progress lines while waiting).
         self.ticks: list[Callable[[], None]] = []
         self._state = "running"
-        self._published: tuple[Any, str] | None = None
+        self._published: tuple[Any, ...] | None = None
         self._last_publish = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dynamo_dist-status", daemon=True)
         self._thread.start()
 
-    def _payload(self, positions: dict[str, tuple[int, int, int]]) -> str:
+    def _payload(self, positions: dict[str, tuple[int, int, int]], in_local: bool) -> str:
         channels = {
             name: {"seq": seq, "frame": self._describe(ident) if ident else None, "epoch": epoch}
             for name, (seq, ident, epoch) in positions.items()
@@ -75,6 +78,7 @@ class StatusBoard:
                 "frame": latest[1]["frame"] if latest else None,
                 "group": latest[0] if latest else None,
                 "channels": channels,
+                "local": in_local,
                 "state": self._state,
                 "time": time.time(),
             }
@@ -82,13 +86,14 @@ class StatusBoard:
 
     def publish(self, force: bool = False) -> None:
         positions = {name: pos() for name, pos in list(self.positions.items())}
-        key = (tuple(sorted(positions.items())), self._state)
+        in_local = self.in_local()
+        key = (tuple(sorted(positions.items())), in_local, self._state)
         now = time.monotonic()
         # Unchanged status is re-published every 2 intervals, as a heartbeat.
         if not force and key == self._published and now - self._last_publish < 2 * self.interval:
             return
         try:
-            self.store.set(f"{_PREFIX}{self._rank}", self._payload(positions))
+            self.store.set(f"{_PREFIX}{self._rank}", self._payload(positions, in_local))
             self._published = key
             self._last_publish = now
         except Exception as e:  # the store going away must never break training
@@ -169,7 +174,8 @@ def describe_missing(
         elif int(mine["seq"]) < my_seq or age > stale_after:
             missing.append(r)
             stale = f", silent for {age:.0f}s" if age > stale_after else ""
-            lines.append(f"rank {r}: last at {where}{stale}")
+            busy = ", now inside dynamo_dist.local()" if st.get("local") else ""
+            lines.append(f"rank {r}: last at {where}{stale}{busy}")
         else:
             lines.append(f"rank {r}: arrived, at {where}")
     return missing, lines

@@ -278,6 +278,27 @@ def recompile_headroom(specific: int, accumulated: int) -> AbstractContextManage
     return patch
 
 
+def recompile_limits() -> tuple[int, int]:
+    """(``recompile_limit``, ``accumulated_recompile_limit``): torch 2.9 through 2.13."""
+    import torch._dynamo.config as dconfig
+
+    return int(dconfig.recompile_limit), int(dconfig.accumulated_recompile_limit)
+
+
+def run_eagerly_once() -> Any:
+    """What a frame callback returns to run this call eagerly, leaving the code compilable.
+
+    ``ConvertFrameReturn(FrameExecStrategy(SKIP, DEFAULT), apply_to_code=False)`` in
+    ``torch._dynamo.types``: torch 2.9 through 2.13.
+    """
+    from torch._dynamo.types import ConvertFrameReturn, FrameAction, FrameExecStrategy
+
+    return ConvertFrameReturn(
+        frame_exec_strategy=FrameExecStrategy(FrameAction.SKIP, FrameAction.DEFAULT),
+        apply_to_code=False,
+    )
+
+
 class isolated_code_state:
     """Run a compile against its own automatic-dynamic state, keeping another one aside.
 

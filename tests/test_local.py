@@ -108,6 +108,32 @@ def local_on_rank0_only_never_waits(rank: int, world: int) -> dict[str, Any]:
     return result(cb, True)
 
 
+def local_models_and_limits(rank: int, world: int) -> dict[str, Any]:
+    """Rank 0 alone compiles a model inside local() and drives a shared one past the
+    recompile limit inside local(); the training calls after it must stay in lockstep."""
+    import torch._dynamo.config as dconfig
+
+    dconfig.recompile_limit = 3
+    cb = CountingBackend()
+    f = dynamo_dist.compile(_step, backend=cb, timeout=60)
+    f(torch.ones(4, 3))
+    if rank == 0:
+        with dynamo_dist.local():
+            # A model only this rank compiles: it must not shift the regions of models
+            # compiled later on every rank (their ids are part of every exchange).
+            ema = dynamo_dist.compile(lambda x: torch.cos(x).sum(), backend=cb)
+            ema(torch.ones(4))
+            with torch.no_grad():
+                for nd in range(1, 7):  # 6 rank-local shapes: past the limit of 3
+                    f(torch.ones(*([2] * nd)))
+    g = dynamo_dist.compile(lambda x: torch.tan(x).sum(), backend=cb)
+    outs = []
+    for shape in [(4, 3), (5, 3), (4, 4, 3), (4, 3)]:
+        outs.append(float(g(torch.ones(3))))
+        outs.append(float(f(torch.ones(*shape)).sum()))
+    return result(cb, True, outs=outs)
+
+
 # -- tests ------------------------------------------------------------------------------------
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
@@ -134,6 +160,19 @@ def test_local_calls_on_one_rank_never_wait(tmp_path) -> None:
     for r in (0, 1):
         assert run.rank(r)["ok"], run.rank(r)
     assert run.rank(0)["stats"]["exchanges"] == run.rank(1)["stats"]["exchanges"] == 2
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_local_models_and_local_recompile_limit_keep_lockstep(tmp_path) -> None:
+    run = ranks.launch(__file__, "local_models_and_limits", tmp=tmp_path, timeout=240)
+    r0, r1 = run.rank(0), run.rank(1)
+    assert r0["ok"] and r1["ok"], (r0, r1)
+    assert r0["stats"]["compiles"] == r1["stats"]["compiles"]
+    assert r0["stats"]["exchanges"] == r1["stats"]["exchanges"]
+    assert r0["stats"]["divergences"] == r1["stats"]["divergences"] == 0
+    assert r0["outs"] == r1["outs"]
+    assert "reached the recompile limit" in run.output
 
 
 if __name__ == "__main__":
