@@ -2,6 +2,7 @@
 
 #include <Python.h>
 #include <frameobject.h>
+#include <pythread.h>
 
 #include <atomic>
 #include <chrono>
@@ -187,16 +188,40 @@ void set_pending_error(py::object err) {
   sticky_error() = err.is_none() ? py::object() : std::move(err);
 }
 
+namespace {
+// The exit callables RegionEnter and PendingCheck return, created once at module
+// init (not as function-local statics: their first use could otherwise race).
+py::object* region_exit_obj = nullptr;
+py::object* noop_exit_obj = nullptr;
+
+struct NoopExit {};
+}  // namespace
+
+void init_exit_objects() {
+  if (region_exit_obj == nullptr) {
+    region_exit_obj = new py::object(py::cast(RegionExit()));
+    noop_exit_obj = new py::object(py::cpp_function([]() {}));
+  }
+}
+
+py::object PendingCheck::call() {
+  if (sticky_error()) {
+    // A fresh exception each time, chained to the kept one: re-raising the same
+    // object would grow its traceback on every call and keep those frames alive.
+    py::object fresh = py::module_::import("dynamo_dist._errors").attr("pending")(sticky_error());
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(fresh.ptr())), fresh.ptr());
+    throw py::error_already_set();
+  }
+  return *noop_exit_obj;
+}
+
 RegionEnter::RegionEnter(int64_t region, GuardHook* hook) : region_(region), hook_(hook) {}
 
 py::object RegionEnter::call() {
-  static auto* exit_obj = new py::object(py::cast(RegionExit()));
-  if (sticky_error()) {
-    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(sticky_error().ptr())), sticky_error().ptr());
-    throw py::error_already_set();
-  }
+  // Never raises: it runs after Dynamo's other enter hooks, which a raise here would
+  // leave applied. The sticky error is raised by PendingCheck, the first hook.
   region_stack.push_back(RegionFrame{region_, hook_});
-  return *exit_obj;
+  return *region_exit_obj;
 }
 
 void RegionExit::call() {
@@ -220,7 +245,30 @@ inline uint64_t now_ns() {
 }
 }  // namespace
 
+bool GuardHook::thread_ok() const {
+  return owner_ == 0 || owner_ == PyThread_get_thread_ident();
+}
+
+void GuardHook::release() {
+  released_ = true;
+  exchange_ = py::object();
+  slow_path_ = py::object();
+  shm_.reset();
+}
+
 bool GuardHook::exchange(bool hit, uint64_t ident) {
+  if (released_) return hit;
+  const unsigned long me = PyThread_get_thread_ident();
+  if (owner_ != me) {
+    if (owner_ != 0) {
+      py::object err = py::module_::import("dynamo_dist._errors").attr("wrong_thread")(owner_);
+      PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(err.ptr())), err.ptr());
+      throw py::error_already_set();
+    }
+    // The first thread that exchanges owns the channel: the ranks' exchanges pair one
+    // to one only if each rank makes them in one order, i.e. from one thread.
+    owner_ = me;
+  }
   ++exchanges_;
   last_epoch_ = ++exchange_epoch;
   if (!shm_) {
@@ -270,6 +318,13 @@ bool GuardHook::call(bool hit) {
     // Python callback, which re-raises the stored error to the user.
     return false;
   }
+  if (owner_ != PyThread_get_thread_ident() && owner_ != 0) {
+    // Another thread owns this channel. Exchange nothing (it would interleave with
+    // the owner's exchanges) and force the frame into the callback, which raises
+    // _errors.wrong_thread on this thread only.
+    ++foreign_calls_;
+    return false;
+  }
   try {
     bool verdict = exchange(hit, current_identity(0));
     if (hit && !verdict) {
@@ -290,6 +345,7 @@ py::dict GuardHook::counters() const {
   d["local_misses"] = local_misses_;
   d["forced_recompiles"] = forced_recompiles_;
   d["hook_exchanges"] = exchanges_;
+  d["foreign_thread_calls"] = foreign_calls_;
   return d;
 }
 

@@ -79,6 +79,17 @@ void set_code_classifier(py::object fn);
 py::object pending_error();
 void set_pending_error(py::object err);
 
+// Creates the shared no-op exit object; called once from the module's init.
+void init_exit_objects();
+
+// The first enter hook of every adopted Dynamo context: raises the sticky error
+// (a fresh exception chained to it, _errors.pending) before any other enter hook
+// has run, so nothing is left applied when it raises. Its exit is a no-op.
+class PendingCheck {
+ public:
+  py::object call();
+};
+
 // Region stack: dynamo_dist.compile appends a RegionEnter to the Dynamo
 // context's enter/exit hooks, so every call of a compiled function pushes its
 // region id for the duration of the call.
@@ -110,8 +121,19 @@ class GuardHook {
   GuardHook(std::shared_ptr<ShmExchange> shm, py::object slow_path);
 
   // One exchange; may throw. Used by call() and by the Python callback
-  // wrapper for frames without cache entries.
+  // wrapper for frames without cache entries. The first thread that exchanges
+  // owns the channel; another thread gets _errors.wrong_thread (DynamoDistError).
+  // After release(), returns `hit`: nothing is exchanged.
   bool exchange(bool hit, uint64_t ident);
+  // Whether the calling thread may exchange on this channel (it owns it, or
+  // nobody does yet).
+  bool thread_ok() const;
+  // The owning thread's ident (threading.get_ident()), 0 before the first exchange.
+  unsigned long owner_thread() const { return owner_; }
+  // Shutdown: drop the transport callables (they reference the transport, which
+  // references this hook: a cycle the garbage collector cannot see through C++).
+  // The hook then passes every result through.
+  void release();
   uint64_t seq() const { return seq_; }
   uint64_t last_ident() const { return last_ident_; }
   // Process-wide order of this hook's last exchange among all hooks' exchanges.
@@ -139,6 +161,9 @@ class GuardHook {
   uint64_t local_misses_ = 0;
   uint64_t forced_recompiles_ = 0;
   uint64_t exchanges_ = 0;
+  uint64_t foreign_calls_ = 0;
+  unsigned long owner_ = 0;
+  bool released_ = false;
 };
 
 // The one hook installed into Dynamo: routes each guard result to the channel

@@ -43,6 +43,11 @@ PYBIND11_MODULE(_C, m) {
            "decides the rare cases in Python.")
       .def("exchange", &GuardHook::exchange, py::arg("hit"), py::arg("ident"),
            "One exchange (may raise): for frames Dynamo has no entries for yet.")
+      .def("thread_ok", &GuardHook::thread_ok,
+           "Whether this thread may exchange on the channel (it owns it, or nobody does yet).")
+      .def("release", &GuardHook::release,
+           "Shutdown: drop the transport callables; the hook then passes results through.")
+      .def_property_readonly("owner_thread", &GuardHook::owner_thread)
       .def_property_readonly("seq", &GuardHook::seq)
       .def_property_readonly("last_ident", &GuardHook::last_ident)
       .def_property_readonly("last_epoch", &GuardHook::last_epoch)
@@ -62,6 +67,11 @@ PYBIND11_MODULE(_C, m) {
            py::keep_alive<1, 3>())
       .def("__call__", &RegionEnter::call);
   py::class_<RegionExit>(m, "RegionExit").def("__call__", &RegionExit::call);
+  py::class_<PendingCheck>(m, "PendingCheck",
+                           "First Dynamo enter hook: raises the error kept from a failed exchange.")
+      .def(py::init<>())
+      .def("__call__", &PendingCheck::call);
+  init_exit_objects();
 
   m.def("pending_error", &pending_error,
         "The exception kept from a failed exchange (raised on the next compiled call), or None.");

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import _local, _torch_compat
+from . import _errors, _local, _torch_compat
 from ._hook import _C
 from ._local import Scope
 from ._log import get_logger
@@ -94,11 +94,14 @@ class GuardedCallback:
     def __call__(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
         err = _C.pending_error()
         if err is not None:
-            raise err
+            raise _errors.pending(err)
         if _C.local_depth() > 0:
             return self._local(frame, cache_entry, frame_state)
         policy = self._policy
         if policy is not None:
+            # A thread other than the channel's owner: the hook exchanged nothing for it
+            # (and forced this call here); raise on this thread only.
+            policy.check_thread()
             if cache_entry is None and _torch_compat.dynamo_would_trace(frame.f_code):
                 # Called from here so that its skip=2 lands on the frame's caller.
                 policy.exchange_first_entry()

@@ -130,6 +130,11 @@ def region_enter(region: int, hook: _C.GuardHook | None) -> Callable[[], Callabl
     return _C.RegionEnter(region, hook)
 
 
+PENDING_CHECK = _C.PendingCheck()
+"""Inserted first in each adopted context's enter hooks: raises the kept error there,
+before any other enter hook has applied something that would then never be undone."""
+
+
 def current_hook() -> object | None:
     """The installed guard-complete hook (read by swapping it out and straight back)."""
     prev = _torch_compat.set_guard_complete_hook(None)

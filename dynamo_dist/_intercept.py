@@ -32,6 +32,7 @@ def adopting(channel: Channel, region: int, policy: str) -> Iterator[list[Any]]:
             ctx.callback = GuardedCallback(
                 ctx.callback, channel.policy, policy, channel.scope, channel.counts
             )
+            ctx.enter_exit_hooks.insert(0, _hook.PENDING_CHECK)
             ctx.enter_exit_hooks.append(_hook.region_enter(region, channel.hook))
             adopted.append(ctx)
         return ctx

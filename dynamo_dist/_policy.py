@@ -14,7 +14,7 @@ from typing import Any
 
 from . import _events, _torch_compat
 from ._collective import Outcome, Transport
-from ._errors import RankDivergenceError
+from ._errors import RankDivergenceError, wrong_thread
 from ._hook import _C, describe_identity
 from ._log import get_logger
 from ._stats import Counts
@@ -33,6 +33,11 @@ class Policy:
         self.transport = transport
         self.hook = hook
         self.counts = counts
+
+    def check_thread(self) -> None:
+        """Raise DynamoDistError if another thread owns this channel's exchange."""
+        if not self.hook.thread_ok():
+            raise wrong_thread(self.hook.owner_thread)
 
     def exchange_first_entry(self) -> bool:
         """Exchange a local miss for a frame this rank has no entries for.

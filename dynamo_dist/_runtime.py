@@ -86,6 +86,22 @@ class Channel:
             "on" if self.consensus else "off",
         )
 
+    def close(self) -> None:
+        """Break the reference cycles between the transport and the C++ objects it feeds.
+
+        The hook holds the transport's bound methods (its slow path), the transport
+        holds the hook; the shared-memory segment holds the transport's wait logger and
+        cross-host step, the transport holds the segment. The garbage collector cannot
+        see references held in C++, so without this the transport, its gloo groups and
+        its mapping would outlive shutdown. The hook passes results through afterwards.
+        """
+        if self.hook is not None:
+            self.hook.release()
+        shm = getattr(self.transport, "shm", None)
+        if shm is not None:
+            shm.set_wait_logger(None)
+            shm.set_cross_host(None)
+
     def stats(self) -> GroupStats:
         tr = self.transport
         lat = percentiles(tr.latencies()) if tr is not None else {"p50_us": 0.0, "p99_us": 0.0}
@@ -156,6 +172,8 @@ class Runtime:
         _hook.uninstall(self.router, self._previous_hook)
         _consensus.disable()
         _C.set_pending_error(None)
+        for ch in self.channels.values():
+            ch.close()
         if self.board is not None:
             self.board.close("exited")
             _report.publish_and_collect(
