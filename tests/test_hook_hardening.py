@@ -1,0 +1,283 @@
+"""Issue 13, the hook's part: threads, the pending error, shutdown leaks, stances, statics.
+
+In-process tests drive the C++ hook and an adopted Dynamo context directly; the rank
+programs check the same promises on real ranks (shared-memory transport).
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import types
+import weakref
+from typing import Any
+
+import pytest
+import ranks
+import torch
+from ranks import CountingBackend, result
+
+import dynamo_dist
+from dynamo_dist import _errors, _intercept
+from dynamo_dist._hook import _C
+from dynamo_dist._stats import Counts
+
+
+def _in_thread(fn: Any) -> Any:
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:
+            out.append(e)
+
+    t = threading.Thread(target=run, name="helper-thread")
+    t.start()
+    t.join()
+    return out[0]
+
+
+# -- in-process ---------------------------------------------------------------------------
+def test_channel_belongs_to_the_first_thread_that_exchanges() -> None:
+    seen: list[int] = []
+    hook = _C.GuardHook(lambda hit, ident: seen.append(ident) or hit)
+    assert hook.owner_thread == 0 and hook.thread_ok()
+    assert hook.exchange(True, 7) is True
+    assert hook.owner_thread == threading.get_ident()
+    err = _in_thread(lambda: hook.exchange(True, 8))
+    assert isinstance(err, _errors.DynamoDistError)
+    assert "helper-thread" in str(err) and "MainThread" in str(err)
+    assert "dynamo_dist.local()" in str(err)
+    assert _in_thread(hook.thread_ok) is False
+    # The hook path (Dynamo's call) exchanges nothing for another thread and forces
+    # the frame into the callback, which raises there.
+    exit_ = _C.RegionEnter(1, hook)()
+    try:
+        assert hook(True) is True
+
+        def foreign_call() -> bool:
+            ex = _C.RegionEnter(1, hook)()
+            try:
+                return bool(hook(True))
+            finally:
+                ex()
+
+        assert _in_thread(foreign_call) is False
+    finally:
+        exit_()
+    assert len(seen) == 2 and seen[0] == 7  # the foreign call never reached the transport
+    assert hook.counters()["foreign_thread_calls"] == 1
+    assert _C.pending_error() is None  # the owner thread is not poisoned
+
+
+def _adopted(fn: Any, **kwargs: Any) -> Any:
+    channel = types.SimpleNamespace(policy=None, scope=None, counts=Counts(), hook=None)
+    with _intercept.adopting(channel, 12345, "sync") as adopted:  # type: ignore[arg-type]
+        compiled = torch.compile(fn, backend="eager", **kwargs)
+    assert adopted
+    return compiled
+
+
+def test_pending_error_is_raised_fresh_and_undoes_the_enter_hooks() -> None:
+    import torch._dynamo.config as dconfig
+
+    f = _adopted(lambda x: x + 1, dynamic=False)
+    assert dconfig.automatic_dynamic_shapes
+    try:
+        raise _errors.CollectiveTimeoutError("exchange #3 timed out", missing=[1])
+    except _errors.CollectiveTimeoutError as e:
+        original = e
+    depth = len(list(_walk(original.__traceback__)))
+    _C.set_pending_error(original)
+    try:
+        raised = []
+        for _ in range(3):
+            with pytest.raises(_errors.CollectiveTimeoutError) as info:
+                f(torch.ones(2))
+            raised.append(info.value)
+            # dynamic=False's config patch (an enter hook) must not stay applied.
+            assert dconfig.automatic_dynamic_shapes
+        assert len({id(e) for e in raised}) == 3
+        for e in raised:
+            assert e is not original and e.__cause__ is original
+            assert str(e) == str(original) and e.missing == [1]
+        assert len(list(_walk(original.__traceback__))) == depth  # did not grow
+    finally:
+        _C.set_pending_error(None)
+    torch.testing.assert_close(f(torch.ones(2)), torch.full((2,), 2.0))
+
+
+def _walk(tb: Any) -> Any:
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
+def test_pending_copy_falls_back_for_uncopyable_errors() -> None:
+    class Odd(Exception):
+        def __init__(self, a: int, b: int) -> None:
+            super().__init__(f"{a}/{b}")
+
+    err = Odd(1, 2)
+    fresh = _errors.pending(err)
+    assert isinstance(fresh, _errors.DynamoDistError) and fresh.__cause__ is err
+    assert "1/2" in str(fresh)
+
+
+def test_released_hook_breaks_the_cycle_and_passes_through() -> None:
+    class Transport:
+        def exchange(self, hit: bool, ident: int) -> bool:
+            raise AssertionError("released hooks exchange nothing")
+
+    tr = Transport()
+    hook = _C.GuardHook(tr.exchange)
+    tr.hook = hook  # type: ignore[attr-defined]  # the cycle: transport <-> C++ hook
+    ref = weakref.ref(tr)
+    hook.release()
+    assert hook.exchange(False, 1) is False and hook.exchange(True, 1) is True
+    del tr, hook
+    gc.collect()
+    assert ref() is None
+
+
+def test_region_enter_from_many_threads_at_once() -> None:
+    # The exit objects are created at module init; RegionExit instances are not
+    # GC-tracked, so creating one never ran Python code (no GIL switch) even when it
+    # was a function-local static: the suspected deadlock could not happen here.
+    barrier = threading.Barrier(8)
+    exits: list[Any] = []
+
+    def enter() -> None:
+        barrier.wait()
+        ex = _C.RegionEnter(3)()
+        exits.append(ex)
+        ex()
+
+    threads = [threading.Thread(target=enter) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(exits) == 8 and len({id(e) for e in exits}) == 1
+    assert not gc.is_tracked(exits[0])
+
+
+# -- rank programs ------------------------------------------------------------------------
+def _fn(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
+def _other(x: torch.Tensor) -> torch.Tensor:
+    return x - 3
+
+
+def two_threads(rank: int, world: int) -> dict[str, Any]:
+    """The main thread trains; a second thread calls compiled code, then does it inside local()."""
+    cb = CountingBackend()
+    f = dynamo_dist.compile(_fn, backend=cb)
+    g = dynamo_dist.compile(_other, backend=cb)
+    for _ in range(3):
+        f(torch.ones(4))
+    errors: dict[str, str] = {}
+
+    def second() -> None:
+        for name, fn in (("hit", f), ("first_entry", g)):
+            try:
+                fn(torch.ones(4))
+                errors[name] = "no error"
+            except _errors.DynamoDistError as e:
+                errors[name] = str(e)
+        with dynamo_dist.local():
+            for _ in range(20):
+                f(torch.ones(4))
+                g(torch.ones(4))
+
+    t = threading.Thread(target=second, name="eval-thread")
+    t.start()
+    # Concurrently with the second thread's local() calls: the owner keeps exchanging.
+    outs = [float(f(torch.ones(4)).sum()) for _ in range(20)]
+    t.join()
+    outs += [float(g(torch.ones(4)).sum()) for _ in range(3)]
+    return result(cb, True, errors=errors, outs=outs)
+
+
+def stances(rank: int, world: int) -> dict[str, Any]:
+    """Each set_stance mode that bypasses the frame callback, with a miss on rank 1 only."""
+    cb = CountingBackend()
+    f = dynamo_dist.compile(_fn, backend=cb)
+    f(torch.ones(4))
+    counts: dict[str, Any] = {}
+    for stance in ("eager_on_recompile", "fail_on_recompile", "eager_then_compile"):
+        n = 4 if rank == 0 else 5 + len(counts)  # rank 1 misses
+        outcome = "ok"
+        with torch.compiler.set_stance(stance):
+            try:
+                f(torch.ones(n))
+                f(torch.ones(4))
+                h = dynamo_dist.compile(lambda x: x.cos(), backend=cb)  # a new frame
+                h(torch.ones(3))
+                h(torch.ones(3))
+            except Exception as e:
+                outcome = type(e).__name__
+        counts[stance] = {"exchanges": dynamo_dist.stats()["exchanges"], "outcome": outcome}
+    f(torch.ones(4))  # default stance again: still paired
+    counts["after"] = {"exchanges": dynamo_dist.stats()["exchanges"]}
+    return result(cb, True, counts=counts)
+
+
+def shutdown_frees_transport(rank: int, world: int) -> dict[str, Any]:
+    from dynamo_dist import _runtime
+
+    f = dynamo_dist.compile(_fn, backend="eager")
+    f(torch.ones(4))
+    rt = _runtime.current()
+    assert rt is not None and rt.transport is not None
+    name = rt.transport.name
+    ref = weakref.ref(rt.transport)
+    del rt
+    dynamo_dist.shutdown()
+    del f
+    gc.collect()
+    return {"ok": True, "transport": name, "alive": ref() is not None}
+
+
+# -- tests ----------------------------------------------------------------------------------
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_second_thread_gets_an_error_unless_local(tmp_path) -> None:
+    run = ranks.launch(__file__, "two_threads", tmp=tmp_path, timeout=240)
+    r0, r1 = run.rank(0), run.rank(1)
+    assert r0["ok"] and r1["ok"], run.output[-3000:]
+    for r in (r0, r1):
+        for path in ("hit", "first_entry"):
+            msg = r["errors"][path]
+            assert "eval-thread" in msg and "MainThread" in msg, msg
+            assert "dynamo_dist.local()" in msg
+    assert r0["stats"]["exchanges"] == r1["stats"]["exchanges"]
+    assert r0["stats"]["divergences"] == r1["stats"]["divergences"] == 0
+    assert r0["outs"] == r1["outs"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_stances_keep_exchanges_aligned(tmp_path) -> None:
+    run = ranks.launch(__file__, "stances", tmp=tmp_path, timeout=240)
+    r0, r1 = run.rank(0), run.rank(1)
+    assert r0["ok"] and r1["ok"], run.output[-3000:]
+    assert r0["counts"] == r1["counts"], (r0["counts"], r1["counts"])
+    assert "Timeout" not in run.output
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_shutdown_frees_the_transport(tmp_path) -> None:
+    run = ranks.launch(__file__, "shutdown_frees_transport", tmp=tmp_path, timeout=240)
+    for r in (0, 1):
+        rec = run.rank(r)
+        assert rec["ok"], rec
+        assert rec["transport"] == "shm" and rec["alive"] is False, rec
+
+
+if __name__ == "__main__":
+    ranks.main(globals())
