@@ -4,6 +4,15 @@
 #include <frameobject.h>
 #include <pythread.h>
 
+// The frame Dynamo is evaluating when it calls the hook has been pushed on the
+// thread's frame stack but not linked yet: reading it needs CPython's frame layout.
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030E0000
+#define DYNAMO_DIST_CALLEE_CODE 1
+#define Py_BUILD_CORE
+#include <internal/pycore_frame.h>
+#undef Py_BUILD_CORE
+#endif
+
 #include <atomic>
 #include <chrono>
 #include <unordered_map>
@@ -20,6 +29,7 @@ struct CodeInfo {
 
 struct IdentityDesc {
   PyObject* code;  // strong reference, kept for the life of the process
+  PyObject* callee;  // strong reference or nullptr
   int lasti;
   int64_t region;
   bool grad;
@@ -107,9 +117,63 @@ int frame_lasti(PyFrameObject* f) {
 #endif
 }
 
+#ifdef DYNAMO_DIST_CALLEE_CODE
+PyObject* frame_code(_PyInterpreterFrame* f) {
+#if PY_VERSION_HEX >= 0x030D0000
+  return f->f_executable;
+#else
+  return reinterpret_cast<PyObject*>(f->f_code);
+#endif
+}
+
+ptrdiff_t frame_slots(PyObject* code) {
+  auto* co = reinterpret_cast<PyCodeObject*>(code);
+#if PY_VERSION_HEX >= 0x030C0000
+  return co->co_framesize;
+#else
+  return co->co_nlocalsplus + co->co_stacksize + FRAME_SPECIALS_SIZE;
+#endif
+}
+#endif
+
 }  // namespace
 
-uint64_t current_identity(int skip) {
+PyObject* pending_callee_code() {
+#ifdef DYNAMO_DIST_CALLEE_CODE
+  // Python pushes a frame on the thread's data stack (a bump allocator) and then calls
+  // the frame evaluator (Dynamo), which links it only when it runs it. While the hook
+  // runs, the callee is therefore the frame right after the innermost frame of the
+  // linked chain that lives on the data stack (generator frames live in their
+  // generator; 3.12's entry frames on the C stack), or the first frame of a fresh
+  // chunk, and it ends exactly at the stack's top. Anything else: no callee (nullptr).
+  PyThreadState* ts = PyThreadState_Get();
+#if PY_VERSION_HEX >= 0x030D0000
+  _PyInterpreterFrame* f = ts->current_frame;
+#else
+  _PyInterpreterFrame* f = ts->cframe->current_frame;
+#endif
+  while (f != nullptr && f->owner != FRAME_OWNED_BY_THREAD) f = f->previous;
+  _PyStackChunk* chunk = ts->datastack_chunk;
+  PyObject** top = ts->datastack_top;
+  if (chunk == nullptr || top == nullptr) return nullptr;
+  PyObject** lo = &chunk->data[chunk->previous == nullptr ? 1 : 0];
+  PyObject** cand = lo;
+  auto* fp = reinterpret_cast<PyObject**>(f);
+  if (f != nullptr && fp >= lo && fp < top) {
+    PyObject* code = frame_code(f);
+    if (code == nullptr || !PyCode_Check(code)) return nullptr;
+    cand = fp + frame_slots(code);
+  }
+  if (cand < lo || cand + FRAME_SPECIALS_SIZE > top) return nullptr;
+  PyObject* code = frame_code(reinterpret_cast<_PyInterpreterFrame*>(cand));
+  if (code == nullptr || !PyCode_Check(code) || cand + frame_slots(code) != top) return nullptr;
+  return code;
+#else
+  return nullptr;
+#endif
+}
+
+uint64_t current_identity(int skip, PyObject* callee) {
   int64_t region = region_stack.empty() ? -1 : region_stack.back().region;
   const bool grad = grad_enabled();
   PyFrameObject* f = PyEval_GetFrame();  // borrowed
@@ -121,6 +185,9 @@ uint64_t current_identity(int skip) {
   }
   uint64_t ident = mix(0x6479646973743031ULL, static_cast<uint64_t>(region));
   ident = mix(ident, grad ? 0x67726164ULL : 0x6e6f6772ULL);
+  // The callee: different functions entered from one call site (resume functions
+  // called from the same Dynamo-generated code) are different frames.
+  ident = mix(ident, callee != nullptr ? classify(callee).hash : 0x6e6f63616c6cULL);
   if (f == nullptr) {
     return ident >> 2;
   }
@@ -143,8 +210,9 @@ uint64_t current_identity(int skip) {
   auto& table = identity_table();
   if (table.find(ident) == table.end()) {
     Py_INCREF(code);
-    table.emplace(ident,
-                  IdentityDesc{reinterpret_cast<PyObject*>(code), used_lasti, region, grad});
+    Py_XINCREF(callee);
+    table.emplace(ident, IdentityDesc{reinterpret_cast<PyObject*>(code), callee, used_lasti,
+                                      region, grad});
   }
   Py_DECREF(code);
   return ident;
@@ -156,8 +224,11 @@ py::object describe_identity(uint64_t ident) {
   if (it == table.end()) {
     return py::none();
   }
+  py::object callee = it->second.callee != nullptr
+                          ? py::reinterpret_borrow<py::object>(it->second.callee)
+                          : py::none();
   return py::make_tuple(py::handle(it->second.code), it->second.lasti, it->second.region,
-                        it->second.grad);
+                        it->second.grad, callee);
 }
 
 void set_mode_probe(py::object fn) { mode_probe() = std::move(fn); }
@@ -218,8 +289,10 @@ py::object PendingCheck::call() {
 RegionEnter::RegionEnter(int64_t region, GuardHook* hook) : region_(region), hook_(hook) {}
 
 py::object RegionEnter::call() {
-  // Never raises: it runs after Dynamo's other enter hooks, which a raise here would
-  // leave applied. The sticky error is raised by PendingCheck, the first hook.
+  // In contexts dynamo_dist.compile adopted, PendingCheck (the first enter hook)
+  // raises the sticky error before Dynamo's other enter hooks run; this is a backstop
+  // for contexts without it.
+  if (sticky_error()) return PendingCheck().call();
   region_stack.push_back(RegionFrame{region_, hook_});
   return *region_exit_obj;
 }
@@ -322,11 +395,10 @@ bool GuardHook::call(bool hit) {
     // Another thread owns this channel. Exchange nothing (it would interleave with
     // the owner's exchanges) and force the frame into the callback, which raises
     // _errors.wrong_thread on this thread only.
-    ++foreign_calls_;
     return false;
   }
   try {
-    bool verdict = exchange(hit, current_identity(0));
+    bool verdict = exchange(hit, current_identity(0, pending_callee_code()));
     if (hit && !verdict) {
       ++forced_recompiles_;
     }
@@ -345,7 +417,6 @@ py::dict GuardHook::counters() const {
   d["local_misses"] = local_misses_;
   d["forced_recompiles"] = forced_recompiles_;
   d["hook_exchanges"] = exchanges_;
-  d["foreign_thread_calls"] = foreign_calls_;
   return d;
 }
 

@@ -47,10 +47,16 @@ inline int fast_verdict(uint64_t word) {
 // pairs with a rank training through the same call site). `skip` walks that many frames further back first: the Python
 // callback wrapper passes 2 to step over its own frame and the policy method's
 // frame (_policy.Policy.exchange_first_entry).
-uint64_t current_identity(int skip);
+// `callee`: the code of the frame entered (borrowed; nullptr: unknown), mixed in so
+// that different functions entered from one call site are different frames.
+uint64_t current_identity(int skip, PyObject* callee);
+
+// The code of the frame Dynamo is evaluating while it runs the hook (pushed, not
+// linked yet), borrowed; nullptr where it cannot be found (other Pythons).
+PyObject* pending_callee_code();
 
 // Describes an identity seen earlier on this process: (caller code, lasti,
-// region, grad_enabled) or None.
+// region, grad_enabled, callee code or None) or None.
 py::object describe_identity(uint64_t ident);
 
 // Python callable () -> bool: torch.is_grad_enabled, mixed into every identity.
@@ -161,7 +167,6 @@ class GuardHook {
   uint64_t local_misses_ = 0;
   uint64_t forced_recompiles_ = 0;
   uint64_t exchanges_ = 0;
-  uint64_t foreign_calls_ = 0;
   unsigned long owner_ = 0;
   bool released_ = false;
 };

@@ -77,11 +77,24 @@ PYBIND11_MODULE(_C, m) {
         "The exception kept from a failed exchange (raised on the next compiled call), or None.");
   m.def("set_pending_error", &set_pending_error, py::arg("error"),
         "Set (or clear, with None) the exception raised on the next compiled call.");
-  m.def("current_identity", &current_identity, py::arg("skip") = 0,
-        "Identity of the frame about to run (caller code, call site, region); the exchange "
-        "record carries its low 31 bits.");
+  m.def(
+      "current_identity",
+      [](int skip, py::object callee) {
+        return current_identity(skip, callee.is_none() ? nullptr : callee.ptr());
+      },
+      py::arg("skip") = 0, py::arg("callee") = py::none(),
+      "Identity of the frame about to run (callee code, caller code, call site, region, grad "
+      "mode); the exchange record carries its low 31 bits.");
+  m.def(
+      "_pending_callee_code",
+      []() -> py::object {
+        PyObject* c = pending_callee_code();
+        return c != nullptr ? py::reinterpret_borrow<py::object>(c) : py::none();
+      },
+      "The code the hook would take for the callee now (for tests; None outside the hook).");
   m.def("describe_identity", &describe_identity, py::arg("ident"),
-        "(caller code, lasti, region, grad_enabled) for an identity seen on this process, or None.");
+        "(caller code, lasti, region, grad_enabled, callee code or None) for an identity seen on "
+        "this process, or None.");
   m.def("_pack_record", &pack_record, py::arg("hit"), py::arg("ident"),
         "The fast path's record for (hit, ident), as an unsigned 64-bit int; for tests.");
   m.def("_fast_verdict", &fast_verdict, py::arg("word"),

@@ -104,7 +104,7 @@ class GuardedCallback:
             policy.check_thread()
             if cache_entry is None and _torch_compat.dynamo_would_trace(frame.f_code):
                 # Called from here so that its skip=2 lands on the frame's caller.
-                policy.exchange_first_entry()
+                policy.exchange_first_entry(frame.f_code)
             outcome = policy.take_mixed()
             if outcome is not None:
                 policy.handle_mixed(outcome, self._policy_name, frame, cache_entry)

@@ -108,10 +108,14 @@ def describe_identity(ident: int) -> str:
     desc = _C.describe_identity(ident)
     if desc is None:
         return f"frame {ident:#x}"
-    code, lasti, region, _grad = desc
+    code, lasti, region, _grad, callee = desc
     where = _regions.get(region, "code outside dynamo_dist.compile")
     name = getattr(code, "co_qualname", code.co_name)
     site = f"{name} ({os.path.basename(code.co_filename)}:{_line_of(code, lasti)})"
+    if callee is not None:
+        callee_name = getattr(callee, "co_qualname", callee.co_name)
+        entered = f"{callee_name} ({os.path.basename(callee.co_filename)}:{callee.co_firstlineno})"
+        return f"{where}: {entered}, called from {site}"
     return f"{where}, called from {site}"
 
 

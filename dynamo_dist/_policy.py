@@ -39,7 +39,7 @@ class Policy:
         if not self.hook.thread_ok():
             raise wrong_thread(self.hook.owner_thread)
 
-    def exchange_first_entry(self) -> bool:
+    def exchange_first_entry(self, code: Any = None) -> bool:
         """Exchange a local miss for a frame this rank has no entries for.
 
         Dynamo calls the C++ hook only for frames that already have compiled entries;
@@ -50,7 +50,8 @@ class Policy:
         self.counts.first_entry_exchanges += 1
         # skip=2: this method's frame and the callback wrapper's frame sit above the
         # caller of the frame Dynamo is evaluating.
-        ident = _C.current_identity(2)
+        # code: the frame's own code, which the hook finds as the pending callee.
+        ident = _C.current_identity(2, code)
         try:
             return self.hook.exchange(False, ident)
         except BaseException as e:

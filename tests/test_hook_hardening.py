@@ -67,7 +67,6 @@ def test_channel_belongs_to_the_first_thread_that_exchanges() -> None:
     finally:
         exit_()
     assert len(seen) == 2 and seen[0] == 7  # the foreign call never reached the transport
-    assert hook.counters()["foreign_thread_calls"] == 1
     assert _C.pending_error() is None  # the owner thread is not poisoned
 
 
@@ -161,6 +160,64 @@ def test_region_enter_from_many_threads_at_once() -> None:
         t.join(timeout=30)
     assert len(exits) == 8 and len({id(e) for e in exits}) == 1
     assert not gc.is_tracked(exits[0])
+
+
+def _breaks(x: torch.Tensor) -> torch.Tensor:
+    torch._dynamo.graph_break()
+    return x + 1
+
+
+def _calls_two(x: torch.Tensor) -> torch.Tensor:
+    # Dynamo's code for this frame calls _breaks (its graph break stops inlining) and
+    # then the resume function: two frames entered from one Dynamo-generated caller.
+    y = _breaks(x * 2)
+    return y * 3
+
+
+class _RecordingPolicy:
+    """The callback's view of a policy, recording first-entry identities by frame name."""
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+        self.first: list[tuple[str, int]] = []
+
+    def check_thread(self) -> None:
+        pass
+
+    def exchange_first_entry(self, code: Any = None) -> bool:
+        ident = _C.current_identity(2, code)
+        self.first.append((code.co_name, ident))
+        return bool(self.hook.exchange(False, ident))
+
+    def take_mixed(self) -> None:
+        return None
+
+
+def test_identity_includes_the_callee_on_both_paths() -> None:
+    from dynamo_dist import _hook
+
+    seen: list[int] = []
+    hook = _C.GuardHook(lambda hit, ident: seen.append(ident) or hit)
+    policy = _RecordingPolicy(hook)
+    channel = types.SimpleNamespace(policy=policy, scope=None, counts=Counts(), hook=hook)
+    router = _C.Router()
+    torch._dynamo.reset()
+    with _hook.installed(router):  # type: ignore[arg-type]
+        with _intercept.adopting(channel, 777, "sync"):  # type: ignore[arg-type]
+            f = torch.compile(_calls_two, backend="eager")
+        f(torch.ones(2))  # first entries: the callback path
+        first = [ident for _, ident in policy.first]
+        names = [name for name, _ in policy.first]
+        del seen[:]
+        f(torch.ones(2))  # every frame has entries now: the hook path
+    torch._dynamo.reset()
+    assert names[0] == "_calls_two" and "_breaks" in names and len(names) >= 3, names
+    # The same frames get the same identities through the hook as through the callback.
+    assert seen == first, (names, seen, first)
+    # _breaks and the resume function share their (Dynamo-generated) caller but are
+    # different frames.
+    assert len(set(first)) == len(first), names
+    assert "_breaks" in _hook.describe_identity(first[names.index("_breaks")])
 
 
 # -- rank programs ------------------------------------------------------------------------
