@@ -220,6 +220,49 @@ def test_identity_includes_the_callee_on_both_paths() -> None:
     assert "_breaks" in _hook.describe_identity(first[names.index("_breaks")])
 
 
+def test_hook_finds_the_callee_from_generators_c_calls_and_deep_stacks() -> None:
+    """The hook's callee lookup must agree with the callback's wherever the call comes from."""
+    from dynamo_dist import _hook
+
+    seen: list[int] = []
+    hook = _C.GuardHook(lambda hit, ident: seen.append(ident) or hit)
+    policy = _RecordingPolicy(hook)
+    channel = types.SimpleNamespace(policy=policy, scope=None, counts=Counts(), hook=hook)
+    torch._dynamo.reset()
+    with _hook.installed(_C.Router()):  # type: ignore[arg-type]
+        with _intercept.adopting(channel, 778, "sync"):  # type: ignore[arg-type]
+            f = torch.compile(lambda x: x + 1, backend="eager")
+
+        def call() -> None:
+            f(torch.ones(2))
+
+        def gen() -> Any:
+            while True:
+                call()
+                yield
+
+        def deep(n: int) -> None:
+            a = b = c = d = e = g2 = n  # noqa: F841  (bigger frames: the stack spills into new chunks)
+            if n == 0:
+                call()
+            else:
+                deep(n - 1)
+
+        call()  # first entry
+        (expected,) = [ident for _, ident in policy.first]
+        del seen[:]
+        call()
+        g = gen()
+        next(g)
+        next(g)
+        list(map(lambda _: call(), range(2)))  # called from C
+        for n in (10, 200, 600):
+            deep(n)
+        assert _C._pending_callee_code() is None  # outside the hook: nothing pending
+    torch._dynamo.reset()
+    assert len(seen) == 8 and set(seen) == {expected}, (seen, expected)
+
+
 # -- rank programs ------------------------------------------------------------------------
 def _fn(x: torch.Tensor) -> torch.Tensor:
     return x * 2 + 1
