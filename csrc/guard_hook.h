@@ -85,8 +85,10 @@ void set_code_classifier(py::object fn);
 py::object pending_error();
 void set_pending_error(py::object err);
 
-// Creates the shared no-op exit object; called once from the module's init.
+// Creates the shared exit objects; called once from the module's init.
 void init_exit_objects();
+// PendingCheck::call as a plain CPython function (_C.pending_check).
+py::object pending_check_function();
 
 // The first enter hook of every adopted Dynamo context: raises the sticky error
 // (a fresh exception chained to it, _errors.pending) before any other enter hook

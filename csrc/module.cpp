@@ -67,11 +67,8 @@ PYBIND11_MODULE(_C, m) {
            py::keep_alive<1, 3>())
       .def("__call__", &RegionEnter::call);
   py::class_<RegionExit>(m, "RegionExit").def("__call__", &RegionExit::call);
-  py::class_<PendingCheck>(m, "PendingCheck",
-                           "First Dynamo enter hook: raises the error kept from a failed exchange.")
-      .def(py::init<>())
-      .def("__call__", &PendingCheck::call);
   init_exit_objects();
+  m.attr("pending_check") = pending_check_function();
 
   m.def("pending_error", &pending_error,
         "The exception kept from a failed exchange (raised on the next compiled call), or None.");

@@ -134,7 +134,7 @@ def region_enter(region: int, hook: _C.GuardHook | None) -> Callable[[], Callabl
     return _C.RegionEnter(region, hook)
 
 
-PENDING_CHECK = _C.PendingCheck()
+PENDING_CHECK = _C.pending_check
 """Inserted first in each adopted context's enter hooks: raises the kept error there,
 before any other enter hook has applied something that would then never be undone."""
 
