@@ -32,6 +32,11 @@ PYBIND11_MODULE(_C, m) {
       .def("set_wait_logger", &ShmExchange::set_wait_logger, py::arg("fn"))
       .def("waiting_for", &ShmExchange::waiting_for,
            "Seconds the exchange in progress has waited, or -1 (for the status thread).")
+      .def("set_cpus", &ShmExchange::set_cpus, py::arg("cpus"),
+           "CPUs the host's local ranks may run on (union of affinities): sets the spin policy.")
+      .def_property_readonly("spin_s", &ShmExchange::spin_s)
+      .def_static("creator_alive", &ShmExchange::creator_alive, py::arg("name"),
+                  "Whether segment name's creator holds its lease (None: not readable as one).")
       .def_property_readonly("name", &ShmExchange::name);
 
   py::class_<GuardHook>(m, "GuardHook", "Callable installed as Dynamo's guard-complete hook.")

@@ -14,12 +14,22 @@
 // Waiting spins briefly, then yields, then sleeps on a futex, with the GIL
 // released after the spin: ranks oversubscribing cores must not burn the core
 // a descheduled peer needs.
+//
+// Liveness does not use pids, which mean nothing across PID namespaces
+// (containers sharing /dev/shm): each rank holds a robust, process-shared
+// mutex in the segment (its "lease") from a thread of its own, and the kernel
+// marks it owner-dead the moment that thread or the process exits. Peers read
+// the lease word; no syscall, no heartbeat to miss.
 #pragma once
 
+#include <pthread.h>
 #include <pybind11/pybind11.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,13 +41,13 @@ enum class ExchangeStatus : int {
   kOk = 0,
   kTimeout = 1,  // a local peer (or the leader's verdict) did not arrive in time
   kPeerDead = 2,  // a local peer process no longer exists
-  kAborted = 3,  // another local rank gave up (its cross-host exchange failed)
+  kAborted = 3,  // another local rank gave up (an error or a signal on it); culprit: which
 };
 
 struct ExchangeResult {
   ExchangeStatus status;
   uint64_t word;  // AND over ranks of the packed records (valid when kOk)
-  int culprit;  // local rank that did not arrive, or -1
+  int culprit;  // local rank that did not arrive, died or gave up, or -1
   double waited_s;
 };
 
@@ -56,7 +66,8 @@ class ShmExchange {
   void unlink();
 
   // Post `word` for exchange `seq` and wait for the verdict. Called with the
-  // GIL held; releases it while sleeping.
+  // GIL held; releases it while sleeping. Raises (py::error_already_set) when
+  // a signal handler run while waiting raises; the segment is aborted first.
   ExchangeResult exchange(uint64_t word, uint64_t seq);
 
   // Seconds the current exchange has waited so far, or -1 when none is in
@@ -68,7 +79,17 @@ class ShmExchange {
   // Called (with the GIL) every log interval while waiting: fn(seq, waited_s).
   void set_wait_logger(py::object fn) { wait_logger_ = std::move(fn); }
   // Tell the local ranks to stop waiting (an error was raised on this rank).
+  // The first rank to abort is the culprit the others report.
   void abort();
+
+  // CPUs the host's local ranks may run on (the union of their affinities):
+  // with fewer than local_world, spinning would steal a descheduled peer's core.
+  void set_cpus(int cpus);
+  double spin_s() const { return spin_s_; }
+
+  // Whether the rank that created segment `name` still holds its lease:
+  // nullopt when the segment is not (yet) a readable exchange of this format.
+  static std::optional<bool> creator_alive(const std::string& name);
 
   int local_rank() const { return local_rank_; }
   int local_world() const { return local_world_; }
@@ -76,10 +97,15 @@ class ShmExchange {
   const std::string& name() const { return name_; }
 
  private:
-  template <typename Ready>
-  ExchangeResult wait_for(uint64_t seq, Ready ready, int* culprit_hint, double timeout_s);
+  template <typename Ready, typename Watch>
+  ExchangeResult wait_for(uint64_t seq, Ready ready, Watch watch, int* culprit_hint,
+                          double timeout_s);
   void notify();
+  bool peer_alive(int r) const;
   ExchangeResult exchange_impl(uint64_t word, uint64_t seq);
+  void start_lease();
+  void stop_lease();
+  static void* lease_main(void* self);
 
   std::string name_;
   bool owner_;
@@ -94,6 +120,16 @@ class ShmExchange {
   py::object cross_host_;
   py::object wait_logger_;
   std::atomic<double> wait_start_{0.0};
+  unsigned long main_thread_ = 0;  // Python's main thread: the one that runs signal handlers
+  uint64_t pidns_ = 0;  // this process's PID namespace (for the pid fallback only)
+  // The lease keeper: a thread that locks this rank's lease and sleeps until
+  // the exchange is destroyed (it must outlive whichever thread created us).
+  pid_t lease_pid_ = 0;  // process that started the keeper (a fork child must not join it)
+  pthread_t lease_thread_{};
+  bool lease_running_ = false;
+  std::mutex lease_mu_;
+  std::condition_variable lease_cv_;
+  int lease_phase_ = 0;  // 0 starting, 1 locked (or failed), 2 asked to stop
 };
 
 }  // namespace dynamo_dist

@@ -31,6 +31,10 @@ log = get_logger("shm")
 _SHM_DIR = "/dev/shm"
 _PREFIX = "dynamo_dist."
 _STATUS = {1: "timeout", 2: "peer_dead", 3: "aborted"}
+# A segment not readable as an exchange is judged by its name's pid, which
+# means nothing across PID namespaces; its age guards a live creator's
+# microseconds between creating the segment and writing its header.
+_UNREADABLE_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -96,9 +100,14 @@ def shm_available() -> bool:
 def sweep_stale_segments() -> None:
     """Remove segments left by a leader that died between creating and unlinking one.
 
-    Names carry the creator's pid; a name whose creator no longer exists is
-    stale. Segments are unlinked as soon as every local rank attached, so this
-    only ever finds leftovers of a crash during start-up.
+    A segment's creator holds a lease in it (a robust mutex the kernel marks
+    owner-dead when the process exits), readable from any PID namespace: a
+    segment whose creator let go of it is stale, one whose creator holds it is
+    live whatever its name's pid means here. Segments that are not readable as
+    an exchange (a crash before the header was written, another version's
+    layout) go only when the pid in their name is gone here and they are old.
+    Segments are unlinked as soon as every local rank attached, so this only
+    ever finds leftovers of a crash during start-up.
     """
     try:
         names = os.listdir(_SHM_DIR)
@@ -111,10 +120,20 @@ def sweep_stale_segments() -> None:
             pid = int(name.split(".")[1])
         except (IndexError, ValueError):
             continue
-        if pid != os.getpid() and not pid_alive(pid):
+        if pid == os.getpid():
+            continue
+        path = os.path.join(_SHM_DIR, name)
+        alive = _C.ShmExchange.creator_alive("/" + name)
+        if alive is None:
             try:
-                os.unlink(os.path.join(_SHM_DIR, name))
-                log.info("removed stale shared-memory segment %s (creator %d is gone)", name, pid)
+                age = time.time() - os.stat(path).st_mtime
+            except OSError:
+                continue
+            alive = pid_alive(pid) or age < _UNREADABLE_GRACE_S
+        if not alive:
+            try:
+                os.unlink(path)
+                log.info("removed stale shared-memory segment %s (its creator is gone)", name)
             except OSError:
                 pass
 
@@ -139,44 +158,59 @@ def _open_segment(
     seg: _C.ShmExchange | None = None
     name: str | None = None
     error = ""
-    if topo.local_rank == 0:
-        try:
-            if not shm_available():
-                raise OSError(f"{_SHM_DIR} is missing or not writable")
-            sweep_stale_segments()
-            name = f"/{_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
-            seg = _C.ShmExchange(
-                name, True, 0, topo.local_world, hierarchical, timeout, log_interval
-            )
-        except (OSError, RuntimeError) as e:
-            error, name = str(e), None
-    names: list[str | None] = all_gather_objects(group, name)
-    leader_name = names[topo.group_index[topo.local_ranks[0]]]
-    if topo.local_rank != 0:
-        if leader_name is None:
-            error = "the host's leader could not create the segment"
-        else:
+    try:
+        if topo.local_rank == 0:
             try:
+                if not shm_available():
+                    raise OSError(f"{_SHM_DIR} is missing or not writable")
+                sweep_stale_segments()
+                name = f"/{_PREFIX}{os.getpid()}.{secrets.token_hex(6)}"
                 seg = _C.ShmExchange(
-                    leader_name,
-                    False,
-                    topo.local_rank,
-                    topo.local_world,
-                    hierarchical,
-                    timeout,
-                    log_interval,
+                    name, True, 0, topo.local_world, hierarchical, timeout, log_interval
                 )
             except (OSError, RuntimeError) as e:
-                error = str(e)
-    errors: list[str | None] = all_gather_objects(group, error)
-    # Every rank has attached (or failed) by now: the leader removes the name.
-    # The mapping lives on, and no crash from here on can leave a segment behind.
-    if topo.local_rank == 0 and seg is not None:
-        seg.unlink()
-    failed = {r: e for r, e in zip(topo.group_ranks, errors, strict=True) if e}
+                error, name = str(e), None
+        names: list[str | None] = all_gather_objects(group, name)
+        leader_name = names[topo.group_index[topo.local_ranks[0]]]
+        if topo.local_rank != 0:
+            if leader_name is None:
+                error = "the host's leader could not create the segment"
+            else:
+                try:
+                    seg = _C.ShmExchange(
+                        leader_name,
+                        False,
+                        topo.local_rank,
+                        topo.local_world,
+                        hierarchical,
+                        timeout,
+                        log_interval,
+                    )
+                except (OSError, RuntimeError) as e:
+                    error = str(e)
+        gathered: list[tuple[str, list[int]]] = all_gather_objects(
+            group, (error, sorted(os.sched_getaffinity(0)))
+        )
+    finally:
+        # Every rank has attached (or failed) by now, or a collective raised: the
+        # leader removes the name either way. The mapping lives on, and no crash
+        # from here on can leave a segment behind.
+        if topo.local_rank == 0 and seg is not None:
+            seg.unlink()
+    failed = {r: g[0] for r, g in zip(topo.group_ranks, gathered, strict=True) if g[0]}
     if failed or seg is None:
         raise ShmUnavailable("; ".join(f"rank {r}: {e}" for r, e in sorted(failed.items())))
+    seg.set_cpus(host_cpus([gathered[topo.group_index[r]][1] for r in topo.local_ranks]))
     return seg
+
+
+def host_cpus(affinities: Sequence[Sequence[int]]) -> int:
+    """CPUs a host's ranks may run on: the union of their affinity masks.
+
+    Not each rank's own mask: ranks pinned to a core each (numactl, per-GPU
+    binding) have a core apiece, however small each mask is.
+    """
+    return len(set().union(*affinities)) if affinities else 0
 
 
 class ShmTransport(Transport):
@@ -241,12 +275,17 @@ class ShmTransport(Transport):
             return self.decide(seq, ident, hit, word)
         self.shm.abort()
         suspects = [self.topo.local_ranks[culprit]] if culprit >= 0 else []
+        who = f"local rank {culprit} (rank {suspects[0] if suspects else '?'})"
         cause = {
             "timeout": "timeout",
-            "peer_dead": f"local rank {culprit} (rank {suspects[0] if suspects else '?'}) "
-            "exited or crashed",
-            "aborted": "another rank on this host gave up on the exchange",
+            "peer_dead": f"{who} exited or crashed",
+            "aborted": f"{who} gave up on the exchange (an error, or a signal whose handler "
+            "raised, on that rank)"
+            if suspects
+            else "another rank on this host gave up on the exchange",
         }[_STATUS[status]]
+        if _STATUS[status] == "aborted":
+            suspects = []  # it arrived; its cause names it
         raise self.timeout_error(seq, ident, waited, cause, suspects)
 
 

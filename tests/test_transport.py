@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +165,10 @@ def test_stale_segment_of_a_dead_creator_is_swept():
     path = f"/dev/shm/dynamo_dist.{dead.pid}.deadbeef"
     with open(path, "wb") as fh:
         fh.write(b"\0" * 64)
+    # No header to read a lease from: judged by its name's pid, once old enough that
+    # no live creator can still be writing it.
+    old = time.time() - 120
+    os.utime(path, (old, old))
     mine = f"/dev/shm/dynamo_dist.{os.getpid()}.cafe"
     with open(mine, "wb") as fh:
         fh.write(b"\0" * 64)
