@@ -440,7 +440,18 @@ ExchangeResult ShmExchange::exchange(uint64_t word, uint64_t seq) {
     ~Clear() { start.store(0.0, std::memory_order_relaxed); }
   } clear{wait_start_};
   wait_start_.store(now_s(), std::memory_order_relaxed);
-  return exchange_impl(word, seq);
+  ExchangeResult r = exchange_impl(word, seq);
+  if (r.status == ExchangeStatus::kOk) {
+    // A peer that gave up (an error, a signal) left its posted record behind: a rank
+    // arriving later would otherwise complete the exchange and run one more compiled
+    // call the aborted rank has left. Aborts are sticky for the segment.
+    const uint32_t aborted = header(base_)->aborted.load(std::memory_order_acquire);
+    if (aborted != 0) {
+      r.status = ExchangeStatus::kAborted;
+      r.culprit = static_cast<int>(aborted) - 1;
+    }
+  }
+  return r;
 }
 
 ExchangeResult ShmExchange::exchange_impl(uint64_t word, uint64_t seq) {

@@ -163,6 +163,33 @@ def signal_handler_raises(rank: int, world: int) -> dict[str, Any]:
     return result(cb, True)
 
 
+def late_arrival_after_abort(rank: int, world: int) -> dict[str, Any]:
+    """Rank 1 is interrupted while waiting; rank 0 arrives at that exchange afterwards."""
+    cb = CountingBackend()
+    cf = dynamo_dist.compile(_f, backend=cb, timeout=TIMEOUT)
+    x = torch.randn(4, 3)
+    cf(x)
+    if rank == 1:
+        _when_waiting(
+            _shm_waited(0.3), lambda: os.kill(os.getpid(), signal.SIGINT), "rank 1 waiting"
+        )
+        try:
+            cf(x)
+        except KeyboardInterrupt as e:
+            return error_result(cb, e)
+        finally:
+            ranks.signal_peers("rank1_gave_up")
+        return result(cb, True)
+    ranks.wait_for_peer("rank1_gave_up", timeout=TIMEOUT + 30)
+    calls = 0
+    try:
+        cf(x)  # rank 1's record is still posted: this must not complete
+        calls += 1
+    except dynamo_dist.CollectiveTimeoutError as e:
+        return error_result(cb, e, calls=calls)
+    return result(cb, True, calls=calls)
+
+
 def wait_logger_interrupted(rank: int, world: int) -> dict[str, Any]:
     """A KeyboardInterrupt raised inside the wait logger reaches the user."""
     cb = CountingBackend()
@@ -396,6 +423,18 @@ def test_signal_handler_that_raises_aborts_the_exchange(tmp_path):
     assert "local rank 1 (rank 1) gave up on the exchange" in peer["message"], peer
     assert peer["waited"] < 15, peer
     assert run.rank(2)["ok"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_rank_arriving_after_an_abort_fails_instead_of_completing(tmp_path):
+    # Adversarial review of issue 13: the aborting rank's posted record let a rank that
+    # arrived later complete the exchange and run one more compiled call.
+    run = ranks.launch(HERE, "late_arrival_after_abort", tmp=tmp_path, agent=False)
+    assert run.rank(1)["error"] == "KeyboardInterrupt", run.rank(1)
+    late = run.rank(0)
+    assert late["error"] == "CollectiveTimeoutError", late
+    assert "local rank 1 (rank 1) gave up on the exchange" in late["message"], late
 
 
 @pytest.mark.multiproc
