@@ -114,6 +114,12 @@ class StatusBoard:
         self._state = state
         self._stop.set()
         self.publish(force=True)
+        # Drop the channels' callbacks (they hold the transports) and let the thread
+        # finish its tick: nothing of a shut-down runtime may outlive close().
+        self.positions = {}
+        self.ticks = []
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=1.0)
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
         """Last published status of every rank ({} entries for ranks that never published)."""
