@@ -101,6 +101,16 @@ class EntryUntrusted(EntryRefused):
     """
 
 
+class EntryUnavailable(Exception):
+    """An entry that could not be read for a reason of this rank's, not the entry's.
+
+    Permissions, exhausted descriptors or memory, an I/O error, an entry that vanished
+    while being read (a concurrent prune or refusal), a full local disk while unpacking:
+    nothing proves the entry bad, so it is a miss for this rank and stays where it is
+    for the others. Only what is proven bad is an ``EntryRefused`` and moved aside.
+    """
+
+
 @dataclass
 class Entry:
     key: str
