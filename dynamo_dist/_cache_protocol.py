@@ -11,15 +11,22 @@ inductor, which then finds everything cached and compiles nothing. A restart fin
 entry at once.
 
 Whatever goes wrong with the cache (unusable directory, corrupt or tampered entry, a
-leader that died) costs at most a local compile: never the job.
+leader that died, a full or read-only local disk, a bug of ours) costs at most a local
+compile and one warning: never the job, and never a hang. Only an error of the compile
+itself (inductor's, the user's) reaches Dynamo, as it would without the cache.
+
+A rank that cannot use the cache still takes part in every agreement, as a "no", and a
+follower whose leader released its lock without publishing compiles at once instead of
+leading in turn: a failed publish must not make the ranks compile one after another.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import math
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,12 +38,13 @@ import torch.distributed as dist
 from . import _local, _torch_compat
 from ._cache_agree import Agreement, next_compile
 from ._cache_key import version_factors
+from ._cache_lock import Holder, Locks, Watch, owner_record, stale_after
 from ._cache_stats import CacheStats, emit_load, emit_publish, emit_refusal, log, warn_once
 from ._cache_store import (
     DiskStore,
     Entry,
     EntryRefused,
-    alive_on_this_host,
+    EntryUnavailable,
     extract,
     merge_into,
 )
@@ -44,8 +52,6 @@ from ._config import CACHE_SECRET_FILE_ENV
 from ._secret import cache_secret, untrusted_reason
 
 __all__ = ["SharedCache", "local_inductor_dir", "private_local_dir"]
-
-_STALE_LOCK_S = 30.0
 
 
 def local_inductor_dir() -> Path:
@@ -95,35 +101,100 @@ def private_local_dir() -> Path | None:
     return None
 
 
+class _Turn:
+    """One compile through the cache: its agreement ticket, and what the compile did.
+
+    The cache wraps the real compile; when the cache machinery fails, this tells an
+    error of the compile itself (re-raised, as without the cache) from one of ours
+    (a local compile instead), whether a result already exists (never compile twice),
+    and whether this rank already reported at the agreement (never report twice).
+    """
+
+    def __init__(self, cache: SharedCache, n: int, scope: _local.Scope | None) -> None:
+        self.cache = cache
+        self.n = n
+        self.scope = scope
+        self.reported = False
+        self.compile_raised = False
+        self.has_result = False
+        self.result: Any = None
+
+    def compile(self, compile_fn: Callable[[], Any]) -> Any:
+        try:
+            self.result = self.cache._compile_counted(compile_fn)
+        except BaseException:
+            self.compile_raised = True
+            raise
+        self.has_result = True
+        return self.result
+
+    def agree(self, key: str, ok: bool) -> bool:
+        """All-or-nothing with the other ranks of the scope (or just ``ok`` without any)."""
+        if self.reported or not self.cache.agreement.applies(self.scope):
+            return ok and not self.reported
+        assert self.scope is not None
+        self.reported = True
+        return self.cache.agreement.agree(key, self.n, ok, self.scope) and ok
+
+    def abstain(self) -> None:
+        if not self.reported:
+            self.reported = True
+            self.cache.agreement.abstain(self.n, self.scope)
+
+
 class SharedCache:
     """One shared cache directory, as seen from this process."""
 
     def __init__(self, root: str, timeout: float, wait_log_interval: float, agree: bool) -> None:
         self.root = root
         self.store = DiskStore(root, cache_secret())  # ConfigError if misconfigured
+        self.locks = Locks(self.store)
         self.timeout = timeout
         self.wait_log_interval = wait_log_interval
         self.agree_across_ranks = agree
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.enabled = True
+        # False for a cache this rank can read but not write (a pre-populated, read-only
+        # directory): it loads entries and compiles what is missing itself.
+        self.writable = True
         self.counts = CacheStats()
         self.agreement = Agreement(timeout, agree)
         try:
             self.store.check_usable()
         except OSError as e:
-            self.enabled = False
-            warn_once(
-                f"unusable:{root}",
-                "shared cache directory %s is unusable (%s: %s); training continues "
-                "without the shared cache. Fix: point cache_dir / DYNAMO_DIST_CACHE_DIR "
-                "at a writable directory every rank can reach.",
-                root,
-                type(e).__name__,
-                e.strerror or e,
-            )
+            if self._readable():
+                self.writable = False
+                warn_once(
+                    f"readonly:{root}",
+                    "shared cache directory %s is read-only for this rank (%s: %s): loading "
+                    "the entries it has; graphs it lacks are compiled locally and not "
+                    "published. Fix, if this rank should publish: make it writable.",
+                    root,
+                    type(e).__name__,
+                    e.strerror or e,
+                )
+            else:
+                self.enabled = False
+                warn_once(
+                    f"unusable:{root}",
+                    "shared cache directory %s is unusable (%s: %s); training continues "
+                    "without the shared cache. Fix: point cache_dir / DYNAMO_DIST_CACHE_DIR "
+                    "at a writable directory every rank can reach.",
+                    root,
+                    type(e).__name__,
+                    e.strerror or e,
+                )
         if self.enabled and self.store.secret is None:
             self._check_unsigned_is_safe()
+
+    def _readable(self) -> bool:
+        """Whether this namespace's entries can be listed (for a read-only cache)."""
+        try:
+            with self.store.walk("entries", self.store.namespace) as fds, os.scandir(fds[-1]):
+                return True
+        except OSError:
+            return False
 
     def _check_unsigned_is_safe(self) -> None:
         """Without a secret, load only from a directory nobody else can write.
@@ -153,14 +224,7 @@ class SharedCache:
             **self.counts.as_dict(),
             "cache_dir": self.root,
             "cache_enabled": self.enabled,
-        }
-
-    def _owner(self) -> dict[str, Any]:
-        return {
-            "rank": self.rank,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "job": os.environ.get("TORCHELASTIC_RUN_ID", ""),
+            "cache_writable": self.enabled and self.writable,
         }
 
     def _compile_counted(self, compile_fn: Callable[[], Any]) -> Any:
@@ -171,11 +235,28 @@ class SharedCache:
             after = _torch_compat.inductor_fxgraph_cache_misses()
             self.counts.inductor_compiles += after - before
 
+    def _local_problem(self, what: str, key: str, e: BaseException) -> None:
+        """One warning per kind of local problem; the compile goes on without the cache."""
+        self.counts.cache_errors += 1
+        warn_once(
+            f"{what}:{self.root}:{type(e).__name__}",
+            "shared cache %s: %s for graph %s failed (%s: %s); compiling locally. The "
+            "shared entries are untouched; training is not affected.",
+            self.root,
+            what,
+            key[:12],
+            type(e).__name__,
+            e,
+        )
+
     # -- the protocol ----------------------------------------------------------------
     def compile(
         self, key: str, factors: dict[str, Any], compile_fn: Callable[[], Any], label: str
     ) -> Any:
-        """Compile one graph through the cache: load it, lead its compile, or fall back."""
+        """Compile one graph through the cache: load it, lead its compile, or fall back.
+
+        Never raises an error of the cache's own: only what ``compile_fn`` raises.
+        """
         # Numbered by compile within the group, not by key: ranks compiling
         # rank-specific graphs (different keys) still meet at the same agreement. A
         # compile inside dynamo_dist.local() has no scope: it agrees with nobody.
@@ -186,63 +267,79 @@ class SharedCache:
             # install: the clean room would be there too). Still report, so peers that
             # could use the cache need not wait out the timeout for this rank.
             return self.compile_uncached(compile_fn, n)
-        # Applied on every rank (leader and followers alike): it is part of
-        # AOTAutograd's configuration, hence of its cache key.
-        with _torch_compat.eager_backward_lowering():
+        turn = _Turn(self, n, scope)
+        try:
+            # Applied on every rank (leader and followers alike): it is part of
+            # AOTAutograd's configuration, hence of its cache key.
+            with _torch_compat.eager_backward_lowering():
+                return self._through_cache(key, factors, label, compile_fn, turn)
+        except BaseException as e:
+            # Report before the error goes anywhere, or the other ranks wait for this one.
+            turn.abstain()
+            if turn.compile_raised or not isinstance(e, Exception):
+                raise  # the compile's own error (or an interrupt): as without the cache
+            self._local_problem("the cache protocol", key, e)
+            log.debug("shared cache failure", exc_info=True)
+        if turn.has_result:
+            return turn.result
+        return turn.compile(compile_fn)
+
+    def _through_cache(
+        self,
+        key: str,
+        factors: dict[str, Any],
+        label: str,
+        compile_fn: Callable[[], Any],
+        turn: _Turn,
+    ) -> Any:
+        role, entry = self._obtain(key, factors, compile_fn, label, turn)
+        staging: Path | None = None
+        if role == "load":
+            assert entry is not None
+            staging = self._stage(entry)
+        # All or nothing: a rank installs the loaded entry only if every rank could,
+        # so no rank runs different code for the same graph.
+        ok = turn.agree(key, role == "leader" or staging is not None)
+        if role == "leader":
+            return turn.result
+        if staging is not None:
             try:
-                role, entry, result = self._obtain(key, factors, compile_fn, label)
-            except BaseException:
-                # The compile itself failed (a leader's inductor error, say): report before
-                # the error reaches Dynamo, or the other ranks wait for this one.
-                self.agreement.abstain(n, scope)
-                raise
-            staging: Path | None = None
-            if role == "load":
-                assert entry is not None
-                staging = self._stage(entry)
-            ok = role == "leader" or staging is not None
-            # All or nothing: a rank installs the loaded entry only if every rank
-            # could, so no rank runs different code for the same graph.
-            if self.agreement.applies(scope):
-                assert scope is not None
-                ok = self.agreement.agree(key, n, ok, scope) and ok
-            if role == "leader":
-                return result
-            if staging is not None and ok and entry is not None:
-                try:
-                    merge_into(staging, local_inductor_dir())
-                    self._loaded(key, entry, label)
-                except OSError as e:
-                    # A local problem (a full disk, a link planted in the local cache):
-                    # never the job's end, and not the shared entry's fault either.
-                    warn_once(
-                        f"install:{local_inductor_dir()}",
-                        "cannot install shared cache entry %s into %s (%s); compiling "
-                        "locally. Fix: free space, or point TORCHINDUCTOR_CACHE_DIR at a "
-                        "fresh private directory",
-                        key[:12],
-                        local_inductor_dir(),
-                        e,
-                    )
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
-            elif staging is not None:
+                if ok and entry is not None:
+                    try:
+                        merge_into(staging, local_inductor_dir())
+                    except OSError as e:
+                        # A local problem (a full disk, a link planted in the local
+                        # cache): not the shared entry's fault either.
+                        self._local_problem("installing the entry", key, e)
+                    else:
+                        self._loaded(key, entry, label)
+                else:
+                    log.info("not every rank could load %s; compiling locally", key[:12])
+            finally:
                 shutil.rmtree(staging, ignore_errors=True)
-                log.info("not every rank could load %s; compiling locally", key[:12])
-            return self._compile_counted(compile_fn)
+        return turn.compile(compile_fn)
 
     def _loaded(self, key: str, entry: Entry, label: str) -> None:
         """Count, log and emit one installed entry."""
-        seconds = float(entry.manifest.get("compile_seconds", 0))
-        owner_rank = entry.manifest.get("owner", {}).get("rank")
+        seconds = entry.manifest.get("compile_seconds", 0)
+        if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds < 0:
+            seconds = 0.0
+        owner = entry.manifest.get("owner")
+        owner_rank = owner.get("rank") if isinstance(owner, dict) else None
+        if not isinstance(owner_rank, int) or isinstance(owner_rank, bool):
+            owner_rank = None
         self.counts.cache_loads += 1
-        self.counts.compile_seconds_saved += seconds
+        self.counts.compile_seconds_saved += float(seconds)
         log.info("loaded %s for %s (compiled by rank %s)", key[:12], label, owner_rank)
-        emit_load(key, label, owner_rank, self.rank, seconds)
+        emit_load(key, label, owner_rank, self.rank, float(seconds))
 
-    def _get(self, key: str) -> Entry | None:
+    def _get(self, key: str) -> tuple[Entry | None, bool]:
+        """(the verified entry or None, whether this rank can read the cache for ``key``)."""
         try:
-            return self.store.get(key, expect=version_factors())
+            return self.store.get(key, expect=version_factors()), True
+        except EntryUnavailable as e:
+            self._local_problem("reading the entry", key, e)
+            return None, False
         except EntryRefused as e:
             self.counts.cache_refused += 1
             log.warning(
@@ -252,134 +349,177 @@ class SharedCache:
                 self.store.refused,
             )
             emit_refusal(key, self.rank, "verify", str(e))
-            return None
+            return None, True
         except OSError as e:
-            warn_once(
-                f"read:{self.root}",
-                "cannot read the shared cache %s (%s); compiling locally",
-                self.root,
-                e,
-            )
-            return None
+            self._local_problem("reading the cache", key, e)
+            return None, False
 
     def _obtain(
-        self, key: str, factors: dict[str, Any], compile_fn: Callable[[], Any], label: str
-    ) -> tuple[str, Entry | None, Any]:
-        """('load', entry, None), ('leader', None, compiled) or ('fallback', None, None)."""
+        self,
+        key: str,
+        factors: dict[str, Any],
+        compile_fn: Callable[[], Any],
+        label: str,
+        turn: _Turn,
+    ) -> tuple[str, Entry | None]:
+        """('load', entry), ('leader', None) with ``turn.result`` set, or ('fallback', None).
+
+        Every pass of the loop sleeps and checks the deadline: nothing found on disk
+        (a lock that cannot be read, a FIFO, a directory where a file should be) can
+        make it spin or outlast ``timeout``.
+        """
         start = time.monotonic()
         next_log = start + self.wait_log_interval
         delay = 0.02
         first = True
+        watch = Watch(stale_after(self.timeout))
+        seen: Holder | None = None  # the last live holder this rank waited for
         while True:
-            entry = self._get(key)
+            entry, readable = self._get(key)
             if entry is not None:
                 if first:
                     self.counts.cache_hits += 1
-                return "load", entry, None
+                return "load", entry
             if first:
                 self.counts.cache_misses += 1
                 first = False
+            if not readable or not self.writable:
+                return "fallback", None  # this rank can neither load nor publish it
             try:
-                lock = self.store.try_lock(key, self._owner())
+                holder = self.locks.holder(key)
+                if holder is None and seen is not None:
+                    # The leader let go without publishing (its publish failed, or it was
+                    # refused): compile now, all at once, rather than lead one by one.
+                    log.info(
+                        "%s finished compiling %s (%s) without publishing it; compiling locally",
+                        seen.describe(),
+                        key[:12],
+                        label,
+                    )
+                    self.counts.cache_fallbacks += 1
+                    return "fallback", None
+                lock = None
+                if holder is None:
+                    lock = self.locks.acquire(key, owner_record(self.rank))
+                elif watch.dead(holder):
+                    log.warning(
+                        "the leader compiling %s for %s, %s, is gone (%s); taking over",
+                        key[:12],
+                        label,
+                        holder.describe(),
+                        "its process has exited"
+                        if holder.dead_by_identity()
+                        else f"no heartbeat for {watch.silent_for(holder):.0f}s",
+                    )
+                    lock = self.locks.acquire(key, owner_record(self.rank), over=holder)
+                else:
+                    seen = holder
             except OSError as e:
-                warn_once(
-                    f"lock:{self.root}",
-                    "cannot take locks in %s (%s); compiling locally",
-                    self.root,
-                    e,
-                )
-                return "fallback", None, None
+                self._local_problem("taking the leader lock", key, e)
+                return "fallback", None
             if lock is not None:
                 try:
-                    return "leader", None, self._lead(key, factors, compile_fn, label)
+                    # Published while this rank took the lock: load it, do not recompile.
+                    entry, _ = self._get(key)
+                    if entry is not None:
+                        return "load", entry
+                    self._lead(key, factors, compile_fn, label, turn)
+                    return "leader", None
                 finally:
                     lock.release()
-            owner_info = self.store.lock_owner(key)
-            if owner_info is None:
-                continue  # released just now: look for the entry again
-            owner, age = owner_info
-            who = f"rank {owner.get('rank')} ({owner.get('host')}, pid {owner.get('pid')})"
-            if alive_on_this_host(owner) is False or age > max(_STALE_LOCK_S, self.timeout / 4):
-                log.warning(
-                    "the leader compiling %s for %s, %s, is gone (no heartbeat for "
-                    "%.0fs); taking over",
-                    key[:12],
-                    label,
-                    who,
-                    age,
-                )
-                self.store.break_lock(key)
-                continue
             now = time.monotonic()
             if now - start >= self.timeout:
                 self.counts.cache_fallbacks += 1
                 log.warning(
                     "waited %.0fs for %s to publish %s (%s); compiling locally",
                     now - start,
-                    who,
+                    seen.describe() if seen else "another rank",
                     key[:12],
                     label,
                 )
-                return "fallback", None, None
-            if now >= next_log:
+                return "fallback", None
+            if now >= next_log and seen is not None:
                 next_log = now + self.wait_log_interval
                 log.warning(
                     "waiting for graph %s (%s) compiled by %s: %.0fs",
                     key[:12],
                     label,
-                    who,
+                    seen.describe(),
                     now - start,
                 )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
     def _lead(
-        self, key: str, factors: dict[str, Any], compile_fn: Callable[[], Any], label: str
-    ) -> Any:
+        self,
+        key: str,
+        factors: dict[str, Any],
+        compile_fn: Callable[[], Any],
+        label: str,
+        turn: _Turn,
+    ) -> None:
         """Compile in a clean room and publish everything inductor wrote as the entry."""
         local = local_inductor_dir()
-        room = local / "dynamo_dist" / "cleanroom" / f"{key}.{os.getpid()}"
-        shutil.rmtree(room, ignore_errors=True)
-        room.mkdir(parents=True)
+        try:
+            room = _clean_room(local, key)
+        except OSError as e:
+            # No room (a read-only or full local cache): compile the plain way, publish
+            # nothing; the followers see the lock released and compile themselves.
+            self._local_problem("making a clean room", key, e)
+            turn.compile(compile_fn)
+            return
         t0 = time.monotonic()
         with _torch_compat.inductor_cache_dir_override(room):
-            result = self._compile_counted(compile_fn)
+            turn.compile(compile_fn)
         seconds = time.monotonic() - t0
+        self._publish(key, factors, label, room, seconds)
+        # Keep this rank's own inductor cache warm too, for local restarts.
+        try:
+            merge_into(room, local)
+        except OSError as e:
+            self._local_problem("keeping a local copy", key, e)
+
+    def _publish(
+        self, key: str, factors: dict[str, Any], label: str, room: Path, seconds: float
+    ) -> None:
         manifest = {
             "factors": factors,
-            "owner": self._owner(),
+            "owner": owner_record(self.rank),
             "label": label,
             "compile_seconds": round(seconds, 3),
             "created": time.time(),
         }
         try:
             written = self.store.put(key, room, manifest)
-            if written:
-                self.counts.cache_publishes += 1
-                self.counts.cache_bytes_written += written
-                log.info(
-                    "published %s for %s (%d bytes, compiled in %.1fs)",
-                    key[:12],
-                    label,
-                    written,
-                    seconds,
-                )
-                emit_publish(key, label, self.rank, written, seconds)
-        except OSError as e:
+        except Exception as e:  # never the job's end: the others compile themselves
+            self.counts.cache_errors += 1
             warn_once(
-                f"write:{self.root}",
-                "cannot publish to the shared cache %s (%s); "
-                "training continues, other ranks will compile themselves",
+                f"write:{self.root}:{type(e).__name__}",
+                "cannot publish to the shared cache %s (%s: %s); training continues, "
+                "other ranks will compile themselves",
                 self.root,
+                type(e).__name__,
                 e,
             )
-        # Keep this rank's own inductor cache warm too, for local restarts.
-        with contextlib.suppress(OSError):
-            merge_into(room, local)
-        return result
+            return
+        if written:
+            self.counts.cache_publishes += 1
+            self.counts.cache_bytes_written += written
+            log.info(
+                "published %s for %s (%d bytes, compiled in %.1fs)",
+                key[:12],
+                label,
+                written,
+                seconds,
+            )
+            emit_publish(key, label, self.rank, written, seconds)
 
     def _stage(self, entry: Entry) -> Path | None:
-        """Unpack a verified entry beside the local cache; None (entry refused) on failure."""
+        """Unpack a verified entry beside the local cache; None on any failure.
+
+        Only an entry proven bad (EntryRefused) is moved aside; a local failure (a full
+        or read-only disk, EntryUnavailable) leaves the shared entry for the others.
+        """
         # An unpredictable name (mkdtemp, 0700) directly inside the private local cache:
         # nothing can be planted in it while it waits for the other ranks' agreement.
         try:
@@ -387,29 +527,16 @@ class SharedCache:
                 tempfile.mkdtemp(prefix=f".dd-staging.{entry.key[:12]}.", dir=local_inductor_dir())
             )
         except OSError as e:
-            warn_once(
-                f"stage:{local_inductor_dir()}",
-                "cannot unpack shared cache entries into %s (%s); compiling locally",
-                local_inductor_dir(),
-                e,
-            )
+            self._local_problem("unpacking the entry", entry.key, e)
             return None
         try:
             self.counts.cache_bytes_read += extract(entry, staging)
             return staging
-        except OSError as e:
-            # Local (ENOSPC, a read-only local cache): the shared entry is not to blame,
-            # so it is not refused; this rank compiles locally.
+        except EntryUnavailable as e:
             shutil.rmtree(staging, ignore_errors=True)
-            warn_once(
-                f"stage:{local_inductor_dir()}",
-                "cannot unpack shared cache entry %s into %s (%s); compiling locally",
-                entry.key[:12],
-                staging,
-                e,
-            )
+            self._local_problem("unpacking the entry", entry.key, e)
             return None
-        except Exception as e:  # EntryRefused, and tarfile's own errors
+        except EntryRefused as e:
             shutil.rmtree(staging, ignore_errors=True)
             self.counts.cache_refused += 1
             self.store.refuse(entry.path, f"unpacking failed: {e}")
@@ -419,6 +546,10 @@ class SharedCache:
                 e,
             )
             emit_refusal(entry.key, self.rank, "unpack", f"unpacking failed: {e}")
+            return None
+        except Exception as e:  # OSError and anything unforeseen: not proven bad
+            shutil.rmtree(staging, ignore_errors=True)
+            self._local_problem("unpacking the entry", entry.key, e)
             return None
 
     def compile_uncached(self, compile_fn: Callable[[], Any], n: int | None = None) -> Any:
@@ -433,3 +564,51 @@ class SharedCache:
             assert scope is not None
             self.agreement.abstain(next_compile(scope) if n is None else n, scope)
         return self._compile_counted(compile_fn)
+
+
+# -- clean rooms -------------------------------------------------------------------------
+_rooms: set[Path] = set()
+_ROOM_SWEEP_AGE_S = 6 * 3600
+_swept: set[Path] = set()
+
+
+def _clean_room(local: Path, key: str) -> Path:
+    """A fresh private directory for one leader compile, under the local inductor cache.
+
+    Its files are copied into the local cache after the compile, but the room itself is
+    removed only at exit: what inductor compiled may still read files under it later
+    (kernels loaded on first run, on some backends). Rooms this process made go at
+    exit; rooms of processes that died (named by pid, checked on this host) are removed
+    the first time this process leads.
+    """
+    base = local / "dynamo_dist" / "cleanroom"
+    base.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if base not in _swept:
+        _swept.add(base)
+        _sweep_rooms(base)
+    room = Path(tempfile.mkdtemp(prefix=f"{key[:40]}.{os.getpid()}.", dir=base))
+    _rooms.add(room)
+    return room
+
+
+def _sweep_rooms(base: Path) -> None:
+    from ._proc import pid_alive
+
+    with contextlib.suppress(OSError), os.scandir(base) as it:
+        for e in it:
+            parts = e.name.split(".")
+            if len(parts) >= 2 and parts[1].isdigit() and e.is_dir(follow_symlinks=False):
+                pid = int(parts[1])
+                # Old as well as dead: a local cache shared by containers (another PID
+                # namespace) must not lose a live process's room to a pid that means
+                # something else here.
+                old = time.time() - e.stat(follow_symlinks=False).st_mtime > _ROOM_SWEEP_AGE_S
+                if pid != os.getpid() and old and not pid_alive(pid):
+                    shutil.rmtree(e.path, ignore_errors=True)
+
+
+@atexit.register
+def _remove_rooms() -> None:
+    for room in list(_rooms):
+        shutil.rmtree(room, ignore_errors=True)
+    _rooms.clear()

@@ -47,6 +47,10 @@ class CacheStats:
     cache_publishes: int = 0
     cache_refused: int = 0
     cache_fallbacks: int = 0
+    # Compiles that went around the cache because of a problem on this rank's side (a
+    # read-only local cache, an entry this rank cannot read, a full disk): each one
+    # costs a local compile and is warned about once.
+    cache_errors: int = 0
     cache_bytes_read: int = 0
     cache_bytes_written: int = 0
     inductor_compiles: int = 0

@@ -4,7 +4,7 @@ Layout under the root (one directory per entry, named by its key)::
 
     <root>/entries/<ns>/<kk>/<key>/manifest.json  # versions, key factors, sha256 per file, HMAC
     <root>/entries/<ns>/<kk>/<key>/artifact.tar   # inductor's own cache files for one graph
-    <root>/locks/<ns>/<key>.lock                  # who is compiling it right now
+    <root>/locks/<ns>/<key>.<gen>.lock            # who is compiling it now (._cache_lock)
     <root>/refused/<ns>/<key>.<time>              # entries refused (corrupt, tampered, skewed)
 
 ``<ns>`` is ``k-<key id>`` for entries signed with a secret (the key id is derived
@@ -52,11 +52,9 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import stat
 import tarfile
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +62,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from ._log import get_logger
-from ._proc import pid_alive
 
 log = get_logger("cache")
 
@@ -419,7 +416,7 @@ class DiskStore:
         """The final mode of a directory we filled privately (0700) and now publish."""
         return self._mkdir_mode() & ~_umask()
 
-    def _walk(
+    def walk(
         self, *parts: str, create: bool = False
     ) -> contextlib.AbstractContextManager[list[int]]:
         """Descriptors of the root and ``parts`` below it (created if ``create``), no links."""
@@ -433,9 +430,9 @@ class DiskStore:
         """
         self._make_entries()
         for top in ("locks", "refused"):
-            with self._walk(top, self.namespace, create=True):
+            with self.walk(top, self.namespace, create=True):
                 pass
-        with self._walk() as (root_fd,):
+        with self.walk() as (root_fd,):
             # An unpredictable name, O_CREAT|O_EXCL|O_NOFOLLOW: no planted link is written through.
             probe = f".probe.{secrets.token_hex(8)}"
             fd = os.open(probe, _CREATE_FLAGS, 0o600, dir_fd=root_fd)
@@ -448,7 +445,7 @@ class DiskStore:
 
     def _make_entries(self) -> None:
         """Create ``entries/``; whoever creates it creates the cache and marks it."""
-        with self._walk(create=True) as (root_fd,):
+        with self.walk(create=True) as (root_fd,):
             try:
                 os.mkdir("entries", self._mkdir_mode(), dir_fd=root_fd)
                 new = True
@@ -568,7 +565,7 @@ class DiskStore:
         with contextlib.suppress(OSError), contextlib.ExitStack() as stack:
             (*_, parent_fd) = stack.enter_context(_dir_fds(start, parts[:-1]))
             (*_, refused_fd) = stack.enter_context(
-                self._walk("refused", self.namespace, create=True)
+                self.walk("refused", self.namespace, create=True)
             )
             box = f"{parts[-1][:64]}.{int(time.time() * 1000)}.{secrets.token_hex(8)}"
             # 0700 while it is filled, so nothing can be planted in it.
@@ -591,7 +588,7 @@ class DiskStore:
         describe the same graph, and the first one wins.
         """
         self._make_entries()
-        with self._walk("entries", self.namespace, key[:2], create=True) as fds:
+        with self.walk("entries", self.namespace, key[:2], create=True) as fds:
             return self._put_at(fds[-1], key, artifact_dir, manifest)
 
     def _put_at(self, shard_fd: int, key: str, artifact_dir: Path, manifest: dict[str, Any]) -> int:
@@ -605,13 +602,19 @@ class DiskStore:
                 os.fchmod(tmp_fd, self._open_mode())
             finally:
                 os.close(tmp_fd)
-            try:
-                os.rename(tmp, key, src_dir_fd=shard_fd, dst_dir_fd=shard_fd)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    os.stat(f"{key}/{MANIFEST}", dir_fd=shard_fd, follow_symlinks=False)
-                    return 0  # someone else published it first
-                raise
+            for attempt in range(2):
+                try:
+                    os.rename(tmp, key, src_dir_fd=shard_fd, dst_dir_fd=shard_fd)
+                    break
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.stat(f"{key}/{MANIFEST}", dir_fd=shard_fd, follow_symlinks=False)
+                        return 0  # someone else published it first
+                    if attempt:
+                        raise
+                    # A directory without a manifest (or not a directory) holds the name:
+                    # never an entry (entries appear whole), so it goes aside, once.
+                    self.refuse(self.entry_dir(key), "no manifest: left by a failed publish")
             with contextlib.suppress(OSError):
                 os.fsync(shard_fd)
             return size
@@ -645,48 +648,6 @@ class DiskStore:
             manifest["signature"] = sign(manifest, self.secret)
         _create_at(tmp_fd, MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         return size
-
-    # -- leader locks ------------------------------------------------------------
-    def try_lock(self, key: str, owner: dict[str, Any]) -> Lock | None:
-        """The lock for ``key``, or None if someone holds it; OSError if locks are unusable."""
-        with self._walk("locks", self.namespace, create=True) as fds:
-            name = f"{key}.lock"
-            try:
-                fd = os.open(name, _CREATE_FLAGS, 0o644, dir_fd=fds[-1])
-            except FileExistsError:
-                return None
-            try:
-                os.write(fd, json.dumps({**owner, "time": time.time()}).encode())
-                # The lock keeps its own descriptors: heartbeat and release touch only
-                # this inode in this directory, whatever the names become.
-                return Lock(self.locks / name, fd=fd, dir_fd=os.dup(fds[-1]))
-            except BaseException:
-                os.close(fd)
-                raise
-
-    def lock_owner(self, key: str) -> tuple[dict[str, Any], float] | None:
-        """(owner record, seconds since its last heartbeat), or None if unlocked."""
-        name = f"{key}.lock"
-        try:
-            with self._walk("locks", self.namespace) as fds:
-                st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
-                # A lock that exists but cannot be read (garbage, a FIFO, a link) is an
-                # owner we cannot name: waiters still time out or break it once stale.
-                owner: Any = {}
-                with contextlib.suppress(OSError, ValueError, RecursionError, EntryRefused):
-                    owner = json.loads(_read_small(name, 1 << 16, "lock", fds[-1]) or b"{}")
-        except OSError:
-            return None
-        if not isinstance(owner, dict):
-            owner = {}
-        return owner, time.time() - st.st_mtime
-
-    def break_lock(self, key: str) -> None:
-        """Remove a dead leader's lock: renamed aside first, so one breaker wins."""
-        stale = f"{key}.stale.{os.getpid()}.{secrets.token_hex(4)}"
-        with contextlib.suppress(OSError), self._walk("locks", self.namespace) as fds:
-            os.rename(f"{key}.lock", stale, src_dir_fd=fds[-1], dst_dir_fd=fds[-1])
-            os.unlink(stale, dir_fd=fds[-1])
 
     def iter_entries(self) -> Iterator[Path]:
         """Entry directories; links are never followed (they are not entries)."""
@@ -743,50 +704,6 @@ def read_marker(root: Path) -> dict[str, Any] | None:
     except (OSError, ValueError, EntryRefused):
         return None
     return marker if isinstance(marker, dict) and isinstance(marker.get("format"), int) else None
-
-
-class Lock:
-    """A held leader lock with a heartbeat: its mtime says the owner is alive.
-
-    It keeps the lock file's descriptor and its directory's: the heartbeat touches
-    only our inode, and release unlinks the name only while it is still our inode,
-    so a swapped ``locks/`` never redirects either to someone else's file.
-    """
-
-    HEARTBEAT_S = 2.0
-
-    def __init__(self, path: Path, fd: int | None = None, dir_fd: int | None = None) -> None:
-        self.path = path
-        if fd is None or dir_fd is None:  # a lock made by name: open what is there now
-            dir_fd = os.open(path.parent, _DIR_FLAGS)
-            fd = os.open(path.name, _READ_FLAGS, dir_fd=dir_fd)
-        self._fd = fd
-        self._dir_fd = dir_fd
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._beat, daemon=True, name="dynamo_dist-cache-lock"
-        )
-        self._thread.start()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.HEARTBEAT_S):
-            with contextlib.suppress(OSError, NotImplementedError):
-                os.utime(self._fd)
-
-    def release(self) -> None:
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._thread.join()  # the heartbeat must not touch a closed (reused) descriptor
-        try:
-            with contextlib.suppress(OSError):
-                ours = os.fstat(self._fd)
-                there = os.stat(self.path.name, dir_fd=self._dir_fd, follow_symlinks=False)
-                if (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino):
-                    os.unlink(self.path.name, dir_fd=self._dir_fd)
-        finally:
-            os.close(self._fd)
-            os.close(self._dir_fd)
 
 
 def _safe_member(m: tarfile.TarInfo) -> str | None:
@@ -975,18 +892,3 @@ def _dest_dir(fds: dict[tuple[str, ...], int], rel: tuple[str, ...], dest: Path)
         if rel[:i] not in fds:
             fds[rel[:i]] = _local_dir_at(fds[rel[: i - 1]], rel[i - 1], dest.joinpath(*rel[:i]))
     return fds[rel]
-
-
-_PID_LIMIT = 1 << 22  # Linux's pid_max can be at most 2**22
-
-
-def alive_on_this_host(owner: dict[str, Any]) -> bool | None:
-    """Whether the owner process lives (None when it runs on another host)."""
-    if owner.get("host") != socket.gethostname():
-        return None
-    pid = owner.get("pid")
-    # Lock files are written by others: anything but a plausible pid is no answer
-    # (a huge int or 1e400 would overflow os.kill).
-    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < _PID_LIMIT:
-        return None
-    return pid_alive(pid)

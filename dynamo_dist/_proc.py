@@ -19,3 +19,84 @@ def pid_alive(pid: int) -> bool:
         return state not in ("Z", "X")
     except (OSError, IndexError):
         return True
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int | str) -> int | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat).
+
+    With the boot id and the PID namespace it names one process for good: a pid
+    reused after the process died has another start time.
+    """
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_namespace() -> str | None:
+    """The PID namespace pids in this /proc are valid in; None if /proc is not ours.
+
+    A process that entered a new PID namespace without mounting its own /proc sees
+    another namespace's pids there: then no pid can be checked.
+    """
+    stat = _read("/proc/self/stat")
+    if stat is None or stat.split(" ", 1)[0] != str(os.getpid()):
+        return None
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+def identity() -> dict[str, object]:
+    """This process, named so that any process on any host can tell whether it is alive.
+
+    A pid alone means nothing outside its PID namespace: two containers that share a
+    hostname (or a host's network) each have a pid 1. So the pid comes with the kernel's
+    boot id and the PID namespace it is valid in, and with its start time, which tells
+    a live process from a later one that reuses its pid.
+    """
+    return {
+        "boot": _read("/proc/sys/kernel/random/boot_id"),
+        "pidns": _pid_namespace(),
+        "pid": os.getpid(),
+        "start": _start_ticks("self"),
+    }
+
+
+_PID_LIMIT = 1 << 22  # Linux's pid_max can be at most 2**22
+
+
+def identity_alive(ident: object) -> bool | None:
+    """Whether the process named by :func:`identity` still runs; None if it cannot be told.
+
+    Only a process of this kernel boot and this PID namespace can be checked here;
+    anything else, and anything malformed (identities are read from shared, writable
+    files), is None: the caller then judges by heartbeats.
+    """
+    if not isinstance(ident, dict):
+        return None
+    boot, pidns, pid, start = (ident.get(k) for k in ("boot", "pidns", "pid", "start"))
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < _PID_LIMIT:
+        return None
+    if not isinstance(boot, str) or not isinstance(pidns, str) or not boot or not pidns:
+        return None
+    if boot != _read("/proc/sys/kernel/random/boot_id") or pidns != _pid_namespace():
+        return None
+    if not pid_alive(pid):
+        return False
+    now = _start_ticks(pid)
+    if now is None or not isinstance(start, int) or isinstance(start, bool):
+        return None
+    return now == start

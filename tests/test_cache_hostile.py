@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import ranks
 
+from dynamo_dist._cache_lock import Locks
 from dynamo_dist._cache_store import (
     MARKER,
     DiskStore,
@@ -256,8 +257,9 @@ attempt("artifact-fifo")
 os.unlink(art); os.rename(entry / "real.tar", art)
 (entry / "manifest.json").unlink(); os.mkfifo(entry / "manifest.json")
 attempt("manifest-fifo")
-os.mkfifo(store.locks / (key + ".lock"))
-print("lock", store.lock_owner(key) is not None, flush=True)
+from dynamo_dist._cache_lock import Locks
+os.mkfifo(store.locks / (key + ".0.lock"))
+print("lock", Locks(store).holder(key) is not None, flush=True)
 print("RESULT", json.dumps(out), flush=True)
 """
 
@@ -472,12 +474,11 @@ def test_no_writes_through_symlinked_parent_directories(tmp_path, level):
         _swap_for_link(d.parent if level == "top" else d, victim)
     _swap_for_link(store.entries.parent if level == "top" else store.entries, theirs)
     with contextlib.suppress(OSError):
-        lock = store.try_lock(KEY, {"rank": 0})
+        lock = Locks(store).acquire(KEY, {"rank": 0})
         if lock is not None:
             lock.release()
     with pytest.raises(EntryRefused, match=r"format|symlink"):
         store.get(KEY)
-    store.break_lock(KEY)
     assert sorted(victim.rglob("*")) == []
     assert (mine / "manifest.json").read_text() == '{"format": 99}'
 
@@ -500,20 +501,19 @@ def test_publish_and_refuse_do_not_follow_a_symlinked_shard(tmp_path):
     assert not list(tmp_path.joinpath("c", "refused").rglob("manifest.json"))
 
 
-def test_lock_release_and_break_only_touch_our_own_lock(tmp_path):
-    """Release and break used to unlink <key>.lock through a swapped locks/<ns>."""
+def test_lock_release_only_touches_our_own_lock(tmp_path):
+    """Release used to unlink <key>.lock through a swapped locks/<ns>."""
     victim = tmp_path / "victim"
     victim.mkdir()
-    (victim / f"{KEY}.lock").write_text("victim's file\n")
+    (victim / f"{KEY}.0.lock").write_text("victim's file\n")
     store = DiskStore(tmp_path / "c")
-    lock = store.try_lock(KEY, {"rank": 0})
+    lock = Locks(store).acquire(KEY, {"rank": 0})
     assert lock is not None
     moved = _swap_for_link(store.locks, victim)
     time.sleep(0.01)
     lock.release()
-    store.break_lock(KEY)
-    assert (victim / f"{KEY}.lock").read_text() == "victim's file\n"
-    assert not (moved / f"{KEY}.lock").exists()  # our own lock went, by descriptor
+    assert (victim / f"{KEY}.0.lock").read_text() == "victim's file\n"
+    assert not (moved / f"{KEY}.0.lock").exists()  # our own lock went, by descriptor
 
 
 class _Records(logging.Handler):
@@ -587,7 +587,7 @@ def test_unsigned_store_never_creates_shared_writable_paths(tmp_path):
         store = DiskStore(root)
         store.check_usable()
         _publish(store, tmp_path)
-        lock = store.try_lock("e" * 40, {"rank": 0})
+        lock = Locks(store).acquire("e" * 40, {"rank": 0})
         assert lock is not None
         lock.release()
         bad = DiskStore(root)

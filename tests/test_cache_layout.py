@@ -26,6 +26,7 @@ REPORTED = [
     "cache_publishes",
     "cache_refused",
     "cache_fallbacks",
+    "cache_errors",
     "cache_bytes_read",
     "cache_bytes_written",
     "inductor_compiles",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_dist import _cache, _cache_store
+from dynamo_dist import _cache, _proc
 
 KEY = "ab" * 20
 
@@ -16,7 +16,8 @@ KEY = "ab" * 20
 @pytest.mark.parametrize("pid", [10**20, 1e400, -5, "7", True, [1], None])
 def test_implausible_pid_is_no_answer(pid: object) -> None:
     # json.loads turns 1e400 into inf; a huge int used to overflow os.kill.
-    assert _cache_store.alive_on_this_host({"host": socket.gethostname(), "pid": pid}) is None
+    ident = {**_proc.identity(), "pid": pid}
+    assert _proc.identity_alive(ident) is None
 
 
 @pytest.mark.parametrize(
@@ -36,7 +37,7 @@ def test_planted_lock_costs_a_local_compile_not_the_job(
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "local"))
     cache = _cache.SharedCache(str(tmp_path / "cache"), 0.5, 30.0, agree=False)
     assert cache.enabled
-    lock = cache.store.locks / f"{KEY}.lock"
+    lock = cache.store.locks / f"{KEY}.0.lock"
     lock.write_bytes(content.replace(b"HOST", socket.gethostname().encode()))
     # The lock's owner cannot be named or checked: wait out the timeout, compile locally.
     assert cache.compile(KEY, {}, lambda: "compiled", "f (t.py:1)") == "compiled"

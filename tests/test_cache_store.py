@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import time
 
 import pytest
@@ -13,7 +12,7 @@ import ranks
 import torch
 
 from dynamo_dist import _cache
-from dynamo_dist._cache_store import DiskStore, EntryRefused, alive_on_this_host, extract
+from dynamo_dist._cache_store import DiskStore, EntryRefused, extract
 
 
 def _room(tmp_path, name="room", payload=b"kernel"):
@@ -98,22 +97,6 @@ def test_archive_cannot_escape(tmp_path):
     with pytest.raises(EntryRefused, match=r"unsafe name|escapes"):
         extract(entry, tmp_path / "out")
     assert not (tmp_path / "escape").exists()
-
-
-def test_locks_and_liveness(tmp_path):
-    store = DiskStore(tmp_path / "c")
-    lock = store.try_lock("e" * 40, {"rank": 0, "host": os.uname().nodename, "pid": os.getpid()})
-    assert lock is not None
-    assert store.try_lock("e" * 40, {}) is None
-    owner, age = store.lock_owner("e" * 40)
-    assert owner["rank"] == 0 and age < 5
-    assert alive_on_this_host(owner) is True
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    assert alive_on_this_host({"host": os.uname().nodename, "pid": dead.pid}) is False
-    assert alive_on_this_host({"host": "elsewhere", "pid": 1}) is None
-    lock.release()
-    assert store.lock_owner("e" * 40) is None
 
 
 def test_unusable_directory(tmp_path):

@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_consensus",),  # consensus
     ("_cache_key", "_cache_stats"),  # cache: the key, its counters and events
     ("_cache_store", "_cache_agree"),  # the directory; the cross-rank agreement
+    ("_cache_lock",),  # leader locks in the directory
     ("_cache_protocol",),  # leader/follower
     ("_cache_backend",),  # the Dynamo backend in front of inductor
     ("_cache",),  # the cache's facade
