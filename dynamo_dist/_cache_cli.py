@@ -135,9 +135,12 @@ def _fix(err: int | None, write: bool = False) -> str:
     return "check the filesystem (and retry)"
 
 
-def _oserror_line(cmd: str, e: OSError, default: str, write: bool = False) -> str:
+def _oserror_line(
+    cmd: str, e: OSError, default: str, write: bool = False, doing: str = "cannot use"
+) -> str:
+    """One line: what failed on which path, why, and what the user can do about it."""
     where = e.filename if e.filename is not None else default
-    return f"dynamo-dist cache {cmd}: {where}: {e.strerror or e}; {_fix(e.errno, write)}"
+    return f"dynamo-dist cache {cmd}: {doing} {where}: {e.strerror or e}; {_fix(e.errno, write)}"
 
 
 def _guarded(cmd: str, fn: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
@@ -267,8 +270,11 @@ class _Cache:
                 return []
             e.filename = str(self.path(parts))
             if required:
-                raise _Fail(_oserror_line(self.cmd, e, str(self.root))) from None
-            self.unreadable.append((str(self.path(parts)), e))
+                raise _Fail(
+                    _oserror_line(self.cmd, e, str(self.root), doing="cannot read")
+                ) from None
+            if all(p != e.filename for p, _ in self.unreadable):
+                self.unreadable.append((e.filename, e))
             return []
 
     def subdirs(self, parts: Sequence[str], required: bool = False) -> list[str]:
@@ -437,16 +443,24 @@ def _rmtree_race(_fn: Any, _path: str, exc_info: Any) -> None:
 
 
 def _try_remove(cmd: str, root: Path, parts: Sequence[str]) -> bool:
-    """Remove ``root/parts``; False (with a line saying why and what to do) if it stays."""
-    try:
-        _remove_at(root, parts)
-    except OSError as e:
-        if e.errno in _GONE:
-            return True  # gone already (another prune, or a job's refuse)
-        e.filename = str(root.joinpath(*parts))
-        _say(_oserror_line(cmd, e, str(root), write=True), err=True)
-        return False
-    return True
+    """Remove ``root/parts``; False (with a line saying why and what to do) if it stays.
+
+    A job may publish into a directory while it is being removed (ENOTEMPTY): tried
+    again a few times, then reported.
+    """
+    for attempt in range(4):
+        try:
+            _remove_at(root, parts)
+            return True
+        except OSError as e:
+            if e.errno in _GONE:
+                return True  # gone already (another prune, or a job's refuse)
+            if e.errno == errno.ENOTEMPTY and attempt < 3:
+                continue
+            e.filename = str(root.joinpath(*parts))
+            _say(_oserror_line(cmd, e, str(root), write=True, doing="could not remove"), err=True)
+            return False
+    return False  # (not reached: the last attempt returns)
 
 
 def _require_marker(args: argparse.Namespace, what: str) -> str | None:
