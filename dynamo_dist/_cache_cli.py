@@ -124,7 +124,7 @@ def _fix(err: int | None, write: bool = False) -> str:
     """What the user can do about ``err`` (an errno)."""
     if err in (errno.EACCES, errno.EPERM):
         if write:
-            return "run this as the cache's owner (or root), or ask them to prune it"
+            return "run this as a user who may write there (the cache's owner, or root)"
         return "run this as a user who may read it, or ask its owner to: chmod -R a+rX DIR"
     if err == errno.EROFS:
         return "the filesystem is mounted read-only; prune or clear it where it is writable"
@@ -582,7 +582,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     removed = [r for r in removed if r not in failed]
     unknown = sum(1 for r in removed if r.age is None)
     if unknown:
-        _say(f"{unknown} of them had an unknown age (dated in the future) and went first")
+        _say(
+            f"{unknown} entries or refused boxes had an unknown age (dated in the future) "
+            "and were pruned first"
+        )
     ents = [r for r in removed if r.kind == "entry"]
     refd = [r for r in removed if r.kind == "refused"]
     left = [r for r in kept if r.kind == "entry"]
