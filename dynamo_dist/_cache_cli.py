@@ -120,12 +120,12 @@ class _Fail(Exception):
         self.code = code
 
 
-def _fix(err: int | None, write: bool = False) -> str:
+def _fix(err: int | None, write: bool = False, path: str = "DIR") -> str:
     """What the user can do about ``err`` (an errno)."""
     if err in (errno.EACCES, errno.EPERM):
         if write:
             return "run this as a user who may write there (the cache's owner, or root)"
-        return "run this as a user who may read it, or ask its owner to: chmod -R a+rX DIR"
+        return f"run this as a user who may read it, or ask its owner to: chmod -R a+rX {path}"
     if err == errno.EROFS:
         return "the filesystem is mounted read-only; prune or clear it where it is writable"
     if err in (errno.ENOENT, errno.ENOTDIR):
@@ -140,7 +140,8 @@ def _oserror_line(
 ) -> str:
     """One line: what failed on which path, why, and what the user can do about it."""
     where = e.filename if e.filename is not None else default
-    return f"dynamo-dist cache {cmd}: {doing} {where}: {e.strerror or e}; {_fix(e.errno, write)}"
+    fix = _fix(e.errno, write, str(where))
+    return f"dynamo-dist cache {cmd}: {doing} {where}: {e.strerror or e}; {fix}"
 
 
 def _guarded(cmd: str, fn: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
@@ -395,7 +396,7 @@ class _Cache:
         more = f" and {len(self.unreadable) - 1} more" if len(self.unreadable) > 1 else ""
         return (
             f"dynamo-dist cache {self.cmd}: could not read {path}{more}: "
-            f"{e.strerror or e}; the output above is incomplete: {_fix(e.errno)}"
+            f"{e.strerror or e}; the output above is incomplete: {_fix(e.errno, path=path)}"
         )
 
 
