@@ -617,6 +617,7 @@ class DiskStore:
                     self.refuse(self.entry_dir(key), "no manifest: left by a failed publish")
             with contextlib.suppress(OSError):
                 os.fsync(shard_fd)
+            _remove_abandoned_publishes(shard_fd, key)
             return size
         finally:
             with contextlib.suppress(OSError):
@@ -668,6 +669,31 @@ class DiskStore:
                 for e in _plain_subdirs(sub):
                     if not e.name.startswith(".tmp."):
                         yield e
+
+
+#: A publish takes seconds; a temporary directory this old was left by a killed leader.
+ABANDONED_PUBLISH_S = 3600.0
+
+
+def _remove_abandoned_publishes(shard_fd: int, key: str) -> None:
+    """Remove ``.tmp.<key>.*`` directories of this shard left by leaders killed mid-publish.
+
+    Only for the key just published (its entry now exists, so no publisher of it is
+    still needed), only plain directories, only when untouched for an hour; never
+    through a link (``rmtree`` by descriptor). ``dynamo-dist cache prune`` catches the
+    rest.
+    """
+    with contextlib.suppress(OSError), os.scandir(shard_fd) as it:
+        old = [
+            e.name
+            for e in it
+            if e.name.startswith(f".tmp.{key}.")
+            and e.is_dir(follow_symlinks=False)
+            and time.time() - e.stat(follow_symlinks=False).st_mtime > ABANDONED_PUBLISH_S
+        ]
+    for name in old:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(name, dir_fd=shard_fd)
 
 
 def _plain_subdirs(path: Path) -> list[Path]:

@@ -8,12 +8,14 @@ for root too.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from test_cache_lock_protocol import _result, _worker
+from test_cache_lock_protocol import KEY, _result, _worker
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -90,3 +92,22 @@ def test_the_leaders_clean_room_is_removed_at_exit(tmp_path: Path) -> None:
     _populate(root, tmp_path)
     assert (local / "fxgraph" / "graph").exists()  # its own copy, kept for restarts
     assert list((local / "dynamo_dist" / "cleanroom").iterdir()) == []
+
+
+def test_a_publish_removes_what_killed_leaders_left_of_the_same_graph(tmp_path: Path) -> None:
+    """The temporary directory of a leader killed mid-publish stayed for good."""
+    from dynamo_dist._cache_store import DiskStore
+
+    root = tmp_path / "c"
+    store = DiskStore(root)
+    store.check_usable()
+    shard = store.entry_dir(KEY).parent
+    shard.mkdir(parents=True)
+    old, fresh = shard / f".tmp.{KEY}.0123", shard / f".tmp.{KEY}.4567"
+    for d in (old, fresh):
+        d.mkdir()
+        (d / "artifact.tar").write_bytes(b"half written")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    _populate(root, tmp_path)
+    assert not old.exists()
+    assert fresh.exists()  # perhaps a live publisher's: left to prune
