@@ -125,9 +125,18 @@ class Watch:
         return now - self._since
 
     def dead(self, holder: Holder) -> bool:
-        """Dead by identity, or silent for longer than ``stale_after``."""
+        """Dead by identity, or silent for longer than ``stale_after``.
+
+        A holder seen alive by identity (this host, this PID namespace) is never dead by
+        silence: a live leader whose heartbeat stalls is stuck, and the waiters' timeout,
+        not a takeover, deals with that.
+        """
         silent = self.silent_for(holder)
-        return holder.dead_by_identity() or silent > self.stale_after
+        if holder.dead_by_identity():
+            return True
+        if _proc.identity_alive(holder.record.get("proc")) is True:
+            return False
+        return silent > self.stale_after
 
 
 _LOCK_NAME = re.compile(r"^(?P<key>[0-9a-f]{8,128})\.(?P<gen>\d{1,6})\.lock$")
