@@ -273,6 +273,35 @@ def test_full_local_disk_while_unpacking_keeps_the_entry(tmp_path: Path) -> None
     assert (tmp_path / "again" / "ab" / "cabc.so").stat().st_size == 8 * 1024
 
 
+def test_exhausted_descriptors_are_a_miss_not_a_refusal(tmp_path: Path) -> None:
+    """EMFILE while opening manifest.json proves nothing about the entry."""
+    root = tmp_path / "c"
+    store = DiskStore(root)
+    store.put(KEY, _room(tmp_path), _manifest())
+    path = store.entry_dir(KEY)
+
+    def read() -> list[str]:
+        # Fill every free descriptor up to the highest in use, then allow exactly the
+        # five directories get() walks (root, entries, <ns>, <kk>, <key>): the manifest
+        # is the first open to fail with EMFILE.
+        highest = max(int(n) for n in os.listdir("/proc/self/fd"))
+        fd = os.open("/dev/null", os.O_RDONLY)
+        while fd <= highest:
+            fd = os.open("/dev/null", os.O_RDONLY)
+        os.close(fd)  # now the lowest free descriptor
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (fd + 5, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        )
+        reader = DiskStore(root)
+        return [_outcome(lambda: reader.get(KEY)), _outcome(lambda: reader.verify(path, KEY))]
+
+    get_result, verify_result = in_child(read)
+    assert get_result == "none", get_result
+    assert verify_result.startswith("EntryUnavailable"), verify_result
+    assert "Too many open files" in verify_result
+    assert _refused(root) == [] and store.get(KEY) is not None
+
+
 def test_unavailable_entry_warns_once(shared: Path) -> None:
     """Waiters call get() in a loop: one warning per key, not one per poll."""
     root = shared / "c"
@@ -384,6 +413,32 @@ def test_malformed_signatures_are_refused(tmp_path: Path, sig: object) -> None:
     (path / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(EntryRefused, match="signature"):
         store.verify(path, KEY)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [b"[]", b"null", b'"x"', b"1e400", b"", b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000],
+    ids=["list", "null", "string", "1e400", "empty", "not-utf8", "nested-100000"],
+)
+def test_manifests_that_are_not_objects_are_refused(tmp_path: Path, document: bytes) -> None:
+    store = DiskStore(tmp_path / "c")
+    store.put(KEY, _room(tmp_path), _manifest())
+    path = store.entry_dir(KEY)
+    (path / "manifest.json").unlink()
+    (path / "manifest.json").write_bytes(document)
+    with pytest.raises(EntryRefused, match="manifest"):
+        store.get(KEY)
+    assert len(_refused(store.root)) == 1
+
+
+def test_a_missing_artifact_in_an_entry_in_place_is_refused(tmp_path: Path) -> None:
+    """The complement of a vanished entry: a file missing from an entry still there."""
+    store = DiskStore(tmp_path / "c")
+    store.put(KEY, _room(tmp_path), _manifest())
+    (store.entry_dir(KEY) / "artifact.tar").unlink()
+    with pytest.raises(EntryRefused, match="missing"):
+        store.get(KEY)
+    assert len(_refused(store.root)) == 1
 
 
 @pytest.mark.parametrize("what", ["manifest.json", "artifact.tar"])
