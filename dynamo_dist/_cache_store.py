@@ -51,6 +51,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import secrets
 import shutil
 import socket
@@ -465,6 +466,17 @@ def _file_meta(manifest: dict[str, Any], name: str) -> tuple[int, str]:
     return size, digest
 
 
+# Values from the manifest quoted in a reason: a short, bounded repr (a 1 MiB string or a
+# list nested thousands deep must neither flood the log nor raise RecursionError).
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    return _REPR.repr(value)
+
+
 def _finite(value: Any) -> bool:
     """Whether ``value`` is a JSON number that float() takes and that is finite.
 
@@ -488,7 +500,7 @@ def _check_fields(manifest: dict[str, Any]) -> None:
     """
     fmt = manifest.get("format")
     if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt != FORMAT:
-        raise EntryRefused(f"unknown entry format {fmt!r}")
+        raise EntryRefused(f"unknown entry format {_short(fmt)}")
     if not isinstance(manifest.get("key"), str):
         raise EntryRefused("manifest has no key")
     if not isinstance(manifest.get("factors", {}), dict):
@@ -498,12 +510,13 @@ def _check_fields(manifest: dict[str, Any]) -> None:
         raise EntryRefused("manifest owner is not an object")
     rank = owner.get("rank")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)):
-        raise EntryRefused(f"manifest owner rank is not an integer ({rank!r:.40})")
+        raise EntryRefused(f"manifest owner rank is not an integer ({_short(rank)})")
     seconds = manifest.get("compile_seconds", 0)
     if not _finite(seconds) or seconds < 0:
-        raise EntryRefused(f"manifest compile_seconds is not a number >= 0 ({seconds!r:.40})")
+        raise EntryRefused(f"manifest compile_seconds is not a number >= 0 ({_short(seconds)})")
     if "created" in manifest and not _finite(manifest["created"]):
-        raise EntryRefused(f"manifest created is not a finite number ({manifest['created']!r:.40})")
+        created = _short(manifest["created"])
+        raise EntryRefused(f"manifest created is not a finite number ({created})")
     if not isinstance(manifest.get("label", ""), str):
         raise EntryRefused("manifest label is not text")
     try:
@@ -702,12 +715,14 @@ class DiskStore:
             raise EntryRefused("manifest is not a JSON object")
         _check_fields(manifest)
         if key is not None and manifest["key"] != key:
-            raise EntryRefused(f"manifest is for key {manifest['key']!r}, not {key!r}")
+            raise EntryRefused(f"manifest is for key {_short(manifest['key'])}, not {key!r}")
         factors = manifest.get("factors", {})
         if expect:
             skew = {k: (factors.get(k), v) for k, v in expect.items() if factors.get(k) != v}
             if skew:
-                what = ", ".join(f"{k} {a!r} != {b!r}" for k, (a, b) in sorted(skew.items()))
+                what = ", ".join(
+                    f"{k} {_short(a)} != {_short(b)}" for k, (a, b) in sorted(skew.items())
+                )
                 raise EntryRefused(f"version skew: {what}")
         if self.secret is not None:
             sig = manifest.get("signature")
@@ -724,7 +739,7 @@ class DiskStore:
         for name in files:
             # Only plain names inside the entry: "../../etc/shadow" would leak sizes.
             if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name == MANIFEST:
-                raise EntryRefused(f"manifest names a file outside the entry: {name!r}")
+                raise EntryRefused(f"manifest names a file outside the entry: {_short(name)}")
         for name in sorted(files):
             size, digest = _file_meta(manifest, name)
             fd, actual = _open_regular(name, min(size, MAX_ARTIFACT_BYTES), name, entry_fd, private)
@@ -1130,7 +1145,9 @@ def _plan_members(tar: tarfile.TarFile, size: int) -> list[tarfile.TarInfo]:
             raise EntryRefused("archive unpacks to more than its own size")
         parents = {"/".join(parts[:i]) for i in range(1, len(parts))}
         if m.isreg():
-            if m.name in files or m.name in dirs:
+            if m.name in dirs:
+                raise EntryRefused(f"archive member {m.name!r:.200} is a file and a directory")
+            if m.name in files:
                 raise EntryRefused(f"archive member {m.name!r:.200} is listed twice")
             files.add(m.name)
         elif m.name in files:
