@@ -48,8 +48,10 @@ import errno
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
+import reprlib
 import secrets
 import shutil
 import stat
@@ -254,6 +256,21 @@ def _create(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.fsync(fh.fileno())
 
 
+class _Missing(EntryRefused):
+    """A file of the entry is not there: proven bad, unless the entry itself vanished.
+
+    An entry is published whole (renamed into place), so a missing file means it was
+    damaged, or that a concurrent prune or refusal moved or deleted the entry while we
+    read it. The reader, which knows where the entry should be, tells the two apart.
+    """
+
+
+# Errors of opening or reading that say something about this rank (rights, limits,
+# hardware, a concurrent removal), not about the bytes of the entry.
+def _unavailable(what: str, e: OSError) -> EntryUnavailable:
+    return EntryUnavailable(f"{what} cannot be read here ({e.strerror or e})")
+
+
 def _open_regular(
     path: Path | str,
     max_size: int,
@@ -261,21 +278,34 @@ def _open_regular(
     dir_fd: int | None = None,
     private: bool = False,
 ) -> tuple[int, int]:
-    """(fd, size) of a regular file at ``path`` (relative to ``dir_fd``), else EntryRefused.
+    """(fd, size) of a regular file at ``path`` (relative to ``dir_fd``).
 
-    Links, FIFOs and devices (``artifact.tar -> /dev/zero``) are refused before a
-    byte is read, and so are files larger than ``max_size``. With ``private``, the
-    file must also be ours and writable by nobody else (EntryUntrusted), checked on
-    the descriptor that is then read.
+    Links, FIFOs, sockets and devices (``artifact.tar -> /dev/zero``) are refused
+    (EntryRefused) before a byte is read, and so are files larger than ``max_size``;
+    a missing file is a ``_Missing`` (an EntryRefused the caller may downgrade). With
+    ``private``, the file must also be ours and writable by nobody else
+    (EntryUntrusted), checked on the descriptor that is then read. A regular file
+    that cannot be opened or examined for a reason of ours (EACCES, EMFILE, EIO, no
+    memory) is EntryUnavailable: nothing proves it bad.
     """
     try:
         fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
-        raise EntryRefused(f"{what} is missing") from None
+        raise _Missing(f"{what} is missing") from None
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise EntryRefused(f"{what} is a symlink") from None
-        raise EntryRefused(f"{what} cannot be opened ({e.strerror})") from None
+        # ENXIO (a socket), ENODEV (a device without a driver), EACCES, EMFILE...:
+        # what is there decides whether the entry or this rank is to blame.
+        try:
+            st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise _Missing(f"{what} is missing") from None
+        except OSError:
+            raise _unavailable(what, e) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise EntryRefused(f"{what} is not a regular file") from None
+        raise _unavailable(what, e) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -284,10 +314,39 @@ def _open_regular(
             _check_private(st, what)
         if st.st_size > max_size:
             raise EntryRefused(f"{what} is too large ({st.st_size} > {max_size} bytes)")
+    except OSError as e:
+        os.close(fd)
+        raise _unavailable(what, e) from None
     except BaseException:
         os.close(fd)
         raise
     return fd, st.st_size
+
+
+def _read_file(
+    path: Path | str,
+    max_size: int,
+    what: str,
+    dir_fd: int | None = None,
+    private: bool = False,
+) -> bytes:
+    """The whole (bounded, regular) file at ``path``, read from one descriptor.
+
+    EntryRefused for what the file is (see ``_open_regular``) or a size over
+    ``max_size``; EntryUnavailable when it cannot be read for a reason of ours (EIO,
+    no memory).
+    """
+    fd, _ = _open_regular(path, max_size, what, dir_fd, private)
+    try:
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read(max_size + 1)
+    except OSError as e:
+        raise _unavailable(what, e) from None
+    except MemoryError:
+        raise EntryUnavailable(f"{what}: out of memory while reading it") from None
+    if len(data) > max_size:
+        raise EntryRefused(f"{what} is too large (more than {max_size} bytes)")
+    return data
 
 
 def _read_small(
@@ -297,13 +356,16 @@ def _read_small(
     dir_fd: int | None = None,
     private: bool = False,
 ) -> bytes:
-    """The whole (bounded, regular) file at ``path``, read from one descriptor."""
-    fd, _ = _open_regular(path, max_size, what, dir_fd, private)
-    with os.fdopen(fd, "rb") as fh:
-        data = fh.read(max_size + 1)
-    if len(data) > max_size:
-        raise EntryRefused(f"{what} is too large (more than {max_size} bytes)")
-    return data
+    """``_read_file`` for lock files and the marker: any failure is an EntryRefused.
+
+    Their readers (``lock_owner``, ``read_marker``) treat any unreadable file as "no
+    answer" and catch only EntryRefused and OSError; there is nothing to refuse or
+    keep, so the difference between a bad file and an unreadable one does not matter.
+    """
+    try:
+        return _read_file(path, max_size, what, dir_fd, private)
+    except EntryUnavailable as e:
+        raise EntryRefused(str(e)) from None
 
 
 def _entry_parts(root: Path | None, path: Path) -> tuple[Path, list[str]]:
@@ -324,23 +386,44 @@ def _entry_parts(root: Path | None, path: Path) -> tuple[Path, list[str]]:
 def _open_entry(root: Path | None, path: Path, private: bool) -> Iterator[int]:
     """A descriptor of the entry directory ``path``, reached without following links.
 
-    EntryRefused if a link (or a missing directory) is on the way; with ``private``,
-    EntryUntrusted unless every directory below the root is ours and writable by
-    nobody else.
+    EntryRefused if a link or a non-directory is on the way (proven bad);
+    EntryUnavailable if the entry is not there (moved or pruned meanwhile: nothing to
+    refuse) or cannot be opened for a reason of ours (EACCES, EMFILE). With
+    ``private``, EntryUntrusted unless every directory below the root is ours and
+    writable by nobody else.
     """
     start, parts = _entry_parts(root, path)
     with contextlib.ExitStack() as stack:
         try:
             fds = stack.enter_context(_dir_fds(start, parts, check=private))
         except FileNotFoundError:
-            raise EntryRefused("entry directory is missing") from None
+            raise EntryUnavailable("entry directory is gone (pruned or moved meanwhile?)") from None
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise EntryRefused(
                     f"a directory on the way to the entry is a symlink ({e})"
                 ) from None
-            raise EntryRefused(f"entry directory cannot be opened ({e.strerror})") from None
+            raise _unavailable("entry directory", e) from None
         yield fds[-1]
+
+
+def _entry_moved(root: Path | None, path: Path, entry_fd: int) -> bool:
+    """Whether the directory open as ``entry_fd`` is no longer the entry at ``path``.
+
+    A concurrent prune (removed: no links left) or refusal (renamed away) explains a
+    file that vanished while the entry was read; only an entry still in place with a
+    file missing is proven incomplete.
+    """
+    try:
+        ours = os.fstat(entry_fd)
+        if ours.st_nlink == 0:
+            return True
+        start, parts = _entry_parts(root, path)
+        with _dir_fds(start, parts[:-1]) as fds:
+            there = os.stat(parts[-1], dir_fd=fds[-1], follow_symlinks=False)
+    except OSError:
+        return True
+    return (there.st_dev, there.st_ino) != (ours.st_dev, ours.st_ino)
 
 
 def _hash_fd(fd: int, size: int, copy: IO[bytes] | None = None) -> str:
@@ -366,6 +449,8 @@ def _hash_fd(fd: int, size: int, copy: IO[bytes] | None = None) -> str:
 
 def _file_meta(manifest: dict[str, Any], name: str) -> tuple[int, str]:
     """The declared (size, sha256) of ``name``; EntryRefused if absent or malformed."""
+    if not isinstance(manifest, dict):
+        raise EntryRefused("manifest is not a JSON object")
     files = manifest.get("files")
     meta = files.get(name) if isinstance(files, dict) else None
     if not isinstance(meta, dict):
@@ -373,9 +458,103 @@ def _file_meta(manifest: dict[str, Any], name: str) -> tuple[int, str]:
     size, digest = meta.get("size"), meta.get("sha256")
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise EntryRefused(f"manifest has no valid size for {name}")
-    if not isinstance(digest, str) or not _SHA256.match(digest):
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
         raise EntryRefused(f"manifest has no valid sha256 for {name}")
     return size, digest
+
+
+# Values from the manifest quoted in a reason: a short, bounded repr (a 1 MiB string or a
+# list nested thousands deep must neither flood the log nor raise RecursionError).
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlevel = 3
+
+
+def _short(value: Any) -> str:
+    return _REPR.repr(value)
+
+
+def _finite(value: Any) -> bool:
+    """Whether ``value`` is a JSON number that float() takes and that is finite.
+
+    json.loads gives inf for 1e400, and float() of a 400-digit int overflows.
+    """
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _check_fields(manifest: dict[str, Any]) -> None:
+    """EntryRefused unless every field the rest of the code reads has the right type.
+
+    The loader reads ``compile_seconds`` and ``owner["rank"]`` (float(), .get()), the
+    CLI ``created``, ``label`` and ``factors``: a wrong type there would raise in the
+    training job or the CLI long after verification, so it is refused here. Absent
+    optional fields are fine (their readers have defaults).
+    """
+    fmt = manifest.get("format")
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt != FORMAT:
+        raise EntryRefused(f"unknown entry format {_short(fmt)}")
+    if not isinstance(manifest.get("key"), str):
+        raise EntryRefused("manifest has no key")
+    if not isinstance(manifest.get("factors", {}), dict):
+        raise EntryRefused("manifest factors are not an object")
+    owner = manifest.get("owner", {})
+    if not isinstance(owner, dict):
+        raise EntryRefused("manifest owner is not an object")
+    rank = owner.get("rank")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool)):
+        raise EntryRefused(f"manifest owner rank is not an integer ({_short(rank)})")
+    seconds = manifest.get("compile_seconds", 0)
+    if not _finite(seconds) or seconds < 0:
+        raise EntryRefused(f"manifest compile_seconds is not a number >= 0 ({_short(seconds)})")
+    if "created" in manifest and not _finite(manifest["created"]):
+        created = _short(manifest["created"])
+        raise EntryRefused(f"manifest created is not a finite number ({created})")
+    if not isinstance(manifest.get("label", ""), str):
+        raise EntryRefused("manifest label is not text")
+    try:
+        # Text the CLI prints or the log writes must be encodable: no lone surrogates.
+        json.dumps(manifest, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise EntryRefused("manifest holds text that is not valid Unicode") from None
+    except (ValueError, RecursionError) as e:  # nesting too deep to re-encode
+        raise EntryRefused(f"manifest cannot be re-encoded ({type(e).__name__})") from None
+
+
+# Boxes a reader's refusal creates: <key>.<milliseconds>.<16 hex digits>.
+_REFUSED_BOX = re.compile(r"(.{1,64})\.([0-9]{1,20})\.[0-9a-f]{16}")
+REFUSED_KEEP = 64
+
+
+def _trim_refused(refused_fd: int, keep: int) -> None:
+    """Delete the oldest refused boxes beyond ``keep`` (only ours, only plain directories).
+
+    Runs after each refusal, so ``refused/<ns>/`` cannot grow without bound (a broken
+    or hostile writer refused again and again). Boxes are ordered by the time in
+    their names; links and other accounts' boxes are counted but never deleted, and
+    ``rmtree(dir_fd=...)`` never follows a link below. Best effort: errors are ignored.
+    """
+    boxes: list[tuple[int, str, int]] = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(refused_fd):
+            m = _REFUSED_BOX.fullmatch(name)
+            if m is None:
+                continue
+            try:
+                st = os.stat(name, dir_fd=refused_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                boxes.append((int(m.group(2)), name, st.st_uid))
+    boxes.sort()
+    for _, name, uid in boxes[: max(0, len(boxes) - keep)]:
+        if uid == os.geteuid():
+            with contextlib.suppress(OSError):
+                shutil.rmtree(name, dir_fd=refused_fd)
 
 
 class DiskStore:
@@ -468,50 +647,87 @@ class DiskStore:
     def verify(
         self, path: Path, key: str | None = None, expect: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """The manifest of the entry at ``path`` if it is intact, else EntryRefused.
+        """The manifest of the entry at ``path`` if it is intact.
 
-        Total: whatever is on disk, the answer is a manifest or EntryRefused.
-        Without a secret, EntryUntrusted (an EntryRefused) when anyone but this user
-        (or root) could have written a directory or file of the entry.
+        Total: whatever is on disk, the answer is a manifest, EntryRefused (proven
+        bad: malformed, skewed, unsigned, corrupt, a link or device where a file must
+        be) or EntryUnavailable (not readable here and now: permissions, descriptors,
+        memory, I/O errors, an entry moved or pruned while being read). Without a
+        secret, EntryUntrusted (an EntryRefused) when anyone but this user (or root)
+        could have written a directory or file of the entry.
+        """
+        return self._verify_total(path, key, expect, None)
+
+    def _verify_total(
+        self,
+        path: Path,
+        key: str | None,
+        expect: dict[str, Any] | None,
+        ident: list[tuple[int, int]] | None,
+    ) -> dict[str, Any]:
+        """``verify``, appending the verified directory's (st_dev, st_ino) to ``ident``.
+
+        ``get`` refuses only the directory it verified, not one published in its place
+        meanwhile.
         """
         try:
-            return self._verify(path, key, expect)
-        except EntryRefused:
+            return self._verify(path, key, expect, ident)
+        except (EntryRefused, EntryUnavailable):
             raise
+        except (OSError, MemoryError) as e:  # ours, not the entry's
+            raise EntryUnavailable(f"entry cannot be read here ({type(e).__name__}: {e})") from None
         except Exception as e:  # a hostile entry must never crash the training job
             raise EntryRefused(f"malformed entry ({type(e).__name__}: {e})") from None
 
-    def _verify(self, path: Path, key: str | None, expect: dict[str, Any] | None) -> dict[str, Any]:
+    def _verify(
+        self,
+        path: Path,
+        key: str | None,
+        expect: dict[str, Any] | None,
+        ident: list[tuple[int, int]] | None = None,
+    ) -> dict[str, Any]:
         private = self.secret is None
         with _open_entry(self.root, path, private) as entry_fd:
-            return self._verify_at(entry_fd, key, expect, private)
+            if ident is not None:
+                st = os.fstat(entry_fd)
+                ident.append((st.st_dev, st.st_ino))
+            try:
+                return self._verify_at(entry_fd, key, expect, private)
+            except _Missing as e:
+                if _entry_moved(self.root, path, entry_fd):
+                    raise EntryUnavailable(
+                        f"{e}: the entry was moved or pruned while being read"
+                    ) from None
+                raise
 
     def _verify_at(
         self, entry_fd: int, key: str | None, expect: dict[str, Any] | None, private: bool
     ) -> dict[str, Any]:
+        raw = _read_file(MANIFEST, MAX_MANIFEST_BYTES, MANIFEST, entry_fd, private)
         try:
-            raw = _read_small(MANIFEST, MAX_MANIFEST_BYTES, MANIFEST, entry_fd, private)
             manifest = json.loads(raw)
-        except ValueError as e:
-            raise EntryRefused(f"unreadable manifest ({e})") from None
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise EntryRefused(f"unreadable manifest ({type(e).__name__}: {e})") from None
         if not isinstance(manifest, dict):
             raise EntryRefused("manifest is not a JSON object")
-        if manifest.get("format") != FORMAT:
-            raise EntryRefused(f"unknown entry format {manifest.get('format')!r}")
-        if key is not None and manifest.get("key") != key:
-            raise EntryRefused(f"manifest is for key {manifest.get('key')!r}, not {key!r}")
+        _check_fields(manifest)
+        if key is not None and manifest["key"] != key:
+            raise EntryRefused(f"manifest is for key {_short(manifest['key'])}, not {key!r}")
         factors = manifest.get("factors", {})
-        if not isinstance(factors, dict):
-            raise EntryRefused("manifest factors are not an object")
         if expect:
             skew = {k: (factors.get(k), v) for k, v in expect.items() if factors.get(k) != v}
             if skew:
-                what = ", ".join(f"{k} {a!r} != {b!r}" for k, (a, b) in sorted(skew.items()))
+                what = ", ".join(
+                    f"{k} {_short(a)} != {_short(b)}" for k, (a, b) in sorted(skew.items())
+                )
                 raise EntryRefused(f"version skew: {what}")
         if self.secret is not None:
             sig = manifest.get("signature")
-            if not isinstance(sig, str) or not hmac.compare_digest(
-                sig, sign(manifest, self.secret)
+            # compare_digest raises TypeError on non-ASCII text: check the shape first.
+            if not (
+                isinstance(sig, str)
+                and _SHA256.fullmatch(sig)
+                and hmac.compare_digest(sig, sign(manifest, self.secret))
             ):
                 raise EntryRefused("missing or wrong HMAC signature (DYNAMO_DIST_CACHE_SECRET)")
         files = manifest.get("files")
@@ -519,51 +735,82 @@ class DiskStore:
             raise EntryRefused(f"manifest does not list {ARTIFACT}")
         for name in files:
             # Only plain names inside the entry: "../../etc/shadow" would leak sizes.
-            if not isinstance(name, str) or not _PLAIN_NAME.match(name) or name == MANIFEST:
-                raise EntryRefused(f"manifest names a file outside the entry: {name!r}")
+            if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name == MANIFEST:
+                raise EntryRefused(f"manifest names a file outside the entry: {_short(name)}")
         for name in sorted(files):
             size, digest = _file_meta(manifest, name)
             fd, actual = _open_regular(name, min(size, MAX_ARTIFACT_BYTES), name, entry_fd, private)
             try:
                 if actual != size:
                     raise EntryRefused(f"{name} is truncated ({actual} of {size} bytes)")
-                if not hmac.compare_digest(_hash_fd(fd, size), digest):
+                try:
+                    got = _hash_fd(fd, size)
+                except OSError as e:
+                    raise _unavailable(name, e) from None
+                if not hmac.compare_digest(got, digest):
                     raise EntryRefused(f"{name} does not match its sha256 (corrupt or tampered)")
             finally:
                 os.close(fd)
         return manifest
 
     def get(self, key: str, expect: dict[str, Any] | None = None) -> Entry | None:
-        """The verified entry for ``key``; a bad one is moved aside (EntryRefused).
+        """The verified entry for ``key``, or None (a miss); EntryRefused if proven bad.
 
-        An unsigned entry that someone else could have written is a miss (None), left
-        in place: it is not proven bad, and moving it may need rights we lack.
+        * Proven bad (see ``verify``): moved aside into ``refused/``, so the next
+          reader recompiles instead of re-refusing it, and EntryRefused is raised.
+        * Not readable here and now (EntryUnavailable: EACCES, EMFILE, EIO, an entry
+          moved or pruned while read): a miss (None) with one warning per key, and
+          the entry stays where it is for the ranks that can read it. Never raised:
+          a local problem must not destroy a shared entry, nor cost more than a
+          local compile.
+        * Unsigned and writable by someone else (EntryUntrusted): a miss (None) with
+          one warning per key, left in place: not proven bad, and moving it may need
+          rights we lack.
         """
         path = self.entry_dir(key)
         if not os.path.lexists(path / MANIFEST):  # a hint only: verify walks without links
             return None
+        ident: list[tuple[int, int]] = []
         try:
-            manifest = self.verify(path, key, expect)
+            manifest = self._verify_total(path, key, expect, ident)
         except EntryUntrusted as e:
-            if key not in self._untrusted_seen:
-                self._untrusted_seen.add(key)
-                log.warning("not loading shared cache entry %s: %s; compiling", key[:12], e)
+            self._warn_miss(key, f"not loading shared cache entry {key[:12]}: {e}; compiling")
+            return None
+        except EntryUnavailable as e:
+            self._warn_miss(
+                key,
+                f"cannot read shared cache entry {key[:12]} ({e}); compiling locally and "
+                "leaving the entry in place for the ranks that can read it",
+            )
             return None
         except EntryRefused as e:
-            self.refuse(path, str(e))
+            self.refuse(path, str(e), ident=ident[0] if ident else None)
             raise
         return Entry(key, path, manifest, root=self.root, private=self.secret is None)
 
-    def refuse(self, path: Path, reason: str) -> None:
+    def _warn_miss(self, key: str, message: str) -> None:
+        """One warning per key: waiters call get() in a loop, one line is enough."""
+        if key not in self._untrusted_seen:
+            self._untrusted_seen.add(key)
+            log.warning("%s", message)
+
+    def refuse(self, path: Path, reason: str, ident: tuple[int, int] | None = None) -> None:
         """Move a bad entry aside so the next reader recompiles instead of re-refusing it.
 
         Nothing is written into the refused entry (its files may be links): it is
         renamed, by directory descriptors, into a fresh directory of ours with an
-        unpredictable name, and the reason goes beside it.
+        unpredictable name, and the reason goes beside it. With ``ident`` (the
+        (st_dev, st_ino) that was verified), a directory there now that is not that
+        one (republished meanwhile) is left alone. ``refused/<ns>/`` keeps at most
+        ``REFUSED_KEEP`` boxes: a hostile or broken writer must not fill the disk.
         """
         start, parts = _entry_parts(self.root, path)
         with contextlib.suppress(OSError), contextlib.ExitStack() as stack:
             (*_, parent_fd) = stack.enter_context(_dir_fds(start, parts[:-1]))
+            if ident is not None:
+                st = os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) != ident:
+                    return  # not the entry we verified: moved or replaced meanwhile
             (*_, refused_fd) = stack.enter_context(
                 self.walk("refused", self.namespace, create=True)
             )
@@ -579,6 +826,7 @@ class DiskStore:
                 return
             _create_at(box_fd, "REFUSED", (reason + "\n").encode())
             os.fchmod(box_fd, self._open_mode())
+            _trim_refused(refused_fd, REFUSED_KEEP)
 
     # -- writing ---------------------------------------------------------------
     def put(self, key: str, artifact_dir: Path, manifest: dict[str, Any]) -> int:
@@ -749,20 +997,47 @@ def extract(entry: Entry, dest: Path) -> int:
     cache root without following links) and copied into a private anonymous file
     while it is hashed; the hash must match the verified manifest, and only that
     copy is unpacked. So the bytes unpacked are exactly the bytes checked, even if
-    the shared file is swapped or rewritten after ``verify``. Anything unsafe in the
-    archive refuses the entry (EntryRefused). An unsigned entry must still be ours
-    and writable by nobody else (EntryUntrusted), directories and file alike.
+    the shared file is swapped or rewritten after ``verify``. An unsigned entry must
+    still be ours and writable by nobody else (EntryUntrusted), directories and file
+    alike.
+
+    Total, like ``verify``: EntryRefused only for what proves the entry bad (a
+    link or device for the artifact, a size or sha256 that does not match, an
+    unreadable or unsafe archive); EntryUnavailable for what is this rank's problem
+    (creating ``dest`` or the private copy, ENOSPC/EFBIG/EDQUOT/EACCES while
+    unpacking, an I/O error reading the shared file, an entry moved or pruned
+    meanwhile), so the caller must not refuse the shared entry for it. On either
+    error ``dest`` may hold part of the archive: the caller discards it.
     """
+    try:
+        return _extract(entry, dest)
+    except (EntryRefused, EntryUnavailable):
+        raise
+    except (OSError, MemoryError) as e:
+        raise EntryUnavailable(f"cannot unpack here ({type(e).__name__}: {e})") from None
+    except Exception as e:  # a hostile archive must never crash the training job
+        raise EntryRefused(f"malformed entry ({type(e).__name__}: {e})") from None
+
+
+def _extract(entry: Entry, dest: Path) -> int:
+    """``extract`` without the classification of unexpected errors."""
     size, digest = _file_meta(entry.manifest, ARTIFACT)
     private = entry.must_be_private
     dest.mkdir(parents=True, exist_ok=True)
     with _open_entry(entry.root, entry.path, private) as entry_fd:
-        fd, actual = _open_regular(
-            ARTIFACT, min(size, MAX_ARTIFACT_BYTES), ARTIFACT, entry_fd, private
-        )
+        try:
+            fd, actual = _open_regular(
+                ARTIFACT, min(size, MAX_ARTIFACT_BYTES), ARTIFACT, entry_fd, private
+            )
+        except _Missing as e:
+            if _entry_moved(entry.root, entry.path, entry_fd):
+                raise EntryUnavailable(f"{e}: the entry was moved or pruned meanwhile") from None
+            raise
     try:
         if actual != size:
             raise EntryRefused(f"{ARTIFACT} is truncated ({actual} of {size} bytes)")
+        # Read errors of the shared file and write errors of the private copy (a full
+        # local disk) are OSErrors: extract() makes them EntryUnavailable.
         with tempfile.TemporaryFile(dir=dest.parent) as copy:
             got = _hash_fd(fd, size, copy)
             if not hmac.compare_digest(got, digest):
@@ -774,34 +1049,89 @@ def extract(entry: Entry, dest: Path) -> int:
     return size
 
 
+# Bounds on member names, checked before anything is written, so that a name the
+# local filesystem cannot hold proves the archive bad rather than looking like a local
+# failure (ENAMETOOLONG) later. Inductor's names are far shorter.
+_MAX_NAME_COMPONENT = 255
+_MAX_NAME = 1024
+
+
+def _plan_members(tar: tarfile.TarFile, size: int) -> list[tarfile.TarInfo]:
+    """The members to unpack, each checked; EntryRefused for anything unsafe or contradictory.
+
+    Beyond ``_safe_member``: names that fit any filesystem, no negative sizes, no file
+    listed twice, and no name that is both a file and a directory (``a`` then
+    ``a/b``). A member that passes cannot fail to unpack into an empty directory for
+    a reason of the archive's, so any OSError while unpacking is this rank's.
+    """
+    members: list[tarfile.TarInfo] = []
+    files: set[str] = set()
+    dirs: set[str] = set()
+    total = 0
+    for m in tar:
+        if len(members) >= MAX_MEMBERS:
+            raise EntryRefused(f"archive has more than {MAX_MEMBERS} members")
+        why = _safe_member(m)
+        if why:
+            raise EntryRefused(f"archive member {m.name!r:.200} {why}")
+        parts = m.name.split("/")
+        try:
+            lengths = [len(os.fsencode(p)) for p in parts]
+        except UnicodeError:
+            raise EntryRefused(f"archive member {m.name!r:.200} has an unsafe name") from None
+        if max(lengths) > _MAX_NAME_COMPONENT or sum(lengths) + len(parts) > _MAX_NAME:
+            raise EntryRefused(f"archive member {m.name[:200]!r}... has a name too long")
+        if m.size < 0:
+            raise EntryRefused(f"archive member {m.name!r:.200} has a negative size")
+        total += m.size
+        if total > size:  # a plain tar holds no more than it weighs
+            raise EntryRefused("archive unpacks to more than its own size")
+        parents = {"/".join(parts[:i]) for i in range(1, len(parts))}
+        if m.isreg():
+            if m.name in dirs:
+                raise EntryRefused(f"archive member {m.name!r:.200} is a file and a directory")
+            if m.name in files:
+                raise EntryRefused(f"archive member {m.name!r:.200} is listed twice")
+            files.add(m.name)
+        elif m.name in files:
+            raise EntryRefused(f"archive member {m.name!r:.200} is a file and a directory")
+        else:
+            dirs.add(m.name)
+        if parents & files:
+            raise EntryRefused(f"archive member {m.name!r:.200} is inside a file")
+        dirs |= parents
+        # No setuid/setgid/sticky, no group/other write: plain cache files.
+        m.mode = (m.mode & 0o755) | (0o700 if m.isdir() else 0o600)
+        members.append(m)
+    return members
+
+
 def _unpack(fileobj: IO[bytes], dest: Path, size: int) -> None:
-    """Unpack a plain (never decompressed) tar of files and directories into ``dest``."""
+    """Unpack a plain (never decompressed) tar of files and directories into ``dest``.
+
+    EntryRefused for an unreadable or unsafe archive (all of it is checked before
+    anything is written); EntryUnavailable when writing fails (ENOSPC, EFBIG, EDQUOT,
+    EACCES: the local side's problem, not the archive's).
+    """
     try:
         # "r:" : no transparent decompression, so 30 KB cannot become 200 MiB.
         with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-            members: list[tarfile.TarInfo] = []
-            total = 0
-            for m in tar:
-                if len(members) >= MAX_MEMBERS:
-                    raise EntryRefused(f"archive has more than {MAX_MEMBERS} members")
-                why = _safe_member(m)
-                if why:
-                    raise EntryRefused(f"archive member {m.name!r} {why}")
-                total += m.size
-                if total > size:  # a plain tar holds no more than it weighs
-                    raise EntryRefused("archive unpacks to more than its own size")
-                # No setuid/setgid/sticky, no group/other write: plain cache files.
-                m.mode = (m.mode & 0o755) | (0o700 if m.isdir() else 0o600)
-                members.append(m)
+            members = _plan_members(tar, size)
             root = dest.resolve()
             for m in members:
                 target = (dest / m.name).resolve()
                 if target != root and not str(target).startswith(str(root) + os.sep):
                     raise EntryRefused(f"archive member {m.name!r} escapes the cache directory")
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, members=members, filter="data")
-            else:  # pragma: no cover - Python < 3.11.4; the checks above still hold
-                tar.extractall(dest, members=members)
+            try:
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(dest, members=members, filter="data")
+                else:  # pragma: no cover - Python < 3.11.4; the checks above still hold
+                    tar.extractall(dest, members=members)
+            except OSError as e:
+                raise EntryUnavailable(
+                    f"cannot unpack into {dest} ({e.strerror or e}); free space or fix "
+                    "the local cache directory"
+                ) from None
     except tarfile.TarError as e:
         raise EntryRefused(f"unreadable archive ({e})") from None
 
