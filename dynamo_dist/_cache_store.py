@@ -5,7 +5,7 @@ Layout under the root (one directory per entry, named by its key)::
     <root>/entries/<ns>/<kk>/<key>/manifest.json  # versions, key factors, sha256 per file, HMAC
     <root>/entries/<ns>/<kk>/<key>/artifact.tar   # inductor's own cache files for one graph
     <root>/locks/<ns>/<key>.<gen>.lock            # who is compiling it now (._cache_lock)
-    <root>/refused/<ns>/<key>.<time>              # entries refused (corrupt, tampered, skewed)
+    <root>/refused/<ns>/<key>.<ms>.<hex>/{entry,REFUSED}  # entries proven bad, and why (newest 64)
 
 ``<ns>`` is ``k-<key id>`` for entries signed with a secret (the key id is derived
 from the secret, see :func:`key_id`), ``unsigned`` without one: jobs with different
@@ -356,11 +356,12 @@ def _read_small(
     dir_fd: int | None = None,
     private: bool = False,
 ) -> bytes:
-    """``_read_file`` for lock files and the marker: any failure is an EntryRefused.
+    """``_read_file`` for small files that are advice only (the marker): any failure is
+    an EntryRefused.
 
-    Their readers (``lock_owner``, ``read_marker``) treat any unreadable file as "no
-    answer" and catch only EntryRefused and OSError; there is nothing to refuse or
-    keep, so the difference between a bad file and an unreadable one does not matter.
+    Their readers (``read_marker``) treat any unreadable file as "no answer" and catch
+    only EntryRefused and OSError; there is nothing to refuse or keep, so the
+    difference between a bad file and an unreadable one does not matter.
     """
     try:
         return _read_file(path, max_size, what, dir_fd, private)

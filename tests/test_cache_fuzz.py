@@ -42,6 +42,7 @@ from typing import Any
 import pytest
 
 from dynamo_dist import _cache, _secret
+from dynamo_dist._cache_lock import Locks, owner_record
 from dynamo_dist._cache_store import (
     MARKER,
     DiskStore,
@@ -553,11 +554,11 @@ def test_fuzzed_lock_never_crashes_or_hangs(
     store.check_usable()
     outside = tmp_path / "outside"
     outside.mkdir()
-    lock = store.try_lock(KEY, {"rank": 1, "host": socket.gethostname(), "pid": os.getpid()})
+    lock = Locks(store).acquire(KEY, owner_record(1))
     assert lock is not None
-    content = (store.locks / f"{KEY}.lock").read_bytes()
+    content = (store.locks / f"{KEY}.0.lock").read_bytes()
     lock.release()
-    lock_path = store.locks / f"{KEY}.lock"
+    lock_path = store.locks / f"{KEY}.0.lock"
     lock_path.write_bytes(content)
     log = [mutate_file(rng, lock_path, outside) for _ in range(rng.choice([1, 2]))]
     if rng.random() < 0.3:  # a lock left long ago: no heartbeat
