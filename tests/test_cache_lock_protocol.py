@@ -109,7 +109,7 @@ def _dead_identity() -> dict[str, Any]:
 @pytest.mark.timeout(240)
 def test_one_leader_when_six_processes_race_for_a_dead_lock(tmp_path: Path) -> None:
     """Breaking a stale lock was not atomic: 6 racers gave 2 leaders in 4 of 4 trials."""
-    for trial in range(3):
+    for trial in range(2):
         root = tmp_path / f"c{trial}"
         _plant_lock(DiskStore(root), 0, {"rank": 9, "proc": _dead_identity()})
         start = time.time() + 4.0  # every worker imported torch and waits by then
