@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import errno
 import functools
+import json
 import math
 import os
 import re
@@ -45,7 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import _proc
 from ._cache_store import (
+    _READ_FLAGS,
     ARTIFACT,
     FORMAT,
     MARKER,
@@ -630,6 +633,50 @@ def _lock_state(cache: _Cache, parts: tuple[str, ...]) -> tuple[int, int] | None
     return st.st_ino, st.st_mtime_ns
 
 
+def _alive_by_identity(cache: _Cache, parts: tuple[str, ...]) -> bool:
+    """Whether the lock names a process of this host seen running as the lock's owner.
+
+    Such a holder may just be frozen for a while (swapping, stopped); the jobs wait
+    for it far longer than ``clear`` watches, so ``clear`` keeps its lock too.
+    """
+    try:
+        with cache.open(parts[:-1]) as dir_fd:
+            fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        record = json.loads(os.read(fd, 1 << 16) or b"{}")
+    except (OSError, ValueError, RecursionError):
+        return False
+    finally:
+        os.close(fd)
+    proc = record.get("proc") if isinstance(record, dict) else None
+    return _proc.identity_alive(proc, st.st_uid) is True
+
+
+def _remove_lock_if_unchanged(cache: _Cache, parts: tuple[str, ...], was: tuple[int, int]) -> bool:
+    """Unlink a dead lock only if it is still the file watched (same inode and mtime).
+
+    Checked by the directory's descriptor just before the unlink: a lock taken again
+    meanwhile (a new leader, under the same name) is a new inode and stays.
+    """
+    try:
+        with cache.open(parts[:-1]) as fd:
+            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+            if (st.st_ino, st.st_mtime_ns) != was:
+                return False
+            os.unlink(parts[-1], dir_fd=fd)
+    except OSError as e:
+        if e.errno not in _GONE:
+            e.filename = str(cache.root.joinpath(*parts))
+            _say(_oserror_line("clear", e, str(cache.root), write=True, doing="could not remove"))
+        return False
+    return True
+
+
 def cmd_clear(args: argparse.Namespace) -> int:
     cache = _Cache("clear", args.dir)
     _marked(args, "clear")
@@ -645,25 +692,28 @@ def cmd_clear(args: argparse.Namespace) -> int:
         _say(f"watching {len(locks)} lock files for {LOCK_WATCH_S:.0f} s to keep live ones")
         sys.stdout.flush()
         time.sleep(LOCK_WATCH_S)
-    dead = [p for p, was in locks.items() if _lock_state(cache, p) == was]
-    live = len(locks) - len(dead)
+    dead = {
+        p: was
+        for p, was in locks.items()
+        if _lock_state(cache, p) == was and not _alive_by_identity(cache, p)
+    }
     ok = True
     for name in ("entries", "refused"):
         if os.path.lexists(cache.root / name):
             ok = _try_remove("clear", cache.root, [name]) and ok
-    if not locks:
-        if os.path.lexists(cache.root / "locks"):
-            ok = _try_remove("clear", cache.root, ["locks"]) and ok
-    else:
-        for parts in (*dead, *other):
-            ok = _try_remove("clear", cache.root, parts) and ok
-        for ns, st in cache.children(("locks",)):
-            if stat.S_ISDIR(st.st_mode):
-                _rmdir_if_empty(cache, ("locks", ns))
-        _rmdir_if_empty(cache, ("locks",))
+    # locks/ is never removed wholesale: a leader may have taken a lock since it was
+    # listed. Only the dead locks go (each checked again at its unlink), and junk.
+    removed = sum(_remove_lock_if_unchanged(cache, p, was) for p, was in dead.items())
+    for parts in other:
+        ok = _try_remove("clear", cache.root, parts) and ok
+    for ns, st in cache.children(("locks",)):
+        if stat.S_ISDIR(st.st_mode):
+            _rmdir_if_empty(cache, ("locks", ns))
+    _rmdir_if_empty(cache, ("locks",))
+    live = len(locks) - removed
     _say(
         f"removed {n} entries, {tmps} incomplete publishes, {refused} refused and "
-        f"{len(dead)} stale locks from {args.dir}; kept {live} live locks"
+        f"{removed} stale locks from {args.dir}; kept {live} live locks"
     )
     return _finish(cache, 0 if ok else 1)
 

@@ -16,10 +16,11 @@ shared filesystem that many hosts, containers and attackers write to:
   The file is opened before each look, so NFS revalidates its cached attributes.
 * **Identities are valid across PID namespaces.** A pid means something only in its
   namespace (two containers sharing a hostname both have a pid 1), so a lock names
-  its holder by boot id, PID namespace, pid and start time (:func:`._proc.identity`);
-  only a holder of this boot and namespace is checked directly, and found dead at
-  once. A holder from an earlier restart of the same elastic job is dead too: the
-  agent kills every worker before it restarts them.
+  its holder by host, boot id, PID namespace, pid and start time
+  (:func:`._proc.identity`); only a holder of this host, boot and namespace is
+  checked directly, and found dead at once. Found alive (and running as the lock
+  file's owner), it is waited for ``ALIVE_GRACE`` times longer before silence
+  counts. Elastic restart counts are not used: they are per agent, not per job.
 
 Everything in a lock file was written by someone who could write the directory, so
 its content is only ever advice; a lock that is not a regular file, or cannot be
@@ -45,6 +46,8 @@ from ._cache_store import _CREATE_FLAGS, _READ_FLAGS, DiskStore
 __all__ = ["HEARTBEAT_S", "Holder", "Lock", "Locks", "Watch", "owner_record"]
 
 HEARTBEAT_S = 2.0
+# How many times longer a silent holder is waited for when its process is seen alive.
+ALIVE_GRACE = 4
 # More generations than takeovers a real graph ever needs; a directory holding more
 # was filled by someone else, and the cache then costs a local compile, not a hang.
 MAX_GENERATIONS = 64
@@ -61,15 +64,7 @@ def owner_record(rank: int) -> dict[str, Any]:
         "pid": os.getpid(),
         "proc": _proc.identity(),
         "job": os.environ.get("TORCHELASTIC_RUN_ID", ""),
-        "attempt": _attempt(),
     }
-
-
-def _attempt() -> int:
-    try:
-        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    except ValueError:
-        return 0
 
 
 def _plain(value: Any, limit: int = 200) -> str:
@@ -87,24 +82,19 @@ class Holder:
     inode: tuple[int, int]  # (st_dev, st_ino): which file, across renames and reuse
     beat: int  # st_mtime_ns: changes with every heartbeat
     record: dict[str, Any]
+    uid: int | None = None  # the lock file's owner: who could have written the record
 
     def describe(self) -> str:
         r = self.record
         return f"rank {_plain(r.get('rank'))} ({_plain(r.get('host'))}, pid {_plain(r.get('pid'))})"
 
+    def alive_by_identity(self) -> bool | None:
+        """True/False when the holder's process can be checked from here, else None."""
+        return _proc.identity_alive(self.record.get("proc"), self.uid)
+
     def dead_by_identity(self) -> bool:
         """Whether the holder is known dead without waiting for missed heartbeats."""
-        if _proc.identity_alive(self.record.get("proc")) is False:
-            return True
-        job, attempt = self.record.get("job"), self.record.get("attempt")
-        return (
-            isinstance(job, str)
-            and bool(job)
-            and job == os.environ.get("TORCHELASTIC_RUN_ID", "")
-            and isinstance(attempt, int)
-            and not isinstance(attempt, bool)
-            and attempt < _attempt()
-        )
+        return self.alive_by_identity() is False
 
 
 class Watch:
@@ -127,16 +117,18 @@ class Watch:
     def dead(self, holder: Holder) -> bool:
         """Dead by identity, or silent for longer than ``stale_after``.
 
-        A holder seen alive by identity (this host, this PID namespace) is never dead by
-        silence: a live leader whose heartbeat stalls is stuck, and the waiters' timeout,
-        not a takeover, deals with that.
+        A holder alive by identity (this host, boot and PID namespace, running as the
+        lock file's owner) gets ``ALIVE_GRACE`` times longer: a live leader whose
+        heartbeat stalls (swapping, frozen) is most likely stuck, and the waiters'
+        timeout deals with that; but a lock that never beats is not kept for ever on
+        the word of a file.
         """
         silent = self.silent_for(holder)
-        if holder.dead_by_identity():
+        alive = holder.alive_by_identity()
+        if alive is False:
             return True
-        if _proc.identity_alive(holder.record.get("proc")) is True:
-            return False
-        return silent > self.stale_after
+        limit = self.stale_after * (ALIVE_GRACE if alive else 1)
+        return silent > limit
 
 
 _LOCK_NAME = re.compile(r"^(?P<key>[0-9a-f]{8,128})\.(?P<gen>\d{1,6})\.lock$")
@@ -214,7 +206,7 @@ def _look(dir_fd: int, name: str, gen: int) -> Holder | None:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
-        return Holder(gen, (st.st_dev, st.st_ino), st.st_mtime_ns, {})
+        return Holder(gen, (st.st_dev, st.st_ino), st.st_mtime_ns, {}, st.st_uid)
     try:
         st = os.fstat(fd)
         record: Any = {}
@@ -225,7 +217,7 @@ def _look(dir_fd: int, name: str, gen: int) -> Holder | None:
         os.close(fd)
     if not isinstance(record, dict):
         record = {}
-    return Holder(gen, (st.st_dev, st.st_ino), st.st_mtime_ns, record)
+    return Holder(gen, (st.st_dev, st.st_ino), st.st_mtime_ns, record, st.st_uid)
 
 
 class Lock:

@@ -522,9 +522,13 @@ class SharedCache:
         """
         # An unpredictable name (mkdtemp, 0700) directly inside the private local cache:
         # nothing can be planted in it while it waits for the other ranks' agreement.
+        local = local_inductor_dir()
+        if local not in _swept:
+            _swept.add(local)
+            _sweep(local, ".dd-staging.", 3, _STAGING_SWEEP_AGE_S)
         try:
             staging = Path(
-                tempfile.mkdtemp(prefix=f".dd-staging.{entry.key[:12]}.", dir=local_inductor_dir())
+                tempfile.mkdtemp(prefix=f".dd-staging.{entry.key[:12]}.{os.getpid()}.", dir=local)
             )
         except OSError as e:
             self._local_problem("unpacking the entry", entry.key, e)
@@ -538,8 +542,12 @@ class SharedCache:
             return None
         except EntryRefused as e:
             shutil.rmtree(staging, ignore_errors=True)
+            if not self.store.refuse(entry.path, f"unpacking failed: {e}", ident=entry.ident):
+                # Not the directory verified any more (republished, or changed: the next
+                # look verifies it anew), or already moved: nothing to refuse here.
+                self._local_problem("unpacking the entry", entry.key, e)
+                return None
             self.counts.cache_refused += 1
-            self.store.refuse(entry.path, f"unpacking failed: {e}")
             log.warning(
                 "refused shared cache entry %s (unpacking failed: %s); recompiling",
                 entry.key[:12],
@@ -569,6 +577,9 @@ class SharedCache:
 # -- clean rooms -------------------------------------------------------------------------
 _rooms: set[Path] = set()
 _ROOM_SWEEP_AGE_S = 6 * 3600
+# A staging directory lives at most one agreement (``timeout``); one of a dead process
+# this old was left by a kill during unpacking.
+_STAGING_SWEEP_AGE_S = 3600
 _swept: set[Path] = set()
 
 
@@ -585,24 +596,31 @@ def _clean_room(local: Path, key: str) -> Path:
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     if base not in _swept:
         _swept.add(base)
-        _sweep_rooms(base)
+        _sweep(base, "", 1, _ROOM_SWEEP_AGE_S)
     room = Path(tempfile.mkdtemp(prefix=f"{key[:40]}.{os.getpid()}.", dir=base))
     _rooms.add(room)
     return room
 
 
-def _sweep_rooms(base: Path) -> None:
+def _sweep(base: Path, prefix: str, pid_at: int, max_age: float) -> None:
+    """Remove directories ``prefix*`` of ``base`` left by dead processes.
+
+    The pid is field ``pid_at`` of the name split at dots. Old as well as dead: a
+    local cache shared by containers (another PID namespace) must not lose a live
+    process's directory to a pid that means something else here.
+    """
     from ._proc import pid_alive
 
     with contextlib.suppress(OSError), os.scandir(base) as it:
         for e in it:
             parts = e.name.split(".")
-            if len(parts) >= 2 and parts[1].isdigit() and e.is_dir(follow_symlinks=False):
-                pid = int(parts[1])
-                # Old as well as dead: a local cache shared by containers (another PID
-                # namespace) must not lose a live process's room to a pid that means
-                # something else here.
-                old = time.time() - e.stat(follow_symlinks=False).st_mtime > _ROOM_SWEEP_AGE_S
+            if not e.name.startswith(prefix) or len(parts) <= pid_at:
+                continue
+            if not parts[pid_at].isdigit() or not e.is_dir(follow_symlinks=False):
+                continue
+            pid = int(parts[pid_at])
+            with contextlib.suppress(OSError):
+                old = time.time() - e.stat(follow_symlinks=False).st_mtime > max_age
                 if pid != os.getpid() and old and not pid_alive(pid):
                     shutil.rmtree(e.path, ignore_errors=True)
 

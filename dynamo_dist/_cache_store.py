@@ -57,6 +57,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -110,6 +111,15 @@ class EntryUnavailable(Exception):
     """
 
 
+#: Which directory was verified: (st_dev, st_ino, st_ctime_ns). The inode alone is not
+#: enough: a pruned entry's inode is soon reused by the next one published.
+DirIdent = tuple[int, int, int]
+
+
+def _dir_ident(st: os.stat_result) -> DirIdent:
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
 @dataclass
 class Entry:
     key: str
@@ -121,6 +131,9 @@ class Entry:
     # Whether every directory and file must be this user's and writable by nobody else
     # (entries without a secret). None: so when the manifest carries no signature.
     private: bool | None = field(default=None, repr=False)
+    # The identity (DirIdent) of the directory that was verified: a refusal moves only
+    # that one, never an entry republished since (or changed: then it is checked anew).
+    ident: DirIdent | None = field(default=None, repr=False)
 
     @property
     def must_be_private(self) -> bool:
@@ -577,6 +590,11 @@ class DiskStore:
         self.marker = self.root / MARKER
         # Keys already reported untrusted: waiters call get() in a loop, one line is enough.
         self._untrusted_seen: set[str] = set()
+        self._trim_lock = threading.Lock()
+        self._trim_running = False
+        self._trim_again = False
+        self._trim_done = threading.Event()
+        self._trim_done.set()
 
     # -- modes -------------------------------------------------------------------
     @property
@@ -664,9 +682,9 @@ class DiskStore:
         path: Path,
         key: str | None,
         expect: dict[str, Any] | None,
-        ident: list[tuple[int, int]] | None,
+        ident: list[DirIdent] | None,
     ) -> dict[str, Any]:
-        """``verify``, appending the verified directory's (st_dev, st_ino) to ``ident``.
+        """``verify``, appending the verified directory's identity (DirIdent) to ``ident``.
 
         ``get`` refuses only the directory it verified, not one published in its place
         meanwhile.
@@ -685,13 +703,13 @@ class DiskStore:
         path: Path,
         key: str | None,
         expect: dict[str, Any] | None,
-        ident: list[tuple[int, int]] | None = None,
+        ident: list[DirIdent] | None = None,
     ) -> dict[str, Any]:
         private = self.secret is None
         with _open_entry(self.root, path, private) as entry_fd:
             if ident is not None:
                 st = os.fstat(entry_fd)
-                ident.append((st.st_dev, st.st_ino))
+                ident.append(_dir_ident(st))
             try:
                 return self._verify_at(entry_fd, key, expect, private)
             except _Missing as e:
@@ -771,7 +789,7 @@ class DiskStore:
         path = self.entry_dir(key)
         if not os.path.lexists(path / MANIFEST):  # a hint only: verify walks without links
             return None
-        ident: list[tuple[int, int]] = []
+        ident: list[DirIdent] = []
         try:
             manifest = self._verify_total(path, key, expect, ident)
         except EntryUntrusted as e:
@@ -787,7 +805,14 @@ class DiskStore:
         except EntryRefused as e:
             self.refuse(path, str(e), ident=ident[0] if ident else None)
             raise
-        return Entry(key, path, manifest, root=self.root, private=self.secret is None)
+        return Entry(
+            key,
+            path,
+            manifest,
+            root=self.root,
+            private=self.secret is None,
+            ident=ident[0] if ident else None,
+        )
 
     def _warn_miss(self, key: str, message: str) -> None:
         """One warning per key: waiters call get() in a loop, one line is enough."""
@@ -795,23 +820,24 @@ class DiskStore:
             self._untrusted_seen.add(key)
             log.warning("%s", message)
 
-    def refuse(self, path: Path, reason: str, ident: tuple[int, int] | None = None) -> None:
+    def refuse(self, path: Path, reason: str, ident: DirIdent | None = None) -> bool:
         """Move a bad entry aside so the next reader recompiles instead of re-refusing it.
 
         Nothing is written into the refused entry (its files may be links): it is
         renamed, by directory descriptors, into a fresh directory of ours with an
         unpredictable name, and the reason goes beside it. With ``ident`` (the
-        (st_dev, st_ino) that was verified), a directory there now that is not that
+        DirIdent that was verified), a directory there now that is not that
         one (republished meanwhile) is left alone. ``refused/<ns>/`` keeps at most
         ``REFUSED_KEEP`` boxes: a hostile or broken writer must not fill the disk.
+        True if this call moved it.
         """
         start, parts = _entry_parts(self.root, path)
         with contextlib.suppress(OSError), contextlib.ExitStack() as stack:
             (*_, parent_fd) = stack.enter_context(_dir_fds(start, parts[:-1]))
             if ident is not None:
                 st = os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False)
-                if (st.st_dev, st.st_ino) != ident:
-                    return  # not the entry we verified: moved or replaced meanwhile
+                if _dir_ident(st) != ident:
+                    return False  # not the entry we verified: moved or replaced meanwhile
             (*_, refused_fd) = stack.enter_context(
                 self.walk("refused", self.namespace, create=True)
             )
@@ -824,10 +850,43 @@ class DiskStore:
                 os.rename(parts[-1], "entry", src_dir_fd=parent_fd, dst_dir_fd=box_fd)
             except OSError:
                 os.rmdir(box, dir_fd=refused_fd)  # someone else moved it first
-                return
+                return False
             _create_at(box_fd, "REFUSED", (reason + "\n").encode())
             os.fchmod(box_fd, self._open_mode())
-            _trim_refused(refused_fd, REFUSED_KEEP)
+            self._trim_refused_later()
+            return True
+        return False
+
+    def _trim_refused_later(self) -> None:
+        """Trim ``refused/<ns>/`` in a background thread (one per store at a time).
+
+        Deleting a box costs as much as its files (a hostile entry can hold many), so
+        it never runs on the compile's path. A refusal during a trim makes it go round
+        once more, so the bound holds once the thread is done (``trimmed()``).
+        """
+        with self._trim_lock:
+            if self._trim_running:
+                self._trim_again = True
+                return
+            self._trim_running = True
+
+        def trim() -> None:
+            while True:
+                with contextlib.suppress(OSError), self.walk("refused", self.namespace) as fds:
+                    _trim_refused(fds[-1], REFUSED_KEEP)
+                with self._trim_lock:
+                    if not self._trim_again:
+                        self._trim_running = False
+                        self._trim_done.set()
+                        return
+                    self._trim_again = False
+
+        self._trim_done.clear()
+        threading.Thread(target=trim, daemon=True, name="dynamo_dist-cache-trim").start()
+
+    def trimmed(self, timeout: float) -> bool:
+        """Wait until no trim of ``refused/`` is under way (for tests and tools)."""
+        return self._trim_done.wait(timeout)
 
     # -- writing ---------------------------------------------------------------
     def put(self, key: str, artifact_dir: Path, manifest: dict[str, Any]) -> int:

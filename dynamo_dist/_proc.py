@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 
 def pid_alive(pid: int) -> bool:
@@ -68,6 +69,7 @@ def identity() -> dict[str, object]:
     a live process from a later one that reuses its pid.
     """
     return {
+        "host": socket.gethostname(),
         "boot": _read("/proc/sys/kernel/random/boot_id"),
         "pidns": _pid_namespace(),
         "pid": os.getpid(),
@@ -78,25 +80,40 @@ def identity() -> dict[str, object]:
 _PID_LIMIT = 1 << 22  # Linux's pid_max can be at most 2**22
 
 
-def identity_alive(ident: object) -> bool | None:
+def identity_alive(ident: object, uid: int | None = None) -> bool | None:
     """Whether the process named by :func:`identity` still runs; None if it cannot be told.
 
-    Only a process of this kernel boot and this PID namespace can be checked here;
-    anything else, and anything malformed (identities are read from shared, writable
-    files), is None: the caller then judges by heartbeats.
+    Only a process of this host, kernel boot and PID namespace can be checked here (the
+    host too: cloned VMs share a boot id and the initial namespace's inode); anything
+    else, and anything malformed (identities are read from shared, writable files), is
+    None: the caller then judges by heartbeats. With ``uid`` (the owner of the file the
+    identity came from), a live process is only vouched for if it runs as that uid, so
+    a planted file naming someone else's process (pid 1, say) proves nothing.
     """
     if not isinstance(ident, dict):
         return None
-    boot, pidns, pid, start = (ident.get(k) for k in ("boot", "pidns", "pid", "start"))
+    host, boot, pidns, pid, start = (
+        ident.get(k) for k in ("host", "boot", "pidns", "pid", "start")
+    )
     if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < _PID_LIMIT:
         return None
-    if not isinstance(boot, str) or not isinstance(pidns, str) or not boot or not pidns:
+    if not all(isinstance(v, str) and v for v in (host, boot, pidns)):
         return None
-    if boot != _read("/proc/sys/kernel/random/boot_id") or pidns != _pid_namespace():
+    if host != socket.gethostname() or boot != _read("/proc/sys/kernel/random/boot_id"):
+        return None
+    if pidns != _pid_namespace():
         return None
     if not pid_alive(pid):
         return False
     now = _start_ticks(pid)
     if now is None or not isinstance(start, int) or isinstance(start, bool):
         return None
-    return now == start
+    if now != start:
+        return False  # the pid was reused: ours is gone
+    if uid is not None:
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                return None
+        except OSError:
+            return None
+    return True

@@ -515,3 +515,17 @@ def test_missing_or_non_directory_path_is_one_line(tmp_path):
             _no_traceback(r)
             assert r.returncode == 2 and str(target) in _last_line(r), (cmd, r.stderr)
     assert stat.S_ISREG((tmp_path / "file").stat().st_mode)
+
+
+def test_clear_keeps_the_lock_of_a_frozen_leader_of_this_host(tmp_path):
+    """A live leader stopped for longer than the watch (swapping, SIGSTOP) lost its lock to
+    clear, and a second leader compiled. Alive by identity, it is kept."""
+    from dynamo_dist._cache_lock import owner_record
+
+    store = _cache_with(tmp_path, 1)
+    store.locks.mkdir(parents=True, exist_ok=True)
+    frozen = store.locks / f"{KEYS[1]}.0.lock"
+    frozen.write_text(json.dumps(owner_record(0)))  # this process: alive, never beating
+    c = _cli("clear", str(store.root))
+    assert c.returncode == 0, c.stderr
+    assert frozen.exists() and "kept 1 live locks" in c.stdout, c.stdout

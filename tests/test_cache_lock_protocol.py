@@ -315,3 +315,49 @@ def test_an_unreadable_lock_never_spins_past_the_timeout(tmp_path: Path, kind: s
     # Waited for the unnamed holder, then compiled locally (not as a leader), without
     # spinning: a dead lock's takeover needs far longer than this timeout.
     assert res["roles"] == ["plain"] and res["stats"]["cache_fallbacks"] == 1, out
+
+
+@pytest.mark.timeout(120)
+def test_a_live_leader_of_another_restart_count_keeps_its_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Restart counts are per agent, and every job without an id is run "none": a
+    leader with a lower count was taken for dead, and two leaders compiled."""
+    from dynamo_dist._cache_lock import owner_record
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    store = DiskStore(tmp_path / "c")
+    store.check_usable()
+    lock = Locks(store).acquire(KEY, owner_record(0))
+    assert lock is not None
+    try:
+        env = {**_info_log(), "TORCHELASTIC_RESTART_COUNT": "1"}
+        res, out = _result(_worker(store.root, tmp_path / "l", timeout=4.0, env=env))
+    finally:
+        lock.release()
+    assert res["roles"] == ["plain"] and "taking over" not in out, out
+
+
+def test_a_lock_naming_a_live_process_is_not_kept_for_ever(tmp_path: Path) -> None:
+    """A planted lock naming pid 1 (alive, its identity world-readable) stalled every job
+    for good: a holder alive by identity now waits only longer, and only if it runs as
+    the lock file's owner."""
+    store = DiskStore(tmp_path / "c")
+    init = {**_proc.identity(), "pid": 1, "start": _proc._start_ticks(1)}
+    path = _plant_lock(store, 0, {"rank": 0, "proc": init})
+    locks = Locks(store)
+    h = locks.holder(KEY)
+    assert h is not None
+    same_owner = os.stat("/proc/1").st_uid == os.stat(path).st_uid
+    assert h.alive_by_identity() is (True if same_owner else None)
+    watch = Watch(stale_after=0.1)
+    assert not watch.dead(h)
+    time.sleep(0.25)
+    assert watch.dead(locks.holder(KEY)) is (not same_owner)  # type: ignore[arg-type]
+    time.sleep(0.3)  # past ALIVE_GRACE (4) x stale_after: silence wins
+    assert watch.dead(locks.holder(KEY))  # type: ignore[arg-type]
+    if os.geteuid() == 0:  # the same record in a file of another owner vouches for nothing
+        os.chown(path, 65534, 65534)
+        h = locks.holder(KEY)
+        assert h is not None and h.alive_by_identity() is None

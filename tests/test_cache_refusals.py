@@ -473,6 +473,25 @@ def test_a_vanished_entry_is_a_miss(tmp_path: Path) -> None:
     assert _refused(store.root) == []
 
 
+def test_an_entry_republished_after_verify_is_not_refused(
+    tmp_path: Path,
+) -> None:
+    """Pruned and republished between verify and unpack: the new, valid entry was refused
+    (its artifact did not match the old manifest)."""
+    store = DiskStore(tmp_path / "c")
+    store.put(KEY, _room(tmp_path), _manifest())
+    old = store.get(KEY)
+    assert old is not None
+    shutil.rmtree(old.path)
+    shutil.rmtree(tmp_path / "room")
+    store.put(KEY, _room(tmp_path, payload=b"another kernel"), _manifest())
+    with pytest.raises(EntryRefused, match="sha256"):  # the old manifest, the new bytes
+        extract(old, tmp_path / "out")
+    assert not store.refuse(old.path, "what the loader does then", ident=old.ident)
+    assert _refused(store.root) == []
+    assert store.get(KEY) is not None  # the new entry stays, and verifies
+
+
 # -- item 8: refused/ is bounded ----------------------------------------------------------
 def test_refused_keeps_at_most_the_newest_boxes_and_only_deletes_ours(tmp_path: Path) -> None:
     store = DiskStore(tmp_path / "c")
@@ -496,6 +515,7 @@ def test_refused_keeps_at_most_the_newest_boxes_and_only_deletes_ours(tmp_path: 
         (store.entry_dir(key) / "manifest.json").write_text("{}")
         store.refuse(store.entry_dir(key), f"reason {i}")
         time.sleep(0.002)  # distinct milliseconds in the box names
+    assert store.trimmed(60)  # trimming runs in the background, off the compile's path
     boxes = [p for p in store.refused.iterdir() if p.is_dir() and not p.is_symlink()]
     ours = sorted(p for p in boxes if p.stat().st_uid == os.geteuid())
     assert len(ours) == REFUSED_KEEP

@@ -111,3 +111,23 @@ def test_a_publish_removes_what_killed_leaders_left_of_the_same_graph(tmp_path: 
     _populate(root, tmp_path)
     assert not old.exists()
     assert fresh.exists()  # perhaps a live publisher's: left to prune
+
+
+def test_staging_left_by_a_killed_follower_is_swept(tmp_path: Path) -> None:
+    """A follower killed while unpacking left an entry-sized copy in its local cache."""
+    import subprocess as sp
+
+    root = tmp_path / "c"
+    _populate(root, tmp_path)
+    local = tmp_path / "follower"
+    local.mkdir(mode=0o700)
+    dead = sp.Popen(["true"])
+    dead.wait()
+    left = local / f".dd-staging.{KEY[:12]}.{dead.pid}.abcd1234"
+    (left / "fxgraph").mkdir(parents=True)
+    (left / "fxgraph" / "graph").write_bytes(b"x" * 4096)
+    os.utime(left, (time.time() - 7200, time.time() - 7200))
+    res, out = _result(_worker(root, local))
+    assert res["stats"]["cache_loads"] == 1, out
+    assert not left.exists()
+    assert not [p for p in local.iterdir() if p.name.startswith(".dd-staging")]
