@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import errno
 import functools
-import json
 import math
 import os
 import re
@@ -46,9 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import _proc
+from ._cache_lock import look
 from ._cache_store import (
-    _READ_FLAGS,
     ARTIFACT,
     FORMAT,
     MARKER,
@@ -641,20 +639,10 @@ def _alive_by_identity(cache: _Cache, parts: tuple[str, ...]) -> bool:
     """
     try:
         with cache.open(parts[:-1]) as dir_fd:
-            fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dir_fd)
+            holder = look(dir_fd, parts[-1], 0)
     except OSError:
         return False
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return False
-        record = json.loads(os.read(fd, 1 << 16) or b"{}")
-    except (OSError, ValueError, RecursionError):
-        return False
-    finally:
-        os.close(fd)
-    proc = record.get("proc") if isinstance(record, dict) else None
-    return _proc.identity_alive(proc, st.st_uid) is True
+    return holder is not None and holder.alive_by_identity() is True
 
 
 def _remove_lock_if_unchanged(cache: _Cache, parts: tuple[str, ...], was: tuple[int, int]) -> bool:

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import socket
 import stat
 import threading
 import time
@@ -43,7 +44,7 @@ from typing import Any
 from . import _proc
 from ._cache_store import _CREATE_FLAGS, _READ_FLAGS, DiskStore
 
-__all__ = ["HEARTBEAT_S", "Holder", "Lock", "Locks", "Watch", "owner_record"]
+__all__ = ["HEARTBEAT_S", "Holder", "Lock", "Locks", "Watch", "look", "owner_record"]
 
 HEARTBEAT_S = 2.0
 # How many times longer a silent holder is waited for when its process is seen alive.
@@ -56,8 +57,6 @@ _MAX_LOCK_BYTES = 1 << 16
 
 def owner_record(rank: int) -> dict[str, Any]:
     """What a lock says about its holder: for people (rank, host) and for liveness."""
-    import socket
-
     return {
         "rank": rank,
         "host": socket.gethostname(),
@@ -148,9 +147,9 @@ class Locks:
         with self.store.walk("locks", self.store.namespace, create=True) as fds:
             gens = self._generations(fds[-1], key)
             for gen in sorted(gens, reverse=True):
-                look = _look(fds[-1], f"{key}.{gen}.lock", gen)
-                if look is not None:
-                    return look
+                found = look(fds[-1], f"{key}.{gen}.lock", gen)
+                if found is not None:
+                    return found
         return None
 
     def acquire(self, key: str, owner: dict[str, Any], over: Holder | None = None) -> Lock | None:
@@ -190,7 +189,7 @@ class Locks:
         return gens
 
 
-def _look(dir_fd: int, name: str, gen: int) -> Holder | None:
+def look(dir_fd: int, name: str, gen: int) -> Holder | None:
     """One look at lock file ``name``; None if it vanished meanwhile.
 
     A regular file is opened (O_NONBLOCK: a FIFO never blocks; opening makes NFS

@@ -362,26 +362,6 @@ def _read_file(
     return data
 
 
-def _read_small(
-    path: Path | str,
-    max_size: int,
-    what: str,
-    dir_fd: int | None = None,
-    private: bool = False,
-) -> bytes:
-    """``_read_file`` for small files that are advice only (the marker): any failure is
-    an EntryRefused.
-
-    Their readers (``read_marker``) treat any unreadable file as "no answer" and catch
-    only EntryRefused and OSError; there is nothing to refuse or keep, so the
-    difference between a bad file and an unreadable one does not matter.
-    """
-    try:
-        return _read_file(path, max_size, what, dir_fd, private)
-    except EntryUnavailable as e:
-        raise EntryRefused(str(e)) from None
-
-
 def _entry_parts(root: Path | None, path: Path) -> tuple[Path, list[str]]:
     """(directory to start from, names to walk below it) to reach entry ``path``.
 
@@ -1034,8 +1014,8 @@ def write_marker(root: Path) -> bool:
 def read_marker(root: Path) -> dict[str, Any] | None:
     """The marker of the cache at ``root``, or None if it has no (valid) marker."""
     try:
-        marker = json.loads(_read_small(root / MARKER, 4096, MARKER))
-    except (OSError, ValueError, EntryRefused):
+        marker = json.loads(_read_file(root / MARKER, 4096, MARKER))
+    except (OSError, ValueError, EntryRefused, EntryUnavailable):  # any failure: no marker
         return None
     return marker if isinstance(marker, dict) and isinstance(marker.get("format"), int) else None
 

@@ -12,7 +12,6 @@ user (we run as root) in a forked child, a full disk by RLIMIT_FSIZE in a forked
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_cache_fuzz import Hang, deadline
 
 from dynamo_dist import _cache
 from dynamo_dist._cache_store import (
@@ -45,29 +45,6 @@ SECRET = "refusals-secret"
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs readers as another user")
 
 
-class Hang(Exception):
-    """A guarded call did not return in time."""
-
-
-@contextlib.contextmanager
-def deadline(seconds: float, what: str) -> Iterator[None]:
-    """Fail (raise Hang) instead of blocking forever; restores pytest-timeout's alarm."""
-
-    def on_alarm(signum: int, frame: object) -> None:
-        raise Hang(f"{what} did not return within {seconds}s")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    old_left, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
-    t0 = time.monotonic()
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        if old_left:
-            signal.setitimer(signal.ITIMER_REAL, max(old_left - (time.monotonic() - t0), 0.01))
-
-
 def _room(tmp: Path, payload: bytes = b"kernel") -> Path:
     room = tmp / "room"
     (room / "ab").mkdir(parents=True)
@@ -75,6 +52,14 @@ def _room(tmp: Path, payload: bytes = b"kernel") -> Path:
     (room / "fxgraph").mkdir()
     (room / "fxgraph" / "entry").write_bytes(b"pickled graph")
     return room
+
+
+def _edit_manifest(entry: Path, change: dict[str, Any]) -> None:
+    """Rewrite an entry's manifest with ``change`` applied (a new file, as a writer would)."""
+    man = json.loads((entry / "manifest.json").read_text())
+    man.update(change)
+    (entry / "manifest.json").unlink()
+    (entry / "manifest.json").write_text(json.dumps(man))
 
 
 def _manifest(**extra: object) -> dict[str, Any]:
@@ -363,10 +348,7 @@ def test_manifest_fields_of_the_wrong_type_are_refused(
     store = DiskStore(tmp_path / "c")
     store.put(KEY, _room(tmp_path), _manifest())
     path = store.entry_dir(KEY)
-    man = json.loads((path / "manifest.json").read_text())
-    man.update(change)
-    (path / "manifest.json").unlink()
-    (path / "manifest.json").write_text(json.dumps(man))
+    _edit_manifest(path, change)
     with pytest.raises(EntryRefused, match=r"manifest|format"):
         store.verify(path, KEY)
     with pytest.raises(EntryRefused):
@@ -389,10 +371,7 @@ def test_a_loader_never_raises_on_manifest_values(
     store.check_usable()
     store.put(KEY, _room(tmp_path), _manifest())
     path = store.entry_dir(KEY)
-    man = json.loads((path / "manifest.json").read_text())
-    man.update(change)
-    (path / "manifest.json").unlink()
-    (path / "manifest.json").write_text(json.dumps(man))
+    _edit_manifest(path, change)
     cache = _cache.SharedCache(str(root), 1.0, 30.0, agree=False)
     with deadline(60, "SharedCache.compile"):
         got = cache.compile(KEY, _cache.version_factors(), lambda: "compiled", "f (t.py:1)")
