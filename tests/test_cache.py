@@ -53,7 +53,7 @@ def cache_recompile(rank: int, world: int, local_base: str) -> dict[str, Any]:
     ok = True
     for step, n in enumerate([4, 4, 6 if rank == 1 else 4, 5]):
         x = torch.full((n, 3), float(step))
-        ok &= bool(torch.allclose(cf(x), (x.sin() * 2).sum(0)))
+        ok &= bool(torch.allclose(cf(x), (x.sin() * 2).sum(0), atol=1e-5))
     return {"ok": ok, "stats": dynamo_dist.stats()}
 
 
@@ -62,7 +62,7 @@ def cache_unusable_on_one_rank(rank: int, world: int, local_base: str, bad: str)
     _local_inductor_cache(rank, local_base)
     cf = dynamo_dist.compile(lambda x: (x.sin() * 2).cos(), cache_dir=bad if rank == 1 else None)
     x = torch.randn(16)
-    ok = bool(torch.allclose(cf(x), (x.sin() * 2).cos()))
+    ok = bool(torch.allclose(cf(x), (x.sin() * 2).cos(), atol=1e-5))
     return {"ok": ok, "stats": dynamo_dist.stats()}
 
 
@@ -85,7 +85,7 @@ def cache_leader_dies(
     cf = dynamo_dist.compile(lambda x: (x.sin() * 2).cos())
     x = torch.randn(16)
     t0 = time.perf_counter()
-    ok = bool(torch.allclose(cf(x), (x.sin() * 2).cos()))
+    ok = bool(torch.allclose(cf(x), (x.sin() * 2).cos(), atol=1e-5))
     return {"ok": ok, "stats": dynamo_dist.stats(), "waited": time.perf_counter() - t0}
 
 

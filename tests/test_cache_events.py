@@ -29,7 +29,7 @@ def events_job(rank: int, world: int, local_base: str) -> dict[str, Any]:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local_base, f"rank{rank}")
     cf = dynamo_dist.compile(lambda x: (x.sin() * 2).cos())
     x = torch.randn(16)
-    ok = bool(torch.allclose(cf(x), (x.sin() * 2).cos()))
+    ok = bool(torch.allclose(cf(x), (x.sin() * 2).cos(), atol=1e-5))
     counters = dict(torch._dynamo.utils.counters["dynamo_dist"])
     return {"ok": ok, "stats": dynamo_dist.stats(), "counters": counters}
 

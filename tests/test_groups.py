@@ -318,7 +318,7 @@ def overlapping_groups(rank: int, world: int) -> dict[str, Any]:
         xg = torch.randn(7 if (dp == 1 and step == 3) else 6, 2)
         calls = [(cf, _f, xf), (cg, g, xg)]
         for compiled, eager, x in calls if dp == 0 else calls[::-1]:
-            ok &= bool(torch.allclose(compiled(x), eager(x)))
+            ok &= bool(torch.allclose(compiled(x), eager(x), atol=1e-5))
     return result(
         cb_f,
         ok,
