@@ -140,13 +140,22 @@ def compile(
     }
     runtime = _runtime.ensure(cfg)
     ranks = _group.resolve(group) if runtime is not None else ()
+    profile: Callable[[Any], None] | None = None
     if cfg.cache_dir:
-        compile_kwargs = _with_shared_cache(model, cfg, compile_kwargs, agree=runtime is not None)
+        compile_kwargs, profile = _with_shared_cache(
+            model, cfg, compile_kwargs, agree=runtime is not None
+        )
     if runtime is None or _local.is_local():
         # Compiled inside dynamo_dist.local(): rank-local code, plain torch.compile
         # (its shared-cache entries, if any, are loaded and published without agreement).
+        if profile is not None and runtime is None:
+            profile(None)  # a single process: its own profile, nobody to agree with
         return torch.compile(model, **compile_kwargs)
     channel = runtime.channel(ranks, _hook.describe_callable(model))
+    if profile is not None:
+        # Every member calls compile() here, the group's channel now set up: the
+        # group's one reading of its automatic-dynamic profile, before any trace.
+        profile(channel.scope)
     region = _hook.register_region(model, channel.name)
     with _intercept.adopting(channel, region, cfg.policy) as adopted:
         compiled = torch.compile(model, **compile_kwargs)
@@ -160,13 +169,17 @@ def compile(
 
 def _with_shared_cache(
     model: Any, cfg: _config.Config, kwargs: dict[str, Any], agree: bool
-) -> dict[str, Any]:
-    """Put the shared precompile cache in front of inductor (other backends compile nothing)."""
+) -> tuple[dict[str, Any], Callable[[Any], None] | None]:
+    """Put the shared precompile cache in front of inductor (other backends compile nothing).
+
+    Also returns the loader of the automatic-dynamic profile, to call with the group's
+    scope once the group is set up (None for a backend the cache does not serve).
+    """
     if kwargs["backend"] != "inductor":
         _log.get_logger("cache").info(
             "cache_dir is set but backend %r is not inductor: nothing to cache", kwargs["backend"]
         )
-        return kwargs
+        return kwargs, None
     inner = _torch_compat.inductor_backend(kwargs["mode"], kwargs["options"], kwargs["dynamic"])
     static = {
         "backend": "inductor",
@@ -178,7 +191,14 @@ def _with_shared_cache(
     }
     cache = _cache.get_cache(cfg, agree)
     backend = _cache.CachingBackend(inner, cache, static, _hook.describe_callable(model))
-    return {"backend": backend, "fullgraph": kwargs["fullgraph"], "dynamic": kwargs["dynamic"]}
+    profiles = _cache.profiles_for(cache)
+    source = str(static["source"])
+
+    def load_profile(scope: Any) -> None:
+        profiles.load(scope, source)
+
+    out = {"backend": backend, "fullgraph": kwargs["fullgraph"], "dynamic": kwargs["dynamic"]}
+    return out, load_profile
 
 
 def stats() -> dict[str, Any]:

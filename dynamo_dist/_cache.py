@@ -7,6 +7,7 @@ import graph is a DAG, with no lazy imports back up):
 * :mod:`._cache_stats`: the typed counters record, warnings and trace events;
 * :mod:`._cache_agree`: the cross-rank all-or-nothing agreement in the job's store;
 * :mod:`._cache_protocol`: the leader/follower protocol (clean room, staging, install);
+* :mod:`._cache_profile`: Dynamo's automatic-dynamic decisions, kept across restarts;
 * :mod:`._cache_backend`: the Dynamo backend, the process's directories, ``stats()``.
 
 The on-disk store (verification, signing, unpacking) is :mod:`._cache_store`. Other
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 from ._cache_backend import CachingBackend, get_cache, stats
 from ._cache_key import UnkeyableGraph, graph_key, source_hash, version_factors
+from ._cache_profile import profiles_for
 from ._cache_protocol import SharedCache
 from ._cache_protocol import private_local_dir as _private_local_dir
 from ._cache_stats import CacheStats
@@ -29,6 +31,7 @@ __all__ = [
     "_private_local_dir",
     "get_cache",
     "graph_key",
+    "profiles_for",
     "source_hash",
     "stats",
     "version_factors",

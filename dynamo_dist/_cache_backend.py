@@ -13,6 +13,7 @@ from typing import Any
 import torch.fx
 
 from ._cache_key import graph_key
+from ._cache_profile import profiles_for
 from ._cache_protocol import SharedCache
 from ._cache_stats import warn_once
 from ._config import Config
@@ -28,6 +29,7 @@ class CachingBackend:
         self._cache = cache
         self._static = static
         self._label = label
+        self._profiles = profiles_for(cache)
 
     def __getattr__(self, name: str) -> Any:
         # Dynamo asks the backend for inductor's attributes (compiler_name, get_compiler_config).
@@ -45,10 +47,14 @@ class CachingBackend:
                 type(e).__name__,
                 e,
             )
-            return self._cache.compile_uncached(lambda: self._inner(gm, example_inputs))
-        return self._cache.compile(
-            key, factors, lambda: self._inner(gm, example_inputs), self._label
-        )
+            compiled = self._cache.compile_uncached(lambda: self._inner(gm, example_inputs))
+        else:
+            compiled = self._cache.compile(
+                key, factors, lambda: self._inner(gm, example_inputs), self._label
+            )
+        # The frame's automatic-dynamic decisions are final once its graph is compiled.
+        self._profiles.after_compile()
+        return compiled
 
 
 _caches: dict[str, SharedCache] = {}

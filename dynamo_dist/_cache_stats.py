@@ -18,7 +18,15 @@ from typing import Any
 from . import _events
 from ._log import get_logger
 
-__all__ = ["CacheStats", "emit_load", "emit_publish", "emit_refusal", "log", "warn_once"]
+__all__ = [
+    "CacheStats",
+    "emit_load",
+    "emit_profile",
+    "emit_publish",
+    "emit_refusal",
+    "log",
+    "warn_once",
+]
 
 log = get_logger("cache")
 
@@ -55,6 +63,10 @@ class CacheStats:
     cache_bytes_written: int = 0
     inductor_compiles: int = 0
     compile_seconds_saved: float = 0.0
+    # Automatic-dynamic profiles (``_cache_profile``): merged at start, published when
+    # the code state gained a dynamic mark.
+    profile_loads: int = 0
+    profile_publishes: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The counters under the keys ``dynamo_dist.stats()`` has always reported."""
@@ -96,4 +108,16 @@ def emit_refusal(key: str, rank: int, stage: str, reason: str) -> None:
         rank=rank,
         stage=stage,
         reason=reason[:_REASON_MAX],
+    )
+
+
+def emit_profile(what: str, job: str, generation: int, rank: int, frames: int, marks: int) -> None:
+    """An automatic-dynamic profile was loaded (``what="load"``) or published."""
+    _events.emit(
+        f"cache_profile_{what}",
+        job=job[:64],
+        generation=generation,
+        rank=rank,
+        frames=frames,
+        dynamic_marks=marks,
     )

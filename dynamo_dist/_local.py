@@ -62,6 +62,8 @@ class Scope:
     size: int
     consensus: Any | None = None
     """The gloo group for Dynamo's compiler collectives, or None when consensus is off."""
+    ranks: tuple[int, ...] = ()
+    """The group's global ranks, ascending (the first one writes what the group shares)."""
 
 
 _tls = threading.local()

@@ -70,6 +70,7 @@ class Channel:
             key=_group.group_key(ranks, world),
             size=len(ranks),
             consensus=consensus_group,
+            ranks=tuple(sorted(ranks)),
         )
         self.hook = self.transport.make_hook()
         self.policy = Policy(self.transport, self.hook, self.counts)

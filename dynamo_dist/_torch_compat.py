@@ -334,6 +334,107 @@ class isolated_code_state:
         state.update(self._saved or {})
 
 
+# -- automatic-dynamic profile (Dynamo PGO) ---------------------------------------------------
+#
+# ``torch._dynamo.pgo``'s process-wide code state (``get_code_state()``: a defaultdict of
+# ``CodeId -> CodeState``) and ``torch.compiler.config.job_id``: torch 2.9 through 2.13.
+
+
+def compiler_job_id() -> str | None:
+    """The user's ``torch.compiler.config.job_id`` (None when unset); never written here."""
+    import torch.compiler
+
+    job = getattr(torch.compiler.config, "job_id", None)
+    return job if isinstance(job, str) and job else None
+
+
+def pgo_dynamic_marks() -> frozenset[str]:
+    """What the code state marks dynamic: one string per (frame, source) that varies.
+
+    Only these marks change what a restart compiles (a static size seen again compiles
+    the same graph with or without a profile), so only a new mark is worth publishing.
+    """
+    from torch._dynamo.pgo import get_code_state
+
+    marks = set()
+    for code_id, code_state in list(get_code_state().items()):
+        for source, entry in list(code_state.automatic_dynamic.items()):
+            shown = entry.render()
+            if "?" in shown or "dynamic" in shown:
+                marks.add(f"{code_id}|{source}|{shown}")
+    return frozenset(marks)
+
+
+def pgo_dumps() -> bytes:
+    """The process's code state, pickled as ``torch._dynamo.pgo`` pickles it."""
+    import pickle
+
+    from torch._dynamo.pgo import get_code_state
+
+    return pickle.dumps(get_code_state())
+
+
+#: The only globals a code state pickle may name (what pgo's own pickles contain).
+_PGO_GLOBALS = {
+    ("collections", "defaultdict"),
+    ("torch._dynamo.pgo", "CodeState"),
+    ("torch._dynamo.pgo", "CodeId"),
+    ("torch._dynamo.pgo", "FrameStateSizeEntry"),
+    ("torch._dynamo.pgo", "AutoDynamic"),
+    ("torch._dynamo.pgo", "AutoUnset"),
+    ("torch._dynamo.pgo", "InferStride"),
+}
+
+
+def pgo_loads(data: bytes) -> dict[Any, Any]:
+    """Unpickle a code state, refusing any global but pgo's own classes (ValueError).
+
+    The bytes were verified (signed, or from a private directory) before they got here;
+    the restricted unpickler is a second wall: a forged profile cannot name ``os.system``.
+    """
+    import io
+    import pickle
+
+    class _Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) not in _PGO_GLOBALS:
+                raise ValueError(f"a code state may not name {module}.{name}")
+            return super().find_class(module, name)
+
+    try:
+        state = _Restricted(io.BytesIO(data)).load()
+    except ValueError:
+        raise
+    except Exception as e:  # truncated or malformed: the same answer, one exception type
+        raise ValueError(f"not a code state pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"a code state is a dict, not {type(state).__name__}")
+    from torch._dynamo.pgo import CodeId, CodeState
+
+    for code_id, code_state in state.items():
+        if not isinstance(code_id, CodeId) or not isinstance(code_state, CodeState):
+            raise ValueError("a code state maps CodeId to CodeState")
+    return state
+
+
+def pgo_merge(state: dict[Any, Any]) -> int:
+    """Add ``state``'s frames to the process's code state; frames it knows already win.
+
+    Returns how many frames were added. Called before the first compile of the group,
+    so normally the process state is empty; a frame compiled earlier in this process
+    (plain torch.compile, another group) keeps what this process learned.
+    """
+    from torch._dynamo.pgo import get_code_state
+
+    live = get_code_state()
+    added = 0
+    for code_id, code_state in state.items():
+        if code_id not in live:
+            live[code_id] = code_state
+            added += 1
+    return added
+
+
 # -- cache (Inductor, AOTAutograd) ------------------------------------------------------------
 #
 # Context managers here are small classes rather than ``contextlib`` generators so this

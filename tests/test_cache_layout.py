@@ -31,6 +31,8 @@ REPORTED = [
     "cache_bytes_written",
     "inductor_compiles",
     "compile_seconds_saved",
+    "profile_loads",
+    "profile_publishes",
 ]
 
 

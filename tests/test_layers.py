@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_cache_store", "_cache_agree"),  # the directory; the cross-rank agreement
     ("_cache_lock",),  # leader locks in the directory
     ("_cache_protocol",),  # leader/follower
+    ("_cache_profile",),  # automatic-dynamic decisions across restarts
     ("_cache_backend",),  # the Dynamo backend in front of inductor
     ("_cache",),  # the cache's facade
     ("_report",),

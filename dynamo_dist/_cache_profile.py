@@ -1,0 +1,322 @@
+"""Dynamo's automatic-dynamic decisions, kept in the shared cache across restarts.
+
+Why: when a size varies (a short last batch, a rank with a shorter input), Dynamo
+recompiles the frame with that dimension dynamic and remembers the decision in its
+profile-guided code state (``torch._dynamo.pgo``). Upstream persists that state only
+with a ``torch.compiler.config.job_id`` and only in the local inductor directory, so
+on fresh hosts every restart pays the same recompile again. Here the state travels
+with the shared cache: a restart compiles dynamic from the start and performs none
+of the first run's shape recompiles.
+
+* **Key.** The user's ``job_id`` when set (never overwritten), else one derived from
+  what is stable across restarts of the same job: the first compiled callable's
+  source hash, torch's versions and the world size; never ``TORCHELASTIC_RUN_ID``,
+  which changes on every run. Each group (its ranks) has its own profile.
+* **One writer, one reader.** The group's lowest rank reads the newest profile when
+  the group is set up (``dynamo_dist.compile``, which every member calls) and posts
+  the bytes (or "none") in the job's key-value store, where the others read them: every
+  rank merges the same state or none does, since ranks compiling against different
+  profiles would trace different graphs. The store, not a gloo collective: a member
+  that skips this (a cache configured on some ranks only) must not shift the group's
+  collectives; the others wait at most the timeout, then compile without a profile.
+  The same rank publishes a new profile whenever the state gains a dynamic mark (a
+  static size seen again compiles the same graph anyway).
+* **Generations.** A profile is an ordinary entry of the store (verified, signed,
+  published atomically), keyed by (job, group, generation): entries are immutable,
+  so a newer state is generation ``g + 1`` and readers take the highest one present.
+* **Never code.** The state is a pickle; it is unpickled only after the entry's
+  verification, and then only with pgo's own classes allowed.
+
+A profile that cannot be read, verified or unpickled costs nothing but the
+recompiles it would have saved, and one warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from . import _local, _torch_compat
+from ._cache_key import version_factors
+from ._cache_lock import owner_record
+from ._cache_protocol import SharedCache, local_inductor_dir
+from ._cache_stats import emit_profile, log, warn_once
+from ._cache_store import EntryRefused, EntryUnavailable, extract
+from ._status import open_store
+
+__all__ = ["Profiles", "derived_job_id", "profiles_for"]
+
+PROFILE_FILE = "code_state.pkl"
+#: Generations probed per load; a job that keeps finding new dynamic dims beyond this
+#: many restarts keeps its newest 64 (publishing stops, loading still works).
+MAX_GENERATIONS = 64
+#: A code state is a few KB per frame; anything this large is not one.
+MAX_PROFILE_BYTES = 64 << 20
+
+
+def derived_job_id(source: str, world_size: int) -> str:
+    """A job id stable across restarts of the same program at the same scale."""
+    blob = json.dumps(
+        {"source": source, "versions": version_factors(), "world": world_size}, sort_keys=True
+    )
+    return "dynamo-dist-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _key(job: str, group: str, generation: int) -> str:
+    return hashlib.sha256(json.dumps(["pgo", job, group, generation]).encode()).hexdigest()
+
+
+class _Profile:
+    """One group's profile: where it is kept and what this process last saw of it."""
+
+    def __init__(self, job: str, group: str, writer: bool) -> None:
+        self.job = job
+        self.group = group
+        self.writer = writer
+        self.generation = 0  # the newest generation seen (loaded or published)
+        self.marks: frozenset[str] = frozenset()  # dynamic marks already in the cache
+
+
+class Profiles:
+    """The automatic-dynamic profiles of one shared cache directory, in this process."""
+
+    def __init__(self, cache: SharedCache) -> None:
+        self.cache = cache
+        self._by_group: dict[str, _Profile] = {}
+
+    # -- loading (collective over the group) --------------------------------------------
+    def load(self, scope: _local.Scope | None, source: str) -> None:
+        """Merge the group's newest profile into Dynamo's code state, on every rank or none.
+
+        Called once per group from ``dynamo_dist.compile``, which every member of the
+        group calls at the same point (that is when the group's channel is set up).
+        """
+        group = scope.key if scope is not None else "single"
+        if group in self._by_group:
+            return
+        user = _torch_compat.compiler_job_id()
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        job = user if user is not None else derived_job_id(source, world)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        writer = scope is None or not scope.ranks or rank == scope.ranks[0]
+        profile = _Profile(job, group, writer)
+        self._by_group[group] = profile
+        if scope is not None and scope.size > 1 and scope.consensus is None:
+            # Without compiler collectives the ranks' states drift apart anyway: sharing
+            # one profile would not make them agree, so none is shared.
+            log.info("automatic-dynamic profile not shared: consensus is off for %s", scope.name)
+            self._by_group[group].writer = False
+            return
+        found: tuple[int, bytes] | None = None
+        if writer:
+            found = self._read(profile)
+        if scope is not None and scope.size > 1:
+            found = self._share(scope, writer, found)
+        if found is None:
+            return
+        generation, data = found
+        profile.generation = generation
+        try:
+            state = _torch_compat.pgo_loads(data)
+        except ValueError as e:
+            warn_once(
+                f"profile-bad:{self.cache.root}",
+                "automatic-dynamic profile %d of job %s in %s is unusable (%s); compiling "
+                "without it",
+                generation,
+                job,
+                self.cache.root,
+                e,
+            )
+            return
+        added = _torch_compat.pgo_merge(state)
+        profile.marks = _torch_compat.pgo_dynamic_marks()
+        self.cache.counts.profile_loads += 1
+        log.info(
+            "loaded automatic-dynamic profile %d of job %s: %d frames, %d dynamic marks",
+            generation,
+            job,
+            added,
+            len(profile.marks),
+        )
+        emit_profile("load", job, generation, rank, added, len(profile.marks))
+
+    def _share(
+        self, scope: _local.Scope, writer: bool, found: tuple[int, bytes] | None
+    ) -> tuple[int, bytes] | None:
+        """The writer's (generation, bytes) on every rank of ``scope``, through the store."""
+        store = open_store(self.cache.timeout)
+        if store is None:
+            return found if writer else None
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        name = f"dynamo_dist/cache/profile/{restart}/{scope.key}"
+        try:
+            if writer:
+                payload = b"" if found is None else found[0].to_bytes(4, "big") + found[1]
+                store.set(name, payload)
+                return found
+            deadline = time.monotonic() + self.cache.timeout
+            delay = 0.005
+            while not store.check([name]):
+                if time.monotonic() >= deadline:
+                    warn_once(
+                        f"profile-wait:{self.cache.root}",
+                        "rank %d of %s did not post the automatic-dynamic profile within "
+                        "%.0fs (is cache_dir set on every rank?); compiling without it",
+                        scope.ranks[0] if scope.ranks else 0,
+                        scope.name,
+                        self.cache.timeout,
+                    )
+                    return None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
+            payload = bytes(store.get(name))
+        except Exception as e:  # the store failed: nothing shared, nothing lost
+            warn_once(
+                f"profile-exchange:{self.cache.root}",
+                "could not share the automatic-dynamic profile within %s (%s: %s); "
+                "compiling without it",
+                scope.name,
+                type(e).__name__,
+                e,
+            )
+            return None
+        if len(payload) < 4:
+            return None
+        return int.from_bytes(payload[:4], "big"), payload[4:]
+
+    def _read(self, profile: _Profile) -> tuple[int, bytes] | None:
+        """(generation, bytes) of the newest verified profile, or None."""
+        cache = self.cache
+        if not cache.enabled:
+            return None
+        newest: Any = None
+        generation = 0
+        for g in range(1, MAX_GENERATIONS + 1):
+            try:
+                key = _key(profile.job, profile.group, g)
+                entry = cache.store.get(key, expect=version_factors())
+            except EntryRefused as e:
+                cache.counts.cache_refused += 1
+                log.warning("refused automatic-dynamic profile %d of %s (%s)", g, profile.job, e)
+                break
+            except (EntryUnavailable, OSError) as e:
+                cache.counts.cache_errors += 1
+                warn_once(f"profile-read:{cache.root}", "cannot read profile %d (%s)", g, e)
+                break
+            if entry is None:
+                break
+            newest, generation = entry, g
+        profile.generation = generation
+        if newest is None:
+            return None
+        try:
+            local = local_inductor_dir()
+            local.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=".dd-staging.pgo.", dir=local))
+        except OSError as e:
+            cache.counts.cache_errors += 1
+            warn_once(f"profile-stage:{cache.root}", "cannot stage the profile (%s)", e)
+            return None
+        try:
+            cache.counts.cache_bytes_read += extract(newest, staging)
+            path = staging / PROFILE_FILE
+            if path.is_symlink() or not path.is_file():
+                raise EntryRefused(f"the profile entry has no {PROFILE_FILE}")
+            if path.stat().st_size > MAX_PROFILE_BYTES:
+                raise EntryRefused(f"{PROFILE_FILE} is larger than {MAX_PROFILE_BYTES} bytes")
+            data = path.read_bytes()
+            try:
+                _torch_compat.pgo_loads(data)  # checked here, so peers never get bad bytes
+            except ValueError as e:
+                raise EntryRefused(str(e)) from None
+            return generation, data
+        except EntryRefused as e:
+            cache.counts.cache_refused += 1
+            cache.store.refuse(newest.path, f"profile: {e}", ident=newest.ident)
+            log.warning(
+                "refused automatic-dynamic profile %d of %s (%s)", generation, profile.job, e
+            )
+            return None
+        except Exception as e:  # EntryUnavailable, OSError: a local problem, entry kept
+            cache.counts.cache_errors += 1
+            warn_once(f"profile-read:{cache.root}", "cannot read the profile (%s)", e)
+            return None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # -- publishing (the group's writer, after each compile) ----------------------------
+    def after_compile(self) -> None:
+        """Publish the code state if it gained a dynamic mark since it was loaded or published.
+
+        Called by the caching backend once per graph; cheap when nothing changed. Never
+        raises: a profile that cannot be written costs the next restart a recompile.
+        """
+        if _local.is_local():
+            return  # a rank-local compile runs against its own state; not the group's
+        scope = _local.current_scope()
+        profile = self._by_group.get(scope.key if scope is not None else "single")
+        cache = self.cache
+        if profile is None or not profile.writer or not cache.enabled or not cache.writable:
+            return
+        try:
+            marks = _torch_compat.pgo_dynamic_marks()
+            if marks <= profile.marks or profile.generation >= MAX_GENERATIONS:
+                return
+            self._publish(profile, marks)
+        except Exception as e:
+            cache.counts.cache_errors += 1
+            warn_once(
+                f"profile-write:{cache.root}:{type(e).__name__}",
+                "cannot publish the automatic-dynamic profile to %s (%s: %s); training "
+                "continues, a restart may recompile once more",
+                cache.root,
+                type(e).__name__,
+                e,
+            )
+
+    def _publish(self, profile: _Profile, marks: frozenset[str]) -> None:
+        generation = profile.generation + 1
+        key = _key(profile.job, profile.group, generation)
+        rank = self.cache.rank
+        with tempfile.TemporaryDirectory(prefix=".dd-pgo.", dir=local_inductor_dir()) as d:
+            (Path(d) / PROFILE_FILE).write_bytes(_torch_compat.pgo_dumps())
+            manifest = {
+                "factors": {**version_factors(), "profile": profile.job, "group": profile.group},
+                "owner": owner_record(rank),
+                "label": f"automatic-dynamic profile of {profile.job}",
+                "compile_seconds": 0.0,
+                "created": time.time(),
+            }
+            written = self.cache.store.put(key, Path(d), manifest)
+        profile.generation = generation
+        profile.marks = marks
+        if written:
+            self.cache.counts.profile_publishes += 1
+            self.cache.counts.cache_bytes_written += written
+            log.info(
+                "published automatic-dynamic profile %d of job %s (%d dynamic marks)",
+                generation,
+                profile.job,
+                len(marks),
+            )
+            emit_profile("publish", profile.job, generation, rank, 0, len(marks))
+
+
+_profiles: dict[str, Profiles] = {}
+
+
+def profiles_for(cache: SharedCache) -> Profiles:
+    """The process's one :class:`Profiles` per shared cache directory."""
+    p = _profiles.get(cache.root)
+    if p is None:
+        p = _profiles[cache.root] = Profiles(cache)
+    return p
