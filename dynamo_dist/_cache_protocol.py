@@ -472,6 +472,10 @@ class SharedCache:
         with _torch_compat.inductor_cache_dir_override(room):
             turn.compile(compile_fn)
         seconds = time.monotonic() - t0
+        try:
+            _complete_kernels(room, local)
+        except OSError as e:
+            self._local_problem("completing the entry's kernels", key, e)
         self._publish(key, factors, label, room, seconds)
         # Keep this rank's own inductor cache warm too, for local restarts.
         try:
@@ -600,6 +604,28 @@ def _clean_room(local: Path, key: str) -> Path:
     room = Path(tempfile.mkdtemp(prefix=f"{key[:40]}.{os.getpid()}.", dir=base))
     _rooms.add(room)
     return room
+
+
+def _complete_kernels(room: Path, local: Path) -> None:
+    """Copy into ``room`` the built kernels its sources name but inductor did not rebuild.
+
+    Inductor keeps compiled C++ kernels in memory by source hash: a kernel this process
+    built for an earlier graph (in an earlier room, since merged into the local cache)
+    is only written again as ``.cpp`` for a later graph, never rebuilt. Without its
+    ``.so`` the later entry is incomplete, and a rank loading it alone (a restart that
+    needs only that graph, an entry the earlier one was pruned from) runs gcc again.
+    """
+    for src in room.rglob("*.cpp"):
+        built = src.with_suffix(".so")
+        if os.path.lexists(built):
+            continue
+        have = local / built.relative_to(room)
+        if have.is_symlink() or not have.is_file():
+            continue
+        tmp = built.with_name(f".{built.name}.{os.getpid()}.tmp")
+        shutil.copyfile(have, tmp, follow_symlinks=False)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, built)
 
 
 def _sweep(base: Path, prefix: str, pid_at: int, max_age: float) -> None:

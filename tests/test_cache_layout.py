@@ -97,3 +97,30 @@ def test_eager_backward_lowering_restores() -> None:
         assert config.force_non_lazy_backward_lowering is True
         raise RuntimeError("compile failed")
     assert config.force_non_lazy_backward_lowering == before
+
+
+def test_entry_gets_the_kernels_inductor_kept_in_memory(tmp_path: Path) -> None:
+    """A kernel built for an earlier graph is only re-written as .cpp: its .so is copied in."""
+    from dynamo_dist._cache_protocol import _complete_kernels
+
+    room, local = tmp_path / "room", tmp_path / "local"
+    for d in (room / "ej", local / "ej"):
+        d.mkdir(parents=True)
+    (room / "ej" / "k.main.cpp").write_text("src")
+    (local / "ej" / "k.main.so").write_bytes(b"ELF")
+    (room / "ej" / "built.cpp").write_text("src")
+    (room / "ej" / "built.so").write_bytes(b"own")
+    (local / "ej" / "built.so").write_bytes(b"other")
+    (room / "ej" / "link.cpp").write_text("src")
+    (local / "ej" / "link.so").symlink_to("/etc/passwd")
+    _complete_kernels(room, local)
+    assert (room / "ej" / "k.main.so").read_bytes() == b"ELF"
+    assert (room / "ej" / "built.so").read_bytes() == b"own"  # never overwritten
+    assert not os.path.lexists(room / "ej" / "link.so")  # links are not copied
+    assert sorted(p.name for p in (room / "ej").iterdir()) == [
+        "built.cpp",
+        "built.so",
+        "k.main.cpp",
+        "k.main.so",
+        "link.cpp",
+    ]
