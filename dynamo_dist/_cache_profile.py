@@ -70,6 +70,19 @@ def derived_job_id(source: str, world_size: int) -> str:
     return "dynamo-dist-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _group_key(scope: _local.Scope | None) -> str:
+    """The profile's group: the scope's ranks; a rank alone in its group is named by rank.
+
+    Two pipeline stages of one rank each are different code at different sizes: they
+    must not share one profile (nor its generations).
+    """
+    if scope is not None:
+        return scope.key
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return f"rank-{dist.get_rank()}"
+    return "single"
+
+
 def _key(job: str, group: str, generation: int) -> str:
     return hashlib.sha256(json.dumps(["pgo", job, group, generation]).encode()).hexdigest()
 
@@ -99,7 +112,7 @@ class Profiles:
         Called once per group from ``dynamo_dist.compile``, which every member of the
         group calls at the same point (that is when the group's channel is set up).
         """
-        group = scope.key if scope is not None else "single"
+        group = _group_key(scope)
         if group in self._by_group:
             return
         user = _torch_compat.compiler_job_id()
@@ -262,8 +275,7 @@ class Profiles:
         """
         if _local.is_local():
             return  # a rank-local compile runs against its own state; not the group's
-        scope = _local.current_scope()
-        profile = self._by_group.get(scope.key if scope is not None else "single")
+        profile = self._by_group.get(_group_key(_local.current_scope()))
         cache = self.cache
         if profile is None or not profile.writer or not cache.enabled or not cache.writable:
             return
