@@ -24,6 +24,10 @@ of the first run's shape recompiles.
 * **Generations.** A profile is an ordinary entry of the store (verified, signed,
   published atomically), keyed by (job, group, generation): entries are immutable,
   so a newer state is generation ``g + 1`` and readers take the highest one present.
+* **Closures.** Dynamo names a closure's frame by ``hash()`` of its cells' code objects,
+  which differs in every process (string hashing is salted): such frames (the wrapper
+  ``torch.compile`` puts around ``DDP.forward`` among them) are published under a
+  stable name and filed under this process's hash just before the frame compiles.
 * **Never code.** The state is a pickle; it is unpickled only after the entry's
   verification, and then only with pgo's own classes allowed.
 
@@ -33,6 +37,8 @@ recompiles it would have saved, and one warning.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import os
@@ -50,6 +56,7 @@ from ._cache_lock import owner_record
 from ._cache_protocol import SharedCache, local_inductor_dir
 from ._cache_stats import emit_profile, log, warn_once
 from ._cache_store import EntryRefused, EntryUnavailable, extract
+from ._callback import before_compile
 from ._status import open_store
 
 __all__ = ["Profiles", "derived_job_id", "profiles_for"]
@@ -96,6 +103,13 @@ class _Profile:
         self.writer = writer
         self.generation = 0  # the newest generation seen (loaded or published)
         self.marks: frozenset[str] = frozenset()  # dynamic marks already in the cache
+        # Other ranks' views (see ``Profiles.after_compile``): where they are posted in
+        # the job's store, and, on the writer, the newest one of each rank.
+        self.store: Any = None
+        self.base = ""
+        self.contributed: frozenset[str] = frozenset()
+        self.seen = 0
+        self.views: dict[int, dict[Any, Any]] = {}
 
 
 class Profiles:
@@ -132,14 +146,22 @@ class Profiles:
         if writer:
             found = self._read(profile)
         if scope is not None and scope.size > 1:
-            found = self._share(scope, writer, found)
+            profile.store = open_store(self.cache.timeout)
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            # Numbered per group, not named by the directory: ranks may spell one cache
+            # differently, and a second cache directory must not read the first's bytes.
+            n = _loads.get(scope.key, 0) + 1
+            _loads[scope.key] = n
+            profile.base = f"dynamo_dist/cache/profile/{restart}/{scope.key}/{n}"
+            found = self._share(scope, profile, found)
         if found is None:
             return
         generation, data = found
         profile.generation = generation
         try:
             state = _torch_compat.pgo_loads(data)
-        except ValueError as e:
+            marks = _torch_compat.pgo_dynamic_marks(state)
+        except Exception as e:
             warn_once(
                 f"profile-bad:{self.cache.root}",
                 "automatic-dynamic profile %d of job %s in %s is unusable (%s); compiling "
@@ -150,8 +172,10 @@ class Profiles:
                 e,
             )
             return
-        added = _torch_compat.pgo_merge(state)
-        profile.marks = _torch_compat.pgo_dynamic_marks()
+        added = _torch_compat.pgo_merge(state, _pending)
+        # What the cache holds, closures' frames included (they join the live state
+        # only when they compile): nothing new to publish until a mark beyond these.
+        profile.marks = marks
         self.cache.counts.profile_loads += 1
         log.info(
             "loaded automatic-dynamic profile %d of job %s: %d frames, %d dynamic marks",
@@ -163,14 +187,12 @@ class Profiles:
         emit_profile("load", job, generation, rank, added, len(profile.marks))
 
     def _share(
-        self, scope: _local.Scope, writer: bool, found: tuple[int, bytes] | None
+        self, scope: _local.Scope, profile: _Profile, found: tuple[int, bytes] | None
     ) -> tuple[int, bytes] | None:
         """The writer's (generation, bytes) on every rank of ``scope``, through the store."""
-        store = open_store(self.cache.timeout)
+        store, writer, name = profile.store, profile.writer, profile.base
         if store is None:
             return found if writer else None
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        name = f"dynamo_dist/cache/profile/{restart}/{scope.key}"
         try:
             if writer:
                 payload = b"" if found is None else found[0].to_bytes(4, "big") + found[1]
@@ -247,9 +269,9 @@ class Profiles:
             if path.stat().st_size > MAX_PROFILE_BYTES:
                 raise EntryRefused(f"{PROFILE_FILE} is larger than {MAX_PROFILE_BYTES} bytes")
             data = path.read_bytes()
-            try:
-                _torch_compat.pgo_loads(data)  # checked here, so peers never get bad bytes
-            except ValueError as e:
+            try:  # checked here, so peers never get bad bytes
+                _torch_compat.pgo_dynamic_marks(_torch_compat.pgo_loads(data))
+            except Exception as e:
                 raise EntryRefused(str(e)) from None
             return generation, data
         except EntryRefused as e:
@@ -268,22 +290,36 @@ class Profiles:
 
     # -- publishing (the group's writer, after each compile) ----------------------------
     def after_compile(self) -> None:
-        """Publish the code state if it gained a dynamic mark since it was loaded or published.
+        """Publish the group's dynamic decisions if they gained a mark since the last look.
 
-        Called by the caching backend once per graph; cheap when nothing changed. Never
-        raises: a profile that cannot be written costs the next restart a recompile.
+        Called by the caching backend once per graph; cheap when nothing changed. Ranks
+        other than the writer post their own view in the job's store when it gains a
+        mark; the writer publishes the union of its view and theirs. A frame without a
+        graph (``DDP.forward`` around the module call) is compiled without compiler
+        collectives, so only the rank whose size changed marks it dynamic: the union
+        is what spares every rank that recompile on restart. Never raises: a profile
+        that cannot be written costs the next restart a recompile.
         """
         if _local.is_local():
             return  # a rank-local compile runs against its own state; not the group's
         profile = self._by_group.get(_group_key(_local.current_scope()))
+        if profile is not None:
+            self._step(profile)
+
+    def _step(self, profile: _Profile) -> None:
         cache = self.cache
-        if profile is None or not profile.writer or not cache.enabled or not cache.writable:
-            return
         try:
-            marks = _torch_compat.pgo_dynamic_marks()
-            if marks <= profile.marks or profile.generation >= MAX_GENERATIONS:
+            if not profile.writer:
+                self._contribute(profile)
                 return
-            self._publish(profile, marks)
+            if not cache.enabled or not cache.writable or profile.generation >= MAX_GENERATIONS:
+                return
+            self._collect(profile)
+            mine = _torch_compat.pgo_stable(_torch_compat.pgo_state(), _names)
+            state = _torch_compat.pgo_union(mine, list(profile.views.values()))
+            marks = _torch_compat.pgo_dynamic_marks(state)
+            if not marks <= profile.marks:
+                self._publish(profile, marks, state)
         except Exception as e:
             cache.counts.cache_errors += 1
             warn_once(
@@ -295,12 +331,51 @@ class Profiles:
                 e,
             )
 
-    def _publish(self, profile: _Profile, marks: frozenset[str]) -> None:
+    def _contribute(self, profile: _Profile) -> None:
+        """A non-writer posts its view when it gained a mark (the writer merges it)."""
+        if profile.store is None:
+            return
+        marks = _torch_compat.pgo_dynamic_marks()
+        if marks <= profile.contributed:
+            return
+        n = profile.store.add(f"{profile.base}/views", 1)
+        mine = _torch_compat.pgo_stable(_torch_compat.pgo_state(), _names)
+        data = self.cache.rank.to_bytes(4, "big") + _torch_compat.pgo_dumps(mine)
+        profile.store.set(f"{profile.base}/view/{n}", data)
+        profile.contributed = marks
+
+    def _collect(self, profile: _Profile) -> None:
+        """The writer reads the views posted since its last look (never waits for one)."""
+        store = profile.store
+        if store is None:
+            return
+        total = int(store.add(f"{profile.base}/views", 0))
+        while profile.seen < total:
+            name = f"{profile.base}/view/{profile.seen + 1}"
+            if not store.check([name]):
+                break  # counted but not yet set: read at the next look
+            data = bytes(store.get(name))
+            profile.seen += 1
+            if len(data) > 4:
+                try:
+                    view = _torch_compat.pgo_loads(data[4:])
+                except ValueError as e:
+                    log.warning("ignoring a malformed automatic-dynamic view (%s)", e)
+                    continue
+                profile.views[int.from_bytes(data[:4], "big")] = view
+
+    def flush(self) -> None:
+        """The writer's last look at exit: views posted after its last compile count too."""
+        for profile in self._by_group.values():
+            if profile.writer and profile.store is not None:
+                self._step(profile)
+
+    def _publish(self, profile: _Profile, marks: frozenset[str], state: dict[Any, Any]) -> None:
         generation = profile.generation + 1
         key = _key(profile.job, profile.group, generation)
         rank = self.cache.rank
         with tempfile.TemporaryDirectory(prefix=".dd-pgo.", dir=local_inductor_dir()) as d:
-            (Path(d) / PROFILE_FILE).write_bytes(_torch_compat.pgo_dumps())
+            (Path(d) / PROFILE_FILE).write_bytes(_torch_compat.pgo_dumps(state))
             manifest = {
                 "factors": {**version_factors(), "profile": profile.job, "group": profile.group},
                 "owner": owner_record(rank),
@@ -324,6 +399,31 @@ class Profiles:
 
 
 _profiles: dict[str, Profiles] = {}
+_loads: dict[str, int] = {}  # per group: how many profiles this process loaded in it
+
+# Closures' frames (``CodeId.closure_hash`` is salted per process): this process's
+# hash -> stable name of every closure it compiled, and loaded entries waiting for
+# their closure's frame to compile (see ``_torch_compat.pgo_adopt``).
+_names: dict[int, str] = {}
+_pending: dict[tuple[Any, ...], Any] = {}
+
+
+def _adopt(frame: Any) -> None:
+    if _local.is_local():
+        return
+    closure = getattr(frame, "closure", None)
+    if closure:
+        _torch_compat.pgo_adopt(frame.f_code, closure, _names, _pending)
+
+
+before_compile.append(_adopt)
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for p in list(_profiles.values()):
+        with contextlib.suppress(Exception):
+            p.flush()
 
 
 def profiles_for(cache: SharedCache) -> Profiles:

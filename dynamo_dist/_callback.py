@@ -64,6 +64,11 @@ class LocalEntries:
 
 
 local_entries = LocalEntries()
+
+#: Called with each frame about to be compiled outside ``local()``, before Dynamo sees it
+#: (the cache's automatic-dynamic profile files entries of closures there). A hook that
+#: raises is ignored: it must never stop a compile.
+before_compile: list[Callable[[Any], None]] = []
 log = get_logger("runtime")
 _warned: set[Any] = set()
 
@@ -108,6 +113,11 @@ class GuardedCallback:
             outcome = policy.take_mixed()
             if outcome is not None:
                 policy.handle_mixed(outcome, self._policy_name, frame, cache_entry)
+        for hook in before_compile:
+            try:
+                hook(frame)
+            except Exception:
+                log.debug("a before-compile hook failed", exc_info=True)
         specific, total, _, _ = local_entries.counts(frame)
         with (
             _local.compiling(self._scope),

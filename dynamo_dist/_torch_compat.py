@@ -11,6 +11,7 @@ Sections, in the order of the architecture (hook -> exchange -> policy -> consen
 from __future__ import annotations
 
 import json
+import types
 from typing import Any
 
 # -- observability (tlparse, counters) ----------------------------------------------------
@@ -348,16 +349,22 @@ def compiler_job_id() -> str | None:
     return job if isinstance(job, str) and job else None
 
 
-def pgo_dynamic_marks() -> frozenset[str]:
-    """What the code state marks dynamic: one string per (frame, source) that varies.
+def pgo_state() -> dict[Any, Any]:
+    """The process's live code state (``get_code_state()``), updated in place by Dynamo."""
+    from torch._dynamo.pgo import get_code_state
+
+    return get_code_state()
+
+
+def pgo_dynamic_marks(state: dict[Any, Any] | None = None) -> frozenset[str]:
+    """What a code state marks dynamic: one string per (frame, source) that varies.
 
     Only these marks change what a restart compiles (a static size seen again compiles
     the same graph with or without a profile), so only a new mark is worth publishing.
+    ``state`` defaults to the live one.
     """
-    from torch._dynamo.pgo import get_code_state
-
     marks = set()
-    for code_id, code_state in list(get_code_state().items()):
+    for code_id, code_state in list((pgo_state() if state is None else state).items()):
         for source, entry in list(code_state.automatic_dynamic.items()):
             shown = entry.render()
             if "?" in shown or "dynamic" in shown:
@@ -365,13 +372,89 @@ def pgo_dynamic_marks() -> frozenset[str]:
     return frozenset(marks)
 
 
-def pgo_dumps() -> bytes:
-    """The process's code state, pickled as ``torch._dynamo.pgo`` pickles it."""
+def pgo_dumps(state: dict[Any, Any] | None = None) -> bytes:
+    """A code state (default: the live one), pickled as ``torch._dynamo.pgo`` pickles it."""
     import pickle
 
-    from torch._dynamo.pgo import get_code_state
+    return pickle.dumps(pgo_state() if state is None else state)
 
-    return pickle.dumps(get_code_state())
+
+def pgo_union(base: dict[Any, Any], others: list[dict[Any, Any]]) -> dict[Any, Any]:
+    """A copy of ``base`` with ``others`` merged in, as Dynamo merges sizes.
+
+    A dimension one rank saw vary is dynamic in the result (``FrameStateSizeEntry |=``,
+    pgo's own merge). For frames without a graph (``DDP.forward`` before the module
+    call), compiler collectives do not run, so each rank's view can differ; the union
+    is what every rank needs on restart. An entry that cannot be merged (another
+    dimensionality) keeps the live value.
+    """
+    import copy
+
+    merged = copy.deepcopy(base)
+    for state in others:
+        for code_id, code_state in state.items():
+            mine = merged.get(code_id)
+            if mine is None:
+                merged[code_id] = copy.deepcopy(code_state)
+                continue
+            for source, entry in code_state.automatic_dynamic.items():
+                have = mine.automatic_dynamic.get(source)
+                if have is None:
+                    mine.automatic_dynamic[source] = copy.deepcopy(entry)
+                    continue
+                try:
+                    have |= entry
+                except Exception:  # a shape pgo cannot merge stays as it is
+                    continue
+    return merged
+
+
+#: A closure's stable name in a published profile: its ``CodeId.closure_hash`` is
+#: ``hash()`` of code objects, salted per process (PYTHONHASHSEED), so it never matches
+#: in the next process; this prefix marks the stable form that replaces it.
+_CLOSURE_SIG = "dd-closure:"
+
+
+def pgo_closure_ids(closure: Any) -> tuple[int, str] | None:
+    """(Dynamo's per-process closure hash, a stable name) of a frame's closure, or None.
+
+    The stable name lists, per cell, what pgo hashes (the code object of a callable
+    cell), by file content hash, line and name, the same for the same code in any process.
+    """
+    if not closure:
+        return None
+    from torch._dynamo.pgo import _get_cell_hash_content, _hash_containing_file
+
+    contents: tuple[Any, ...] = tuple(_get_cell_hash_content(c) for c in closure)
+    parts = []
+    for code in contents:
+        if isinstance(code, types.CodeType):
+            parts.append(
+                f"{_hash_containing_file(code.co_filename)}:{code.co_firstlineno}:{code.co_name}"
+            )
+        else:
+            parts.append("-")
+    return hash(contents), _CLOSURE_SIG + "|".join(parts)
+
+
+def pgo_stable(state: dict[Any, Any], names: dict[int, str]) -> dict[Any, Any]:
+    """A copy of ``state`` whose closure hashes are replaced by stable names (``names``).
+
+    A closure hash this process never named (a frame compiled before dynamo_dist saw it)
+    cannot be carried to another process: its frame is left out.
+    """
+    import copy
+    import dataclasses
+
+    out = copy.deepcopy(state)
+    for code_id in list(out):
+        closure = getattr(code_id, "closure_hash", None)
+        if closure is None or isinstance(closure, str):
+            continue
+        state_of = out.pop(code_id)
+        if closure in names:
+            out[dataclasses.replace(code_id, closure_hash=names[closure])] = state_of
+    return out
 
 
 #: The only globals a code state pickle may name (what pgo's own pickles contain).
@@ -407,32 +490,131 @@ def pgo_loads(data: bytes) -> dict[Any, Any]:
         raise
     except Exception as e:  # truncated or malformed: the same answer, one exception type
         raise ValueError(f"not a code state pickle ({type(e).__name__}: {e})") from None
+    return _pgo_rebuilt(state)
+
+
+def _pgo_rebuilt(state: Any) -> dict[Any, Any]:
+    """A fresh code state built from ``state``'s checked fields only (ValueError if any is off).
+
+    Unpickled objects can carry anything their classes allow: a ``defaultdict`` whose
+    factory is another class, a size that is a string, extra attributes. Dynamo would
+    trip over those mid-compile, on every restart. So every field is checked against
+    what pgo itself writes, and the state is rebuilt from new objects.
+    """
+    from collections import defaultdict
+
+    from torch._dynamo.pgo import (
+        AutoDynamic,
+        AutoUnset,
+        CodeId,
+        CodeState,
+        FrameStateSizeEntry,
+        InferStride,
+    )
+
+    def bad(what: str, value: Any) -> ValueError:
+        return ValueError(f"a code state's {what} is {type(value).__name__}: {value!r:.80}")
+
+    def number(v: Any) -> bool:
+        return type(v) in (int, float, bool)
+
+    def atom(v: Any, what: str, stride: bool = False) -> Any:
+        if isinstance(v, AutoDynamic | AutoUnset) or type(v) is int:
+            return v
+        if stride and type(v) is InferStride and type(getattr(v, "dim", None)) is int:
+            return InferStride(v.dim)
+        raise bad(what, v)
+
+    def shape(v: Any, what: str, stride: bool = False) -> Any:
+        if isinstance(v, AutoDynamic | AutoUnset):
+            return v
+        if type(v) is not tuple:
+            raise bad(what, v)
+        return tuple(atom(x, what, stride) for x in v)
+
     if not isinstance(state, dict):
-        raise ValueError(f"a code state is a dict, not {type(state).__name__}")
-    from torch._dynamo.pgo import CodeId, CodeState
-
+        raise bad("top level", state)
+    out: defaultdict[Any, Any] = defaultdict(CodeState)
     for code_id, code_state in state.items():
-        if not isinstance(code_id, CodeId) or not isinstance(code_state, CodeState):
+        if type(code_id) is not CodeId or type(code_state) is not CodeState:
             raise ValueError("a code state maps CodeId to CodeState")
-    return state
+        fields = (code_id.filename, code_id.firstlineno, code_id.name, code_id.file_hash)
+        if [type(f) for f in fields] != [str, int, str, str]:
+            raise bad("frame id", code_id)
+        closure = code_id.closure_hash
+        if closure is not None and type(closure) not in (int, str):
+            raise bad("closure id", closure)
+        sizes = code_state.automatic_dynamic
+        if not isinstance(sizes, dict):
+            raise bad("sizes", sizes)
+        entries: defaultdict[str, Any] = defaultdict(FrameStateSizeEntry)
+        for source, e in sizes.items():
+            if type(source) is not str or type(e) is not FrameStateSizeEntry:
+                raise bad("size entry", e)
+            scalar = e.scalar
+            if not (isinstance(scalar, AutoDynamic | AutoUnset) or number(scalar)):
+                raise bad("scalar", scalar)
+            excluded = e.excluded_sizes
+            if excluded is not None and (
+                type(excluded) is not tuple
+                or any(x is not None and type(x) is not int for x in excluded)
+            ):
+                raise bad("excluded sizes", excluded)
+            if e.excluded_scalar is not None and not number(e.excluded_scalar):
+                raise bad("excluded scalar", e.excluded_scalar)
+            entries[source] = FrameStateSizeEntry(
+                scalar=scalar,
+                size=shape(e.size, "size"),
+                stride=shape(e.stride, "stride", stride=True),
+                excluded_sizes=excluded,
+                excluded_scalar=e.excluded_scalar,
+            )
+        out[CodeId(*fields, closure)] = CodeState(automatic_dynamic=entries)
+    return out
 
 
-def pgo_merge(state: dict[Any, Any]) -> int:
+def pgo_merge(state: dict[Any, Any], pending: dict[tuple[Any, ...], Any]) -> int:
     """Add ``state``'s frames to the process's code state; frames it knows already win.
 
-    Returns how many frames were added. Called before the first compile of the group,
-    so normally the process state is empty; a frame compiled earlier in this process
-    (plain torch.compile, another group) keeps what this process learned.
+    Frames of closures (a stable name for ``closure_hash``) go to ``pending`` instead,
+    keyed by (file hash, line, name, stable name): :func:`pgo_adopt` files them under
+    this process's hash when the frame is about to compile. Returns how many frames
+    were taken. Called before the first compile of the group, so normally the process
+    state is empty; a frame compiled earlier in this process (plain torch.compile,
+    another group) keeps what this process learned.
     """
     from torch._dynamo.pgo import get_code_state
 
     live = get_code_state()
     added = 0
     for code_id, code_state in state.items():
-        if code_id not in live:
+        closure = getattr(code_id, "closure_hash", None)
+        if isinstance(closure, str):
+            key = (code_id.file_hash, code_id.firstlineno, code_id.name, closure)
+            pending.setdefault(key, code_state)
+            added += 1
+        elif code_id not in live:
             live[code_id] = code_state
             added += 1
     return added
+
+
+def pgo_adopt(code: Any, closure: Any, names: dict[int, str], pending: dict[Any, Any]) -> None:
+    """Before a frame compiles: name its closure, and file a pending profile entry for it."""
+    ids = pgo_closure_ids(closure)
+    if ids is None:
+        return
+    live_hash, name = ids
+    names[live_hash] = name
+    if not pending:
+        return
+    from torch._dynamo.pgo import CodeId, get_code_state
+
+    code_id = CodeId.make(code, closure)
+    found = pending.pop((code_id.file_hash, code_id.firstlineno, code_id.name, name), None)
+    live = get_code_state()
+    if found is not None and code_id not in live:
+        live[code_id] = found
 
 
 # -- cache (Inductor, AOTAutograd) ------------------------------------------------------------

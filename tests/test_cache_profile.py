@@ -28,12 +28,27 @@ def _step(x: torch.Tensor) -> torch.Tensor:
     return (x.sin() * 2).sum(0)
 
 
+def _closure_step() -> Any:
+    """A closure over a function: Dynamo names its frame by a per-process salted hash."""
+
+    def helper(x: torch.Tensor) -> torch.Tensor:
+        return x.sin()
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return (helper(x) * 2).sum(0)
+
+    return step
+
+
 def profile_job(rank: int, world: int, local_base: str, job_id: str = "") -> dict[str, Any]:
-    """Steps with a batch of 4, except rank 1's third step (6); then 5 on every rank."""
+    """Steps with a batch of 4, except rank 1's third step (6); then 5 on every rank.
+
+    ``job_id`` "closure" compiles a closure instead (and sets no job id).
+    """
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local_base, f"rank{rank}")
-    if job_id:
+    if job_id and job_id != "closure":
         torch.compiler.config.job_id = job_id
-    cf = dynamo_dist.compile(_step)
+    cf = dynamo_dist.compile(_closure_step() if job_id == "closure" else _step)
     ok = True
     for step, n in enumerate([4, 4, 6 if rank == 1 else 4, 5]):
         x = torch.full((n, 3), float(step))
@@ -75,15 +90,17 @@ def _profiles(cache: Path) -> list[Path]:
 @pytest.mark.multiproc
 @pytest.mark.inductor
 @pytest.mark.timeout(600)
-def test_restart_compiles_dynamic_from_the_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("what", ["function", "closure"])
+def test_restart_compiles_dynamic_from_the_start(tmp_path: Path, what: str) -> None:
+    args = ("closure",) if what == "closure" else ()
     cache = tmp_path / "cache"
-    cold = _figures(_run(tmp_path, cache, "cold"))
+    cold = _figures(_run(tmp_path, cache, "cold", *args))
     # Both ranks recompiled at step 3 (rank 1's batch); rank 0 alone published the profile.
     assert [c for c, _, _ in cold] == [2, 2], cold
     assert [p for _, _, p in cold] == [1, 0], cold
     (profile,) = _profiles(cache)
 
-    warm = _figures(_run(tmp_path, cache, "warm"))
+    warm = _figures(_run(tmp_path, cache, "warm", *args))
     assert [c for c, _, _ in warm] == [1, 1], warm  # zero recompiles
     assert [lo for _, lo, _ in warm] == [1, 1], warm  # the same profile on every rank
     assert [p for _, _, p in warm] == [0, 0], warm  # nothing new to publish
@@ -93,6 +110,8 @@ def test_restart_compiles_dynamic_from_the_start(tmp_path: Path) -> None:
     data = bytearray(art.read_bytes())
     data[len(data) // 2] ^= 0xFF
     art.write_bytes(bytes(data))
+    if what == "closure":
+        return
     again = _figures(_run(tmp_path, cache, "tampered"))
     assert [c for c, _, _ in again] == [2, 2], again
     assert [lo for _, lo, _ in again] == [0, 0], again
@@ -124,9 +143,51 @@ def test_a_forged_profile_names_no_code() -> None:
         _torch_compat.pgo_loads(pickle.dumps({"x": Evil()}))
     with pytest.raises(ValueError, match="not a code state"):
         _torch_compat.pgo_loads(b"\x80\x04garbage")
-    with pytest.raises(ValueError, match="dict"):
+    with pytest.raises(ValueError, match="top level"):
         _torch_compat.pgo_loads(pickle.dumps([1, 2]))
     assert _torch_compat.pgo_loads(pickle.dumps({})) == {}
+
+
+def test_a_forged_profile_of_allowed_classes_is_refused() -> None:
+    """Allowed classes with contents pgo never writes: refused, never merged into Dynamo."""
+    from collections import defaultdict
+
+    from torch._dynamo.pgo import CodeId, CodeState, FrameStateSizeEntry
+
+    code_id = CodeId("f.py", 1, "f", "00000000")
+    forged = [
+        {code_id: CodeState(automatic_dynamic=5)},  # type: ignore[arg-type]
+        {
+            code_id: CodeState(
+                defaultdict(FrameStateSizeEntry, {"x": FrameStateSizeEntry(size=("a",))})
+            )
+        },
+        {CodeId("f.py", "1", "f", "0"): CodeState()},  # type: ignore[arg-type]
+        {code_id: CodeState(defaultdict(FrameStateSizeEntry, {"x": 3}))},  # type: ignore[dict-item]
+    ]
+    for state in forged:
+        with pytest.raises(ValueError):
+            _torch_compat.pgo_loads(pickle.dumps(state))
+    # A factory that would fail when Dynamo meets a new source: rebuilt with pgo's own.
+    odd = {code_id: CodeState(automatic_dynamic=defaultdict(CodeId))}
+    (rebuilt,) = _torch_compat.pgo_loads(pickle.dumps(odd)).values()
+    assert isinstance(rebuilt.automatic_dynamic["new"], FrameStateSizeEntry)
+
+
+def test_a_real_profile_round_trips() -> None:
+    """What Dynamo itself records (tensors, ints, floats, dynamic dims) loads back equal."""
+
+    def f(x: torch.Tensor, n: int, eps: float) -> torch.Tensor:
+        return x.sin() * n + eps
+
+    cf = torch.compile(f, backend="eager")
+    cf(torch.randn(4, 3), 2, 1e-5)
+    cf(torch.randn(6, 3), 3, 1e-5)
+    state = _torch_compat.pgo_state()
+    loaded = _torch_compat.pgo_loads(_torch_compat.pgo_dumps())
+    assert loaded == state
+    assert _torch_compat.pgo_dynamic_marks(loaded) == _torch_compat.pgo_dynamic_marks()
+    assert _torch_compat.pgo_dynamic_marks()  # the batch and n went dynamic
 
 
 if __name__ == "__main__":
