@@ -254,6 +254,15 @@ def worker(out_dir: Path, mode: str, cfg: argparse.Namespace) -> None:
 
     res: dict[str, Any] = {"rank": rank, "mode": mode, "setup_s": process_age_s()}
     loss = torch.zeros(())
+    # BENCH_PROFILE=DIR: cProfile of each rank's first step, DIR/<mode>-rank<r>.txt (where
+    # the time goes; the figures of a profiled run are not comparable).
+    prof_dir = os.environ.get("BENCH_PROFILE")
+    prof: Any = None
+    if prof_dir:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     for step in range(cfg.steps):
         divergent = step == DIVERGENT_STEP
         batch = cfg.batch - SHORTER_BY if divergent and rank == world - 1 else cfg.batch
@@ -270,6 +279,14 @@ def worker(out_dir: Path, mode: str, cfg: argparse.Namespace) -> None:
         sync()
         if step == 0:
             res["first_step_s"] = process_age_s()
+            if prof is not None:
+                import io
+                import pstats
+
+                prof.disable()
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(80)
+                Path(prof_dir, f"{mode}-rank{rank}.txt").write_text(text.getvalue())
         if divergent:
             res["divergent_step_s"] = time.perf_counter() - t0
     metrics = get_compilation_metrics()
@@ -280,6 +297,7 @@ def worker(out_dir: Path, mode: str, cfg: argparse.Namespace) -> None:
         inductor_cache_hits=int(counters["inductor"]["fxgraph_cache_hit"]),
         dynamo_traces=int(counters["stats"]["unique_graphs"]),
         frames_ok=int(counters["frames"]["ok"]),
+        aot_autograd={k: int(v) for k, v in counters["aot_autograd"].items()},
         recompiles=len(reasons),
         recompile_reasons=[r[:300] for r in reasons],
     )

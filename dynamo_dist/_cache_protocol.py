@@ -606,26 +606,47 @@ def _clean_room(local: Path, key: str) -> Path:
     return room
 
 
-def _complete_kernels(room: Path, local: Path) -> None:
-    """Copy into ``room`` the built kernels its sources name but inductor did not rebuild.
+#: Paths (relative to a cache directory) of the CPU ISA probe's sources, found in the
+#: room of the compile that ran the probe (once per process).
+_probe_files: set[Path] = set()
 
-    Inductor keeps compiled C++ kernels in memory by source hash: a kernel this process
-    built for an earlier graph (in an earlier room, since merged into the local cache)
-    is only written again as ``.cpp`` for a later graph, never rebuilt. Without its
-    ``.so`` the later entry is incomplete, and a rank loading it alone (a restart that
-    needs only that graph, an entry the earlier one was pruned from) runs gcc again.
+
+def _complete_kernels(room: Path, local: Path) -> None:
+    """Copy into ``room`` the built C++ files its graph needs but inductor did not rebuild.
+
+    * Inductor keeps compiled C++ kernels in memory by source hash: a kernel this
+      process built for an earlier graph (in an earlier room, since merged into the
+      local cache) is only written again as ``.cpp`` for a later graph, never rebuilt.
+    * The CPU ISA probe runs once per process, in the first room only, yet every
+      process that loads a kernel runs it: without its binaries a fresh host spends a
+      gcc run per ISA (about 11 s for 10 probes on 2 cores) before the first kernel
+      loads. Every entry carries them, so whichever entries a restart loads (a dynamic
+      graph only, say), the probe finds them built.
+
+    Without these files an entry is complete only together with an earlier one, and a
+    rank that loads it alone runs gcc again.
     """
+    probes = _torch_compat.isa_probe_sources()
+    for src in room.rglob("*.cpp"):
+        if src.stat().st_size < 64 << 10 and src.read_text(errors="replace").strip() in probes:
+            _probe_files.add(src.relative_to(room))
+    for rel in _probe_files:
+        for name in (rel, rel.with_suffix(".so")):
+            _copy_in(local / name, room / name)
     for src in room.rglob("*.cpp"):
         built = src.with_suffix(".so")
-        if os.path.lexists(built):
-            continue
-        have = local / built.relative_to(room)
-        if have.is_symlink() or not have.is_file():
-            continue
-        tmp = built.with_name(f".{built.name}.{os.getpid()}.tmp")
-        shutil.copyfile(have, tmp, follow_symlinks=False)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, built)
+        _copy_in(local / built.relative_to(room), built)
+
+
+def _copy_in(have: Path, want: Path) -> None:
+    """Copy ``have`` (a regular file of the private local cache) to ``want`` if absent."""
+    if os.path.lexists(want) or have.is_symlink() or not have.is_file():
+        return
+    want.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = want.with_name(f".{want.name}.{os.getpid()}.tmp")
+    shutil.copyfile(have, tmp, follow_symlinks=False)
+    os.chmod(tmp, 0o755 if want.suffix == ".so" else 0o644)
+    os.replace(tmp, want)
 
 
 def _sweep(base: Path, prefix: str, pid_at: int, max_age: float) -> None:

@@ -697,6 +697,27 @@ def inductor_default_cache_dir() -> str:
     return str(default_cache_dir())
 
 
+def isa_probe_sources() -> frozenset[str]:
+    """The C++ sources inductor's CPU ISA probe compiles (stripped), to recognise its files.
+
+    ``torch._inductor.cpu_vec_isa``: each ``VecISA`` class's ``*_code`` string attributes,
+    torch 2.4 through 2.13. A probe binary missing from a fresh cache costs a gcc run per
+    ISA (seconds each) before the first kernel loads. Empty if the layout changed.
+    """
+    try:
+        from torch._inductor import cpu_vec_isa
+    except Exception:
+        return frozenset()
+    found: set[str] = set()
+    for obj in vars(cpu_vec_isa).values():
+        if isinstance(obj, type) and issubclass(obj, cpu_vec_isa.VecISA):
+            for klass in obj.__mro__:
+                for name, value in vars(klass).items():
+                    if name.endswith("_code") and isinstance(value, str):
+                        found.add(value.strip())
+    return frozenset(found)
+
+
 def inductor_fxgraph_cache_misses() -> int:
     """How many FX graph cache misses (real inductor compiles) this process has had.
 

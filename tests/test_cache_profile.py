@@ -90,9 +90,9 @@ def _profiles(cache: Path) -> list[Path]:
 @pytest.mark.multiproc
 @pytest.mark.inductor
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("what", ["function", "closure"])
-def test_restart_compiles_dynamic_from_the_start(tmp_path: Path, what: str) -> None:
-    args = ("closure",) if what == "closure" else ()
+def test_restart_compiles_dynamic_from_the_start(tmp_path: Path) -> None:
+    # A closure over a function: its frame id is salted per process, the hard case.
+    args = ("closure",)
     cache = tmp_path / "cache"
     cold = _figures(_run(tmp_path, cache, "cold", *args))
     # Both ranks recompiled at step 3 (rank 1's batch); rank 0 alone published the profile.
@@ -110,8 +110,6 @@ def test_restart_compiles_dynamic_from_the_start(tmp_path: Path, what: str) -> N
     data = bytearray(art.read_bytes())
     data[len(data) // 2] ^= 0xFF
     art.write_bytes(bytes(data))
-    if what == "closure":
-        return
     again = _figures(_run(tmp_path, cache, "tampered"))
     assert [c for c, _, _ in again] == [2, 2], again
     assert [lo for _, lo, _ in again] == [0, 0], again
@@ -127,9 +125,6 @@ def test_user_job_id_keys_the_profile_and_is_kept(tmp_path: Path) -> None:
     (profile,) = _profiles(cache)
     manifest = json.loads((profile / "manifest.json").read_text())
     assert manifest["factors"]["profile"] == "my-job"
-    # Another job id shares nothing: it starts from scratch.
-    other = _figures(_run(tmp_path, cache, "other", "other-job"))
-    assert [c for c, _, _ in other] == [2, 2], other
 
 
 def test_a_forged_profile_names_no_code() -> None:
