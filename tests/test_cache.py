@@ -151,7 +151,10 @@ def test_recompile_with_rank_specific_sizes_shares_one_entry(tmp_path):
     # Two graphs (static, then dynamic after the forced recompile), each compiled once.
     assert sum(x["cache_publishes"] for x in s) == 2
     assert sum(x["cache_loads"] for x in s) == 2
-    assert len(_entries(cache)) == 2
+    # ... plus the automatic-dynamic profile the recompile produced (test_cache_profile.py).
+    labels = [json.loads((e / "manifest.json").read_text())["label"] for e in _entries(cache)]
+    profiles = [lb for lb in labels if lb.startswith("automatic-dynamic profile")]
+    assert len(labels) == 3 and len(profiles) == 1, labels
 
 
 def _copy_of_cold(cold, tmp_path: Path) -> Path:
