@@ -221,16 +221,12 @@ def worker(out_dir: Path, mode: str, cfg: argparse.Namespace) -> None:
 
     set_compilation_metrics_limit(100_000)
     sys.path.insert(0, str(ROOT / "launch"))
-    synthetic_batch = importlib.import_module("train").synthetic_batch
+    train = importlib.import_module("train")
+    synthetic_batch = train.synthetic_batch
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    if cfg.device == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
+    device = train.rank_device(cfg.device)
 
     def sync() -> None:
         if device.type == "cuda":

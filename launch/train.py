@@ -98,19 +98,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def rank_device(kind: str) -> torch.device:
+    """This rank's device of ``kind``; on cuda, set as the current device.
+
+    More ranks than GPUs (a single-GPU test box) share the devices round-robin.
+    """
+    if kind != "cuda":
+        return torch.device(kind)
+    local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
 @record
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     dist_backend = args.dist_backend or ("nccl" if args.device == "cuda" else "gloo")
     dist.init_process_group(dist_backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    if args.device == "cuda":
-        # More ranks than GPUs (a single-GPU test box) share the devices round-robin.
-        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device(args.device)
+    device = rank_device(args.device)
     torch.manual_seed(0)
     model = TinyLM(args.vocab, args.dim, args.layers, args.heads, args.seq).to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 
 import torch
@@ -31,7 +30,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel as DDP
-from train import Block, synthetic_batch  # launch/train.py, next to this script
+from train import Block, rank_device, synthetic_batch  # launch/train.py, next to this script
 
 import dynamo_dist
 
@@ -105,13 +104,7 @@ def main(argv: list[str] | None = None) -> None:
             f"--pp {args.pp} must divide the world size ({world}) and be at most --layers "
             f"({args.layers})"
         )
-    if args.device == "cuda":
-        # More ranks than GPUs (a single-GPU test box) share the devices round-robin.
-        local = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device(args.device)
+    device = rank_device(args.device)
     dp = world // args.pp
     mesh = init_device_mesh(device.type, (args.pp, dp), mesh_dim_names=("pp", "dp"))
     stage, replica = mesh.get_local_rank("pp"), mesh.get_local_rank("dp")
