@@ -250,15 +250,37 @@ def worker(out_dir: Path, mode: str, cfg: argparse.Namespace) -> None:
 
     res: dict[str, Any] = {"rank": rank, "mode": mode, "setup_s": process_age_s()}
     loss = torch.zeros(())
-    # BENCH_PROFILE=DIR: cProfile of each rank's first step, DIR/<mode>-rank<r>.txt (where
-    # the time goes; the figures of a profiled run are not comparable).
+    # BENCH_PROFILE=DIR: cProfile of each rank's first step and of its divergent step,
+    # DIR/<row>-rank<r>-first.txt and -divergent.txt (where the time goes; the figures of a
+    # profiled run are not comparable). A later run of the same row overwrites the files.
     prof_dir = os.environ.get("BENCH_PROFILE")
+    prof_row = os.environ.get("BENCH_ROW", mode)
     prof: Any = None
-    if prof_dir:
-        import cProfile
 
-        prof = cProfile.Profile()
-        prof.enable()
+    def profile_start() -> None:
+        nonlocal prof
+        if prof_dir:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
+
+    def profile_save(what: str) -> None:
+        nonlocal prof
+        if prof is None:
+            return
+        import io
+        import pstats
+
+        prof.disable()
+        text = io.StringIO()
+        stats = pstats.Stats(prof, stream=text)
+        stats.sort_stats("cumulative").print_stats(90)
+        stats.sort_stats("tottime").print_stats(30)
+        Path(prof_dir or ".", f"{prof_row}-rank{rank}-{what}.txt").write_text(text.getvalue())
+        prof = None
+
+    profile_start()
     for step in range(cfg.steps):
         divergent = step == DIVERGENT_STEP
         batch = cfg.batch - SHORTER_BY if divergent and rank == world - 1 else cfg.batch
@@ -266,6 +288,7 @@ def worker(out_dir: Path, mode: str, cfg: argparse.Namespace) -> None:
         if divergent:
             sync()
             dist.barrier()
+            profile_start()
         t0 = time.perf_counter()
         logits = step_fn(x)
         loss = F.cross_entropy(logits.reshape(-1, cfg.vocab), y.reshape(-1))
@@ -275,16 +298,10 @@ def worker(out_dir: Path, mode: str, cfg: argparse.Namespace) -> None:
         sync()
         if step == 0:
             res["first_step_s"] = process_age_s()
-            if prof is not None:
-                import io
-                import pstats
-
-                prof.disable()
-                text = io.StringIO()
-                pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(80)
-                Path(prof_dir, f"{mode}-rank{rank}.txt").write_text(text.getvalue())
+            profile_save("first")
         if divergent:
             res["divergent_step_s"] = time.perf_counter() - t0
+            profile_save("divergent")
     metrics = get_compilation_metrics()
     reasons = [m.recompile_reason for m in metrics if m.recompile_reason is not None]
     res.update(
@@ -327,7 +344,7 @@ def tail(path: Path) -> str:
 def run_job(row: Row, run_dir: Path, cfg: argparse.Namespace) -> JobResult:
     out = run_dir / "jobs" / row.name
     out.mkdir(parents=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DYNAMO_DIST_LOG": "ERROR"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DYNAMO_DIST_LOG": "ERROR", "BENCH_ROW": row.name}
     for k in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "BENCH_LOCAL_DIRS", "BENCH_SHARED"):
         env.pop(k, None)
     if row.local:

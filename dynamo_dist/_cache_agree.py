@@ -62,21 +62,45 @@ class Agreement:
             assert scope is not None
             self.agree("-", n, False, scope, wait=False)
 
+    def _store(self) -> Any:
+        if not self._store_opened:
+            # One client per cache directory: each open clones a TCP connection.
+            self._store_client = open_store(self.timeout)
+            self._store_opened = True
+        return self._store_client
+
+    @staticmethod
+    def _base(n: int, scope: Scope) -> str:
+        # Per restart: keys from an earlier attempt of an elastic job must not count.
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return f"dynamo_dist/cache/agree/{restart}/{scope.key}/{n}"
+
+    def decided_no(self, n: int, scope: Scope | None) -> bool:
+        """Whether some rank already reported "no" for compile ``n``.
+
+        Then nobody installs an entry for it: a rank still waiting for the leader's
+        entry can stop waiting and compile at once (it would compile anyway).
+        """
+        if not self.applies(scope):
+            return False
+        assert scope is not None
+        store = self._store()
+        if store is None:
+            return False
+        try:
+            return bool(store.add(f"{self._base(n, scope)}/fail", 0) > 0)
+        except Exception:
+            return False
+
     def agree(self, key: str, n: int, ok: bool, scope: Scope, wait: bool = True) -> bool:
         """True if every rank reported ok for its n-th compile; bounded by the timeout.
 
         ``wait=False`` only reports (a rank that compiles locally whatever the others say).
         """
-        if not self._store_opened:
-            # One client per cache directory: each open clones a TCP connection.
-            self._store_client = open_store(self.timeout)
-            self._store_opened = True
-        store = self._store_client
+        store = self._store()
         if store is None:
             return ok
-        # Per restart: keys from an earlier attempt of an elastic job must not count.
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        base = f"dynamo_dist/cache/agree/{restart}/{scope.key}/{n}"
+        base = self._base(n, scope)
         try:
             store.add(f"{base}/fail", 0 if ok else 1)
             store.add(f"{base}/done", 1)

@@ -59,13 +59,55 @@ class CachingBackend:
 
 _caches: dict[str, SharedCache] = {}
 
+#: ``cache_followers = "auto"`` compiles alongside the leader from this many CPUs per local
+#: rank: inductor's compile workers then have room on both ranks, and waiting would only
+#: add the entry's load to the leader's compile.
+CPUS_PER_RANK_TO_COMPILE = 4
+
+
+def followers_compile(cfg: Config) -> bool:
+    """Whether a rank compiles a graph itself while another rank leads its compile."""
+    if cfg.cache_followers != "auto":
+        return cfg.cache_followers == "compile"
+    return cpus_per_rank() >= CPUS_PER_RANK_TO_COMPILE
+
+
+def cpus_per_rank() -> float:
+    """The CPUs this rank may use, as far as the process can tell.
+
+    A mask narrower than the machine means ranks are pinned, so the mask is already
+    this rank's share; otherwise the host's CPUs are split among its
+    ``LOCAL_WORLD_SIZE`` ranks. A cgroup v2 CPU quota (a container's ``--cpus``, which
+    the mask does not show) is shared by the container's ranks and caps the share.
+    """
+    total = os.cpu_count() or 1
+    try:
+        mask = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        mask = total
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    share = float(mask) if mask < total else mask / local
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max" and float(period) > 0:
+            share = min(share, float(quota) / float(period) / local)
+    except (OSError, ValueError):
+        pass
+    return share
+
 
 def get_cache(cfg: Config, agree: bool) -> SharedCache:
     """The process's one :class:`SharedCache` for ``cfg.cache_dir`` (created on first use)."""
     assert cfg.cache_dir is not None
     root = os.path.abspath(cfg.cache_dir)
     if root not in _caches:
-        _caches[root] = SharedCache(root, cfg.timeout, cfg.wait_log_interval, agree)
+        _caches[root] = SharedCache(
+            root, cfg.timeout, cfg.wait_log_interval, agree, followers_compile(cfg)
+        )
     return _caches[root]
 
 

@@ -27,6 +27,7 @@ import contextlib
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -136,6 +137,10 @@ class _Turn:
         self.reported = True
         return self.cache.agreement.agree(key, self.n, ok, self.scope) and ok
 
+    def peers_said_no(self) -> bool:
+        """Whether another rank already reported "no" for this compile (see agree)."""
+        return not self.reported and self.cache.agreement.decided_no(self.n, self.scope)
+
     def abstain(self) -> None:
         if not self.reported:
             self.reported = True
@@ -145,8 +150,17 @@ class _Turn:
 class SharedCache:
     """One shared cache directory, as seen from this process."""
 
-    def __init__(self, root: str, timeout: float, wait_log_interval: float, agree: bool) -> None:
+    def __init__(
+        self,
+        root: str,
+        timeout: float,
+        wait_log_interval: float,
+        agree: bool,
+        followers_compile: bool = False,
+    ) -> None:
         self.root = root
+        # Compile a graph another rank is compiling, instead of waiting to load it.
+        self.followers_compile = followers_compile
         self.store = DiskStore(root, cache_secret())  # ConfigError if misconfigured
         self.locks = Locks(self.store)
         self.timeout = timeout
@@ -293,6 +307,19 @@ class SharedCache:
         turn: _Turn,
     ) -> Any:
         role, entry = self._obtain(key, factors, compile_fn, label, turn)
+        if role in ("fallback", "alongside"):
+            # This rank compiles locally whatever the others say: its "no" goes out
+            # without waiting, so it compiles now (alongside a leader still compiling)
+            # and nobody waits for its compile to report.
+            turn.abstain()
+            if role == "fallback":
+                return turn.compile(compile_fn)
+            # Alongside: in a clean room too, publishing if the entry is still missing
+            # when done. The lock's holder may be dead in a way no waiter can tell yet
+            # (another host or PID namespace, not silent long enough): the graph must
+            # not stay unpublished because of it. Two publishes of one graph are fine.
+            self._lead(key, factors, compile_fn, label, turn, only_if_missing=True)
+            return turn.result
         staging: Path | None = None
         if role == "load":
             assert entry is not None
@@ -414,6 +441,9 @@ class SharedCache:
                     lock = self.locks.acquire(key, owner_record(self.rank), over=holder)
                 else:
                     seen = holder
+                    role = self._instead_of_waiting(holder, key, label, turn)
+                    if role is not None:
+                        return role, None
             except OSError as e:
                 self._local_problem("taking the leader lock", key, e)
                 return "fallback", None
@@ -450,6 +480,32 @@ class SharedCache:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
+    def _instead_of_waiting(self, holder: Holder, key: str, label: str, turn: _Turn) -> str | None:
+        """'alongside' or 'fallback' if this rank should compile now, not wait for ``holder``."""
+        if self.followers_compile:
+            log.info(
+                "%s is compiling %s (%s); compiling it here too (cache_followers)",
+                holder.describe(),
+                key[:12],
+                label,
+            )
+            self.counts.cache_compiled_alongside += 1
+            return "alongside"
+        if turn.peers_said_no():
+            # A rank compiles this graph itself (it cannot use the cache, or compiles
+            # alongside): nobody will install the entry, so waiting for it would only
+            # delay this rank's own compile.
+            log.info(
+                "another rank compiles %s (%s) itself; compiling it here now instead of "
+                "waiting for %s",
+                key[:12],
+                label,
+                holder.describe(),
+            )
+            self.counts.cache_fallbacks += 1
+            return "fallback"
+        return None
+
     def _lead(
         self,
         key: str,
@@ -457,8 +513,13 @@ class SharedCache:
         compile_fn: Callable[[], Any],
         label: str,
         turn: _Turn,
+        only_if_missing: bool = False,
     ) -> None:
-        """Compile in a clean room and publish everything inductor wrote as the entry."""
+        """Compile in a clean room and publish everything inductor wrote as the entry.
+
+        ``only_if_missing``: a rank that compiled alongside the lock's holder publishes
+        only if the holder has not (yet) published.
+        """
         local = local_inductor_dir()
         try:
             room = _clean_room(local, key)
@@ -476,7 +537,8 @@ class SharedCache:
             _complete_kernels(room, local)
         except OSError as e:
             self._local_problem("completing the entry's kernels", key, e)
-        self._publish(key, factors, label, room, seconds)
+        if not only_if_missing or self._get(key)[0] is None:
+            self._publish(key, factors, label, room, seconds)
         # Keep this rank's own inductor cache warm too, for local restarts.
         try:
             merge_into(room, local)
@@ -607,8 +669,13 @@ def _clean_room(local: Path, key: str) -> Path:
 
 
 #: Paths (relative to a cache directory) of the CPU ISA probe's sources, found in the
-#: room of the compile that ran the probe (once per process).
+#: room of the compile that ran the probe (once per process), or else in the local cache.
 _probe_files: set[Path] = set()
+#: Whether the local cache was searched for them (once per process, found or not: a GPU
+#: process may never run the probe, and a large cache must not be re-read at every lead).
+_probe_searched = False
+#: Probe sources are a few hundred bytes; anything larger is not one.
+_PROBE_MAX_BYTES = 64 << 10
 
 
 def _complete_kernels(room: Path, local: Path) -> None:
@@ -625,22 +692,76 @@ def _complete_kernels(room: Path, local: Path) -> None:
 
     Without these files an entry is complete only together with an earlier one, and a
     rank that loads it alone runs gcc again.
+
+    A process whose probe ran outside any room (it followed for its first graphs and led
+    a later one) finds the probe's files in its local cache instead, where inductor
+    writes them (``<cache>/<2 chars>/<key>.cpp``). Nothing there is trusted to be what
+    its name says: only regular files are read, without following links, and at most
+    ``_PROBE_MAX_BYTES`` of them.
     """
+    global _probe_searched
     probes = _torch_compat.isa_probe_sources()
     for src in room.rglob("*.cpp"):
-        if src.stat().st_size < 64 << 10 and src.read_text(errors="replace").strip() in probes:
+        if _small_text(src) in probes:
             _probe_files.add(src.relative_to(room))
+    if not _probe_files and not _probe_searched and probes:
+        _probe_searched = True
+        for rel in _local_sources(local):
+            if _small_text(local / rel) in probes:
+                _probe_files.add(rel)
     for rel in _probe_files:
         for name in (rel, rel.with_suffix(".so")):
-            _copy_in(local / name, room / name)
+            _copy_in(local, name, room)
     for src in room.rglob("*.cpp"):
-        built = src.with_suffix(".so")
-        _copy_in(local / built.relative_to(room), built)
+        _copy_in(local, src.with_suffix(".so").relative_to(room), room)
 
 
-def _copy_in(have: Path, want: Path) -> None:
-    """Copy ``have`` (a regular file of the private local cache) to ``want`` if absent."""
+def _small_text(path: Path) -> str | None:
+    """The stripped text of ``path`` if it is a small regular file, else None.
+
+    Opened without following a link and without blocking (a FIFO named ``*.cpp`` must
+    not hang the leader while it holds the lock), then checked on the descriptor.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _PROBE_MAX_BYTES:
+            return None
+        return os.read(fd, _PROBE_MAX_BYTES + 1).decode(errors="replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _local_sources(local: Path) -> list[Path]:
+    """``<dir>/<name>.cpp`` of the local cache, regular files only, no link followed."""
+    found: list[Path] = []
+    with contextlib.suppress(OSError), os.scandir(local) as top:
+        for d in top:
+            if not d.is_dir(follow_symlinks=False):
+                continue
+            with contextlib.suppress(OSError), os.scandir(d.path) as inner:
+                for f in inner:
+                    if f.name.endswith(".cpp") and f.is_file(follow_symlinks=False):
+                        found.append(Path(d.name, f.name))
+    return found
+
+
+def _copy_in(local: Path, rel: Path, room: Path) -> None:
+    """Copy ``local/rel`` into ``room/rel`` if absent there.
+
+    Only a regular file inside the private local cache: a link, or a path through a
+    linked directory that leads out of it, is never copied into an entry.
+    """
+    have, want = local / rel, room / rel
     if os.path.lexists(want) or have.is_symlink() or not have.is_file():
+        return
+    base = os.path.realpath(local)
+    if os.path.commonpath([base, os.path.realpath(have)]) != base:
         return
     want.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = want.with_name(f".{want.name}.{os.getpid()}.tmp")

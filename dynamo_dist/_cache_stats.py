@@ -55,6 +55,9 @@ class CacheStats:
     cache_publishes: int = 0
     cache_refused: int = 0
     cache_fallbacks: int = 0
+    # Graphs this rank compiled alongside the rank leading their compile
+    # (``cache_followers``: compile), rather than waiting to load them.
+    cache_compiled_alongside: int = 0
     # Compiles that went around the cache because of a problem on this rank's side (a
     # read-only local cache, an entry this rank cannot read, a full disk): each one
     # costs a local compile and is warned about once.

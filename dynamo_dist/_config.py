@@ -24,6 +24,7 @@ from ._errors import ConfigError
 PolicyName = Literal["sync", "strict", "warn", "off"]
 TransportChoice = Literal["auto", "shm", "gloo"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+FollowerChoice = Literal["auto", "wait", "compile"]
 
 POLICIES: tuple[str, ...] = get_args(PolicyName)
 TRANSPORTS: tuple[str, ...] = get_args(TransportChoice)
@@ -74,6 +75,16 @@ class Config:
         None, flag="--cache-dir", metavar="DIR", help="shared precompile cache directory"
     )
     """Shared directory for precompiled artifacts; None disables the shared cache."""
+
+    cache_followers: FollowerChoice = _key(
+        "auto", flag="--cache-followers", metavar="F", help="auto, wait or compile"
+    )
+    """What a rank does while another rank compiles a graph the shared cache lacks: ``wait``
+    for the entry and load it (the ranks of a host do not compete for its cores: best
+    where cores are few), ``compile`` it too at once, like plain torch.compile (nobody
+    idles: best where each rank has cores to spare), or ``auto``: ``compile`` where the
+    host has at least 4 CPUs per local rank, else ``wait``. Either way one rank
+    publishes the graph, and later starts load it."""
 
     status_interval: float = _key(2.0)
     """Seconds between out-of-band status publications (last exchange and frame per rank),

@@ -89,6 +89,54 @@ def cache_leader_dies(
     return {"ok": ok, "stats": dynamo_dist.stats(), "waited": time.perf_counter() - t0}
 
 
+def cache_alongside(rank: int, world: int, local_base: str) -> dict[str, Any]:
+    """Both ranks must be inside inductor at once: only if the follower compiles alongside.
+
+    With ``cache_followers = wait`` the follower would wait for the leader, which waits
+    in its pass for the follower: the job times out. A restart loads the entry and runs
+    no pass at all.
+    """
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Meet(CustomGraphPass):
+        def __call__(self, graph: Any) -> None:
+            ranks.signal_peers(f"compiling{rank}")
+            ranks.wait_for_peer(f"compiling{1 - rank}", timeout=150)
+
+        def uuid(self) -> str:  # the same key on every rank, and cacheable
+            return "dynamo_dist-test-meet"
+
+    _local_inductor_cache(rank, local_base)
+    torch._inductor.config.post_grad_custom_pre_pass = Meet()
+    cf = dynamo_dist.compile(_sincos)
+    x = torch.randn(16)
+    ok = bool(torch.allclose(cf(x), _sincos(x), atol=1e-5))
+    return {"ok": ok, "stats": dynamo_dist.stats()}
+
+
+def cache_no_from_last_rank(rank: int, world: int, local_base: str, bad: str) -> dict[str, Any]:
+    """The last rank cannot use the cache; the leader among the others compiles slowly."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class Slow(CustomGraphPass):
+        def __call__(self, graph: Any) -> None:
+            time.sleep(5)  # the leader still holds the lock when the other rank looks
+
+        def uuid(self) -> str:
+            return "dynamo_dist-test-slow"
+
+    _local_inductor_cache(rank, local_base)
+    torch._inductor.config.post_grad_custom_pre_pass = Slow()
+    cf = dynamo_dist.compile(_sincos, cache_dir=bad if rank == world - 1 else None)
+    x = torch.randn(16)
+    ok = bool(torch.allclose(cf(x), _sincos(x), atol=1e-5))
+    return {"ok": ok, "stats": dynamo_dist.stats()}
+
+
+def _sincos(x: torch.Tensor) -> torch.Tensor:
+    return (x.sin() * 2).cos()
+
+
 # -- tests -----------------------------------------------------------------------------
 def _job(
     tmp: Path,
@@ -155,6 +203,28 @@ def test_recompile_with_rank_specific_sizes_shares_one_entry(tmp_path):
     labels = [json.loads((e / "manifest.json").read_text())["label"] for e in _entries(cache)]
     profiles = [lb for lb in labels if lb.startswith("automatic-dynamic profile")]
     assert len(labels) == 3 and len(profiles) == 1, labels
+
+
+def test_followers_compile_alongside_the_leader_then_restarts_load(tmp_path):
+    """``cache_followers = compile``: nobody idles on a cold start; one rank publishes."""
+    cache = tmp_path / "cache"
+    env = {"DYNAMO_DIST_CACHE_FOLLOWERS": "compile"}
+    run = _job(tmp_path, cache, tmp_path / "local", env=env, program="cache_alongside")
+    s = [_stats(run, r) for r in (0, 1)]
+    assert sorted(x["cache_compiled_alongside"] for x in s) == [0, 1], s
+    leader, follower = (s[1], s[0]) if s[0]["cache_compiled_alongside"] else (s[0], s[1])
+    assert follower["inductor_compiles"] > 0 and follower["cache_loads"] == 0
+    assert follower["cache_fallbacks"] == 0
+    # The follower publishes too if it finishes first (a dead leader must not leave the
+    # graph unpublished): one rename wins, the other publisher loses it harmlessly.
+    assert leader["cache_publishes"] + follower["cache_publishes"] == 1, s
+    graphs = [e for e in _entries(cache) if "profile" not in (e / "manifest.json").read_text()]
+    assert len(graphs) == 1, graphs
+    assert "compiling it here too" in run.output
+    warm = _job(tmp_path, cache, tmp_path / "fresh-local", env=env, program="cache_alongside")
+    for r in (0, 1):
+        s = _stats(warm, r)
+        assert s["cache_loads"] == 1 and s["inductor_compiles"] == 0, s
 
 
 def _copy_of_cold(cold, tmp_path: Path) -> Path:
@@ -247,23 +317,38 @@ def test_unusable_directory_warns_and_trains_on(tmp_path):
     assert run.output.count("is unusable") == 2  # once per rank
 
 
-def test_a_rank_without_the_cache_does_not_stall_the_others(tmp_path):
-    """A rank that cannot use the cache still reports at the agreement, as a "no"."""
+def _job_with_an_unusable_rank(tmp_path: Path, program: str, **kw: Any) -> ranks.RankRun:
+    """``program`` gets a cache_dir that is a file, for the rank it picks to have none."""
     not_a_dir = tmp_path / "cache-file"
     not_a_dir.write_text("I am a file")
-    run = _job(
-        tmp_path,
-        tmp_path / "cache",
-        tmp_path / "local",
-        program="cache_unusable_on_one_rank",
-        args=(str(not_a_dir),),
-        env={"DYNAMO_DIST_TIMEOUT": "120"},
+    cache, local = tmp_path / "cache", tmp_path / "local"
+    return _job(tmp_path, cache, local, program=program, args=(str(not_a_dir),), **kw)
+
+
+def test_a_rank_without_the_cache_does_not_stall_the_others(tmp_path):
+    """A rank that cannot use the cache still reports at the agreement, as a "no"."""
+    run = _job_with_an_unusable_rank(
+        tmp_path, "cache_unusable_on_one_rank", env={"DYNAMO_DIST_TIMEOUT": "120"}
     )
     s0, s1 = _stats(run, 0), _stats(run, 1)
     assert s1["cache_enabled"] is False and s0["cache_enabled"] is True
     assert s0["cache_publishes"] == 1  # rank 0 led and published for later jobs
     # Before the fix rank 0 waited out the whole timeout for rank 1's report.
     assert "not every rank reported" not in run.output, run.output[-3000:]
+
+
+def test_a_rank_waiting_for_an_entry_nobody_will_install_compiles_at_once(tmp_path):
+    """Once a rank said "no" (here: it cannot use the cache), no rank installs the entry:
+    a rank waiting for the leader stops waiting and compiles, instead of loading the
+    entry only to compile anyway."""
+    run = _job_with_an_unusable_rank(tmp_path, "cache_no_from_last_rank", nproc=3)
+    s = [_stats(run, r) for r in range(3)]
+    assert s[2]["cache_enabled"] is False
+    assert sum(x["cache_publishes"] for x in s[:2]) == 1
+    waiter = s[0] if s[1]["cache_publishes"] else s[1]
+    assert waiter["cache_fallbacks"] == 1 and waiter["cache_loads"] == 0, waiter
+    assert "compiling it here now" in run.output
+    assert "not every rank could load" not in run.output
 
 
 def test_dead_leader_follower_takes_over(tmp_path):

@@ -80,3 +80,30 @@ def test_a_failed_install_costs_a_local_compile_not_the_job(
     assert not list((tmp_path / "elsewhere").iterdir())
     assert not list(Path(root, "refused").rglob("REFUSED"))
     assert not [p for p in local.iterdir() if p.name.startswith(".dd-staging")]
+
+
+def test_compiling_alongside_a_holder_that_never_publishes_still_publishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cache_followers = compile`` beside a lock whose holder cannot be judged yet (on
+    another host, or in another PID namespace): it may have died, so the rank that
+    compiled alongside publishes the graph itself when the entry is still missing."""
+    from dynamo_dist import _cache_lock
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "local"))
+    root = str(tmp_path / "cache")
+    cache = _cache.SharedCache(root, 60.0, 30.0, agree=False, followers_compile=True)
+    record = _cache_lock.owner_record(3)
+    record["host"] = record["proc"]["host"] = "another-host"
+    (cache.store.locks / f"{KEY}.0.lock").write_text(json.dumps(record))
+    factors = _cache.version_factors()
+    assert cache.compile(KEY, factors, _publishing_compile, "f (t.py:1)") == (
+        "compiled by the leader"
+    )
+    s = cache.stats()
+    assert s["cache_compiled_alongside"] == 1 and s["cache_publishes"] == 1, s
+    # Whoever starts next loads it, lock or no lock.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "fresh"))
+    again = _cache.SharedCache(root, 60.0, 30.0, agree=False, followers_compile=True)
+    assert again.compile(KEY, factors, lambda: "loaded", "f (t.py:1)") == "loaded"
+    assert again.stats()["cache_loads"] == 1

@@ -95,6 +95,7 @@ def test_checks_env_and_flags_derive_from_the_fields():
         "policy": "--policy",
         "timeout": "--timeout",
         "cache_dir": "--cache-dir",
+        "cache_followers": "--cache-followers",
         "report": "--report",
     }
     # Choices come from the Literal annotations.
@@ -102,6 +103,11 @@ def test_checks_env_and_flags_derive_from_the_fields():
     assert C.resolve(environ={"DYNAMO_DIST_LOG": "debug"}).log_level == "DEBUG"
     with pytest.raises(ConfigError, match="one of auto, shm, gloo"):
         C.resolve(environ={"DYNAMO_DIST_TRANSPORT": "tcp"})
+    with pytest.raises(ConfigError, match=r"cache_followers = 'race'.*one of auto, wait, compile"):
+        C.resolve(environ={"DYNAMO_DIST_CACHE_FOLLOWERS": "race"})
+    assert C.resolve(environ={"DYNAMO_DIST_CACHE_FOLLOWERS": "Compile"}).cache_followers == (
+        "compile"
+    )
 
 
 def test_launcher_flags_reach_the_config():
