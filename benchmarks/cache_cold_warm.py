@@ -34,6 +34,10 @@ right after its own cold row, which is added if not selected):
 * ``dd-warm``: NEW empty per-rank local directories (fresh hosts: a rescheduled or
   scaled-out job) and the cache_dir dd-cold filled: the case the shared cache is for.
   Its counterpart is plain-warm, which needs the same hosts to be warm at all.
+* ``dd-cold-wait`` / ``dd-cold-compile`` (only with ``--rows``): dd-cold with
+  ``cache_followers`` forced to ``wait`` (followers load the leader's entry) or
+  ``compile`` (followers compile alongside it); dd-cold uses ``auto``, which picks
+  ``compile`` from 4 CPUs per local rank.
 
 Each run of a row uses its own fresh directories where the row says fresh, so the
 median of 3 "cold" runs is 3 truly cold runs, and each warm run follows its own cold run.
@@ -118,6 +122,10 @@ class Row:
     """dynamo_dist's cache_dir."""
     after: str | None = None
     """The cold row whose directories this warm row reuses."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the job."""
+    default: bool = True
+    """Run without ``--rows``."""
 
 
 ROWS: list[Row] = [
@@ -142,6 +150,24 @@ ROWS: list[Row] = [
         local="dd_warm",
         shared_cache="dd",
         after="dd-cold",
+    ),
+    Row(
+        "dd-cold-wait",
+        "dynamo_dist.compile, cold, followers wait",
+        "dd",
+        local="dd_cold_wait",
+        shared_cache="dd_wait",
+        env={"DYNAMO_DIST_CACHE_FOLLOWERS": "wait"},
+        default=False,
+    ),
+    Row(
+        "dd-cold-compile",
+        "dynamo_dist.compile, cold, followers compile",
+        "dd",
+        local="dd_cold_compile",
+        shared_cache="dd_compile",
+        env={"DYNAMO_DIST_CACHE_FOLLOWERS": "compile"},
+        default=False,
     ),
 ]
 ROW_BY_NAME = {r.name: r for r in ROWS}
@@ -354,6 +380,7 @@ def run_job(row: Row, run_dir: Path, cfg: argparse.Namespace) -> JobResult:
         env["TORCHINDUCTOR_CACHE_DIR"] = str(run_dir / "shared" / row.shared_inductor)
     if row.shared_cache:
         env["BENCH_SHARED"] = str(run_dir / "shared" / row.shared_cache)
+    env.update(row.env)
     cmd = [
         sys.executable,
         "-m",
@@ -490,7 +517,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def select_rows(spec: str | None) -> list[Row]:
     if not spec:
-        return list(ROWS)
+        return [r for r in ROWS if r.default]
     names = {n.strip() for n in spec.split(",") if n.strip()}
     unknown = names - ROW_BY_NAME.keys()
     if unknown:
