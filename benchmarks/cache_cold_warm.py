@@ -151,23 +151,17 @@ ROWS: list[Row] = [
         shared_cache="dd",
         after="dd-cold",
     ),
-    Row(
-        "dd-cold-wait",
-        "dynamo_dist.compile, cold, followers wait",
-        "dd",
-        local="dd_cold_wait",
-        shared_cache="dd_wait",
-        env={"DYNAMO_DIST_CACHE_FOLLOWERS": "wait"},
-        default=False,
-    ),
-    Row(
-        "dd-cold-compile",
-        "dynamo_dist.compile, cold, followers compile",
-        "dd",
-        local="dd_cold_compile",
-        shared_cache="dd_compile",
-        env={"DYNAMO_DIST_CACHE_FOLLOWERS": "compile"},
-        default=False,
+    *(
+        Row(
+            f"dd-cold-{followers}",
+            f"dynamo_dist.compile, cold, followers {followers}",
+            "dd",
+            local=f"dd_cold_{followers}",
+            shared_cache=f"dd_{followers}",
+            env={"DYNAMO_DIST_CACHE_FOLLOWERS": followers},
+            default=False,
+        )
+        for followers in ("wait", "compile")
     ),
 ]
 ROW_BY_NAME = {r.name: r for r in ROWS}

@@ -8,16 +8,20 @@ CPU, where a Mega-Cache blob lacks them and loading it still rebuilds every kern
 gcc. The other ranks wait for the entry, verify it, stage it, and, once every rank
 agreed it could (:mod:`._cache_agree`), unpack it into their own inductor cache and call
 inductor, which then finds everything cached and compiles nothing. A restart finds the
-entry at once.
+entry at once. Where each rank has cores to spare (``cache_followers``), the others
+compile alongside the leader instead of waiting, each in its own clean room, and
+publish too if the entry is still missing when they are done.
 
 Whatever goes wrong with the cache (unusable directory, corrupt or tampered entry, a
 leader that died, a full or read-only local disk, a bug of ours) costs at most a local
 compile and one warning: never the job, and never a hang. Only an error of the compile
 itself (inductor's, the user's) reaches Dynamo, as it would without the cache.
 
-A rank that cannot use the cache still takes part in every agreement, as a "no", and a
-follower whose leader released its lock without publishing compiles at once instead of
-leading in turn: a failed publish must not make the ranks compile one after another.
+A rank that cannot use the cache still takes part in every agreement, as a "no" sent
+without waiting; a rank waiting for a leader stops waiting once some rank said "no"
+(nobody will install that entry); and a follower whose leader released its lock without
+publishing compiles at once instead of leading in turn: a failed publish must not make
+the ranks compile one after another.
 """
 
 from __future__ import annotations
