@@ -705,9 +705,10 @@ def _complete_kernels(room: Path, local: Path) -> None:
     """
     global _probe_searched
     probes = _torch_compat.isa_probe_sources()
-    for src in room.rglob("*.cpp"):
-        if _small_text(src) in probes:
-            _probe_files.add(src.relative_to(room))
+    sources = [src.relative_to(room) for src in room.rglob("*.cpp")]
+    for rel in sources:
+        if _small_text(room / rel) in probes:
+            _probe_files.add(rel)
     if not _probe_files and not _probe_searched and probes:
         _probe_searched = True
         for rel in _local_sources(local):
@@ -716,8 +717,8 @@ def _complete_kernels(room: Path, local: Path) -> None:
     for rel in _probe_files:
         for name in (rel, rel.with_suffix(".so")):
             _copy_in(local, name, room)
-    for src in room.rglob("*.cpp"):
-        _copy_in(local, src.with_suffix(".so").relative_to(room), room)
+    for rel in sources:
+        _copy_in(local, rel.with_suffix(".so"), room)
 
 
 def _small_text(path: Path) -> str | None:
