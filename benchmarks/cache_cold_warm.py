@@ -272,7 +272,8 @@ def worker(out_dir: Path, mode: str, cfg: argparse.Namespace) -> None:
     loss = torch.zeros(())
     # BENCH_PROFILE=DIR: cProfile of each rank's first step and of its divergent step,
     # DIR/<row>-rank<r>-first.txt and -divergent.txt (where the time goes; the figures of a
-    # profiled run are not comparable). A later run of the same row overwrites the files.
+    # profiled run are not comparable), and the raw pstats as .prof beside them. A later
+    # run of the same row overwrites the files.
     prof_dir = os.environ.get("BENCH_PROFILE")
     prof_row = os.environ.get("BENCH_ROW", mode)
     prof: Any = None
@@ -298,6 +299,7 @@ def worker(out_dir: Path, mode: str, cfg: argparse.Namespace) -> None:
         stats.sort_stats("cumulative").print_stats(90)
         stats.sort_stats("tottime").print_stats(30)
         Path(prof_dir or ".", f"{prof_row}-rank{rank}-{what}.txt").write_text(text.getvalue())
+        stats.dump_stats(str(Path(prof_dir or ".", f"{prof_row}-rank{rank}-{what}.prof")))
         prof = None
 
     profile_start()

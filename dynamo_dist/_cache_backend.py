@@ -12,6 +12,7 @@ from typing import Any
 
 import torch.fx
 
+from . import _torch_compat
 from ._cache_key import graph_key
 from ._cache_profile import profiles_for
 from ._cache_protocol import SharedCache
@@ -49,9 +50,13 @@ class CachingBackend:
             )
             compiled = self._cache.compile_uncached(lambda: self._inner(gm, example_inputs))
         else:
-            compiled = self._cache.compile(
-                key, factors, lambda: self._inner(gm, example_inputs), self._label
-            )
+            # A DDPOptimizer bucket, made cacheable by AOTAutograd: a warm start then
+            # loads the bucket's joint graph instead of tracing it again.
+            with _torch_compat.cacheable_ddp_bucket(gm) as bucket:
+                compiled = self._cache.compile(
+                    key, factors, lambda: self._inner(gm, example_inputs), self._label
+                )
+            compiled = bucket.wrap(compiled)
         # The frame's automatic-dynamic decisions are final once its graph is compiled.
         self._profiles.after_compile()
         return compiled

@@ -727,3 +727,103 @@ def inductor_fxgraph_cache_misses() -> int:
     from torch._dynamo.utils import counters
 
     return int(counters["inductor"]["fxgraph_cache_miss"])
+
+
+class cacheable_ddp_bucket:
+    """Let AOTAutograd's cache serve the graph of one DDPOptimizer bucket.
+
+    With ``optimize_ddp`` (the default) DDPOptimizer splits a DDP frame's graph at the
+    gradient buckets and compiles each piece with ``TracingContext.fakify_first_call``
+    set, so that the piece's first call, made by DDPOptimizer on fake inputs, returns
+    fake outputs with the strides inductor chose; those are the next piece's example
+    inputs. AOTAutogradCache refuses such a compile ("Won't cache a graph with
+    fakify_first_call enabled", ``autograd_cache.py``): every start then re-traces the
+    joint graph of every bucket, which for a dynamic graph is most of a warm start, and
+    a shared cache entry never holds AOTAutograd's result.
+
+    Inductor keeps the strides eager would give a graph's outputs (``keep_output_stride``,
+    on by default), so the same fake outputs come from running the piece's FX graph on
+    the fake inputs, which is what DDPOptimizer itself does for a backend that is not
+    AOTAutograd. This clears the flag for the compile (AOTAutogradCache may then load or
+    save the piece) and answers the fake call that way: :meth:`wrap` returns a callable
+    that runs the graph under the inputs' fake mode when given fake tensors, and the
+    compiled piece otherwise. A piece whose real outputs do not have those strides fails
+    loudly in the next piece's stride assertions (inductor's ``size_asserts``), never
+    silently. With ``keep_output_stride`` off the flag is left alone (AOTAutograd's
+    cache is then bypassed, as in plain torch.compile).
+
+    DDPOptimizer records ``TracingContext.fw_metadata`` per bucket for a lazily compiled
+    backward; a cache hit does not set it, so a placeholder stands in until the fake call
+    (the backward is compiled eagerly here: :class:`eager_backward_lowering`). Uses
+    ``torch._guards.TracingContext.fakify_first_call`` / ``fw_metadata`` and
+    ``torch._dynamo.utils.deepcopy_to_fake_tensor``: torch 2.9 through 2.13.
+    """
+
+    _PLACEHOLDER = types.SimpleNamespace(dynamo_dist_placeholder=True)
+
+    def __init__(self, gm: Any) -> None:
+        self._gm = gm
+        self._context: Any = None
+
+    def __enter__(self) -> cacheable_ddp_bucket:
+        import torch
+        from torch._inductor import config as inductor_config
+
+        context = torch._guards.TracingContext.try_get()
+        if (
+            context is not None
+            and getattr(context, "fakify_first_call", False)
+            and getattr(inductor_config, "keep_output_stride", False)
+        ):
+            self._context = context
+            context.fakify_first_call = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        context = self._context
+        if context is None:
+            return
+        context.fakify_first_call = True
+        if context.fw_metadata is None:
+            context.fw_metadata = self._PLACEHOLDER
+
+    def wrap(self, compiled: Any) -> Any:
+        """The compiled piece, answering DDPOptimizer's fake call (see the class)."""
+        if self._context is None:
+            return compiled
+        return _FakeCallAnswered(compiled, self._gm, self._context, self._PLACEHOLDER)
+
+
+class _FakeCallAnswered:
+    """A compiled DDPOptimizer piece whose call on fake tensors runs its FX graph instead."""
+
+    def __init__(self, compiled: Any, gm: Any, context: Any, placeholder: object) -> None:
+        self._compiled = compiled
+        self._gm: Any = gm
+        self._context = context
+        self._placeholder = placeholder
+
+    def __call__(self, *args: Any) -> Any:
+        gm = self._gm
+        if gm is not None:
+            from torch._subclasses.fake_tensor import FakeTensor
+
+            # The inputs decide, not an active TracingContext: a real call may come
+            # while some other frame is being compiled.
+            boxed = len(args) == 1 and isinstance(args[0], list)
+            flat = args[0] if boxed else args
+            fake = next((a for a in flat if isinstance(a, FakeTensor)), None)
+            if fake is not None:
+                fake_mode = fake.fake_mode
+                from torch._dynamo.utils import deepcopy_to_fake_tensor
+
+                # Only DDPOptimizer, at compile time, calls with fake tensors; once.
+                self._gm = None
+                if self._context.fw_metadata is self._placeholder:
+                    self._context.fw_metadata = None
+                with fake_mode:
+                    return deepcopy_to_fake_tensor(gm, fake_mode)(*flat)
+        return self._compiled(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._compiled, name)

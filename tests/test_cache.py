@@ -133,6 +133,60 @@ def cache_no_from_last_rank(rank: int, world: int, local_base: str, bad: str) ->
     return {"ok": ok, "stats": dynamo_dist.stats()}
 
 
+class _Block(torch.nn.Module):
+    """User code, so Dynamo traces it inside DDP (it skips torch.nn's own modules)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(256, 256)
+        self.b = torch.nn.Linear(256, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))) + x
+
+
+class _Blocks(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def cache_ddp_buckets(rank: int, world: int, local_base: str) -> dict[str, Any]:
+    """DDP whose graph DDPOptimizer splits in two buckets; checked against eager DDP.
+
+    Six 256x256 layers are 1.5 MB of parameters: DDP's first bucket holds 1 MB, so
+    DDPOptimizer compiles the frame's graph as two pieces, each under
+    ``fakify_first_call`` (which alone would make AOTAutograd's cache refuse them).
+    """
+    import copy
+
+    from torch._dynamo.utils import counters
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    _local_inductor_cache(rank, local_base)
+    torch.manual_seed(0)
+    model = _Blocks()
+    ref = DDP(copy.deepcopy(model))
+    step = dynamo_dist.compile(DDP(model))
+    ok = True
+    for i in range(2):
+        x = torch.randn(4, 256, generator=torch.Generator().manual_seed(10 * i + rank))
+        y = step(x)
+        y.square().mean().backward()
+        y_ref = ref(x)
+        y_ref.square().mean().backward()
+        ok &= bool(torch.allclose(y, y_ref, atol=1e-4))
+        for p, q in zip(model.parameters(), ref.module.parameters(), strict=True):
+            assert p.grad is not None and q.grad is not None
+            ok &= bool(torch.allclose(p.grad, q.grad, atol=1e-4))
+    return {"ok": ok, "stats": dynamo_dist.stats(), "aot": dict(counters["aot_autograd"])}
+
+
 def _sincos(x: torch.Tensor) -> torch.Tensor:
     return (x.sin() * 2).cos()
 
@@ -225,6 +279,26 @@ def test_followers_compile_alongside_the_leader_then_restarts_load(tmp_path):
     for r in (0, 1):
         s = _stats(warm, r)
         assert s["cache_loads"] == 1 and s["inductor_compiles"] == 0, s
+
+
+def test_ddp_buckets_are_shared_with_aotautograd_results(tmp_path):
+    """Each DDPOptimizer piece's entry holds AOTAutograd's result: a fresh host loads it.
+
+    Without that, every warm start re-traces each piece's joint graph (AOTAutogradCache
+    refuses pieces compiled under ``fakify_first_call``), which is most of a warm start.
+    """
+    cache = tmp_path / "cache"
+    cold = _job(tmp_path, cache, tmp_path / "local", program="cache_ddp_buckets")
+    s = [_stats(cold, r) for r in (0, 1)]
+    assert sum(x["cache_publishes"] for x in s) == 2, "one entry per DDP bucket"
+    for r in (0, 1):
+        assert cold.rank(r)["aot"].get("autograd_cache_bypass", 0) == 0, cold.rank(r)["aot"]
+    warm = _job(tmp_path, cache, tmp_path / "fresh-local", program="cache_ddp_buckets")
+    for r in (0, 1):
+        s_warm = _stats(warm, r)
+        assert s_warm["cache_loads"] == 2 and s_warm["inductor_compiles"] == 0, s_warm
+        aot = warm.rank(r)["aot"]
+        assert aot.get("autograd_cache_hit", 0) == 2 and not aot.get("autograd_cache_miss"), aot
 
 
 def _copy_of_cold(cold, tmp_path: Path) -> Path:
