@@ -8,6 +8,8 @@ into ``torch.compile``, and the process-wide ``stats()`` the report and
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch.fx
@@ -15,7 +17,7 @@ import torch.fx
 from . import _torch_compat
 from ._cache_key import graph_key
 from ._cache_profile import profiles_for
-from ._cache_protocol import SharedCache
+from ._cache_protocol import SharedCache, Upcoming
 from ._cache_stats import warn_once
 from ._config import Config
 
@@ -52,14 +54,31 @@ class CachingBackend:
         else:
             # A DDPOptimizer bucket, made cacheable by AOTAutograd: a warm start then
             # loads the bucket's joint graph instead of tracing it again.
-            with _torch_compat.cacheable_ddp_bucket(gm) as bucket:
+            options = getattr(self._inner, "config", None)  # inductor's, from options=
+            with _torch_compat.cacheable_ddp_bucket(
+                gm, options if isinstance(options, dict) else None
+            ) as bucket:
                 compiled = self._cache.compile(
-                    key, factors, lambda: self._inner(gm, example_inputs), self._label
+                    key,
+                    factors,
+                    lambda: self._inner(gm, example_inputs),
+                    self._label,
+                    self._upcoming(gm) if bucket.active else None,
                 )
             compiled = bucket.wrap(compiled)
         # The frame's automatic-dynamic decisions are final once its graph is compiled.
         self._profiles.after_compile()
         return compiled
+
+    def _upcoming(self, gm: torch.fx.GraphModule) -> Callable[[], Iterator[Upcoming]]:
+        """The DDP pieces after ``gm``, keyed, for a rank that waits meanwhile."""
+
+        def pieces() -> Iterator[Upcoming]:
+            for piece, inputs in _torch_compat.ddp_pieces_after(gm):
+                key, factors = graph_key(piece, inputs, self._static)
+                yield key, factors, partial(self._inner, piece, inputs), self._label
+
+        return pieces
 
 
 _caches: dict[str, SharedCache] = {}

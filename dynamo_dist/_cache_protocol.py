@@ -34,7 +34,8 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,11 @@ from ._cache_store import (
 from ._config import CACHE_SECRET_FILE_ENV
 from ._secret import cache_secret, untrusted_reason
 
-__all__ = ["SharedCache", "local_inductor_dir", "private_local_dir"]
+__all__ = ["SharedCache", "Upcoming", "local_inductor_dir", "private_local_dir"]
+
+#: A graph this rank will compile next, as (key, factors, compile_fn, label): what a rank
+#: waiting for a leader may compile and publish meanwhile (DDPOptimizer's later pieces).
+Upcoming = tuple[str, dict[str, Any], Callable[[], Any], str]
 
 
 def local_inductor_dir() -> Path:
@@ -269,11 +274,19 @@ class SharedCache:
 
     # -- the protocol ----------------------------------------------------------------
     def compile(
-        self, key: str, factors: dict[str, Any], compile_fn: Callable[[], Any], label: str
+        self,
+        key: str,
+        factors: dict[str, Any],
+        compile_fn: Callable[[], Any],
+        label: str,
+        upcoming: Callable[[], Iterable[Upcoming]] | None = None,
     ) -> Any:
         """Compile one graph through the cache: load it, lead its compile, or fall back.
 
-        Never raises an error of the cache's own: only what ``compile_fn`` raises.
+        ``upcoming``: the graphs this rank will compile next, which it may compile and
+        publish while it waits for another rank to publish this one (see
+        :meth:`_compile_ahead`). Never raises an error of the cache's own: only what
+        ``compile_fn`` raises.
         """
         # Numbered by compile within the group, not by key: ranks compiling
         # rank-specific graphs (different keys) still meet at the same agreement. A
@@ -290,7 +303,7 @@ class SharedCache:
             # Applied on every rank (leader and followers alike): it is part of
             # AOTAutograd's configuration, hence of its cache key.
             with _torch_compat.eager_backward_lowering():
-                return self._through_cache(key, factors, label, compile_fn, turn)
+                return self._through_cache(key, factors, label, compile_fn, turn, upcoming)
         except BaseException as e:
             # Report before the error goes anywhere, or the other ranks wait for this one.
             turn.abstain()
@@ -309,8 +322,9 @@ class SharedCache:
         label: str,
         compile_fn: Callable[[], Any],
         turn: _Turn,
+        upcoming: Callable[[], Iterable[Upcoming]] | None = None,
     ) -> Any:
-        role, entry = self._obtain(key, factors, compile_fn, label, turn)
+        role, entry = self._obtain(key, factors, compile_fn, label, turn, upcoming)
         if role in ("fallback", "alongside"):
             # This rank compiles locally whatever the others say: its "no" goes out
             # without waiting, so it compiles now (alongside a leader still compiling)
@@ -392,6 +406,7 @@ class SharedCache:
         compile_fn: Callable[[], Any],
         label: str,
         turn: _Turn,
+        upcoming: Callable[[], Iterable[Upcoming]] | None = None,
     ) -> tuple[str, Entry | None]:
         """('load', entry), ('leader', None) with ``turn.result`` set, or ('fallback', None).
 
@@ -405,6 +420,7 @@ class SharedCache:
         first = True
         watch = Watch(stale_after(self.timeout))
         seen: Holder | None = None  # the last live holder this rank waited for
+        ahead: Iterator[Upcoming] | None = None
         while True:
             entry, readable = self._get(key)
             if entry is not None:
@@ -448,6 +464,10 @@ class SharedCache:
                     role = self._instead_of_waiting(holder, key, label, turn)
                     if role is not None:
                         return role, None
+                    if upcoming is not None:
+                        ahead = iter(upcoming()) if ahead is None else ahead
+                        if self._compile_ahead(ahead, label):
+                            continue  # look again at once: the wait was spent compiling
             except OSError as e:
                 self._local_problem("taking the leader lock", key, e)
                 return "fallback", None
@@ -483,6 +503,54 @@ class SharedCache:
                 )
             time.sleep(delay)
             delay = min(delay * 1.5, 0.5)
+
+    def _compile_ahead(self, ahead: Iterator[Upcoming], waiting_for: str) -> bool:
+        """While waiting for a leader, lead one graph this rank compiles next; True if it did.
+
+        DDPOptimizer compiles a DDP graph piece by piece, each piece's example inputs
+        coming from the one before, so a rank waiting for another to publish piece k
+        would otherwise idle while that rank goes on to lead piece k+1 too: the pieces
+        compiled one after another on one rank. Here the waiting rank leads the first
+        later piece nobody has published or locked, publishes it and goes back to
+        waiting, so the pieces compile on several ranks at once.
+
+        Taking the lock, the clean room and the publish are a leader's; nothing is
+        agreed (no rank installs anything now) and the compiled result is dropped:
+        when this rank reaches that piece it loads the entry like every rank. An entry
+        keyed for a graph nobody then compiles is never loaded, so a wrong guess about
+        what comes next costs a compile, never a result. Any failure ends the
+        look-ahead for this wait and is otherwise ignored.
+        """
+        try:
+            for key, factors, compile_fn, label in ahead:
+                entry, readable = self._get(key)
+                if entry is not None or not readable or self.locks.holder(key) is not None:
+                    continue
+                lock = self.locks.acquire(key, owner_record(self.rank))
+                if lock is None:
+                    continue
+                try:
+                    if self._get(key)[0] is None:
+                        log.info(
+                            "compiling %s (%s) while waiting for %s",
+                            key[:12],
+                            label,
+                            waiting_for,
+                        )
+                        self._compile_and_publish(
+                            key, factors, partial(self._compile_counted, compile_fn), label
+                        )
+                        self.counts.cache_compiled_ahead += 1
+                finally:
+                    lock.release()
+                return True
+        except Exception as e:
+            log.info("stopped compiling ahead (%s: %s)", type(e).__name__, e)
+            log.debug("compiling ahead failed", exc_info=True)
+            close = getattr(ahead, "close", None)
+            if callable(close):
+                close()  # a closed generator yields nothing: later passes skip it
+        return False
 
     def _instead_of_waiting(self, holder: Holder, key: str, label: str, turn: _Turn) -> str | None:
         """'alongside' or 'fallback' if this rank should compile now, not wait for ``holder``."""
@@ -524,6 +592,18 @@ class SharedCache:
         ``only_if_missing``: a rank that compiled alongside the lock's holder publishes
         only if the holder has not (yet) published.
         """
+        self._compile_and_publish(
+            key, factors, lambda: turn.compile(compile_fn), label, only_if_missing
+        )
+
+    def _compile_and_publish(
+        self,
+        key: str,
+        factors: dict[str, Any],
+        run: Callable[[], Any],
+        label: str,
+        only_if_missing: bool = False,
+    ) -> None:
         local = local_inductor_dir()
         try:
             room = _clean_room(local, key)
@@ -531,11 +611,11 @@ class SharedCache:
             # No room (a read-only or full local cache): compile the plain way, publish
             # nothing; the followers see the lock released and compile themselves.
             self._local_problem("making a clean room", key, e)
-            turn.compile(compile_fn)
+            run()
             return
         t0 = time.monotonic()
         with _torch_compat.inductor_cache_dir_override(room):
-            turn.compile(compile_fn)
+            run()
         seconds = time.monotonic() - t0
         try:
             _complete_kernels(room, local)

@@ -58,6 +58,9 @@ class CacheStats:
     # Graphs this rank compiled alongside the rank leading their compile
     # (``cache_followers``: compile), rather than waiting to load them.
     cache_compiled_alongside: int = 0
+    # Graphs this rank compiled and published while waiting for another rank's compile:
+    # the later pieces of a DDP graph DDPOptimizer splits, which it will need next.
+    cache_compiled_ahead: int = 0
     # Compiles that went around the cache because of a problem on this rank's side (a
     # read-only local cache, an entry this rank cannot read, a full disk): each one
     # costs a local compile and is warned about once.

@@ -749,8 +749,9 @@ class cacheable_ddp_bucket:
     that runs the graph under the inputs' fake mode when given fake tensors, and the
     compiled piece otherwise. A piece whose real outputs do not have those strides fails
     loudly in the next piece's stride assertions (inductor's ``size_asserts``), never
-    silently. With ``keep_output_stride`` off the flag is left alone (AOTAutograd's
-    cache is then bypassed, as in plain torch.compile).
+    silently. With ``keep_output_stride`` off or ``pad_outputs`` on (globally or in the
+    compile's ``options``: padded outputs have other strides) the flag is left alone,
+    and AOTAutograd's cache is bypassed as in plain torch.compile.
 
     DDPOptimizer records ``TracingContext.fw_metadata`` per bucket for a lazily compiled
     backward; a cache hit does not set it, so a placeholder stands in until the fake call
@@ -761,23 +762,41 @@ class cacheable_ddp_bucket:
 
     _PLACEHOLDER = types.SimpleNamespace(dynamo_dist_placeholder=True)
 
-    def __init__(self, gm: Any) -> None:
+    def __init__(self, gm: Any, options: dict[str, Any] | None = None) -> None:
         self._gm = gm
+        self._options = options or {}
         self._context: Any = None
+
+    def _eager_strides(self) -> bool:
+        """Whether inductor gives the piece's outputs eager's strides, options included.
+
+        ``keep_output_stride`` on and ``pad_outputs`` off, as set by the compile's
+        ``options`` (which inductor applies inside the backend call) or else globally.
+        """
+        from torch._inductor import config as inductor_config
+
+        def value(name: str, default: bool) -> bool:
+            return bool(self._options.get(name, getattr(inductor_config, name, default)))
+
+        return value("keep_output_stride", False) and not value("pad_outputs", True)
 
     def __enter__(self) -> cacheable_ddp_bucket:
         import torch
-        from torch._inductor import config as inductor_config
 
         context = torch._guards.TracingContext.try_get()
         if (
             context is not None
             and getattr(context, "fakify_first_call", False)
-            and getattr(inductor_config, "keep_output_stride", False)
+            and self._eager_strides()
         ):
             self._context = context
             context.fakify_first_call = False
         return self
+
+    @property
+    def active(self) -> bool:
+        """Whether this compile is a DDPOptimizer piece the class made cacheable."""
+        return self._context is not None
 
     def __exit__(self, *exc: object) -> None:
         context = self._context
@@ -827,3 +846,138 @@ class _FakeCallAnswered:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._compiled, name)
+
+
+def ddp_pieces_after(gm: Any) -> Iterator[tuple[Any, list[Any]]]:
+    """The DDPOptimizer pieces still to compile after ``gm``, each with its example inputs.
+
+    Called from the backend while DDPOptimizer compiles piece ``gm`` of a split graph:
+    yields, lazily and in order, a copy of every later piece prepared exactly as
+    DDPOptimizer's ``compile_submod`` will prepare it (output made a tuple), with the
+    fake inputs it will be compiled with. Those come from running the pieces in
+    between on fake tensors, as DDPOptimizer does for a backend that is not AOTAutograd
+    (the outputs :class:`cacheable_ddp_bucket` answers with). A rank waiting for
+    another to compile ``gm`` can so compile the next pieces meanwhile, and the keys
+    match those of the real compiles.
+
+    Finds DDPOptimizer's ``SubmodCompiler`` (an ``fx.Interpreter``: ``module``, ``env``,
+    ``fake_mode``, ``fetch_attr``) on the stack, in its ``run_node(n)`` for ``gm``;
+    ``torch._dynamo.backends.distributed``, torch 2.9 through 2.13. Yields nothing when
+    not called under DDPOptimizer or when anything there looks different.
+    """
+    import sys
+    from unittest import mock
+
+    import torch
+    from torch._dynamo.utils import deepcopy_to_fake_tensor, to_fake_tensor
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._pytree import tree_map
+
+    try:
+        from torch._dynamo.backends.distributed import SubmodCompiler
+    except ImportError:
+        return
+    interp: Any = None
+    current: Any = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        me = frame.f_locals.get("self") if frame.f_code.co_name == "run_node" else None
+        if isinstance(me, SubmodCompiler):
+            interp, current = me, frame.f_locals.get("n")
+            break
+        frame = frame.f_back  # type: ignore[assignment]
+    del frame
+    fake_mode = getattr(interp, "fake_mode", None)
+    env = getattr(interp, "env", None)
+    if fake_mode is None or not isinstance(env, dict) or current is None:
+        return
+    if getattr(current, "op", None) != "call_module" or interp.fetch_attr(current.target) is not gm:
+        return
+
+    def fake(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor):
+            return to_fake_tensor(x, fake_mode)
+        return x
+
+    values = dict(env)
+    started = False
+    for node in interp.module.graph.nodes:
+        started = started or node is current
+        if not started:
+            continue
+        if node.op not in ("call_module", "call_function", "get_attr"):
+            return  # the output, or something this does not know how to run
+        args = tree_map(fake, torch.fx.node.map_arg(node.args, values.__getitem__))
+        kwargs = tree_map(fake, torch.fx.node.map_arg(node.kwargs, values.__getitem__))
+        piece: Any = None
+        with fake_mode, mock.patch.object(fake_mode, "allow_non_fake_inputs", True):
+            if node.op == "call_module":
+                mod = interp.fetch_attr(node.target)
+                if node is not current:
+                    if not isinstance(mod, torch.fx.GraphModule) or kwargs:
+                        return
+                    piece = _piece_copy(mod, getattr(gm, "compile_subgraph_reason", None))
+                out = deepcopy_to_fake_tensor(mod, fake_mode)(*args, **kwargs)
+                if node is current and _unwrapped_by_ddp(node, out):
+                    out = out[0]
+            elif node.op == "call_function":
+                out = node.target(*args, **kwargs)
+            else:
+                out = interp.fetch_attr(node.target)
+        values[node] = out
+        if piece is not None:
+            yield piece, list(args)
+
+
+def _unwrapped_by_ddp(node: Any, out: Any) -> bool:
+    """Whether DDPOptimizer unwraps the 1-tuple the piece being compiled now returns.
+
+    Its graph's output was already made a tuple, so whether it was one before shows in
+    the outer graph: a piece with several outputs is only ever indexed there. A wrong
+    guess costs a compile nobody loads, never a wrong result: entries are keyed by
+    what they were compiled from.
+    """
+    import operator
+
+    return (
+        isinstance(out, tuple)
+        and len(out) == 1
+        and any(u.op != "call_function" or u.target is not operator.getitem for u in node.users)
+    )
+
+
+def _piece_copy(mod: Any, reason: Any) -> Any:
+    """A copy of DDPOptimizer piece ``mod``, prepared as ``compile_submod`` will prepare it.
+
+    Equal to the real piece at its compile in everything AOTAutograd's cache key reads,
+    or the entry compiled from the copy would not be the one the real compile looks
+    up: the Dynamo metadata DDPOptimizer gave the piece (``meta``,
+    ``_param_name_to_source``, the placeholders' ``_dynamo_source``) and the order of
+    the module's attributes, which its pickled form keeps. So the copy is made by the
+    same class (lazy or not), given the missing attributes in the piece's order, and
+    then goes through compile_submod's steps: output made a tuple, ``recompile()``,
+    ``compile_subgraph_reason`` set (its value is not part of the key; ``reason`` is
+    the current piece's). Its code is generated when the key is computed, as for the
+    real piece. A copy that still differs costs a compile nobody loads.
+    """
+    import copy
+
+    import torch
+    from torch.fx._lazy_graph_module import _LazyGraphModule
+
+    cls = _LazyGraphModule if isinstance(mod, _LazyGraphModule) else torch.fx.GraphModule
+    piece = cls(mod, copy.deepcopy(mod.graph))
+    mine = vars(piece)
+    for name, value in vars(mod).items():
+        if name not in mine and name not in ("_code", "_lineno_map", "_prologue_start"):
+            setattr(piece, name, value)
+    piece.meta = mod.meta
+    for new, old in zip(piece.graph.nodes, mod.graph.nodes, strict=True):
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    for sn in piece.graph.nodes:
+        if sn.op == "output" and not isinstance(sn.args[0], tuple):
+            sn.args = (sn.args,)
+    piece.recompile()
+    piece.compile_subgraph_reason = reason
+    return piece

@@ -162,13 +162,32 @@ def cache_ddp_buckets(rank: int, world: int, local_base: str) -> dict[str, Any]:
     Six 256x256 layers are 1.5 MB of parameters: DDP's first bucket holds 1 MB, so
     DDPOptimizer compiles the frame's graph as two pieces, each under
     ``fakify_first_call`` (which alone would make AOTAutograd's cache refuse them).
+
+    Every inductor compile waits inside inductor for one of the other rank: the job
+    ends only if the ranks compile the two pieces at the same time, the follower of
+    the first piece compiling the second ahead (``cache_followers = wait``; otherwise
+    it would wait for the leader, which waits for it). A restart compiles nothing.
     """
     import copy
+    import itertools
 
     from torch._dynamo.utils import counters
+    from torch._inductor.custom_graph_pass import CustomGraphPass
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    calls = itertools.count()
+
+    class Meet(CustomGraphPass):
+        def __call__(self, graph: Any) -> None:
+            i = next(calls)
+            ranks.signal_peers(f"ddp{rank}-{i}")
+            ranks.wait_for_peer(f"ddp{1 - rank}-{i}", timeout=150)
+
+        def uuid(self) -> str:  # the same key on every rank, and cacheable
+            return "dynamo_dist-test-meet-ddp"
+
     _local_inductor_cache(rank, local_base)
+    torch._inductor.config.post_grad_custom_pre_pass = Meet()
     torch.manual_seed(0)
     model = _Blocks()
     ref = DDP(copy.deepcopy(model))
@@ -281,19 +300,26 @@ def test_followers_compile_alongside_the_leader_then_restarts_load(tmp_path):
         assert s["cache_loads"] == 1 and s["inductor_compiles"] == 0, s
 
 
-def test_ddp_buckets_are_shared_with_aotautograd_results(tmp_path):
-    """Each DDPOptimizer piece's entry holds AOTAutograd's result: a fresh host loads it.
+def test_ddp_buckets_compile_on_two_ranks_and_load_with_aotautograd_results(tmp_path):
+    """DDPOptimizer's two pieces compile at once, one per rank; a fresh host loads both.
 
-    Without that, every warm start re-traces each piece's joint graph (AOTAutogradCache
-    refuses pieces compiled under ``fakify_first_call``), which is most of a warm start.
+    Cold: the rank waiting for the first piece compiles and publishes the second
+    meanwhile (before, the leader of the first led the second too while the other
+    rank idled). Warm: each piece's entry holds AOTAutograd's result, so nothing is
+    traced again (AOTAutogradCache refuses pieces compiled under
+    ``fakify_first_call``, so plain torch.compile re-traces every piece at every start).
     """
     cache = tmp_path / "cache"
-    cold = _job(tmp_path, cache, tmp_path / "local", program="cache_ddp_buckets")
+    env = {"DYNAMO_DIST_CACHE_FOLLOWERS": "wait"}
+    cold = _job(tmp_path, cache, tmp_path / "local", env, program="cache_ddp_buckets")
     s = [_stats(cold, r) for r in (0, 1)]
-    assert sum(x["cache_publishes"] for x in s) == 2, "one entry per DDP bucket"
+    assert [x["cache_publishes"] for x in s] == [1, 1], "one piece published by each rank"
+    assert sorted(x["cache_compiled_ahead"] for x in s) == [0, 1], s
+    # The rank that compiled ahead loads both pieces (its own result was dropped).
+    assert sorted(x["cache_loads"] for x in s) == [1, 2], s
     for r in (0, 1):
         assert cold.rank(r)["aot"].get("autograd_cache_bypass", 0) == 0, cold.rank(r)["aot"]
-    warm = _job(tmp_path, cache, tmp_path / "fresh-local", program="cache_ddp_buckets")
+    warm = _job(tmp_path, cache, tmp_path / "fresh-local", env, program="cache_ddp_buckets")
     for r in (0, 1):
         s_warm = _stats(warm, r)
         assert s_warm["cache_loads"] == 2 and s_warm["inductor_compiles"] == 0, s_warm

@@ -27,6 +27,7 @@ REPORTED = [
     "cache_refused",
     "cache_fallbacks",
     "cache_compiled_alongside",
+    "cache_compiled_ahead",
     "cache_errors",
     "cache_bytes_read",
     "cache_bytes_written",
