@@ -537,10 +537,14 @@ class SharedCache:
                             label,
                             waiting_for,
                         )
-                        self._compile_and_publish(
-                            key, factors, partial(self._compile_counted, compile_fn), label
-                        )
-                        self.counts.cache_compiled_ahead += 1
+                        if self._compile_and_publish(
+                            key,
+                            factors,
+                            partial(self._compile_counted, compile_fn),
+                            label,
+                            in_room_only=True,
+                        ):
+                            self.counts.cache_compiled_ahead += 1
                 finally:
                     lock.release()
                 return True
@@ -603,7 +607,13 @@ class SharedCache:
         run: Callable[[], Any],
         label: str,
         only_if_missing: bool = False,
-    ) -> None:
+        in_room_only: bool = False,
+    ) -> bool:
+        """Run ``run`` in a clean room and publish what it wrote; whether it ran there.
+
+        ``in_room_only``: without a room, do not run at all (a compile ahead, whose
+        result nobody would use).
+        """
         local = local_inductor_dir()
         try:
             room = _clean_room(local, key)
@@ -611,8 +621,9 @@ class SharedCache:
             # No room (a read-only or full local cache): compile the plain way, publish
             # nothing; the followers see the lock released and compile themselves.
             self._local_problem("making a clean room", key, e)
-            run()
-            return
+            if not in_room_only:
+                run()
+            return False
         t0 = time.monotonic()
         with _torch_compat.inductor_cache_dir_override(room):
             run()
@@ -628,6 +639,7 @@ class SharedCache:
             merge_into(room, local)
         except OSError as e:
             self._local_problem("keeping a local copy", key, e)
+        return True
 
     def _publish(
         self, key: str, factors: dict[str, Any], label: str, room: Path, seconds: float

@@ -89,6 +89,29 @@ def cache_leader_dies(
     return {"ok": ok, "stats": dynamo_dist.stats(), "waited": time.perf_counter() - t0}
 
 
+def _meet(rank: int, name: str) -> Any:
+    """An inductor pass in which the n-th compile of each of 2 ranks waits for the other's.
+
+    A job using it ends only if the ranks compile at the same time.
+    """
+    import itertools
+
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    calls = itertools.count()
+
+    class Meet(CustomGraphPass):
+        def __call__(self, graph: Any) -> None:
+            i = next(calls)
+            ranks.signal_peers(f"{name}{rank}-{i}")
+            ranks.wait_for_peer(f"{name}{1 - rank}-{i}", timeout=150)
+
+        def uuid(self) -> str:  # the same key on every rank, and cacheable
+            return f"dynamo_dist-test-{name}"
+
+    return Meet()
+
+
 def cache_alongside(rank: int, world: int, local_base: str) -> dict[str, Any]:
     """Both ranks must be inside inductor at once: only if the follower compiles alongside.
 
@@ -96,18 +119,8 @@ def cache_alongside(rank: int, world: int, local_base: str) -> dict[str, Any]:
     in its pass for the follower: the job times out. A restart loads the entry and runs
     no pass at all.
     """
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-
-    class Meet(CustomGraphPass):
-        def __call__(self, graph: Any) -> None:
-            ranks.signal_peers(f"compiling{rank}")
-            ranks.wait_for_peer(f"compiling{1 - rank}", timeout=150)
-
-        def uuid(self) -> str:  # the same key on every rank, and cacheable
-            return "dynamo_dist-test-meet"
-
     _local_inductor_cache(rank, local_base)
-    torch._inductor.config.post_grad_custom_pre_pass = Meet()
+    torch._inductor.config.post_grad_custom_pre_pass = _meet(rank, "meet")
     cf = dynamo_dist.compile(_sincos)
     x = torch.randn(16)
     ok = bool(torch.allclose(cf(x), _sincos(x), atol=1e-5))
@@ -169,25 +182,12 @@ def cache_ddp_buckets(rank: int, world: int, local_base: str) -> dict[str, Any]:
     it would wait for the leader, which waits for it). A restart compiles nothing.
     """
     import copy
-    import itertools
 
     from torch._dynamo.utils import counters
-    from torch._inductor.custom_graph_pass import CustomGraphPass
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    calls = itertools.count()
-
-    class Meet(CustomGraphPass):
-        def __call__(self, graph: Any) -> None:
-            i = next(calls)
-            ranks.signal_peers(f"ddp{rank}-{i}")
-            ranks.wait_for_peer(f"ddp{1 - rank}-{i}", timeout=150)
-
-        def uuid(self) -> str:  # the same key on every rank, and cacheable
-            return "dynamo_dist-test-meet-ddp"
-
     _local_inductor_cache(rank, local_base)
-    torch._inductor.config.post_grad_custom_pre_pass = Meet()
+    torch._inductor.config.post_grad_custom_pre_pass = _meet(rank, "meet-ddp")
     torch.manual_seed(0)
     model = _Blocks()
     ref = DDP(copy.deepcopy(model))
