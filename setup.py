@@ -5,12 +5,43 @@ any torch build (CPU or CUDA) the user already has installed.
 """
 
 import ast
+import shutil
 from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
 
 HERE = Path(__file__).resolve().parent
+
+# The import hook of the torch.compile switch (dynamo_dist/_switch.py): a .pth file must
+# sit at the top of site-packages, which no setuptools option puts it in. Both ways of
+# installing get it: a wheel from build_lib's top, an editable install from the top of
+# its wheel.
+PTH = "dynamo_dist_switch.pth"
+
+
+class BuildPy(build_py):
+    def run(self) -> None:
+        super().run()
+        if not self.editable_mode:
+            self.copy_file(str(HERE / PTH), str(Path(self.build_lib, PTH)))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outputs = list(super().get_outputs(include_bytecode))
+        if not self.editable_mode:
+            outputs.append(str(Path(self.build_lib, PTH)))
+        return outputs
+
+
+class EditableWheel(editable_wheel):
+    def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):  # type: ignore[no-untyped-def]
+        # setuptools' editable_wheel writes everything under unpacked_wheel into the
+        # wheel; a file at its top is installed at the top of site-packages.
+        out = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
+        shutil.copyfile(HERE / PTH, Path(unpacked_wheel, PTH))
+        return out
 
 
 def _version() -> str:
@@ -34,4 +65,7 @@ ext_modules = [
     ),
 ]
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
+setup(
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext, "build_py": BuildPy, "editable_wheel": EditableWheel},
+)

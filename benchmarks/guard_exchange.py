@@ -2,12 +2,21 @@
 
     python benchmarks/guard_exchange.py            # 2 and 4 ranks, one host
     python benchmarks/guard_exchange.py --nproc 2 --calls 3000
+    python benchmarks/guard_exchange.py --regional 32 --regional 80   # per-block compiles
 
 For each rank count it starts the ranks with torchrun and, on the same compiled
 function, times a compiled call with: no hook; upstream's
 ``torch.compiler.set_enable_guard_collectives(True)``; dynamo_dist over gloo;
 dynamo_dist over shared memory (where available); and a bare gloo all_reduce
 of one int. Medians of per-call times; ratios are taken within the same run.
+
+``--regional N`` times torchtitan-style regional compilation instead: a model of N
+blocks of one user-defined class, each block compiled on its own with
+``fullgraph=True`` (torchtitan's ``apply_compile``), so a forward step makes N
+compiled calls. It compares a step with plain torch.compile and with every
+torch.compile switched to dynamo_dist (``dynamo_dist.patch_torch_compile()``, as
+``--all-compiles`` does), over shared memory and over gloo, and counts the guard
+exchanges per step.
 """
 
 from __future__ import annotations
@@ -34,6 +43,18 @@ def _median_us(fn, calls: int) -> float:
     return statistics.median(samples) / 1e3
 
 
+def _finish(out: str, results: dict[str, float | None]) -> None:
+    """Gather every rank's results into ``out`` (rank 0 writes it), then leave the group."""
+    import torch.distributed as dist
+
+    gathered: list[dict[str, float | None] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def worker(out: str, calls: int) -> None:
     import torch
     import torch.distributed as dist
@@ -42,7 +63,6 @@ def worker(out: str, calls: int) -> None:
     from dynamo_dist import _runtime
 
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
     x = torch.ones(4)
 
     def fn(t: torch.Tensor) -> torch.Tensor:
@@ -85,12 +105,142 @@ def worker(out: str, calls: int) -> None:
         dist.all_reduce(one, group=pg)
     results["bare all_reduce"] = _median_us(lambda: dist.all_reduce(one, group=pg), calls)
 
-    gathered: list[dict[str, float | None] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, results)
-    if rank == 0:
-        Path(out).write_text(json.dumps(gathered))
-    dist.barrier()
-    dist.destroy_process_group()
+    _finish(out, results)
+
+
+REGIONAL_MODES = ["torch.compile", "dynamo_dist shm", "dynamo_dist gloo"]
+
+
+def regional_worker(out: str, steps: int, blocks: int) -> None:
+    """Per-step times with and without the switch, interleaved in rounds (noise hits both)."""
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    import dynamo_dist
+    from dynamo_dist import _runtime
+
+    class Block(nn.Module):  # user-defined: Dynamo traces it (torch.nn-only code it skips)
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.lin = nn.Linear(dim, dim)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.relu(self.lin(x))
+
+    dist.init_process_group("gloo")
+    x = torch.randn(2, 8)
+    results: dict[str, float | None] = {}
+
+    def build() -> list[nn.Module]:
+        torch.manual_seed(0)
+        return [torch.compile(Block(8), backend="eager", fullgraph=True) for _ in range(blocks)]
+
+    def step(layers: list[nn.Module]) -> None:
+        with torch.no_grad():
+            h = x
+            for layer in layers:
+                h = layer(h)
+
+    rounds = 10
+    for transport in ("shm", "gloo"):
+        mode = f"dynamo_dist {transport}"
+        os.environ["DYNAMO_DIST_TRANSPORT"] = transport
+        plain = build()
+        with dynamo_dist.patch_torch_compile():
+            switched = build()
+        for layers in (plain, switched):
+            for _ in range(20):
+                step(layers)
+        rt = _runtime.current()
+        if (
+            rt is None
+            or rt.transport is None
+            or rt.transport.name
+            not in (
+                transport,
+                f"{transport}+gloo",
+            )
+        ):
+            results[mode] = None
+        else:
+            before = dynamo_dist.stats()["exchanges"]
+            samples: dict[str, list[float]] = {"plain": [], "switched": []}
+            for _ in range(rounds):
+                for name, layers in (("plain", plain), ("switched", switched)):
+                    dist.barrier()
+                    samples[name].append(
+                        _median_us(lambda layers=layers: step(layers), max(5, steps // rounds))
+                    )
+            stats = dynamo_dist.stats()
+            n_switched = rounds * max(5, steps // rounds)
+            results[mode] = statistics.median(samples["switched"])
+            results[f"{mode} baseline"] = statistics.median(samples["plain"])
+            results[f"{mode} exchanges/step"] = (stats["exchanges"] - before) / n_switched
+            results[f"{mode} exchange p50"] = stats.get("p50_us")
+        dynamo_dist.shutdown()
+        torch._dynamo.reset()
+
+    _finish(out, results)
+
+
+def run_regional(nproc: int, steps: int, blocks: int) -> dict[str, float | None]:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "result.json")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "DYNAMO_DIST_LOG": "ERROR"}
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc-per-node={nproc}",
+                "--standalone",
+                __file__,
+                "--worker",
+                out,
+                "--calls",
+                str(steps),
+                "--regional",
+                str(blocks),
+            ],
+            check=True,
+            env=env,
+            timeout=1800,
+            stdout=subprocess.DEVNULL,
+        )
+        per_rank = json.loads(Path(out).read_text())
+    keys = [
+        f"{m} {what}".strip()
+        for m in REGIONAL_MODES[1:]
+        for what in ("", "baseline", "exchanges/step", "exchange p50")
+    ]
+    return {
+        k: (None if any(r.get(k) is None for r in per_rank) else max(r[k] for r in per_rank))
+        for k in keys
+    }
+
+
+def report_regional(nproc: int, steps: int, blocks: int) -> None:
+    res = run_regional(nproc, steps, blocks)
+    print(
+        f"\n{nproc} ranks, one host, {os.cpu_count()} cores: {blocks} blocks compiled one by "
+        f"one (fullgraph), so {blocks} compiled calls per forward step; median us per step "
+        "(max over ranks), plain and switched interleaved in rounds"
+    )
+    for m in REGIONAL_MODES[1:]:
+        v, base = res[m], res[f"{m} baseline"]
+        if v is None or base is None:
+            print(f"  {m:18s}      n/a")
+            continue
+        per = res[f"{m} exchanges/step"] or 0.0
+        print(
+            f"  {m:18s} {v:9.1f}  torch.compile {base:9.1f}: adds {v - base:8.1f} us/step = "
+            f"{(v - base) / blocks:6.1f} us per block call; {per:.0f} exchanges/step; "
+            f"{v / base:4.2f}x torch.compile's step"
+        )
+        p50 = res[f"{m} exchange p50"]
+        if p50 is not None:
+            print(f"  {'':18s} the exchange alone (p50 in the hook): {p50:.1f} us")
 
 
 def run(nproc: int, calls: int, hosts: int = 1) -> dict[str, float | None]:
@@ -154,10 +304,25 @@ def main() -> None:
         action="append",
         help="simulated hosts for the hierarchical run (default 2, with 2 ranks each)",
     )
+    p.add_argument(
+        "--regional",
+        type=int,
+        action="append",
+        metavar="N",
+        help="time regional compilation instead: N blocks compiled one by one (repeatable)",
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        worker(args.worker, args.calls)
+        if args.regional:
+            regional_worker(args.worker, args.calls, args.regional[0])
+        else:
+            worker(args.worker, args.calls)
+        return
+    if args.regional:
+        for blocks in args.regional:
+            for nproc in args.nproc or [2]:
+                report_regional(nproc, max(50, args.calls // blocks), blocks)
         return
     runs = [(n, 1) for n in (args.nproc or [2, 4])]
     runs += [(2, h) for h in (args.hosts if args.hosts is not None else [2]) if h > 1]

@@ -1,7 +1,8 @@
 """dynamo_dist: torch.compile that is safe and fast in multi-rank training.
 
-Public API: :func:`compile`, :func:`local`, :func:`stats`, :func:`shutdown`, :class:`Config`
-and the exceptions below. Everything else is private.
+Public API: :func:`compile`, :func:`local`, :func:`stats`, :func:`shutdown`, :class:`Config`,
+the switch for programs whose framework calls torch.compile (:func:`patch_torch_compile`,
+:func:`set_default_group`) and the exceptions below. Everything else is private.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from ._errors import (  # noqa: E402
     DynamoDistError,
     RankDivergenceError,
 )
+from ._group import set_default_group  # noqa: E402
 from ._local import local  # noqa: E402
+from ._switch import TorchCompilePatch, patch_torch_compile  # noqa: E402
 from ._version import __version__  # noqa: E402
 
 __all__ = [
@@ -29,9 +32,12 @@ __all__ = [
     "ConfigError",
     "DynamoDistError",
     "RankDivergenceError",
+    "TorchCompilePatch",
     "__version__",
     "compile",
     "local",
+    "patch_torch_compile",
+    "set_default_group",
     "shutdown",
     "stats",
 ]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar, overload
 
 import torch
 
 from . import _cache, _config, _group, _hook, _intercept, _local, _log, _runtime, _torch_compat
+from ._callback import GuardedCallback
 from ._config import POLICIES, Config, PolicyName
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -30,6 +33,7 @@ def compile(
     cache_dir: str | None = None,
     config: str | os.PathLike[str] | Config | None = None,
     group: Any = None,
+    **torch_kwargs: Any,
 ) -> _F: ...
 @overload
 def compile(
@@ -46,6 +50,7 @@ def compile(
     cache_dir: str | None = None,
     config: str | os.PathLike[str] | Config | None = None,
     group: Any = None,
+    **torch_kwargs: Any,
 ) -> Callable[[_F], _F]: ...
 
 
@@ -63,6 +68,7 @@ def compile(
     cache_dir: str | None = None,
     config: str | os.PathLike[str] | Config | None = None,
     group: Any = None,
+    **torch_kwargs: Any,
 ) -> Any:
     """Drop-in for :func:`torch.compile` that keeps every rank's compiles in step.
 
@@ -75,15 +81,17 @@ def compile(
     The first call for a group is collective over that group's ranks (it sets up the
     group's exchange channel): call it on every rank of ``group``, after
     ``init_process_group``. ``group`` (a ProcessGroup or a DeviceMesh; default the
-    whole world) is the set of ranks that run this code: a pipeline stage's ranks, for
-    instance (all dp x tp ranks of one stage). Guard exchanges, consensus and the cache
+    group set by :func:`dynamo_dist.set_default_group`, else the whole world) is the
+    set of ranks that run this code: a pipeline stage's ranks, for instance (all dp x
+    tp ranks of one stage). Guard exchanges, consensus and the cache
     agreement then run within it only. Code that only some ranks run (rank-0
     evaluation) belongs inside :func:`dynamo_dist.local`. ``policy``, ``timeout`` and
     ``cache_dir`` override the configuration: ``config`` (a :class:`Config`, used as
     given, or the path of a TOML profile, which the ``DYNAMO_DIST_*`` environment
     overrides; default ``DYNAMO_DIST_CONFIG``). ``disable=True`` returns ``model``
     unchanged, as ``torch.compile(disable=True)`` does, and is not collective: every
-    rank must pass the same value.
+    rank must pass the same value. Any other keyword (``name``, ``recompile_limit``, ...
+    in newer torch) goes to ``torch.compile`` as given.
     """
     if model is None:
 
@@ -101,6 +109,7 @@ def compile(
                 cache_dir=cache_dir,
                 config=config,
                 group=group,
+                **torch_kwargs,
             )
 
         return decorate
@@ -137,6 +146,7 @@ def compile(
         "dynamic": dynamic,
         "mode": mode,
         "options": options,
+        **torch_kwargs,
     }
     runtime = _runtime.ensure(cfg)
     ranks = _group.resolve(group) if runtime is not None else ()
@@ -150,14 +160,15 @@ def compile(
         # (its shared-cache entries, if any, are loaded and published without agreement).
         if profile is not None and runtime is None:
             profile(None)  # a single process: its own profile, nobody to agree with
-        return torch.compile(model, **compile_kwargs)
+        with own_compile():
+            return torch.compile(model, **compile_kwargs)
     channel = runtime.channel(ranks, _hook.describe_callable(model))
     if profile is not None:
         # Every member calls compile() here, the group's channel now set up: the
         # group's one reading of its automatic-dynamic profile, before any trace.
         profile(channel.scope)
     region = _hook.register_region(model, channel.name)
-    with _intercept.adopting(channel, region, cfg.policy) as adopted:
+    with own_compile(), _intercept.adopting(channel, region, cfg.policy) as adopted:
         compiled = torch.compile(model, **compile_kwargs)
     if not adopted:
         _log.get_logger("api").warning(
@@ -181,12 +192,23 @@ def _with_shared_cache(
         )
         return kwargs, None
     inner = _torch_compat.inductor_backend(kwargs["mode"], kwargs["options"], kwargs["dynamic"])
+    backend, load_profile = _caching_backend(model, cfg, inner, kwargs, agree)
+    out = {k: v for k, v in kwargs.items() if k not in ("backend", "mode", "options")}
+    out["backend"] = backend
+    return out, load_profile
+
+
+def _caching_backend(
+    model: Any, cfg: _config.Config, inner: Any, kwargs: dict[str, Any], agree: bool
+) -> tuple[Any, Callable[[Any], None]]:
+    """The shared cache in front of ``inner`` (inductor, as torch.compile built it from
+    ``kwargs``), and the loader of the automatic-dynamic profile."""
     static = {
         "backend": "inductor",
-        "mode": kwargs["mode"],
-        "options": json.dumps(kwargs["options"], sort_keys=True, default=repr),
-        "dynamic": kwargs["dynamic"],
-        "fullgraph": kwargs["fullgraph"],
+        "mode": kwargs.get("mode"),
+        "options": json.dumps(kwargs.get("options"), sort_keys=True, default=repr),
+        "dynamic": kwargs.get("dynamic"),
+        "fullgraph": bool(kwargs.get("fullgraph", False)),
         "source": _cache.source_hash(model),
     }
     cache = _cache.get_cache(cfg, agree)
@@ -197,8 +219,201 @@ def _with_shared_cache(
     def load_profile(scope: Any) -> None:
         profiles.load(scope, source)
 
-    out = {"backend": backend, "fullgraph": kwargs["fullgraph"], "dynamic": kwargs["dynamic"]}
-    return out, load_profile
+    return backend, load_profile
+
+
+_own = threading.local()
+
+
+@contextmanager
+def own_compile() -> Iterator[None]:
+    """Mark dynamo_dist's own ``torch.compile`` calls: a switched ``torch.compile``
+    (:mod:`._switch`) passes them straight through instead of adopting them twice."""
+    depth = getattr(_own, "depth", 0)
+    _own.depth = depth + 1
+    try:
+        yield
+    finally:
+        _own.depth = depth
+
+
+def in_own_compile() -> bool:
+    """Whether this thread is inside dynamo_dist's own ``torch.compile`` call."""
+    return bool(getattr(_own, "depth", 0))
+
+
+def compile_on_first_call(
+    model: Any, torch_compile: Callable[..., Any], kwargs: dict[str, Any]
+) -> Any:
+    """``torch_compile(model, **kwargs)``, made a ``dynamo_dist.compile`` at its first call.
+
+    For the switch (:mod:`._switch`): frameworks call ``torch.compile`` before
+    ``init_process_group``, so whether this is a multi-rank job, and which group runs the
+    code, is only known when the compiled code first runs. What torch.compile returns is
+    torch's own object (an ``OptimizedModule`` for a module): its frame callback and
+    backend are wrapped in place, and an enter hook decides at the first call
+    (:class:`_FirstCall`). Configuration errors still raise here, at ``torch.compile``.
+    """
+    cfg = _config.resolve()
+    _log.configure(cfg.log_level)
+    first = _FirstCall(model, cfg, kwargs)
+    with own_compile(), _torch_compat.wrapping_optimize(first.adopt, backend=first.backend):
+        compiled = torch_compile(model, **kwargs)
+    if not first.callbacks:
+        _log.get_logger("api").warning(
+            "could not attach to this torch's Dynamo context; %s compiles without rank consistency",
+            first.label,
+        )
+    return compiled
+
+
+class _SwitchableBackend:
+    """The backend torch.compile built, until the first call puts the shared cache first."""
+
+    # What Dynamo reads from a backend, copied: forwarding every attribute through
+    # __getattr__ crashes torch 2.13's eval frame (its C++ backend lookup).
+    _FORWARDED = ("compiler_name", "get_compiler_config", "backend_ctx_ctor", "reset")
+
+    def __init__(self, built: Any) -> None:
+        self.built = built
+        self.target = built
+        for name in self._FORWARDED:
+            if hasattr(built, name):
+                setattr(self, name, getattr(built, name))
+
+    def __call__(self, gm: Any, example_inputs: Any) -> Any:
+        return self.target(gm, example_inputs)
+
+    # Dynamo reuses a frame's cache entries across torch.compile calls whose backends
+    # compare equal (torch's wrappers define __eq__): torchtitan compiles each block on
+    # its own, and all blocks share one compiled graph. Identity would compile every
+    # block anew and hit the recompile limit (fullgraph: a hard error).
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _SwitchableBackend) and bool(self.target == other.target)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class _LazyCallback:
+    """Dynamo's frame callback, forwarded as is until the first call attaches a group."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.target = inner
+        # Dynamo's C++ get_backend() follows this chain to the backend keying entries.
+        self._torchdynamo_orig_backend = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def __call__(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
+        return self.target(frame, cache_entry, frame_state)
+
+
+def _no_cleanup() -> None:
+    return None
+
+
+class _FirstCall:
+    """One switched ``torch.compile``: decides, at the first call, plain or rank-consistent.
+
+    Two enter hooks go into the Dynamo context: ``first`` (index 0) and ``last``
+    (appended). At the first call outside ``dynamo_dist.local()``, ``first`` decides:
+    - a multi-rank job: set up the group's channel (collective, like ``compile()``), wrap
+      the callback in :class:`GuardedCallback`, put the shared cache in front of inductor,
+      and swap the two hooks in place for the pending-error check and the region marker,
+      exactly the hooks ``compile()`` installs (same positions; swapped in place, so the
+      list Dynamo is iterating keeps its length and the region marker already runs for
+      this call);
+    - a single process (or ``policy = off``): nothing, as plain torch.compile; both hooks
+      are removed after this call returns (the list is not being iterated then).
+    """
+
+    def __init__(self, model: Any, cfg: _config.Config, kwargs: dict[str, Any]) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.kwargs = kwargs
+        self.label = _hook.describe_callable(model)
+        self.callbacks: list[_LazyCallback] = []
+        self.ctxs: list[Any] = []
+        self.backends: list[_SwitchableBackend] = []
+        self.state = "pending"  # -> "attached" | "plain"
+        self._lock = threading.RLock()
+        # The hooks as installed (each attribute access makes a new bound method).
+        self._hooks = (self._first, self._last)
+
+    def backend(self, built: Any) -> Any:
+        b = _SwitchableBackend(built)
+        self.backends.append(b)
+        return b
+
+    def adopt(self, ctx: Any) -> Any:
+        if hasattr(ctx, "callback") and hasattr(ctx, "enter_exit_hooks") and callable(ctx.callback):
+            lazy = _LazyCallback(ctx.callback)
+            ctx.callback = lazy
+            ctx.enter_exit_hooks.insert(0, self._hooks[0])
+            ctx.enter_exit_hooks.append(self._hooks[1])
+            self.callbacks.append(lazy)
+            self.ctxs.append(ctx)
+        return ctx
+
+    def _first(self) -> Callable[[], None]:
+        if self.state == "pending" and not _local.is_local():
+            self._decide()
+        if self.state == "plain":
+            return self._drop_hooks
+        return _no_cleanup
+
+    def _last(self) -> Callable[[], None]:
+        return _no_cleanup
+
+    def _drop_hooks(self) -> None:
+        for ctx in self.ctxs:
+            hooks = ctx.enter_exit_hooks
+            hooks[:] = [h for h in hooks if all(h is not mine for mine in self._hooks)]
+
+    def _decide(self) -> None:
+        with self._lock:
+            if self.state != "pending":
+                return
+            runtime = _runtime.ensure(self.cfg)
+            if runtime is None:
+                # A single process (or policy off): exactly plain torch.compile.
+                self.state = "plain"
+                return
+            ranks = _group.resolve(None)
+            load_profile: Callable[[Any], None] | None = None
+            caching: Any = None
+            if self.cfg.cache_dir and self.backends:
+                built = self.backends[0].built
+                if _torch_compat.is_inductor_backend(built):
+                    caching, load_profile = _caching_backend(
+                        self.model, self.cfg, built, self.kwargs, agree=True
+                    )
+                else:
+                    _log.get_logger("cache").info(
+                        "cache_dir is set but %s does not compile with inductor: nothing to cache",
+                        self.label,
+                    )
+            channel = runtime.channel(ranks, self.label)
+            if load_profile is not None:
+                load_profile(channel.scope)
+            region = _hook.register_region(self.model, channel.name)
+            if caching is not None:
+                for b in self.backends:
+                    b.target = caching
+            for lazy in self.callbacks:
+                lazy.target = GuardedCallback(
+                    lazy.inner, channel.policy, self.cfg.policy, channel.scope, channel.counts
+                )
+            enter = _hook.region_enter(region, channel.hook)
+            for ctx in self.ctxs:
+                hooks = ctx.enter_exit_hooks
+                first, last = (next(i for i, h in enumerate(hooks) if h is m) for m in self._hooks)
+                hooks[first] = _hook.PENDING_CHECK
+                hooks[last] = enter
+            self.state = "attached"
 
 
 def stats() -> dict[str, Any]:

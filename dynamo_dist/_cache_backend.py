@@ -38,6 +38,20 @@ class CachingBackend:
         # Dynamo asks the backend for inductor's attributes (compiler_name, get_compiler_config).
         return getattr(self._inner, name)
 
+    # Equal backends share a frame's compiled entries across torch.compile calls, as
+    # torch's own backend wrappers do: one graph for all of torchtitan's per-block
+    # compiles of one block class, instead of one per block up to the recompile limit.
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, CachingBackend)
+            and other._cache is self._cache
+            and other._static == self._static
+            and bool(other._inner == self._inner)
+        )
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted((k, str(v)) for k, v in self._static.items()))))
+
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
         try:
             key, factors = graph_key(gm, example_inputs, self._static)

@@ -107,6 +107,17 @@ class Config:
     )
     """Path of a JSON job report written by rank 0 at exit; None prints the table only."""
 
+    all_compiles: bool = _key(
+        False,
+        flag="--all-compiles",
+        help="make every torch.compile in the workers a dynamo_dist.compile",
+    )
+    """Make every ``torch.compile`` in the program behave as ``dynamo_dist.compile``, for
+    programs whose framework compiles for them (HF Trainer, accelerate, Lightning,
+    torchtitan). Read when torch is first imported, by the import hook the package
+    installs, from the environment or from the ``DYNAMO_DIST_CONFIG`` profile; the group is
+    the whole world unless the program calls ``dynamo_dist.set_default_group``."""
+
     def __post_init__(self) -> None:
         _validate(self, source="arguments")
 
@@ -176,7 +187,7 @@ def _check_for(key: str, hint: Any) -> Callable[[Any], Any]:
 
 
 class LauncherFlag(NamedTuple):
-    """A ``dynamo-dist-run`` option for one config key."""
+    """A ``dynamo-dist-run`` option for one config key (no ``metavar``: an on/off switch)."""
 
     key: str
     flag: str

@@ -35,19 +35,60 @@ from ._log import get_logger
 
 log = get_logger("group")
 
-__all__ = ["all_gather_objects", "gloo_group", "group_key", "group_name", "rendezvous", "resolve"]
+__all__ = [
+    "all_gather_objects",
+    "default_group",
+    "gloo_group",
+    "group_key",
+    "group_name",
+    "rendezvous",
+    "resolve",
+    "set_default_group",
+]
 
 _PREFIX = "dynamo_dist/groups"
 _setups: dict[tuple[int, ...], int] = {}
+_default: Any = None
+
+
+def set_default_group(group: Any) -> None:
+    """The group a ``dynamo_dist.compile`` without ``group=`` runs in (None: the world).
+
+    Programs that never call ``dynamo_dist.compile`` themselves (every ``torch.compile``
+    switched to it, see :func:`dynamo_dist.patch_torch_compile`) cannot pass ``group=``:
+    an environment variable cannot name a process group. A pipeline-parallel program
+    sets its stage's group here once, after ``init_process_group`` and before the first
+    call of compiled code, since the switch decides the group at that call.
+    """
+    global _default
+    if group is not None and group is not dist.GroupMember.NON_GROUP_MEMBER:
+        mesh = getattr(group, "mesh", None)
+        if not (
+            isinstance(group, dist.ProcessGroup)
+            or (isinstance(mesh, torch.Tensor) and hasattr(group, "get_group"))
+        ):
+            raise TypeError(
+                "dynamo_dist.set_default_group: group must be None (the whole world), a "
+                f"torch.distributed ProcessGroup or a DeviceMesh; got {type(group).__name__}"
+            )
+    _default = group
+
+
+def default_group() -> Any:
+    """What :func:`set_default_group` set (None: the whole world)."""
+    return _default
 
 
 def resolve(group: Any) -> tuple[int, ...]:
-    """The sorted global ranks of ``group``: None (the world), a ProcessGroup or a DeviceMesh.
+    """The sorted global ranks of ``group``: a ProcessGroup or a DeviceMesh, or None for
+    the default group (:func:`set_default_group`, else the whole world).
 
     A DeviceMesh stands for all the ranks of this rank's (sub)mesh, e.g. one pipeline
     stage's dp x tp ranks in a torchtitan layout.
     """
     world = dist.get_world_size()
+    if group is None:
+        group = _default
     if group is None:
         return tuple(range(world))
     ranks: list[int]

@@ -117,11 +117,16 @@ def dynamo_would_trace(code: Any) -> bool:
         return True
 
 
-def wrapping_optimize(wrap: Callable[[Any], Any]) -> AbstractContextManager[None]:
+def wrapping_optimize(
+    wrap: Callable[[Any], Any], backend: Callable[[Any], Any] | None = None
+) -> AbstractContextManager[None]:
     """While active, pass every context ``torch._dynamo.optimize`` builds through ``wrap``.
 
-    ``torch.compile`` ends with ``torch._dynamo.optimize(...)(model)`` in torch 2.9 through
-    2.13. Patched for the duration of the ``with`` block only, and restored on exit.
+    ``backend``, if given, replaces the backend object torch.compile built from its
+    arguments (``inductor`` with ``mode`` and ``options``, say) with ``backend(built)``.
+    ``torch.compile`` ends with ``torch._dynamo.optimize(backend=..., ...)(model)`` in torch
+    2.9 through 2.13. Patched for the duration of the ``with`` block only, and restored on
+    exit.
     """
     import contextlib
 
@@ -132,6 +137,8 @@ def wrapping_optimize(wrap: Callable[[Any], Any]) -> AbstractContextManager[None
         original = dynamo.optimize
 
         def optimize(*args: Any, **kwargs: Any) -> Any:
+            if backend is not None and "backend" in kwargs:
+                kwargs["backend"] = backend(kwargs["backend"])
             return wrap(original(*args, **kwargs))
 
         dynamo.optimize = optimize
@@ -163,6 +170,16 @@ def inductor_backend(mode: str | None, options: dict[str, Any] | None, dynamic: 
     import torch
 
     return cast(Any, torch._TorchCompileInductorWrapper)(mode, options, dynamic)
+
+
+def is_inductor_backend(backend: Any) -> bool:
+    """Whether ``backend`` is what ``torch.compile(backend="inductor")`` built (not AOTI).
+
+    ``torch._TorchCompileInductorWrapper``: torch 2.9 through 2.13.
+    """
+    import torch
+
+    return type(backend) is getattr(torch, "_TorchCompileInductorWrapper", None)
 
 
 def _compiler_collective(gather: Callable[[Any, Any], list[Any]]) -> Callable[[Any], None]:

@@ -1,7 +1,8 @@
 """``dynamo-dist-run``: torchrun with dynamo_dist's settings, for unmodified scripts.
 
     dynamo-dist-run [--config FILE] [--cache-dir DIR] [--policy P] [--timeout S]
-                    [--report PATH] <any torchrun arguments> script.py [script args]
+                    [--report PATH] [--all-compiles]
+                    <any torchrun arguments> script.py [script args]
 
 Built on ``torch.distributed.run``: its own parser and ``run()``, so every
 torchrun flag (rendezvous, multi-node, restarts, log redirection) behaves as
@@ -41,7 +42,12 @@ def parser() -> argparse.ArgumentParser:
         help="TOML profile (see configs/); default $DYNAMO_DIST_CONFIG",
     )
     for f in _config.LAUNCHER_FLAGS:
-        g.add_argument(f.flag, dest=f"dd_{f.key}", metavar=f.metavar, help=f.help)
+        if f.metavar:
+            g.add_argument(f.flag, dest=f"dd_{f.key}", metavar=f.metavar, help=f.help)
+        else:  # a switch: present means on; absent leaves the profile's or environment's
+            g.add_argument(
+                f.flag, dest=f"dd_{f.key}", action="store_const", const=True, help=f.help
+            )
     return p
 
 

@@ -97,6 +97,7 @@ def test_checks_env_and_flags_derive_from_the_fields():
         "cache_dir": "--cache-dir",
         "cache_followers": "--cache-followers",
         "report": "--report",
+        "all_compiles": "--all-compiles",
     }
     # Choices come from the Literal annotations.
     assert C.POLICIES == ("sync", "strict", "warn", "off")

@@ -201,9 +201,12 @@ def test_public_api():
         "ConfigError",
         "DynamoDistError",
         "RankDivergenceError",
+        "TorchCompilePatch",
         "__version__",
         "compile",
         "local",
+        "patch_torch_compile",
+        "set_default_group",
         "shutdown",
         "stats",
     }

@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_runtime",),  # lifecycle
     ("_intercept",),
     ("_api",),  # api / launcher
+    ("_switch",),  # every torch.compile as dynamo_dist.compile
     ("launch", "_cache_cli"),
     ("cli", "__init__", "__main__"),
 ]
