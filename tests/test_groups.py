@@ -121,7 +121,14 @@ def pipeline(rank: int, world: int, layout: str) -> dict[str, Any]:
     stage, replica, group, pg, peer, module = _stage_setup(rank, world, layout)
     cb = CountingBackend()
     try:
-        cstage = dynamo_dist.compile(module, backend=cb, group=None if layout == "world" else group)
+        if layout == "switch":
+            # Every torch.compile switched (DYNAMO_DIST_ALL_COMPILES=1): the program sets
+            # its stage's group once, as the README says pipeline programs must.
+            dynamo_dist.set_default_group(group)
+            cstage = torch.compile(module, backend=cb)
+        else:
+            group_arg = None if layout == "world" else group
+            cstage = dynamo_dist.compile(module, backend=cb, group=group_arg)
         losses = _train_stage(module, cstage, stage, replica, peer, layout, pg)
     except dynamo_dist.DynamoDistError as e:
         return error_result(cb, e, stage=stage, missing=getattr(e, "missing", None))
@@ -165,7 +172,7 @@ def _finite(module: nn.Module, losses: list[float]) -> bool:
 def _stage_setup(rank: int, world: int, layout: str) -> tuple[int, int, Any, Any, int, nn.Module]:
     """This rank's stage, replica, group (to compile with), process group, peer and module."""
     assert world == 4
-    if layout in ("new_group", "world"):
+    if layout in ("new_group", "world", "switch"):
         groups = {s: dist.new_group(r) for s, r in STAGE_RANKS.items()}
         stage, replica = divmod(rank, 2)
         group: Any = groups[stage]
@@ -376,6 +383,19 @@ def test_pipeline_stages_exchange_within_their_group(tmp_path, layout):
     # Both replicas trained every step (the last stage records the loss).
     for r in (2, 3):
         assert len(run.rank(r)["losses"]) == STEPS
+
+
+def test_pipeline_stages_under_the_switch_exchange_within_the_default_group(tmp_path):
+    run = ranks.launch(
+        HERE,
+        "pipeline",
+        "switch",
+        tmp=tmp_path,
+        nproc=4,
+        timeout=500,
+        env={"DYNAMO_DIST_ALL_COMPILES": "1"},
+    )
+    _assert_scoped(run, STAGE_RANKS)
 
 
 def test_pipeline_stages_without_group_time_out(tmp_path):
