@@ -42,7 +42,13 @@ class _AfterTorch(Loader):
         try:
             self._inner.exec_module(module)
         finally:
-            uninstall()  # torch's import is over: no meta_path iteration is under way
+            # torch's own loader back where importlib.resources and pkgutil look for it.
+            module.__loader__ = self._inner
+            if module.__spec__ is not None:
+                module.__spec__.loader = self._inner
+        # torch is imported and no meta_path iteration is under way. (A failed import
+        # leaves the finder in place for the program's next attempt.)
+        uninstall()
         try:
             from dynamo_dist import _switch
 

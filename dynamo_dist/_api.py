@@ -14,6 +14,7 @@ import torch
 from . import _cache, _config, _group, _hook, _intercept, _local, _log, _runtime, _torch_compat
 from ._callback import GuardedCallback
 from ._config import POLICIES, Config, PolicyName
+from ._stats import Counts
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -296,18 +297,30 @@ class _SwitchableBackend:
 
 
 class _LazyCallback:
-    """Dynamo's frame callback, forwarded as is until the first call attaches a group."""
+    """Dynamo's frame callback, forwarded as is until the first call attaches a group.
 
-    def __init__(self, inner: Any) -> None:
+    Until then, a compile inside ``dynamo_dist.local()`` (rank-0 evaluation before the
+    first training step) goes through ``local``, which keeps it out of the recompile
+    limit and automatic-dynamic state of the calls outside ``local()``, as ``compile()``
+    does.
+    """
+
+    def __init__(self, inner: Any, local: GuardedCallback | None = None) -> None:
         self.inner = inner
         self.target = inner
+        self.local = local
         # Dynamo's C++ get_backend() follows this chain to the backend keying entries.
         self._torchdynamo_orig_backend = inner
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("inner", "target") or name.startswith("__"):
+            # Not set yet (copy.deepcopy, unpickling): never look it up through itself.
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def __call__(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
+        if self.target is self.inner and self.local is not None and _local.is_local():
+            return self.local(frame, cache_entry, frame_state)
         return self.target(frame, cache_entry, frame_state)
 
 
@@ -339,6 +352,7 @@ class _FirstCall:
         self.ctxs: list[Any] = []
         self.backends: list[_SwitchableBackend] = []
         self.state = "pending"  # -> "attached" | "plain"
+        self.counts = Counts()  # rank-local compiles before the first call outside local()
         self._lock = threading.RLock()
         # The hooks as installed (each attribute access makes a new bound method).
         self._hooks = (self._first, self._last)
@@ -350,7 +364,10 @@ class _FirstCall:
 
     def adopt(self, ctx: Any) -> Any:
         if hasattr(ctx, "callback") and hasattr(ctx, "enter_exit_hooks") and callable(ctx.callback):
-            lazy = _LazyCallback(ctx.callback)
+            local = GuardedCallback(
+                ctx.callback, None, self.cfg.policy, None, self.counts, wrapper_frames=1
+            )
+            lazy = _LazyCallback(ctx.callback, local)
             ctx.callback = lazy
             ctx.enter_exit_hooks.insert(0, self._hooks[0])
             ctx.enter_exit_hooks.append(self._hooks[1])
@@ -359,7 +376,9 @@ class _FirstCall:
         return ctx
 
     def _first(self) -> Callable[[], None]:
-        if self.state == "pending" and not _local.is_local():
+        # A first call inside local() in a job waits for the first call outside it: the
+        # group's channel is set up collectively, and the other ranks are not here.
+        if self.state == "pending" and (not _local.is_local() or _runtime.distributed_world() <= 1):
             self._decide()
         if self.state == "plain":
             return self._drop_hooks
@@ -381,6 +400,16 @@ class _FirstCall:
             if runtime is None:
                 # A single process (or policy off): exactly plain torch.compile.
                 self.state = "plain"
+                world = os.environ.get("WORLD_SIZE", "1")
+                if self.cfg.policy != "off" and world.isdigit() and int(world) > 1:
+                    _log.get_logger("api").warning(
+                        "%s was first called before init_process_group in a job of %s "
+                        "ranks: it stays plain torch.compile, without rank consistency. "
+                        "Initialize the process group before the first call of compiled "
+                        "code (a warm-up or shape probe included)",
+                        self.label,
+                        world,
+                    )
                 return
             ranks = _group.resolve(None)
             load_profile: Callable[[Any], None] | None = None
@@ -397,6 +426,7 @@ class _FirstCall:
                         self.label,
                     )
             channel = runtime.channel(ranks, self.label)
+            channel.counts.local_compiles += self.counts.local_compiles
             if load_profile is not None:
                 load_profile(channel.scope)
             region = _hook.register_region(self.model, channel.name)
@@ -405,7 +435,12 @@ class _FirstCall:
                     b.target = caching
             for lazy in self.callbacks:
                 lazy.target = GuardedCallback(
-                    lazy.inner, channel.policy, self.cfg.policy, channel.scope, channel.counts
+                    lazy.inner,
+                    channel.policy,
+                    self.cfg.policy,
+                    channel.scope,
+                    channel.counts,
+                    wrapper_frames=1,  # _LazyCallback.__call__ sits between Dynamo and it
                 )
             enter = _hook.region_enter(region, channel.hook)
             for ctx in self.ctxs:

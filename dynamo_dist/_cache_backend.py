@@ -36,6 +36,8 @@ class CachingBackend:
 
     def __getattr__(self, name: str) -> Any:
         # Dynamo asks the backend for inductor's attributes (compiler_name, get_compiler_config).
+        if name == "_inner" or name.startswith("__"):
+            raise AttributeError(name)  # not set yet (copy.deepcopy, unpickling)
         return getattr(self._inner, name)
 
     # Equal backends share a frame's compiled entries across torch.compile calls, as

@@ -83,8 +83,10 @@ class GuardedCallback:
         policy_name: str,
         scope: Scope | None,
         counts: Counts,
+        wrapper_frames: int = 0,
     ) -> None:
         self._inner = inner
+        self._wrapper_frames = wrapper_frames  # Python frames between Dynamo and us
         self._policy = policy  # None: a group of one rank, nobody to exchange with
         self._policy_name = policy_name
         self._scope = scope
@@ -94,6 +96,9 @@ class GuardedCallback:
         self._torchdynamo_orig_backend = inner
 
     def __getattr__(self, name: str) -> Any:
+        if name == "_inner" or name.startswith("__"):
+            # Not set yet (copy.deepcopy, unpickling): never look it up through itself.
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
     def __call__(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
@@ -109,7 +114,7 @@ class GuardedCallback:
             policy.check_thread()
             if cache_entry is None and _torch_compat.dynamo_would_trace(frame.f_code):
                 # Called from here so that its skip=2 lands on the frame's caller.
-                policy.exchange_first_entry(frame.f_code)
+                policy.exchange_first_entry(frame.f_code, self._wrapper_frames)
             outcome = policy.take_mixed()
             if outcome is not None:
                 policy.handle_mixed(outcome, self._policy_name, frame, cache_entry)

@@ -39,7 +39,7 @@ class Policy:
         if not self.hook.thread_ok():
             raise wrong_thread(self.hook.owner_thread)
 
-    def exchange_first_entry(self, code: Any = None) -> bool:
+    def exchange_first_entry(self, code: Any = None, wrapper_frames: int = 0) -> bool:
         """Exchange a local miss for a frame this rank has no entries for.
 
         Dynamo calls the C++ hook only for frames that already have compiled entries;
@@ -49,9 +49,12 @@ class Policy:
         """
         self.counts.first_entry_exchanges += 1
         # skip=2: this method's frame and the callback wrapper's frame sit above the
-        # caller of the frame Dynamo is evaluating.
+        # caller of the frame Dynamo is evaluating, plus ``wrapper_frames`` more where
+        # the callback wrapper is itself wrapped (the switch's lazy callback). Another
+        # rank's identity for the same call comes from the C++ hook, with no Python
+        # frames of ours: the two must name the same caller.
         # code: the frame's own code, which the hook finds as the pending callee.
-        ident = _C.current_identity(2, code)
+        ident = _C.current_identity(2 + wrapper_frames, code)
         try:
             return self.hook.exchange(False, ident)
         except BaseException as e:

@@ -3,7 +3,7 @@
 Most users never call ``torch.compile`` themselves: Hugging Face ``Trainer``,
 accelerate, Lightning and torchtitan call it for them, often before
 ``init_process_group``. So the switch replaces the ``torch.compile`` attribute with
-:func:`_compile`, which forwards every argument to the ``torch.compile`` it replaced
+``_make_compile``'s function, which forwards every argument to the ``torch.compile`` it replaced
 and adds dynamo_dist's policy, timeout and cache, decided at the first call of the
 compiled code (``_api.compile_on_first_call``). Covered: ``torch.compile(fn)``,
 ``@torch.compile`` and ``@torch.compile(...)``, and ``nn.Module.compile()`` (which
@@ -41,32 +41,40 @@ _lock = threading.Lock()
 
 
 class _State:
-    original: Callable[..., Any] | None = None  # the torch.compile ours replaced
-    installed: Callable[..., Any] | None = None  # ours, as installed on torch
-    on = False  # off: ours (if still in someone's chain) passes through
+    installed: Callable[..., Any] | None = None  # ours, as last installed on torch
+    on = False  # off: every installed copy of ours passes through
 
 
 _state = _State()
 
 
-def _compile(model: Any = None, **kwargs: Any) -> Any:
-    """``torch.compile`` while the switch is on: see the module docstring."""
-    original = _state.original
-    assert original is not None  # only ever installed with it set
-    if model is None:
-        # Decorator with arguments: torch's own decorator would call torch's module-level
-        # compile, not the torch.compile attribute, and miss the switch.
-        def decorate(fn: Any) -> Any:
-            if fn is None:
-                raise RuntimeError("Model can't be None")
-            return _compile(fn, **kwargs)
+def _make_compile(original: Callable[..., Any]) -> Callable[..., Any]:
+    """A ``torch.compile`` that adds dynamo_dist to ``original`` while the switch is on.
 
-        return decorate
-    if not _state.on or _api.in_own_compile() or kwargs.get("disable", False):
-        # Off (undone under someone else's wrapper), dynamo_dist's own compile, or
-        # disable=True: exactly the torch.compile we replaced.
-        return original(model, **kwargs)
-    return _api.compile_on_first_call(model, original, kwargs)
+    Each installation has its own ``original``: under another library's wrapper, a
+    second installation on top must not call back into itself. A reference taken while
+    the switch was on keeps working after it is turned off (it passes through).
+    """
+
+    @functools.wraps(original)
+    def compile(model: Any = None, **kwargs: Any) -> Any:
+        if model is None:
+            # Decorator with arguments: torch's own decorator would call torch's
+            # module-level compile, not the torch.compile attribute, and miss the switch.
+            def decorate(fn: Any) -> Any:
+                if fn is None:
+                    raise RuntimeError("Model can't be None")
+                return compile(fn, **kwargs)
+
+            return decorate
+        if not _state.on or _api.in_own_compile() or kwargs.get("disable", False):
+            # Off, dynamo_dist's own compile (or another copy of ours already adding
+            # it, further out), or disable=True: exactly the torch.compile we replaced.
+            return original(model, **kwargs)
+        return _api.compile_on_first_call(model, original, kwargs)
+
+    compile.__dynamo_dist_switch__ = True  # type: ignore[attr-defined]
+    return compile
 
 
 class TorchCompilePatch:
@@ -112,18 +120,14 @@ def patch_torch_compile() -> TorchCompilePatch:
         if _state.on:
             return TorchCompilePatch(owner=False)
         current = torch.compile
-        if _state.installed is not None and (
-            current is _state.installed or _in_chain(current, _state.installed)
-        ):
+        if _ours_in_chain(current):
             # Undone earlier under another library's wrapper: ours is still installed,
             # or in that wrapper's chain, passing through. Turning it back on is
-            # enough; wrapping again would adopt every compile twice.
+            # enough.
             _state.on = True
             log.info("torch.compile switch on again (ours was still in torch.compile's chain)")
             return TorchCompilePatch(owner=True)
-        _state.original = current
-        installed = functools.wraps(current)(_compile)
-        installed.__dynamo_dist_switch__ = True  # type: ignore[attr-defined]
+        installed = _make_compile(current)
         _state.installed = installed
         _state.on = True
         torch.compile = installed
@@ -131,17 +135,20 @@ def patch_torch_compile() -> TorchCompilePatch:
         return TorchCompilePatch(owner=True)
 
 
-def _in_chain(fn: Any, target: Any) -> bool:
-    """Whether ``target`` is reachable from ``fn`` through ``__wrapped__`` links."""
-    seen = 0
-    while fn is not None and seen < 32:
-        if fn is target:
+def _ours_in_chain(fn: Any) -> bool:
+    """Whether a copy of ours is ``fn`` or reachable from it through ``__wrapped__``.
+
+    A wrapper without ``__wrapped__`` hides what it calls: then ours is installed again
+    on top, which is harmless (an inner copy passes through while an outer one adds
+    dynamo_dist), where assuming ours inside would leave the switch on and doing nothing.
+    """
+    for _ in range(32):
+        if fn is None:
+            return False
+        if getattr(fn, "__dynamo_dist_switch__", False):
             return True
         fn = getattr(fn, "__wrapped__", None)
-        seen += 1
-    # A wrapper that does not set __wrapped__: assume ours is inside it (it was there
-    # when we were turned off), rather than wrap a second time.
-    return fn is None
+    return False
 
 
 def _turn_off() -> None:
@@ -149,10 +156,10 @@ def _turn_off() -> None:
         if not _state.on:
             return
         _state.on = False
-        if torch.compile is _state.installed:
-            torch.compile = _state.original  # type: ignore[assignment]
+        installed = _state.installed
+        if installed is not None and torch.compile is installed:
+            torch.compile = installed.__wrapped__  # type: ignore[attr-defined]
             _state.installed = None
-            _state.original = None
             log.info("torch.compile switch off: torch.compile restored")
         else:
             log.info(

@@ -11,6 +11,7 @@ Sections, in the order of the architecture (hook -> exchange -> policy -> consen
 from __future__ import annotations
 
 import json
+import threading
 import types
 from typing import Any
 
@@ -117,6 +118,9 @@ def dynamo_would_trace(code: Any) -> bool:
         return True
 
 
+_optimize_lock = threading.RLock()  # wrapping_optimize windows, one thread at a time
+
+
 def wrapping_optimize(
     wrap: Callable[[Any], Any], backend: Callable[[Any], Any] | None = None
 ) -> AbstractContextManager[None]:
@@ -126,7 +130,9 @@ def wrapping_optimize(
     arguments (``inductor`` with ``mode`` and ``options``, say) with ``backend(built)``.
     ``torch.compile`` ends with ``torch._dynamo.optimize(backend=..., ...)(model)`` in torch
     2.9 through 2.13. Patched for the duration of the ``with`` block only, and restored on
-    exit.
+    exit. Windows of different threads take turns (a lock): interleaved, their saves and
+    restores would leave ``optimize`` patched for good. Within a window, only this
+    thread's calls are wrapped.
     """
     import contextlib
 
@@ -134,18 +140,22 @@ def wrapping_optimize(
 
     @contextlib.contextmanager
     def scope() -> Iterator[None]:
-        original = dynamo.optimize
+        with _optimize_lock:
+            original = dynamo.optimize
+            owner = threading.get_ident()
 
-        def optimize(*args: Any, **kwargs: Any) -> Any:
-            if backend is not None and "backend" in kwargs:
-                kwargs["backend"] = backend(kwargs["backend"])
-            return wrap(original(*args, **kwargs))
+            def optimize(*args: Any, **kwargs: Any) -> Any:
+                if threading.get_ident() != owner:
+                    return original(*args, **kwargs)
+                if backend is not None and "backend" in kwargs:
+                    kwargs["backend"] = backend(kwargs["backend"])
+                return wrap(original(*args, **kwargs))
 
-        dynamo.optimize = optimize
-        try:
-            yield
-        finally:
-            dynamo.optimize = original
+            dynamo.optimize = optimize
+            try:
+                yield
+            finally:
+                dynamo.optimize = original
 
     return scope()
 

@@ -43,7 +43,7 @@ class _Net(nn.Module):
 EARLY_BACKEND = CountingBackend()
 EARLY = (
     torch.compile(_Net(), backend=EARLY_BACKEND)
-    if __name__ == "__main__" and sys.argv[1:2] == ["early_compile"]
+    if __name__ == "__main__" and sys.argv[1:2] in (["early_compile"], ["local_first"])
     else None
 )
 
@@ -58,6 +58,27 @@ def early_compile(rank: int, world: int) -> dict[str, Any]:
         model(torch.randn(n, 8)).backward()
     switched = bool(getattr(torch.compile, "__dynamo_dist_switch__", False))
     return result(EARLY_BACKEND, True, switched=switched)
+
+
+def local_first(rank: int, world: int) -> dict[str, Any]:
+    """Rank 0 evaluates inside local() before anyone trains (the README's pattern).
+
+    Rank 0 then holds an entry for the frame and rank 1 none: their first training call
+    is exchanged by the C++ hook on rank 0 and by the switch's callback on rank 1, and
+    both must name the same frame and caller.
+    """
+    import dynamo_dist
+
+    assert EARLY is not None
+    if rank == 0:
+        with dynamo_dist.local(), torch.no_grad():
+            EARLY(torch.randn(3, 8))
+    try:
+        for _ in range(3):
+            EARLY(torch.randn(4, 8)).backward()
+    except dynamo_dist.DynamoDistError as e:
+        return result(EARLY_BACKEND, False, error=type(e).__name__, message=str(e))
+    return result(EARLY_BACKEND, True)
 
 
 class _Block(nn.Module):
@@ -174,6 +195,15 @@ def test_compiled_before_init_process_group_decides_at_the_first_call(tmp_path, 
     else:  # the negative control: plain torch.compile
         assert not any(r["switched"] for r in res)
         assert graphs == [1, 2], graphs
+
+
+def test_rank0_local_evaluation_before_training_under_the_switch(tmp_path):
+    env = {**SWITCH, "DYNAMO_DIST_TIMEOUT": "60"}
+    run = ranks.launch(HERE, "local_first", tmp=tmp_path, env=env, timeout=300)
+    res = [run.rank(r) for r in (0, 1)]
+    assert all(r["ok"] for r in res), [r.get("message") for r in res]
+    assert res[0]["stats"]["local_compiles"] == 1  # kept out of the training calls' limit
+    assert res[0]["stats"]["compiles"] == res[1]["stats"]["compiles"] >= 1
 
 
 def test_hf_trainer_compiles_the_same_on_every_rank_only_with_the_switch(tmp_path):

@@ -184,8 +184,8 @@ class _RecordingPolicy:
     def check_thread(self) -> None:
         pass
 
-    def exchange_first_entry(self, code: Any = None) -> bool:
-        ident = _C.current_identity(2, code)
+    def exchange_first_entry(self, code: Any = None, wrapper_frames: int = 0) -> bool:
+        ident = _C.current_identity(2 + wrapper_frames, code)
         self.first.append((code.co_name, ident))
         return bool(self.hook.exchange(False, ident))
 

@@ -27,7 +27,7 @@ def _restore_torch_compile():
     while _switch.is_on():
         _switch._turn_off()
     torch.compile = ORIGINAL
-    _switch._state.installed = _switch._state.original = None
+    _switch._state.installed = None
 
 
 class _Net(torch.nn.Module):
@@ -167,6 +167,78 @@ def test_per_block_compiles_share_one_graph_through_the_shared_cache(tmp_path):
     assert _unique_graphs(make) == 1
 
 
+def test_a_reference_taken_while_on_passes_through_after_undo():
+    with dynamo_dist.patch_torch_compile():
+        saved = torch.compile  # `from torch import compile` in a module imported here
+        decorator = torch.compile(backend="eager")
+    x = torch.randn(3)
+    torch.testing.assert_close(saved(_f, backend="eager")(x), _f(x))
+    torch.testing.assert_close(decorator(_f)(x), _f(x))
+
+
+def test_a_wrapper_without_wrapped_gets_ours_on_top_when_switched_on_again():
+    real = torch.compile
+    patch = dynamo_dist.patch_torch_compile()
+    ours = torch.compile
+
+    def theirs(model=None, **kwargs):  # captured ours; no __wrapped__ to follow
+        return ours(model, **kwargs)
+
+    torch.compile = theirs
+    patch.undo()
+    assert torch.compile is theirs
+    dynamo_dist.patch_torch_compile()
+    assert torch.compile is not theirs and torch.compile.__wrapped__ is theirs
+    compiled = torch.compile(_Net(), backend="eager")
+    adopted = [h for h in compiled.dynamo_ctx.enter_exit_hooks if getattr(h, "__self__", None)]
+    assert len(adopted) == 2, "adopted once: the inner copy of ours passed through"
+    _switch._turn_off()
+    assert torch.compile is theirs
+    torch.compile = real
+
+
+def test_switched_modules_copy_and_pickle_like_torchs():
+    import copy
+    import io
+    import pickle
+
+    x = torch.randn(4, 3)
+    with dynamo_dist.patch_torch_compile():
+        fresh = torch.compile(_Net(), backend="eager")
+        called = torch.compile(_Net(), backend="eager")
+    called(x)
+    for compiled in (fresh, called):
+        expect = compiled(x)
+        torch.testing.assert_close(copy.deepcopy(compiled)(x), expect)
+        torch.testing.assert_close(pickle.loads(pickle.dumps(compiled))(x), expect)
+        buf = io.BytesIO()
+        torch.save(compiled, buf)
+        buf.seek(0)
+        torch.testing.assert_close(torch.load(buf, weights_only=False)(x), expect)
+
+
+def test_compiles_from_several_threads_leave_dynamo_unpatched():
+    import threading
+
+    import torch._dynamo as dynamo
+
+    before = dynamo.optimize
+
+    def work() -> None:
+        for i in range(100):
+            torch.compile(lambda a, i=i: a + i, backend="eager")
+
+    with dynamo_dist.patch_torch_compile():
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert dynamo.optimize is before
+    plain = dynamo.optimize("eager")
+    assert not any(getattr(h, "__self__", None) for h in plain.enter_exit_hooks)
+
+
 def test_set_default_group_rejects_what_is_not_a_group():
     with pytest.raises(TypeError, match="ProcessGroup or a DeviceMesh; got str"):
         dynamo_dist.set_default_group("world")
@@ -176,9 +248,11 @@ def test_set_default_group_rejects_what_is_not_a_group():
 # -- the import hook, in fresh interpreters ----------------------------------------------
 PROBE = textwrap.dedent(
     """
-    import json, sys
+    import importlib.resources, json, sys
     early = {m: m in sys.modules for m in ("torch", "dynamo_dist", "_dynamo_dist_switch")}
     import torch
+    # torch's own loader stays on the module (resources and pkgutil read it)
+    assert importlib.resources.files("torch").joinpath("version.py").read_text()
     print(json.dumps({"early": early,
                       "switched": bool(getattr(torch.compile, "__dynamo_dist_switch__", False))}))
     """
