@@ -434,20 +434,13 @@ class _FirstCall:
                 for b in self.backends:
                     b.target = caching
             for lazy in self.callbacks:
-                lazy.target = GuardedCallback(
-                    lazy.inner,
-                    channel.policy,
-                    self.cfg.policy,
-                    channel.scope,
-                    channel.counts,
-                    wrapper_frames=1,  # _LazyCallback.__call__ sits between Dynamo and it
-                )
-            enter = _hook.region_enter(region, channel.hook)
+                # wrapper_frames: _LazyCallback.__call__ sits between Dynamo and it.
+                lazy.target = _intercept.guarded(lazy.inner, channel, self.cfg.policy, 1)
+            attached = _intercept.enter_hooks(channel, region)
             for ctx in self.ctxs:
                 hooks = ctx.enter_exit_hooks
-                first, last = (next(i for i, h in enumerate(hooks) if h is m) for m in self._hooks)
-                hooks[first] = _hook.PENDING_CHECK
-                hooks[last] = enter
+                for mine, theirs in zip(self._hooks, attached, strict=True):
+                    hooks[next(i for i, h in enumerate(hooks) if h is mine)] = theirs
             self.state = "attached"
 
 

@@ -18,6 +18,22 @@ from ._callback import GuardedCallback
 from ._runtime import Channel
 
 
+def guarded(inner: Any, channel: Channel, policy: str, wrapper_frames: int = 0) -> GuardedCallback:
+    """Dynamo's frame callback ``inner``, wrapped for ``channel``'s group."""
+    return GuardedCallback(
+        inner, channel.policy, policy, channel.scope, channel.counts, wrapper_frames
+    )
+
+
+def enter_hooks(channel: Channel, region: int) -> tuple[Any, Any]:
+    """The two enter hooks of an adopted context: the first, and the last of its list.
+
+    First, the pending-error check: it raises the kept error before any other enter hook
+    has applied something that would then never be undone. Last, the region marker.
+    """
+    return _hook.PENDING_CHECK, _hook.region_enter(region, channel.hook)
+
+
 @contextmanager
 def adopting(channel: Channel, region: int, policy: str) -> Iterator[list[Any]]:
     """While torch.compile runs, catch the Dynamo context it builds and adopt it.
@@ -29,11 +45,10 @@ def adopting(channel: Channel, region: int, policy: str) -> Iterator[list[Any]]:
 
     def adopt(ctx: Any) -> Any:
         if hasattr(ctx, "callback") and hasattr(ctx, "enter_exit_hooks") and callable(ctx.callback):
-            ctx.callback = GuardedCallback(
-                ctx.callback, channel.policy, policy, channel.scope, channel.counts
-            )
-            ctx.enter_exit_hooks.insert(0, _hook.PENDING_CHECK)
-            ctx.enter_exit_hooks.append(_hook.region_enter(region, channel.hook))
+            ctx.callback = guarded(ctx.callback, channel, policy)
+            first, last = enter_hooks(channel, region)
+            ctx.enter_exit_hooks.insert(0, first)
+            ctx.enter_exit_hooks.append(last)
             adopted.append(ctx)
         return ctx
 
