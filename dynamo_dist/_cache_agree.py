@@ -3,7 +3,8 @@
 A rank that loaded an entry must not run it while another rank compiled the same graph
 itself (a different program for one graph). So for its n-th cached compile every rank
 reports ok or not in the job's key-value store and waits, bounded by the timeout, for
-all reports; one "no" (or a missing report) makes every rank compile locally. A rank
+all reports (three store operations per rank, no polling: see :class:`Agreement`);
+one "no" (or a missing report) makes every rank compile locally. A rank
 that cannot use the cache at all still reports, as a "no", so its peers never wait out
 the timeout for it.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 from typing import Any
 
 from ._cache_stats import log
@@ -43,14 +45,30 @@ def next_compile(scope: Scope) -> int:
     return n
 
 
+# A report adds 1 for "ok" and 1 + _NO for "no" to one counter per compile, so one
+# atomic add both counts the report and records a "no"; the low bits are the count.
+_NO = 1 << 32
+# Job-wide, the waiting ranks read "has some rank said no" at most this often in total:
+# each rank's interval grows with the group (one TCPStore serves the whole job).
+_PEEK_OPS_PER_S = 250.0
+
+
 class Agreement:
-    """This process's side of the agreements for one cache directory."""
+    """This process's side of the agreements for one cache directory.
+
+    Store traffic per rank and compile is three operations and no polling: the report
+    (one ``add``), a blocking ``wait`` on the key the last reporter posts, and one
+    ``get`` of the final count. Polling the count would make every waiting rank hit the
+    job's one TCPStore several times a second: 4,096 ranks would send it about 20,000
+    operations a second for as long as the slowest rank takes to arrive.
+    """
 
     def __init__(self, timeout: float, enabled: bool) -> None:
         self.timeout = timeout
         self.enabled = enabled
         self._store_client: Any = None  # the job's store, opened on first agreement
         self._store_opened = False
+        self._next_peek = 0.0
 
     def applies(self, scope: Scope | None) -> bool:
         """Whether a compile in ``scope`` must agree with other ranks."""
@@ -62,12 +80,25 @@ class Agreement:
             assert scope is not None
             self.agree("-", n, False, scope, wait=False)
 
+    def client(self) -> Any:
+        """This cache directory's client of the job's store (None without a store).
+
+        The automatic-dynamic profile shares it: each client is one more TCP connection
+        to the job's one store, which at 4,096 ranks already holds thousands.
+        """
+        return self._store()
+
     def _store(self) -> Any:
         if not self._store_opened:
             # One client per cache directory: each open clones a TCP connection.
             self._store_client = open_store(self.timeout)
             self._store_opened = True
         return self._store_client
+
+    def drop_client(self) -> None:
+        """Forget a client whose wait timed out: its connection may still get that reply."""
+        self._store_client = None
+        self._store_opened = False
 
     @staticmethod
     def _base(n: int, scope: Scope) -> str:
@@ -79,16 +110,23 @@ class Agreement:
         """Whether some rank already reported "no" for compile ``n``.
 
         Then nobody installs an entry for it: a rank still waiting for the leader's
-        entry can stop waiting and compile at once (it would compile anyway).
+        entry can stop waiting and compile at once (it would compile anyway). Only a
+        shortcut, so it is rate-limited: each rank looks at most every
+        ``scope.size / 250`` seconds (and at most twice a second), about 250 store
+        operations a second for the whole group whatever its size.
         """
         if not self.applies(scope):
             return False
         assert scope is not None
+        now = time.monotonic()
+        if now < self._next_peek:
+            return False
+        self._next_peek = now + max(0.5, scope.size / _PEEK_OPS_PER_S)
         store = self._store()
         if store is None:
             return False
         try:
-            return bool(store.add(f"{self._base(n, scope)}/fail", 0) > 0)
+            return bool(store.add(f"{self._base(n, scope)}/n", 0) >= _NO)
         except Exception:
             return False
 
@@ -102,23 +140,24 @@ class Agreement:
             return ok
         base = self._base(n, scope)
         try:
-            store.add(f"{base}/fail", 0 if ok else 1)
-            store.add(f"{base}/done", 1)
+            total = int(store.add(f"{base}/n", 1 if ok else 1 + _NO))
+            if total % _NO == scope.size:
+                store.set(f"{base}/all", str(total))  # the last report: wake the others
             if not wait:
                 return False
-            deadline = time.monotonic() + self.timeout
-            delay = 0.005
-            while store.add(f"{base}/done", 0) < scope.size:
-                if time.monotonic() >= deadline:
-                    log.warning(
-                        "not every rank reported on cache entry %s within %.0fs; compiling locally",
-                        key[:12],
-                        self.timeout,
-                    )
-                    return False
-                time.sleep(delay)
-                delay = min(delay * 2, 0.2)
-            return bool(store.add(f"{base}/fail", 0) == 0)
+            try:
+                store.wait([f"{base}/all"], timedelta(seconds=self.timeout))
+            except Exception as e:
+                self.drop_client()
+                log.warning(
+                    "not every rank reported on cache entry %s within %.0fs (%s); "
+                    "compiling locally",
+                    key[:12],
+                    self.timeout,
+                    str(e).splitlines()[0][:120] if str(e) else type(e).__name__,
+                )
+                return False
+            return int(store.get(f"{base}/all")) < _NO
         except Exception as e:
             log.warning("cache agreement failed (%s); compiling locally", e)
             return False

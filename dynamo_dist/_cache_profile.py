@@ -45,6 +45,7 @@ import os
 import shutil
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,6 @@ from ._cache_protocol import SharedCache, local_inductor_dir
 from ._cache_stats import emit_profile, log, warn_once
 from ._cache_store import EntryRefused, EntryUnavailable, extract
 from ._callback import before_compile
-from ._status import open_store
 
 __all__ = ["Profiles", "derived_job_id", "profiles_for"]
 
@@ -146,7 +146,7 @@ class Profiles:
         if writer:
             found = self._read(profile)
         if scope is not None and scope.size > 1:
-            profile.store = open_store(self.cache.timeout)
+            profile.store = self.cache.agreement.client()
             restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             # Numbered per group, not named by the directory: ranks may spell one cache
             # differently, and a second cache directory must not read the first's bytes.
@@ -198,21 +198,23 @@ class Profiles:
                 payload = b"" if found is None else found[0].to_bytes(4, "big") + found[1]
                 store.set(name, payload)
                 return found
-            deadline = time.monotonic() + self.cache.timeout
-            delay = 0.005
-            while not store.check([name]):
-                if time.monotonic() >= deadline:
-                    warn_once(
-                        f"profile-wait:{self.cache.root}",
-                        "rank %d of %s did not post the automatic-dynamic profile within "
-                        "%.0fs (is cache_dir set on every rank?); compiling without it",
-                        scope.ranks[0] if scope.ranks else 0,
-                        scope.name,
-                        self.cache.timeout,
-                    )
-                    return None
-                time.sleep(delay)
-                delay = min(delay * 2, 0.2)
+            try:
+                # One blocking wait, not polling: 4,096 ranks polling the job's one
+                # store would send it thousands of operations a second.
+                store.wait([name], timedelta(seconds=self.cache.timeout))
+            except Exception:
+                # The shared client is dropped: its connection may still get that reply.
+                self.cache.agreement.drop_client()
+                profile.store = None
+                warn_once(
+                    f"profile-wait:{self.cache.root}",
+                    "rank %d of %s did not post the automatic-dynamic profile within "
+                    "%.0fs (is cache_dir set on every rank?); compiling without it",
+                    scope.ranks[0] if scope.ranks else 0,
+                    scope.name,
+                    self.cache.timeout,
+                )
+                return None
             payload = bytes(store.get(name))
         except Exception as e:  # the store failed: nothing shared, nothing lost
             warn_once(

@@ -188,6 +188,18 @@ class Transport:
         """One WARNING naming the frame, the exchange, where the missing ranks are, the fix."""
         if self.board is None:
             return
+        if not self.board.reads_board:
+            log.warning(
+                "stalled at guard exchange #%d for %s (group %s): waited %.0fs; rank %d's log "
+                "says where the missing ranks are (in a job this large only some ranks read "
+                "every rank's status)",
+                seq,
+                self.describe(ident),
+                self.channel,
+                waited,
+                self.board.reader_for(self.rank),
+            )
+            return
         board = {r: st for r, st in self.board.snapshot().items() if r in self.ranks}
         missing, lines = describe_missing(board, self.channel, seq, self.board.stale_after)
         now = time.time()
@@ -306,9 +318,10 @@ class Transport:
     def timeout_error(
         self, seq: int, ident: int, waited: float, cause: str | None, suspects: Iterable[int] = ()
     ) -> CollectiveTimeoutError:
+        reads = self.board is not None and self.board.reads_board
         board = (
             {r: st for r, st in self.board.snapshot().items() if r in self.ranks}
-            if self.board is not None
+            if self.board is not None and reads
             else {}
         )
         stale = self.board.stale_after if self.board is not None else 10.0
@@ -334,6 +347,11 @@ class Transport:
             "of ranks run (pipeline stages) with `group=` those ranks. Check that rank's log; "
             "raise `timeout` if it was only slow (e.g. rank 0 writing a checkpoint)."
         )
+        if self.board is not None and not reads:
+            head += (
+                f" Rank {self.board.reader_for(self.rank)}'s error lists where each rank was "
+                "(in a job this large only some ranks read every rank's status)."
+            )
         body = "\n".join(f"  {line}" for line in lines)
         err = CollectiveTimeoutError(
             f"{head}\n{body}\n{hint}" if body else f"{head}\n{hint}",

@@ -27,6 +27,22 @@ log = get_logger("status")
 Store = Any
 
 _PREFIX = "dynamo_dist/status/"
+# One TCPStore serves the whole job, so the board's load on it is bounded job-wide,
+# not per rank: publishing slows down as the job grows (at most about this many
+# writes a second in total), and only about this many ranks read the whole board
+# when an exchange stalls (each read fetches every rank's record).
+_BOARD_WRITES_PER_S = 250.0
+_BOARD_READERS = 64
+
+
+def publish_interval(interval: float, world_size: int) -> float:
+    """Seconds between a rank's status writes: ``interval``, or longer in a large job."""
+    return max(interval, world_size / _BOARD_WRITES_PER_S)
+
+
+def board_reader_stride(world_size: int) -> int:
+    """Ranks ``0, k, 2k, ...`` read the whole board; ``k`` is 1 up to 64 ranks."""
+    return max(1, -(-world_size // _BOARD_READERS))
 
 
 class StatusBoard:
@@ -43,7 +59,14 @@ class StatusBoard:
         self.store = store
         self._rank = rank
         self._world = world_size
-        self.interval = interval
+        # Ticks (progress lines, stall warnings) keep the configured pace; writes to
+        # the store slow down in a large job (see publish_interval).
+        self.tick_interval = interval
+        self.interval = publish_interval(interval, world_size)
+        # Ranks that read every rank's record when an exchange stalls; the others
+        # name one of them instead (a full read per rank would be world_size**2 bytes).
+        self.stride = board_reader_stride(world_size)
+        self.reads_board = rank % self.stride == 0
         self._describe = describe
         # Where this rank is, per channel (group of ranks): () -> (last exchange
         # number, its frame identity, process-wide order of that exchange). Added by
@@ -52,7 +75,7 @@ class StatusBoard:
         self.positions: dict[str, Callable[[], tuple[int, int, int]]] = {}
         # A rank counts as silent after this long without a heartbeat (published
         # at most every 2 intervals, so a live rank is never mislabelled).
-        self.stale_after = max(10.0, 5 * interval)
+        self.stale_after = max(10.0, 5 * self.interval)
         # Whether this rank is running code inside dynamo_dist.local() (any thread):
         # a peer waiting for it is then waiting on rank-local work, not on a lost rank.
         self.in_local: Callable[[], bool] = lambda: False
@@ -63,6 +86,9 @@ class StatusBoard:
         self._last_publish = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dynamo_dist-status", daemon=True)
+        # Published at once, so that every rank's key exists and a reader can fetch the
+        # whole board in one ``multi_get``.
+        self.publish(force=True)
         self._thread.start()
 
     def _payload(self, positions: dict[str, tuple[int, int, int]], in_local: bool) -> str:
@@ -89,9 +115,13 @@ class StatusBoard:
         in_local = self.in_local()
         key = (tuple(sorted(positions.items())), in_local, self._state)
         now = time.monotonic()
-        # Unchanged status is re-published every 2 intervals, as a heartbeat.
-        if not force and key == self._published and now - self._last_publish < 2 * self.interval:
-            return
+        # A change is published at most once an interval; unchanged status every 2
+        # intervals, as a heartbeat.
+        if not force:
+            # Half a tick of slack: ticks that arrive a little early must not skip one.
+            since = now - self._last_publish + self.tick_interval / 2
+            if since < self.interval or (key == self._published and since < 2 * self.interval):
+                return
         try:
             self.store.set(f"{_PREFIX}{self._rank}", self._payload(positions, in_local))
             self._published = key
@@ -100,7 +130,7 @@ class StatusBoard:
             log.debug("could not publish status: %s", e)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(self.tick_interval):
             self.publish()
             for tick in self.ticks:
                 try:
@@ -122,18 +152,36 @@ class StatusBoard:
             self._thread.join(timeout=1.0)
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
-        """Last published status of every rank ({} entries for ranks that never published)."""
+        """Last published status of every rank ({} entries for ranks that never published).
+
+        Two store operations when every rank has published (a ``check`` of all keys,
+        then one ``multi_get``), instead of two per rank.
+        """
+        keys = [f"{_PREFIX}{r}" for r in range(self._world)]
+        try:
+            if self.store.check(keys):
+                return {r: _parse(raw) for r, raw in enumerate(self.store.multi_get(keys))}
+        except Exception as e:
+            log.debug("could not read the status board at once: %s", e)
         out: dict[int, dict[str, Any]] = {}
-        for r in range(self._world):
-            key = f"{_PREFIX}{r}"
+        for r, key in enumerate(keys):
             try:
-                if not self.store.check([key]):
-                    out[r] = {}
-                    continue
-                out[r] = json.loads(self.store.get(key))
+                out[r] = _parse(self.store.get(key)) if self.store.check([key]) else {}
             except Exception as e:
                 out[r] = {"error": str(e)}
         return out
+
+    def reader_for(self, rank: int) -> int:
+        """The rank whose errors and warnings carry the whole board for ``rank``'s peers."""
+        return rank - rank % self.stride
+
+
+def _parse(raw: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(bytes(raw))
+        return value if isinstance(value, dict) else {"error": "not a status record"}
+    except Exception as e:
+        return {"error": str(e)}
 
 
 def open_store(timeout: float) -> Store | None:

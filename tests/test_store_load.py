@@ -1,0 +1,147 @@
+"""The job's key-value store at scale: what dynamo_dist asks of it, counted per operation.
+
+One TCPStore serves every rank of a job, so dynamo_dist's traffic to it must stay
+bounded job-wide (issue 17: at most about 1,000 operations a second at 4,096 ranks).
+These tests count the operations each mechanism makes on a real TCPStore in one
+process (ranks are threads here: what is counted is store traffic, not collectives):
+the status board's writes and reads, and the per-compile cache agreement. The
+cost model in ``benchmarks/scale_model.py`` multiplies these counts out.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+
+from dynamo_dist._cache_agree import Agreement
+from dynamo_dist._local import Scope
+from dynamo_dist._status import StatusBoard, board_reader_stride, publish_interval
+
+
+class CountingStore:
+    """A client of a real TCPStore that counts the operations sent to the server."""
+
+    def __init__(self, store: Any, counts: Counter[str]) -> None:
+        self._store = store
+        self.counts = counts
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if name in ("set", "get", "add", "check", "wait", "multi_get", "multi_set"):
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                self.counts[name] += 1
+                return attr(*args, **kwargs)
+
+            return counted
+        return attr
+
+
+@pytest.fixture
+def server() -> Any:
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=30))
+    yield store
+
+
+def _client(server: Any, counts: Counter[str]) -> CountingStore:
+    return CountingStore(dist.TCPStore("127.0.0.1", server.port, 1, False), counts)
+
+
+def test_publishing_slows_down_as_the_job_grows() -> None:
+    assert publish_interval(2.0, 8) == 2.0
+    assert publish_interval(2.0, 500) == 2.0
+    # 4,096 ranks each writing every ~16 s: about 250 writes a second in all.
+    assert 4096 / publish_interval(2.0, 4096) == pytest.approx(250.0)
+    assert board_reader_stride(2) == 1
+    assert board_reader_stride(64) == 1
+    assert board_reader_stride(65) == 2
+    assert board_reader_stride(4096) == 64  # 64 readers
+
+
+def test_board_read_is_two_operations_whatever_the_world(server: Any) -> None:
+    world = 5
+    counts: Counter[str] = Counter()
+    boards = [
+        StatusBoard(_client(server, counts), r, world, 60.0, lambda ident: f"f{ident}")
+        for r in range(world)
+    ]
+    try:
+        assert counts["set"] == world  # each board published once at start
+        counts.clear()
+        board = boards[0].snapshot()
+        assert sorted(board) == list(range(world))
+        assert all(rec.get("state") == "running" for rec in board.values())
+        assert counts == Counter({"check": 1, "multi_get": 1})
+    finally:
+        for b in boards:
+            b.close()
+
+
+def test_board_readers_at_scale(server: Any) -> None:
+    counts: Counter[str] = Counter()
+    board = StatusBoard(_client(server, counts), 130, 4096, 2.0, str)
+    try:
+        assert board.interval == pytest.approx(4096 / 250)
+        assert board.stale_after >= 5 * board.interval
+        assert not board.reads_board
+        assert board.reader_for(130) == 128
+    finally:
+        board.close()
+
+
+def _agree_all(server: Any, oks: list[bool], timeout: float = 30.0) -> tuple[list[bool], Counter]:
+    counts: Counter[str] = Counter()
+    scope = Scope(name="world", key="w", size=len(oks))
+    out: list[bool | None] = [None] * len(oks)
+
+    def rank(r: int) -> None:
+        agreement = Agreement(timeout, True)
+        agreement._store_client = _client(server, counts)
+        agreement._store_opened = True
+        out[r] = agreement.agree("k" * 12, 1, oks[r], scope)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(oks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(v is not None for v in out)
+    return [bool(v) for v in out], counts
+
+
+def test_agreement_is_three_operations_per_rank_and_no_polling(server: Any) -> None:
+    verdicts, counts = _agree_all(server, [True, True, True, True])
+    assert verdicts == [True] * 4
+    # add + wait + get per rank, and one set by the last reporter.
+    assert counts == Counter({"add": 4, "wait": 4, "get": 4, "set": 1})
+
+
+def test_one_no_makes_every_rank_compile_locally(server: Any) -> None:
+    verdicts, _ = _agree_all(server, [True, False, True])
+    assert verdicts == [False, False, False]
+
+
+def test_missing_report_times_out_and_drops_the_client(server: Any) -> None:
+    counts: Counter[str] = Counter()
+    agreement = Agreement(0.5, True)
+    agreement._store_client = _client(server, counts)
+    agreement._store_opened = True
+    scope = Scope(name="world", key="t", size=2)  # the other rank never reports
+    assert agreement.agree("k" * 12, 1, True, scope) is False
+    assert agreement._store_opened is False  # a timed-out wait's reply must not be read later
+
+
+def test_peeking_for_a_no_is_rate_limited(server: Any) -> None:
+    counts: Counter[str] = Counter()
+    agreement = Agreement(30.0, True)
+    agreement._store_client = _client(server, counts)
+    agreement._store_opened = True
+    scope = Scope(name="world", key="p", size=4096)
+    for _ in range(100):
+        agreement.decided_no(1, scope)
+    assert counts["add"] == 1  # at most one look every 4096/250 s per rank
