@@ -356,6 +356,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     keys = sorted({(r["hosts"], r["ranks_per_host"], r["delay_us"]) for r in rows})
     width = 17
     head = f"{'hosts x ranks':>13} {'delay us':>8} " + " ".join(f"{c:>{width}}" for c in cols)
+    head += f" {'ring/doubling':>13}"
     lines = [head, "-" * len(head)]
     for hosts, per_host, delay in keys:
         cells = []
@@ -371,7 +372,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                 if hit
                 else f"{'-':>{width}}"
             )
-        lines.append(f"{f'{hosts} x {per_host}':>13} {delay:>8} " + " ".join(cells))
+        median = {
+            r["mode"]: r["median_us"]
+            for r in rows
+            if (r["hosts"], r["ranks_per_host"], r["delay_us"]) == (hosts, per_host, delay)
+        }
+        gain = (
+            f"{median['ring_emulated'] / median['doubling']:>12.2f}x"
+            if median.get("doubling") and "ring_emulated" in median
+            else f"{'-':>13}"
+        )
+        lines.append(f"{f'{hosts} x {per_host}':>13} {delay:>8} " + " ".join(cells) + " " + gain)
     return "\n".join(lines)
 
 
