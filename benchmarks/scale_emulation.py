@@ -28,7 +28,8 @@ exchange:
 - ``shm_single_host``: the same on one host (2 and 4 ranks), shared memory only.
 
 Each mode runs ``--calls`` calls, fewer when they would take over ``--mode-seconds``
-(rank 0 decides after the warm-up, so every rank makes the same number). Every rank
+(rank 0 decides after the warm-up, so every rank makes the same number); the modes
+of one (H, delay) take turns in 5 rounds, so outside load falls on all of them alike. Every rank
 process runs in its own session and is killed with its group when the run ends,
 fails, times out or is interrupted (SIGINT, SIGTERM); ranks also die with this
 process (PR_SET_PDEATHSIG). On 2 shared cores scheduling noise is in milliseconds:
@@ -64,6 +65,7 @@ MODES = [
     "shm_single_host",
 ]
 WARMUP = 20
+ROUNDS = 5  # modes interleaved in this many rounds
 DELAY_ENV = "_DYNAMO_DIST_EMULATE_HOP_DELAY_US"  # dynamo_dist._config.EMULATE_HOP_DELAY_ENV
 
 
@@ -141,24 +143,37 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
     word = pack(True, 1000)
     rows: list[dict[str, Any]] = []
 
-    def measure(mode: str, delay: int, fn: Callable[[], Any] | None) -> None:
-        """Time ``fn`` (None: this rank takes no part) on every rank taking part."""
-        dist.barrier()
-        t0 = time.perf_counter()
-        if fn is not None:
-            for _ in range(WARMUP):
-                fn()
-        per_call = (time.perf_counter() - t0) / WARMUP
-        n = [min(calls, max(20, int(mode_seconds / max(per_call, 1e-6))))]
-        dist.broadcast_object_list(n, src=0)  # rank 0 always takes part
-        samples: list[int] = []
-        if fn is not None:
-            for _ in range(n[0]):
-                t = time.perf_counter_ns()
-                fn()
-                samples.append(time.perf_counter_ns() - t)
-        if samples:
-            xs = sorted(samples)
+    def measure(delay: int, modes: list[tuple[str, Callable[[], Any] | None]]) -> None:
+        """Time every mode (fn None: this rank takes no part), interleaved in rounds.
+
+        Each round runs every mode for a share of its calls, so load from outside
+        (this machine is shared) falls on all modes alike instead of on one.
+        """
+        counts = []
+        for _, fn in modes:
+            dist.barrier()
+            t0 = time.perf_counter()
+            if fn is not None:
+                for _ in range(WARMUP):
+                    fn()
+            per_call = (time.perf_counter() - t0) / WARMUP
+            n = [min(calls, max(ROUNDS * 4, int(mode_seconds / max(per_call, 1e-6))))]
+            dist.broadcast_object_list(n, src=0)  # rank 0 takes part in every mode
+            counts.append(-(-n[0] // ROUNDS))
+        samples: dict[str, list[int]] = {mode: [] for mode, _ in modes}
+        for _ in range(ROUNDS):
+            for (mode, fn), n in zip(modes, counts, strict=True):
+                dist.barrier()
+                if fn is None:
+                    continue
+                for _ in range(n):
+                    t = time.perf_counter_ns()
+                    fn()
+                    samples[mode].append(time.perf_counter_ns() - t)
+        for mode, xs in samples.items():
+            if not xs:
+                continue
+            xs.sort()
             rows.append(
                 {
                     "mode": mode,
@@ -187,38 +202,48 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
             describe=str,
         )
 
-    def hier(mode: str, delay: int, exchange: str) -> None:
+    def hooked(exchange: str) -> tuple[Any, Any]:
         tr = transport(exchange)
-        hook = tr.make_hook()
-        measure(mode, delay, lambda: hook.exchange(True, 1000))
+        return tr, tr.make_hook()
+
+    def close(tr: Any, hook: Any) -> None:
         hook.release()  # as Runtime.close: break the C++ <-> Python cycles
         tr.shm.set_wait_logger(None)
         tr.shm.set_cross_host(None)
 
     for delay in delays:
         if delay:
-            os.environ[DELAY_ENV] = str(delay)
+            os.environ[DELAY_ENV] = str(delay)  # read by DoublingExchange when built
         else:
             os.environ.pop(DELAY_ENV, None)
+        modes: list[tuple[str, Callable[[], Any] | None]] = []
+        hooks = []
         if hosts == 1:
-            hier("shm_single_host", delay, "doubling")
-            continue
-        if delay == 0:
-            buf = torch.zeros(1, dtype=torch.int64)
-            opts = dist.AllreduceOptions()
-            opts.reduceOp = dist.ReduceOp(dist.ReduceOp.BAND)
-            measure(
-                "gloo_allreduce",
-                0,
-                (lambda b=[buf], o=opts: lg.allreduce(b, o).wait()) if lg is not None else None,
+            hooks.append(hooked("doubling"))
+            modes.append(("shm_single_host", lambda h=hooks[-1][1]: h.exchange(True, 1000)))
+        else:
+            if delay == 0:
+                buf = torch.zeros(1, dtype=torch.int64)
+                opts = dist.AllreduceOptions()
+                opts.reduceOp = dist.ReduceOp(dist.ReduceOp.BAND)
+                bare = (
+                    (lambda b=[buf], o=opts: lg.allreduce(b, o).wait()) if lg is not None else None
+                )
+                modes.append(("gloo_allreduce", bare))
+            ring = Ring(lg, delay * 1000, timeout) if lg is not None else None
+            modes.append(("ring_emulated", (lambda f=ring: f(word)) if ring is not None else None))
+            doubling = DoublingExchange(lg, timeout, leaders) if lg is not None else None
+            modes.append(
+                ("doubling", (lambda f=doubling: f(word)) if doubling is not None else None)
             )
-        ring = Ring(lg, delay * 1000, timeout) if lg is not None else None
-        measure("ring_emulated", delay, (lambda f=ring: f(word)) if ring is not None else None)
-        doubling = DoublingExchange(lg, timeout, leaders) if lg is not None else None
-        measure("doubling", delay, (lambda f=doubling: f(word)) if doubling is not None else None)
-        hier("hier_doubling", delay, "doubling")
-        if delay == 0:
-            hier("hier_allreduce", 0, "allreduce")
+            hooks.append(hooked("doubling"))
+            modes.append(("hier_doubling", lambda h=hooks[-1][1]: h.exchange(True, 1000)))
+            if delay == 0:
+                hooks.append(hooked("allreduce"))
+                modes.append(("hier_allreduce", lambda h=hooks[-1][1]: h.exchange(True, 1000)))
+        measure(delay, modes)
+        for tr, hook in hooks:
+            close(tr, hook)
 
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, rows)
