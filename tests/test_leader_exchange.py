@@ -9,9 +9,14 @@ a leader that dies or hangs while the others exchange.
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import signal
+import sys
 import time
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +27,7 @@ from dynamo_dist._config import EMULATE_HOP_DELAY_ENV
 from dynamo_dist._errors import ConfigError
 
 HERE = __file__
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "scale_emulation.py"
 
 
 # -- pure ------------------------------------------------------------------------------
@@ -275,6 +281,80 @@ def test_hung_leader_times_out_everywhere(tmp_path):
         assert res.get("error") == "CollectiveTimeoutError", res
         assert "timed out" in res["message"], res
     assert "timed out after" in run.rank(0)["message"], run.rank(0)
+
+
+def _processes_with(tag: str) -> list[int]:
+    """Live processes whose environment holds ``tag`` (this test's marker)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if tag.encode() in fh.read():
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_scale_emulation_writes_its_rows_and_leaves_no_process(tmp_path):
+    out = tmp_path / "scale.json"
+    tag = f"SCALE_EMULATION_TEST={uuid.uuid4().hex}"
+    cmd = [sys.executable, str(BENCH), "--hosts", "2", "--delay-us", "0", "300"]
+    cmd += ["--single-host", "2", "--calls", "40", "--mode-seconds", "1", "--json", str(out)]
+    proc = ranks.run_command(cmd, timeout=200, env={tag.split("=")[0]: tag.split("=")[1]})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert _processes_with(tag) == [], "a rank process outlived the benchmark"
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"machine", "calls", "rows"} and doc["calls"] == 40
+    assert set(doc["machine"]) == {"cores", "torch"}
+    rows = {(r["hosts"], r["ranks_per_host"], r["delay_us"], r["mode"]): r for r in doc["rows"]}
+    at0 = ["gloo_allreduce", "ring_emulated", "doubling", "hier_doubling", "hier_allreduce"]
+    assert set(rows) == {
+        *((2, 2, 0, m) for m in at0),
+        *((2, 2, 300, m) for m in ["ring_emulated", "doubling", "hier_doubling"]),
+        (1, 2, 0, "shm_single_host"),
+    }
+    for row in doc["rows"]:
+        assert set(row) == {"hosts", "ranks_per_host", "delay_us", "mode", "median_us", "p90_us"}
+        assert 0 < row["median_us"] <= row["p90_us"], row
+    # The injected delay holds every message at least 300 us: a lower bound by
+    # construction (2 hops in the ring, 1 in doubling), not a speed measurement.
+    assert rows[(2, 2, 300, "ring_emulated")]["median_us"] >= 600
+    assert rows[(2, 2, 300, "doubling")]["median_us"] >= 300
+    assert rows[(2, 2, 300, "hier_doubling")]["median_us"] >= 300
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_scale_emulation_interrupted_kills_every_rank(sig):
+    import subprocess
+
+    ranks._require_multiproc()
+    key, value = "SCALE_EMULATION_TEST", uuid.uuid4().hex
+    tag = f"{key}={value}"
+    cmd = [sys.executable, str(BENCH), "--hosts", "2", "--single-host", "--calls", "100000"]
+    driver = subprocess.Popen(
+        cmd,
+        env={**os.environ, key: value, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        ranks.wait_until(lambda: len(_processes_with(tag)) >= 5, 60, "4 ranks running")
+        driver.send_signal(sig)
+        out, _ = driver.communicate(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode != 0 and "every rank was killed" in out, out[-2000:]
+    assert _processes_with(tag) == [], "a rank process outlived the interrupted benchmark"
 
 
 if __name__ == "__main__":
