@@ -25,6 +25,7 @@ PolicyName = Literal["sync", "strict", "warn", "off"]
 TransportChoice = Literal["auto", "shm", "gloo"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 FollowerChoice = Literal["auto", "wait", "compile"]
+LeaderExchangeChoice = Literal["doubling", "allreduce"]
 
 POLICIES: tuple[str, ...] = get_args(PolicyName)
 TRANSPORTS: tuple[str, ...] = get_args(TransportChoice)
@@ -66,6 +67,12 @@ class Config:
     transport: TransportChoice = _key("auto")
     """How ranks exchange guard results: ``auto`` (shared memory within a host, gloo across
     hosts), ``shm`` or ``gloo``."""
+
+    leader_exchange: LeaderExchangeChoice = _key("doubling")
+    """How the host leaders combine their hosts' guard results when a group spans several
+    hosts: ``doubling`` (recursive doubling over point-to-point messages, ceil(log2 H)
+    rounds for H hosts) or ``allreduce`` (gloo's allreduce, a ring: 2(H-1) sequential
+    hops). Both give the same verdicts."""
 
     compiler_collectives: bool = _key(True)
     """Agree on automatic-dynamic decisions across ranks while compiling, so every rank marks
@@ -213,6 +220,10 @@ CONFIG_FILE_ENV = "DYNAMO_DIST_CONFIG"
 # (see _secret). The file variable is preferred; it holds a path, not the secret.
 CACHE_SECRET_ENV = "DYNAMO_DIST_CACHE_SECRET"
 CACHE_SECRET_FILE_ENV = "DYNAMO_DIST_CACHE_SECRET_FILE"
+
+# Emulation only, not a Config key: benchmarks/scale_emulation.py sets it to add a
+# one-way delay to each message of the host leaders' exchange (no netem here).
+EMULATE_HOP_DELAY_ENV = "_DYNAMO_DIST_EMULATE_HOP_DELAY_US"
 
 _current_source = "arguments"
 

@@ -242,7 +242,13 @@ def _make_transport(
     if cfg.transport in ("auto", "shm"):
         topo = topology(group, ranks)
         try:
-            return ShmTransport(topo=topo, store=store, prefix=prefix, **common)
+            return ShmTransport(
+                topo=topo,
+                store=store,
+                prefix=prefix,
+                leader_exchange=cfg.leader_exchange,
+                **common,
+            )
         except ShmUnavailable as e:
             level = log.warning if cfg.transport == "shm" else log.info
             level("shared-memory guard exchange unavailable (%s); using gloo", e)

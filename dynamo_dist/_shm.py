@@ -2,8 +2,9 @@
 
 The local ranks of a host agree through a segment (``csrc/shm_exchange.cpp``)
 in microseconds; with several hosts, one leader per host (local rank 0) takes
-the host's combined record to the other leaders over a gloo group of leaders,
-and publishes the verdict to its local ranks. The record format and the
+the host's combined record to the other leaders over a gloo group of leaders
+(recursive doubling, ``_collective.DoublingExchange``, or gloo's allreduce), and
+publishes the verdict to its local ranks. The record format and the
 decision are the same as the gloo transport's, so both give identical verdicts
 and identical errors.
 """
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ._collective import BandAllreduce, Transport
+from ._collective import BandAllreduce, DoublingExchange, LeaderExchange, Transport
 from ._group import all_gather_objects, gloo_group
 from ._hook import _C
 from ._log import get_logger
@@ -218,7 +219,15 @@ class ShmTransport(Transport):
 
     name = "shm"
 
-    def __init__(self, *, topo: Topology, store: Any, prefix: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        topo: Topology,
+        store: Any,
+        prefix: str,
+        leader_exchange: str = "doubling",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.topo = topo
         timeout = self.timeout
@@ -228,7 +237,11 @@ class ShmTransport(Transport):
         if hierarchical and topo.local_rank == 0:
             # Built by the host leaders alone: the other ranks take no part.
             leaders_group = gloo_group(store, f"{prefix}/leaders", topo.leaders, timeout)
-            self._cross = BandAllreduce(leaders_group)
+            self._cross: LeaderExchange = (
+                DoublingExchange(leaders_group, timeout, topo.leaders)
+                if leader_exchange == "doubling"
+                else BandAllreduce(leaders_group)
+            )
             self.waiters.append(self._cross)
             self.shm.set_cross_host(self._cross_host)
         self._hook: _C.GuardHook | None = None
