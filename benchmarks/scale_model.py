@@ -15,11 +15,13 @@ and on two constants per algorithm, which are measured:
   P <= H, plus one round in and one out for the H - P leaders folded into the others.
 - ``d``: the one-way network delay per hop (half the round trip). The emulation
   injects it per message, as a relay would.
-- ``a``, ``c``, ``k``: fitted by least squares on the runs with H <= ``--fit-hosts``
+- ``a``, ``c``: fitted by least squares on the runs with H <= ``--fit-hosts``
   (default 8), at every injected delay. ``a`` is the fixed cost of a call (the
   host-local shared-memory step included, for the hierarchical rows), ``c`` the
-  software cost of a hop over loopback, and ``k`` the weight of the injected delay
-  per hop: near 1 when the emulation and the hop count are right.
+  software cost of a hop over loopback. ``k``, the weight of the delay per hop, is
+  1 by construction (the emulation holds every message exactly ``d``);
+  ``--fit-delay-weight`` fits it too, as a check of the hop count: near 1 when the
+  algorithm's structure is right and the machine is quiet.
 
 The model is then checked on the runs it was not fitted on (H = 16) and used to
 predict 128 hosts x 8 ranks at round trips of 10, 30 and 100 us, against the targets
@@ -93,7 +95,7 @@ def load_rows(paths: Iterable[Path]) -> list[dict]:
     return rows
 
 
-def fit(mode: str, rows: list[dict]) -> Fit | None:
+def fit(mode: str, rows: list[dict], fit_k: bool = False) -> Fit | None:
     pts = [r for r in rows if r["mode"] == mode and r.get("median_us") is not None]
     if len(pts) < 2:
         return None
@@ -101,18 +103,24 @@ def fit(mode: str, rows: list[dict]) -> Fit | None:
     delay = np.array([float(r["delay_us"]) for r in pts])
     y = np.array([float(r["median_us"]) for r in pts])
     with_delay = bool(np.any(delay > 0)) and len({float(d) for d in delay}) > 1
-    cols = [np.ones_like(hops), hops] + ([hops * delay] if with_delay else [])
-    x = np.stack(cols, axis=1)
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-    a, c = float(coef[0]), float(coef[1])
-    k = float(coef[2]) if with_delay else 1.0
-    pred = x @ coef
+    if fit_k and with_delay:
+        x = np.stack([np.ones_like(hops), hops, hops * delay], axis=1)
+        coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+        a, c, k = float(coef[0]), float(coef[1]), float(coef[2])
+    else:
+        # The emulation holds every message exactly ``d``: only a and c are unknown.
+        x = np.stack([np.ones_like(hops), hops], axis=1)
+        coef, *_ = np.linalg.lstsq(x, y - hops * delay, rcond=None)
+        a, c, k = float(coef[0]), float(coef[1]), 1.0
+    pred = a + hops * (c + k * delay)
     rms = float(np.sqrt(np.mean(((pred - y) / y) ** 2)))
     return Fit(mode, a, c, k, len(pts), rms)
 
 
 def shm_local_us(rows: list[dict], ranks_per_host: int) -> tuple[float, str]:
     """The host-local step for ``ranks_per_host`` ranks, from the single-host rows."""
+    if ranks_per_host <= 1:
+        return 0.0, "1 rank per host: no host-local step"
     pts = sorted(
         (int(r["ranks_per_host"]), float(r["median_us"]))
         for r in rows
@@ -132,7 +140,9 @@ def shm_local_us(rows: list[dict], ranks_per_host: int) -> tuple[float, str]:
     )
 
 
-def exchange_model(rows: list[dict], fit_hosts: int, check_hosts: int, out: dict) -> None:
+def exchange_model(
+    rows: list[dict], fit_hosts: int, check_hosts: int, out: dict, fit_k: bool = False
+) -> None:
     train = [r for r in rows if int(r["hosts"]) <= fit_hosts and r["mode"] in HOPS]
     test = [r for r in rows if int(r["hosts"]) == check_hosts and r["mode"] in HOPS]
     fits: dict[str, Fit] = {}
@@ -144,7 +154,7 @@ def exchange_model(rows: list[dict], fit_hosts: int, check_hosts: int, out: dict
     out["fits"] = {}
     out["checks"] = []
     for mode in HOPS:
-        f = fit(mode, train)
+        f = fit(mode, train, fit_k)
         if f is None:
             continue
         fits[mode] = f
@@ -294,11 +304,14 @@ def main() -> int:
     ap.add_argument("--store-ranks", type=int, default=4096)
     ap.add_argument("--ranks-per-host", type=int, default=8)
     ap.add_argument("--json", type=Path, help="write the fit, the checks and the predictions here")
+    ap.add_argument(
+        "--fit-delay-weight", action="store_true", help="fit k as well (a check of the hop count)"
+    )
     args = ap.parse_args()
     out: dict = {}
     if args.emulation:
         rows = load_rows(args.emulation)
-        exchange_model(rows, args.fit_hosts, args.check_hosts, out)
+        exchange_model(rows, args.fit_hosts, args.check_hosts, out, args.fit_delay_weight)
     else:
         print("no emulation results given: store model only", file=sys.stderr)
     store_model(args.store_ranks, args.ranks_per_host, out)
