@@ -8,8 +8,9 @@ torchrun agent: too heavy on 2 cores), with the environment torchrun would give 
 (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK), so dynamo_dist's
 topology groups them into H hosts. Everything stays on 127.0.0.1 (the store, and gloo
 through GLOO_SOCKET_IFNAME=lo). This kernel has no netem, so a delay is injected in
-user space: every message carries its send time and the receiver holds it until send
-time + delay (``_DYNAMO_DIST_EMULATE_HOP_DELAY_US``), as a relay would.
+user space: the receiver holds every message for the delay after it arrived
+(``_DYNAMO_DIST_EMULATE_HOP_DELAY_US``), as a relay would, so the delay adds to each
+hop's own loopback cost.
 
 Per (H, delay), median and p90 over calls after a warm-up, max over ranks, in us per
 exchange:
@@ -67,6 +68,7 @@ MODES = [
 WARMUP = 20
 ROUNDS = 5  # modes interleaved in this many rounds
 DELAY_ENV = "_DYNAMO_DIST_EMULATE_HOP_DELAY_US"  # dynamo_dist._config.EMULATE_HOP_DELAY_ENV
+LEADER_SPIN_ENV = "_DYNAMO_DIST_LEADER_SPIN_US"  # dynamo_dist._shm.LEADER_SPIN_ENV
 
 
 # -- rank side -------------------------------------------------------------------------
@@ -96,7 +98,7 @@ class Ring:
         self.n, self.right, self.left = n, (me + 1) % n, (me - 1) % n
         self.delay_ns = delay_ns
         self.timeout = timedelta(seconds=timeout)
-        self.sbuf, self.rbuf = torch.zeros(2, dtype=torch.int64), torch.zeros(2, dtype=torch.int64)
+        self.sbuf, self.rbuf = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64)
         self.sl, self.rl = [self.sbuf], [self.rbuf]
         self.s, self.r = self.sbuf.numpy(), self.rbuf.numpy()
 
@@ -107,12 +109,11 @@ class Ring:
         for step in range(2 * (self.n - 1)):
             recv = self.group.recv(self.rl, self.left, 1)
             self.s[0] = carry
-            self.s[1] = time.perf_counter_ns()
             send = self.group.send(self.sl, self.right, 1)
             recv.wait(self.timeout)
             got = int(self.r[0])
             if self.delay_ns:
-                hold_until(int(self.r[1]) + self.delay_ns)
+                hold_until(time.perf_counter_ns() + self.delay_ns)
             send.wait(self.timeout)
             carry = got & word if step < self.n - 1 else got
         return carry
@@ -232,7 +233,10 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
                 modes.append(("gloo_allreduce", bare))
             ring = Ring(lg, delay * 1000, timeout) if lg is not None else None
             modes.append(("ring_emulated", (lambda f=ring: f(word)) if ring is not None else None))
-            doubling = DoublingExchange(lg, timeout, leaders) if lg is not None else None
+            spin = float(os.environ.get(LEADER_SPIN_ENV, "0"))
+            doubling = (
+                DoublingExchange(lg, timeout, leaders, spin_us=spin) if lg is not None else None
+            )
             modes.append(
                 ("doubling", (lambda f=doubling: f(word)) if doubling is not None else None)
             )
@@ -441,6 +445,13 @@ def main() -> None:
     )
     p.add_argument("--timeout", type=float, default=60.0, help="exchange timeout, seconds")
     p.add_argument("--job-timeout", type=float, default=240.0, help="seconds per emulated job")
+    p.add_argument(
+        "--leader-spin-us",
+        type=float,
+        default=0.0,
+        help="how long a leader polls each message before it sleeps (default 0: emulated "
+        "hosts share this machine's cores; a real host with a core to spare polls 200 us)",
+    )
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -449,6 +460,7 @@ def main() -> None:
         return
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
+    os.environ[LEADER_SPIN_ENV] = str(args.leader_spin_us)  # the ranks inherit it
     rows: list[dict[str, Any]] = []
     jobs = [(h, args.ranks_per_host or (2 if h <= 4 else 1)) for h in args.hosts if h > 1]
     jobs += [(1, n) for n in args.single_host]
@@ -466,13 +478,15 @@ def main() -> None:
     print(
         f"\nGuard exchange, median / p90 us per exchange (max over ranks); {os.cpu_count()} cores, "
         "loopback, emulated delay per hop. hier_* and shm_single_host: the C++ hook's "
-        "exchange through ShmTransport, without Dynamo's call cost."
+        f"exchange through ShmTransport, without Dynamo's call cost. Leaders poll "
+        f"{args.leader_spin_us:.0f} us per message before sleeping."
     )
     print(format_table(rows))
     if args.json:
         doc = {
             "machine": {"cores": os.cpu_count() or 0, "torch": version("torch")},
             "calls": args.calls,
+            "leader_spin_us": args.leader_spin_us,
             "rows": [{k: v for k, v in r.items() if k != "n"} for r in rows],
         }
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")

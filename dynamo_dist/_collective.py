@@ -125,11 +125,7 @@ _SPIN_NS = 50_000
 
 
 def hold_until(t_ns: int) -> None:
-    """Return once ``time.perf_counter_ns() >= t_ns``: sleep most of the way, spin the rest.
-
-    ``perf_counter_ns`` is CLOCK_MONOTONIC, one clock for every process of a host,
-    so a receiver can hold a message until its sender's timestamp plus a delay.
-    """
+    """Return once ``time.perf_counter_ns() >= t_ns``: sleep most of the way, spin the rest."""
     rest = t_ns - time.perf_counter_ns()
     if rest > _SPIN_NS:
         time.sleep((rest - _SPIN_NS) / 1e9)
@@ -141,8 +137,10 @@ def emulated_hop_delay_ns() -> int:
     """The test-only per-hop delay (``_DYNAMO_DIST_EMULATE_HOP_DELAY_US``), in ns; 0 unset.
 
     Emulation only (benchmarks/scale_emulation.py): this kernel has no netem, so a
-    receiver holds each message until its send time plus this delay, as a relay
-    holding it for the one-way latency would. Not a Config key: no job sets it.
+    receiver holds each message for this long after it arrived over loopback, as a
+    relay holding it for the one-way latency would: the delay adds to the hop's own
+    cost. (Holding it until its send time plus the delay would not: the hop's
+    software cost would hide in the delay.) Not a Config key: no job sets it.
     """
     raw = os.environ.get(EMULATE_HOP_DELAY_ENV, "")
     if raw == "":
@@ -196,7 +194,13 @@ class DoublingExchange:
     format is AND-composable, so this gives exactly ``BandAllreduce``'s words.
     """
 
-    def __init__(self, group: Any, timeout: float, ranks: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        group: Any,
+        timeout: float,
+        ranks: Sequence[int] | None = None,
+        spin_us: float = 0.0,
+    ) -> None:
         self.group = group
         self.timeout = timeout
         n, me = group.size(), group.rank()
@@ -209,10 +213,9 @@ class DoublingExchange:
                 self._delay_ns // 1000,
                 EMULATE_HOP_DELAY_ENV,
             )
-        # Word, and the send timestamp when a delay is emulated.
-        width = 2 if self._delay_ns else 1
-        self._sbuf = torch.zeros(width, dtype=torch.int64)
-        self._rbuf = torch.zeros(width, dtype=torch.int64)
+        self._spin_ns = int(spin_us * 1000)
+        self._sbuf = torch.zeros(1, dtype=torch.int64)
+        self._rbuf = torch.zeros(1, dtype=torch.int64)
         self._send_list = [self._sbuf]
         self._recv_list = [self._rbuf]
         self._s = self._sbuf.numpy()
@@ -262,8 +265,6 @@ class DoublingExchange:
 
     def _post_send(self, word: int, peer: int) -> Any:
         self._s[0] = word
-        if self._delay_ns:
-            self._s[1] = time.perf_counter_ns()
         return self.group.send(self._send_list, peer, self._tag)
 
     def _swap(self, word: int, peer: int, deadline: float) -> int:
@@ -280,10 +281,17 @@ class DoublingExchange:
         return got
 
     def _take(self, work: Any, deadline: float) -> int:
+        if self._spin_ns:
+            # A blocking wait sleeps on a condition variable that gloo's I/O thread
+            # signals: a wake-up per round. Polling first saves it where the host has
+            # a core to spare (the caller decides).
+            until = time.perf_counter_ns() + self._spin_ns
+            while not work.is_completed() and time.perf_counter_ns() < until:
+                pass
         work.wait(self._left(deadline))
         got = int(self._r[0])
         if self._delay_ns:
-            hold_until(int(self._r[1]) + self._delay_ns)
+            hold_until(time.perf_counter_ns() + self._delay_ns)
         if (got >> 32) & got & _POISON:
             raise _Poisoned(got & _M32)
         return got
