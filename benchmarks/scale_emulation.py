@@ -68,7 +68,7 @@ MODES = [
 WARMUP = 20
 ROUNDS = 5  # modes interleaved in this many rounds
 DELAY_ENV = "_DYNAMO_DIST_EMULATE_HOP_DELAY_US"  # dynamo_dist._config.EMULATE_HOP_DELAY_ENV
-LEADER_SPIN_ENV = "_DYNAMO_DIST_LEADER_SPIN_US"  # dynamo_dist._shm.LEADER_SPIN_ENV
+PIN_ENV = "SCALE_EMULATION_PIN"
 
 
 # -- rank side -------------------------------------------------------------------------
@@ -121,6 +121,9 @@ class Ring:
 
 def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout: float) -> None:
     _die_with_parent(int(os.environ["SCALE_EMULATION_PARENT"]))
+    if os.environ.get(PIN_ENV):
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[int(os.environ["RANK"]) % len(cpus)]})
     import torch
     import torch.distributed as dist
 
@@ -233,10 +236,7 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
                 modes.append(("gloo_allreduce", bare))
             ring = Ring(lg, delay * 1000, timeout) if lg is not None else None
             modes.append(("ring_emulated", (lambda f=ring: f(word)) if ring is not None else None))
-            spin = float(os.environ.get(LEADER_SPIN_ENV, "0"))
-            doubling = (
-                DoublingExchange(lg, timeout, leaders, spin_us=spin) if lg is not None else None
-            )
+            doubling = DoublingExchange(lg, timeout, leaders) if lg is not None else None
             modes.append(
                 ("doubling", (lambda f=doubling: f(word)) if doubling is not None else None)
             )
@@ -446,11 +446,9 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="exchange timeout, seconds")
     p.add_argument("--job-timeout", type=float, default=240.0, help="seconds per emulated job")
     p.add_argument(
-        "--leader-spin-us",
-        type=float,
-        default=0.0,
-        help="how long a leader polls each message before it sleeps (default 0: emulated "
-        "hosts share this machine's cores; a real host with a core to spare polls 200 us)",
+        "--pin",
+        action="store_true",
+        help="pin rank r to CPU r (as if each emulated host had its own core)",
     )
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -460,7 +458,8 @@ def main() -> None:
         return
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
-    os.environ[LEADER_SPIN_ENV] = str(args.leader_spin_us)  # the ranks inherit it
+    if args.pin:
+        os.environ[PIN_ENV] = "1"  # the ranks inherit it
     rows: list[dict[str, Any]] = []
     jobs = [(h, args.ranks_per_host or (2 if h <= 4 else 1)) for h in args.hosts if h > 1]
     jobs += [(1, n) for n in args.single_host]
@@ -478,15 +477,15 @@ def main() -> None:
     print(
         f"\nGuard exchange, median / p90 us per exchange (max over ranks); {os.cpu_count()} cores, "
         "loopback, emulated delay per hop. hier_* and shm_single_host: the C++ hook's "
-        f"exchange through ShmTransport, without Dynamo's call cost. Leaders poll "
-        f"{args.leader_spin_us:.0f} us per message before sleeping."
+        f"exchange through ShmTransport, without Dynamo's call cost"
+        + (" Rank r pinned to CPU r." if args.pin else "")
     )
     print(format_table(rows))
     if args.json:
         doc = {
             "machine": {"cores": os.cpu_count() or 0, "torch": version("torch")},
             "calls": args.calls,
-            "leader_spin_us": args.leader_spin_us,
+            "pinned": bool(args.pin),
             "rows": [{k: v for k, v in r.items() if k != "n"} for r in rows],
         }
         Path(args.json).write_text(json.dumps(doc, indent=1) + "\n")

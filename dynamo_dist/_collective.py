@@ -199,7 +199,6 @@ class DoublingExchange:
         group: Any,
         timeout: float,
         ranks: Sequence[int] | None = None,
-        spin_us: float = 0.0,
     ) -> None:
         self.group = group
         self.timeout = timeout
@@ -213,7 +212,6 @@ class DoublingExchange:
                 self._delay_ns // 1000,
                 EMULATE_HOP_DELAY_ENV,
             )
-        self._spin_ns = int(spin_us * 1000)
         self._sbuf = torch.zeros(1, dtype=torch.int64)
         self._rbuf = torch.zeros(1, dtype=torch.int64)
         self._send_list = [self._sbuf]
@@ -281,13 +279,6 @@ class DoublingExchange:
         return got
 
     def _take(self, work: Any, deadline: float) -> int:
-        if self._spin_ns:
-            # A blocking wait sleeps on a condition variable that gloo's I/O thread
-            # signals: a wake-up per round. Polling first saves it where the host has
-            # a core to spare (the caller decides).
-            until = time.perf_counter_ns() + self._spin_ns
-            while not work.is_completed() and time.perf_counter_ns() < until:
-                pass
         work.wait(self._left(deadline))
         got = int(self._r[0])
         if self._delay_ns:

@@ -11,7 +11,6 @@ and identical errors.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import socket
@@ -37,10 +36,6 @@ _STATUS = {1: "timeout", 2: "peer_dead", 3: "aborted"}
 # means nothing across PID namespaces; its age guards a live creator's
 # microseconds between creating the segment and writing its header.
 _UNREADABLE_GRACE_S = 60.0
-# How long a host leader polls for each message of the leaders' exchange before it
-# sleeps: a few network round trips.
-_LEADER_SPIN_US = 200.0
-LEADER_SPIN_ENV = "_DYNAMO_DIST_LEADER_SPIN_US"
 
 
 @dataclass(frozen=True)
@@ -239,20 +234,12 @@ class ShmTransport(Transport):
         timeout = self.timeout
         hierarchical = topo.hosts > 1
         self.name = "shm+gloo" if hierarchical else "shm"
-        self.shm, cpus = _open_segment(
-            self.group, topo, hierarchical, timeout, self.wait_log_interval
-        )
+        self.shm, _ = _open_segment(self.group, topo, hierarchical, timeout, self.wait_log_interval)
         if hierarchical and topo.local_rank == 0:
             # Built by the host leaders alone: the other ranks take no part.
             leaders_group = gloo_group(store, f"{prefix}/leaders", topo.leaders, timeout)
-            # Polling the leaders' messages saves a wake-up per round, but only where the
-            # host has a core for every local rank (they spin on the segment meanwhile);
-            # the same rule as the C++ exchange's own spinning.
-            spin_us = _LEADER_SPIN_US if 0 < topo.local_world < cpus else 0.0
-            with contextlib.suppress(ValueError):  # benchmarks only: emulated hosts share cores
-                spin_us = float(os.environ.get(LEADER_SPIN_ENV, spin_us))
             self._cross: LeaderExchange = (
-                DoublingExchange(leaders_group, timeout, topo.leaders, spin_us=spin_us)
+                DoublingExchange(leaders_group, timeout, topo.leaders)
                 if leader_exchange == "doubling"
                 else BandAllreduce(leaders_group)
             )

@@ -309,7 +309,7 @@ def test_scale_emulation_writes_its_rows_and_leaves_no_process(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert _processes_with(tag) == [], "a rank process outlived the benchmark"
     doc = json.loads(out.read_text())
-    assert set(doc) == {"machine", "calls", "leader_spin_us", "rows"} and doc["calls"] == 40
+    assert set(doc) == {"machine", "calls", "pinned", "rows"} and doc["calls"] == 40
     assert set(doc["machine"]) == {"cores", "torch"}
     rows = {(r["hosts"], r["ranks_per_host"], r["delay_us"], r["mode"]): r for r in doc["rows"]}
     at0 = ["gloo_allreduce", "ring_emulated", "doubling", "hier_doubling", "hier_allreduce"]
