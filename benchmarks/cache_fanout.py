@@ -271,6 +271,17 @@ def main() -> None:
                 f"{rate * pollers:.0f} ops/s on the shared FS"
             )
         print(line)
+    from dynamo_dist._cache_protocol import LOCK_LOOK_S, SHARED_POLL_S, SHARED_POLL_UNBOUNDED_S
+
+    # By design, once the backoff reached its cap (lock looks are ~7 operations each).
+    print(
+        f"  lock looks per second while a graph compiles elsewhere, by design: before "
+        f"{h * r - 1} waiting ranks x 1/{SHARED_POLL_UNBOUNDED_S:g}s = "
+        f"{(h * r - 1) / SHARED_POLL_UNBOUNDED_S:.0f}/s (plus an entry stat each); after "
+        f"{h - 1} fetchers x 1/{LOCK_LOOK_S:g}s = {(h - 1) / LOCK_LOOK_S:.1f}/s, plus "
+        f"{h - 1} x 1/{SHARED_POLL_S:g}s = {(h - 1) / SHARED_POLL_S:.0f} manifest stats/s "
+        f"(per host: {1 / SHARED_POLL_S + 7 / LOCK_LOOK_S:.1f} ops/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ from ._cache_store import (
     Entry,
     EntryRefused,
     EntryUnavailable,
+    FsOps,
     extract,
     merge_into,
 )
@@ -323,7 +324,7 @@ class SharedCache:
         # The operations above are made once per process; what is counted from here on
         # is the per-entry traffic.
         self.setup_fs_ops = self.store.ops.total
-        self.store.ops = type(self.store.ops)()
+        self.store.ops = FsOps()
 
     def _readable(self) -> bool:
         """Whether this namespace's entries can be listed (for a read-only cache)."""

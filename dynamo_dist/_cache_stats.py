@@ -65,11 +65,6 @@ class CacheStats:
     # read-only local cache, an entry this rank cannot read, a full disk): each one
     # costs a local compile and is warned about once.
     cache_errors: int = 0
-    # Fan-out (``cache_fanout``): entries this rank read from the shared directory for
-    # its host (the host's fetcher), and entries it installed from the host-local copy
-    # instead of reading the shared directory.
-    cache_host_fetches: int = 0
-    cache_host_loads: int = 0
     cache_bytes_read: int = 0
     cache_bytes_written: int = 0
     inductor_compiles: int = 0
@@ -78,6 +73,11 @@ class CacheStats:
     # the code state gained a dynamic mark.
     profile_loads: int = 0
     profile_publishes: int = 0
+    # Fan-out (``cache_fanout``): entries this rank read from the shared directory for
+    # its host (the host's fetcher), and entries it installed from the host-local copy
+    # instead of reading the shared directory.
+    cache_host_fetches: int = 0
+    cache_host_loads: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The counters under the keys ``dynamo_dist.stats()`` has always reported."""
