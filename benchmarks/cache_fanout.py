@@ -20,7 +20,8 @@ Programs:
   operations (hold 0) and polling operations per second of a compile elsewhere (the
   waiting role's extra operations over its extra seconds of waiting) are told apart.
 * ``inductor``: ``dynamo_dist.compile`` of a small module with inductor (one run per
-  mode; the wait is inductor's compile).
+  mode; the wait is inductor's compile). The group's first rank also looks up the
+  automatic-dynamic profile in the shared directory (one stat when there is none).
 
 Modes: ``before`` sets DYNAMO_DIST_CACHE_FANOUT=0 (every rank reads the shared entry and
 polls its lock, as before fan-out), ``after`` the default. The model then gives, for
@@ -209,7 +210,8 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _print(mode: str, hold: float, s: dict[str, Any]) -> None:
     roles = ", ".join(f"{k} {v:.0f} ({s['roles'][k]} ranks)" for k, v in sorted(s["role"].items()))
-    print(f"{mode:6s} hold {hold:4.1f}s: {s['total']:5d} shared-FS ops for {s['entries']} entry")
+    held = f" hold {hold:4.1f}s" if hold else ""
+    print(f"{mode:6s}{held}: {s['total']:5d} shared-FS ops for {s['entries']} entry")
     print(f"       per host: {s['per_host']}")
     print(f"       per rank: {s['per_rank']}")
     print(f"       per role (mean): {roles}")
