@@ -146,7 +146,12 @@ def get_cache(cfg: Config, agree: bool) -> SharedCache:
     root = os.path.abspath(cfg.cache_dir)
     if root not in _caches:
         _caches[root] = SharedCache(
-            root, cfg.timeout, cfg.wait_log_interval, agree, followers_compile(cfg)
+            root,
+            cfg.timeout,
+            cfg.wait_log_interval,
+            agree,
+            followers_compile(cfg),
+            fanout=cfg.cache_fanout,
         )
     return _caches[root]
 

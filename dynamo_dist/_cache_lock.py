@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import _proc
-from ._cache_store import _CREATE_FLAGS, _READ_FLAGS, DiskStore
+from ._cache_store import _CREATE_FLAGS, _READ_FLAGS, DiskStore, FsOps, _tick, counting
 
 __all__ = ["HEARTBEAT_S", "Holder", "Lock", "Locks", "Watch", "look", "owner_record"]
 
@@ -142,14 +142,18 @@ class Locks:
     def holder(self, key: str) -> Holder | None:
         """The highest generation of ``key``'s lock, or None if nobody holds it.
 
-        OSError if the locks directory cannot be used.
+        OSError if the locks directory cannot be used. A look creates nothing (the
+        waiters poll it): no locks directory yet means no holder.
         """
-        with self.store.walk("locks", self.store.namespace, create=True) as fds:
-            gens = self._generations(fds[-1], key)
-            for gen in sorted(gens, reverse=True):
-                found = look(fds[-1], f"{key}.{gen}.lock", gen)
-                if found is not None:
-                    return found
+        try:
+            with self.store.walk("locks", self.store.namespace) as fds:
+                gens = self._generations(fds[-1], key)
+                for gen in sorted(gens, reverse=True):
+                    found = look(fds[-1], f"{key}.{gen}.lock", gen)
+                    if found is not None:
+                        return found
+        except FileNotFoundError:
+            pass
         return None
 
     def acquire(self, key: str, owner: dict[str, Any], over: Holder | None = None) -> Lock | None:
@@ -163,6 +167,7 @@ class Locks:
             raise OSError(f"more than {MAX_GENERATIONS} lock generations for {key[:12]}")
         with self.store.walk("locks", self.store.namespace, create=True) as fds:
             name = f"{key}.{gen}.lock"
+            _tick("writes", 2)
             try:
                 fd = os.open(name, _CREATE_FLAGS, 0o644, dir_fd=fds[-1])
             except FileExistsError:
@@ -171,7 +176,7 @@ class Locks:
                 os.write(fd, json.dumps({**owner, "gen": gen}).encode())
                 # Its own descriptors: heartbeat and release touch only this inode in this
                 # directory, whatever the names become.
-                return Lock(key, gen, fd=fd, dir_fd=os.dup(fds[-1]))
+                return Lock(key, gen, fd=fd, dir_fd=os.dup(fds[-1]), ops=self.store.ops)
             except BaseException:
                 os.close(fd)
                 with contextlib.suppress(OSError):
@@ -181,6 +186,7 @@ class Locks:
     @staticmethod
     def _generations(dir_fd: int, key: str) -> list[int]:
         gens = []
+        _tick("listdirs")
         with os.scandir(dir_fd) as it:
             for e in it:
                 m = _LOCK_NAME.match(e.name)
@@ -196,6 +202,7 @@ def look(dir_fd: int, name: str, gen: int) -> Holder | None:
     revalidate the attributes) and read from that descriptor. Anything else is a
     holder without a record.
     """
+    _tick("opens")
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -206,10 +213,12 @@ def look(dir_fd: int, name: str, gen: int) -> Holder | None:
         except FileNotFoundError:
             return None
         return Holder(gen, (st.st_dev, st.st_ino), st.st_mtime_ns, {}, st.st_uid)
+    _tick("stats")
     try:
         st = os.fstat(fd)
         record: Any = {}
         if stat.S_ISREG(st.st_mode):
+            _tick("reads")
             with contextlib.suppress(OSError, ValueError, RecursionError):
                 record = json.loads(os.read(fd, _MAX_LOCK_BYTES) or b"{}")
     finally:
@@ -222,12 +231,13 @@ def look(dir_fd: int, name: str, gen: int) -> Holder | None:
 class Lock:
     """A held leader lock with a heartbeat: its mtime changes while the owner lives."""
 
-    def __init__(self, key: str, gen: int, fd: int, dir_fd: int) -> None:
+    def __init__(self, key: str, gen: int, fd: int, dir_fd: int, ops: FsOps | None = None) -> None:
         self.key = key
         self.gen = gen
         self.name = f"{key}.{gen}.lock"
         self._fd = fd
         self._dir_fd = dir_fd
+        self._ops = ops
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._beat, daemon=True, name="dynamo_dist-cache-lock"
@@ -235,9 +245,25 @@ class Lock:
         self._thread.start()
 
     def _beat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            with contextlib.suppress(OSError, NotImplementedError):
-                os.utime(self._fd)
+        with counting(self._ops):
+            while not self._stop.wait(HEARTBEAT_S):
+                _tick("writes")
+                with contextlib.suppress(OSError, NotImplementedError):
+                    os.utime(self._fd)
+
+    def note(self, record: dict[str, Any]) -> None:
+        """Rewrite the record in the lock file (advice for its readers, like all of it).
+
+        A reader may see it half-written: it then reads no record, which every reader
+        already handles (a holder with no name). Best effort.
+        """
+        if self._stop.is_set():
+            return
+        data = json.dumps({**record, "gen": self.gen}).encode()
+        with counting(self._ops), contextlib.suppress(OSError):
+            _tick("writes", 2)
+            os.pwrite(self._fd, data, 0)
+            os.ftruncate(self._fd, len(data))
 
     def release(self) -> None:
         """Unlink our own file (only while the name is still our inode), then the dead ones.
@@ -250,6 +276,8 @@ class Lock:
             return
         self._stop.set()
         self._thread.join()  # the heartbeat must not touch a closed (reused) descriptor
+        _tick_to(self._ops, "writes", 1 + self.gen)
+        _tick_to(self._ops, "stats", 2)
         try:
             for gen in range(self.gen):
                 with contextlib.suppress(OSError):
@@ -262,6 +290,11 @@ class Lock:
         finally:
             os.close(self._fd)
             os.close(self._dir_fd)
+
+
+def _tick_to(ops: FsOps | None, kind: str, n: int) -> None:
+    with counting(ops):
+        _tick(kind, n)
 
 
 def stale_after(timeout: float) -> float:

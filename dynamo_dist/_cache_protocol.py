@@ -12,6 +12,21 @@ entry at once. Where each rank has cores to spare (``cache_followers``), the oth
 compile alongside the leader instead of waiting, each in its own clean room, and
 publish too if the entry is still missing when they are done.
 
+Fan-out (``cache_fanout``): the shared file system sees one reader per host, not one
+per rank. Of the ranks of a host that need a graph, the first to take the key's lock in
+a private host-local directory (:func:`host_copy_dir`, mode 0700, one per host and per
+emulated host) is the host's fetcher: it alone looks at the shared entry and lock,
+verifies and stages the entry as before, and leaves a copy of the verified bytes in the
+host-local directory (``DiskStore.put_copy``) before it lets go. A leader leaves one too
+when it publishes. The host's other ranks poll only that directory, and verify the copy
+as they would the shared entry before installing it. A fetcher that dies is taken over
+by another local rank (found dead by its process, on this host, within a look), one that
+lets go without leaving a copy (it compiles itself) makes its local ranks compile too,
+and a copy that fails verification sends that rank to the shared entry itself: the
+timeout and the agreement bound all of it as before. While a graph is compiled
+elsewhere, a fetcher stats the entry's manifest once a second (``SHARED_POLL_S``) and
+looks at its lock every ``LOCK_LOOK_S``.
+
 Whatever goes wrong with the cache (unusable directory, corrupt or tampered entry, a
 leader that died, a full or read-only local disk, a bug of ours) costs at most a local
 compile and one warning: never the job, and never a hang. Only an error of the compile
@@ -28,6 +43,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
+import hashlib
 import math
 import os
 import shutil
@@ -41,27 +58,88 @@ from typing import Any
 
 import torch.distributed as dist
 
-from . import _local, _torch_compat
+from . import _local, _proc, _torch_compat
 from ._cache_agree import Agreement, next_compile
 from ._cache_key import version_factors
-from ._cache_lock import Holder, Locks, Watch, owner_record, stale_after
+from ._cache_lock import Holder, Lock, Locks, Watch, owner_record, stale_after
 from ._cache_stats import CacheStats, emit_load, emit_publish, emit_refusal, log, warn_once
 from ._cache_store import (
+    _DIR_FLAGS,
     DiskStore,
     Entry,
     EntryRefused,
     EntryUnavailable,
+    FsOps,
     extract,
     merge_into,
 )
 from ._config import CACHE_SECRET_FILE_ENV
 from ._secret import cache_secret, untrusted_reason
 
-__all__ = ["SharedCache", "Upcoming", "local_inductor_dir", "private_local_dir"]
+__all__ = [
+    "SharedCache",
+    "Upcoming",
+    "host_copy_dir",
+    "local_inductor_dir",
+    "private_local_dir",
+]
 
 #: A graph this rank will compile next, as (key, factors, compile_fn, label): what a rank
 #: waiting for a leader may compile and publish meanwhile (DDPOptimizer's later pieces).
 Upcoming = tuple[str, dict[str, Any], Callable[[], Any], str]
+
+
+#: Seconds between two looks at the shared directory by a rank waiting there for a graph
+#: another rank compiles: one stat of the entry's manifest. With fan-out only one rank
+#: per host waits there, so this bounds a host's polling of an entry.
+SHARED_POLL_S = 1.0
+#: Before fan-out (``cache_fanout`` off), every waiting rank polled this often.
+SHARED_POLL_UNBOUNDED_S = 0.5
+#: Seconds between two looks at the holder of a key's lock by a rank waiting for it (a
+#: walk, a listing and the lock file: about 7 operations). A dead holder is still found
+#: within ``stale_after`` (at least 30 s) plus this.
+LOCK_LOOK_S = 10.0
+#: The host's other ranks poll only the host-local directory (local disk) this often.
+HOST_POLL_S = 0.25
+
+
+def host_tag() -> str:
+    """This host's directory name under a local cache: host, boot and GROUP_RANK.
+
+    GROUP_RANK (torchrun's node rank) tells emulated hosts on one machine apart, and
+    the host name and boot id tell real hosts apart when ranks of several hosts use a
+    local cache directory on a shared file system (a home directory).
+    """
+    ident = _proc.identity()
+    raw = f"{ident['host']}/{ident['boot']}/{os.environ.get('GROUP_RANK', '')}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def host_copy_dir(local: Path) -> Path:
+    """``<local>/dynamo_dist/hosts/<host tag>``, made private; OSError if it cannot be.
+
+    The host's verified copies of shared entries live there, read by every local rank
+    and then loaded, so each directory on the way is created 0700, opened without
+    following a link, must be this user's, and is tightened to 0700 (being ours, and
+    below the private ``local``). Its contents are verified again before use anyway.
+    """
+    names = ("dynamo_dist", "hosts", host_tag())
+    fd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for name in names:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=fd)
+            inner = os.open(name, _DIR_FLAGS, dir_fd=fd)  # O_NOFOLLOW: a link fails
+            os.close(fd)
+            fd = inner
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid():
+                raise OSError(errno.EPERM, f"{name} is owned by uid {st.st_uid}, not this user")
+            if stat.S_IMODE(st.st_mode) != 0o700:
+                os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return local.joinpath(*names)
 
 
 def local_inductor_dir() -> Path:
@@ -128,6 +206,35 @@ class _Turn:
         self.compile_raised = False
         self.has_result = False
         self.result: Any = None
+        self.looked = False  # counted as a hit or a miss
+        # Fan-out: the host-local store, and the host's fetch lock while this rank holds it.
+        self.host: DiskStore | None = None
+        self.fetch: Lock | None = None
+        self.phase = "fetch"
+
+    def note_phase(self, phase: str) -> None:
+        """Tell the host's other ranks what this fetcher does: fetch, wait or lead.
+
+        They compile alongside (or ahead, or stop waiting) only while a graph is being
+        compiled ("wait", "lead"), never while the fetcher merely reads an entry.
+        """
+        if self.fetch is not None and phase != self.phase:
+            self.phase = phase
+            self.fetch.note({**owner_record(self.cache.rank), "phase": phase})
+
+    def let_go(self) -> None:
+        """Release the host's fetch lock (after leaving a copy, or giving up)."""
+        if self.fetch is not None:
+            fetch, self.fetch = self.fetch, None
+            fetch.release()
+
+    def count_look(self, found: bool) -> None:
+        if not self.looked:
+            self.looked = True
+            if found:
+                self.cache.counts.cache_hits += 1
+            else:
+                self.cache.counts.cache_misses += 1
 
     def compile(self, compile_fn: Callable[[], Any]) -> Any:
         try:
@@ -166,8 +273,12 @@ class SharedCache:
         wait_log_interval: float,
         agree: bool,
         followers_compile: bool = False,
+        fanout: bool = True,
     ) -> None:
         self.root = root
+        # One rank per host reads each entry from the shared directory (module docstring).
+        self.fanout = fanout
+        self._hosts: dict[Path, DiskStore | None] = {}
         # Compile a graph another rank is compiling, instead of waiting to load it.
         self.followers_compile = followers_compile
         self.store = DiskStore(root, cache_secret())  # ConfigError if misconfigured
@@ -210,6 +321,10 @@ class SharedCache:
                 )
         if self.enabled and self.store.secret is None:
             self._check_unsigned_is_safe()
+        # The operations above are made once per process; what is counted from here on
+        # is the per-entry traffic.
+        self.setup_fs_ops = self.store.ops.total
+        self.store.ops = FsOps()
 
     def _readable(self) -> bool:
         """Whether this namespace's entries can be listed (for a read-only cache)."""
@@ -245,6 +360,8 @@ class SharedCache:
         """This directory's counters, under the keys ``dynamo_dist.stats()`` reports."""
         return {
             **self.counts.as_dict(),
+            **self.store.ops.as_dict("shared_fs_"),
+            "shared_fs_setup": self.setup_fs_ops,
             "cache_dir": self.root,
             "cache_enabled": self.enabled,
             "cache_writable": self.enabled and self.writable,
@@ -306,6 +423,8 @@ class SharedCache:
                 return self._through_cache(key, factors, label, compile_fn, turn, upcoming)
         except BaseException as e:
             # Report before the error goes anywhere, or the other ranks wait for this one.
+            with contextlib.suppress(Exception):
+                turn.let_go()
             turn.abstain()
             if turn.compile_raised or not isinstance(e, Exception):
                 raise  # the compile's own error (or an interrupt): as without the cache
@@ -325,6 +444,10 @@ class SharedCache:
         upcoming: Callable[[], Iterable[Upcoming]] | None = None,
     ) -> Any:
         role, entry = self._obtain(key, factors, compile_fn, label, turn, upcoming)
+        if role != "load":
+            # The host's other ranks find the copy a leader left, or see that this rank
+            # compiles itself and compile too.
+            turn.let_go()
         if role in ("fallback", "alongside"):
             # This rank compiles locally whatever the others say: its "no" goes out
             # without waiting, so it compiles now (alongside a leader still compiling)
@@ -341,7 +464,8 @@ class SharedCache:
         staging: Path | None = None
         if role == "load":
             assert entry is not None
-            staging = self._stage(entry)
+            staging = self._stage(entry, turn)
+            turn.let_go()  # the host-local copy is in place (or this rank gave up)
         # All or nothing: a rank installs the loaded entry only if every rank could,
         # so no rank runs different code for the same graph.
         ok = turn.agree(key, role == "leader" or staging is not None)
@@ -374,6 +498,8 @@ class SharedCache:
         if not isinstance(owner_rank, int) or isinstance(owner_rank, bool):
             owner_rank = None
         self.counts.cache_loads += 1
+        if self._store_of(entry) is not self.store:
+            self.counts.cache_host_loads += 1
         self.counts.compile_seconds_saved += float(seconds)
         log.info("loaded %s for %s (compiled by rank %s)", key[:12], label, owner_rank)
         emit_load(key, label, owner_rank, self.rank, float(seconds))
@@ -399,6 +525,44 @@ class SharedCache:
             self._local_problem("reading the cache", key, e)
             return None, False
 
+    def _host_store(self) -> DiskStore | None:
+        """The host-local store of verified copies (fan-out), or None without one.
+
+        One per local cache directory (``private_local_dir`` may change with
+        TORCHINDUCTOR_CACHE_DIR); a directory that cannot be made private costs the
+        fan-out, with one warning: this rank then reads the shared directory itself.
+        """
+        if not self.fanout:
+            return None
+        local = private_local_dir()
+        if local is None:
+            return None
+        if local not in self._hosts:
+            store: DiskStore | None = None
+            try:
+                store = DiskStore(host_copy_dir(local), self.store.secret)
+                store.check_usable()
+            except OSError as e:
+                store = None
+                warn_once(
+                    f"hostcopy:{local}",
+                    "no private host-local directory for shared cache entries under %s "
+                    "(%s: %s); this rank reads the shared directory %s itself",
+                    local,
+                    type(e).__name__,
+                    e.strerror or e,
+                    self.root,
+                )
+            self._hosts[local] = store
+        return self._hosts[local]
+
+    def _store_of(self, entry: Entry) -> DiskStore:
+        """The store ``entry`` was read from: a host-local one, or the shared directory."""
+        for store in self._hosts.values():
+            if store is not None and entry.root == store.root:
+                return store
+        return self.store
+
     def _obtain(
         self,
         key: str,
@@ -410,30 +574,180 @@ class SharedCache:
     ) -> tuple[str, Entry | None]:
         """('load', entry), ('leader', None) with ``turn.result`` set, or ('fallback', None).
 
-        Every pass of the loop sleeps and checks the deadline: nothing found on disk
-        (a lock that cannot be read, a FIFO, a directory where a file should be) can
-        make it spin or outlast ``timeout``.
+        With fan-out, from the host-local copy (:meth:`_from_host`) unless this rank is
+        the host's fetcher (``turn.fetch``) or the copy failed, then from the shared
+        directory as before (:meth:`_from_shared`).
         """
         start = time.monotonic()
+        turn.host = self._host_store()
+        if turn.host is not None:
+            role, entry = self._from_host(turn.host, key, label, turn, upcoming, start)
+            if role is not None:
+                return role, entry
+        return self._from_shared(key, factors, compile_fn, label, turn, upcoming, start)
+
+    def _from_host(
+        self,
+        host: DiskStore,
+        key: str,
+        label: str,
+        turn: _Turn,
+        upcoming: Callable[[], Iterable[Upcoming]] | None,
+        start: float,
+    ) -> tuple[str | None, Entry | None]:
+        """Wait for the host-local copy of ``key``; (None, None): go to the shared directory.
+
+        The first rank of the host to take the key's lock in the host-local directory
+        goes on to the shared directory as the host's fetcher (holding the lock in
+        ``turn.fetch`` until its copy is in place); the others poll only the host-local
+        directory. Bounded like the shared wait: every pass sleeps and checks the
+        deadline.
+        """
         next_log = start + self.wait_log_interval
         delay = 0.02
-        first = True
+        watch = Watch(stale_after(self.timeout))
+        locks = Locks(host)
+        seen: Holder | None = None  # the last live fetcher this rank waited for
+        ahead: Iterator[Upcoming] | None = None
+        while True:
+            try:
+                entry = host.get(key, expect=version_factors())
+            except EntryRefused as e:
+                # Ours and private, yet it fails verification: something wrote into it.
+                # Not fatal: this rank reads the shared entry itself.
+                self.counts.cache_refused += 1
+                log.warning(
+                    "refused the host-local copy of shared cache entry %s (%s); moved it to %s "
+                    "and reading the shared entry instead",
+                    key[:12],
+                    e,
+                    host.refused,
+                )
+                emit_refusal(key, self.rank, "host", str(e))
+                turn.let_go()
+                return None, None
+            if entry is not None:
+                turn.count_look(True)
+                turn.let_go()  # found after taking the lock: placed by the last fetcher
+                return "load", entry
+            if turn.fetch is not None:
+                return None, None  # this rank fetches for the host
+            try:
+                holder = locks.holder(key)
+                if holder is None:
+                    if seen is not None:
+                        # The fetcher let go without leaving a copy: it compiles the graph
+                        # itself (it could not read or publish it, or timed out), so
+                        # nobody will install the entry; compile now, all at once.
+                        turn.count_look(False)
+                        self.counts.cache_fallbacks += 1
+                        log.info(
+                            "%s stopped fetching %s (%s) for this host without a copy; "
+                            "compiling locally",
+                            seen.describe(),
+                            key[:12],
+                            label,
+                        )
+                        return "fallback", None
+                    turn.fetch = locks.acquire(key, {**owner_record(self.rank), "phase": "fetch"})
+                    turn.phase = "fetch"
+                    continue  # look at the copy once more: it may be new
+                if watch.dead(holder):
+                    log.warning(
+                        "%s, fetching %s (%s) for this host, is gone; fetching it here",
+                        holder.describe(),
+                        key[:12],
+                        label,
+                    )
+                    turn.fetch = locks.acquire(
+                        key, {**owner_record(self.rank), "phase": "fetch"}, over=holder
+                    )
+                    turn.phase = "fetch"
+                    continue
+            except OSError as e:
+                self._local_problem("taking the host fetch lock", key, e)
+                return None, None  # read the shared directory itself
+            turn.count_look(False)
+            seen = holder
+            if holder.record.get("phase") in ("wait", "lead"):
+                # A graph is being compiled (by the fetcher, or by the rank it waits for):
+                # the same choices as a rank waiting on the shared lock.
+                role = self._instead_of_waiting(holder, key, label, turn)
+                if role is not None:
+                    return role, None
+                if upcoming is not None:
+                    ahead = iter(upcoming()) if ahead is None else ahead
+                    if self._compile_ahead(ahead, label):
+                        continue
+            now = time.monotonic()
+            if now - start >= self.timeout:
+                self.counts.cache_fallbacks += 1
+                log.warning(
+                    "waited %.0fs for %s to fetch %s (%s) for this host; compiling locally",
+                    now - start,
+                    seen.describe(),
+                    key[:12],
+                    label,
+                )
+                return "fallback", None
+            if now >= next_log:
+                next_log = now + self.wait_log_interval
+                log.warning(
+                    "waiting for graph %s (%s) fetched for this host by %s: %.0fs",
+                    key[:12],
+                    label,
+                    seen.describe(),
+                    now - start,
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, HOST_POLL_S)
+
+    def _from_shared(
+        self,
+        key: str,
+        factors: dict[str, Any],
+        compile_fn: Callable[[], Any],
+        label: str,
+        turn: _Turn,
+        upcoming: Callable[[], Iterable[Upcoming]] | None,
+        start: float,
+    ) -> tuple[str, Entry | None]:
+        """Load, lead or fall back, looking at the shared directory itself.
+
+        Every pass of the loop sleeps and checks the deadline: nothing found on disk
+        (a lock that cannot be read, a FIFO, a directory where a file should be) can
+        make it spin or outlast ``timeout``. While a live holder compiles, a pass only
+        stats the entry's manifest; the lock is looked at every ``LOCK_LOOK_S``.
+        """
+        next_log = start + self.wait_log_interval
+        delay = 0.02
+        poll = SHARED_POLL_S if self.fanout else SHARED_POLL_UNBOUNDED_S
         watch = Watch(stale_after(self.timeout))
         seen: Holder | None = None  # the last live holder this rank waited for
+        looked = -math.inf
         ahead: Iterator[Upcoming] | None = None
         while True:
             entry, readable = self._get(key)
             if entry is not None:
-                if first:
-                    self.counts.cache_hits += 1
+                turn.count_look(True)
                 return "load", entry
-            if first:
-                self.counts.cache_misses += 1
-                first = False
+            turn.count_look(False)
             if not readable or not self.writable:
                 return "fallback", None  # this rank can neither load nor publish it
             try:
-                holder = self.locks.holder(key)
+                # A holder of this host found dead by its process (no file-system
+                # operation) is looked at again at once, to be taken over.
+                fresh = (
+                    seen is None
+                    or not self.fanout
+                    or time.monotonic() - looked >= LOCK_LOOK_S
+                    or seen.dead_by_identity()
+                )
+                if fresh:
+                    holder = self.locks.holder(key)
+                    looked = time.monotonic()
+                else:
+                    holder = seen  # between looks at the lock, only the entry is polled
                 if holder is None and seen is not None:
                     # The leader let go without publishing (its publish failed, or it was
                     # refused): compile now, all at once, rather than lead one by one.
@@ -448,7 +762,7 @@ class SharedCache:
                 lock = None
                 if holder is None:
                     lock = self.locks.acquire(key, owner_record(self.rank))
-                elif watch.dead(holder):
+                elif fresh and watch.dead(holder):
                     log.warning(
                         "the leader compiling %s for %s, %s, is gone (%s); taking over",
                         key[:12],
@@ -461,6 +775,7 @@ class SharedCache:
                     lock = self.locks.acquire(key, owner_record(self.rank), over=holder)
                 else:
                     seen = holder
+                    turn.note_phase("wait")
                     role = self._instead_of_waiting(holder, key, label, turn)
                     if role is not None:
                         return role, None
@@ -477,6 +792,7 @@ class SharedCache:
                     entry, _ = self._get(key)
                     if entry is not None:
                         return "load", entry
+                    turn.note_phase("lead")
                     self._lead(key, factors, compile_fn, label, turn)
                     return "leader", None
                 finally:
@@ -502,7 +818,7 @@ class SharedCache:
                     now - start,
                 )
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.5)
+            delay = min(delay * 1.5, poll)
 
     def _compile_ahead(self, ahead: Iterator[Upcoming], waiting_for: str) -> bool:
         """While waiting for a leader, lead one graph this rank compiles next; True if it did.
@@ -664,6 +980,13 @@ class SharedCache:
                 e,
             )
             return
+        host = self._host_store()
+        if host is not None:
+            # The host's other ranks load this copy: none of them reads the shared one.
+            try:
+                host.put(key, room, manifest)
+            except Exception as e:
+                self._local_problem("keeping a host-local copy", key, e)
         if written:
             self.counts.cache_publishes += 1
             self.counts.cache_bytes_written += written
@@ -676,12 +999,18 @@ class SharedCache:
             )
             emit_publish(key, label, self.rank, written, seconds)
 
-    def _stage(self, entry: Entry) -> Path | None:
+    def _stage(self, entry: Entry, turn: _Turn | None = None) -> Path | None:
         """Unpack a verified entry beside the local cache; None on any failure.
 
         Only an entry proven bad (EntryRefused) is moved aside; a local failure (a full
         or read-only disk, EntryUnavailable) leaves the shared entry for the others.
+        The host's fetcher (``turn.fetch``) also leaves the verified bytes it unpacked
+        in the host-local store, for the host's other ranks.
         """
+        store = self._store_of(entry)
+        host = turn.host if turn is not None and turn.fetch is not None else None
+        if store is not self.store:
+            host = None  # already a host-local copy
         # An unpredictable name (mkdtemp, 0700) directly inside the private local cache:
         # nothing can be planted in it while it waits for the other ranks' agreement.
         local = local_inductor_dir()
@@ -696,7 +1025,16 @@ class SharedCache:
             self._local_problem("unpacking the entry", entry.key, e)
             return None
         try:
-            self.counts.cache_bytes_read += extract(entry, staging)
+            if host is None:
+                self.counts.cache_bytes_read += extract(entry, staging)
+                return staging
+            with tempfile.TemporaryFile(dir=local) as keep:
+                self.counts.cache_bytes_read += extract(entry, staging, keep)
+                try:
+                    host.put_copy(entry.key, entry.manifest, keep)
+                    self.counts.cache_host_fetches += 1
+                except Exception as e:  # the others compile; this rank installs
+                    self._local_problem("keeping a host-local copy", entry.key, e)
             return staging
         except EntryUnavailable as e:
             shutil.rmtree(staging, ignore_errors=True)
@@ -704,7 +1042,7 @@ class SharedCache:
             return None
         except EntryRefused as e:
             shutil.rmtree(staging, ignore_errors=True)
-            if not self.store.refuse(entry.path, f"unpacking failed: {e}", ident=entry.ident):
+            if not store.refuse(entry.path, f"unpacking failed: {e}", ident=entry.ident):
                 # Not the directory verified any more (republished, or changed: the next
                 # look verifies it anew), or already moved: nothing to refuse here.
                 self._local_problem("unpacking the entry", entry.key, e)

@@ -73,6 +73,11 @@ class CacheStats:
     # the code state gained a dynamic mark.
     profile_loads: int = 0
     profile_publishes: int = 0
+    # Fan-out (``cache_fanout``): entries this rank read from the shared directory for
+    # its host (the host's fetcher), and entries it installed from the host-local copy
+    # instead of reading the shared directory.
+    cache_host_fetches: int = 0
+    cache_host_loads: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The counters under the keys ``dynamo_dist.stats()`` has always reported."""

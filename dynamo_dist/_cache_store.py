@@ -44,6 +44,7 @@ Every byte under the root may have been written by someone else, so:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import hmac
@@ -59,7 +60,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -111,6 +112,54 @@ class EntryUnavailable(Exception):
     """
 
 
+@dataclass
+class FsOps:
+    """File-system operations one process made on one store's directory, by kind.
+
+    On a shared (network) file system every one of them is a round trip to the server
+    that all ranks share, so at scale their number per entry, not bytes, is what the
+    cache must keep small (see ``benchmarks/cache_fanout.py``). Counted where the store
+    makes the call (cheap: an attribute increment), while ``counting`` names this
+    store's counter on the calling thread.
+    """
+
+    opens: int = 0  # files and directories opened (the walk opens each level)
+    stats: int = 0  # stat, lstat, fstat
+    listdirs: int = 0  # scandir, listdir
+    reads: int = 0  # read calls
+    writes: int = 0  # creates, writes, mkdirs, renames, unlinks, utimes
+
+    @property
+    def total(self) -> int:
+        return self.opens + self.stats + self.listdirs + self.reads + self.writes
+
+    def as_dict(self, prefix: str) -> dict[str, int]:
+        out = {f"{prefix}{k}": v for k, v in dataclasses.asdict(self).items()}
+        out[f"{prefix}total"] = self.total
+        return out
+
+
+_counting = threading.local()
+
+
+def _tick(kind: str, n: int = 1) -> None:
+    """Count ``n`` operations of ``kind`` for the store this thread is working on, if any."""
+    ops = getattr(_counting, "ops", None)
+    if ops is not None:
+        setattr(ops, kind, getattr(ops, kind) + n)
+
+
+@contextlib.contextmanager
+def counting(ops: FsOps | None) -> Iterator[None]:
+    """Count this thread's file-system operations into ``ops`` (None: not at all)."""
+    prev = getattr(_counting, "ops", None)
+    _counting.ops = ops
+    try:
+        yield
+    finally:
+        _counting.ops = prev
+
+
 #: Which directory was verified: (st_dev, st_ino, st_ctime_ns). The inode alone is not
 #: enough: a pruned entry's inode is soon reused by the next one published.
 DirIdent = tuple[int, int, int]
@@ -134,6 +183,8 @@ class Entry:
     # The identity (DirIdent) of the directory that was verified: a refusal moves only
     # that one, never an entry republished since (or changed: then it is checked anew).
     ident: DirIdent | None = field(default=None, repr=False)
+    # The counter of the store it was read from: ``extract`` reads it again.
+    ops: FsOps | None = field(default=None, repr=False)
 
     @property
     def must_be_private(self) -> bool:
@@ -205,6 +256,7 @@ def _open_root(root: Path, create: bool = False, mode: int = 0o777) -> int:
     """
     if create:
         os.makedirs(root, mode=mode, exist_ok=True)
+    _tick("opens")
     return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
@@ -216,8 +268,10 @@ def _open_dir_at(parent_fd: int, name: str, create_mode: int | None = None) -> i
     with ELOOP or ENOTDIR instead of leading elsewhere.
     """
     if create_mode is not None:
+        _tick("writes")
         with contextlib.suppress(FileExistsError):
             os.mkdir(name, create_mode, dir_fd=parent_fd)
+    _tick("opens")
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     except OSError as e:
@@ -244,6 +298,7 @@ def _dir_fds(
         for i, part in enumerate(parts):
             fds.append(_open_dir_at(fds[-1], part, create_mode))
             if check:
+                _tick("stats")
                 _check_private(os.fstat(fds[-1]), "/".join(parts[: i + 1]))
         yield fds
     finally:
@@ -253,6 +308,7 @@ def _dir_fds(
 
 def _create_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
     """Write a new file in ``dir_fd``; never through a link, never over an existing file."""
+    _tick("writes", 2)
     fd = os.open(name, _CREATE_FLAGS, mode, dir_fd=dir_fd)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)
@@ -301,6 +357,7 @@ def _open_regular(
     that cannot be opened or examined for a reason of ours (EACCES, EMFILE, EIO, no
     memory) is EntryUnavailable: nothing proves it bad.
     """
+    _tick("opens")
     try:
         fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -319,6 +376,7 @@ def _open_regular(
         if not stat.S_ISREG(st.st_mode):
             raise EntryRefused(f"{what} is not a regular file") from None
         raise _unavailable(what, e) from None
+    _tick("stats")
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -350,6 +408,7 @@ def _read_file(
     no memory).
     """
     fd, _ = _open_regular(path, max_size, what, dir_fd, private)
+    _tick("reads")
     try:
         with os.fdopen(fd, "rb") as fh:
             data = fh.read(max_size + 1)
@@ -408,6 +467,7 @@ def _entry_moved(root: Path | None, path: Path, entry_fd: int) -> bool:
     file that vanished while the entry was read; only an entry still in place with a
     file missing is proven incomplete.
     """
+    _tick("stats", 2)
     try:
         ours = os.fstat(entry_fd)
         if ours.st_nlink == 0:
@@ -429,6 +489,7 @@ def _hash_fd(fd: int, size: int, copy: IO[bytes] | None = None) -> str:
     h = hashlib.sha256()
     left = size
     while left > 0:
+        _tick("reads")
         block = os.read(fd, min(left, 1 << 20))
         if not block:
             raise EntryRefused(f"file shrank while being read ({size - left} of {size} bytes)")
@@ -436,6 +497,7 @@ def _hash_fd(fd: int, size: int, copy: IO[bytes] | None = None) -> str:
         if copy is not None:
             copy.write(block)
         left -= len(block)
+    _tick("reads")
     if os.read(fd, 1):
         raise EntryRefused("file grew while being read")
     return h.hexdigest()
@@ -575,6 +637,8 @@ class DiskStore:
         self._trim_again = False
         self._trim_done = threading.Event()
         self._trim_done.set()
+        # File-system operations this process made here (see FsOps).
+        self.ops = FsOps()
 
     # -- modes -------------------------------------------------------------------
     @property
@@ -594,11 +658,15 @@ class DiskStore:
         """The final mode of a directory we filled privately (0700) and now publish."""
         return self._mkdir_mode() & ~_umask()
 
-    def walk(
-        self, *parts: str, create: bool = False
-    ) -> contextlib.AbstractContextManager[list[int]]:
-        """Descriptors of the root and ``parts`` below it (created if ``create``), no links."""
-        return _dir_fds(self.root, parts, self._mkdir_mode() if create else None)
+    @contextlib.contextmanager
+    def walk(self, *parts: str, create: bool = False) -> Iterator[list[int]]:
+        """Descriptors of the root and ``parts`` below it (created if ``create``), no links.
+
+        What the caller does inside the block is counted in ``ops`` too.
+        """
+        mode = self._mkdir_mode() if create else None
+        with counting(self.ops), _dir_fds(self.root, parts, mode) as fds:
+            yield fds
 
     def check_usable(self) -> None:
         """Raise OSError (with the reason) unless entries can be written here.
@@ -606,6 +674,10 @@ class DiskStore:
         A job that creates the cache also writes its marker, which ``cache
         clear`` and ``prune`` require before deleting anything.
         """
+        with counting(self.ops):
+            self._check_usable()
+
+    def _check_usable(self) -> None:
         self._make_entries()
         for top in ("locks", "refused"):
             with self.walk(top, self.namespace, create=True):
@@ -655,7 +727,8 @@ class DiskStore:
         secret, EntryUntrusted (an EntryRefused) when anyone but this user (or root)
         could have written a directory or file of the entry.
         """
-        return self._verify_total(path, key, expect, None)
+        with counting(self.ops):
+            return self._verify_total(path, key, expect, None)
 
     def _verify_total(
         self,
@@ -688,6 +761,7 @@ class DiskStore:
         private = self.secret is None
         with _open_entry(self.root, path, private) as entry_fd:
             if ident is not None:
+                _tick("stats")
                 st = os.fstat(entry_fd)
                 ident.append(_dir_ident(st))
             try:
@@ -766,7 +840,12 @@ class DiskStore:
           one warning per key, left in place: not proven bad, and moving it may need
           rights we lack.
         """
+        with counting(self.ops):
+            return self._get(key, expect)
+
+    def _get(self, key: str, expect: dict[str, Any] | None) -> Entry | None:
         path = self.entry_dir(key)
+        _tick("stats")
         if not os.path.lexists(path / MANIFEST):  # a hint only: verify walks without links
             return None
         ident: list[DirIdent] = []
@@ -792,6 +871,7 @@ class DiskStore:
             root=self.root,
             private=self.secret is None,
             ident=ident[0] if ident else None,
+            ops=self.ops,
         )
 
     def _warn_miss(self, key: str, message: str) -> None:
@@ -811,6 +891,11 @@ class DiskStore:
         ``REFUSED_KEEP`` boxes: a hostile or broken writer must not fill the disk.
         True if this call moved it.
         """
+        with counting(self.ops):
+            return self._refuse(path, reason, ident)
+
+    def _refuse(self, path: Path, reason: str, ident: DirIdent | None) -> bool:
+        _tick("writes", 4)
         start, parts = _entry_parts(self.root, path)
         with contextlib.suppress(OSError), contextlib.ExitStack() as stack:
             (*_, parent_fd) = stack.enter_context(_dir_fds(start, parts[:-1]))
@@ -875,18 +960,35 @@ class DiskStore:
         Losing a race to another publisher of the same key is fine: both entries
         describe the same graph, and the first one wins.
         """
-        self._make_entries()
+        with counting(self.ops):
+            self._make_entries()
         with self.walk("entries", self.namespace, key[:2], create=True) as fds:
-            return self._put_at(fds[-1], key, artifact_dir, manifest)
+            return self._put_at(
+                fds[-1], key, lambda tmp_fd: self._fill(tmp_fd, key, artifact_dir, manifest)
+            )
 
-    def _put_at(self, shard_fd: int, key: str, artifact_dir: Path, manifest: dict[str, Any]) -> int:
+    def put_copy(self, key: str, manifest: dict[str, Any], artifact: IO[bytes]) -> int:
+        """Publish here, unchanged, an entry verified in another store; returns bytes written.
+
+        ``manifest`` is the verified one (signature and all) and ``artifact`` the private
+        copy of exactly the bytes that were hashed against it, so a reader of this store
+        verifies the copy as it would the original (same secret, same checks). For the
+        host-local copy of a shared entry (see ``_cache_protocol``).
+        """
+        with counting(self.ops):
+            self._make_entries()
+        with self.walk("entries", self.namespace, key[:2], create=True) as fds:
+            return self._put_at(fds[-1], key, lambda tmp_fd: _fill_copy(tmp_fd, manifest, artifact))
+
+    def _put_at(self, shard_fd: int, key: str, fill: Callable[[int], int]) -> int:
         # A name nobody can predict, 0700 while filled: nobody can plant links in it.
         tmp = f".tmp.{key}.{secrets.token_hex(8)}"
         os.mkdir(tmp, 0o700, dir_fd=shard_fd)
         try:
             tmp_fd = _open_dir_at(shard_fd, tmp)
             try:
-                size = self._fill(tmp_fd, key, artifact_dir, manifest)
+                _tick("writes", 4)
+                size = fill(tmp_fd)
                 os.fchmod(tmp_fd, self._open_mode())
             finally:
                 os.close(tmp_fd)
@@ -957,6 +1059,19 @@ class DiskStore:
                 for e in _plain_subdirs(sub):
                     if not e.name.startswith(".tmp."):
                         yield e
+
+
+def _fill_copy(tmp_fd: int, manifest: dict[str, Any], artifact: IO[bytes]) -> int:
+    """Write ``artifact`` (from its start) and ``manifest`` as they are into ``tmp_fd``."""
+    fd = os.open(ARTIFACT, _CREATE_FLAGS, 0o644, dir_fd=tmp_fd)
+    with os.fdopen(fd, "wb") as out:
+        artifact.seek(0)
+        shutil.copyfileobj(artifact, out)
+        out.flush()
+        os.fsync(out.fileno())
+        size = out.tell()
+    _create_at(tmp_fd, MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    return size
 
 
 #: A publish takes seconds; a temporary directory this old was left by a killed leader.
@@ -1030,7 +1145,7 @@ def _safe_member(m: tarfile.TarInfo) -> str | None:
     return None
 
 
-def extract(entry: Entry, dest: Path) -> int:
+def extract(entry: Entry, dest: Path, keep: IO[bytes] | None = None) -> int:
     """Unpack an entry's verified artifact into ``dest``; returns bytes read.
 
     The artifact is opened once (no links, FIFOs or devices, reached from the
@@ -1048,9 +1163,13 @@ def extract(entry: Entry, dest: Path) -> int:
     unpacking, an I/O error reading the shared file, an entry moved or pruned
     meanwhile), so the caller must not refuse the shared entry for it. On either
     error ``dest`` may hold part of the archive: the caller discards it.
+
+    ``keep``: a file that receives the verified bytes too (before unpacking), for a
+    copy of the entry elsewhere (``DiskStore.put_copy``) without reading it again.
     """
     try:
-        return _extract(entry, dest)
+        with counting(entry.ops):
+            return _extract(entry, dest, keep)
     except (EntryRefused, EntryUnavailable):
         raise
     except (OSError, MemoryError) as e:
@@ -1059,7 +1178,7 @@ def extract(entry: Entry, dest: Path) -> int:
         raise EntryRefused(f"malformed entry ({type(e).__name__}: {e})") from None
 
 
-def _extract(entry: Entry, dest: Path) -> int:
+def _extract(entry: Entry, dest: Path, keep: IO[bytes] | None) -> int:
     """``extract`` without the classification of unexpected errors."""
     size, digest = _file_meta(entry.manifest, ARTIFACT)
     private = entry.must_be_private
@@ -1082,6 +1201,9 @@ def _extract(entry: Entry, dest: Path) -> int:
             got = _hash_fd(fd, size, copy)
             if not hmac.compare_digest(got, digest):
                 raise EntryRefused(f"{ARTIFACT} does not match its sha256 (changed after verify?)")
+            if keep is not None:
+                copy.seek(0)
+                shutil.copyfileobj(copy, keep)
             copy.seek(0)
             _unpack(copy, dest, size)
     finally:

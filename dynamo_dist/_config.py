@@ -93,6 +93,12 @@ class Config:
     host has at least 4 CPUs per local rank, else ``wait``. Either way one rank
     publishes the graph, and later starts load it."""
 
+    cache_fanout: bool = _key(True)
+    """Fetch each shared cache entry once per host: one rank reads and verifies it on the
+    shared file system and leaves a copy in a private host-local directory, from which the
+    host's other ranks verify and install it. Off: every rank reads the shared entry and
+    polls its lock itself (what dynamo_dist did before; for comparisons)."""
+
     status_interval: float = _key(2.0)
     """Seconds between out-of-band status publications (last exchange and frame per rank),
     read to name the ranks that did not arrive when an exchange times out."""

@@ -35,6 +35,8 @@ REPORTED = [
     "compile_seconds_saved",
     "profile_loads",
     "profile_publishes",
+    "cache_host_fetches",
+    "cache_host_loads",
 ]
 
 

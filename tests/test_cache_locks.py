@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -107,3 +108,25 @@ def test_compiling_alongside_a_holder_that_never_publishes_still_publishes(
     again = _cache.SharedCache(root, 60.0, 30.0, agree=False, followers_compile=True)
     assert again.compile(KEY, factors, lambda: "loaded", "f (t.py:1)") == "loaded"
     assert again.stats()["cache_loads"] == 1
+
+
+def test_the_host_copy_directory_is_private_and_never_a_link(tmp_path):
+    """Made 0700 where missing, tightened where ours and open, refused through a link."""
+    import stat
+
+    from dynamo_dist._cache_protocol import host_copy_dir
+
+    local = tmp_path / "local"
+    local.mkdir(mode=0o700)
+    d = host_copy_dir(local)
+    assert d.parent == local / "dynamo_dist" / "hosts"
+    assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o700 for p in (d, d.parent, d.parent.parent))
+    os.chmod(d, 0o777)
+    assert host_copy_dir(local) == d and stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    other = tmp_path / "other"
+    other.mkdir()
+    (local2 := tmp_path / "local2").mkdir(mode=0o700)
+    (local2 / "dynamo_dist").symlink_to(other)
+    with pytest.raises(OSError):
+        host_copy_dir(local2)
+    assert list(other.iterdir()) == []

@@ -152,3 +152,61 @@ def test_cli_ls_verify_prune_clear(tmp_path):
     c = _cli("clear", str(root))
     assert c.returncode == 0 and not list(store.iter_entries())
     assert not list(store.iter_all_entries()), "clear removes every secret's entries"
+
+
+# -- fan-out: host-local copies and operation counts ------------------------------------
+@pytest.mark.parametrize("secret", [None, "s3cret"])
+def test_a_host_copy_holds_the_verified_bytes_and_is_verified_again(tmp_path, secret):
+    """``extract(keep=)`` + ``put_copy``: the copy verifies like the shared entry; a
+    byte changed in it afterwards is refused, and only in the host store."""
+    import tempfile
+
+    shared, host = DiskStore(tmp_path / "c", secret), DiskStore(tmp_path / "h", secret)
+    shared.check_usable()
+    host.check_usable()
+    key = "d" * 40
+    _put(shared, key, _room(tmp_path))
+    entry = shared.get(key, expect=_cache.version_factors())
+    assert entry is not None
+    with tempfile.TemporaryFile() as keep:
+        extract(entry, tmp_path / "out", keep)
+        assert (
+            host.put_copy(key, entry.manifest, keep)
+            == entry.manifest["files"]["artifact.tar"]["size"]
+        )
+    copy = host.get(key, expect=_cache.version_factors())
+    assert copy is not None and copy.manifest == entry.manifest
+    extract(copy, tmp_path / "out2")
+    assert (tmp_path / "out2" / "ab" / "cabc.so").read_bytes() == b"kernel"
+    art = host.entry_dir(key) / "artifact.tar"
+    data = bytearray(art.read_bytes())
+    data[100] ^= 1
+    art.write_bytes(bytes(data))
+    with pytest.raises(EntryRefused, match="sha256"):
+        host.get(key, expect=_cache.version_factors())
+    assert shared.get(key, expect=_cache.version_factors()) is not None
+
+
+def test_shared_operations_are_counted_per_store(tmp_path):
+    shared, other = DiskStore(tmp_path / "c"), DiskStore(tmp_path / "o")
+    shared.check_usable()
+    other.check_usable()
+    key = "e" * 40
+    _put(shared, key, _room(tmp_path))
+    before, untouched = shared.ops.total, other.ops.total
+    assert shared.get("f" * 40) is None  # a miss is one stat of the manifest's name
+    assert shared.ops.total - before == 1 and shared.ops.stats >= 1
+    entry = shared.get(key)
+    assert entry is not None and shared.ops.reads >= 2  # the manifest, the artifact
+    n = shared.ops.total
+    extract(entry, tmp_path / "out")
+    assert shared.ops.total > n  # extract reads the shared artifact again
+    assert other.ops.total == untouched
+    assert set(shared.ops.as_dict("x_")) == {
+        "x_opens",
+        "x_stats",
+        "x_listdirs",
+        "x_reads",
+        "x_writes",
+        "x_total",
+    }

@@ -1,0 +1,137 @@
+"""Cache fan-out: one rank per host reads a shared entry; the host's others use its copy.
+
+Two torchrun agents are two emulated hosts (distinct GROUP_RANK) on this machine; the
+ranks of one host share a local cache directory, as ranks of a real host share
+/tmp. The rank program drives ``SharedCache.compile`` directly with a compile that
+writes one file where inductor would, so each test costs process starts, not inductor:
+what is asserted is who read the shared directory (the store's operation counters),
+who installed from the host-local copy, and that nothing hangs or crashes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ranks
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
+
+HERE = __file__
+KEY = "fa" * 20
+
+
+# -- rank programs ---------------------------------------------------------------------
+def fanout_job(
+    rank: int, world: int, local_base: str, hold: str = "1.0", die: str = "", agree: str = "1"
+) -> dict[str, Any]:
+    """One graph through the shared cache; ``die``: the rank that dies while leading it."""
+    import torch.distributed as dist
+
+    from dynamo_dist import _cache, _local, _torch_compat
+    from dynamo_dist._cache_protocol import host_copy_dir, private_local_dir
+
+    host = os.environ.get("GROUP_RANK", "0")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local_base, f"host{host}")
+    cache = _cache.SharedCache(os.environ["DYNAMO_DIST_CACHE_DIR"], 600.0, 30.0, agree=agree == "1")
+    roles: list[str] = []
+
+    def compile_fn() -> str:
+        d = Path(_torch_compat.inductor_cache_dir())
+        roles.append("leader" if "cleanroom" in d.parts else "plain")
+        if die and int(die) == rank:
+            ranks.signal_peers("leader_holds_locks")
+            os._exit(9)
+        (d / "fxgraph").mkdir(parents=True, exist_ok=True)
+        (d / "fxgraph" / f"graph-{KEY}").write_text("compiled")
+        time.sleep(float(hold))  # the others wait meanwhile: their polling is measured
+        return "compiled"
+
+    if die and int(die) != rank:
+        ranks.wait_for_peer("leader_holds_locks")
+    elif not die:
+        dist.barrier()
+    scope = _local.Scope("world", "world", world) if agree == "1" else None
+    with _local.compiling(scope):
+        out = cache.compile(KEY, _cache.version_factors(), compile_fn, "f (t.py:1)")
+    local = private_local_dir()
+    assert local is not None
+    installed = (local / "fxgraph" / f"graph-{KEY}").is_file()
+    mode = stat.S_IMODE(os.stat(host_copy_dir(local)).st_mode)
+    return {
+        "ok": out == "compiled" and installed,
+        "roles": roles,
+        "host": host,
+        "host_dir_mode": mode,
+        "stats": cache.stats(),
+    }
+
+
+# -- tests -----------------------------------------------------------------------------
+def _run(tmp: Path, cache: Path, local: Path, *args: str, **kw: Any) -> ranks.RankRun:
+    env = {"DYNAMO_DIST_CACHE_DIR": str(cache), "DYNAMO_DIST_LOG": "INFO", **kw.pop("env", {})}
+    return ranks.launch(HERE, "fanout_job", str(local), *args, tmp=tmp, env=env, timeout=240, **kw)
+
+
+def _results(run: ranks.RankRun, n: int) -> list[dict[str, Any]]:
+    out = [run.rank(r) for r in range(n)]
+    assert all(r["ok"] for r in out), (out, run.output[-3000:])
+    return out
+
+
+def _host_copies(local: Path) -> list[Path]:
+    return sorted(local.glob("host*/dynamo_dist/hosts/*/entries/*/*/*/artifact.tar"))
+
+
+def test_one_rank_per_host_reads_the_shared_entry(tmp_path: Path) -> None:
+    run = _run(tmp_path, tmp_path / "cache", tmp_path / "local", hosts=2)
+    res = _results(run, 4)
+    assert sum(r["roles"] == ["leader"] for r in res) == 1, res
+    assert sum(r["stats"]["cache_publishes"] for r in res) == 1
+    for host in ("0", "1"):
+        mine = [r["stats"] for r in res if r["host"] == host]
+        assert len(mine) == 2
+        readers = [s for s in mine if s["shared_fs_total"] > 0]
+        assert len(readers) == 1, mine  # the leader, or the host's fetcher
+        assert readers[0]["cache_publishes"] + readers[0]["cache_host_fetches"] == 1, mine
+        (other,) = [s for s in mine if s["shared_fs_total"] == 0]
+        assert other["cache_host_loads"] == 1 and other["cache_loads"] == 1, other
+    assert all(r["host_dir_mode"] == 0o700 for r in res)
+    assert len(_host_copies(tmp_path / "local")) == 2  # one per host
+
+
+def test_a_tampered_host_copy_is_refused_and_the_shared_entry_used(tmp_path: Path) -> None:
+    cache, local = tmp_path / "cache", tmp_path / "local"
+    _results(_run(tmp_path, cache, local, "0"), 2)
+    (copy,) = _host_copies(local)
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    for f in (local / "host0" / "fxgraph").iterdir():
+        f.unlink()  # what the first job installed: the second must install it again
+    run = _run(tmp_path, cache, local, "0")
+    res = _results(run, 2)
+    assert "refused the host-local copy" in run.output
+    assert sum(r["stats"]["cache_refused"] for r in res) >= 1
+    assert all(r["stats"]["cache_loads"] == 1 for r in res), res
+    assert sum(r["stats"]["cache_publishes"] for r in res) == 0
+    assert list((cache / "refused").rglob("entry")) == [], "the shared entry was not refused"
+
+
+def test_a_fetcher_that_dies_is_taken_over_by_a_local_rank(tmp_path: Path) -> None:
+    """Rank 0 leads for its host (holding both locks) and dies inside the compile."""
+    run = _run(tmp_path, tmp_path / "cache", tmp_path / "local", "0", "0", "0", agent=False)
+    res = run.rank(1)
+    assert res["ok"], (res, run.output[-3000:])
+    s = res["stats"]
+    assert "is gone; fetching it here" in run.output
+    assert res["roles"] == ["leader"] and s["cache_publishes"] == 1, s
+    assert s["cache_fallbacks"] == 0  # not a timeout: the timeout is 600 s
+
+
+if __name__ == "__main__":
+    ranks.main(globals())
