@@ -442,14 +442,28 @@ def pgo_union(base: dict[Any, Any], others: list[dict[Any, Any]]) -> dict[Any, A
 _CLOSURE_SIG = "dd-closure:"
 
 
+def _pgo_fields(cls: str) -> set[str]:
+    """The dataclass fields of ``torch._dynamo.pgo.<cls>`` in this torch.
+
+    ``CodeId.closure_hash`` and ``FrameStateSizeEntry.excluded_sizes`` /
+    ``excluded_scalar`` are in torch 2.13 but not in 2.11 (GPU hosts): code that
+    reads or builds them asks first.
+    """
+    import dataclasses
+
+    import torch._dynamo.pgo as pgo
+
+    return {f.name for f in dataclasses.fields(getattr(pgo, cls))}
+
+
 def pgo_closure_ids(closure: Any) -> tuple[int, str] | None:
     """(Dynamo's per-process closure hash, a stable name) of a frame's closure, or None.
 
     The stable name lists, per cell, what pgo hashes (the code object of a callable
     cell), by file content hash, line and name, the same for the same code in any process.
     """
-    if not closure:
-        return None
+    if not closure or not _pgo_fields("CodeId") >= {"closure_hash"}:
+        return None  # torch 2.11's pgo names a closure's frame by its code alone
     from torch._dynamo.pgo import _get_cell_hash_content, _hash_containing_file
 
     contents: tuple[Any, ...] = tuple(_get_cell_hash_content(c) for c in closure)
@@ -561,6 +575,8 @@ def _pgo_rebuilt(state: Any) -> dict[Any, Any]:
 
     if not isinstance(state, dict):
         raise bad("top level", state)
+    closures = "closure_hash" in _pgo_fields("CodeId")
+    exclusions = _pgo_fields("FrameStateSizeEntry") >= {"excluded_sizes", "excluded_scalar"}
     out: defaultdict[Any, Any] = defaultdict(CodeState)
     for code_id, code_state in state.items():
         if type(code_id) is not CodeId or type(code_state) is not CodeState:
@@ -568,7 +584,7 @@ def _pgo_rebuilt(state: Any) -> dict[Any, Any]:
         fields = (code_id.filename, code_id.firstlineno, code_id.name, code_id.file_hash)
         if [type(f) for f in fields] != [str, int, str, str]:
             raise bad("frame id", code_id)
-        closure = code_id.closure_hash
+        closure = getattr(code_id, "closure_hash", None)
         if closure is not None and type(closure) not in (int, str):
             raise bad("closure id", closure)
         sizes = code_state.automatic_dynamic
@@ -581,22 +597,29 @@ def _pgo_rebuilt(state: Any) -> dict[Any, Any]:
             scalar = e.scalar
             if not (isinstance(scalar, AutoDynamic | AutoUnset) or number(scalar)):
                 raise bad("scalar", scalar)
-            excluded = e.excluded_sizes
+            excluded = getattr(e, "excluded_sizes", None)
             if excluded is not None and (
                 type(excluded) is not tuple
                 or any(x is not None and type(x) is not int for x in excluded)
             ):
                 raise bad("excluded sizes", excluded)
-            if e.excluded_scalar is not None and not number(e.excluded_scalar):
-                raise bad("excluded scalar", e.excluded_scalar)
+            excluded_scalar = getattr(e, "excluded_scalar", None)
+            if excluded_scalar is not None and not number(excluded_scalar):
+                raise bad("excluded scalar", excluded_scalar)
+            extra: dict[str, Any] = (
+                {"excluded_sizes": excluded, "excluded_scalar": excluded_scalar}
+                if exclusions
+                else {}
+            )
             entries[source] = FrameStateSizeEntry(
                 scalar=scalar,
                 size=shape(e.size, "size"),
                 stride=shape(e.stride, "stride", stride=True),
-                excluded_sizes=excluded,
-                excluded_scalar=e.excluded_scalar,
+                **extra,
             )
-        out[CodeId(*fields, closure)] = CodeState(automatic_dynamic=entries)
+        out[CodeId(*fields, closure) if closures else CodeId(*fields)] = CodeState(
+            automatic_dynamic=entries
+        )
     return out
 
 
