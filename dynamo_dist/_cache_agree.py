@@ -156,8 +156,26 @@ class Agreement:
                     self.timeout,
                     str(e).splitlines()[0][:120] if str(e) else type(e).__name__,
                 )
-                return False
+                return self._veto(base, scope)
             return int(store.get(f"{base}/all")) < _NO
         except Exception as e:
             log.warning("cache agreement failed (%s); compiling locally", e)
             return False
+
+    def _veto(self, base: str, scope: Scope) -> bool:
+        """After a timed-out wait: make sure no late rank installs what this one will not.
+
+        A "no" without a report (it adds no count) reaches every rank still to report;
+        if every rank had already reported, the verdict was posted before the veto and
+        this rank follows it instead. Either way all ranks do the same thing.
+        """
+        store = self._store()  # a fresh client: the old one may still get the wait's reply
+        if store is None:
+            return False
+        try:
+            total = int(store.add(f"{base}/n", _NO))
+            if total % _NO == scope.size:
+                return int(store.get(f"{base}/all")) < _NO
+        except Exception as e:
+            log.warning("cache agreement failed (%s); compiling locally", e)
+        return False

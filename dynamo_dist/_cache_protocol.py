@@ -115,18 +115,52 @@ def host_tag() -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+#: Host-local directories of other runs untouched for this long are removed.
+HOST_RUN_KEEP_S = 24 * 3600.0
+
+
+def run_tag() -> str:
+    """This run of the job: torchrun's run id and restart count (or its rendezvous).
+
+    Host copies serve the ranks of one run only. Across runs and restarts the first
+    rank of each host reads the shared directory again, so an entry cleared or pruned
+    there is never loaded from a copy a host kept (and copies do not pile up).
+    """
+    env = os.environ
+    raw = "/".join(
+        env.get(k, "")
+        for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT")
+    )
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _sweep_other_runs(host_fd: int, mine: str) -> None:
+    """Remove this host's directories of runs untouched for ``HOST_RUN_KEEP_S`` (best effort)."""
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(host_fd):
+            if name == mine:
+                continue
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=host_fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) and now - st.st_mtime > HOST_RUN_KEEP_S:
+                    shutil.rmtree(name, dir_fd=host_fd)
+
+
 def host_copy_dir(local: Path) -> Path:
-    """``<local>/dynamo_dist/hosts/<host tag>``, made private; OSError if it cannot be.
+    """``<local>/dynamo_dist/hosts/<host tag>/<run tag>``, made private; OSError if not.
 
     The host's verified copies of shared entries live there, read by every local rank
     and then loaded, so each directory on the way is created 0700, opened without
     following a link, must be this user's, and is tightened to 0700 (being ours, and
     below the private ``local``). Its contents are verified again before use anyway.
     """
-    names = ("dynamo_dist", "hosts", host_tag())
+    names = ("dynamo_dist", "hosts", host_tag(), run_tag())
     fd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name in names:
+            if name == names[-1]:
+                _sweep_other_runs(fd, name)
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o700, dir_fd=fd)
             inner = os.open(name, _DIR_FLAGS, dir_fd=fd)  # O_NOFOLLOW: a link fails
@@ -137,6 +171,7 @@ def host_copy_dir(local: Path) -> Path:
                 raise OSError(errno.EPERM, f"{name} is owned by uid {st.st_uid}, not this user")
             if stat.S_IMODE(st.st_mode) != 0o700:
                 os.fchmod(fd, 0o700)
+        os.utime(fd)  # in use: other runs' sweeps keep it
     finally:
         os.close(fd)
     return local.joinpath(*names)
@@ -608,6 +643,7 @@ class SharedCache:
         watch = Watch(stale_after(self.timeout))
         locks = Locks(host)
         seen: Holder | None = None  # the last live fetcher this rank waited for
+        relooked = False  # looked at the copy again after its fetcher let go
         ahead: Iterator[Upcoming] | None = None
         while True:
             try:
@@ -635,6 +671,10 @@ class SharedCache:
             try:
                 holder = locks.holder(key)
                 if holder is None:
+                    if seen is not None and not relooked:
+                        # The copy may have landed between the two looks: one more.
+                        relooked = True
+                        continue
                     if seen is not None:
                         # The fetcher let go without leaving a copy: it compiles the graph
                         # itself (it could not read or publish it, or timed out), so
@@ -724,6 +764,7 @@ class SharedCache:
         poll = SHARED_POLL_S if self.fanout else SHARED_POLL_UNBOUNDED_S
         watch = Watch(stale_after(self.timeout))
         seen: Holder | None = None  # the last live holder this rank waited for
+        relooked = False  # looked at the entry again after its leader let go
         looked = -math.inf
         ahead: Iterator[Upcoming] | None = None
         while True:
@@ -748,6 +789,10 @@ class SharedCache:
                     looked = time.monotonic()
                 else:
                     holder = seen  # between looks at the lock, only the entry is polled
+                if holder is None and seen is not None and not relooked:
+                    # The entry may have landed between the two looks: one more.
+                    relooked = True
+                    continue
                 if holder is None and seen is not None:
                     # The leader let go without publishing (its publish failed, or it was
                     # refused): compile now, all at once, rather than lead one by one.
@@ -981,8 +1026,11 @@ class SharedCache:
             )
             return
         host = self._host_store()
-        if host is not None:
+        if host is not None and written:
             # The host's other ranks load this copy: none of them reads the shared one.
+            # Only the entry that won the publish: a leader that lost the race runs its
+            # own build, but its host's ranks must not (they compile, like any rank
+            # whose fetcher left no copy, and the agreement keeps all ranks together).
             try:
                 host.put(key, room, manifest)
             except Exception as e:

@@ -34,7 +34,7 @@ from ._errors import CollectiveTimeoutError, ConfigError, RankDivergenceError
 from ._group import all_gather_objects
 from ._hook import _C
 from ._log import get_logger
-from ._status import StatusBoard, describe_missing
+from ._status import StatusBoard, board_reader_stride, describe_missing
 
 log = get_logger("collective")
 
@@ -252,7 +252,11 @@ class DoublingExchange:
                 return 0, "timeout"
             short = _short(text)
             if short == _PEER_EXITED:
-                return 0, f"host leader rank {self.ranks[peer]} exited or crashed"
+                # A leader that timed out on its own partner exits too: not proof of a crash.
+                return 0, (
+                    f"host leader rank {self.ranks[peer]} exited, crashed, or gave up on "
+                    "the exchange (its own timeout)"
+                )
             return 0, short
         finally:
             self.waiting_since = None
@@ -311,14 +315,20 @@ class DoublingExchange:
         for p in targets:
             with contextlib.suppress(RuntimeError):  # a dead partner: nothing to tell
                 works.append(self.group.send(self._send_list, p, self._tag))
+        # Past the deadline (this leader timed out) the notice still gets a moment: a
+        # leader that exits at once turns it into a bare closed connection.
+        until = max(deadline, time.monotonic() + _NOTICE_GRACE_S)
         for w in works:
             with contextlib.suppress(RuntimeError):
-                w.wait(self._left(deadline))
+                w.wait(self._left(until))
 
     def _describe(self, code: int) -> str:
         suspect = self.ranks[code & _SUSPECT] if (code & _SUSPECT) < len(self.ranks) else "?"
         if code & _POISON_TIMEOUT:
-            return f"another host leader timed out waiting for host leader rank {suspect}"
+            return (
+                f"another host leader timed out waiting for host leader rank {suspect} "
+                "(or for a leader that one waits on)"
+            )
         return f"host leader rank {suspect} exited or crashed (reported by another host leader)"
 
 
@@ -373,6 +383,28 @@ class Transport:
         """(last exchange number, its frame identity) on this rank."""
         raise NotImplementedError
 
+    def board_reader(self) -> int:
+        """The rank of this group whose stall warnings and errors list every member's status.
+
+        Readers are every k-th member of the group (k = ceil(size / 64)), chosen within
+        the group: a pipeline stage must have its own, not rank 0 of another stage.
+        """
+        i = self.ranks.index(self.rank)
+        return self.ranks[i - i % board_reader_stride(len(self.ranks))]
+
+    def reads_board(self) -> bool:
+        return self.board_reader() == self.rank
+
+    def stall_after(self) -> float:
+        """Seconds before the stall warning: ``stall_warning``, or longer in a large job.
+
+        The board is only as fresh as its publish interval (longer at scale), so a
+        warning before two intervals would list ranks that did arrive as missing.
+        """
+        if self.board is None or self.board.interval <= self.board.tick_interval:
+            return self.stall_warning  # published every tick: as fresh as before
+        return max(self.stall_warning, 2 * self.board.interval + self.board.tick_interval)
+
     def last_epoch(self) -> int:
         """Process-wide order of this channel's last exchange among all channels' exchanges."""
         return 0
@@ -414,7 +446,7 @@ class Transport:
         ):
             self._last_wait_log = now
             self.log_wait(seq, ident, waited)
-        if waited >= self.stall_warning and self._stall_warned_seq != seq:
+        if waited >= self.stall_after() and self._stall_warned_seq != seq:
             self._stall_warned_seq = seq
             self.warn_stall(seq, ident, waited)
 
@@ -422,7 +454,7 @@ class Transport:
         """One WARNING naming the frame, the exchange, where the missing ranks are, the fix."""
         if self.board is None:
             return
-        if not self.board.reads_board:
+        if not self.reads_board():
             log.warning(
                 "stalled at guard exchange #%d for %s (group %s): waited %.0fs; rank %d's log "
                 "says where the missing ranks are (in a job this large only some ranks read "
@@ -431,7 +463,7 @@ class Transport:
                 self.describe(ident),
                 self.channel,
                 waited,
-                self.board.reader_for(self.rank),
+                self.board_reader(),
             )
             return
         board = {r: st for r, st in self.board.snapshot().items() if r in self.ranks}
@@ -552,7 +584,7 @@ class Transport:
     def timeout_error(
         self, seq: int, ident: int, waited: float, cause: str | None, suspects: Iterable[int] = ()
     ) -> CollectiveTimeoutError:
-        reads = self.board is not None and self.board.reads_board
+        reads = self.board is not None and self.reads_board()
         board = (
             {r: st for r, st in self.board.snapshot().items() if r in self.ranks}
             if self.board is not None and reads
@@ -583,7 +615,7 @@ class Transport:
         )
         if self.board is not None and not reads:
             head += (
-                f" Rank {self.board.reader_for(self.rank)}'s error lists where each rank was "
+                f" Rank {self.board_reader()}'s error lists where each rank was "
                 "(in a job this large only some ranks read every rank's status)."
             )
         body = "\n".join(f"  {line}" for line in lines)
@@ -672,6 +704,8 @@ def _next_epoch() -> int:
 
 
 _PEER_EXITED = "a peer process exited or crashed"
+# Seconds a leader that failed still waits for its failure notices to be taken.
+_NOTICE_GRACE_S = 1.0
 
 
 def _short(gloo_error: str) -> str:

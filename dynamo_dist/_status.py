@@ -40,9 +40,13 @@ def publish_interval(interval: float, world_size: int) -> float:
     return max(interval, world_size / _BOARD_WRITES_PER_S)
 
 
-def board_reader_stride(world_size: int) -> int:
-    """Ranks ``0, k, 2k, ...`` read the whole board; ``k`` is 1 up to 64 ranks."""
-    return max(1, -(-world_size // _BOARD_READERS))
+def board_reader_stride(group_size: int) -> int:
+    """Members ``0, k, 2k, ...`` of a group read the whole board; ``k`` is 1 up to 64 ranks.
+
+    Only they read every rank's record when an exchange stalls; the others name one of
+    them instead (a full read per rank would be world_size**2 bytes).
+    """
+    return max(1, -(-group_size // _BOARD_READERS))
 
 
 class StatusBoard:
@@ -63,10 +67,6 @@ class StatusBoard:
         # the store slow down in a large job (see publish_interval).
         self.tick_interval = interval
         self.interval = publish_interval(interval, world_size)
-        # Ranks that read every rank's record when an exchange stalls; the others
-        # name one of them instead (a full read per rank would be world_size**2 bytes).
-        self.stride = board_reader_stride(world_size)
-        self.reads_board = rank % self.stride == 0
         self._describe = describe
         # Where this rank is, per channel (group of ranks): () -> (last exchange
         # number, its frame identity, process-wide order of that exchange). Added by
@@ -170,10 +170,6 @@ class StatusBoard:
             except Exception as e:
                 out[r] = {"error": str(e)}
         return out
-
-    def reader_for(self, rank: int) -> int:
-        """The rank whose errors and warnings carry the whole board for ``rank``'s peers."""
-        return rank - rank % self.stride
 
 
 def _parse(raw: Any) -> dict[str, Any]:

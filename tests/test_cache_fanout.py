@@ -84,7 +84,7 @@ def _results(run: ranks.RankRun, n: int) -> list[dict[str, Any]]:
 
 
 def _host_copies(local: Path) -> list[Path]:
-    return sorted(local.glob("host*/dynamo_dist/hosts/*/entries/*/*/*/artifact.tar"))
+    return sorted(local.glob("host*/dynamo_dist/hosts/*/*/entries/*/*/*/artifact.tar"))
 
 
 def test_one_rank_per_host_reads_the_shared_entry(tmp_path: Path) -> None:

@@ -119,8 +119,11 @@ def test_the_host_copy_directory_is_private_and_never_a_link(tmp_path):
     local = tmp_path / "local"
     local.mkdir(mode=0o700)
     d = host_copy_dir(local)
-    assert d.parent == local / "dynamo_dist" / "hosts"
-    assert all(stat.S_IMODE(os.stat(p).st_mode) == 0o700 for p in (d, d.parent, d.parent.parent))
+    assert d.parent.parent == local / "dynamo_dist" / "hosts"  # host, then run
+    assert all(
+        stat.S_IMODE(os.stat(p).st_mode) == 0o700
+        for p in (d, d.parent, d.parent.parent, d.parent.parent.parent)
+    )
     os.chmod(d, 0o777)
     assert host_copy_dir(local) == d and stat.S_IMODE(os.stat(d).st_mode) == 0o700
     other = tmp_path / "other"

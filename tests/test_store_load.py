@@ -19,6 +19,7 @@ import pytest
 import torch.distributed as dist
 
 from dynamo_dist._cache_agree import Agreement
+from dynamo_dist._collective import Transport
 from dynamo_dist._local import Scope
 from dynamo_dist._status import StatusBoard, board_reader_stride, publish_interval
 
@@ -88,8 +89,17 @@ def test_board_readers_at_scale(server: Any) -> None:
     try:
         assert board.interval == pytest.approx(4096 / 250)
         assert board.stale_after >= 5 * board.interval
-        assert not board.reads_board
-        assert board.reader_for(130) == 128
+        # Readers are chosen within each group (a transport's members), not by global rank.
+        t = Transport.__new__(Transport)  # the reader logic only: no process group
+        t.board, t.stall_warning = board, 10.0
+        t.ranks, t.rank = list(range(4096)), 130
+        assert t.board_reader() == 128 and not t.reads_board()
+        t.ranks, t.rank = list(range(32, 64)), 40  # a pipeline stage of 32: all read
+        assert t.reads_board()
+        t.ranks, t.rank = list(range(1000, 1100)), 1001  # 100 ranks: every 2nd reads
+        assert t.board_reader() == 1000
+        # The board is only as fresh as its slower writes: the warning waits for them.
+        assert t.stall_after() >= 2 * board.interval
     finally:
         board.close()
 
@@ -126,14 +136,27 @@ def test_one_no_makes_every_rank_compile_locally(server: Any) -> None:
     assert verdicts == [False, False, False]
 
 
-def test_missing_report_times_out_and_drops_the_client(server: Any) -> None:
-    counts: Counter[str] = Counter()
-    agreement = Agreement(0.5, True)
+def _agreement(server: Any, timeout: float, counts: Counter[str]) -> Agreement:
+    agreement = Agreement(timeout, True)
     agreement._store_client = _client(server, counts)
     agreement._store_opened = True
-    scope = Scope(name="world", key="t", size=2)  # the other rank never reports
-    assert agreement.agree("k" * 12, 1, True, scope) is False
-    assert agreement._store_opened is False  # a timed-out wait's reply must not be read later
+    return agreement
+
+
+def test_missing_report_times_out_and_a_late_rank_follows(server: Any, monkeypatch: Any) -> None:
+    counts: Counter[str] = Counter()
+    # The veto opens a fresh client of the job's store: this test's server.
+    monkeypatch.setattr(
+        "dynamo_dist._cache_agree.open_store", lambda timeout: _client(server, counts)
+    )
+    early = _agreement(server, 0.5, counts)
+    first = early._store_client
+    scope = Scope(name="world", key="t", size=2)
+    assert early.agree("k" * 12, 1, True, scope) is False  # the other rank is late
+    assert early._store_client is not first  # the timed-out wait's client is dropped
+    # The late rank reports "ok" and finds the early one's veto: it compiles too.
+    late = _agreement(server, 5.0, counts)
+    assert late.agree("k" * 12, 1, True, scope) is False
 
 
 def test_peeking_for_a_no_is_rate_limited(server: Any) -> None:
