@@ -106,20 +106,32 @@ def test_one_rank_per_host_reads_the_shared_entry(tmp_path: Path) -> None:
 
 def test_a_tampered_host_copy_is_refused_and_the_shared_entry_used(tmp_path: Path) -> None:
     cache, local = tmp_path / "cache", tmp_path / "local"
-    _results(_run(tmp_path, cache, local, "0"), 2)
+    one_run = {"_DYNAMO_DIST_HOST_RUN": "tampered"}  # host copies serve one run only
+    _results(_run(tmp_path, cache, local, "0", env=one_run), 2)
     (copy,) = _host_copies(local)
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0xFF
     copy.write_bytes(bytes(data))
     for f in (local / "host0" / "fxgraph").iterdir():
         f.unlink()  # what the first job installed: the second must install it again
-    run = _run(tmp_path, cache, local, "0")
+    run = _run(tmp_path, cache, local, "0", env=one_run)
     res = _results(run, 2)
     assert "refused the host-local copy" in run.output
     assert sum(r["stats"]["cache_refused"] for r in res) >= 1
     assert all(r["stats"]["cache_loads"] == 1 for r in res), res
     assert sum(r["stats"]["cache_publishes"] for r in res) == 0
     assert list((cache / "refused").rglob("entry")) == [], "the shared entry was not refused"
+
+
+def test_a_new_run_reads_the_shared_directory_again(tmp_path: Path) -> None:
+    """Host copies serve one run: after a restart the entry comes from the shared directory."""
+    cache, local = tmp_path / "cache", tmp_path / "local"
+    _results(_run(tmp_path, cache, local, "0"), 2)
+    for f in (local / "host0" / "fxgraph").iterdir():
+        f.unlink()
+    res = _results(_run(tmp_path, cache, local, "0"), 2)
+    assert sum(r["stats"]["cache_host_fetches"] for r in res) == 1, res  # read it again
+    assert len(_host_copies(local)) == 2  # the first run's copy, and this run's
 
 
 def test_a_fetcher_that_dies_is_taken_over_by_a_local_rank(tmp_path: Path) -> None:

@@ -253,7 +253,7 @@ def test_dead_leader_is_reported_to_every_leader(tmp_path):
     for r in (0, 1, 2, 4):
         res = run.rank(r)
         assert res.get("error") == "CollectiveTimeoutError", res
-        assert "host leader rank 3 exited or crashed" in res["message"], res
+        assert "host leader rank 3 exited" in res["message"], res
         assert "timed out" not in res["message"], res
     assert "reported by another host leader" in run.rank(0)["message"]
     assert "reported by another host leader" in run.rank(4)["message"]
