@@ -149,7 +149,7 @@ def _open_segment(
     hierarchical: bool,
     timeout: float,
     log_interval: float,
-) -> tuple[_C.ShmExchange, int]:
+) -> _C.ShmExchange:
     """Create (leader) or attach (others) this host's segment. Collective over ``group``.
 
     Every step ends in an agreement over all ranks, so a failure on one rank
@@ -201,9 +201,8 @@ def _open_segment(
     failed = {r: g[0] for r, g in zip(topo.group_ranks, gathered, strict=True) if g[0]}
     if failed or seg is None:
         raise ShmUnavailable("; ".join(f"rank {r}: {e}" for r, e in sorted(failed.items())))
-    cpus = host_cpus([gathered[topo.group_index[r]][1] for r in topo.local_ranks])
-    seg.set_cpus(cpus)
-    return seg, cpus
+    seg.set_cpus(host_cpus([gathered[topo.group_index[r]][1] for r in topo.local_ranks]))
+    return seg
 
 
 def host_cpus(affinities: Sequence[Sequence[int]]) -> int:
@@ -234,7 +233,7 @@ class ShmTransport(Transport):
         timeout = self.timeout
         hierarchical = topo.hosts > 1
         self.name = "shm+gloo" if hierarchical else "shm"
-        self.shm, _ = _open_segment(self.group, topo, hierarchical, timeout, self.wait_log_interval)
+        self.shm = _open_segment(self.group, topo, hierarchical, timeout, self.wait_log_interval)
         if hierarchical and topo.local_rank == 0:
             # Built by the host leaders alone: the other ranks take no part.
             leaders_group = gloo_group(store, f"{prefix}/leaders", topo.leaders, timeout)
