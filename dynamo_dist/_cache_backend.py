@@ -14,6 +14,7 @@ from typing import Any
 
 import torch.fx
 
+from . import _cache_fs as fs
 from . import _torch_compat
 from ._cache_key import graph_key
 from ._cache_profile import profiles_for
@@ -131,8 +132,7 @@ def cpus_per_rank() -> float:
         local = 1
     share = float(mask) if mask < total else mask / local
     try:
-        with open("/sys/fs/cgroup/cpu.max") as fh:
-            quota, period = fh.read().split()[:2]
+        quota, period = (fs.read_system_text("/sys/fs/cgroup/cpu.max") or "").split()[:2]
         if quota != "max" and float(period) > 0:
             share = min(share, float(quota) / float(period) / local)
     except (OSError, ValueError):

@@ -12,7 +12,6 @@ cache module.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import json
@@ -25,6 +24,7 @@ import torch.distributed as dist
 import torch.fx
 from torch import __version__ as torch_version
 
+from . import _cache_fs as fs
 from ._version import __version__
 
 __all__ = ["UnkeyableGraph", "graph_key", "source_hash", "version_factors"]
@@ -76,11 +76,10 @@ def _cpu_flags() -> str:
     global _cpu_flags_hash
     if _cpu_flags_hash is None:
         flags = platform.processor()
-        with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
-                    break
+        for line in (fs.read_system_text("/proc/cpuinfo", 16 << 20) or "").splitlines():
+            if line.startswith("flags"):
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                break
         _cpu_flags_hash = hashlib.sha256(flags.encode()).hexdigest()[:12]
     return _cpu_flags_hash
 

@@ -35,14 +35,14 @@ import math
 import os
 import re
 import socket
-import stat
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import _cache_fs as fs
 from . import _proc
-from ._cache_store import _CREATE_FLAGS, _READ_FLAGS, DiskStore, FsOps, _tick, counting
+from ._cache_store import DiskStore, FsOps, _tick, counting
 
 __all__ = ["HEARTBEAT_S", "Holder", "Lock", "Locks", "Watch", "look", "owner_record"]
 
@@ -169,7 +169,7 @@ class Locks:
             name = f"{key}.{gen}.lock"
             _tick("writes", 2)
             try:
-                fd = os.open(name, _CREATE_FLAGS, 0o644, dir_fd=fds[-1])
+                fd = fs.create_fd(fds[-1], name, 0o644)
             except FileExistsError:
                 return None
             try:
@@ -180,18 +180,17 @@ class Locks:
             except BaseException:
                 os.close(fd)
                 with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=fds[-1])
+                    fs.remove(fds[-1], name)
                 raise
 
     @staticmethod
     def _generations(dir_fd: int, key: str) -> list[int]:
         gens = []
         _tick("listdirs")
-        with os.scandir(dir_fd) as it:
-            for e in it:
-                m = _LOCK_NAME.match(e.name)
-                if m and m["key"] == key:
-                    gens.append(int(m["gen"]))
+        for name in fs.names(dir_fd):
+            m = _LOCK_NAME.match(name)
+            if m and m["key"] == key:
+                gens.append(int(m["gen"]))
         return gens
 
 
@@ -203,24 +202,22 @@ def look(dir_fd: int, name: str, gen: int) -> Holder | None:
     holder without a record.
     """
     _tick("opens")
+    _tick("stats")
     try:
-        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+        fd, st = fs.open_file(dir_fd, name)
     except FileNotFoundError:
         return None
-    except OSError:  # a link, or unreadable: judged by its metadata alone
+    except OSError:  # a link, a FIFO, or unreadable: judged by its metadata alone
         try:
-            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            st = fs.lstat(dir_fd, name)
         except FileNotFoundError:
             return None
         return Holder(gen, (st.st_dev, st.st_ino), st.st_mtime_ns, {}, st.st_uid)
-    _tick("stats")
     try:
-        st = os.fstat(fd)
         record: Any = {}
-        if stat.S_ISREG(st.st_mode):
-            _tick("reads")
-            with contextlib.suppress(OSError, ValueError, RecursionError):
-                record = json.loads(os.read(fd, _MAX_LOCK_BYTES) or b"{}")
+        _tick("reads")
+        with contextlib.suppress(OSError, ValueError, RecursionError):
+            record = json.loads(os.read(fd, _MAX_LOCK_BYTES) or b"{}")
     finally:
         os.close(fd)
     if not isinstance(record, dict):
@@ -249,7 +246,7 @@ class Lock:
             while not self._stop.wait(HEARTBEAT_S):
                 _tick("writes")
                 with contextlib.suppress(OSError, NotImplementedError):
-                    os.utime(self._fd)
+                    fs.touch(self._fd)
 
     def note(self, record: dict[str, Any]) -> None:
         """Rewrite the record in the lock file (advice for its readers, like all of it).
@@ -281,12 +278,12 @@ class Lock:
         try:
             for gen in range(self.gen):
                 with contextlib.suppress(OSError):
-                    os.unlink(f"{self.key}.{gen}.lock", dir_fd=self._dir_fd)
+                    fs.remove(self._dir_fd, f"{self.key}.{gen}.lock")
             with contextlib.suppress(OSError):
-                ours = os.fstat(self._fd)
-                there = os.stat(self.name, dir_fd=self._dir_fd, follow_symlinks=False)
+                ours = fs.fstat(self._fd)
+                there = fs.lstat(self._dir_fd, self.name)
                 if (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino):
-                    os.unlink(self.name, dir_fd=self._dir_fd)
+                    fs.remove(self._dir_fd, self.name)
         finally:
             os.close(self._fd)
             os.close(self._dir_fd)

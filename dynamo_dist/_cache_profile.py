@@ -42,19 +42,18 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
+from . import _cache_fs as fs
 from . import _local, _torch_compat
 from ._cache_key import version_factors
 from ._cache_lock import owner_record
-from ._cache_protocol import SharedCache, local_inductor_dir
+from ._cache_protocol import SharedCache, private_local_dir
+from ._cache_rooms import bytes_member, staging_dir
 from ._cache_stats import emit_profile, log, warn_once
 from ._cache_store import EntryRefused, EntryUnavailable, extract
 from ._callback import before_compile
@@ -255,22 +254,27 @@ class Profiles:
         profile.generation = generation
         if newest is None:
             return None
+        # Staged only in a private directory of ours (a replacement if the configured
+        # local cache is not private); with none, skipped and counted.
+        local = private_local_dir()
         try:
-            local = local_inductor_dir()
-            local.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".dd-staging.pgo.", dir=local))
+            if local is None:
+                raise OSError("no private local directory to stage it in")
+            staging = staging_dir(local, "pgo")
         except OSError as e:
             cache.counts.cache_errors += 1
+            cache.counts.profile_skipped += 1
             warn_once(f"profile-stage:{cache.root}", "cannot stage the profile (%s)", e)
             return None
         try:
             cache.counts.cache_bytes_read += extract(newest, staging)
-            path = staging / PROFILE_FILE
-            if path.is_symlink() or not path.is_file():
-                raise EntryRefused(f"the profile entry has no {PROFILE_FILE}")
-            if path.stat().st_size > MAX_PROFILE_BYTES:
-                raise EntryRefused(f"{PROFILE_FILE} is larger than {MAX_PROFILE_BYTES} bytes")
-            data = path.read_bytes()
+            try:
+                with fs.walk(staging, ()) as (staging_fd,):
+                    data = fs.read_file(staging_fd, PROFILE_FILE, MAX_PROFILE_BYTES)
+            except FileNotFoundError:
+                raise EntryRefused(f"the profile entry has no {PROFILE_FILE}") from None
+            except OSError as e:
+                raise EntryRefused(f"{PROFILE_FILE}: {e.strerror or e}") from None
             try:  # checked here, so peers never get bad bytes
                 _torch_compat.pgo_dynamic_marks(_torch_compat.pgo_loads(data))
             except Exception as e:
@@ -288,7 +292,7 @@ class Profiles:
             warn_once(f"profile-read:{cache.root}", "cannot read the profile (%s)", e)
             return None
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            fs.remove_path(staging, owner=os.geteuid())
 
     # -- publishing (the group's writer, after each compile) ----------------------------
     def after_compile(self) -> None:
@@ -376,16 +380,16 @@ class Profiles:
         generation = profile.generation + 1
         key = _key(profile.job, profile.group, generation)
         rank = self.cache.rank
-        with tempfile.TemporaryDirectory(prefix=".dd-pgo.", dir=local_inductor_dir()) as d:
-            (Path(d) / PROFILE_FILE).write_bytes(_torch_compat.pgo_dumps(state))
-            manifest = {
-                "factors": {**version_factors(), "profile": profile.job, "group": profile.group},
-                "owner": owner_record(rank),
-                "label": f"automatic-dynamic profile of {profile.job}",
-                "compile_seconds": 0.0,
-                "created": time.time(),
-            }
-            written = self.cache.store.put(key, Path(d), manifest)
+        manifest = {
+            "factors": {**version_factors(), "profile": profile.job, "group": profile.group},
+            "owner": owner_record(rank),
+            "label": f"automatic-dynamic profile of {profile.job}",
+            "compile_seconds": 0.0,
+            "created": time.time(),
+        }
+        # Written from memory: nothing of a local directory goes into the entry.
+        data = _torch_compat.pgo_dumps(state)
+        written = self.cache.store.put(key, bytes_member(PROFILE_FILE, data), manifest)
         profile.generation = generation
         profile.marks = marks
         if written:

@@ -41,15 +41,11 @@ the ranks compile one after another.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import errno
 import hashlib
 import math
 import os
-import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
@@ -58,13 +54,14 @@ from typing import Any
 
 import torch.distributed as dist
 
+from . import _cache_fs as fs
 from . import _local, _proc, _torch_compat
 from ._cache_agree import Agreement, next_compile
 from ._cache_key import version_factors
 from ._cache_lock import Holder, Lock, Locks, Watch, owner_record, stale_after
+from ._cache_rooms import ROOMS, staging_dir
 from ._cache_stats import CacheStats, emit_load, emit_publish, emit_refusal, log, warn_once
 from ._cache_store import (
-    _DIR_FLAGS,
     DiskStore,
     Entry,
     EntryRefused,
@@ -74,7 +71,7 @@ from ._cache_store import (
     merge_into,
 )
 from ._config import CACHE_SECRET_FILE_ENV
-from ._secret import cache_secret, untrusted_reason
+from ._secret import cache_secret
 
 __all__ = [
     "SharedCache",
@@ -136,17 +133,13 @@ def run_tag() -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def _sweep_other_runs(host_fd: int, mine: str) -> None:
+def _sweep_other_runs(host: Path, mine: str) -> None:
     """Remove this host's directories of runs untouched for ``HOST_RUN_KEEP_S`` (best effort)."""
     now = time.time()
-    with contextlib.suppress(OSError):
-        for name in os.listdir(host_fd):
-            if name == mine:
-                continue
-            with contextlib.suppress(OSError):
-                st = os.stat(name, dir_fd=host_fd, follow_symlinks=False)
-                if stat.S_ISDIR(st.st_mode) and now - st.st_mtime > HOST_RUN_KEEP_S:
-                    shutil.rmtree(name, dir_fd=host_fd)
+    with contextlib.suppress(OSError), fs.walk(host, ()) as (host_fd,):
+        for name, st in fs.entries(host_fd):
+            if name != mine and stat.S_ISDIR(st.st_mode) and now - st.st_mtime > HOST_RUN_KEEP_S:
+                fs.remove_tree(host_fd, name, owner=os.geteuid())
 
 
 def host_copy_dir(local: Path) -> Path:
@@ -157,26 +150,9 @@ def host_copy_dir(local: Path) -> Path:
     following a link, must be this user's, and is tightened to 0700 (being ours, and
     below the private ``local``). Its contents are verified again before use anyway.
     """
-    names = ("dynamo_dist", "hosts", host_tag(), run_tag())
-    fd = os.open(local, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for name in names:
-            if name == names[-1]:
-                _sweep_other_runs(fd, name)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o700, dir_fd=fd)
-            inner = os.open(name, _DIR_FLAGS, dir_fd=fd)  # O_NOFOLLOW: a link fails
-            os.close(fd)
-            fd = inner
-            st = os.fstat(fd)
-            if st.st_uid != os.geteuid():
-                raise OSError(errno.EPERM, f"{name} is owned by uid {st.st_uid}, not this user")
-            if stat.S_IMODE(st.st_mode) != 0o700:
-                os.fchmod(fd, 0o700)
-        os.utime(fd)  # in use: other runs' sweeps keep it
-    finally:
-        os.close(fd)
-    return local.joinpath(*names)
+    hosts = fs.private_dir(local, ("dynamo_dist", "hosts", host_tag()))
+    _sweep_other_runs(hosts, run_tag())
+    return fs.private_dir(hosts, (run_tag(),))
 
 
 def local_inductor_dir() -> Path:
@@ -184,46 +160,77 @@ def local_inductor_dir() -> Path:
     return Path(_torch_compat.inductor_cache_dir())
 
 
-def private_local_dir() -> Path | None:
-    """This rank's inductor cache directory if only this user can write it, else None.
+def _private_problem(path: Path) -> str | None:
+    """Why ``path`` is no private directory of ours (created 0700 if absent), or None."""
+    try:
+        fs.private_dir(path.parent, (path.name,))
+    except OSError as e:
+        return f"{e.filename}: {e.strerror}" if e.filename else str(e)
+    return None
 
-    Verified entries are unpacked there and inductor reads them again later, so a
-    directory someone else created first (the default is under /tmp) or can write
-    would be a second way to get code loaded. Created with mode 0700 when absent; one
-    of ours that nobody else can write is tightened to 0700. Warns once otherwise.
+
+def _replacement_dirs() -> list[tuple[Path, tuple[str, ...]]]:
+    """Where this user's ranks keep inductor's cache when the configured one is not private."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    home = os.path.expanduser("~")
+    out: list[tuple[Path, tuple[str, ...]]] = []
+    if xdg and os.path.isabs(xdg):
+        out.append((Path(xdg), ("dynamo_dist", "inductor")))
+    if home and os.path.isabs(home):
+        out.append((Path(home), (".cache", "dynamo_dist", "inductor")))
+    return out
+
+
+def private_local_dir() -> Path | None:
+    """This rank's inductor cache directory, private: the configured one, or a replacement.
+
+    Verified entries are unpacked there, clean rooms and profiles are staged there, and
+    inductor compiles and loads kernels from it, so a directory someone else created
+    first (the default is under /tmp, where a co-tenant can pre-create
+    ``torchinductor_<user>``) or can write would be a way to get code run. When the
+    configured directory is not private, this process (every rank of this user on the
+    host alike) switches inductor to ``$XDG_CACHE_HOME/dynamo_dist/inductor`` (or
+    ``~/.cache/dynamo_dist/inductor``), created 0700 and checked all the way down, and
+    says so once; failing that, to a fresh private temporary directory. None only if
+    even that fails: then nothing is staged, led or loaded here.
     """
     path = Path(
         os.path.abspath(
             os.environ.get("TORCHINDUCTOR_CACHE_DIR") or _torch_compat.inductor_default_cache_dir()
         )
     )
-    reason: str | None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
-        reason = untrusted_reason(path)
-        if reason is None:
-            st = os.stat(path)
-            if st.st_uid != os.geteuid():
-                reason = f"{path} is owned by uid {st.st_uid}, not by this user"
-            elif st.st_mode & 0o077:
-                # Ours, and untrusted_reason found it writable by nobody else.
-                os.chmod(path, 0o700)
-    except OSError as e:
-        reason = f"{path}: {e.strerror or e}"
+    reason = _private_problem(path)
     if reason is None:
         return path
+    for base, names in _replacement_dirs():
+        with contextlib.suppress(OSError):
+            parent = fs.private_dir(base, names[:-1], tighten=False)
+            return _switch_to(fs.private_dir(parent, names[-1:]), path, reason)
+    with contextlib.suppress(OSError):
+        return _switch_to(fs.private_temp_dir("dynamo_dist-inductor-"), path, reason)
     warn_once(
         f"local:{path}",
-        "local inductor cache %s is not private (%s): shared cache entries are installed "
-        "only into a directory owned by this user with mode 0700, and this rank does not "
-        "lead compiles there either; compiling locally. Fix: chmod 700 it if it is yours, "
-        "or set TORCHINDUCTOR_CACHE_DIR to a directory of your own with mode 0700.",
+        "local inductor cache %s is not private (%s), and no private replacement could be "
+        "made; the shared cache is not used by this rank. Fix: set TORCHINDUCTOR_CACHE_DIR "
+        "to a new, empty directory of your own.",
         path,
         reason,
     )
     return None
+
+
+def _switch_to(new: Path, old: Path, reason: str) -> Path:
+    _torch_compat.use_inductor_cache_dir(str(new))
+    warn_once(
+        f"local:{old}",
+        "local inductor cache %s is not private (%s): nothing is compiled, staged or loaded "
+        "there; this process uses %s instead (mode 0700). Fix: set TORCHINDUCTOR_CACHE_DIR "
+        "to a new, empty directory of your own.",
+        old,
+        reason,
+        new,
+    )
+    return new
 
 
 class _Turn:
@@ -366,7 +373,8 @@ class SharedCache:
     def _readable(self) -> bool:
         """Whether this namespace's entries can be listed (for a read-only cache)."""
         try:
-            with self.store.walk("entries", self.store.namespace) as fds, os.scandir(fds[-1]):
+            with self.store.walk("entries", self.store.namespace) as fds:
+                fs.names(fds[-1])
                 return True
         except OSError:
             return False
@@ -377,7 +385,7 @@ class SharedCache:
         A sha256 in the manifest proves nothing: whoever can edit an entry can
         recompute it, and loading an entry runs its code on every rank.
         """
-        reason = untrusted_reason(self.root)
+        reason = fs.untrusted_reason(self.root)
         if reason is None:
             return
         self.enabled = False
@@ -447,7 +455,7 @@ class SharedCache:
         # compile inside dynamo_dist.local() has no scope: it agrees with nobody.
         scope = _local.current_scope()
         n = next_compile(scope) if self.agreement.applies(scope) and scope is not None else 0
-        if not self.enabled or private_local_dir() is None:
+        if private_local_dir() is None or not self.enabled:
             # Neither load nor lead (no usable or trusted directory, or nowhere safe to
             # install: the clean room would be there too). Still report, so peers that
             # could use the cache need not wait out the timeout for this rank.
@@ -512,7 +520,8 @@ class SharedCache:
             try:
                 if ok and entry is not None:
                     try:
-                        merge_into(staging, local_inductor_dir())
+                        local = local_inductor_dir()
+                        ROOMS.record_installed(local, merge_into(staging, local))
                     except OSError as e:
                         # A local problem (a full disk, a link planted in the local
                         # cache): not the shared entry's fault either.
@@ -522,7 +531,7 @@ class SharedCache:
                 else:
                     log.info("not every rank could load %s; compiling locally", key[:12])
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                fs.remove_path(staging, owner=os.geteuid())
         return turn.compile(compile_fn)
 
     def _loaded(self, key: str, entry: Entry, label: str) -> None:
@@ -979,7 +988,7 @@ class SharedCache:
         """
         local = local_inductor_dir()
         try:
-            room = _clean_room(local, key)
+            room = ROOMS.make_room(local, key)
         except OSError as e:
             # No room (a read-only or full local cache): compile the plain way, publish
             # nothing; the followers see the lock released and compile themselves.
@@ -992,14 +1001,15 @@ class SharedCache:
             run()
         seconds = time.monotonic() - t0
         try:
-            _complete_kernels(room, local)
+            ROOMS.record_room(room)
+            ROOMS.complete(room)
         except OSError as e:
             self._local_problem("completing the entry's kernels", key, e)
         if not only_if_missing or self._get(key)[0] is None:
             self._publish(key, factors, label, room, seconds)
         # Keep this rank's own inductor cache warm too, for local restarts.
         try:
-            merge_into(room, local)
+            ROOMS.record_installed(local, merge_into(room, local))
         except OSError as e:
             self._local_problem("keeping a local copy", key, e)
         return True
@@ -1015,7 +1025,7 @@ class SharedCache:
             "created": time.time(),
         }
         try:
-            written = self.store.put(key, room, manifest)
+            written = self.store.put(key, ROOMS.members(room), manifest)
         except Exception as e:  # never the job's end: the others compile themselves
             self.counts.cache_errors += 1
             warn_once(
@@ -1034,7 +1044,7 @@ class SharedCache:
             # own build, but its host's ranks must not (they compile, like any rank
             # whose fetcher left no copy, and the agreement keeps all ranks together).
             try:
-                host.put(key, room, manifest)
+                host.put(key, ROOMS.members(room), manifest)
             except Exception as e:
                 self._local_problem("keeping a host-local copy", key, e)
         if written:
@@ -1064,13 +1074,8 @@ class SharedCache:
         # An unpredictable name (mkdtemp, 0700) directly inside the private local cache:
         # nothing can be planted in it while it waits for the other ranks' agreement.
         local = local_inductor_dir()
-        if local not in _swept:
-            _swept.add(local)
-            _sweep(local, ".dd-staging.", 3, _STAGING_SWEEP_AGE_S)
         try:
-            staging = Path(
-                tempfile.mkdtemp(prefix=f".dd-staging.{entry.key[:12]}.{os.getpid()}.", dir=local)
-            )
+            staging = staging_dir(local, entry.key)
         except OSError as e:
             self._local_problem("unpacking the entry", entry.key, e)
             return None
@@ -1078,7 +1083,7 @@ class SharedCache:
             if host is None:
                 self.counts.cache_bytes_read += extract(entry, staging)
                 return staging
-            with tempfile.TemporaryFile(dir=local) as keep:
+            with fs.anonymous_file(local) as keep:
                 self.counts.cache_bytes_read += extract(entry, staging, keep)
                 try:
                     host.put_copy(entry.key, entry.manifest, keep)
@@ -1087,11 +1092,11 @@ class SharedCache:
                     self._local_problem("keeping a host-local copy", entry.key, e)
             return staging
         except EntryUnavailable as e:
-            shutil.rmtree(staging, ignore_errors=True)
+            fs.remove_path(staging, owner=os.geteuid())
             self._local_problem("unpacking the entry", entry.key, e)
             return None
         except EntryRefused as e:
-            shutil.rmtree(staging, ignore_errors=True)
+            fs.remove_path(staging, owner=os.geteuid())
             if not store.refuse(entry.path, f"unpacking failed: {e}", ident=entry.ident):
                 # Not the directory verified any more (republished, or changed: the next
                 # look verifies it anew), or already moved: nothing to refuse here.
@@ -1106,7 +1111,7 @@ class SharedCache:
             emit_refusal(entry.key, self.rank, "unpack", f"unpacking failed: {e}")
             return None
         except Exception as e:  # OSError and anything unforeseen: not proven bad
-            shutil.rmtree(staging, ignore_errors=True)
+            fs.remove_path(staging, owner=os.geteuid())
             self._local_problem("unpacking the entry", entry.key, e)
             return None
 
@@ -1122,164 +1127,3 @@ class SharedCache:
             assert scope is not None
             self.agreement.abstain(next_compile(scope) if n is None else n, scope)
         return self._compile_counted(compile_fn)
-
-
-# -- clean rooms -------------------------------------------------------------------------
-_rooms: set[Path] = set()
-_ROOM_SWEEP_AGE_S = 6 * 3600
-# A staging directory lives at most one agreement (``timeout``); one of a dead process
-# this old was left by a kill during unpacking.
-_STAGING_SWEEP_AGE_S = 3600
-_swept: set[Path] = set()
-
-
-def _clean_room(local: Path, key: str) -> Path:
-    """A fresh private directory for one leader compile, under the local inductor cache.
-
-    Its files are copied into the local cache after the compile, but the room itself is
-    removed only at exit: what inductor compiled may still read files under it later
-    (kernels loaded on first run, on some backends). Rooms this process made go at
-    exit; rooms of processes that died (named by pid, checked on this host) are removed
-    the first time this process leads.
-    """
-    base = local / "dynamo_dist" / "cleanroom"
-    base.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if base not in _swept:
-        _swept.add(base)
-        _sweep(base, "", 1, _ROOM_SWEEP_AGE_S)
-    room = Path(tempfile.mkdtemp(prefix=f"{key[:40]}.{os.getpid()}.", dir=base))
-    _rooms.add(room)
-    return room
-
-
-#: Paths (relative to a cache directory) of the CPU ISA probe's sources, found in the
-#: room of the compile that ran the probe (once per process), or else in the local cache.
-_probe_files: set[Path] = set()
-#: Whether the local cache was searched for them (once per process, found or not: a GPU
-#: process may never run the probe, and a large cache must not be re-read at every lead).
-_probe_searched = False
-#: Probe sources are a few hundred bytes; anything larger is not one.
-_PROBE_MAX_BYTES = 64 << 10
-
-
-def _complete_kernels(room: Path, local: Path) -> None:
-    """Copy into ``room`` the built C++ files its graph needs but inductor did not rebuild.
-
-    * Inductor keeps compiled C++ kernels in memory by source hash: a kernel this
-      process built for an earlier graph (in an earlier room, since merged into the
-      local cache) is only written again as ``.cpp`` for a later graph, never rebuilt.
-    * The CPU ISA probe runs once per process, in the first room only, yet every
-      process that loads a kernel runs it: without its binaries a fresh host spends a
-      gcc run per ISA (about 11 s for 10 probes on 2 cores) before the first kernel
-      loads. Every entry carries them, so whichever entries a restart loads (a dynamic
-      graph only, say), the probe finds them built.
-
-    Without these files an entry is complete only together with an earlier one, and a
-    rank that loads it alone runs gcc again.
-
-    A process whose probe ran outside any room (it followed for its first graphs and led
-    a later one) finds the probe's files in its local cache instead, where inductor
-    writes them (``<cache>/<2 chars>/<key>.cpp``). Nothing there is trusted to be what
-    its name says: only regular files are read, without following links, and at most
-    ``_PROBE_MAX_BYTES`` of them.
-    """
-    global _probe_searched
-    probes = _torch_compat.isa_probe_sources()
-    sources = [src.relative_to(room) for src in room.rglob("*.cpp")]
-    for rel in sources:
-        if _small_text(room / rel) in probes:
-            _probe_files.add(rel)
-    if not _probe_files and not _probe_searched and probes:
-        _probe_searched = True
-        for rel in _local_sources(local):
-            if _small_text(local / rel) in probes:
-                _probe_files.add(rel)
-    for rel in _probe_files:
-        for name in (rel, rel.with_suffix(".so")):
-            _copy_in(local, name, room)
-    for rel in sources:
-        _copy_in(local, rel.with_suffix(".so"), room)
-
-
-def _small_text(path: Path) -> str | None:
-    """The stripped text of ``path`` if it is a small regular file, else None.
-
-    Opened without following a link and without blocking (a FIFO named ``*.cpp`` must
-    not hang the leader while it holds the lock), then checked on the descriptor.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _PROBE_MAX_BYTES:
-            return None
-        return os.read(fd, _PROBE_MAX_BYTES + 1).decode(errors="replace").strip()
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _local_sources(local: Path) -> list[Path]:
-    """``<dir>/<name>.cpp`` of the local cache, regular files only, no link followed."""
-    found: list[Path] = []
-    with contextlib.suppress(OSError), os.scandir(local) as top:
-        for d in top:
-            if not d.is_dir(follow_symlinks=False):
-                continue
-            with contextlib.suppress(OSError), os.scandir(d.path) as inner:
-                for f in inner:
-                    if f.name.endswith(".cpp") and f.is_file(follow_symlinks=False):
-                        found.append(Path(d.name, f.name))
-    return found
-
-
-def _copy_in(local: Path, rel: Path, room: Path) -> None:
-    """Copy ``local/rel`` into ``room/rel`` if absent there.
-
-    Only a regular file inside the private local cache: a link, or a path through a
-    linked directory that leads out of it, is never copied into an entry.
-    """
-    have, want = local / rel, room / rel
-    if os.path.lexists(want) or have.is_symlink() or not have.is_file():
-        return
-    base = os.path.realpath(local)
-    if os.path.commonpath([base, os.path.realpath(have)]) != base:
-        return
-    want.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = want.with_name(f".{want.name}.{os.getpid()}.tmp")
-    shutil.copyfile(have, tmp, follow_symlinks=False)
-    os.chmod(tmp, 0o755 if want.suffix == ".so" else 0o644)
-    os.replace(tmp, want)
-
-
-def _sweep(base: Path, prefix: str, pid_at: int, max_age: float) -> None:
-    """Remove directories ``prefix*`` of ``base`` left by dead processes.
-
-    The pid is field ``pid_at`` of the name split at dots. Old as well as dead: a
-    local cache shared by containers (another PID namespace) must not lose a live
-    process's directory to a pid that means something else here.
-    """
-    from ._proc import pid_alive
-
-    with contextlib.suppress(OSError), os.scandir(base) as it:
-        for e in it:
-            parts = e.name.split(".")
-            if not e.name.startswith(prefix) or len(parts) <= pid_at:
-                continue
-            if not parts[pid_at].isdigit() or not e.is_dir(follow_symlinks=False):
-                continue
-            pid = int(parts[pid_at])
-            with contextlib.suppress(OSError):
-                old = time.time() - e.stat(follow_symlinks=False).st_mtime > max_age
-                if pid != os.getpid() and old and not pid_alive(pid):
-                    shutil.rmtree(e.path, ignore_errors=True)
-
-
-@atexit.register
-def _remove_rooms() -> None:
-    for room in list(_rooms):
-        shutil.rmtree(room, ignore_errors=True)
-    _rooms.clear()

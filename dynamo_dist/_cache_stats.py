@@ -78,6 +78,8 @@ class CacheStats:
     # instead of reading the shared directory.
     cache_host_fetches: int = 0
     cache_host_loads: int = 0
+    # Profiles not read because no private local directory could be had to stage them.
+    profile_skipped: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The counters under the keys ``dynamo_dist.stats()`` has always reported."""

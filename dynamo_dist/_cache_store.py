@@ -54,17 +54,17 @@ import os
 import re
 import reprlib
 import secrets
-import shutil
 import stat
 import tarfile
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from . import _cache_fs as fs
+from ._cache_rooms import Member, tar_members
 from ._log import get_logger
 
 log = get_logger("cache")
@@ -81,9 +81,6 @@ MAX_ARTIFACT_BYTES = 16 << 30
 MAX_MEMBERS = 100_000
 
 # O_NONBLOCK: opening a planted FIFO must not block; regular files ignore it.
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # A name the manifest may list: one plain component, nothing that leaves the entry.
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -218,9 +215,9 @@ def namespace(secret: str | None) -> str:
 
 def _umask() -> int:
     """The process umask, read without changing it (os.umask would race other threads)."""
-    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("Umask:"):
+    for line in (fs.read_system_text("/proc/self/status") or "").splitlines():
+        if line.startswith("Umask:"):
+            with contextlib.suppress(ValueError, IndexError):
                 return int(line.split()[1], 8)
     return 0o022
 
@@ -254,10 +251,8 @@ def _open_root(root: Path, create: bool = False, mode: int = 0o777) -> int:
     The root is the user's choice, so a link there is followed, once; everything
     below it is reached from this descriptor and never through a link.
     """
-    if create:
-        os.makedirs(root, mode=mode, exist_ok=True)
     _tick("opens")
-    return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return fs.open_root(root, create, mode)
 
 
 def _open_dir_at(parent_fd: int, name: str, create_mode: int | None = None) -> int:
@@ -269,15 +264,8 @@ def _open_dir_at(parent_fd: int, name: str, create_mode: int | None = None) -> i
     """
     if create_mode is not None:
         _tick("writes")
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(name, create_mode, dir_fd=parent_fd)
     _tick("opens")
-    try:
-        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise OSError(e.errno, "not a plain directory (a symlink?)", name) from None
-        raise
+    return fs.open_dir(parent_fd, name, create_mode)
 
 
 @contextlib.contextmanager
@@ -299,7 +287,7 @@ def _dir_fds(
             fds.append(_open_dir_at(fds[-1], part, create_mode))
             if check:
                 _tick("stats")
-                _check_private(os.fstat(fds[-1]), "/".join(parts[: i + 1]))
+                _check_private(fs.fstat(fds[-1]), "/".join(parts[: i + 1]))
         yield fds
     finally:
         for fd in reversed(fds):
@@ -309,20 +297,7 @@ def _dir_fds(
 def _create_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644) -> None:
     """Write a new file in ``dir_fd``; never through a link, never over an existing file."""
     _tick("writes", 2)
-    fd = os.open(name, _CREATE_FLAGS, mode, dir_fd=dir_fd)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _create(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a new file; never through a link, never over an existing file."""
-    fd = os.open(path, _CREATE_FLAGS, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    fs.write_new(dir_fd, name, data, mode)
 
 
 class _Missing(EntryRefused):
@@ -358,17 +333,20 @@ def _open_regular(
     memory) is EntryUnavailable: nothing proves it bad.
     """
     _tick("opens")
+    _tick("stats")
     try:
-        fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
+        fd, st = fs.open_file(dir_fd, path)
     except FileNotFoundError:
         raise _Missing(f"{what} is missing") from None
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise EntryRefused(f"{what} is a symlink") from None
+        if e.errno == errno.EINVAL:
+            raise EntryRefused(f"{what} is not a regular file") from None
         # ENXIO (a socket), ENODEV (a device without a driver), EACCES, EMFILE...:
         # what is there decides whether the entry or this rank is to blame.
         try:
-            st = os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+            st = fs.lstat(dir_fd, path)
         except FileNotFoundError:
             raise _Missing(f"{what} is missing") from None
         except OSError:
@@ -376,11 +354,7 @@ def _open_regular(
         if not stat.S_ISREG(st.st_mode):
             raise EntryRefused(f"{what} is not a regular file") from None
         raise _unavailable(what, e) from None
-    _tick("stats")
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise EntryRefused(f"{what} is not a regular file")
         if private:
             _check_private(st, what)
         if st.st_size > max_size:
@@ -469,12 +443,12 @@ def _entry_moved(root: Path | None, path: Path, entry_fd: int) -> bool:
     """
     _tick("stats", 2)
     try:
-        ours = os.fstat(entry_fd)
+        ours = fs.fstat(entry_fd)
         if ours.st_nlink == 0:
             return True
         start, parts = _entry_parts(root, path)
         with _dir_fds(start, parts[:-1]) as fds:
-            there = os.stat(parts[-1], dir_fd=fds[-1], follow_symlinks=False)
+            there = fs.lstat(fds[-1], parts[-1])
     except OSError:
         return True
     return (there.st_dev, there.st_ino) != (ours.st_dev, ours.st_ino)
@@ -596,21 +570,14 @@ def _trim_refused(refused_fd: int, keep: int) -> None:
     """
     boxes: list[tuple[int, str, int]] = []
     with contextlib.suppress(OSError):
-        for name in os.listdir(refused_fd):
+        for name, st in fs.entries(refused_fd):
             m = _REFUSED_BOX.fullmatch(name)
-            if m is None:
-                continue
-            try:
-                st = os.stat(name, dir_fd=refused_fd, follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
+            if m is not None and stat.S_ISDIR(st.st_mode):
                 boxes.append((int(m.group(2)), name, st.st_uid))
     boxes.sort()
     for _, name, uid in boxes[: max(0, len(boxes) - keep)]:
         if uid == os.geteuid():
-            with contextlib.suppress(OSError):
-                shutil.rmtree(name, dir_fd=refused_fd)
+            fs.remove_tree(refused_fd, name)
 
 
 class DiskStore:
@@ -685,22 +652,16 @@ class DiskStore:
         with self.walk() as (root_fd,):
             # An unpredictable name, O_CREAT|O_EXCL|O_NOFOLLOW: no planted link is written through.
             probe = f".probe.{secrets.token_hex(8)}"
-            fd = os.open(probe, _CREATE_FLAGS, 0o600, dir_fd=root_fd)
             try:
-                os.write(fd, b"ok")
-                os.fsync(fd)
+                fs.write_new(root_fd, probe, b"ok", 0o600)
             finally:
-                os.close(fd)
-                os.unlink(probe, dir_fd=root_fd)
+                with contextlib.suppress(FileNotFoundError):
+                    fs.remove(root_fd, probe)
 
     def _make_entries(self) -> None:
         """Create ``entries/``; whoever creates it creates the cache and marks it."""
         with self.walk(create=True) as (root_fd,):
-            try:
-                os.mkdir("entries", self._mkdir_mode(), dir_fd=root_fd)
-                new = True
-            except FileExistsError:
-                new = False
+            new = fs.make_dir(root_fd, "entries", self._mkdir_mode())
             # A planted link here would move every namespace elsewhere: _open_dir_at refuses it.
             fd = _open_dir_at(root_fd, "entries")
             try:
@@ -762,7 +723,7 @@ class DiskStore:
         with _open_entry(self.root, path, private) as entry_fd:
             if ident is not None:
                 _tick("stats")
-                st = os.fstat(entry_fd)
+                st = fs.fstat(entry_fd)
                 ident.append(_dir_ident(st))
             try:
                 return self._verify_at(entry_fd, key, expect, private)
@@ -846,7 +807,9 @@ class DiskStore:
     def _get(self, key: str, expect: dict[str, Any] | None) -> Entry | None:
         path = self.entry_dir(key)
         _tick("stats")
-        if not os.path.lexists(path / MANIFEST):  # a hint only: verify walks without links
+        try:  # a hint only: verify walks without links
+            fs.lstat(None, path / MANIFEST)
+        except OSError:
             return None
         ident: list[DirIdent] = []
         try:
@@ -900,24 +863,23 @@ class DiskStore:
         with contextlib.suppress(OSError), contextlib.ExitStack() as stack:
             (*_, parent_fd) = stack.enter_context(_dir_fds(start, parts[:-1]))
             if ident is not None:
-                st = os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False)
+                st = fs.lstat(parent_fd, parts[-1])
                 if _dir_ident(st) != ident:
                     return False  # not the entry we verified: moved or replaced meanwhile
             (*_, refused_fd) = stack.enter_context(
                 self.walk("refused", self.namespace, create=True)
             )
-            box = f"{parts[-1][:64]}.{int(time.time() * 1000)}.{secrets.token_hex(8)}"
             # 0700 while it is filled, so nothing can be planted in it.
-            os.mkdir(box, 0o700, dir_fd=refused_fd)
+            box = fs.make_temp_dir(refused_fd, f"{parts[-1][:64]}.{int(time.time() * 1000)}.")
             box_fd = _open_dir_at(refused_fd, box)
             stack.callback(os.close, box_fd)
             try:
-                os.rename(parts[-1], "entry", src_dir_fd=parent_fd, dst_dir_fd=box_fd)
+                fs.rename(parent_fd, parts[-1], box_fd, "entry")
             except OSError:
-                os.rmdir(box, dir_fd=refused_fd)  # someone else moved it first
+                fs.remove(refused_fd, box, directory=True)  # someone else moved it first
                 return False
             _create_at(box_fd, "REFUSED", (reason + "\n").encode())
-            os.fchmod(box_fd, self._open_mode())
+            fs.chmod(box_fd, self._open_mode())
             self._trim_refused_later()
             return True
         return False
@@ -954,8 +916,8 @@ class DiskStore:
         return self._trim_done.wait(timeout)
 
     # -- writing ---------------------------------------------------------------
-    def put(self, key: str, artifact_dir: Path, manifest: dict[str, Any]) -> int:
-        """Publish the files of ``artifact_dir`` as entry ``key``; returns bytes written.
+    def put(self, key: str, members: Iterable[Member], manifest: dict[str, Any]) -> int:
+        """Publish ``members`` (open files, see ``_cache_rooms``) as entry ``key``; bytes written.
 
         Losing a race to another publisher of the same key is fine: both entries
         describe the same graph, and the first one wins.
@@ -964,7 +926,7 @@ class DiskStore:
             self._make_entries()
         with self.walk("entries", self.namespace, key[:2], create=True) as fds:
             return self._put_at(
-                fds[-1], key, lambda tmp_fd: self._fill(tmp_fd, key, artifact_dir, manifest)
+                fds[-1], key, lambda tmp_fd: self._fill(tmp_fd, key, members, manifest)
             )
 
     def put_copy(self, key: str, manifest: dict[str, Any], artifact: IO[bytes]) -> int:
@@ -982,50 +944,43 @@ class DiskStore:
 
     def _put_at(self, shard_fd: int, key: str, fill: Callable[[int], int]) -> int:
         # A name nobody can predict, 0700 while filled: nobody can plant links in it.
-        tmp = f".tmp.{key}.{secrets.token_hex(8)}"
-        os.mkdir(tmp, 0o700, dir_fd=shard_fd)
+        tmp = fs.make_temp_dir(shard_fd, f".tmp.{key}.")
         try:
             tmp_fd = _open_dir_at(shard_fd, tmp)
             try:
                 _tick("writes", 4)
                 size = fill(tmp_fd)
-                os.fchmod(tmp_fd, self._open_mode())
+                fs.chmod(tmp_fd, self._open_mode())
             finally:
                 os.close(tmp_fd)
             for attempt in range(2):
                 try:
-                    os.rename(tmp, key, src_dir_fd=shard_fd, dst_dir_fd=shard_fd)
+                    fs.rename(shard_fd, tmp, shard_fd, key)
                     break
                 except OSError:
                     with contextlib.suppress(OSError):
-                        os.stat(f"{key}/{MANIFEST}", dir_fd=shard_fd, follow_symlinks=False)
+                        fs.lstat(shard_fd, f"{key}/{MANIFEST}")
                         return 0  # someone else published it first
                     if attempt:
                         raise
                     # A directory without a manifest (or not a directory) holds the name:
                     # never an entry (entries appear whole), so it goes aside, once.
                     self.refuse(self.entry_dir(key), "no manifest: left by a failed publish")
-            with contextlib.suppress(OSError):
-                os.fsync(shard_fd)
+            fs.fsync(shard_fd)
             _remove_abandoned_publishes(shard_fd, key)
             return size
         finally:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(tmp, dir_fd=shard_fd)
+            fs.remove_tree(shard_fd, tmp)
 
-    def _fill(self, tmp_fd: int, key: str, artifact_dir: Path, manifest: dict[str, Any]) -> int:
+    def _fill(
+        self, tmp_fd: int, key: str, members: Iterable[Member], manifest: dict[str, Any]
+    ) -> int:
         """Write artifact.tar and manifest.json into the private directory ``tmp_fd``."""
-        flags = (_CREATE_FLAGS & ~os.O_WRONLY) | os.O_RDWR
-        fd = os.open(ARTIFACT, flags, 0o644, dir_fd=tmp_fd)
-        with os.fdopen(fd, "w+b") as out:
+        with fs.create_file(tmp_fd, ARTIFACT, writable=True) as out:
             with tarfile.open(fileobj=out, mode="w:") as tar:
-                for f in sorted(p for p in artifact_dir.rglob("*") if p.is_file()):
-                    rel = f.relative_to(artifact_dir)
-                    if rel.parts[0] in ("locks", "dynamo_dist"):
-                        continue
-                    tar.add(f, arcname=str(rel))
+                tar_members(tar, iter(members))
             out.flush()
-            os.fsync(out.fileno())
+            fs.fsync(out.fileno())
             size = out.seek(0, os.SEEK_END)
             out.seek(0)
             digest = _hash_fd(out.fileno(), size)
@@ -1063,12 +1018,8 @@ class DiskStore:
 
 def _fill_copy(tmp_fd: int, manifest: dict[str, Any], artifact: IO[bytes]) -> int:
     """Write ``artifact`` (from its start) and ``manifest`` as they are into ``tmp_fd``."""
-    fd = os.open(ARTIFACT, _CREATE_FLAGS, 0o644, dir_fd=tmp_fd)
-    with os.fdopen(fd, "wb") as out:
-        artifact.seek(0)
-        shutil.copyfileobj(artifact, out)
-        out.flush()
-        os.fsync(out.fileno())
+    artifact.seek(0)
+    with fs.create_file(tmp_fd, ARTIFACT, artifact) as out:
         size = out.tell()
     _create_at(tmp_fd, MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
     return size
@@ -1082,21 +1033,18 @@ def _remove_abandoned_publishes(shard_fd: int, key: str) -> None:
     """Remove ``.tmp.<key>.*`` directories of this shard left by leaders killed mid-publish.
 
     Only for the key just published (its entry now exists, so no publisher of it is
-    still needed), only plain directories, only when untouched for an hour; never
-    through a link (``rmtree`` by descriptor). ``dynamo-dist cache prune`` catches the
-    rest.
+    still needed), only plain directories, only when untouched for an hour (or dated in
+    the future: a clock cannot make one immortal); removed by descriptor, so a link or a
+    FIFO planted inside is unlinked, never followed or opened. ``dynamo-dist cache
+    prune`` catches the rest.
     """
-    with contextlib.suppress(OSError), os.scandir(shard_fd) as it:
-        old = [
-            e.name
-            for e in it
-            if e.name.startswith(f".tmp.{key}.")
-            and e.is_dir(follow_symlinks=False)
-            and time.time() - e.stat(follow_symlinks=False).st_mtime > ABANDONED_PUBLISH_S
-        ]
-    for name in old:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(name, dir_fd=shard_fd)
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for name, st in fs.entries(shard_fd):
+            if not name.startswith(f".tmp.{key}.") or not stat.S_ISDIR(st.st_mode):
+                continue
+            if abs(now - st.st_mtime) > ABANDONED_PUBLISH_S:
+                fs.remove_tree(shard_fd, name)
 
 
 def _plain_subdirs(path: Path) -> list[Path]:
@@ -1105,10 +1053,10 @@ def _plain_subdirs(path: Path) -> list[Path]:
     Neither ``path`` itself nor its children are followed when they are links.
     """
     try:
-        if not stat.S_ISDIR(os.lstat(path).st_mode):
+        if not stat.S_ISDIR(fs.lstat(None, path).st_mode):
             return []
-        with os.scandir(path) as it:
-            return sorted(Path(d.path) for d in it if d.is_dir(follow_symlinks=False))
+        with fs.walk(path, ()) as (fd,):
+            return [path / n for n, st in fs.entries(fd) if stat.S_ISDIR(st.st_mode)]
     except OSError:
         return []
 
@@ -1120,7 +1068,7 @@ def write_marker(root: Path) -> bool:
     so a typo'd path or a directory that merely has an ``entries/`` is safe.
     """
     try:
-        _create(root / MARKER, json.dumps({"format": FORMAT}).encode() + b"\n")
+        fs.write_new(None, root / MARKER, json.dumps({"format": FORMAT}).encode() + b"\n")
     except FileExistsError:
         return False
     return True
@@ -1182,7 +1130,6 @@ def _extract(entry: Entry, dest: Path, keep: IO[bytes] | None) -> int:
     """``extract`` without the classification of unexpected errors."""
     size, digest = _file_meta(entry.manifest, ARTIFACT)
     private = entry.must_be_private
-    dest.mkdir(parents=True, exist_ok=True)
     with _open_entry(entry.root, entry.path, private) as entry_fd:
         try:
             fd, actual = _open_regular(
@@ -1197,13 +1144,14 @@ def _extract(entry: Entry, dest: Path, keep: IO[bytes] | None) -> int:
             raise EntryRefused(f"{ARTIFACT} is truncated ({actual} of {size} bytes)")
         # Read errors of the shared file and write errors of the private copy (a full
         # local disk) are OSErrors: extract() makes them EntryUnavailable.
-        with tempfile.TemporaryFile(dir=dest.parent) as copy:
+        with fs.anonymous_file(dest.parent) as copy:
             got = _hash_fd(fd, size, copy)
             if not hmac.compare_digest(got, digest):
                 raise EntryRefused(f"{ARTIFACT} does not match its sha256 (changed after verify?)")
             if keep is not None:
                 copy.seek(0)
-                shutil.copyfileobj(copy, keep)
+                while block := copy.read(1 << 20):
+                    keep.write(block)
             copy.seek(0)
             _unpack(copy, dest, size)
     finally:
@@ -1271,24 +1219,33 @@ def _plan_members(tar: tarfile.TarFile, size: int) -> list[tarfile.TarInfo]:
 def _unpack(fileobj: IO[bytes], dest: Path, size: int) -> None:
     """Unpack a plain (never decompressed) tar of files and directories into ``dest``.
 
-    EntryRefused for an unreadable or unsafe archive (all of it is checked before
-    anything is written); EntryUnavailable when writing fails (ENOSPC, EFBIG, EDQUOT,
+    ``dest`` is a fresh private directory. Every member is checked before anything is
+    written (EntryRefused for an unreadable or unsafe archive), then written through the
+    filesystem layer, relative to ``dest``'s descriptor: directories 0700, files with
+    ``O_EXCL | O_NOFOLLOW``. EntryUnavailable when writing fails (ENOSPC, EFBIG, EDQUOT,
     EACCES: the local side's problem, not the archive's).
     """
     try:
         # "r:" : no transparent decompression, so 30 KB cannot become 200 MiB.
         with tarfile.open(fileobj=fileobj, mode="r:") as tar:
             members = _plan_members(tar, size)
-            root = dest.resolve()
-            for m in members:
-                target = (dest / m.name).resolve()
-                if target != root and not str(target).startswith(str(root) + os.sep):
-                    raise EntryRefused(f"archive member {m.name!r} escapes the cache directory")
             try:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(dest, members=members, filter="data")
-                else:  # pragma: no cover - Python < 3.11.4; the checks above still hold
-                    tar.extractall(dest, members=members)
+                with fs.walk(dest, (), create_mode=0o700) as (root_fd,):
+                    dirs: dict[tuple[str, ...], int] = {(): root_fd}
+                    try:
+                        for m in members:
+                            parts = tuple(m.name.split("/"))
+                            if m.isdir():
+                                _dest_dir(dirs, parts, dest, private=False)
+                                continue
+                            parent = _dest_dir(dirs, parts[:-1], dest, private=False)
+                            data = tar.extractfile(m)
+                            with fs.create_file(parent, parts[-1], data, m.mode & 0o755):
+                                pass
+                    finally:
+                        for rel, fd in dirs.items():
+                            if rel:
+                                os.close(fd)
             except OSError as e:
                 raise EntryUnavailable(
                     f"cannot unpack into {dest} ({e.strerror or e}); free space or fix "
@@ -1312,7 +1269,7 @@ def _local_dir_at(parent_fd: int, name: str, where: Path) -> int:
                 e.errno, "refusing to install through a symlink (or non-directory)", str(where)
             ) from None
         raise
-    st = os.fstat(fd)
+    st = fs.fstat(fd)
     if st.st_uid != os.geteuid():
         os.close(fd)
         raise OSError(
@@ -1323,90 +1280,104 @@ def _local_dir_at(parent_fd: int, name: str, where: Path) -> int:
     return fd
 
 
-def _install_at(dir_fd: int, name: str, src: Path, where: Path) -> None:
-    """Copy regular file ``src`` to ``name`` in ``dir_fd`` atomically; keep one already there.
+def _install_at(dir_fd: int, name: str, src_fd: int, where: Path) -> os.stat_result | None:
+    """Copy the open regular file ``src_fd`` to ``name`` in ``dir_fd`` atomically.
 
     Inductor's files are content-addressed, so a regular file of ours under the name
-    is the same file. Anything else there (a link, another account's file) refuses.
-    The copy goes to an unpredictable O_EXCL|O_NOFOLLOW name beside it, is fsynced,
-    and is renamed into place by descriptor.
+    is the same file: it is kept (None). Anything else there (a link, another account's
+    file) refuses. Returns the fstat of the file this call created.
     """
     try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        st = fs.lstat(dir_fd, name)
     except FileNotFoundError:
         pass
     else:
         if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
-            return
+            return None
         raise OSError(
             errno.EEXIST,
             "refusing to install over a symlink or a file not owned by this user",
             str(where),
         )
-    try:
-        in_fd = os.open(src, _READ_FLAGS)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return  # became a link: nothing of ours to install
-        raise
-    with os.fdopen(in_fd, "rb") as fin:
-        sst = os.fstat(fin.fileno())
-        if not stat.S_ISREG(sst.st_mode):
-            return
-        tmp = f".{name[:100]}.dd{secrets.token_hex(8)}"
-        out_fd = os.open(tmp, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
-        try:
-            with os.fdopen(out_fd, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-                fout.flush()
-                os.fchmod(fout.fileno(), stat.S_IMODE(sst.st_mode) & 0o755)
-                os.utime(fout.fileno(), ns=(sst.st_atime_ns, sst.st_mtime_ns))
-                os.fsync(fout.fileno())
-            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=dir_fd)
-            raise
+    sst = fs.fstat(src_fd)
+    fs.copy_file(
+        src_fd, dir_fd, name, stat.S_IMODE(sst.st_mode) & 0o755, (sst.st_atime_ns, sst.st_mtime_ns)
+    )
+    return fs.lstat(dir_fd, name)
 
 
-def merge_into(src: Path, dest: Path) -> None:
+def merge_into(src: Path, dest: Path) -> list[tuple[tuple[str, ...], os.stat_result]]:
     """Copy files from ``src`` into ``dest`` atomically, keeping files already there.
 
     ``dest`` is the rank's local inductor cache, whose files are later unpickled and
     dlopen'ed, so nothing is written through a link: ``dest`` is opened once (the
     user chose it), every directory below it is walked with O_NOFOLLOW from its
     parent's descriptor and must be ours (OSError otherwise), and each file is
-    renamed into place within one directory descriptor. ``src`` is walked without
-    following links, and only its regular files are copied.
+    renamed into place within one directory descriptor. ``src`` is walked by
+    descriptor without following links, and only its regular files are copied.
+    Returns (relative path, fstat) of every file this call created (not those kept).
     """
-    os.makedirs(dest, mode=0o700, exist_ok=True)
-    root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    fds: dict[tuple[str, ...], int] = {(): root_fd}
-    try:
-        st = os.fstat(root_fd)
+    created: list[tuple[tuple[str, ...], os.stat_result]] = []
+    with fs.walk(dest, (), create_mode=0o700) as (root_fd,):
+        st = fs.fstat(root_fd)
         if st.st_uid != os.geteuid():
             raise OSError(
                 errno.EPERM,
                 f"refusing to install into a directory owned by uid {st.st_uid}",
                 str(dest),
             )
-        for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
-            dirnames.sort()
-            rel = Path(dirpath).relative_to(src).parts
-            for fname in sorted(filenames):
-                f = Path(dirpath, fname)
+        fds: dict[tuple[str, ...], int] = {(): root_fd}
+        try:
+            with fs.walk(src, ()) as (src_fd,):
+                _merge_at(src_fd, (), fds, dest, created)
+        finally:
+            for rel, fd in fds.items():
+                if rel:
+                    os.close(fd)
+    return created
+
+
+def _merge_at(
+    src_fd: int,
+    rel: tuple[str, ...],
+    fds: dict[tuple[str, ...], int],
+    dest: Path,
+    created: list[tuple[tuple[str, ...], os.stat_result]],
+) -> None:
+    for name, st in fs.entries(src_fd):
+        if stat.S_ISDIR(st.st_mode):
+            if len(rel) < 32:
                 with contextlib.suppress(FileNotFoundError):
-                    if not stat.S_ISREG(os.lstat(f).st_mode):
-                        continue  # links, FIFOs, sockets: never copied
-                    _install_at(_dest_dir(fds, rel, dest), fname, f, dest.joinpath(*rel, fname))
-    finally:
-        for fd in fds.values():
+                    sub = fs.open_dir(src_fd, name)
+                    try:
+                        _merge_at(sub, (*rel, name), fds, dest, created)
+                    finally:
+                        os.close(sub)
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue  # links, FIFOs, sockets: never copied
+        try:
+            fd, _ = fs.open_file(src_fd, name)
+        except FileNotFoundError:
+            continue
+        try:
+            dir_fd = _dest_dir(fds, rel, dest)
+            new = _install_at(dir_fd, name, fd, dest.joinpath(*rel, name))
+        finally:
             os.close(fd)
+        if new is not None:
+            created.append(((*rel, name), new))
 
 
-def _dest_dir(fds: dict[tuple[str, ...], int], rel: tuple[str, ...], dest: Path) -> int:
+def _dest_dir(
+    fds: dict[tuple[str, ...], int], rel: tuple[str, ...], dest: Path, private: bool = True
+) -> int:
     """The descriptor of ``dest/rel`` (walked, and cached in ``fds``), created as needed."""
     for i in range(1, len(rel) + 1):
         if rel[:i] not in fds:
-            fds[rel[:i]] = _local_dir_at(fds[rel[: i - 1]], rel[i - 1], dest.joinpath(*rel[:i]))
+            where = dest.joinpath(*rel[:i])
+            if private:
+                fds[rel[:i]] = _local_dir_at(fds[rel[: i - 1]], rel[i - 1], where)
+            else:
+                fds[rel[:i]] = _open_dir_at(fds[rel[: i - 1]], rel[i - 1], 0o700)
     return fds[rel]

@@ -1031,3 +1031,14 @@ def _piece_copy(mod: Any, reason: Any) -> Any:
     piece.recompile()
     piece.compile_subgraph_reason = reason
     return piece
+
+
+def use_inductor_cache_dir(path: str) -> None:
+    """Point inductor's on-disk caches at ``path`` for the rest of this process.
+
+    Inductor reads ``TORCHINDUCTOR_CACHE_DIR`` on every cache lookup (torch 2.4 through
+    2.13), and its compile workers inherit it.
+    """
+    import os
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path

@@ -375,3 +375,15 @@ def shm_segment() -> dict[str, Any]:
     rt = _runtime.current()
     shm = getattr(rt.transport, "shm", None) if rt is not None else None
     return {"pid": os.getpid(), "segment": shm.name if shm is not None else None}
+
+
+def members(room: Path) -> Any:
+    """The files of a test's hand-made room, as ``DiskStore.put`` takes them.
+
+    The store publishes only files this process recorded as written (``_cache_rooms``),
+    so a test records its room first, as a leader records its clean room.
+    """
+    from dynamo_dist._cache_rooms import ROOMS
+
+    ROOMS.record_room(room)
+    return ROOMS.members(room)

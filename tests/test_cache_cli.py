@@ -49,7 +49,7 @@ def _put(store: DiskStore, key: str, tmp_path: Path, size: int = 1000, **manifes
         "created": time.time(),
         "label": "f",
     }
-    store.put(key, room, {**body, **manifest})
+    store.put(key, ranks.members(room), {**body, **manifest})
     return store.entry_dir(key)
 
 

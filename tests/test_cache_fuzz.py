@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ranks
 
 from dynamo_dist import _cache, _secret
 from dynamo_dist._cache_lock import Locks, owner_record
@@ -389,7 +390,7 @@ def _publish(root: Path, secret: str | None, work: Path) -> DiskStore:
         "compile_seconds": 2.5,
         "created": time.time(),
     }
-    assert store.put(KEY, _room(work / "room"), manifest) > 0
+    assert store.put(KEY, ranks.members(_room(work / "room")), manifest) > 0
     return store
 
 

@@ -51,7 +51,9 @@ def _room(tmp_path: Path, name: str = "room", payload: bytes = b"kernel") -> Pat
 
 
 def _publish(store: DiskStore, tmp_path: Path, key: str = KEY, **extra: object) -> Path:
-    store.put(key, _room(tmp_path, f"room-{key[:6]}"), {"created": time.time(), **extra})
+    store.put(
+        key, ranks.members(_room(tmp_path, f"room-{key[:6]}")), {"created": time.time(), **extra}
+    )
     return store.entry_dir(key)
 
 
@@ -184,7 +186,7 @@ def test_leader_temp_dir_is_unpredictable_and_not_written_through(tmp_path):
     store.victim, store.tmp_names = victim, []
     # Refusing to publish (OSError) is fine; writing through the link is not.
     with contextlib.suppress(OSError):
-        store.put(KEY, _room(tmp_path), {"created": time.time()})
+        store.put(KEY, ranks.members(_room(tmp_path)), {"created": time.time()})
     assert victim.read_text() == "precious\n"
     assert store.tmp_names, "the planting hook did not run"
     predictable = f".tmp.{KEY}.{socket.gethostname()}.{os.getpid()}"
@@ -494,7 +496,7 @@ def test_publish_and_refuse_do_not_follow_a_symlinked_shard(tmp_path):
     shard.mkdir()
     _swap_for_link(shard, victim)
     with contextlib.suppress(OSError):
-        store.put(KEY, _room(tmp_path), {"created": time.time()})
+        store.put(KEY, ranks.members(_room(tmp_path)), {"created": time.time()})
     with contextlib.suppress(EntryRefused):
         store.get(KEY)
     assert sorted(p.name for p in victim.rglob("*")) == [KEY, "manifest.json"]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import ranks
 from test_cache_fuzz import Hang, deadline
 
 from dynamo_dist import _cache
@@ -158,7 +159,7 @@ def test_unreadable_manifest_is_a_miss_not_a_refusal(shared: Path, signed: bool)
     secret = SECRET if signed else None
     store = DiskStore(root, secret)
     store.check_usable()
-    store.put(KEY, _room(shared), _manifest())
+    store.put(KEY, ranks.members(_room(shared)), _manifest())
     entry = store.entry_dir(KEY)
     if signed:
         for p in [root, *root.rglob("*")]:
@@ -186,7 +187,7 @@ def test_unreadable_artifact_is_unavailable_not_refused(shared: Path) -> None:
     """extract() as a user who may read the manifest but not the artifact."""
     root = shared / "c"
     store = DiskStore(root, SECRET)
-    store.put(KEY, _room(shared), _manifest())
+    store.put(KEY, ranks.members(_room(shared)), _manifest())
     entry_dir = store.entry_dir(KEY)
     os.chmod(entry_dir / "artifact.tar", 0o600)
     out = shared / "out"
@@ -214,7 +215,7 @@ def test_unwritable_destination_is_unavailable(shared: Path) -> None:
     """EACCES while unpacking into the local directory is this rank's problem."""
     root = shared / "c"
     store = DiskStore(root, SECRET)
-    store.put(KEY, _room(shared), _manifest())
+    store.put(KEY, ranks.members(_room(shared)), _manifest())
     entry = store.get(KEY)
     assert entry is not None
     local = shared / "local"
@@ -237,7 +238,7 @@ def test_full_local_disk_while_unpacking_keeps_the_entry(tmp_path: Path) -> None
     root = tmp_path / "c"
     store = DiskStore(root)
     store.check_usable()
-    store.put(KEY, _room(tmp_path, payload=os.urandom(8 * 1024)), _manifest())
+    store.put(KEY, ranks.members(_room(tmp_path, payload=os.urandom(8 * 1024))), _manifest())
     dest = tmp_path / "local" / "dest"
     dest.parent.mkdir(mode=0o700)
 
@@ -262,7 +263,7 @@ def test_exhausted_descriptors_are_a_miss_not_a_refusal(tmp_path: Path) -> None:
     """EMFILE while opening manifest.json proves nothing about the entry."""
     root = tmp_path / "c"
     store = DiskStore(root)
-    store.put(KEY, _room(tmp_path), _manifest())
+    store.put(KEY, ranks.members(_room(tmp_path)), _manifest())
     path = store.entry_dir(KEY)
 
     def read() -> list[str]:
@@ -291,7 +292,7 @@ def test_unavailable_entry_warns_once(shared: Path) -> None:
     """Waiters call get() in a loop: one warning per key, not one per poll."""
     root = shared / "c"
     store = DiskStore(root, SECRET)
-    store.put(KEY, _room(shared), _manifest())
+    store.put(KEY, ranks.members(_room(shared)), _manifest())
     for p in [root, *root.rglob("*")]:
         if p.is_dir():
             os.chmod(p, 0o777)
@@ -346,7 +347,7 @@ def test_manifest_fields_of_the_wrong_type_are_refused(
 ) -> None:
     """Values read after verification (float(compile_seconds), owner.get) were not checked."""
     store = DiskStore(tmp_path / "c")
-    store.put(KEY, _room(tmp_path), _manifest())
+    store.put(KEY, ranks.members(_room(tmp_path)), _manifest())
     path = store.entry_dir(KEY)
     _edit_manifest(path, change)
     with pytest.raises(EntryRefused, match=r"manifest|format"):
@@ -369,7 +370,7 @@ def test_a_loader_never_raises_on_manifest_values(
     root = tmp_path / "c"
     store = DiskStore(root)
     store.check_usable()
-    store.put(KEY, _room(tmp_path), _manifest())
+    store.put(KEY, ranks.members(_room(tmp_path)), _manifest())
     path = store.entry_dir(KEY)
     _edit_manifest(path, change)
     cache = _cache.SharedCache(str(root), 1.0, 30.0, agree=False)
@@ -384,7 +385,7 @@ def test_a_loader_never_raises_on_manifest_values(
 )
 def test_malformed_signatures_are_refused(tmp_path: Path, sig: object) -> None:
     store = DiskStore(tmp_path / "c", SECRET)
-    store.put(KEY, _room(tmp_path), _manifest())
+    store.put(KEY, ranks.members(_room(tmp_path)), _manifest())
     path = store.entry_dir(KEY)
     man = json.loads((path / "manifest.json").read_text())
     man["signature"] = sig
@@ -401,7 +402,7 @@ def test_malformed_signatures_are_refused(tmp_path: Path, sig: object) -> None:
 )
 def test_manifests_that_are_not_objects_are_refused(tmp_path: Path, document: bytes) -> None:
     store = DiskStore(tmp_path / "c")
-    store.put(KEY, _room(tmp_path), _manifest())
+    store.put(KEY, ranks.members(_room(tmp_path)), _manifest())
     path = store.entry_dir(KEY)
     (path / "manifest.json").unlink()
     (path / "manifest.json").write_bytes(document)
@@ -413,7 +414,7 @@ def test_manifests_that_are_not_objects_are_refused(tmp_path: Path, document: by
 def test_a_missing_artifact_in_an_entry_in_place_is_refused(tmp_path: Path) -> None:
     """The complement of a vanished entry: a file missing from an entry still there."""
     store = DiskStore(tmp_path / "c")
-    store.put(KEY, _room(tmp_path), _manifest())
+    store.put(KEY, ranks.members(_room(tmp_path)), _manifest())
     (store.entry_dir(KEY) / "artifact.tar").unlink()
     with pytest.raises(EntryRefused, match="missing"):
         store.get(KEY)
@@ -424,7 +425,7 @@ def test_a_missing_artifact_in_an_entry_in_place_is_refused(tmp_path: Path) -> N
 def test_a_fifo_in_an_entry_never_blocks(tmp_path: Path, what: str) -> None:
     """A FIFO where a file must be is refused at once (opened O_NONBLOCK, never read)."""
     store = DiskStore(tmp_path / "c")
-    store.put(KEY, _room(tmp_path), _manifest())
+    store.put(KEY, ranks.members(_room(tmp_path)), _manifest())
     path = store.entry_dir(KEY)
     manifest = json.loads((path / "manifest.json").read_text())
     (path / what).unlink()
@@ -443,7 +444,7 @@ def test_a_fifo_in_an_entry_never_blocks(tmp_path: Path, what: str) -> None:
 def test_a_vanished_entry_is_a_miss(tmp_path: Path) -> None:
     """An entry pruned between get() and extract() is not refused (nothing proves it bad)."""
     store = DiskStore(tmp_path / "c")
-    store.put(KEY, _room(tmp_path), _manifest())
+    store.put(KEY, ranks.members(_room(tmp_path)), _manifest())
     entry = store.get(KEY)
     assert entry is not None
     shutil.rmtree(entry.path)
@@ -458,12 +459,12 @@ def test_an_entry_republished_after_verify_is_not_refused(
     """Pruned and republished between verify and unpack: the new, valid entry was refused
     (its artifact did not match the old manifest)."""
     store = DiskStore(tmp_path / "c")
-    store.put(KEY, _room(tmp_path), _manifest())
+    store.put(KEY, ranks.members(_room(tmp_path)), _manifest())
     old = store.get(KEY)
     assert old is not None
     shutil.rmtree(old.path)
     shutil.rmtree(tmp_path / "room")
-    store.put(KEY, _room(tmp_path, payload=b"another kernel"), _manifest())
+    store.put(KEY, ranks.members(_room(tmp_path, payload=b"another kernel")), _manifest())
     with pytest.raises(EntryRefused, match="sha256"):  # the old manifest, the new bytes
         extract(old, tmp_path / "out")
     assert not store.refuse(old.path, "what the loader does then", ident=old.ident)

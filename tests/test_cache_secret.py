@@ -293,9 +293,9 @@ def test_key_namespaces_in_the_store(tmp_path):
     (room / "f").write_bytes(b"x")
     man = {"factors": version_factors(), "created": time.time()}
     a, b, u = (DiskStore(tmp_path / "c", s) for s in ("a", "b", None))
-    assert a.put("k" * 40, room, man) > 0
+    assert a.put("k" * 40, ranks.members(room), man) > 0
     assert b.get("k" * 40) is None and u.get("k" * 40) is None
-    assert b.put("k" * 40, room, man) > 0
+    assert b.put("k" * 40, ranks.members(room), man) > 0
     assert a.get("k" * 40) is not None and b.get("k" * 40) is not None
     assert not list((tmp_path / "c").rglob("REFUSED"))
     assert key_id("a") not in str(b.entries) and key_id("a") in str(a.entries)

@@ -30,7 +30,7 @@ def _put(store, key, room, torch_version=None):
         factors["torch"] = torch_version
     return store.put(
         key,
-        room,
+        ranks.members(room),
         {
             "factors": factors,
             "owner": {"rank": 0},

@@ -17,6 +17,7 @@ PKG = Path(__file__).resolve().parent.parent / "dynamo_dist"
 LAYERS: list[tuple[str, ...]] = [
     ("_torch_compat", "_log", "_errors", "_version", "_proc", "_C"),
     ("_events", "_stats", "_config"),
+    ("_cache_fs",),  # the cache's one filesystem layer (its secret reads files too)
     ("_secret",),
     ("_hook",),  # hook
     ("_local",),  # which ranks a compile agrees with (local(), the group's scope)
@@ -26,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("_policy",),  # policy
     ("_callback",),
     ("_consensus",),  # consensus
-    ("_cache_key", "_cache_stats"),  # cache: the key, its counters and events
+    ("_cache_key", "_cache_stats", "_cache_rooms"),  # cache: the key, its counters and events
     ("_cache_store", "_cache_agree"),  # the directory; the cross-rank agreement
     ("_cache_lock",),  # leader locks in the directory
     ("_cache_protocol",),  # leader/follower

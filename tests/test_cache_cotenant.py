@@ -1,0 +1,261 @@
+"""A co-tenant against the cache: a victim and an attacker account on one host (issue 26).
+
+Run as root, these tests start the victim's processes as one uid and plant the
+attacker's files as another, both in one group (``setpriv``), as on a shared login
+node where the victim's umask is 002. Skipped with the reason when not root or when the
+victim's uid cannot run this Python.
+
+* Row 1: a library and the matching ISA probe source planted in the victim's local
+  inductor cache (group-writable, then ``chmod 700``'d by the victim) were copied into
+  the leader's clean room, published and signed, then loaded on other hosts.
+* Row 2: ``.tmp.<key>.*`` directories planted in a group-shared cache and swapped for
+  FIFOs while the leader removed them: ``shutil.rmtree`` blocked for ever.
+* Row 3: a local inductor directory owned by the co-tenant: profiles were staged there
+  (a FIFO hung the rank; a link swap wrote where the attacker chose) and "compiling
+  locally" compiled and loaded kernels from it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ranks
+
+HERE = Path(__file__).resolve()
+GROUP, VICTIM, ATTACKER = 3100, 3101, 3102
+SECRET = "cotenant-" + "0123456789abcdef" * 3
+PLANTED = b"\x7fELF-ATTACKER-LIBRARY-" + b"\x90" * 64
+
+
+def _as(uid: int) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={GROUP}", "--clear-groups"]
+
+
+def _can_run_as(uid: int) -> str | None:
+    if os.geteuid() != 0:
+        return "needs root, to run the victim and the attacker as other uids (setpriv)"
+    if shutil.which("setpriv") is None:
+        return "needs setpriv (util-linux)"
+    probe = subprocess.run(
+        [*_as(uid), sys.executable, "-c", "import dynamo_dist"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+    )
+    if probe.returncode != 0:
+        return f"uid {uid} cannot run {sys.executable} here: {probe.stderr.strip()[-300:]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def users() -> None:
+    why = _can_run_as(VICTIM)
+    if why:
+        pytest.skip(why)
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A sticky directory both accounts can write, like /tmp (pytest's is root's alone)."""
+    d = Path(tempfile.mkdtemp(prefix="dd-cotenant-"))
+    os.chmod(d, 0o1777)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _victim_dir(path: Path, mode: int = 0o700) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, VICTIM, GROUP)
+    os.chmod(path, mode)
+    return path
+
+
+def _attacker(*cmd: str) -> None:
+    subprocess.run([*_as(ATTACKER), *cmd], check=True, timeout=60, cwd="/")
+
+
+# -- row 1 ---------------------------------------------------------------------------------
+def victim_job(rank: int, world: int, local_base: str) -> dict[str, Any]:
+    """The victim's training step through the shared cache (real inductor).
+
+    A plain ``torch.compile`` first runs inductor's CPU ISA probe outside any clean room,
+    in the local cache the attacker filled: the leader's entry then used to be completed
+    from that directory.
+    """
+    import torch
+
+    import dynamo_dist
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local_base, f"rank{rank}")
+    torch.compile(lambda x: x.sin() + 1, backend="inductor")(torch.randn(8))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    cm = dynamo_dist.compile(model)
+    x = torch.randn(4, 8)
+    y = cm(x)
+    y.sum().backward()
+    return {"ok": bool(torch.allclose(y, model(x), atol=1e-5)), "stats": dynamo_dist.stats()}
+
+
+def _planted_members(cache: Path) -> list[str]:
+    hits = []
+    for tar_path in cache.rglob("artifact.tar"):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                fh = tar.extractfile(m) if m.isfile() else None
+                if fh is not None and PLANTED in fh.read():
+                    hits.append(f"{tar_path}!{m.name}")
+    return hits
+
+
+@pytest.mark.multiproc
+@pytest.mark.inductor
+@pytest.mark.timeout(900)
+def test_files_planted_in_the_local_cache_are_never_signed(users: None, shared_tmp: Path) -> None:
+    from dynamo_dist import _torch_compat
+
+    probes = sorted(_torch_compat.isa_probe_sources())
+    if not probes:
+        pytest.skip("this torch's ISA probe sources are not recognised")
+    home = _victim_dir(shared_tmp / "home")
+    cache = _victim_dir(shared_tmp / "cache", 0o770)
+    secret = home / "secret"
+    secret.write_text(SECRET)
+    os.chown(secret, VICTIM, GROUP)
+    os.chmod(secret, 0o600)
+    local = _victim_dir(shared_tmp / "local", 0o755)
+    out = _victim_dir(shared_tmp / "out", 0o755)
+    for r in (0, 1):
+        # torch creates its cache with the umask: 0775 under umask 002.
+        d = _victim_dir(local / f"rank{r}", 0o775)
+        for i, source in enumerate(probes):
+            sub = f"p{i:x}"
+            _attacker("mkdir", "-p", str(d / sub))
+            src = shared_tmp / f"probe{i}.cpp"
+            src.write_text(source + "\n")
+            lib = shared_tmp / "planted.so"
+            lib.write_bytes(PLANTED)
+            _attacker("cp", str(src), str(d / sub / "probe.cpp"))
+            _attacker("cp", str(lib), str(d / sub / "probe.so"))
+        os.chmod(d, 0o700)  # what dynamo_dist's warning used to advise
+    env = {
+        "DYNAMO_DIST_CACHE_DIR": str(cache),
+        "DYNAMO_DIST_CACHE_SECRET_FILE": str(secret),
+        "HOME": str(home),
+        "DYNAMO_DIST_LOG": "INFO",
+    }
+    launcher = [*_as(VICTIM), sys.executable, "-m", "torch.distributed.run"]
+    run = ranks.launch(
+        HERE, "victim_job", str(local), tmp=out, env=env, timeout=800, launcher=launcher
+    )
+    for r in (0, 1):
+        assert run.rank(r)["ok"], run.output[-4000:]
+    assert sum(run.rank(r)["stats"]["cache_publishes"] for r in (0, 1)) >= 1, run.output[-4000:]
+    assert list(cache.rglob("artifact.tar")), "nothing was published"
+    assert _planted_members(cache) == []
+
+
+# -- row 2 ---------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_planted_publish_leftovers_never_block_the_leader(
+    users: None, shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group-shared signed cache: the attacker's backdated ``.tmp.<key>.*`` directories
+    (FIFOs and links inside, and one swapped for a FIFO between the leader's look and its
+    removal) are removed, or left, without blocking and without following a link."""
+    from dynamo_dist import _cache_fs, _cache_store
+    from dynamo_dist._cache_store import DiskStore
+
+    key = "ab" * 20
+    cache = _victim_dir(shared_tmp / "cache", 0o775)
+    keep = _victim_dir(shared_tmp / "victim-data", 0o755)
+    (keep / "precious").write_text("mine")
+    store = DiskStore(cache, SECRET)
+    store.check_usable()
+    for p in (cache / "entries", cache / "entries" / store.namespace):
+        os.chmod(p, 0o777)
+    shard = cache / "entries" / store.namespace / key[:2]
+    shard.mkdir(mode=0o777)
+    os.chmod(shard, 0o777)
+    old = time.time() - 2 * 3600
+    for name in ("a", "b"):
+        tmp = shard / f".tmp.{key}.{name}"
+        _attacker("mkdir", "-p", str(tmp / "sub"))
+        _attacker("mkfifo", str(tmp / "fifo"), str(tmp / "sub" / "fifo"))
+        _attacker("ln", "-s", str(keep), str(tmp / "link"))
+        os.utime(tmp, (old, old))
+    real = _cache_fs.remove_tree
+
+    def swap_then_remove(dir_fd: int, name: str, owner: int | None = None) -> bool:
+        # Between the leader's listing and its removal, the attacker swaps a directory
+        # for a FIFO (a test hook instead of a won race).
+        if name.endswith(".b"):
+            shutil.rmtree(shard / name)
+            os.mkfifo(shard / name)
+        return real(dir_fd, name, owner)
+
+    monkeypatch.setattr(_cache_store.fs, "remove_tree", swap_then_remove)
+    room = shared_tmp / "room"
+    room.mkdir()
+    (room / "k.cpp").write_text("kernel")
+    assert store.put(key, ranks.members(room), {"created": time.time()}) > 0
+    assert not (shard / f".tmp.{key}.a").exists()
+    assert (keep / "precious").read_text() == "mine"
+    assert store.get(key) is not None
+
+
+# -- row 3 ---------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_a_local_cache_the_cotenant_owns_is_replaced(
+    users: None, shared_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The attacker pre-created ``torchinductor_<victim>``: nothing is staged, compiled or
+    loaded there; the victim's ranks switch to one private replacement and say so."""
+    theirs = shared_tmp / "torchinductor_victim"
+    _attacker("mkdir", "-m", "0777", str(theirs))
+    _attacker("mkfifo", str(theirs / "code_state.pkl"))
+    home = _victim_dir(shared_tmp / "home")
+    script = f"""
+import os, stat, sys
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = {str(theirs)!r}
+from dynamo_dist._cache_protocol import private_local_dir, local_inductor_dir
+from dynamo_dist._cache_rooms import staging_dir
+local = private_local_dir()
+assert local is not None
+assert local == local_inductor_dir(), (local, local_inductor_dir())
+assert str(local).startswith({str(home)!r}), local
+assert stat.S_IMODE(os.stat(local).st_mode) == 0o700
+assert staging_dir(local, "pgo").parent == local
+assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(local)
+print("replaced with", local)
+"""
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("XDG_CACHE_HOME", None)
+    done = subprocess.run(
+        [*_as(VICTIM), sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+        cwd="/",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        "is not private" in done.stderr and "TORCHINDUCTOR_CACHE_DIR to a new, empty" in done.stderr
+    )
+    assert sorted(p.name for p in theirs.iterdir()) == ["code_state.pkl"]  # untouched
+    assert stat.S_ISFIFO(os.lstat(theirs / "code_state.pkl").st_mode)
