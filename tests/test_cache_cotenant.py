@@ -158,10 +158,12 @@ def test_files_planted_in_the_local_cache_are_never_signed(users: None, shared_t
         "HOME": str(home),
         "DYNAMO_DIST_LOG": "INFO",
     }
-    launcher = [*_as(VICTIM), sys.executable, "-m", "torch.distributed.run"]
-    run = ranks.launch(
-        HERE, "victim_job", str(local), tmp=out, env=env, timeout=800, launcher=launcher
-    )
+    # The victim's job runs as this uid (its torchrun spawns workers through the venv's
+    # interpreter, which another uid may not be able to reach); the attacker's files are
+    # the other account's, planted through setpriv.
+    for p in (home, cache, secret, local, out, *local.iterdir()):
+        os.chown(p, os.geteuid(), GROUP)
+    run = ranks.launch(HERE, "victim_job", str(local), tmp=out, env=env, timeout=800)
     for r in (0, 1):
         assert run.rank(r)["ok"], run.output[-4000:]
     assert sum(run.rank(r)["stats"]["cache_publishes"] for r in (0, 1)) >= 1, run.output[-4000:]
@@ -259,3 +261,7 @@ print("replaced with", local)
     )
     assert sorted(p.name for p in theirs.iterdir()) == ["code_state.pkl"]  # untouched
     assert stat.S_ISFIFO(os.lstat(theirs / "code_state.pkl").st_mode)
+
+
+if __name__ == "__main__":
+    ranks.main(globals())

@@ -21,8 +21,9 @@ from dynamo_dist import _cache_fs as fs
 PKG = Path(fs.__file__).resolve().parent
 
 #: The modules of the cache (and its secret): all of their filesystem I/O goes through fs.
-CACHE_MODULES = sorted(p.stem for p in PKG.glob("_cache*.py") if p.stem != "_cache_fs") + [
-    "_secret"
+CACHE_MODULES = [
+    *sorted(p.stem for p in PKG.glob("_cache*.py") if p.stem != "_cache_fs"),
+    "_secret",
 ]
 
 #: ``os`` functions that reach the filesystem by name (descriptor I/O such as os.read,
