@@ -835,7 +835,11 @@ def cmd_secret(args: argparse.Namespace) -> int:
         raise
     finally:
         os.close(fd)
-    read_secret({CACHE_SECRET_FILE_ENV: str(path)})  # it is what jobs accept
+    try:
+        read_secret({CACHE_SECRET_FILE_ENV: str(path)})  # jobs accept what was written
+    except ConfigError as e:  # e.g. a directory above it changed meanwhile
+        os.unlink(path)
+        raise _Fail(f"dynamo-dist cache secret: {e}; the file was removed") from None
     shown = clean(os.path.abspath(path))
     _say(f"wrote a new random secret to {shown} (mode 0600). Use it on every host of a job")
     _say("(copy it over a private channel, keeping mode 0600):")

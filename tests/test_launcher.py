@@ -123,6 +123,11 @@ def test_precedence_file_env_arguments(tmp_path):
             ["DYNAMO_DIST_POLICY", "'loud'", "sync, strict, warn, off"],
         ),
         ("missing", {}, ["does not exist"]),
+        (
+            None,
+            {"DYNAMO_DIST_CACHE_SECRET": "dd2024!"},
+            ["DYNAMO_DIST_CACHE_SECRET", "too weak", "dynamo-dist cache secret PATH"],
+        ),
     ],
 )
 def test_bad_config_fails_before_any_worker_starts(tmp_path, profile, env, words):
