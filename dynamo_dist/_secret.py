@@ -293,17 +293,20 @@ def secret_file_for_workers() -> Iterator[dict[str, str]]:
     where = tempfile.mkdtemp(prefix="dynamo_dist-secret.", dir=_secret_dir_base())
     path = os.path.join(where, "cache.key")
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(_secret + "\n")
+        # Checked before the secret is written: another user who could replace the
+        # directory could read it (and the workers would refuse the file anyway).
         problem = untrusted_reason(where)
-        if problem is not None:  # the workers would refuse the file: say why here, once
+        if problem is not None:
             raise ConfigError(
                 f"cannot hand the secret to the workers in a private file under {where}: "
                 f"{problem}. Fix: set TMPDIR to a directory only you can write, or set "
                 f"{CACHE_SECRET_FILE_ENV} to a file of your own instead of {CACHE_SECRET_ENV}"
             )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # readable by the workers whatever the umask
+            fh.write(_secret + "\n")
         yield {CACHE_SECRET_FILE_ENV: path}
     finally:
         with contextlib.suppress(FileNotFoundError):

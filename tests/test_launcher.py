@@ -295,5 +295,26 @@ def test_launcher_removes_the_secret_file_when_terminated(tmp_path):
     assert not os.path.lexists(path) and not os.path.lexists(os.path.dirname(path)), output[-4000:]
 
 
+def test_launcher_refuses_a_temp_dir_others_can_write(tmp_path):
+    """The workers' secret file goes only where no other user could replace it."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    marker = tmp_path / "worker-started"
+    script = tmp_path / "script.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    secret = "tmpdir-" + os.urandom(16).hex()
+    proc = run_command(
+        [*LAUNCHER, "--standalone", "--nproc-per-node=1", str(script)],
+        timeout=120,
+        env={SECRET_ENV: secret, "TMPDIR": str(shared), "XDG_RUNTIME_DIR": ""},
+    )
+    assert proc.returncode == 2, proc.stdout[-4000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("dynamo-dist-run: ") and str(shared) in last and "TMPDIR" in last
+    assert not marker.exists() and not list(shared.iterdir())
+    assert secret not in proc.stdout
+
+
 if __name__ == "__main__":
     ranks.main(globals())
