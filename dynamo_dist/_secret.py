@@ -32,6 +32,7 @@ import functools
 import hashlib
 import hmac
 import os
+import signal
 import stat
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -57,6 +58,8 @@ NAMESPACE_PREFIX = "k2-"
 #: ...and of the old one (an HMAC of a constant under the raw secret, cheap to test
 #: guesses against): never read, removed by ``dynamo-dist cache prune``.
 OLD_NAMESPACE_PREFIX = "k-"
+#: Signals that end a launcher (each raises in Python): held while its secret file goes.
+_ENDING_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 #: How to make a good secret, for every message that refuses one.
 HOW_TO_MAKE = (
     "make a random one with `dynamo-dist cache secret PATH` (then set "
@@ -309,10 +312,15 @@ def secret_file_for_workers() -> Iterator[dict[str, str]]:
             fh.write(_secret + "\n")
         yield {CACHE_SECRET_FILE_ENV: path}
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        with contextlib.suppress(OSError):  # left in place only if someone added to it
-            os.rmdir(where)
+        # A second SIGTERM must not cut the clean-up short: held until it is done.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING_SIGNALS)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            with contextlib.suppress(OSError):  # left in place only if someone added to it
+                os.rmdir(where)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _trusted_owner(uid: int) -> bool:
