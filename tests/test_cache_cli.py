@@ -579,3 +579,36 @@ def test_prune_removes_namespaces_of_the_old_key_derivation(tmp_path):
     assert store.entry_dir(KEYS[0]).exists() and "removed 0 entries" in p.stdout
     ls = _cli("ls", str(root))
     assert "1 entries" in ls.stdout
+
+
+def test_verify_uses_the_jobs_key_derivation(tmp_path, monkeypatch):
+    """``verify`` checks signatures with the same scrypt-derived key the jobs sign with."""
+    from dynamo_dist import _secret
+    from dynamo_dist._cache_store import key_id
+
+    secret = "verify-" + "9" * 32
+    store = DiskStore(tmp_path / "c", secret)
+    store.check_usable()
+    _put(store, KEYS[0], tmp_path)
+    assert store.entries.name == f"k2-{key_id(secret)}"
+    monkeypatch.setattr(_secret, "_secret", secret)  # as if read from a file at import
+    monkeypatch.setattr(_secret, "_error", None)
+    monkeypatch.setattr(_secret, "_from_file", True)
+    v = _cli("verify", str(store.root))
+    assert v.returncode == 0 and "1 of 1 entries valid (checked with" in v.stdout, v
+    monkeypatch.setattr(_secret, "_secret", "another-" + "9" * 32)
+    v = _cli("verify", str(store.root))
+    assert v.returncode == 0 and "0 of 0 entries valid" in v.stdout, v
+    # A manifest signed the old way (HMAC under the raw secret) does not verify.
+    import hashlib
+    import hmac
+
+    from dynamo_dist._cache_store import _canonical
+
+    monkeypatch.setattr(_secret, "_secret", secret)
+    manifest_path = store.entry_dir(KEYS[0]) / "manifest.json"
+    man = json.loads(manifest_path.read_text())
+    man["signature"] = hmac.new(secret.encode(), _canonical(man), hashlib.sha256).hexdigest()
+    manifest_path.write_text(json.dumps(man))
+    v = _cli("verify", str(store.root))
+    assert v.returncode == 1 and "BAD" in v.stdout and "HMAC" in v.stdout, v
