@@ -1,5 +1,7 @@
 """``dynamo-dist cache ls|verify|prune|clear|init DIR``: look after a shared cache directory.
 
+``dynamo-dist cache secret PATH`` writes a new random secret for it.
+
 Deleting commands (``prune``, ``clear``) act only in a directory that carries the
 cache marker (``DYNAMO_DIST_CACHE``, written when a job creates the cache, or by
 ``dynamo-dist cache init DIR`` for caches made before markers existed), and
@@ -21,6 +23,10 @@ refuse and prune entries while these commands run. So:
 * ``created`` dates are not trusted beyond the present: a future or non-finite one
   falls back to the directory's mtime, and if that is in the future too the age
   is unknown, and such entries are pruned first;
+* namespaces of the old key derivation (``k-<id>`` under ``entries/``, ``locks/``
+  and ``refused/``, from before the secret went through scrypt) are never read
+  again: ``ls`` mentions them and ``prune`` removes them (keeping a lock whose
+  holder is seen alive on this host);
 * leftovers count: incomplete publishes (``.tmp.*`` of a killed leader) are listed,
   pruned after an hour and cleared; refused boxes are listed, counted in
   ``--max-size`` and pruned before valid entries; ``clear`` keeps the lock files
@@ -36,6 +42,7 @@ import functools
 import math
 import os
 import re
+import secrets
 import shutil
 import stat
 import sys
@@ -55,9 +62,9 @@ from ._cache_store import (
     read_marker,
     write_marker,
 )
-from ._config import CACHE_SECRET_ENV
+from ._config import CACHE_SECRET_ENV, CACHE_SECRET_FILE_ENV
 from ._errors import ConfigError
-from ._secret import cache_secret
+from ._secret import OLD_NAMESPACE_PREFIX, cache_secret, read_secret, untrusted_reason
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.I)
@@ -160,7 +167,8 @@ def _guarded(cmd: str, fn: Callable[[argparse.Namespace], int]) -> Callable[...,
             _say(str(e), err=True)
             return e.code
         except OSError as e:
-            _say(_oserror_line(cmd, e, args.dir, write=cmd in ("prune", "clear", "init")), True)
+            writes = cmd in ("prune", "clear", "init", "secret")
+            _say(_oserror_line(cmd, e, args.dir, write=writes), True)
             return 2
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -534,6 +542,13 @@ def cmd_ls(args: argparse.Namespace) -> int:
         f"{len(tmps)} incomplete publishes, {_human(sum(t.size for t in tmps))}; "
         f"{len(refused)} refused, {_human(sum(r.size for r in refused))}"
     )
+    old = _old_namespaces(cache)
+    if old:
+        _say(
+            f"{len(old)} namespaces of the old key derivation ({', '.join(map(_rel, old[:3]))}"
+            f"{' ...' if len(old) > 3 else ''}): never read again; `dynamo-dist cache prune` "
+            "removes them"
+        )
     return _finish(cache, 0)
 
 
@@ -561,6 +576,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 2
     cache = _Cache("prune", args.dir)
     _marked(args, "prune")
+    old_ok = _prune_old_namespaces(cache)
     rows = _oldest_first(list(cache.entries()))
     boxes = _oldest_first(list(cache.refused()))
     stale = [t for t in cache.tmps() if t.age is not None and t.age > STALE_TMP_S]
@@ -598,7 +614,53 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"{len(left)} left ({_human(sum(r.size for r in left))})"
         + (f"; {len(failed)} could not be removed (see above)" if failed else "")
     )
-    return _finish(cache, 1 if failed else 0)
+    return _finish(cache, 1 if failed or not old_ok else 0)
+
+
+def _rel(parts: Sequence[str]) -> str:
+    return "/".join(parts)
+
+
+def _old_namespaces(cache: _Cache) -> list[tuple[str, str]]:
+    """``entries/k-*``, ``locks/k-*`` and ``refused/k-*``: the old derivation's namespaces.
+
+    Their key ids were a cheap HMAC of the raw secret (an offline oracle for it), and
+    no job of this version reads them; anything by that name is listed, link or not
+    (a link is unlinked, never followed).
+    """
+    return [
+        (top, name)
+        for top in ("entries", "locks", "refused")
+        for name, _st in cache.children((top,))
+        if name.startswith(OLD_NAMESPACE_PREFIX)
+    ]
+
+
+def _prune_old_namespaces(cache: _Cache) -> bool:
+    """Remove the old derivation's namespaces, one line each; False if one stays.
+
+    A lock whose holder is seen alive on this host (an old dynamo_dist job still
+    running) is kept, and so is its directory, as ``clear`` keeps live locks.
+    """
+    ok = True
+    for parts in _old_namespaces(cache):
+        size, _ = cache.tree(parts)
+        live = 0
+        if parts[0] == "locks":  # children() of a link or a file: [] (never followed)
+            for name, st in cache.children(parts):
+                lock = (*parts, name)
+                if stat.S_ISREG(st.st_mode) and _alive_by_identity(cache, lock):
+                    live += 1
+                else:
+                    ok = _try_remove("prune", cache.root, lock) and ok
+            if live:
+                _say(f"kept {_rel(parts)} of the old key derivation: {live} live locks in it")
+                continue
+        if _try_remove("prune", cache.root, parts):
+            _say(f"removed {_rel(parts)} ({_human(size)}): a namespace of the old key derivation")
+        else:
+            ok = False
+    return ok
 
 
 _LockMap = dict[tuple[str, ...], tuple[int, int]]
@@ -740,6 +802,55 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secret(args: argparse.Namespace) -> int:
+    """Write a new random secret (32 bytes, hex) to a new file only this user can read.
+
+    Created with O_EXCL and O_NOFOLLOW, mode 0600: an existing file (someone's
+    secret, or a link planted to make us overwrite one) is never replaced.
+    """
+    path = Path(args.dir)
+    # The directories above it, judged as jobs will judge the file (read_secret).
+    problem = None if os.path.lexists(path) else untrusted_reason(path)
+    if problem is not None:
+        raise _Fail(
+            f"dynamo-dist cache secret: not writing a secret to {path}: {problem}, so "
+            "another user could replace the file (and jobs would refuse it). Fix: choose "
+            "a directory only you can write, such as your home directory"
+        )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise _Fail(
+            f"dynamo-dist cache secret: {path} already exists (as a file or a link); "
+            "not overwriting it. Fix: give a new path, or remove the old file first if "
+            "no job needs that secret any more"
+        ) from None
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        with os.fdopen(fd, "w", closefd=False) as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    try:
+        read_secret({CACHE_SECRET_FILE_ENV: str(path)})  # jobs accept what was written
+    except ConfigError as e:  # e.g. a directory above it changed meanwhile
+        os.unlink(path)
+        raise _Fail(f"dynamo-dist cache secret: {e}; the file was removed") from None
+    shown = clean(os.path.abspath(path))
+    _say(f"wrote a new random secret to {shown} (mode 0600). Use it on every host of a job")
+    _say("(copy it over a private channel, keeping mode 0600):")
+    _say(f"  export {CACHE_SECRET_FILE_ENV}={shown}")
+    _say(
+        "dynamo-dist-run passes that variable on to its workers. A new secret starts a new, "
+        "empty namespace in the cache: entries signed with another secret are not read."
+    )
+    return 0
+
+
 def add_parser(sub: Any) -> None:
     cache = sub.add_parser("cache", help="inspect and maintain a shared cache directory")
     csub = cache.add_subparsers(dest="cache_command", required=True)
@@ -762,6 +873,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("dir")
     p.add_argument("--force", action="store_true", help="mark it even if it holds other files")
     p.set_defaults(func=_guarded("init", cmd_init))
+    p = csub.add_parser(
+        "secret", help="write a new random secret to PATH (mode 0600; never overwrites)"
+    )
+    p.add_argument("dir", metavar="PATH")
+    p.set_defaults(func=_guarded("secret", cmd_secret))
 
 
 __all__ = ["ARTIFACT", "add_parser", "clean"]

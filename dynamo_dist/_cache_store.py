@@ -7,8 +7,8 @@ Layout under the root (one directory per entry, named by its key)::
     <root>/locks/<ns>/<key>.<gen>.lock            # who is compiling it now (._cache_lock)
     <root>/refused/<ns>/<key>.<ms>.<hex>/{entry,REFUSED}  # entries proven bad, and why (newest 64)
 
-``<ns>`` is ``k-<key id>`` for entries signed with a secret (the key id is derived
-from the secret, see :func:`key_id`), ``unsigned`` without one: jobs with different
+``<ns>`` is ``k2-<key id>`` for entries signed with a secret (the key id is derived
+from the secret by scrypt, see ``_secret.key_id``), ``unsigned`` without one: jobs with different
 secrets share nothing, so neither refuses (and evicts) the other's valid entries.
 
     <root>/DYNAMO_DIST_CACHE                  # marker: this directory is a cache (format)
@@ -66,6 +66,7 @@ from typing import IO, Any
 from . import _cache_fs as fs
 from ._cache_rooms import Member, tar_members
 from ._log import get_logger
+from ._secret import NAMESPACE_PREFIX, key_id, signing_key
 
 log = get_logger("cache")
 
@@ -200,17 +201,18 @@ def _canonical(manifest: dict[str, Any]) -> bytes:
 
 
 def sign(manifest: dict[str, Any], secret: str) -> str:
-    return hmac.new(secret.encode(), _canonical(manifest), hashlib.sha256).hexdigest()
-
-
-def key_id(secret: str) -> str:
-    """A short public name for ``secret``: an HMAC of a constant, so it reveals nothing."""
-    return hmac.new(secret.encode(), b"dynamo_dist key id", hashlib.sha256).hexdigest()[:16]
+    """The manifest's HMAC under the key scrypt derives from ``secret`` (never the secret
+    itself: a signature under it would be a fast offline oracle for a guess)."""
+    return hmac.new(signing_key(secret), _canonical(manifest), hashlib.sha256).hexdigest()
 
 
 def namespace(secret: str | None) -> str:
-    """The directory, under entries/, locks/ and refused/, of the entries ``secret`` signs."""
-    return "unsigned" if secret is None else f"k-{key_id(secret)}"
+    """The directory, under entries/, locks/ and refused/, of the entries ``secret`` signs.
+
+    ``k2-``: the key id of the scrypt derivation. Namespaces of the old, cheap one
+    (``k-<id>``) are never read again, and ``dynamo-dist cache prune`` removes them.
+    """
+    return "unsigned" if secret is None else f"{NAMESPACE_PREFIX}{key_id(secret)}"
 
 
 def _umask() -> int:

@@ -384,7 +384,7 @@ def test_version_skew_is_refused(cold, tmp_path):
 
 def test_tampered_entry_with_secret_is_refused(tmp_path):
     cache = tmp_path / "cache"
-    env = {"DYNAMO_DIST_CACHE_SECRET": "s3cret"}
+    env = {"DYNAMO_DIST_CACHE_SECRET": "s3cret-" + os.urandom(16).hex()}
     first = _job(tmp_path, cache, tmp_path / "a", env=env)
     assert sum(_stats(first, r)["cache_publishes"] for r in (0, 1)) == 1
     entry = _entries(cache)[0]
@@ -397,7 +397,7 @@ def test_tampered_entry_with_secret_is_refused(tmp_path):
 def test_unsigned_entry_is_never_read_when_a_secret_is_set(cold, tmp_path):
     cache = _copy_of_cold(cold, tmp_path)
     unsigned = _entries(cache)
-    run = _job(tmp_path, cache, tmp_path / "local", env={"DYNAMO_DIST_CACHE_SECRET": "k"})
+    run = _job(tmp_path, cache, tmp_path / "local", env={"DYNAMO_DIST_CACHE_SECRET": "k" * 32})
     s = [_stats(run, r) for r in (0, 1)]
     # Signed entries live in the secret's own namespace: the unsigned one is neither
     # loaded nor refused (a job without the secret may still use it).

@@ -529,3 +529,86 @@ def test_clear_keeps_the_lock_of_a_frozen_leader_of_this_host(tmp_path):
     c = _cli("clear", str(store.root))
     assert c.returncode == 0, c.stderr
     assert frozen.exists() and "kept 1 live locks" in c.stdout, c.stdout
+
+
+# -- issue 26, item 5: namespaces of the old key derivation --------------------------------
+OLD_NS = "k-0123456789abcdef"  # entries of the old derivation: HMAC(secret, constant)
+
+
+def test_prune_removes_namespaces_of_the_old_key_derivation(tmp_path):
+    """The old key id was a cheap oracle for the secret; its namespaces are never read
+    again, and ``prune`` removes them, with prune's rules (marker, no links followed)."""
+    from dynamo_dist._cache_lock import owner_record
+
+    store = _cache_with(tmp_path, 1)
+    root = store.root
+    old_entry = root / "entries" / OLD_NS / "ab" / KEYS[1]
+    old_entry.mkdir(parents=True)
+    (old_entry / "manifest.json").write_text("{}")
+    (old_entry / "artifact.tar").write_bytes(b"a" * 2048)
+    (root / "locks" / OLD_NS).mkdir(parents=True)
+    (root / "locks" / OLD_NS / f"{KEYS[2]}.0.lock").write_text("{}")
+    (root / "refused" / OLD_NS / "box").mkdir(parents=True)
+    (root / "refused" / OLD_NS / "box" / "REFUSED").write_text("old")
+    # A planted link by an old name: unlinked, its target untouched.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("precious")
+    (root / "entries" / "k-fedcba9876543210").symlink_to(victim)
+    # A live holder of an old lock (an old job still running on this host) keeps it.
+    live_ns = root / "locks" / "k-1111111111111111"
+    live_ns.mkdir()
+    (live_ns / f"{KEYS[3]}.0.lock").write_text(json.dumps(owner_record(0)))
+    ls = _cli("ls", str(root))
+    assert ls.returncode == 0 and "old key derivation" in ls.stdout, ls.stdout
+    # Without the cache marker nothing is removed.
+    (root / MARKER).rename(tmp_path / "marker")
+    p = _cli("prune", str(root), "--older-than", "30d")
+    assert p.returncode == 2 and old_entry.exists(), p
+    (tmp_path / "marker").rename(root / MARKER)
+    p = _cli("prune", str(root), "--older-than", "30d")
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    for top in ("entries", "locks", "refused"):
+        assert not (root / top / OLD_NS).exists(), top
+        assert f"removed {top}/{OLD_NS}" in p.stdout, p.stdout
+    assert "removed entries/k-fedcba9876543210" in p.stdout, p.stdout
+    assert not os.path.lexists(root / "entries" / "k-fedcba9876543210")
+    assert (victim / "keep").read_text() == "precious"
+    assert (live_ns / f"{KEYS[3]}.0.lock").exists() and "1 live locks" in p.stdout
+    # This version's namespace is untouched: its entry is young.
+    assert store.entry_dir(KEYS[0]).exists() and "removed 0 entries" in p.stdout
+    ls = _cli("ls", str(root))
+    assert "1 entries" in ls.stdout
+
+
+def test_verify_uses_the_jobs_key_derivation(tmp_path, monkeypatch):
+    """``verify`` checks signatures with the same scrypt-derived key the jobs sign with."""
+    from dynamo_dist import _secret
+    from dynamo_dist._cache_store import key_id
+
+    secret = "verify-" + "9" * 32
+    store = DiskStore(tmp_path / "c", secret)
+    store.check_usable()
+    _put(store, KEYS[0], tmp_path)
+    assert store.entries.name == f"k2-{key_id(secret)}"
+    monkeypatch.setattr(_secret, "_secret", secret)  # as if read from a file at import
+    monkeypatch.setattr(_secret, "_error", None)
+    monkeypatch.setattr(_secret, "_from_file", True)
+    v = _cli("verify", str(store.root))
+    assert v.returncode == 0 and "1 of 1 entries valid (checked with" in v.stdout, v
+    monkeypatch.setattr(_secret, "_secret", "another-" + "9" * 32)
+    v = _cli("verify", str(store.root))
+    assert v.returncode == 0 and "0 of 0 entries valid" in v.stdout, v
+    # A manifest signed the old way (HMAC under the raw secret) does not verify.
+    import hashlib
+    import hmac
+
+    from dynamo_dist._cache_store import _canonical
+
+    monkeypatch.setattr(_secret, "_secret", secret)
+    manifest_path = store.entry_dir(KEYS[0]) / "manifest.json"
+    man = json.loads(manifest_path.read_text())
+    man["signature"] = hmac.new(secret.encode(), _canonical(man), hashlib.sha256).hexdigest()
+    manifest_path.write_text(json.dumps(man))
+    v = _cli("verify", str(store.root))
+    assert v.returncode == 1 and "BAD" in v.stdout and "HMAC" in v.stdout, v

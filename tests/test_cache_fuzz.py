@@ -58,7 +58,7 @@ CASES = int(os.environ.get("DYNAMO_DIST_FUZZ_CASES", "60"))
 LOCK_CASES = int(os.environ.get("DYNAMO_DIST_FUZZ_LOCK_CASES", "12"))
 VERBOSE = bool(os.environ.get("DYNAMO_DIST_FUZZ_VERBOSE"))
 KEY = "ab" + "f" * 38
-SECRET = "fuzz-secret"
+SECRET = "fuzz-secret-of-at-least-32-characters"
 SENTINEL = object()
 # Generous: only a hang reaches it (SharedCache waits at most its timeout for a lock).
 DEADLINE_S = 60.0

@@ -41,7 +41,7 @@ from dynamo_dist._cache_store import (
 
 KEY = "ab" + "c" * 38
 NOBODY = 65534
-SECRET = "refusals-secret"
+SECRET = "refusals-secret-of-at-least-32-chars"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs readers as another user")
 

@@ -6,6 +6,7 @@ each rank writes ``OUTDIR/rank<R>.json`` and the tests assert on every rank's fa
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -117,7 +118,7 @@ pytestmark = pytest.mark.timeout(900)
 @pytest.mark.multiproc
 @pytest.mark.inductor
 def test_secret_leaves_no_trace(tmp_path):
-    secret = "s3cret-" + os.urandom(8).hex()
+    secret = "s3cret-" + os.urandom(16).hex()
     cache, trace, report = tmp_path / "cache", tmp_path / "trace", tmp_path / "report.json"
     # Cold job through the launcher (which must pass the secret to the workers), with a
     # structured trace and a job report.
@@ -158,39 +159,59 @@ def test_secret_leaves_no_trace(tmp_path):
 
 
 def test_secret_is_removed_from_the_environment_at_import(tmp_path):
+    """... and still works, with exactly one warning (at first use, not at import) that
+    the variable stays in /proc/<pid>/environ and how to use a file instead."""
+    secret = "abc123-" + os.urandom(16).hex()
     code = (
         "import os, dynamo_dist\n"
-        "from dynamo_dist import _secret\n"
+        "from dynamo_dist import _log, _secret\n"
         "assert 'DYNAMO_DIST_CACHE_SECRET' not in os.environ\n"
-        "print(_secret.cache_secret())\n"
+        "_log.configure()\n"
+        "print('imported', flush=True)\n"
+        "print(_secret.cache_secret(), flush=True)\n"
+        "print(_secret.cache_secret(), flush=True)\n"
     )
-    env = {**os.environ, SECRET_ENV: "abc123"}
+    env = {**os.environ, SECRET_ENV: secret}
     proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.strip().splitlines()[-1] == "abc123", proc.stdout
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2:] == [secret, secret], proc.stdout
+    warnings = [ln for ln in lines if "WARNING" in ln]
+    assert len(warnings) == 1, proc.stdout
+    (warning,) = warnings
+    assert lines.index(warning) > lines.index("imported"), "warned at first use, not import"
+    assert "dynamo_dist.cache" in warning and "/proc/" in warning and "environ" in warning
+    assert SECRET_FILE_ENV in warning and "dynamo-dist cache secret" in warning
+    assert secret not in warning
 
 
 def test_secret_file_must_be_private(tmp_path):
     from dynamo_dist import _secret
     from dynamo_dist._errors import ConfigError
 
+    key = "k3y-" + "0" * 32
     f = tmp_path / "key"
-    f.write_text("k3y\n")
+    f.write_text(key + "\n")
     f.chmod(0o644)
     with pytest.raises(ConfigError, match=r"chmod 600") as e:
         _secret.read_secret({SECRET_FILE_ENV: str(f)})
     assert str(f) in str(e.value)
     f.chmod(0o600)
-    assert _secret.read_secret({SECRET_FILE_ENV: str(f)}) == "k3y"
+    assert _secret.read_secret({SECRET_FILE_ENV: str(f)}) == key
     with pytest.raises(ConfigError, match="not a regular file"):
         _secret.read_secret({SECRET_FILE_ENV: str(tmp_path)})
     with pytest.raises(ConfigError, match="does not exist"):
         _secret.read_secret({SECRET_FILE_ENV: str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="only one"):
         _secret.read_secret({SECRET_FILE_ENV: str(f), SECRET_ENV: "x"})
-    assert _secret.read_secret({SECRET_ENV: "x"}) == "x"
+    assert _secret.read_secret({SECRET_ENV: "x" * 32}) == "x" * 32
     assert _secret.read_secret({}) is None
 
 
@@ -253,7 +274,7 @@ def test_unsigned_cache_in_a_shared_directory_is_not_loaded(tmp_path):
 @pytest.mark.inductor
 def test_nothing_is_installed_into_a_shared_local_directory(tmp_path):
     cache = tmp_path / "cache"
-    env = {SECRET_ENV: "item6"}
+    env = {SECRET_ENV: "item6-" + "6" * 32}
     _job(tmp_path, "first", cache, env=env)
     local = tmp_path / "second-local"
     for r in (0, 1):
@@ -287,18 +308,19 @@ def test_key_namespaces_in_the_store(tmp_path):
     from dynamo_dist._cache_key import version_factors
     from dynamo_dist._cache_store import DiskStore, key_id
 
-    assert key_id("a") != key_id("b") and len(key_id("a")) == 16
+    a_secret, b_secret = "a" * 32, "b" * 32
+    assert key_id(a_secret) != key_id(b_secret) and len(key_id(a_secret)) == 16
     room = tmp_path / "room"
     room.mkdir()
     (room / "f").write_bytes(b"x")
     man = {"factors": version_factors(), "created": time.time()}
-    a, b, u = (DiskStore(tmp_path / "c", s) for s in ("a", "b", None))
+    a, b, u = (DiskStore(tmp_path / "c", s) for s in (a_secret, b_secret, None))
     assert a.put("k" * 40, ranks.members(room), man) > 0
     assert b.get("k" * 40) is None and u.get("k" * 40) is None
     assert b.put("k" * 40, ranks.members(room), man) > 0
     assert a.get("k" * 40) is not None and b.get("k" * 40) is not None
     assert not list((tmp_path / "c").rglob("REFUSED"))
-    assert key_id("a") not in str(b.entries) and key_id("a") in str(a.entries)
+    assert key_id(a_secret) not in str(b.entries) and key_id(a_secret) in str(a.entries)
     assert "unsigned" in str(u.entries)
 
 
@@ -306,10 +328,12 @@ def test_key_namespaces_in_the_store(tmp_path):
 @pytest.mark.inductor
 def test_jobs_with_different_secrets_do_not_evict_each_other(tmp_path):
     cache = tmp_path / "cache"
-    a = {SECRET_ENV: "secret-A"}
+    a = {SECRET_ENV: "secret-A-" + "a" * 32}
     res, _ = _job(tmp_path, "a1", cache, env=a)
     assert sum(res[r]["stats"]["cache_publishes"] for r in (0, 1)) == 1
-    res, _ = _job(tmp_path, "b", cache, env={SECRET_ENV: "secret-B"})
+    res, out = _job(tmp_path, "b", cache, env={SECRET_ENV: "secret-B-" + "b" * 32})
+    # Through plain torchrun the variable reaches each rank: one warning per rank.
+    assert out.count("stays readable in /proc/") == 2, out[-4000:]
     assert sum(res[r]["stats"]["cache_refused"] for r in (0, 1)) == 0
     assert sum(res[r]["stats"]["cache_publishes"] for r in (0, 1)) == 1
     res, _ = _job(tmp_path, "a2", cache, env=a)
@@ -325,7 +349,7 @@ def test_jobs_with_different_secrets_do_not_evict_each_other(tmp_path):
 def test_launcher_with_a_secret_file(tmp_path):
     """dynamo-dist-run passes the file's path, never the secret, to its workers."""
     secret_file = tmp_path / "cache.key"
-    secret_file.write_text("from-a-file-" + os.urandom(8).hex())
+    secret_file.write_text("from-a-file-" + os.urandom(16).hex())
     secret_file.chmod(0o600)
     cache = tmp_path / "cache"
     res, _ = _job(
@@ -346,7 +370,7 @@ def test_secret_file_another_user_could_write_is_refused(tmp_path):
     from dynamo_dist._errors import ConfigError
 
     theirs = tmp_path / "theirs.key"
-    theirs.write_text("attacker-known")
+    theirs.write_text("attacker-known-" + "0" * 32)
     theirs.chmod(0o600)
     os.chown(theirs, 3000, 3000)  # another user's file: they chose the secret
     with pytest.raises(ConfigError, match="another user"):
@@ -355,10 +379,171 @@ def test_secret_file_another_user_could_write_is_refused(tmp_path):
     shared.mkdir()
     shared.chmod(0o777)  # anyone may replace the file in here
     mine = shared / "mine.key"
-    mine.write_text("mine")
+    mine.write_text("mine-" + "0" * 32)
     mine.chmod(0o600)
     with pytest.raises(ConfigError, match="other-writable"):
         _secret.read_secret({SECRET_FILE_ENV: str(mine)})
+
+
+# -- issue 26, item 5: strong secrets only, keys by a slow KDF ------------------------------
+WEAK = {
+    "empty": "",
+    "short": "s3cret",
+    "guessable": "dd2024!",
+    "short hex": "0123456789abcdef",  # 8 bytes
+    "hex of 15 bytes": "00112233445566778899aabbccddee",
+    "base64 of 15 bytes": base64.b64encode(bytes(range(15))).decode(),
+    "31 characters": "correct horse battery staple!!!",
+}
+STRONG = {
+    "32 characters": "correct horse battery staple 032",
+    "32 hex characters": "00112233445566778899aabbccddeeff",
+    "base64 of 16 bytes": base64.b64encode(bytes(range(16))).decode(),
+    "unpadded base64 of 16 bytes": base64.b64encode(bytes(range(16))).decode().rstrip("="),
+    "urlsafe base64 of 16 bytes": base64.urlsafe_b64encode(bytes(range(250, 256)) * 3).decode(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WEAK))
+def test_weak_secrets_are_refused(tmp_path, name):
+    from dynamo_dist import _secret
+    from dynamo_dist._errors import ConfigError
+
+    weak = WEAK[name]
+    assert _secret.weakness(weak) is not None
+    f = tmp_path / "key"
+    f.write_text(weak + "\n")
+    f.chmod(0o600)
+    sources = [({SECRET_FILE_ENV: str(f)}, f"{SECRET_FILE_ENV}={f}")]
+    if weak:  # an empty variable is no variable
+        sources.append(({SECRET_ENV: weak}, SECRET_ENV))
+    for environ, names in sources:
+        with pytest.raises(ConfigError) as e:
+            _secret.read_secret(environ)
+        msg = str(e.value)
+        assert names in msg, msg
+        assert "dynamo-dist cache secret PATH" in msg and "openssl rand -hex 32" in msg, msg
+        assert not weak or weak not in msg.replace(names, ""), "the message shows the secret"
+    with pytest.raises(ConfigError, match="too weak"):
+        _secret.signing_key(weak)  # and nothing signs with it, whatever the way in
+
+
+@pytest.mark.parametrize("name", sorted(STRONG))
+def test_strong_secrets_are_accepted(tmp_path, name):
+    from dynamo_dist import _secret
+
+    strong = STRONG[name]
+    assert len(strong) <= 32
+    assert _secret.weakness(strong) is None
+    assert _secret.read_secret({SECRET_ENV: strong}) == strong
+    f = tmp_path / "key"
+    f.write_text(strong + "\n")
+    f.chmod(0o600)
+    assert _secret.read_secret({SECRET_FILE_ENV: str(f)}) == strong
+
+
+_KEY_ID_PROGRAM = """
+import sys, time
+from dynamo_dist import _secret
+t = time.perf_counter()
+kid = _secret.key_id(sys.argv[1])
+first = time.perf_counter() - t
+t = time.perf_counter()
+assert _secret.key_id(sys.argv[1]) == kid and _secret.signing_key(sys.argv[1])
+again = time.perf_counter() - t
+print(kid, first, again)
+"""
+
+
+def test_key_id_and_signatures_come_from_the_kdf():
+    """The key id and every signature come from scrypt of the secret: checking a guess
+    against either costs a full scrypt, not one HMAC (issue 26, row 5)."""
+    import hashlib
+    import hmac
+
+    from dynamo_dist import _secret
+    from dynamo_dist._cache_store import _canonical, key_id, namespace, sign
+
+    secret = "kdf-test-" + "7" * 32
+    old = hmac.new(secret.encode(), b"dynamo_dist key id", hashlib.sha256).hexdigest()[:16]
+    assert key_id(secret) != old
+    assert namespace(secret) == f"k2-{key_id(secret)}" and not namespace(secret).startswith("k-")
+    master = hashlib.scrypt(
+        secret.encode(),
+        salt=_secret.KDF_SALT,
+        n=_secret.KDF_N,
+        r=_secret.KDF_R,
+        p=_secret.KDF_P,
+        maxmem=1 << 27,
+        dklen=32,
+    )
+    assert key_id(secret) == hmac.new(master, b"key id", hashlib.sha256).hexdigest()[:16]
+    assert _secret.signing_key(secret) not in (secret.encode(), master)
+    man = {"factors": {"torch": "x"}, "created": 1.0}
+    raw = hmac.new(secret.encode(), _canonical(man), hashlib.sha256).hexdigest()
+    assert sign(man, secret) != raw
+    assert (
+        sign(man, secret)
+        == hmac.new(_secret.signing_key(secret), _canonical(man), hashlib.sha256).hexdigest()
+    )
+    assert b"manifest" in _secret.KDF_SALT or b"signing" in _secret.KDF_SALT
+    assert b"2" in _secret.KDF_SALT  # the derivation's version
+    # Stable across processes; slow once per process, then cached.
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _KEY_ID_PROGRAM, secret],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout.split()
+        for _ in range(2)
+    ]
+    assert runs[0][0] == runs[1][0] == key_id(secret)
+    for _kid, first, again in runs:
+        assert float(first) > 0.01, f"the key id took {first} s: no slow KDF?"
+        assert float(again) < float(first) / 10, "derived again, not cached"
+
+
+# -- issue 26, item 5: dynamo-dist cache secret PATH ------------------------------------
+def test_cache_secret_command_writes_a_private_new_file(tmp_path):
+    from dynamo_dist import _secret
+
+    path = tmp_path / "keys" / "cache.key"
+    path.parent.mkdir(mode=0o700)
+    r = ranks.cli("secret", str(path))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    text = path.read_text()
+    assert text.endswith("\n") and len(text.strip()) == 64
+    bytes.fromhex(text.strip())
+    assert f"{SECRET_FILE_ENV}={path}" in r.stdout, r.stdout
+    assert text.strip() not in r.stdout + r.stderr
+    assert _secret.read_secret({SECRET_FILE_ENV: str(path)}) == text.strip()
+    # Another run makes another secret.
+    other = tmp_path / "keys" / "other.key"
+    assert ranks.cli("secret", str(other)).returncode == 0
+    assert other.read_text() != text
+    # An existing file is never overwritten...
+    r = ranks.cli("secret", str(path))
+    assert r.returncode == 2 and "already exists" in r.stderr and str(path) in r.stderr, r
+    assert path.read_text() == text
+    # ...nor is a link followed, dangling or not.
+    target = tmp_path / "elsewhere"
+    link = tmp_path / "keys" / "link.key"
+    link.symlink_to(target)
+    r = ranks.cli("secret", str(link))
+    assert r.returncode == 2 and "already exists" in r.stderr, r
+    assert not target.exists() and link.is_symlink()
+    target.write_text("precious")
+    assert ranks.cli("secret", str(link)).returncode == 2
+    assert target.read_text() == "precious"
+    # A directory others can write: refused, as jobs would refuse the file.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    r = ranks.cli("secret", str(shared / "k"))
+    assert r.returncode == 2 and "writable" in r.stderr and not (shared / "k").exists(), r
 
 
 if __name__ == "__main__":

@@ -67,13 +67,13 @@ def test_version_skew_and_signature(tmp_path):
     with pytest.raises(EntryRefused, match="version skew"):
         store.get("b" * 40, expect=_cache.version_factors())
     assert list((tmp_path / "c" / "refused").iterdir())
-    signed = DiskStore(tmp_path / "s", secret="x")
+    signed = DiskStore(tmp_path / "s", secret="x" * 32)
     _put(signed, "c" * 40, _room(tmp_path, "r3"))
     assert signed.get("c" * 40) is not None
     with pytest.raises(EntryRefused, match="HMAC"):
-        DiskStore(tmp_path / "s", secret="y").verify(signed.entry_dir("c" * 40))
+        DiskStore(tmp_path / "s", secret="y" * 32).verify(signed.entry_dir("c" * 40))
     # Another secret looks in its own namespace: it neither sees nor refuses the entry.
-    assert DiskStore(tmp_path / "s", secret="y").get("c" * 40) is None
+    assert DiskStore(tmp_path / "s", secret="y" * 32).get("c" * 40) is None
     assert signed.get("c" * 40) is not None
 
 
@@ -148,14 +148,14 @@ def test_cli_ls_verify_prune_clear(tmp_path):
     assert p.returncode == 0 and "removed 1 entries" in p.stdout and "1 left" in p.stdout, p.stdout
     assert not store.entry_dir("2" * 40).exists() and newest.exists()
     assert _cli("prune", str(root), "--max-size", "lots").returncode == 2
-    _put(DiskStore(root, secret="old"), "4" * 40, _room(tmp_path, "r4"))
+    _put(DiskStore(root, secret="old-" + "0" * 32), "4" * 40, _room(tmp_path, "r4"))
     c = _cli("clear", str(root))
     assert c.returncode == 0 and not list(store.iter_entries())
     assert not list(store.iter_all_entries()), "clear removes every secret's entries"
 
 
 # -- fan-out: host-local copies and operation counts ------------------------------------
-@pytest.mark.parametrize("secret", [None, "s3cret"])
+@pytest.mark.parametrize("secret", [None, "s3cret-" + "5" * 32])
 def test_a_host_copy_holds_the_verified_bytes_and_is_verified_again(tmp_path, secret):
     """``extract(keep=)`` + ``put_copy``: the copy verifies like the shared entry; a
     byte changed in it afterwards is refused, and only in the host store."""
