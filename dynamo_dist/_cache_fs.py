@@ -264,9 +264,9 @@ def private_dir(base: Path, names: Sequence[str], tighten: bool = True) -> Path:
     return base.joinpath(*names)
 
 
-def private_temp_dir(prefix: str) -> Path:
-    """A fresh directory of ours, mode 0700, with an unpredictable name, in the temp dir."""
-    base = Path(tempfile.gettempdir())
+def private_temp_dir(prefix: str, under: str | None = None) -> Path:
+    """A fresh directory of ours, mode 0700, with an unpredictable name (in the temp dir)."""
+    base = Path(under or tempfile.gettempdir())
     with walk(base, ()) as (fd,):
         name = make_temp_dir(fd, prefix)
     return base / name
@@ -445,7 +445,7 @@ def rename(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
     os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
 
 
-def remove(dir_fd: int, name: str, directory: bool = False) -> None:
+def remove(dir_fd: int | None, name: str | os.PathLike[str], directory: bool = False) -> None:
     """Unlink ``name`` (a link itself, never its target), or rmdir an empty directory."""
     if directory:
         os.rmdir(name, dir_fd=dir_fd)

@@ -28,16 +28,17 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import functools
 import hashlib
 import hmac
 import os
 import signal
 import stat
-import tempfile
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 
+from . import _cache_fs as fs
+from ._cache_fs import untrusted_reason
 from ._config import CACHE_SECRET_ENV, CACHE_SECRET_FILE_ENV
 from ._errors import ConfigError
 from ._log import get_logger
@@ -93,7 +94,7 @@ def read_secret(environ: Mapping[str, str]) -> str | None:
         )
     # Whoever could write the file, or replace it or a directory above it, could choose
     # the secret and sign entries the job then loads.
-    problem = untrusted_reason(path) if os.path.lexists(path) else None
+    problem = untrusted_reason(path) if _exists(path) else None
     if problem is not None:
         raise ConfigError(
             f"{CACHE_SECRET_FILE_ENV}={path}: another user could have written or replaced "
@@ -101,32 +102,30 @@ def read_secret(environ: Mapping[str, str]) -> str | None:
             "directory only you can write, such as your home directory"
         )
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd, st = fs.open_file(None, path)
     except FileNotFoundError:
         raise ConfigError(
-            f"{CACHE_SECRET_FILE_ENV}={path}: the file does not exist; create it with a "
-            f"random secret (e.g. `openssl rand -hex 32 > {path} && chmod 600 {path}`)"
+            f"{CACHE_SECRET_FILE_ENV}={path}: the file does not exist; create it with "
+            f"`dynamo-dist cache secret {path}`"
         ) from None
     except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise ConfigError(
+                f"{CACHE_SECRET_FILE_ENV}={path} is not a regular file; point it at a file "
+                "holding the secret"
+            ) from None
         raise ConfigError(
             f"{CACHE_SECRET_FILE_ENV}={path}: cannot open it ({e.strerror}); it must be a "
             "regular file (not a symlink) readable by this user"
         ) from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(
-                f"{CACHE_SECRET_FILE_ENV}={path} is not a regular file; point it at a file "
-                "holding the secret"
-            )
         if st.st_mode & 0o077:
             raise ConfigError(
                 f"{CACHE_SECRET_FILE_ENV}={path} is readable or writable by group or others "
                 f"(mode {stat.S_IMODE(st.st_mode):04o}); anyone who reads it can sign cache "
                 f"entries. Fix: chmod 600 {path}"
             )
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            data = fh.read(1 << 16)
+        data = os.read(fd, 1 << 16)
     finally:
         os.close(fd)
     try:
@@ -274,7 +273,7 @@ def _secret_dir_base() -> str | None:
     """Where the launcher's private secret directory goes: ``$XDG_RUNTIME_DIR`` if it is
     private (a per-user tmpfs: the secret never reaches a disk), else the temp dir."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime) and untrusted_reason(runtime) is None:
+    if runtime and _exists(runtime) and untrusted_reason(runtime) is None:
         return runtime
     return None
 
@@ -293,7 +292,8 @@ def secret_file_for_workers() -> Iterator[dict[str, str]]:
     if _secret is None or _error is not None or _from_file:
         yield {}
         return
-    where = tempfile.mkdtemp(prefix="dynamo_dist-secret.", dir=_secret_dir_base())
+    base = _secret_dir_base()
+    where = str(fs.private_temp_dir("dynamo_dist-secret.", base))
     path = os.path.join(where, "cache.key")
     try:
         # Checked before the secret is written: another user who could replace the
@@ -305,71 +305,29 @@ def secret_file_for_workers() -> Iterator[dict[str, str]]:
                 f"{problem}. Fix: set TMPDIR to a directory only you can write, or set "
                 f"{CACHE_SECRET_FILE_ENV} to a file of your own instead of {CACHE_SECRET_ENV}"
             )
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            os.fchmod(fh.fileno(), 0o600)  # readable by the workers whatever the umask
-            fh.write(_secret + "\n")
+        with fs.create_file(None, path, mode=0o600) as fh:
+            fs.chmod(fh.fileno(), 0o600)  # readable by the workers whatever the umask
+            fh.write((_secret + "\n").encode())
+            fh.flush()
         yield {CACHE_SECRET_FILE_ENV: path}
     finally:
         # A second SIGTERM must not cut the clean-up short: held until it is done.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, _ENDING_SIGNALS)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+            with contextlib.suppress(OSError):
+                fs.remove(None, path)
             with contextlib.suppress(OSError):  # left in place only if someone added to it
-                os.rmdir(where)
+                fs.remove(None, where, directory=True)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-def _trusted_owner(uid: int) -> bool:
-    return uid in (os.geteuid(), 0)
-
-
-def _component_problem(path: Path, st: os.stat_result, last: bool) -> str | None:
-    if not _trusted_owner(st.st_uid):
-        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}) or root"
-    if stat.S_ISLNK(st.st_mode):
-        return None  # its own mode means nothing; its target is checked separately
-    if st.st_mode & 0o022:
-        # Others may create names in a sticky directory (/tmp) but not replace ours.
-        if not last and st.st_mode & stat.S_ISVTX:
-            return None
-        return f"{path} is group- or other-writable (mode {stat.S_IMODE(st.st_mode):04o})"
-    return None
-
-
-def _chain_problem(path: Path) -> str | None:
-    """The first component of ``path`` (absolute, from / down) that others could change."""
-    parts = path.parts
-    for i in range(1, len(parts) + 1):
-        p = Path(*parts[:i])
-        try:
-            st = os.lstat(p)
-        except FileNotFoundError:
-            return None  # not there yet: whoever creates it is checked next time
-        problem = _component_problem(p, st, last=i == len(parts))
-        if problem:
-            return problem
-    return None
-
-
-def untrusted_reason(path: str | os.PathLike[str]) -> str | None:
-    """Why files under ``path`` could have been written by another user, or None.
-
-    Every component from / down must be owned by this user or root and not be
-    group- or other-writable; a sticky world-writable directory (/tmp) is fine
-    as a parent, never as ``path`` itself. Symlinks are checked on both sides:
-    who could replace the link, and the directory it leads to.
-    """
-    given = Path(os.path.abspath(path))
-    problem = _chain_problem(given)
-    if problem is None:
-        real = Path(os.path.realpath(given))
-        if real != given:
-            problem = _chain_problem(real)
-    return problem
+def _exists(path: str | os.PathLike[str]) -> bool:
+    try:
+        fs.lstat(None, path)
+    except OSError:
+        return False
+    return True
 
 
 __all__ = [
