@@ -13,6 +13,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from . import _store_payload
 from ._log import get_logger
 
 log = get_logger("report")
@@ -137,7 +138,12 @@ def publish_and_collect(
                 continue
             try:
                 if store.check([key]):
-                    ranks[str(r)] = json.loads(store.get(key))
+                    raw = _store_payload.checked(store.get(key), "report record")
+                    record = json.loads(raw)
+                    ranks[str(r)] = record if isinstance(record, dict) else {}
+            except _store_payload.PayloadRefused as e:
+                _store_payload.refuse("report record", e)
+                ranks[str(r)] = {"error": str(e)}
             except Exception:
                 pass
         if len(ranks) == world_size or time.monotonic() >= deadline:

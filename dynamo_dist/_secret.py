@@ -185,3 +185,19 @@ __all__ = [
     "take_from_environment",
     "untrusted_reason",
 ]
+
+
+def payload_mac(secret: str, data: bytes, purpose: str) -> bytes:
+    """HMAC-SHA256 of a value posted in the job's key-value store, bound to ``purpose``.
+
+    Why: any process that reaches the job's store can set any key, and profile payloads
+    are unpickled. ``purpose`` (the store key) is length-prefixed into the MAC, so a
+    payload signed for one key is refused under another (no replay of a view as the
+    profile, nor across groups).
+    """
+    import hashlib
+    import hmac
+
+    tag = purpose.encode()
+    msg = b"dynamo_dist store payload\0" + len(tag).to_bytes(4, "big") + tag + data
+    return hmac.new(secret.encode(), msg, hashlib.sha256).digest()

@@ -37,6 +37,7 @@ REPORTED = [
     "profile_publishes",
     "cache_host_fetches",
     "cache_host_loads",
+    "store_payloads_refused",
 ]
 
 
