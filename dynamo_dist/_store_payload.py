@@ -142,8 +142,8 @@ def refuse(what: str, e: BaseException, counts: CacheStats | None = None) -> Non
         _warned.add(what)
     if first:
         log.warning(
-            "ignoring a %s read from the job's key-value store (%s); further ones are "
-            "counted in store_payloads_refused",
+            "refused a value read from the job's key-value store (%s: %s); it is ignored, "
+            "and further refusals are counted in store_payloads_refused",
             what,
             e,
         )

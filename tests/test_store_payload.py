@@ -313,3 +313,34 @@ def test_a_pickle_cannot_fill_a_process_wide_object() -> None:
     with pytest.raises(ValueError, match="did not create"):
         _torch_compat.pgo_loads(data)
     assert dict(vars(AutoDynamic.token)) == before
+
+
+@pytest.mark.timeout(60)
+def test_other_records_over_the_cap_are_ignored_and_counted(store: Any) -> None:
+    """Status board, report, group setup and agreement verdict: refused, the job goes on."""
+    from dynamo_dist import _cache_agree, _group, _report
+
+    huge = b'{"seq": 1, "pad": "' + b"x" * MAX_STORE_PAYLOAD_BYTES + b'"}'
+    before = _store_payload.refused_count()
+    board = _status.StatusBoard(store, 0, 2, 60.0, str)
+    try:
+        store.set(f"{_status._PREFIX}1", huge)
+        snap = board.snapshot()
+    finally:
+        board.close()
+    assert snap[0]["seq"] == 0 and set(snap[1]) == {"error"}
+
+    store.set(f"{_report._PREFIX}7/1", huge)
+    report = _report.publish_and_collect(store, 7, 0, 2, {"compiles": 1}, 5.0, None)
+    assert report is not None and report["missing"] == [1] and list(report["ranks"]) == ["0"]
+
+    store.set("setup/pending/1", huge)
+    assert _group._pending(store, "setup/pending/", 1) is None
+    store.set("setup/pending/1", b'{"state": "waiting"}')
+    assert _group._pending(store, "setup/pending/", 1) == {"state": "waiting"}
+
+    assert _cache_agree._verdict(b"9" * (MAX_STORE_PAYLOAD_BYTES + 1)) == _cache_agree._NO
+    assert _cache_agree._verdict(b"2") == 2
+
+    assert _store_payload.refused_count() == before + 4
+    assert dynamo_dist.stats()["store_payloads_refused"] >= 4
