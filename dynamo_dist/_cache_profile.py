@@ -112,12 +112,15 @@ class _Profile:
         self.generation = 0  # the newest generation seen (loaded or published)
         self.marks: frozenset[str] = frozenset()  # dynamic marks already in the cache
         # Other ranks' views (see ``Profiles.after_compile``): where they are posted in
-        # the job's store, and, on the writer, the newest one of each rank.
+        # the job's store, and, on the writer, their union (``views``).
         self.store: Any = None
         self.base = ""
         self.contributed: frozenset[str] = frozenset()
         self.seen = 0
-        self.views: dict[int, dict[Any, Any]] = {}
+        # The union of every view read so far, kept under the object cap: views only
+        # gain marks, so it is the union of each rank's newest, without holding one
+        # state per rank (4,096 of them at scale, or one forged view per rank).
+        self.views: dict[Any, Any] = {}
         self.ranks: tuple[int, ...] = ()  # the group's ranks: the only ones with a view
 
 
@@ -341,7 +344,7 @@ class Profiles:
                 return
             self._collect(profile)
             mine = _torch_compat.pgo_stable(_torch_compat.pgo_state(), _names)
-            state = _torch_compat.pgo_union(mine, list(profile.views.values()))
+            state = _torch_compat.pgo_union(mine, [profile.views])
             marks = _torch_compat.pgo_dynamic_marks(state)
             if not marks <= profile.marks:
                 self._publish(profile, marks, state)
@@ -399,13 +402,18 @@ class Profiles:
             raw = store.get(name)
             profile.seen += 1
             view = self._view(profile, raw, secret, name)
-            if view is not None:
-                profile.views[view[0]] = view[1]
+            if view is None:
+                continue
+            try:  # the union stays under the cap too: it is what the writer holds
+                union = _torch_compat.pgo_union(profile.views, [view])
+                profile.views = _torch_compat.pgo_checked(union)
+            except ValueError as e:
+                _store_payload.refuse("automatic-dynamic view", e, self.cache.counts)
 
     def _view(
         self, profile: _Profile, raw: Any, secret: str | None, name: str
-    ) -> tuple[int, dict[Any, Any]] | None:
-        """(rank, state) of a view read from the store under ``name``; None if refused."""
+    ) -> dict[Any, Any] | None:
+        """The state of a view read from the store under ``name``; None if refused."""
         try:
             data = _store_payload.unseal(raw, secret, name)
             if len(data) <= 4:
@@ -418,7 +426,7 @@ class Profiles:
         except Exception as e:
             _store_payload.refuse("automatic-dynamic view", e, self.cache.counts)
             return None
-        return rank, view
+        return view
 
     def flush(self) -> None:
         """The writer's last look at exit: views posted after its last compile count too."""

@@ -555,8 +555,11 @@ class _Budget:
 
 def _children(obj: Any) -> Any:
     """An iterator over what ``obj`` refers to (None for an atom), for :func:`_weigh`."""
+    import enum
     import itertools
 
+    if isinstance(obj, enum.Enum):
+        return None  # ``AutoDynamic.token``: one process-wide member, never copied
     if type(obj) is tuple or type(obj) is list:
         return iter(obj)
     if isinstance(obj, dict):
@@ -782,6 +785,18 @@ def pgo_loads(data: bytes, max_objects: int | None = None) -> dict[Any, Any]:
         raise
     except Exception as e:  # a missing field, a repr too deep to show: still ValueError
         raise ValueError(f"not a code state ({type(e).__name__}: {e})"[:300]) from None
+
+
+def pgo_checked(state: dict[Any, Any], max_objects: int | None = None) -> dict[Any, Any]:
+    """``state`` rebuilt from checked fields, within ``max_objects`` (ValueError if not).
+
+    For a state built here from checked ones (the union of other ranks' views): what
+    the writer keeps must stay under the cap a loaded state is held to.
+    """
+    from ._store_payload import MAX_STORE_OBJECTS
+
+    budget = _Budget(MAX_STORE_OBJECTS if max_objects is None else max_objects)
+    return _pgo_rebuilt(state, budget)
 
 
 #: Each size entry counts one object per this many characters of its source and its

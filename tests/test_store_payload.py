@@ -44,12 +44,12 @@ SECRET = "payload-test-secret-0123456789abcdef"
 OTHER_SECRET = "another-secret-of-enough-length-0123456789"
 
 
-def _state(shared: tuple[int, ...], frames: int) -> dict[Any, Any]:
+def _state(shared: tuple[int, ...], frames: int, first: int = 1) -> dict[Any, Any]:
     """A pgo-shaped code state whose every entry's size is the one ``shared`` tuple."""
     out: dict[Any, Any] = {}
-    for i in range(frames):
+    for i in range(first, first + frames):
         entries = defaultdict(FrameStateSizeEntry, {"L['x']": FrameStateSizeEntry(size=shared)})
-        out[CodeId("f.py", i + 1, "f", "0" * 16)] = CodeState(automatic_dynamic=entries)
+        out[CodeId("f.py", i, "f", "0" * 16)] = CodeState(automatic_dynamic=entries)
     return out
 
 
@@ -272,8 +272,23 @@ def test_collect_merges_only_checked_views(
     assert profiles.cache.counts.store_payloads_refused == 6
     _post_view(store, writer.base, view, SECRET)
     profiles._collect(writer)
-    assert writer.views == {1: _small_state()}
+    assert writer.views == _small_state()
     assert profiles.cache.counts.store_payloads_refused == 6
+
+
+@pytest.mark.timeout(60)
+def test_the_union_of_views_stays_under_the_cap(
+    store: Any, profiles: Profiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Views each under the cap, of different frames: the one that would pass it is refused."""
+    _secret_is(monkeypatch, None)
+    writer = _profile(store, True)
+    for k in range(4):  # about 60,000 objects unpickled and 27,000 rebuilt each
+        state = _state((4, 3), 3000, first=1 + 3000 * k)
+        _post_view(store, writer.base, (1).to_bytes(4, "big") + pickle.dumps(state), None)
+    profiles._collect(writer)
+    assert writer.seen == 4 and len(writer.views) == 9000
+    assert profiles.cache.counts.store_payloads_refused == 1
 
 
 @pytest.mark.timeout(120)
@@ -294,9 +309,7 @@ def test_contribute_posts_a_view_the_writer_accepts(
     profiles._contribute(member)
     profiles._collect(writer)
     assert profiles.cache.counts.store_payloads_refused == 0
-    (rank,) = writer.views
-    assert rank == profiles.cache.rank
-    assert _torch_compat.pgo_dynamic_marks(writer.views[rank]) == _torch_compat.pgo_dynamic_marks(
+    assert _torch_compat.pgo_dynamic_marks(writer.views) == _torch_compat.pgo_dynamic_marks(
         _torch_compat.pgo_stable(_torch_compat.pgo_state(), {})
     )
 
