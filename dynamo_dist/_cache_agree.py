@@ -26,6 +26,7 @@ from typing import Any
 from ._cache_stats import log
 from ._local import Scope
 from ._status import open_store
+from ._store_payload import PayloadRefused, checked, refuse
 
 __all__ = ["Agreement", "next_compile"]
 
@@ -51,6 +52,19 @@ _NO = 1 << 32
 # Job-wide, the waiting ranks read "has some rank said no" at most this often in total:
 # each rank's interval grows with the group (one TCPStore serves the whole job).
 _PEEK_OPS_PER_S = 250.0
+
+
+def _verdict(raw: object) -> int:
+    """The agreement counter posted under ``.../all``; a value over the store cap is a "no".
+
+    Any process can set the key: one too large to be a number is refused unparsed (and
+    counted), and the compile goes on locally, as after any failed agreement.
+    """
+    try:
+        return int(checked(raw, "cache agreement verdict"))
+    except PayloadRefused as e:
+        refuse("cache agreement verdict", e)
+        return _NO
 
 
 class Agreement:
@@ -157,7 +171,7 @@ class Agreement:
                     str(e).splitlines()[0][:120] if str(e) else type(e).__name__,
                 )
                 return self._veto(base, scope)
-            return int(store.get(f"{base}/all")) < _NO
+            return _verdict(store.get(f"{base}/all")) < _NO
         except Exception as e:
             log.warning("cache agreement failed (%s); compiling locally", e)
             return False
@@ -175,7 +189,7 @@ class Agreement:
         try:
             total = int(store.add(f"{base}/n", _NO))
             if total % _NO == scope.size:
-                return int(store.get(f"{base}/all")) < _NO
+                return _verdict(store.get(f"{base}/all")) < _NO
         except Exception as e:
             log.warning("cache agreement failed (%s); compiling locally", e)
         return False

@@ -30,6 +30,11 @@ of the first run's shape recompiles.
   stable name and filed under this process's hash just before the frame compiles.
 * **Never code.** The state is a pickle; it is unpickled only after the entry's
   verification, and then only with pgo's own classes allowed.
+* **Untrusted store.** Whatever can reach the job's store can set any key, so the bytes
+  read there (the writer's profile, other ranks' views) are capped at 1 MiB and
+  100,000 objects before and while they are unpickled, signed with the cache secret
+  when there is one, and a view is checked like a loaded profile before it is merged
+  (``_store_payload``). A refused one is counted and ignored.
 
 A profile that cannot be read, verified or unpickled costs nothing but the
 recompiles it would have saved, and one warning.
@@ -49,7 +54,7 @@ from typing import Any
 import torch.distributed as dist
 
 from . import _cache_fs as fs
-from . import _local, _torch_compat
+from . import _local, _secret, _store_payload, _torch_compat
 from ._cache_key import version_factors
 from ._cache_lock import owner_record
 from ._cache_protocol import SharedCache, private_local_dir
@@ -64,8 +69,11 @@ PROFILE_FILE = "code_state.pkl"
 #: Generations probed per load; a job that keeps finding new dynamic dims beyond this
 #: many restarts keeps its newest 64 (publishing stops, loading still works).
 MAX_GENERATIONS = 64
-#: A code state is a few KB per frame; anything this large is not one.
-MAX_PROFILE_BYTES = 64 << 20
+#: A code state is a few KB per frame; anything this large is not one. The writer posts
+#: the profile in the job's store (after a 4-byte generation and, with a secret, a MAC),
+#: where the others accept at most ``MAX_STORE_PAYLOAD_BYTES``: a larger profile would
+#: be merged by the writer alone.
+MAX_PROFILE_BYTES = _store_payload.MAX_STORE_PAYLOAD_BYTES - 4 - _store_payload.MAC_BYTES
 
 
 def derived_job_id(source: str, world_size: int) -> str:
@@ -103,12 +111,16 @@ class _Profile:
         self.generation = 0  # the newest generation seen (loaded or published)
         self.marks: frozenset[str] = frozenset()  # dynamic marks already in the cache
         # Other ranks' views (see ``Profiles.after_compile``): where they are posted in
-        # the job's store, and, on the writer, the newest one of each rank.
+        # the job's store, and, on the writer, their union (``views``).
         self.store: Any = None
         self.base = ""
         self.contributed: frozenset[str] = frozenset()
         self.seen = 0
-        self.views: dict[int, dict[Any, Any]] = {}
+        # The union of every view read so far, kept under the object cap: views only
+        # gain marks, so it is the union of each rank's newest, without holding one
+        # state per rank (4,096 of them at scale, or one forged view per rank).
+        self.views: dict[Any, Any] = {}
+        self.ranks: tuple[int, ...] = ()  # the group's ranks: the only ones with a view
 
 
 class Profiles:
@@ -146,6 +158,7 @@ class Profiles:
             found = self._read(profile)
         if scope is not None and scope.size > 1:
             profile.store = self.cache.agreement.client()
+            profile.ranks = tuple(scope.ranks)
             restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             # Numbered per group, not named by the directory: ranks may spell one cache
             # differently, and a second cache directory must not read the first's bytes.
@@ -161,6 +174,9 @@ class Profiles:
             state = _torch_compat.pgo_loads(data)
             marks = _torch_compat.pgo_dynamic_marks(state)
         except Exception as e:
+            if not writer:  # the bytes came from the job's store: anyone could have set them
+                _store_payload.refuse("automatic-dynamic profile", e, self.cache.counts)
+                return
             warn_once(
                 f"profile-bad:{self.cache.root}",
                 "automatic-dynamic profile %d of job %s in %s is unusable (%s); compiling "
@@ -188,14 +204,19 @@ class Profiles:
     def _share(
         self, scope: _local.Scope, profile: _Profile, found: tuple[int, bytes] | None
     ) -> tuple[int, bytes] | None:
-        """The writer's (generation, bytes) on every rank of ``scope``, through the store."""
+        """The writer's (generation, bytes) on every rank of ``scope``, through the store.
+
+        Posted signed when there is a cache secret (the MAC binds the key); a reader
+        refuses a payload over the store cap or with a bad MAC before looking into it.
+        """
         store, writer, name = profile.store, profile.writer, profile.base
         if store is None:
             return found if writer else None
+        secret = _secret.cache_secret()
         try:
             if writer:
                 payload = b"" if found is None else found[0].to_bytes(4, "big") + found[1]
-                store.set(name, payload)
+                store.set(name, _store_payload.seal(payload, secret, name))
                 return found
             try:
                 # One blocking wait, not polling: 4,096 ranks polling the job's one
@@ -214,7 +235,7 @@ class Profiles:
                     self.cache.timeout,
                 )
                 return None
-            payload = bytes(store.get(name))
+            raw = store.get(name)
         except Exception as e:  # the store failed: nothing shared, nothing lost
             warn_once(
                 f"profile-exchange:{self.cache.root}",
@@ -224,6 +245,11 @@ class Profiles:
                 type(e).__name__,
                 e,
             )
+            return None
+        try:
+            payload = _store_payload.unseal(raw, secret, name)
+        except _store_payload.PayloadRefused as e:
+            _store_payload.refuse("automatic-dynamic profile", e, self.cache.counts)
             return None
         if len(payload) < 4:
             return None
@@ -322,7 +348,7 @@ class Profiles:
                 return
             self._collect(profile)
             mine = _torch_compat.pgo_stable(_torch_compat.pgo_state(), _names)
-            state = _torch_compat.pgo_union(mine, list(profile.views.values()))
+            state = _torch_compat.pgo_union(mine, [profile.views])
             marks = _torch_compat.pgo_dynamic_marks(state)
             if not marks <= profile.marks:
                 self._publish(profile, marks, state)
@@ -344,31 +370,67 @@ class Profiles:
         marks = _torch_compat.pgo_dynamic_marks()
         if marks <= profile.contributed:
             return
-        n = profile.store.add(f"{profile.base}/views", 1)
         mine = _torch_compat.pgo_stable(_torch_compat.pgo_state(), _names)
         data = self.cache.rank.to_bytes(4, "big") + _torch_compat.pgo_dumps(mine)
-        profile.store.set(f"{profile.base}/view/{n}", data)
         profile.contributed = marks
+        if len(data) + _store_payload.MAC_BYTES > _store_payload.MAX_STORE_PAYLOAD_BYTES:
+            # The writer would refuse it: posting it would only cost the store and the writer.
+            warn_once(
+                f"profile-view-size:{self.cache.root}",
+                "this rank's automatic-dynamic view is %d bytes, more than the job's store "
+                "carries (%d); not shared, a restart may recompile once more",
+                len(data),
+                _store_payload.MAX_STORE_PAYLOAD_BYTES,
+            )
+            return
+        n = profile.store.add(f"{profile.base}/views", 1)
+        name = f"{profile.base}/view/{n}"
+        profile.store.set(name, _store_payload.seal(data, _secret.cache_secret(), name))
 
     def _collect(self, profile: _Profile) -> None:
-        """The writer reads the views posted since its last look (never waits for one)."""
+        """The writer reads the views posted since its last look (never waits for one).
+
+        A view is checked like a profile loaded from the cache (``_read``): its size and
+        MAC before anything else, then ``pgo_loads`` (object cap, rebuilt from checked
+        fields) and its dynamic marks. One that fails is counted and never merged.
+        """
         store = profile.store
         if store is None:
             return
+        secret = _secret.cache_secret()
         total = int(store.add(f"{profile.base}/views", 0))
         while profile.seen < total:
             name = f"{profile.base}/view/{profile.seen + 1}"
             if not store.check([name]):
                 break  # counted but not yet set: read at the next look
-            data = bytes(store.get(name))
+            raw = store.get(name)
             profile.seen += 1
-            if len(data) > 4:
-                try:
-                    view = _torch_compat.pgo_loads(data[4:])
-                except ValueError as e:
-                    log.warning("ignoring a malformed automatic-dynamic view (%s)", e)
-                    continue
-                profile.views[int.from_bytes(data[:4], "big")] = view
+            view = self._view(profile, raw, secret, name)
+            if view is None:
+                continue
+            try:  # the union stays under the cap too: it is what the writer holds
+                union = _torch_compat.pgo_union(profile.views, [view])
+                profile.views = _torch_compat.pgo_checked(union)
+            except ValueError as e:
+                _store_payload.refuse("automatic-dynamic view", e, self.cache.counts)
+
+    def _view(
+        self, profile: _Profile, raw: Any, secret: str | None, name: str
+    ) -> dict[Any, Any] | None:
+        """The state of a view read from the store under ``name``; None if refused."""
+        try:
+            data = _store_payload.unseal(raw, secret, name)
+            if len(data) <= 4:
+                return None
+            rank = int.from_bytes(data[:4], "big")
+            if rank not in profile.ranks:
+                raise _store_payload.PayloadRefused(f"{name} names rank {rank}, not in its group")
+            view = _torch_compat.pgo_loads(data[4:])
+            _torch_compat.pgo_dynamic_marks(view)
+        except Exception as e:
+            _store_payload.refuse("automatic-dynamic view", e, self.cache.counts)
+            return None
+        return view
 
     def flush(self) -> None:
         """The writer's last look at exit: views posted after its last compile count too."""
@@ -380,6 +442,21 @@ class Profiles:
         generation = profile.generation + 1
         key = _key(profile.job, profile.group, generation)
         rank = self.cache.rank
+        data = _torch_compat.pgo_dumps(state)
+        try:  # what no reader would accept is not published (nor tried again until a new mark)
+            if len(data) > MAX_PROFILE_BYTES:
+                raise ValueError(f"it is {len(data)} bytes, more than {MAX_PROFILE_BYTES}")
+            _torch_compat.pgo_loads(data)
+        except ValueError as e:
+            profile.marks = marks
+            warn_once(
+                f"profile-size:{self.cache.root}",
+                "automatic-dynamic profile of job %s not published (%s); a restart may "
+                "recompile once more",
+                profile.job,
+                e,
+            )
+            return
         manifest = {
             "factors": {**version_factors(), "profile": profile.job, "group": profile.group},
             "owner": owner_record(rank),
@@ -388,7 +465,6 @@ class Profiles:
             "created": time.time(),
         }
         # Written from memory: nothing of a local directory goes into the entry.
-        data = _torch_compat.pgo_dumps(state)
         written = self.cache.store.put(key, bytes_member(PROFILE_FILE, data), manifest)
         profile.generation = generation
         profile.marks = marks

@@ -80,6 +80,10 @@ class CacheStats:
     cache_host_loads: int = 0
     # Profiles not read because no private local directory could be had to stage them.
     profile_skipped: int = 0
+    # Values read from the job's key-value store and not used (``_store_payload``): over
+    # 1 MiB, over 100,000 objects, or a bad MAC. Profiles and views of this directory
+    # here; other kinds (status board, report) are added in ``dynamo_dist.stats()``.
+    store_payloads_refused: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The counters under the keys ``dynamo_dist.stats()`` has always reported."""

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import _torch_compat
+from . import _store_payload, _torch_compat
 from ._errors import CollectiveTimeoutError, RankDivergenceError
 from ._log import get_logger
 
@@ -239,8 +239,12 @@ def _pending(store: Any, prefix: str, rank: int) -> dict[str, Any] | None:
     try:
         if not store.check([prefix + str(rank)]):
             return None
-        view = json.loads(store.get(prefix + str(rank)))
+        raw = _store_payload.checked(store.get(prefix + str(rank)), "group-setup record")
+        view = json.loads(raw)
         return view if isinstance(view, dict) else None
+    except _store_payload.PayloadRefused as e:
+        _store_payload.refuse("group-setup record", e)
+        return None
     except Exception:
         return None
 

@@ -13,6 +13,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from . import _store_payload
 from ._log import get_logger
 
 log = get_logger("report")
@@ -131,16 +132,21 @@ def publish_and_collect(
     if with_timeout is not None:
         with_timeout(timedelta(seconds=max(1.0, wait_s)))
     ranks: dict[str, dict[str, Any]] = {}
+    refused: set[int] = set()  # over the store's size cap: listed as missing, read once
     while True:
         for r, key in enumerate(keys):
-            if str(r) in ranks:
+            if str(r) in ranks or r in refused:
                 continue
             try:
                 if store.check([key]):
-                    ranks[str(r)] = json.loads(store.get(key))
+                    record = json.loads(_store_payload.checked(store.get(key), "report record"))
+                    ranks[str(r)] = record if isinstance(record, dict) else {}
+            except _store_payload.PayloadRefused as e:
+                _store_payload.refuse("report record", e)
+                refused.add(r)
             except Exception:
                 pass
-        if len(ranks) == world_size or time.monotonic() >= deadline:
+        if len(ranks) + len(refused) == world_size or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
     report = {

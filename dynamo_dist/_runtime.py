@@ -27,6 +27,7 @@ from ._policy import Policy
 from ._shm import ShmTransport, ShmUnavailable, topology
 from ._stats import Counts, GroupStats, HookCounters, RuntimeStats, Stats, TransportStats
 from ._status import StatusBoard, open_store
+from ._store_payload import refused_count
 
 log = get_logger("runtime")
 
@@ -215,7 +216,11 @@ class Runtime:
             groups=groups,
         )
         return Stats(
-            rank=self.rank, world_size=self.world_size, runtime=runtime, cache=_cache.stats()
+            rank=self.rank,
+            world_size=self.world_size,
+            runtime=runtime,
+            cache=_cache.stats(),
+            store_refused=refused_count(),
         )
 
 
@@ -296,7 +301,9 @@ def stats() -> Stats:
     """This rank's stats record, with or without a runtime."""
     if _runtime is not None:
         return _runtime.stats()
-    return Stats(rank=0, world_size=distributed_world(), cache=_cache.stats())
+    return Stats(
+        rank=0, world_size=distributed_world(), cache=_cache.stats(), store_refused=refused_count()
+    )
 
 
 def shutdown() -> None:

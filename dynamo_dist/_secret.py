@@ -343,3 +343,18 @@ __all__ = [
     "untrusted_reason",
     "weakness",
 ]
+
+
+def payload_mac(secret: str, data: bytes, purpose: str) -> bytes:
+    """HMAC-SHA256 of a value posted in the job's key-value store, bound to ``purpose``.
+
+    Why: any process that reaches the job's store can set any key, and profile payloads
+    are unpickled. ``purpose`` (the store key) is length-prefixed into the MAC, so a
+    payload signed for one key is refused under another (no replay of a view as the
+    profile, nor across groups).
+    """
+    tag = purpose.encode()
+    msg = b"dynamo_dist store payload\0" + len(tag).to_bytes(4, "big") + tag + data
+    # The derived key, never the raw secret (the domain prefix keeps a payload's MAC
+    # apart from a manifest's signature under the same key).
+    return hmac.new(signing_key(secret), msg, hashlib.sha256).digest()

@@ -116,6 +116,9 @@ class Stats:
     runtime: RuntimeStats | None = None
     cache: dict[str, Any] = field(default_factory=dict)
     """``_cache.stats()``: counts summed over the cache directories this process uses."""
+    store_refused: int = 0
+    """Values read from the job's store and refused outside any cache directory (status
+    board, report, group setup): reported with the caches' in ``store_payloads_refused``."""
 
     @property
     def installed(self) -> bool:
@@ -142,4 +145,6 @@ class Stats:
             )
         out["installed"] = self.installed
         out.update(self.cache)
+        refused = int(out.get("store_payloads_refused", 0)) + self.store_refused
+        out["store_payloads_refused"] = refused
         return out

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from . import _torch_compat
+from . import _store_payload, _torch_compat
 from ._log import get_logger
 
 log = get_logger("status")
@@ -173,11 +173,21 @@ class StatusBoard:
 
 
 def _parse(raw: Any) -> dict[str, Any]:
+    """A rank's status record, or ``{"error": ...}``: any process may have set the key.
+
+    One over the store's size cap is refused (counted) before it is parsed, and the
+    reader goes on as if that rank had published nothing usable.
+    """
     try:
-        value = json.loads(bytes(raw))
+        data = _store_payload.checked(raw, "status record")
+    except _store_payload.PayloadRefused as e:
+        _store_payload.refuse("status record", e)
+        return {"error": str(e)}
+    try:
+        value = json.loads(data)
         return value if isinstance(value, dict) else {"error": "not a status record"}
     except Exception as e:
-        return {"error": str(e)}
+        return {"error": str(e)[:300]}
 
 
 def open_store(timeout: float) -> Store | None:

@@ -510,38 +510,315 @@ _PGO_GLOBALS = {
 }
 
 
-def pgo_loads(data: bytes) -> dict[Any, Any]:
-    """Unpickle a code state, refusing any global but pgo's own classes (ValueError).
+#: The pickle opcodes a code state may use: what ``pickle.dumps`` (protocols 2 to 5)
+#: writes for dicts, lists, tuples, numbers, strings and pgo's classes. No sets, bytes,
+#: extensions or persistent ids: nothing pgo writes, and less for a forged pickle to use.
+_PGO_OPCODES = frozenset(
+    {
+        "PROTO", "FRAME", "STOP", "MARK", "NONE", "NEWTRUE", "NEWFALSE",
+        "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT",
+        "SHORT_BINUNICODE", "BINUNICODE",
+        "EMPTY_TUPLE", "TUPLE1", "TUPLE2", "TUPLE3", "TUPLE", "EMPTY_DICT",
+        "EMPTY_LIST", "APPEND", "APPENDS",
+        "SETITEM", "SETITEMS", "GLOBAL", "STACK_GLOBAL", "REDUCE", "NEWOBJ", "BUILD",
+        "MEMOIZE", "BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET",
+    }
+)  # fmt: skip
+#: Opcodes that build nothing: they fill a dict or an object already built (whose
+#: items were counted when pushed), or frame the stream. Every other opcode counts one
+#: object (MARK too: it starts a list), a memo reference to a container the whole
+#: container, every shared element again; memoizing is free, but the memo may never
+#: hold more entries than objects were built (a pickler memoizes each object once).
+_PGO_FREE_OPCODES = frozenset(
+    {"PROTO", "FRAME", "STOP", "SETITEM", "SETITEMS", "APPEND", "APPENDS", "BUILD"}
+)
+_PGO_MEMO_OPCODES = frozenset({"MEMOIZE", "BINPUT", "LONG_BINPUT"})
+_INT64 = 1 << 63
 
-    The bytes were verified (signed, or from a private directory) before they got here;
-    the restricted unpickler is a second wall: a forged profile cannot name ``os.system``.
+
+class _Budget:
+    """How many objects a code state may still build; TooManyObjects once past the cap."""
+
+    __slots__ = ("cap", "used")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.used = 0
+
+    def spend(self) -> None:
+        self.used += 1
+        if self.used > self.cap:
+            from ._store_payload import TooManyObjects
+
+            raise TooManyObjects(self.used, self.cap)
+
+
+def _children(obj: Any) -> Any:
+    """An iterator over what ``obj`` refers to (None for an atom), for :func:`_weigh`."""
+    import enum
+    import itertools
+
+    if isinstance(obj, enum.Enum):
+        return None  # ``AutoDynamic.token``: one process-wide member, never copied
+    if type(obj) is tuple or type(obj) is list:
+        return iter(obj)
+    if isinstance(obj, dict):
+        return itertools.chain.from_iterable(obj.items())
+    if not isinstance(obj, type) and isinstance(getattr(obj, "__dict__", None), dict):
+        return itertools.chain.from_iterable(vars(obj).items())
+    return None
+
+
+def _weigh(obj: Any, budget: _Budget) -> None:
+    """Spend one object of ``budget`` per object reachable from ``obj``, repeats included.
+
+    That is what a memo reference to a container costs once the state is rebuilt (each
+    reference becomes a copy); a reference to an atom (a string, a number, a class) is
+    shared as it is and costs nothing. Iterative, and it stops at the cap: cycles and
+    deep nesting cost at most the budget.
     """
-    import io
-    import pickle
+    first = _children(obj)
+    if first is None:
+        return
+    budget.spend()
+    stack = [first]
+    while stack:
+        child = next(stack[-1], _pgo_end)
+        if child is _pgo_end:
+            stack.pop()
+            continue
+        budget.spend()
+        it = _children(child)
+        if it is not None:
+            stack.append(it)
 
-    class _Restricted(pickle.Unpickler):
+
+_pgo_end = object()
+
+
+def _pgo_key_ok(key: Any) -> bool:
+    """Whether ``key`` may be a dict key in a code state: a str, or a CodeId of atoms.
+
+    Hashing a key costs its size (a shared tuple hashed once per reference), and ints
+    are trivially made to collide (``n`` and ``n + 2**61 - 1``), making each insertion
+    cost the dict's size. pgo's keys are strings and CodeIds of strings and small ints.
+    """
+    if type(key) is str:
+        return True
+    from torch._dynamo.pgo import CodeId
+
+    if type(key) is not CodeId:
+        return False
+    fields = vars(key)
+    return len(fields) <= 8 and all(
+        v is None or type(v) is str or (type(v) is int and -_INT64 <= v < _INT64)
+        for v in fields.values()
+    )
+
+
+def _pgo_unpickler() -> type[Any]:
+    """The restricted, counting unpickler of code states (built once, on first use).
+
+    The pure-Python unpickler, with a dispatch table of :data:`_PGO_OPCODES` only, each
+    counted against a :class:`_Budget`: its memo is a dict (the C unpickler grows an
+    array to the largest memo index a pickle names, 8 bytes per index), and a counter
+    can stop it at the cap wherever the pickle's memo references lead.
+    """
+    global _PgoUnpickler
+    if _PgoUnpickler is not None:
+        return _PgoUnpickler
+    import pickle
+    import pickletools
+    from collections import defaultdict
+    from collections.abc import Callable
+
+    from torch._dynamo.pgo import CodeId, CodeState, FrameStateSizeEntry, InferStride
+
+    base: dict[int, Callable[[Any], None]] = pickle._Unpickler.dispatch
+    # BUILD may fill only these, and only instances this pickle created: an enum member
+    # (``AutoDynamic.token``, what ``AutoDynamic.__new__`` returns) is process-wide, and
+    # filling its ``__dict__`` would change pgo for the whole process.
+    fillable = (CodeId, CodeState, FrameStateSizeEntry, InferStride)
+
+    def created(self: Any) -> None:
+        obj = self.stack[-1]
+        if type(obj) in fillable:
+            self.created[id(obj)] = obj  # kept alive: its id names it until the load ends
+
+    class _Refusing(dict[int, Callable[[Any], None]]):
+        def __missing__(self, code: int) -> Callable[[Any], None]:
+            raise pickle.UnpicklingError(f"opcode {bytes([code])!r} is not in a code state")
+
+    def counted(load: Callable[[Any], None]) -> Callable[[Any], None]:
+        def run(self: Any) -> None:
+            self.budget.spend()
+            load(self)
+
+        return run
+
+    def reference(load: Callable[[Any], None]) -> Callable[[Any], None]:
+        def run(self: Any) -> None:
+            load(self)
+            _weigh(self.stack[-1], self.budget)
+
+        return run
+
+    def keyed(load: Callable[[Any], None], items: Callable[[Any], list[Any]]) -> Any:
+        def run(self: Any) -> None:
+            for key in items(self):
+                if not _pgo_key_ok(key):
+                    raise pickle.UnpicklingError(
+                        f"a code state's dict key is a {type(key).__name__}"
+                    )
+            load(self)
+
+        return run
+
+    def memoize(load: Callable[[Any], None]) -> Callable[[Any], None]:
+        def run(self: Any) -> None:
+            load(self)
+            if len(self.memo) > self.budget.used:
+                raise pickle.UnpicklingError("a code state memoizes more than it builds")
+
+        return run
+
+    def reduce(load: Callable[[Any], None]) -> Callable[[Any], None]:
+        def run(self: Any) -> None:
+            func, args = self.stack[-2], self.stack[-1]
+            # defaultdict(factory, items) would fill (and hash) without SETITEMS' checks.
+            if func is defaultdict and (type(args) is not tuple or len(args) > 1):
+                raise pickle.UnpicklingError("a code state's defaultdict takes a factory only")
+            self.budget.spend()
+            load(self)
+            created(self)
+
+        return run
+
+    def newobj(load: Callable[[Any], None]) -> Callable[[Any], None]:
+        def run(self: Any) -> None:
+            self.budget.spend()
+            load(self)
+            created(self)
+
+        return run
+
+    def build(load: Callable[[Any], None]) -> Callable[[Any], None]:
+        def run(self: Any) -> None:
+            inst, state = self.stack[-2], self.stack[-1]
+            if self.created.get(id(inst)) is not inst or type(state) is not dict:
+                raise pickle.UnpicklingError(
+                    f"a code state may not fill a {type(inst).__name__} it did not create"
+                )
+            load(self)
+
+        return run
+
+    table = _Refusing()
+    for op in pickletools.opcodes:
+        if op.name not in _PGO_OPCODES:
+            continue
+        code = op.code.encode("latin-1")[0]
+        load = base[code]
+        if op.name in ("BINGET", "LONG_BINGET"):
+            table[code] = reference(load)
+        elif op.name == "SETITEM":
+            table[code] = keyed(load, lambda u: [u.stack[-2]])
+        elif op.name == "SETITEMS":
+            table[code] = keyed(load, lambda u: u.stack[0::2])
+        elif op.name == "REDUCE":
+            table[code] = reduce(load)
+        elif op.name == "NEWOBJ":
+            table[code] = newobj(load)
+        elif op.name == "BUILD":
+            table[code] = build(load)
+        elif op.name in _PGO_MEMO_OPCODES:
+            table[code] = memoize(load)
+        elif op.name in _PGO_FREE_OPCODES:
+            table[code] = load
+        else:
+            table[code] = counted(load)
+
+    class Unpickler(pickle._Unpickler):
+        dispatch = table
+
+        def __init__(self, data: bytes, budget: _Budget) -> None:
+            import io
+
+            super().__init__(io.BytesIO(data))
+            self.budget = budget
+            self.created: dict[int, Any] = {}
+
         def find_class(self, module: str, name: str) -> Any:
             if (module, name) not in _PGO_GLOBALS:
                 raise ValueError(f"a code state may not name {module}.{name}")
             return super().find_class(module, name)
 
+    _PgoUnpickler = Unpickler
+    return Unpickler
+
+
+_PgoUnpickler: type[Any] | None = None
+
+
+def pgo_loads(data: bytes, max_objects: int | None = None) -> dict[Any, Any]:
+    """Unpickle a code state, refusing any global but pgo's own classes (ValueError).
+
+    The bytes were verified (signed, or from a private directory) before they got here;
+    the restricted unpickler is a second wall: a forged profile cannot name ``os.system``.
+    Unpickling and rebuilding each stop as soon as they have built ``max_objects``
+    objects (default ``MAX_STORE_OBJECTS``), a shared object counted at every reference
+    (``TooManyObjects``, a ValueError): a small pickle whose memo references expand to
+    millions of objects costs at most the cap.
+    """
+    from ._store_payload import MAX_STORE_OBJECTS
+
+    cap = MAX_STORE_OBJECTS if max_objects is None else max_objects
     try:
-        state = _Restricted(io.BytesIO(data)).load()
+        state = _pgo_unpickler()(data, _Budget(cap)).load()
     except ValueError:
         raise
     except Exception as e:  # truncated or malformed: the same answer, one exception type
-        raise ValueError(f"not a code state pickle ({type(e).__name__}: {e})") from None
-    return _pgo_rebuilt(state)
+        raise ValueError(f"not a code state pickle ({type(e).__name__}: {e})"[:300]) from None
+    try:
+        return _pgo_rebuilt(state, _Budget(cap))
+    except ValueError:
+        raise
+    except Exception as e:  # a missing field, a repr too deep to show: still ValueError
+        raise ValueError(f"not a code state ({type(e).__name__}: {e})"[:300]) from None
 
 
-def _pgo_rebuilt(state: Any) -> dict[Any, Any]:
+def pgo_checked(state: dict[Any, Any], max_objects: int | None = None) -> dict[Any, Any]:
+    """``state`` rebuilt from checked fields, within ``max_objects`` (ValueError if not).
+
+    For a state built here from checked ones (the union of other ranks' views): what
+    the writer keeps must stay under the cap a loaded state is held to.
+    """
+    from ._store_payload import MAX_STORE_OBJECTS
+
+    budget = _Budget(MAX_STORE_OBJECTS if max_objects is None else max_objects)
+    return _pgo_rebuilt(state, budget)
+
+
+#: Each size entry counts one object per this many characters of its source and its
+#: frame's id: its dynamic mark (``pgo_dynamic_marks``, kept for the process's life)
+#: repeats them, so long strings shared by many entries cost what they will occupy.
+_PGO_STR_UNIT = 256
+
+
+def _pgo_rebuilt(state: Any, budget: _Budget | None = None) -> dict[Any, Any]:
     """A fresh code state built from ``state``'s checked fields only (ValueError if any is off).
 
     Unpickled objects can carry anything their classes allow: a ``defaultdict`` whose
     factory is another class, a size that is a string, extra attributes. Dynamo would
     trip over those mid-compile, on every restart. So every field is checked against
     what pgo itself writes, and the state is rebuilt from new objects.
+
+    Every object built spends one of ``budget`` (default: ``MAX_STORE_OBJECTS``), at
+    every reference: a size tuple shared by many entries through the pickle memo is one
+    object unpickled but a copy per entry here, so the count stops the rebuild at the
+    cap (``TooManyObjects``) instead of after the expansion.
     """
+    import reprlib
     from collections import defaultdict
 
     from torch._dynamo.pgo import (
@@ -553,13 +830,25 @@ def _pgo_rebuilt(state: Any) -> dict[Any, Any]:
         InferStride,
     )
 
+    if budget is None:
+        from ._store_payload import MAX_STORE_OBJECTS
+
+        budget = _Budget(MAX_STORE_OBJECTS)
+    spend = budget.spend
+
     def bad(what: str, value: Any) -> ValueError:
-        return ValueError(f"a code state's {what} is {type(value).__name__}: {value!r:.80}")
+        shown = reprlib.repr(value)[:80]  # bounded: a forged value may be huge or deep
+        return ValueError(f"a code state's {what} is {type(value).__name__}: {shown}")
 
     def number(v: Any) -> bool:
         return type(v) in (int, float, bool)
 
+    def text(length: int) -> None:
+        for _ in range(length // _PGO_STR_UNIT + 1):
+            spend()
+
     def atom(v: Any, what: str, stride: bool = False) -> Any:
+        spend()
         if isinstance(v, AutoDynamic | AutoUnset) or type(v) is int:
             return v
         if stride and type(v) is InferStride and type(getattr(v, "dim", None)) is int:
@@ -567,11 +856,29 @@ def _pgo_rebuilt(state: Any) -> dict[Any, Any]:
         raise bad(what, v)
 
     def shape(v: Any, what: str, stride: bool = False) -> Any:
+        spend()
         if isinstance(v, AutoDynamic | AutoUnset):
             return v
         if type(v) is not tuple:
             raise bad(what, v)
         return tuple(atom(x, what, stride) for x in v)
+
+    def small(v: Any) -> bool:
+        return type(v) is int and -_INT64 <= v < _INT64
+
+    def excluded_sizes(v: Any) -> Any:
+        if v is None:
+            return None
+        spend()
+        if type(v) is not tuple:
+            raise bad("excluded sizes", v)
+        out = []
+        for x in v:
+            spend()
+            if x is not None and type(x) is not int:
+                raise bad("excluded sizes", v)
+            out.append(x)
+        return tuple(out)
 
     if not isinstance(state, dict):
         raise bad("top level", state)
@@ -579,30 +886,31 @@ def _pgo_rebuilt(state: Any) -> dict[Any, Any]:
     exclusions = _pgo_fields("FrameStateSizeEntry") >= {"excluded_sizes", "excluded_scalar"}
     out: defaultdict[Any, Any] = defaultdict(CodeState)
     for code_id, code_state in state.items():
+        spend()
         if type(code_id) is not CodeId or type(code_state) is not CodeState:
             raise ValueError("a code state maps CodeId to CodeState")
         fields = (code_id.filename, code_id.firstlineno, code_id.name, code_id.file_hash)
-        if [type(f) for f in fields] != [str, int, str, str]:
+        if [type(f) for f in fields] != [str, int, str, str] or not small(fields[1]):
             raise bad("frame id", code_id)
         closure = getattr(code_id, "closure_hash", None)
-        if closure is not None and type(closure) not in (int, str):
+        if closure is not None and type(closure) is not str and not small(closure):
             raise bad("closure id", closure)
+        id_text = len(fields[0]) + len(fields[2]) + len(fields[3])
         sizes = code_state.automatic_dynamic
         if not isinstance(sizes, dict):
             raise bad("sizes", sizes)
+        spend()
         entries: defaultdict[str, Any] = defaultdict(FrameStateSizeEntry)
         for source, e in sizes.items():
+            spend()
             if type(source) is not str or type(e) is not FrameStateSizeEntry:
                 raise bad("size entry", e)
+            text(len(source) + id_text)  # what its dynamic mark will repeat
             scalar = e.scalar
+            spend()
             if not (isinstance(scalar, AutoDynamic | AutoUnset) or number(scalar)):
                 raise bad("scalar", scalar)
-            excluded = getattr(e, "excluded_sizes", None)
-            if excluded is not None and (
-                type(excluded) is not tuple
-                or any(x is not None and type(x) is not int for x in excluded)
-            ):
-                raise bad("excluded sizes", excluded)
+            excluded = excluded_sizes(getattr(e, "excluded_sizes", None))
             excluded_scalar = getattr(e, "excluded_scalar", None)
             if excluded_scalar is not None and not number(excluded_scalar):
                 raise bad("excluded scalar", excluded_scalar)
@@ -617,6 +925,8 @@ def _pgo_rebuilt(state: Any) -> dict[Any, Any]:
                 stride=shape(e.stride, "stride", stride=True),
                 **extra,
             )
+        if isinstance(closure, str):
+            text(len(closure))
         out[CodeId(*fields, closure) if closures else CodeId(*fields)] = CodeState(
             automatic_dynamic=entries
         )

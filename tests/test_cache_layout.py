@@ -38,6 +38,7 @@ REPORTED = [
     "cache_host_fetches",
     "cache_host_loads",
     "profile_skipped",
+    "store_payloads_refused",
 ]
 
 

@@ -61,8 +61,10 @@ def profile_job(rank: int, world: int, local_base: str, job_id: str = "") -> dic
 
 
 # -- tests -----------------------------------------------------------------------------
-def _run(tmp: Path, cache: Path, name: str, *args: str) -> ranks.RankRun:
+def _run(tmp: Path, cache: Path, name: str, *args: str, secret: str | None = None) -> ranks.RankRun:
     env = {"DYNAMO_DIST_CACHE_DIR": str(cache), "DYNAMO_DIST_LOG": "INFO"}
+    if secret is not None:
+        env["DYNAMO_DIST_CACHE_SECRET"] = secret
     return ranks.launch(
         __file__, "profile_job", str(tmp / f"local-{name}"), *args, tmp=tmp, env=env, timeout=300
     )
@@ -119,12 +121,25 @@ def test_restart_compiles_dynamic_from_the_start(tmp_path: Path) -> None:
 @pytest.mark.inductor
 @pytest.mark.timeout(600)
 def test_user_job_id_keys_the_profile_and_is_kept(tmp_path: Path) -> None:
+    """With a cache secret, too: the profile and the views cross the job's store signed.
+
+    Rank 1 posts its view and rank 0 verifies it (cold run); rank 0 posts the profile
+    and rank 1 verifies it (warm run). A MAC either side got wrong would be refused:
+    counted in ``store_payloads_refused``, and the warm run would recompile.
+    """
     cache = tmp_path / "cache"
-    run = _run(tmp_path, cache, "user", "my-job")
+    secret = "profile-test-secret-0123456789abcdef"  # 32+ characters (issue 26, row 5)
+    run = _run(tmp_path, cache, "user", "my-job", secret=secret)
     assert [run.rank(r)["job_id"] for r in (0, 1)] == ["my-job", "my-job"]
     (profile,) = _profiles(cache)
     manifest = json.loads((profile / "manifest.json").read_text())
     assert manifest["factors"]["profile"] == "my-job"
+    warm = _run(tmp_path, cache, "user-warm", "my-job", secret=secret)
+    assert [c for c, _, _ in _figures(warm)] == [1, 1]
+    assert [lo for _, lo, _ in _figures(warm)] == [1, 1]
+    for r in (0, 1):
+        assert run.rank(r)["stats"]["store_payloads_refused"] == 0
+        assert warm.rank(r)["stats"]["store_payloads_refused"] == 0
 
 
 def test_a_forged_profile_names_no_code() -> None:
