@@ -43,7 +43,6 @@ import math
 import os
 import re
 import secrets
-import shutil
 import stat
 import sys
 import time
@@ -52,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import _cache_fs as fs
 from ._cache_lock import look
 from ._cache_store import (
     ARTIFACT,
@@ -68,7 +68,6 @@ from ._secret import OLD_NAMESPACE_PREFIX, cache_secret, read_secret, untrusted_
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.I)
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # A name that is gone, or is no (plain) directory any more: skipped, it is not ours to read.
 _GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ESTALE)
 TMP_PREFIX = ".tmp."
@@ -231,7 +230,7 @@ class _Cache:
         self.unreadable: list[tuple[str, OSError]] = []
         self.now = time.time()
         try:
-            st = os.stat(self.root)  # the root is the user's choice: a link there is followed
+            st = fs.stat_root(self.root)  # the root is the user's choice: a link is followed
         except OSError as e:
             raise _Fail(_oserror_line(cmd, e, root)) from None
         if not stat.S_ISDIR(st.st_mode):
@@ -245,17 +244,10 @@ class _Cache:
         self.children((), required=True)
 
     @contextlib.contextmanager
-    def open(self, parts: Sequence[str]) -> Iterator[int]:
+    def walk(self, parts: Sequence[str]) -> Iterator[int]:
         """A descriptor of ``root/parts``, each part opened with O_NOFOLLOW from its parent."""
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in parts:
-                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nxt
-            yield fd
-        finally:
-            os.close(fd)
+        with fs.walk(self.root, parts) as fds:
+            yield fds[-1]
 
     def path(self, parts: Sequence[str]) -> Path:
         return self.root.joinpath(*parts)
@@ -269,12 +261,8 @@ class _Cache:
         else remembered for the last line.
         """
         try:
-            with self.open(parts) as fd:
-                out = []
-                for name in sorted(os.listdir(fd)):
-                    with contextlib.suppress(OSError):  # vanished since listed
-                        out.append((name, os.stat(name, dir_fd=fd, follow_symlinks=False)))
-                return out
+            with self.walk(parts) as fd:
+                return fs.entries(fd)  # what vanished since listed is left out
         except OSError as e:
             if e.errno in _GONE and (parts or not required):
                 return []
@@ -296,18 +284,15 @@ class _Cache:
         (0, None) if it vanished. Deep or hostile trees end the count, not the command.
         """
         size, newest = 0, None
-        with contextlib.suppress(OSError, RecursionError), self.open(parts[:-1]) as parent:
-            top = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+        with contextlib.suppress(OSError, RecursionError), self.walk(parts[:-1]) as parent:
+            top = fs.lstat(parent, parts[-1])
             newest = top.st_mtime
             if not stat.S_ISDIR(top.st_mode):
                 return (top.st_size if stat.S_ISREG(top.st_mode) else 0), newest
-            for _top, dirs, files, dfd in os.fwalk(parts[-1], dir_fd=parent):  # no links
-                for name in (*dirs, *files):
-                    with contextlib.suppress(OSError):
-                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                        newest = max(newest, st.st_mtime)
-                        if stat.S_ISREG(st.st_mode):
-                            size += st.st_size
+            for st in fs.tree_stats(parent, parts[-1]):  # no links followed
+                newest = max(newest, st.st_mtime)
+                if stat.S_ISREG(st.st_mode):
+                    size += st.st_size
         return size, newest
 
     # -- what is where ---------------------------------------------------------------
@@ -363,8 +348,8 @@ class _Cache:
 
     def _still_there(self, parts: tuple[str, ...], st: os.stat_result) -> bool:
         try:
-            with self.open(parts[:-1]) as fd:
-                now = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+            with self.walk(parts[:-1]) as fd:
+                now = fs.lstat(fd, parts[-1])
         except OSError:
             return False
         return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
@@ -425,31 +410,14 @@ def _remove_at(root: Path, parts: Sequence[str]) -> None:
     """Delete ``root/parts...`` without following links anywhere below ``root``.
 
     Each directory on the way is opened with O_NOFOLLOW (a symlinked shard fails
-    with ELOOP instead of leading elsewhere); the last part is unlinked if it is
-    not a directory, else removed by ``shutil.rmtree(dir_fd=...)``, whose
-    descriptor-based walk never descends into a link.
+    with ELOOP instead of leading elsewhere); the last part is removed by descriptor
+    (``_cache_fs.remove_tree``), which never follows a link nor opens a FIFO.
+    OSError (ENOTEMPTY) if something could not be removed (a job publishing into it).
     """
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for part in parts[:-1]:
-            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        name = parts[-1]
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(name, dir_fd=fd, onerror=_rmtree_race)
-        else:
-            os.unlink(name, dir_fd=fd)
-    finally:
-        os.close(fd)
-
-
-def _rmtree_race(_fn: Any, _path: str, exc_info: Any) -> None:
-    """rmtree's error handler: what vanished meanwhile (a concurrent prune) is removed."""
-    exc = exc_info[1]
-    if not (isinstance(exc, OSError) and exc.errno in _GONE):
-        raise exc
+    with fs.walk(root, parts[:-1]) as fds:
+        fs.lstat(fds[-1], parts[-1])  # gone: ENOENT, as before
+        if not fs.remove_tree(fds[-1], parts[-1]):
+            raise OSError(errno.ENOTEMPTY, "not everything in it could be removed")
 
 
 def _try_remove(cmd: str, root: Path, parts: Sequence[str]) -> bool:
@@ -493,15 +461,23 @@ def _require_marker(args: argparse.Namespace, what: str) -> str | None:
 def _marked(args: argparse.Namespace, what: str) -> None:
     """Raise _Fail unless ``args.dir`` is a marked cache of our format."""
     marker = Path(args.dir) / MARKER
-    if read_marker(Path(args.dir)) is None and os.path.lexists(marker):
+    if read_marker(Path(args.dir)) is None and _exists(marker):
         try:
-            os.close(os.open(marker, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW))
+            os.close(fs.open_file(None, marker)[0])
         except OSError as e:
             if e.errno not in _GONE:
                 raise _Fail(_oserror_line(what, e, str(marker))) from None
     refusal = _require_marker(args, what)
     if refusal:
         raise _Fail(refusal)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        fs.lstat(None, path)
+    except OSError:
+        return False
+    return True
 
 
 # -- commands ------------------------------------------------------------------------
@@ -686,8 +662,8 @@ def _lock_files(cache: _Cache) -> tuple[_LockMap, list[tuple[str, ...]]]:
 
 def _lock_state(cache: _Cache, parts: tuple[str, ...]) -> tuple[int, int] | None:
     try:
-        with cache.open(parts[:-1]) as fd:
-            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        with cache.walk(parts[:-1]) as fd:
+            st = fs.lstat(fd, parts[-1])
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns
@@ -700,7 +676,7 @@ def _alive_by_identity(cache: _Cache, parts: tuple[str, ...]) -> bool:
     for it far longer than ``clear`` watches, so ``clear`` keeps its lock too.
     """
     try:
-        with cache.open(parts[:-1]) as dir_fd:
+        with cache.walk(parts[:-1]) as dir_fd:
             holder = look(dir_fd, parts[-1], 0)
     except OSError:
         return False
@@ -714,11 +690,11 @@ def _remove_lock_if_unchanged(cache: _Cache, parts: tuple[str, ...], was: tuple[
     meanwhile (a new leader, under the same name) is a new inode and stays.
     """
     try:
-        with cache.open(parts[:-1]) as fd:
-            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        with cache.walk(parts[:-1]) as fd:
+            st = fs.lstat(fd, parts[-1])
             if (st.st_ino, st.st_mtime_ns) != was:
                 return False
-            os.unlink(parts[-1], dir_fd=fd)
+            fs.remove(fd, parts[-1])
     except OSError as e:
         if e.errno not in _GONE:
             e.filename = str(cache.root.joinpath(*parts))
@@ -749,7 +725,7 @@ def cmd_clear(args: argparse.Namespace) -> int:
     }
     ok = True
     for name in ("entries", "refused"):
-        if os.path.lexists(cache.root / name):
+        if _exists(cache.root / name):
             ok = _try_remove("clear", cache.root, [name]) and ok
     # locks/ is never removed wholesale: a leader may have taken a lock since it was
     # listed. Only the dead locks go (each checked again at its unlink), and junk.
@@ -777,16 +753,17 @@ def _entry_names(cache: _Cache, shard: tuple[str, ...]) -> list[str]:
 
 
 def _rmdir_if_empty(cache: _Cache, parts: tuple[str, ...]) -> None:
-    with contextlib.suppress(OSError), cache.open(parts[:-1]) as fd:
-        os.rmdir(parts[-1], dir_fd=fd)  # fails (kept) while a live lock is in it
+    with contextlib.suppress(OSError), cache.walk(parts[:-1]) as fd:
+        fs.remove(fd, parts[-1], directory=True)  # fails (kept) while a live lock is in it
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     """Mark a directory as a cache: for caches made before markers, or a new one."""
     root = Path(args.dir)
-    root.mkdir(parents=True, exist_ok=True)
+    with fs.walk(root, (), create_mode=0o777) as (fd,):
+        names = fs.names(fd)
     known = {"entries", "locks", "refused", MARKER}
-    other = sorted(n for n in os.listdir(root) if n not in known and not n.startswith(".probe."))
+    other = sorted(n for n in names if n not in known and not n.startswith(".probe."))
     if other and not args.force:
         _say(
             f"dynamo-dist cache init: {args.dir} holds {', '.join(other[:5])}"
@@ -810,16 +787,15 @@ def cmd_secret(args: argparse.Namespace) -> int:
     """
     path = Path(args.dir)
     # The directories above it, judged as jobs will judge the file (read_secret).
-    problem = None if os.path.lexists(path) else untrusted_reason(path)
+    problem = None if _exists(path) else untrusted_reason(path)
     if problem is not None:
         raise _Fail(
             f"dynamo-dist cache secret: not writing a secret to {path}: {problem}, so "
             "another user could replace the file (and jobs would refuse it). Fix: choose "
             "a directory only you can write, such as your home directory"
         )
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = fs.create_fd(None, path, 0o600)
     except FileExistsError:
         raise _Fail(
             f"dynamo-dist cache secret: {path} already exists (as a file or a link); "
@@ -827,18 +803,17 @@ def cmd_secret(args: argparse.Namespace) -> int:
             "no job needs that secret any more"
         ) from None
     try:
-        os.fchmod(fd, 0o600)  # whatever the umask
-        with os.fdopen(fd, "w", closefd=False) as fh:
-            fh.write(secrets.token_hex(32) + "\n")
+        fs.chmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (secrets.token_hex(32) + "\n").encode())
     except BaseException:
-        os.unlink(path)
+        fs.remove(None, path)
         raise
     finally:
         os.close(fd)
     try:
         read_secret({CACHE_SECRET_FILE_ENV: str(path)})  # jobs accept what was written
     except ConfigError as e:  # e.g. a directory above it changed meanwhile
-        os.unlink(path)
+        fs.remove(None, path)
         raise _Fail(f"dynamo-dist cache secret: {e}; the file was removed") from None
     shown = clean(os.path.abspath(path))
     _say(f"wrote a new random secret to {shown} (mode 0600). Use it on every host of a job")

@@ -60,7 +60,9 @@ __all__ = [
     "remove_path",
     "remove_tree",
     "rename",
+    "stat_root",
     "touch",
+    "tree_stats",
     "untrusted_reason",
     "walk",
     "write_new",
@@ -286,6 +288,32 @@ def entries(dir_fd: int) -> list[tuple[str, os.stat_result]]:
     return out
 
 
+def stat_root(path: str | os.PathLike[str]) -> os.stat_result:
+    """A root the user named, following a link there (their choice), as :func:`open_root`."""
+    return os.stat(path)
+
+
+def tree_stats(dir_fd: int, name: str, depth: int = 0) -> Iterator[os.stat_result]:
+    """The lstat of everything below directory ``name`` of ``dir_fd``, by descriptor.
+
+    No link is followed and no FIFO opened; what vanishes meanwhile is left out. Stops at
+    ``MAX_TREE_DEPTH``: a deep planted tree ends the count, never the caller.
+    """
+    if depth >= MAX_TREE_DEPTH:
+        return
+    try:
+        fd = open_dir(dir_fd, name)
+    except OSError:
+        return
+    try:
+        for child, st in entries(fd):
+            yield st
+            if stat.S_ISDIR(st.st_mode):
+                yield from tree_stats(fd, child, depth + 1)
+    finally:
+        os.close(fd)
+
+
 def lstat(dir_fd: int | None, name: str | os.PathLike[str]) -> os.stat_result:
     """``name`` (of ``dir_fd``) as it is: a link is described, not followed."""
     return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -389,7 +417,7 @@ def create_file(
     return fh
 
 
-def create_fd(dir_fd: int, name: str, mode: int = 0o644) -> int:
+def create_fd(dir_fd: int | None, name: str | os.PathLike[str], mode: int = 0o644) -> int:
     """A new, empty file ``name`` (``O_CREAT | O_EXCL | O_NOFOLLOW``), open for writing."""
     return os.open(name, CREATE_FLAGS, mode, dir_fd=dir_fd)
 
