@@ -416,8 +416,9 @@ def _remove_at(root: Path, parts: Sequence[str]) -> None:
     """
     with fs.walk(root, parts[:-1]) as fds:
         fs.lstat(fds[-1], parts[-1])  # gone: ENOENT, as before
-        if not fs.remove_tree(fds[-1], parts[-1]):
-            raise OSError(errno.ENOTEMPTY, "not everything in it could be removed")
+        errors: list[OSError] = []
+        if not fs.remove_tree(fds[-1], parts[-1], errors=errors):
+            raise errors[0] if errors else OSError(errno.ENOTEMPTY, "could not remove all of it")
 
 
 def _try_remove(cmd: str, root: Path, parts: Sequence[str]) -> bool:

@@ -485,24 +485,30 @@ def remove(dir_fd: int | None, name: str | os.PathLike[str], directory: bool = F
 MAX_TREE_DEPTH = 64
 
 
-def remove_tree(dir_fd: int, name: str, owner: int | None = None) -> bool:
+def remove_tree(
+    dir_fd: int, name: str, owner: int | None = None, errors: list[OSError] | None = None
+) -> bool:
     """Remove directory ``name`` of ``dir_fd`` and everything in it, by descriptor.
 
     Never follows a link (a link is unlinked, its target untouched), never opens a FIFO,
     socket or device (they are unlinked unopened), so nothing planted can block it or
     redirect it. With ``owner``, only entries of that uid are removed (in a private
     directory, a file of someone else's is evidence, not ours to delete), and their
-    directories are kept. Best effort: whether all of ``name`` is gone.
+    directories are kept. Best effort: whether all of ``name`` is gone; ``errors``
+    receives each error met (a caller that reports them says why something stayed).
     """
-    return _remove_tree(dir_fd, name, owner, 0)
+    return _remove_tree(dir_fd, name, owner, 0, [] if errors is None else errors)
 
 
-def _remove_tree(dir_fd: int, name: str, owner: int | None, depth: int) -> bool:
+def _remove_tree(
+    dir_fd: int, name: str, owner: int | None, depth: int, errors: list[OSError]
+) -> bool:
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return True
-    except OSError:
+    except OSError as e:
+        errors.append(e)
         return False
     if owner is not None and st.st_uid != owner:
         return False
@@ -511,14 +517,19 @@ def _remove_tree(dir_fd: int, name: str, owner: int | None, depth: int) -> bool:
             os.unlink(name, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
-        except OSError:
+        except OSError as e:
+            errors.append(e)
             return False
         return True
     if depth >= MAX_TREE_DEPTH:
+        errors.append(OSError(errno.ELOOP, "nested too deep to remove", name))
         return False
     try:
         fd = open_dir(dir_fd, name)
-    except OSError:
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        errors.append(e)
         return False
     try:
         inner = os.fstat(fd)
@@ -526,8 +537,9 @@ def _remove_tree(dir_fd: int, name: str, owner: int | None, depth: int) -> bool:
             return False  # swapped between the look and the open
         whole = True
         for child in os.listdir(fd):
-            whole = _remove_tree(fd, child, owner, depth + 1) and whole
-    except OSError:
+            whole = _remove_tree(fd, child, owner, depth + 1, errors) and whole
+    except OSError as e:
+        errors.append(e)
         whole = False
     finally:
         os.close(fd)
@@ -536,7 +548,8 @@ def _remove_tree(dir_fd: int, name: str, owner: int | None, depth: int) -> bool:
             os.rmdir(name, dir_fd=dir_fd)
         except FileNotFoundError:
             pass
-        except OSError:
+        except OSError as e:
+            errors.append(e)
             return False
     return whole
 

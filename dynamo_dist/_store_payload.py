@@ -28,13 +28,18 @@ from __future__ import annotations
 
 import hmac
 import threading
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
+from ._limits import MAX_STORE_OBJECTS, MAX_STORE_PAYLOAD_BYTES, PayloadRefused, TooManyObjects
 from ._log import get_logger
 from ._secret import payload_mac
 
-if TYPE_CHECKING:
-    from ._cache_stats import CacheStats
+
+class Counts(Protocol):
+    """Where a cache directory counts its refusals (``CacheStats``; not imported: layers)."""
+
+    store_payloads_refused: int
+
 
 __all__ = [
     "MAC_BYTES",
@@ -51,33 +56,8 @@ __all__ = [
 
 log = get_logger("store")
 
-#: The most bytes one value read from the job's store may have. A code state is a few
-#: KB per frame, a status record or a report a few KB: 1 MiB is far above any real one
-#: and far below what hurts a rank (every rank of a 4,096-rank job may read them).
-MAX_STORE_PAYLOAD_BYTES: Final = 1 << 20
-#: The most objects unpickling or rebuilding one profile or view may build, every
-#: reference to a shared object counted again: a memo reference costs one byte of the
-#: pickle but a full copy when the state is rebuilt, so the byte cap alone does not
-#: bound the work. A real profile builds a few hundred objects per frame.
-MAX_STORE_OBJECTS: Final = 100_000
 #: Length of the HMAC-SHA256 that precedes a signed payload.
 MAC_BYTES: Final = 32
-
-
-class PayloadRefused(ValueError):
-    """A value from the job's store that is not used: over a cap, or a missing or bad MAC."""
-
-
-class TooManyObjects(PayloadRefused):
-    """Unpickling or rebuilding stopped: it would have built more than ``cap`` objects."""
-
-    def __init__(self, counted: int, cap: int) -> None:
-        super().__init__(
-            f"it builds more than {cap} objects (shared references counted each time); "
-            "a code state is a few hundred objects per frame"
-        )
-        self.counted = counted
-        self.cap = cap
 
 
 def checked(raw: Any, what: str) -> bytes:
@@ -126,7 +106,7 @@ _refused = 0  # refusals counted outside any cache directory (board, report, set
 _warned: set[str] = set()
 
 
-def refuse(what: str, e: BaseException, counts: CacheStats | None = None) -> None:
+def refuse(what: str, e: BaseException, counts: Counts | None = None) -> None:
     """Count a refused payload (in ``counts``, else process-wide) and warn once per ``what``.
 
     ``what`` names the kind of payload ("automatic-dynamic view", "status record"): a

@@ -548,7 +548,7 @@ class _Budget:
     def spend(self) -> None:
         self.used += 1
         if self.used > self.cap:
-            from ._store_payload import TooManyObjects
+            from ._limits import TooManyObjects
 
             raise TooManyObjects(self.used, self.cap)
 
@@ -770,7 +770,7 @@ def pgo_loads(data: bytes, max_objects: int | None = None) -> dict[Any, Any]:
     (``TooManyObjects``, a ValueError): a small pickle whose memo references expand to
     millions of objects costs at most the cap.
     """
-    from ._store_payload import MAX_STORE_OBJECTS
+    from ._limits import MAX_STORE_OBJECTS
 
     cap = MAX_STORE_OBJECTS if max_objects is None else max_objects
     try:
@@ -793,7 +793,7 @@ def pgo_checked(state: dict[Any, Any], max_objects: int | None = None) -> dict[A
     For a state built here from checked ones (the union of other ranks' views): what
     the writer keeps must stay under the cap a loaded state is held to.
     """
-    from ._store_payload import MAX_STORE_OBJECTS
+    from ._limits import MAX_STORE_OBJECTS
 
     budget = _Budget(MAX_STORE_OBJECTS if max_objects is None else max_objects)
     return _pgo_rebuilt(state, budget)
@@ -831,7 +831,7 @@ def _pgo_rebuilt(state: Any, budget: _Budget | None = None) -> dict[Any, Any]:
     )
 
     if budget is None:
-        from ._store_payload import MAX_STORE_OBJECTS
+        from ._limits import MAX_STORE_OBJECTS
 
         budget = _Budget(MAX_STORE_OBJECTS)
     spend = budget.spend

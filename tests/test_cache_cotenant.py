@@ -179,7 +179,6 @@ def test_planted_publish_leftovers_never_block_the_leader(
     """A group-shared signed cache: the attacker's backdated ``.tmp.<key>.*`` directories
     (FIFOs and links inside, and one swapped for a FIFO between the leader's look and its
     removal) are removed, or left, without blocking and without following a link."""
-    from dynamo_dist import _cache_fs, _cache_store
     from dynamo_dist._cache_store import DiskStore
 
     key = "ab" * 20
@@ -200,21 +199,26 @@ def test_planted_publish_leftovers_never_block_the_leader(
         _attacker("mkfifo", str(tmp / "fifo"), str(tmp / "sub" / "fifo"))
         _attacker("ln", "-s", str(keep), str(tmp / "link"))
         os.utime(tmp, (old, old))
-    real = _cache_fs.remove_tree
+    real_open = os.open
+    swapped: list[str] = []
 
-    def swap_then_remove(dir_fd: int, name: str, owner: int | None = None) -> bool:
-        # Between the leader's listing and its removal, the attacker swaps a directory
-        # for a FIFO (a test hook instead of a won race).
-        if name.endswith(".b"):
+    def swap_then_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        # Between the leader's look at a leftover and its opening it for removal, the
+        # attacker swaps the directory for a FIFO (a test hook instead of a won race).
+        name = os.fsdecode(path)
+        if name == f".tmp.{key}.b" and not swapped:
+            swapped.append(name)
             shutil.rmtree(shard / name)
             os.mkfifo(shard / name)
-        return real(dir_fd, name, owner)
+        return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(_cache_store.fs, "remove_tree", swap_then_remove)
+    monkeypatch.setattr(os, "open", swap_then_open)
     room = shared_tmp / "room"
     room.mkdir()
     (room / "k.cpp").write_text("kernel")
     assert store.put(key, ranks.members(room), {"created": time.time()}) > 0
+    monkeypatch.undo()
+    assert swapped, "the leader never opened the leftover it removes"
     assert not (shard / f".tmp.{key}.a").exists()
     assert (keep / "precious").read_text() == "mine"
     assert store.get(key) is not None

@@ -299,8 +299,13 @@ def test_local_directory_is_created_private(tmp_path, monkeypatch):
     target.chmod(0o755)  # ours and not writable by others: tightened, still used
     assert private_local_dir() == target
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
-    target.chmod(0o777)
-    assert private_local_dir() is None
+    target.chmod(0o777)  # writable by others: never used; this process switches away
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "xdg").mkdir(mode=0o700)
+    replacement = tmp_path / "xdg" / "dynamo_dist" / "inductor"
+    assert private_local_dir() == replacement
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(replacement)
+    assert stat.S_IMODE(replacement.stat().st_mode) == 0o700
 
 
 # -- item 8: jobs with different secrets share nothing and destroy nothing ----------------

@@ -15,10 +15,11 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "dynamo_dist"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("_torch_compat", "_log", "_errors", "_version", "_proc", "_C"),
+    ("_torch_compat", "_log", "_errors", "_limits", "_version", "_proc", "_C"),
     ("_events", "_stats", "_config"),
     ("_cache_fs",),  # the cache's one filesystem layer (its secret reads files too)
     ("_secret",),
+    ("_store_payload",),  # caps and MACs on what is read from the job's store
     ("_hook",),  # hook
     ("_local",),  # which ranks a compile agrees with (local(), the group's scope)
     ("_status", "_group"),
