@@ -299,7 +299,11 @@ def test_local_directory_is_created_private(tmp_path, monkeypatch):
     target.chmod(0o755)  # ours and not writable by others: tightened, still used
     assert private_local_dir() == target
     assert stat.S_IMODE(target.stat().st_mode) == 0o700
-    target.chmod(0o777)  # writable by others: never used; this process switches away
+    target.chmod(0o777)  # ours, under a parent only we can search: nobody else got in
+    assert private_local_dir() == target
+    assert stat.S_IMODE(target.stat().st_mode) == 0o700
+    tmp_path.chmod(0o755)
+    target.chmod(0o777)  # others could have written it: never used; this process switches
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     (tmp_path / "xdg").mkdir(mode=0o700)
     replacement = tmp_path / "xdg" / "dynamo_dist" / "inductor"
