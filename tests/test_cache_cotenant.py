@@ -239,9 +239,9 @@ def test_a_local_cache_the_cotenant_owns_is_replaced(
 import os, stat, sys
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = {str(theirs)!r}
 from dynamo_dist._cache_protocol import private_local_dir, local_inductor_dir
-from dynamo_dist._cache_rooms import staging_dir
 local = private_local_dir()
 assert local is not None
+from dynamo_dist._cache_rooms import staging_dir
 assert local == local_inductor_dir(), (local, local_inductor_dir())
 assert str(local).startswith({str(home)!r}), local
 assert stat.S_IMODE(os.stat(local).st_mode) == 0o700
