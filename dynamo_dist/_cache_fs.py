@@ -513,14 +513,7 @@ def _remove_tree(
     if owner is not None and st.st_uid != owner:
         return False
     if not stat.S_ISDIR(st.st_mode):
-        try:
-            os.unlink(name, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            errors.append(e)
-            return False
-        return True
+        return _unlink_noting(dir_fd, name, False, errors)
     if depth >= MAX_TREE_DEPTH:
         errors.append(OSError(errno.ELOOP, "nested too deep to remove", name))
         return False
@@ -543,15 +536,19 @@ def _remove_tree(
         whole = False
     finally:
         os.close(fd)
-    if whole:
-        try:
-            os.rmdir(name, dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            errors.append(e)
-            return False
-    return whole
+    return whole and _unlink_noting(dir_fd, name, True, errors)
+
+
+def _unlink_noting(dir_fd: int, name: str, directory: bool, errors: list[OSError]) -> bool:
+    """Unlink (or rmdir) ``name``; whether it is gone, the error noted if not."""
+    try:
+        remove(dir_fd, name, directory)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        errors.append(e)
+        return False
+    return True
 
 
 def remove_path(path: Path, owner: int | None = None) -> bool:
