@@ -43,6 +43,7 @@ __all__ = [
     "create_fd",
     "create_file",
     "entries",
+    "foreign_in_tree",
     "fstat",
     "fsync",
     "lstat",
@@ -267,8 +268,15 @@ def private_dir(base: Path, names: Sequence[str], tighten: bool = True) -> Path:
 
 
 def private_temp_dir(prefix: str, under: str | None = None) -> Path:
-    """A fresh directory of ours, mode 0700, with an unpredictable name (in the temp dir)."""
+    """A fresh directory of ours, mode 0700, with an unpredictable name (in the temp dir).
+
+    NotPrivate unless the temp dir is private or sticky and its parents trusted: in a
+    group-writable one, another member could rename ours away and put theirs in its place.
+    """
     base = Path(under or tempfile.gettempdir())
+    problem = untrusted_reason(base, as_parent=True)
+    if problem is not None:
+        raise NotPrivate(str(base), problem)
     with walk(base, ()) as (fd,):
         name = make_temp_dir(fd, prefix)
     return base / name
@@ -286,6 +294,46 @@ def entries(dir_fd: int) -> list[tuple[str, os.stat_result]]:
         with contextlib.suppress(FileNotFoundError):
             out.append((name, os.stat(name, dir_fd=dir_fd, follow_symlinks=False)))
     return out
+
+
+#: How many entries :func:`foreign_in_tree` looks at before it calls a tree unknowable.
+MAX_TREE_ENTRIES = 1_000_000
+
+
+def foreign_in_tree(root: Path) -> str | None:
+    """Why something under ``root`` may be someone else's, or None if all of it is ours.
+
+    Walked by descriptor, no link followed: a file or directory of another uid, or a
+    directory others can write, is named. A tree deeper than ``MAX_TREE_DEPTH`` or with
+    more than ``MAX_TREE_ENTRIES`` entries is not vouched for either.
+    """
+    me = os.geteuid()
+    seen = 0
+    with walk(root, ()) as (top,):
+        stack: list[tuple[int, str, int]] = [(os.dup(top), str(root), 0)]
+        try:
+            while stack:
+                fd, where, depth = stack.pop()
+                try:
+                    for name, st in entries(fd):
+                        seen += 1
+                        if seen > MAX_TREE_ENTRIES:
+                            return f"{root} holds more than {MAX_TREE_ENTRIES} files"
+                        if st.st_uid != me:
+                            return f"{where}/{name} is owned by uid {st.st_uid}, not this user"
+                        if stat.S_ISDIR(st.st_mode):
+                            if st.st_mode & 0o022:
+                                mode = stat.S_IMODE(st.st_mode)
+                                return f"{where}/{name} is group- or other-writable ({mode:04o})"
+                            if depth + 1 >= MAX_TREE_DEPTH:
+                                return f"{where}/{name} is nested too deep to check"
+                            stack.append((open_dir(fd, name), f"{where}/{name}", depth + 1))
+                finally:
+                    os.close(fd)
+        finally:
+            for fd, _, _ in stack:
+                os.close(fd)
+    return None
 
 
 def stat_root(path: str | os.PathLike[str]) -> os.stat_result:

@@ -161,12 +161,27 @@ def local_inductor_dir() -> Path:
 
 
 def _private_problem(path: Path) -> str | None:
-    """Why ``path`` is no private directory of ours (created 0700 if absent), or None."""
+    """Why ``path`` is no private directory of ours (created 0700 if absent), or None.
+
+    The whole tree is looked at once per process (by descriptor, bounded): a directory
+    its owner made private after someone else could write it (torch creates it with
+    the umask: 0775 under umask 002) may hold their files, which inductor would load.
+    """
     try:
         fs.private_dir(path.parent, (path.name,))
+        if path not in _trees_checked:
+            problem = fs.foreign_in_tree(path)
+            if problem is not None:
+                return problem
+            _trees_checked.add(path)
     except OSError as e:
         return f"{e.filename}: {e.strerror}" if e.filename else str(e)
     return None
+
+
+#: Local directories whose whole tree was found ours (once per process: a tree that is
+#: ours, under a private top, cannot gain someone else's files afterwards).
+_trees_checked: set[Path] = set()
 
 
 def _replacement_dirs() -> list[tuple[Path, tuple[str, ...]]]:
@@ -201,12 +216,16 @@ def private_local_dir() -> Path | None:
     )
     reason = _private_problem(path)
     if reason is None:
+        _use_private_headers(path)
         return path
     for base, names in _replacement_dirs():
         with contextlib.suppress(OSError):
             parent = fs.private_dir(base, names[:-1], tighten=False)
             return _switch_to(fs.private_dir(parent, names[-1:]), path, reason)
     with contextlib.suppress(OSError):
+        # A fresh directory in the temp dir, only if that is a sticky or private parent
+        # (in a group-writable one, another member could rename ours away and put theirs
+        # in its place); made once per process, then found private like any other.
         return _switch_to(fs.private_temp_dir("dynamo_dist-inductor-"), path, reason)
     warn_once(
         f"local:{path}",
@@ -219,8 +238,22 @@ def private_local_dir() -> Path | None:
     return None
 
 
+def _use_private_headers(local: Path) -> None:
+    """Inductor's precompiled headers go under ``local`` (private), not under /tmp.
+
+    Inductor keeps them in ``/tmp/torchinductor_<user>/precompiled_headers`` whatever
+    ``TORCHINDUCTOR_CACHE_DIR`` says, and compiles every CPU kernel with ``-include`` of
+    a header found there: one planted there would be built into every kernel a leader
+    publishes (found by the adversarial review of issue 26).
+    """
+    with contextlib.suppress(OSError):
+        headers = fs.private_dir(local, ("precompiled_headers",))
+        _torch_compat.use_precompiled_header_dir(str(headers))
+
+
 def _switch_to(new: Path, old: Path, reason: str) -> Path:
     _torch_compat.use_inductor_cache_dir(str(new))
+    _use_private_headers(new)
     warn_once(
         f"local:{old}",
         "local inductor cache %s is not private (%s): nothing is compiled, staged or loaded "
@@ -338,6 +371,9 @@ class SharedCache:
         self.writable = True
         self.counts = CacheStats()
         self.agreement = Agreement(timeout, agree)
+        # Before anything is traced: Dynamo reads its own state from the local cache
+        # (``code_state_<job>.pkl`` with a user job_id) while tracing the first frame.
+        private_local_dir()
         try:
             self.store.check_usable()
         except OSError as e:
@@ -991,9 +1027,12 @@ class SharedCache:
             room = ROOMS.make_room(local, key)
         except OSError as e:
             # No room (a read-only or full local cache): compile the plain way, publish
-            # nothing; the followers see the lock released and compile themselves.
+            # nothing; the followers see the lock released and compile themselves. The
+            # local directory is checked again first (it may be why no room could be
+            # made), so the compile never happens in one someone else could fill.
             self._local_problem("making a clean room", key, e)
             if not in_room_only:
+                private_local_dir()
                 run()
             return False
         t0 = time.monotonic()
@@ -1126,4 +1165,5 @@ class SharedCache:
         if self.agreement.applies(scope):
             assert scope is not None
             self.agreement.abstain(next_compile(scope) if n is None else n, scope)
+        private_local_dir()  # never compiled in a directory someone else could fill
         return self._compile_counted(compile_fn)

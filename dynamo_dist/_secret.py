@@ -102,7 +102,15 @@ def read_secret(environ: Mapping[str, str]) -> str | None:
             "directory only you can write, such as your home directory"
         )
     try:
+        # Ours (or root's: a root-owned file only root could have written): a file of
+        # someone else's that appeared after the check above is not our secret.
         fd, st = fs.open_file(None, path)
+        if st.st_uid not in (os.geteuid(), 0):
+            os.close(fd)
+            raise ConfigError(
+                f"{CACHE_SECRET_FILE_ENV}={path} is owned by uid {st.st_uid}, not by this "
+                "user; keep the secret in a file of your own (chmod 600)"
+            )
     except FileNotFoundError:
         raise ConfigError(
             f"{CACHE_SECRET_FILE_ENV}={path}: the file does not exist; create it with "

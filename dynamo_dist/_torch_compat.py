@@ -1352,3 +1352,22 @@ def use_inductor_cache_dir(path: str) -> None:
     import os
 
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+
+
+def use_precompiled_header_dir(path: str) -> None:
+    """Where inductor precompiles the headers every CPU kernel is compiled with.
+
+    ``torch._inductor.codecache._HEADER_DIR`` and ``_HEADER_LOCK_DIR`` (torch 2.6
+    through 2.13) are fixed at import under ``/tmp/torchinductor_<user>``, a directory
+    another user can create first; they are read at every use, so setting them redirects
+    every later compile. A torch without them has no precompiled headers to move.
+    """
+    import os
+
+    try:
+        from torch._inductor import codecache
+    except Exception:
+        return
+    if hasattr(codecache, "_HEADER_DIR"):
+        codecache._HEADER_DIR = path
+        codecache._HEADER_LOCK_DIR = os.path.join(path, "locks")
