@@ -301,7 +301,15 @@ def secret_file_for_workers() -> Iterator[dict[str, str]]:
         yield {}
         return
     base = _secret_dir_base()
-    where = str(fs.private_temp_dir("dynamo_dist-secret.", base))
+    try:
+        where = str(fs.private_temp_dir("dynamo_dist-secret.", base))
+    except fs.NotPrivate as e:
+        raise ConfigError(
+            f"cannot hand the secret to the workers in a private file under "
+            f"{e.filename}: {e.strerror}. Fix: set TMPDIR to a directory only you can "
+            f"write, or set {CACHE_SECRET_FILE_ENV} to a file of your own instead of "
+            f"{CACHE_SECRET_ENV}"
+        ) from None
     path = os.path.join(where, "cache.key")
     try:
         # Checked before the secret is written: another user who could replace the

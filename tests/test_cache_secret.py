@@ -273,20 +273,27 @@ def test_unsigned_cache_in_a_shared_directory_is_not_loaded(tmp_path):
 @pytest.mark.multiproc
 @pytest.mark.inductor
 def test_nothing_is_installed_into_a_shared_local_directory(tmp_path):
+    """A local directory others can write is never used: each rank switches to one
+    private replacement (and says so), and loads the shared entries there."""
     cache = tmp_path / "cache"
-    env = {SECRET_ENV: "item6-" + "6" * 32}
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    env = {SECRET_ENV: "item6-" + "6" * 32, "XDG_CACHE_HOME": str(xdg)}
     _job(tmp_path, "first", cache, env=env)
     local = tmp_path / "second-local"
     for r in (0, 1):
         (local / f"rank{r}").mkdir(parents=True)
         (local / f"rank{r}").chmod(0o777)
     res, out = _job(tmp_path, "second", cache, env=env)
+    replacement = xdg / "dynamo_dist" / "inductor"
     for r in (0, 1):
         s = res[r]["stats"]
-        assert s["cache_loads"] == 0 and s["inductor_compiles"] > 0, s
-        assert not (local / f"rank{r}" / "dynamo_dist").exists()
+        assert s["cache_loads"] >= 1 and s["inductor_compiles"] == 0, s
+        assert list((local / f"rank{r}").iterdir()) == []  # nothing written there
         assert str(local / f"rank{r}") in out
-    assert "0700" in out
+    assert stat.S_IMODE(replacement.stat().st_mode) == 0o700
+    assert list(replacement.iterdir())
+    assert "TORCHINDUCTOR_CACHE_DIR to a new, empty directory" in out
 
 
 def test_local_directory_is_created_private(tmp_path, monkeypatch):
