@@ -353,6 +353,11 @@ class _FirstCall:
         self.backends: list[_SwitchableBackend] = []
         self.state = "pending"  # -> "attached" | "plain"
         self.counts = Counts()  # rank-local compiles before the first call outside local()
+        if cfg.cache_dir:
+            # Now, before anything is traced or compiled (the first call may be inside
+            # local(), or before init_process_group, and stay plain): with a shared cache,
+            # inductor never works in a local directory someone else could fill.
+            _cache.require_private_local_dir()
         self._lock = threading.RLock()
         # The hooks as installed (each attribute access makes a new bound method).
         self._hooks = (self._first, self._last)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from ._cache_backend import CachingBackend, get_cache, stats
 from ._cache_key import UnkeyableGraph, graph_key, source_hash, version_factors
 from ._cache_profile import profiles_for
-from ._cache_protocol import SharedCache
+from ._cache_protocol import SharedCache, require_private_local_dir
 from ._cache_protocol import private_local_dir as _private_local_dir
 from ._cache_stats import CacheStats
 
@@ -32,6 +32,7 @@ __all__ = [
     "get_cache",
     "graph_key",
     "profiles_for",
+    "require_private_local_dir",
     "source_hash",
     "stats",
     "version_factors",

@@ -303,36 +303,37 @@ MAX_TREE_ENTRIES = 1_000_000
 def foreign_in_tree(root: Path) -> str | None:
     """Why something under ``root`` may be someone else's, or None if all of it is ours.
 
-    Walked by descriptor, no link followed: a file or directory of another uid, or a
-    directory others can write, is named. A tree deeper than ``MAX_TREE_DEPTH`` or with
-    more than ``MAX_TREE_ENTRIES`` entries is not vouched for either.
+    Walked by descriptor, depth first (one descriptor per level open at a time), no link
+    followed, no FIFO opened: a file or directory of another uid is named. Modes are not
+    judged: under a top that is ours and closed to others, directories inductor made
+    0775 under umask 002 are out of everyone else's reach. A tree deeper than
+    ``MAX_TREE_DEPTH`` or with more than ``MAX_TREE_ENTRIES`` entries is not vouched for.
     """
-    me = os.geteuid()
-    seen = 0
     with walk(root, ()) as (top,):
-        stack: list[tuple[int, str, int]] = [(os.dup(top), str(root), 0)]
+        return _foreign_at(top, str(root), os.geteuid(), 0, [0])
+
+
+def _foreign_at(fd: int, where: str, me: int, depth: int, seen: list[int]) -> str | None:
+    for name in names(fd):
+        seen[0] += 1
+        if seen[0] > MAX_TREE_ENTRIES:
+            return f"{where} holds more than {MAX_TREE_ENTRIES} files"
         try:
-            while stack:
-                fd, where, depth = stack.pop()
-                try:
-                    for name, st in entries(fd):
-                        seen += 1
-                        if seen > MAX_TREE_ENTRIES:
-                            return f"{root} holds more than {MAX_TREE_ENTRIES} files"
-                        if st.st_uid != me:
-                            return f"{where}/{name} is owned by uid {st.st_uid}, not this user"
-                        if stat.S_ISDIR(st.st_mode):
-                            if st.st_mode & 0o022:
-                                mode = stat.S_IMODE(st.st_mode)
-                                return f"{where}/{name} is group- or other-writable ({mode:04o})"
-                            if depth + 1 >= MAX_TREE_DEPTH:
-                                return f"{where}/{name} is nested too deep to check"
-                            stack.append((open_dir(fd, name), f"{where}/{name}", depth + 1))
-                finally:
-                    os.close(fd)
-        finally:
-            for fd, _, _ in stack:
-                os.close(fd)
+            st = lstat(fd, name)
+        except FileNotFoundError:
+            continue
+        if st.st_uid != me:
+            return f"{where}/{name} is owned by uid {st.st_uid}, not this user"
+        if stat.S_ISDIR(st.st_mode):
+            if depth + 1 >= MAX_TREE_DEPTH:
+                return f"{where}/{name} is nested too deep to check"
+            sub = open_dir(fd, name)
+            try:
+                problem = _foreign_at(sub, f"{where}/{name}", me, depth + 1, seen)
+            finally:
+                os.close(sub)
+            if problem is not None:
+                return problem
     return None
 
 

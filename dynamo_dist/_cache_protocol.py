@@ -71,6 +71,7 @@ from ._cache_store import (
     merge_into,
 )
 from ._config import CACHE_SECRET_FILE_ENV
+from ._errors import ConfigError
 from ._secret import cache_secret
 
 __all__ = [
@@ -79,6 +80,7 @@ __all__ = [
     "host_copy_dir",
     "local_inductor_dir",
     "private_local_dir",
+    "require_private_local_dir",
 ]
 
 #: A graph this rank will compile next, as (key, factors, compile_fn, label): what a rank
@@ -221,7 +223,9 @@ def private_local_dir() -> Path | None:
     for base, names in _replacement_dirs():
         with contextlib.suppress(OSError):
             parent = fs.private_dir(base, names[:-1], tighten=False)
-            return _switch_to(fs.private_dir(parent, names[-1:]), path, reason)
+            new = fs.private_dir(parent, names[-1:])
+            if new != path and _private_problem(new) is None:  # its whole tree too
+                return _switch_to(new, path, reason)
     with contextlib.suppress(OSError):
         # A fresh directory in the temp dir, only if that is a sticky or private parent
         # (in a group-writable one, another member could rename ours away and put theirs
@@ -236,6 +240,25 @@ def private_local_dir() -> Path | None:
         reason,
     )
     return None
+
+
+def require_private_local_dir() -> Path:
+    """:func:`private_local_dir`, or ConfigError: no compile in a directory others can fill.
+
+    Where neither the configured directory nor any replacement is private (an unusable
+    home and a group-writable temp dir), compiling there would load whatever a co-tenant
+    put there, so the compile stops with the cause and the fix instead.
+    """
+    local = private_local_dir()
+    if local is None:
+        raise ConfigError(
+            "TORCHINDUCTOR_CACHE_DIR: the local inductor cache "
+            f"{_torch_compat.inductor_cache_dir()} is not private to this user and no private "
+            "replacement could be made ($XDG_CACHE_HOME, ~/.cache, the temp dir); with a "
+            "shared cache nothing is compiled where another user could plant files. Fix: "
+            "set TORCHINDUCTOR_CACHE_DIR to a new, empty directory of your own"
+        )
+    return local
 
 
 def _use_private_headers(local: Path) -> None:
@@ -1032,7 +1055,7 @@ class SharedCache:
             # made), so the compile never happens in one someone else could fill.
             self._local_problem("making a clean room", key, e)
             if not in_room_only:
-                private_local_dir()
+                require_private_local_dir()
                 run()
             return False
         t0 = time.monotonic()
@@ -1165,5 +1188,5 @@ class SharedCache:
         if self.agreement.applies(scope):
             assert scope is not None
             self.agreement.abstain(next_compile(scope) if n is None else n, scope)
-        private_local_dir()  # never compiled in a directory someone else could fill
+        require_private_local_dir()  # never compiled where someone else could plant files
         return self._compile_counted(compile_fn)

@@ -92,10 +92,52 @@ def test_someone_elses_files_inside_a_private_directory_make_it_unusable(
     assert private_local_dir() == env
     assert fs.foreign_in_tree(local) is not None
     os.chown(local / "ab" / "probe.so", os.geteuid(), os.getegid())
-    os.chmod(local / "ab", 0o777)
-    assert "writable" in (fs.foreign_in_tree(local) or "")
-    os.chmod(local / "ab", 0o700)
+    os.chmod(local / "ab", 0o775)  # inductor's own, under umask 002: unreachable, fine
     assert fs.foreign_in_tree(local) is None
+
+
+def test_the_tree_check_keeps_one_descriptor_per_level(tmp_path: Path) -> None:
+    """1,024 prefix directories (inductor's layout) under a 1,024-descriptor limit."""
+    import resource
+
+    local = tmp_path / "local"
+    for i in range(1100):
+        (local / f"{i:03x}").mkdir(parents=True)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+    try:
+        assert fs.foreign_in_tree(local) is None
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_replacement_holding_someone_elses_files_is_not_used(
+    tmp_path: Path, env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (env / "az").mkdir(parents=True)
+    os.chown(env / "az", OTHER, OTHER)
+    theirs = _theirs(tmp_path / "pub" / "torchinductor_victim")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(theirs))
+    got = private_local_dir()
+    assert got is not None and got != env and got != theirs
+
+
+def test_no_compile_where_no_private_directory_can_be_had(
+    tmp_path: Path, env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dynamo_dist._errors import ConfigError
+
+    cache = SharedCache(str(tmp_path / "cache"), timeout=5, wait_log_interval=5, agree=False)
+    grp = tmp_path / "grp"
+    theirs = _theirs(grp / "torchinductor_victim")
+    os.chmod(tmp_path, 0o755)
+    os.chmod(grp, 0o2775)  # group-writable, not sticky: no temporary replacement there
+    monkeypatch.setenv("TMPDIR", str(grp))
+    monkeypatch.setenv("HOME", "/dev/null")
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(theirs))
+    with pytest.raises(ConfigError, match="TORCHINDUCTOR_CACHE_DIR"):
+        cache.compile_uncached(lambda: "compiled")
 
 
 def test_no_temporary_replacement_in_a_group_writable_temp_dir(
