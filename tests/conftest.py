@@ -23,3 +23,23 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
 def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     yield
     ranks.current_item = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Where a rank whose local inductor directory is not private switches to.
+
+    ``$XDG_CACHE_HOME/dynamo_dist/inductor``: a directory of the test session's, so no
+    test writes into the home directory of whoever runs the suite.
+    """
+    import os
+
+    home = tmp_path_factory.mktemp("xdg-cache")
+    home.chmod(0o700)
+    before = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(home)
+    yield
+    if before is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = before
