@@ -269,9 +269,17 @@ def _use_private_headers(local: Path) -> None:
     a header found there: one planted there would be built into every kernel a leader
     publishes (found by the adversarial review of issue 26).
     """
+    if local in _headers_moved:
+        return  # once per directory: this runs at every compile
     with contextlib.suppress(OSError):
         headers = fs.private_dir(local, ("precompiled_headers",))
         _torch_compat.use_precompiled_header_dir(str(headers))
+        _headers_moved.clear()
+        _headers_moved.add(local)
+
+
+#: The private directory inductor's precompiled headers were last moved under.
+_headers_moved: set[Path] = set()
 
 
 def _switch_to(new: Path, old: Path, reason: str) -> Path:

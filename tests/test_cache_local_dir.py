@@ -32,6 +32,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setattr(_cache_protocol, "_trees_checked", set())
+    monkeypatch.setattr(_cache_protocol, "_headers_moved", set())
     from torch._inductor import codecache
 
     monkeypatch.setattr(codecache, "_HEADER_DIR", codecache._HEADER_DIR)
