@@ -11,7 +11,18 @@ from typing import Any, TypeVar, overload
 
 import torch
 
-from . import _cache, _config, _group, _hook, _intercept, _local, _log, _runtime, _torch_compat
+from . import (
+    _cache,
+    _config,
+    _group,
+    _hook,
+    _intercept,
+    _local,
+    _log,
+    _precompile,
+    _runtime,
+    _torch_compat,
+)
 from ._callback import GuardedCallback
 from ._config import POLICIES, Config, PolicyName
 from ._stats import Counts
@@ -151,23 +162,26 @@ def compile(
     }
     runtime = _runtime.ensure(cfg)
     ranks = _group.resolve(group) if runtime is not None else ()
-    profile: Callable[[Any], None] | None = None
+    shared: _Shared | None = None
     if cfg.cache_dir:
-        compile_kwargs, profile = _with_shared_cache(
+        compile_kwargs, shared = _with_shared_cache(
             model, cfg, compile_kwargs, agree=runtime is not None
         )
     if runtime is None or _local.is_local():
         # Compiled inside dynamo_dist.local(): rank-local code, plain torch.compile
         # (its shared-cache entries, if any, are loaded and published without agreement).
-        if profile is not None and runtime is None:
-            profile(None)  # a single process: its own profile, nobody to agree with
+        if shared is not None and runtime is None:
+            shared.load_profile(None)  # a single process: its own profile, nobody to agree with
         with own_compile():
-            return torch.compile(model, **compile_kwargs)
+            compiled = torch.compile(model, **compile_kwargs)
+        if shared is not None and runtime is None:
+            _precompiled(compiled, model, cfg, shared, None, -1)
+        return compiled
     channel = runtime.channel(ranks, _hook.describe_callable(model))
-    if profile is not None:
+    if shared is not None:
         # Every member calls compile() here, the group's channel now set up: the
         # group's one reading of its automatic-dynamic profile, before any trace.
-        profile(channel.scope)
+        shared.load_profile(channel.scope)
     region = _hook.register_region(model, channel.name)
     with own_compile(), _intercept.adopting(channel, region, cfg.policy) as adopted:
         compiled = torch.compile(model, **compile_kwargs)
@@ -176,16 +190,59 @@ def compile(
             "could not attach to this torch's Dynamo context; %s compiles without rank consistency",
             _hook.describe_callable(model),
         )
+    elif shared is not None:
+        _precompiled(compiled, model, cfg, shared, channel, region)
     return compiled
+
+
+def _precompiled(
+    compiled: Any, model: Any, cfg: Config, shared: _Shared, channel: Any, region: int
+) -> None:
+    """Put the precompiled route in front of a compiled module (``cfg.precompile``)."""
+    if not cfg.precompile:
+        return
+    _precompile.install(
+        compiled,
+        model,
+        shared.cache,
+        shared.static,
+        shared.inner,
+        channel if channel is not None and channel.hook is not None else None,
+        cfg.policy,
+        _hook.describe_callable(model),
+        shared.dynamic,
+        region,
+    )
+
+
+class _Shared:
+    """The shared cache as one compile uses it: its backend, key factors and profile."""
+
+    def __init__(
+        self,
+        cache: Any,
+        backend: Any,
+        inner: Any,
+        static: dict[str, Any],
+        load_profile: Callable[[Any], None],
+        dynamic: bool | None,
+    ) -> None:
+        self.cache = cache
+        self.backend = backend
+        self.inner = inner
+        self.static = static
+        self.load_profile = load_profile
+        self.dynamic = dynamic
 
 
 def _with_shared_cache(
     model: Any, cfg: _config.Config, kwargs: dict[str, Any], agree: bool
-) -> tuple[dict[str, Any], Callable[[Any], None] | None]:
+) -> tuple[dict[str, Any], _Shared | None]:
     """Put the shared precompile cache in front of inductor (other backends compile nothing).
 
-    Also returns the loader of the automatic-dynamic profile, to call with the group's
-    scope once the group is set up (None for a backend the cache does not serve).
+    Also returns the cache as this compile uses it (None for a backend the cache does
+    not serve): the loader of the automatic-dynamic profile, to call with the group's
+    scope once the group is set up, and what the precompiled route needs.
     """
     if kwargs["backend"] != "inductor":
         _log.get_logger("cache").info(
@@ -193,15 +250,15 @@ def _with_shared_cache(
         )
         return kwargs, None
     inner = _torch_compat.inductor_backend(kwargs["mode"], kwargs["options"], kwargs["dynamic"])
-    backend, load_profile = _caching_backend(model, cfg, inner, kwargs, agree)
+    shared = _caching_backend(model, cfg, inner, kwargs, agree)
     out = {k: v for k, v in kwargs.items() if k not in ("backend", "mode", "options")}
-    out["backend"] = backend
-    return out, load_profile
+    out["backend"] = shared.backend
+    return out, shared
 
 
 def _caching_backend(
     model: Any, cfg: _config.Config, inner: Any, kwargs: dict[str, Any], agree: bool
-) -> tuple[Any, Callable[[Any], None]]:
+) -> _Shared:
     """The shared cache in front of ``inner`` (inductor, as torch.compile built it from
     ``kwargs``), and the loader of the automatic-dynamic profile."""
     static = {
@@ -220,7 +277,7 @@ def _caching_backend(
     def load_profile(scope: Any) -> None:
         profiles.load(scope, source)
 
-    return backend, load_profile
+    return _Shared(cache, backend, inner, static, load_profile, kwargs.get("dynamic"))
 
 
 _own = threading.local()
@@ -265,7 +322,57 @@ def compile_on_first_call(
             "could not attach to this torch's Dynamo context; %s compiles without rank consistency",
             first.label,
         )
+    elif cfg.cache_dir and cfg.precompile and isinstance(model, torch.nn.Module):
+        forward = getattr(compiled, "__dict__", {}).get("forward")
+        if forward is not None:
+            compiled.forward = _FirstForward(first, forward)
     return compiled
+
+
+class _FirstForward:
+    """A switched module's ``forward``: decides at the first call, before Dynamo runs.
+
+    With a shared cache the module may take the precompiled route (:mod:`._precompile`);
+    the decision (collective, as :class:`_FirstCall`'s) must come before the first trace,
+    or every start would trace once before finding its artifact.
+    """
+
+    def __init__(self, first: _FirstCall, forward: Callable[..., Any]) -> None:
+        self.first = first
+        self.forward = forward
+        self.route: Callable[..., Any] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        route = self.route
+        if route is None:
+            route = self._decide()
+        return route(*args, **kwargs)
+
+    def _decide(self) -> Callable[..., Any]:
+        first = self.first
+        if first.state == "pending" and (
+            not _local.is_local() or _runtime.distributed_world() <= 1
+        ):
+            first._decide()
+        if first.state == "pending":
+            return self.forward  # a first call inside local(): decided at a later one
+        shared, channel = first.shared, first.channel
+        if first.state == "attached" and shared is not None and channel is not None:
+            self.route = _precompile.PrecompiledModule(
+                first.model,
+                self.forward,
+                shared.cache,
+                shared.static,
+                shared.inner,
+                channel if channel.hook is not None else None,
+                first.cfg.policy,
+                first.label,
+                shared.dynamic,
+                first.region,
+            )
+        else:
+            self.route = self.forward
+        return self.route
 
 
 class _SwitchableBackend:
@@ -352,6 +459,10 @@ class _FirstCall:
         self.ctxs: list[Any] = []
         self.backends: list[_SwitchableBackend] = []
         self.state = "pending"  # -> "attached" | "plain"
+        # Set when attached: what the precompiled route of a switched module needs.
+        self.shared: _Shared | None = None
+        self.channel: Any = None
+        self.region = -1
         self.counts = Counts()  # rank-local compiles before the first call outside local()
         if cfg.cache_dir:
             # Now, before anything is traced or compiled (the first call may be inside
@@ -422,9 +533,9 @@ class _FirstCall:
             if self.cfg.cache_dir and self.backends:
                 built = self.backends[0].built
                 if _torch_compat.is_inductor_backend(built):
-                    caching, load_profile = _caching_backend(
-                        self.model, self.cfg, built, self.kwargs, agree=True
-                    )
+                    shared = _caching_backend(self.model, self.cfg, built, self.kwargs, True)
+                    caching, load_profile = shared.backend, shared.load_profile
+                    self.shared = shared
                 else:
                     _log.get_logger("cache").info(
                         "cache_dir is set but %s does not compile with inductor: nothing to cache",
@@ -435,6 +546,7 @@ class _FirstCall:
             if load_profile is not None:
                 load_profile(channel.scope)
             region = _hook.register_region(self.model, channel.name)
+            self.channel, self.region = channel, region
             if caching is not None:
                 for b in self.backends:
                     b.target = caching

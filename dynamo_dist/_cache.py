@@ -17,7 +17,14 @@ modules import the names below from here, so the split stays invisible to them.
 from __future__ import annotations
 
 from ._cache_backend import CachingBackend, get_cache, stats
-from ._cache_key import UnkeyableGraph, graph_key, source_hash, version_factors
+from ._cache_key import (
+    UnkeyableGraph,
+    call_spec,
+    graph_key,
+    precompile_key,
+    source_hash,
+    version_factors,
+)
 from ._cache_profile import profiles_for
 from ._cache_protocol import SharedCache, require_private_local_dir
 from ._cache_protocol import private_local_dir as _private_local_dir
@@ -29,8 +36,10 @@ __all__ = [
     "SharedCache",
     "UnkeyableGraph",
     "_private_local_dir",
+    "call_spec",
     "get_cache",
     "graph_key",
+    "precompile_key",
     "profiles_for",
     "require_private_local_dir",
     "source_hash",

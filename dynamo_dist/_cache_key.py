@@ -27,7 +27,14 @@ from torch import __version__ as torch_version
 from . import _cache_fs as fs
 from ._version import __version__
 
-__all__ = ["UnkeyableGraph", "graph_key", "source_hash", "version_factors"]
+__all__ = [
+    "UnkeyableGraph",
+    "call_spec",
+    "graph_key",
+    "precompile_key",
+    "source_hash",
+    "version_factors",
+]
 
 _COLLECTIVE_NAMESPACES = ("_c10d_functional", "c10d_functional", "c10d")
 
@@ -175,3 +182,73 @@ def source_hash(fn: Any) -> str:
     except (OSError, TypeError):
         src = getattr(getattr(target, "__code__", None), "co_code", b"").hex() or repr(target)
     return hashlib.sha256(src.encode()).hexdigest()[:16]
+
+
+def _describe_arg(x: Any, dynamic: frozenset[int]) -> Any:
+    """One call argument as JSON, the dims in ``dynamic`` written ``*``."""
+    if isinstance(x, torch.Tensor):
+        return [
+            "T",
+            str(x.dtype),
+            x.device.type,
+            ["*" if i in dynamic else int(s) for i, s in enumerate(x.shape)],
+            bool(x.requires_grad),
+            bool(x.is_contiguous()),
+        ]
+    if isinstance(x, bool | int | float | str | type(None)):
+        return ["V", type(x).__name__, repr(x)]
+    if isinstance(x, list | tuple):
+        return ["L", type(x).__name__, [_describe_arg(y, frozenset()) for y in x]]
+    if isinstance(x, dict):
+        return ["D", sorted((str(k), _describe_arg(v, frozenset())) for k, v in x.items())]
+    return ["O", type(x).__module__, type(x).__qualname__]
+
+
+def call_spec(
+    args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: dict[int, frozenset[int]]
+) -> list[Any]:
+    """A call's arguments as JSON: the part of a precompiled artifact's key they decide.
+
+    ``dynamic``: by position among ``args``, the dims captured as dynamic. Values of
+    other types are keyed by type only; the artifact's guards check them at each call.
+    """
+    described = [_describe_arg(a, dynamic.get(i, frozenset())) for i, a in enumerate(args)]
+    named = sorted((k, _describe_arg(v, frozenset())) for k, v in kwargs.items())
+    return [described, named, bool(torch.is_grad_enabled())]
+
+
+def _module_factors(module: torch.nn.Module) -> str:
+    """Every parameter and buffer (name, shape, dtype, device, grad) and training flag."""
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(f"P{name}:{list(p.shape)}:{p.dtype}:{p.device}:{p.requires_grad};".encode())
+    for name, b in module.named_buffers():
+        h.update(f"B{name}:{list(b.shape)}:{b.dtype}:{b.device};".encode())
+    for name, m in module.named_modules():
+        h.update(f"M{name}:{type(m).__module__}.{type(m).__qualname__}:{m.training};".encode())
+    return h.hexdigest()[:24]
+
+
+def precompile_key(
+    static: dict[str, Any], target: Any, spec: list[Any], tensors: list[Any]
+) -> tuple[str, dict[str, Any]]:
+    """(key, factors) of one precompiled artifact of ``target`` (a module or function).
+
+    What the artifact's guards will check anyway is keyed too, so that a rank finds the
+    artifact that fits its call without tracing: the versions and device, the compile
+    options, the source, the module's structure and the call's argument metadata.
+    """
+    fn = target.forward if isinstance(target, torch.nn.Module) else target
+    code = getattr(fn, "__code__", None)
+    factors = {
+        **version_factors(),
+        **static,
+        "kind": "precompiled",
+        "target": f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}",
+        "code": hashlib.sha256(code.co_code).hexdigest()[:16] if code is not None else "",
+        "module": _module_factors(target) if isinstance(target, torch.nn.Module) else None,
+        "device": _device_factor(tensors),
+        "call": spec,
+    }
+    key = hashlib.sha256(json.dumps(factors, sort_keys=True).encode()).hexdigest()[:40]
+    return key, factors

@@ -401,6 +401,9 @@ class SharedCache:
         # directory): it loads entries and compiles what is missing itself.
         self.writable = True
         self.counts = CacheStats()
+        # Precompiled artifacts this process holds, by key: the identical blocks of a
+        # model (torchtitan compiles each on its own) share one, checked per instance.
+        self.artifacts: dict[str, Any] = {}
         self.agreement = Agreement(timeout, agree)
         # Before anything is traced: Dynamo reads its own state from the local cache
         # (``code_state_<job>.pkl`` with a user job_id) while tracing the first frame.

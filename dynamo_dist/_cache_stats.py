@@ -21,6 +21,7 @@ from ._log import get_logger
 __all__ = [
     "CacheStats",
     "emit_load",
+    "emit_precompiled",
     "emit_profile",
     "emit_publish",
     "emit_refusal",
@@ -84,6 +85,16 @@ class CacheStats:
     # 1 MiB, over 100,000 objects, or a bad MAC. Profiles and views of this directory
     # here; other kinds (status board, report) are added in ``dynamo_dist.stats()``.
     store_payloads_refused: int = 0
+    # Precompiled artifacts (``_precompile``): captured by this rank (a leader), loaded
+    # from an entry, calls that ran one (no Dynamo), calls some rank's guards missed, and
+    # agreed fallbacks to Dynamo by reason (graph_break, unserializable_guard,
+    # source_changed, torch_internals_changed, guard_miss, no_aot_compile, package_error,
+    # other_rank: this rank could have used its artifact, another could not).
+    precompiled_captures: int = 0
+    precompiled_loads: int = 0
+    precompiled_calls: int = 0
+    precompiled_misses: int = 0
+    precompiled_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """The counters under the keys ``dynamo_dist.stats()`` has always reported."""
@@ -125,6 +136,16 @@ def emit_refusal(key: str, rank: int, stage: str, reason: str) -> None:
         rank=rank,
         stage=stage,
         reason=reason[:_REASON_MAX],
+    )
+
+
+def emit_precompiled(what: str, label: str, rank: int, **detail: Any) -> None:
+    """A precompiled artifact was captured, loaded, or given up for Dynamo (and why)."""
+    _events.emit(
+        f"precompiled_{what}",
+        label=label,
+        rank=rank,
+        **{k: (v[:_REASON_MAX] if isinstance(v, str) else v) for k, v in detail.items()},
     )
 
 

@@ -99,6 +99,13 @@ class Config:
     host's other ranks verify and install it. Off: every rank reads the shared entry and
     polls its lock itself (what dynamo_dist did before; for comparisons)."""
 
+    precompile: bool = _key(True)
+    """With a shared cache, run each compiled module through a precompiled artifact
+    (``aot_compile`` of the module DDP wraps): a warm start runs no Dynamo and no
+    AOTAutograd. A module whose capture fails (a graph break, a guard that cannot be
+    saved) falls back to compiling through Dynamo on every rank, counted per reason in
+    ``dynamo_dist.stats()``. Off: every start traces, and only graphs are shared."""
+
     status_interval: float = _key(2.0)
     """Seconds between out-of-band status publications (last exchange and frame per rank),
     read to name the ranks that did not arrive when an exchange times out."""

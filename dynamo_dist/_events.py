@@ -23,6 +23,9 @@ EVENTS = (
     "cache_load",  # an entry was verified and installed
     "cache_publish",  # a leader published an entry
     "cache_refusal",  # an entry failed verification
+    "precompiled_capture",  # a leader captured a precompiled artifact
+    "precompiled_load",  # a precompiled artifact was loaded: the module runs without Dynamo
+    "precompiled_fallback",  # a module left the precompiled route (payload: reason, detail)
 )
 
 

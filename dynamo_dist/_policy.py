@@ -69,14 +69,24 @@ class Policy:
             return out
         return None
 
-    def handle_mixed(self, outcome: Outcome, policy: str, frame: Any, cache_entry: Any) -> None:
+    def handle_mixed(
+        self,
+        outcome: Outcome,
+        policy: str,
+        frame: Any,
+        cache_entry: Any,
+        missed_because: list[str] | None = None,
+    ) -> None:
         """Gather why the missing ranks missed, then log or raise according to ``policy``.
 
         Every rank reaches this for the same exchange (the hitting ranks were
-        forced into the callback), so the gather below pairs up.
+        forced into the callback), so the gather below pairs up. ``missed_because``:
+        this rank's reasons where they are not Dynamo's (a precompiled artifact's).
         """
         if outcome.hit:
             reasons = None
+        elif missed_because is not None:
+            reasons = missed_because
         elif cache_entry is None:
             reasons = [_FIRST_ENTRY_REASON]
         else:

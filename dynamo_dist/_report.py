@@ -34,6 +34,8 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("loads", "cache_loads", "d"),
     ("publishes", "cache_publishes", "d"),
     ("saved s", "compile_seconds_saved", ".1f"),
+    ("precomp.", "precompiled_calls", "d"),
+    ("fallbacks", "precompiled_fallback_reasons", "s"),
 ]
 
 
@@ -41,6 +43,14 @@ def with_derived(stats: dict[str, Any]) -> dict[str, Any]:
     out = dict(stats)
     ev = int(out.get("evaluations", 0) or 0)
     out["hit_rate"] = (ev - int(out.get("local_misses", 0) or 0)) / ev if ev else 1.0
+    # Why modules left the precompiled route (each traces on every start), e.g.
+    # "graph_break:1"; "-" when none did.
+    fallbacks = out.get("precompiled_fallbacks")
+    out["precompiled_fallback_reasons"] = (
+        ",".join(f"{k}:{v}" for k, v in sorted(fallbacks.items()))
+        if isinstance(fallbacks, dict) and fallbacks
+        else "-"
+    )
     return out
 
 

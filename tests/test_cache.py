@@ -220,7 +220,14 @@ def _job(
     args: tuple[str, ...] = (),
     **kw: Any,
 ) -> ranks.RankRun:
-    full = {"DYNAMO_DIST_CACHE_DIR": str(cache), "DYNAMO_DIST_LOG": "INFO", **(env or {})}
+    # The graph route (what functions, and modules that leave the precompiled route, use);
+    # tests/test_precompile.py covers the precompiled one.
+    full = {
+        "DYNAMO_DIST_CACHE_DIR": str(cache),
+        "DYNAMO_DIST_LOG": "INFO",
+        "DYNAMO_DIST_PRECOMPILE": "0",
+        **(env or {}),
+    }
     return ranks.launch(HERE, program, str(local), *args, tmp=tmp, env=full, timeout=300, **kw)
 
 

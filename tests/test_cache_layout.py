@@ -39,6 +39,11 @@ REPORTED = [
     "cache_host_loads",
     "profile_skipped",
     "store_payloads_refused",
+    "precompiled_captures",
+    "precompiled_loads",
+    "precompiled_calls",
+    "precompiled_misses",
+    "precompiled_fallbacks",
 ]
 
 

@@ -258,6 +258,8 @@ def test_format_table_rows_columns_and_missing_ranks() -> None:
         "cache_loads": 1,
         "cache_publishes": 0,
         "compile_seconds_saved": 4.25,
+        "precompiled_calls": 30,
+        "precompiled_fallback_reasons": "graph_break:1",
     }
     report = {
         "world_size": 12,
@@ -289,6 +291,8 @@ def test_format_table_rows_columns_and_missing_ranks() -> None:
         "publishes",
         "saved",
         "s",
+        "precomp.",
+        "fallbacks",
     ]
     assert set(rule.replace(" ", "")) == {"-"}
     # Ranks sorted as numbers; a value that cannot take its format is printed as is.
@@ -305,6 +309,8 @@ def test_format_table_rows_columns_and_missing_ranks() -> None:
         "1",
         "0",
         "4.2",
+        "30",
+        "graph_break:1",
     ]
     assert second.split()[:3] == ["10", "1200", "99.5%"]
     # Every column is right-aligned to one width.

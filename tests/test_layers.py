@@ -34,7 +34,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("_cache_protocol",),  # leader/follower
     ("_cache_profile",),  # automatic-dynamic decisions across restarts
     ("_cache_backend",),  # the Dynamo backend in front of inductor
+    ("_precompile_artifact",),  # one precompiled artifact: capture, guards, bytes, checks
     ("_cache",),  # the cache's facade
+    ("_precompile",),  # precompiled calls, agreed across ranks
     ("_report",),
     ("_runtime",),  # lifecycle
     ("_intercept",),

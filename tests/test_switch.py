@@ -160,11 +160,29 @@ def test_per_block_compiles_share_one_graph_under_the_switch():
 
 
 @pytest.mark.inductor
-def test_per_block_compiles_share_one_graph_through_the_shared_cache(tmp_path):
-    def make(block: torch.nn.Module) -> torch.nn.Module:
-        return dynamo_dist.compile(block, fullgraph=True, cache_dir=str(tmp_path / "cache"))
+@pytest.mark.parametrize("precompile", [True, False], ids=["precompiled", "graphs"])
+def test_per_block_compiles_share_one_graph_through_the_shared_cache(tmp_path, precompile):
+    cache = str(tmp_path / "cache")
+    before = dynamo_dist.stats()
 
-    assert _unique_graphs(make) == 1
+    def make(block: torch.nn.Module) -> torch.nn.Module:
+        return dynamo_dist.compile(
+            block,
+            fullgraph=True,
+            config=dynamo_dist.Config(cache_dir=cache, precompile=precompile),
+        )
+
+    graphs = _unique_graphs(make)
+    if not precompile:
+        assert graphs == 1
+        return
+    # No Dynamo graph at all: one artifact, obtained once, runs all 12 blocks.
+    after = dynamo_dist.stats()
+    assert graphs == 0
+    # (Loaded, not captured, where this host keeps a copy from an earlier run.)
+    got = [after[k] - before.get(k, 0) for k in ("precompiled_captures", "precompiled_loads")]
+    assert sum(got) == 1, got
+    assert after["precompiled_calls"] - before.get("precompiled_calls", 0) == 12
 
 
 def test_a_reference_taken_while_on_passes_through_after_undo():

@@ -1,0 +1,313 @@
+"""Precompiled warm starts: no Dynamo and no AOTAutograd on a restart, never less safe.
+
+Real ranks, gloo, inductor. The cold job captures artifacts through the shared cache; a
+warm job on fresh local directories loads them: it traces nothing, its losses are those
+of plain ``torch.compile``, and a rank's shorter batch at the divergent step is served by
+an artifact too. Every reason to fall back to Dynamo is provoked once, on every rank of
+the group together, and counted.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ranks
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.inductor, pytest.mark.timeout(600)]
+
+HERE = __file__
+VOCAB, DIM, SEQ = 64, 32, 16
+DIVERGENT_STEP = 2
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.norm = nn.LayerNorm(DIM)
+        self.fc = nn.Linear(DIM, DIM)
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        h = h + F.gelu(self.fc(self.norm(h)))
+        out: torch.Tensor = self.head(h)
+        return out
+
+
+def _local_dirs(rank: int, local_base: str) -> None:
+    """Each rank its own empty inductor cache, as if on its own host."""
+    path = Path(local_base, f"rank{rank}")
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+
+
+def _batch(step: int, rank: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    x = torch.randint(0, VOCAB, (rows, SEQ), generator=g)
+    return x, torch.randint(0, VOCAB, (rows, SEQ), generator=g)
+
+
+def _counters() -> dict[str, Any]:
+    from torch._dynamo.utils import counters
+
+    return {
+        "frames_ok": int(counters["frames"]["ok"]),
+        "aot_autograd": {k: int(v) for k, v in counters["aot_autograd"].items()},
+        "inductor_compiles": int(counters["inductor"]["fxgraph_cache_miss"]),
+    }
+
+
+def _precompiled_stats() -> dict[str, Any]:
+    import dynamo_dist
+
+    return {k: v for k, v in dynamo_dist.stats().items() if k.startswith("precompiled_")}
+
+
+# -- rank programs -------------------------------------------------------------------------
+def train(rank: int, world: int, shared: str, local_base: str, how: str, steps: str) -> Any:
+    """``how``: ``outer`` (compile(DDP(m))), ``inner`` (DDP(compile(m))), ``plain``."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import dynamo_dist
+
+    _local_dirs(rank, local_base)
+    torch.manual_seed(0)
+    model = TinyLM()
+    step_fn: Any
+    if how == "outer":
+        step_fn = dynamo_dist.compile(DDP(model), cache_dir=shared)
+    elif how == "inner":
+        step_fn = DDP(dynamo_dist.compile(model, cache_dir=shared))
+    else:
+        step_fn = torch.compile(DDP(model))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    losses = []
+    evals = []
+    for step in range(int(steps)):
+        rows = 2 if step == DIVERGENT_STEP and rank == world - 1 else 4
+        x, y = _batch(step, rank, rows)
+        loss = F.cross_entropy(step_fn(x).reshape(-1, VOCAB), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        if step % 10 == 5 and rank == 0 and how != "plain":
+            # Rank-0 evaluation: inside local(), through Dynamo on this rank alone.
+            with dynamo_dist.local(), torch.no_grad():
+                evals.append(float(step_fn(x).float().mean()))
+    w = model.head.weight.detach().clone()
+    w0 = w.clone()
+    torch.distributed.broadcast(w0, 0)
+    return {
+        "ok": True,
+        "losses": losses,
+        "evals": evals,
+        "params_equal": bool(torch.equal(w, w0)),
+        **_counters(),
+        **(_precompiled_stats() if how != "plain" else {}),
+    }
+
+
+#: A user global the forward of ScaleNet reads: a kept guard, checked at every call.
+SCALE = int(os.environ.get("TEST_SCALE", "2"))
+
+#: A module of the user's, edited between runs: its method is inlined by the trace.
+HELPER = """
+import torch
+from torch import nn
+
+
+class HelperNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def helper(self, t):
+        return t * {factor}
+
+    def forward(self, x):
+        return self.helper(self.lin(x))
+"""
+
+
+class ApplyNet(nn.Module):
+    """``apply(x, fn)``: a function argument, guarded by identity (not serializable)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, fn: Any) -> torch.Tensor:
+        out: torch.Tensor = fn(self.lin(x))
+        return out
+
+
+def _double(t: torch.Tensor) -> torch.Tensor:
+    return t * 2
+
+
+def _triple(t: torch.Tensor) -> torch.Tensor:
+    return t * 3
+
+
+class BreakNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        torch._dynamo.graph_break()
+        return h.relu()
+
+
+class ScaleNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x) * SCALE
+        return out
+
+
+class GeluNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = F.gelu(self.lin(x))
+        return out
+
+
+def fallbacks(rank: int, world: int, shared: str, local_base: str, helper_dir: str) -> Any:
+    """Every model of the module above, compiled with the shared cache; outputs and stats.
+
+    The warm run's environment changes what the capture saw: ``TEST_SCALE`` (a user
+    global), the helper's source (edited by the test), ``TEST_PATCH_GELU`` (a torch
+    function replaced, on the ranks listed).
+    """
+    import dynamo_dist
+
+    _local_dirs(rank, local_base)
+    sys.path.insert(0, helper_dir)
+    helper = importlib.import_module("precompile_helper")
+    patched = str(rank) in os.environ.get("TEST_PATCH_GELU", "").split(",")
+    if patched:
+        original = F.gelu
+
+        def gelu(t: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+            return original(t, approximate=approximate) + 1.0
+
+        F.gelu = gelu  # type: ignore[assignment]
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    out: dict[str, Any] = {"ok": True}
+    apply = ApplyNet()
+    c_apply = dynamo_dist.compile(apply, cache_dir=shared)
+    ref = apply.lin(x)
+    out["apply_double"] = bool(torch.allclose(c_apply(x, _double), ref * 2))
+    out["apply_triple"] = bool(torch.allclose(c_apply(x, _triple), ref * 3))
+    brk = BreakNet()
+    out["break"] = bool(torch.allclose(dynamo_dist.compile(brk, cache_dir=shared)(x), brk(x)))
+    hel = helper.HelperNet()
+    out["helper"] = bool(torch.allclose(dynamo_dist.compile(hel, cache_dir=shared)(x), hel(x)))
+    sca = ScaleNet()
+    out["scale"] = bool(torch.allclose(dynamo_dist.compile(sca, cache_dir=shared)(x), sca(x)))
+    gel = GeluNet()
+    out["gelu"] = bool(torch.allclose(dynamo_dist.compile(gel, cache_dir=shared)(x), gel(x)))
+    out.update(_precompiled_stats())
+    out.update(_counters())
+    return out
+
+
+# -- tests ---------------------------------------------------------------------------------
+def _shared(tmp_path: Path) -> Path:
+    d = tmp_path / "shared"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d
+
+
+def _ok(run: ranks.RankRun, world: int) -> list[dict[str, Any]]:
+    out = []
+    for r in range(world):
+        res = run.rank(r)
+        assert res.get("ok"), f"rank {r}: {res.get('traceback') or res}\n{run.output[-3000:]}"
+        out.append(res)
+    return out
+
+
+@pytest.mark.parametrize("how", ["outer", "inner"])
+def test_warm_start_traces_nothing_and_matches_plain(tmp_path: Path, how: str) -> None:
+    shared = _shared(tmp_path)
+    args = (str(shared),)
+    cold = _ok(ranks.launch(HERE, "train", *args, tmp_path / "c", how, 30, tmp=tmp_path), 2)
+    warm = _ok(ranks.launch(HERE, "train", *args, tmp_path / "w", how, 30, tmp=tmp_path), 2)
+    plain = _ok(ranks.launch(HERE, "train", *args, tmp_path / "p", "plain", 30, tmp=tmp_path), 2)
+    for r in range(2):
+        assert sum(c["precompiled_captures"] for c in cold) >= 1
+        assert cold[r]["precompiled_fallbacks"] == {}, cold[r]
+        w = warm[r]
+        # The warm job: every artifact loaded, nothing traced, nothing compiled.
+        assert w["precompiled_fallbacks"] == {}, w
+        assert w["precompiled_captures"] == 0 and w["precompiled_loads"] >= 1, w
+        assert w["frames_ok"] == 0, w
+        assert w["aot_autograd"] == {}, w
+        assert w["inductor_compiles"] == 0, w
+        assert w["precompiled_calls"] == 30 + len(w["evals"]), w
+        assert w["params_equal"]
+        # Plain torch.compile's numbers, step for step (the same kernels).
+        assert w["losses"] == pytest.approx(plain[r]["losses"], rel=1e-5)
+        assert cold[r]["losses"] == pytest.approx(plain[r]["losses"], rel=1e-5)
+    # The last rank's shorter batch used the artifact captured for it by the cold job.
+    assert warm[1]["precompiled_loads"] == 2
+    assert warm[0]["evals"] == pytest.approx(cold[0]["evals"], rel=1e-5)
+
+
+def _write_helper(helper_dir: Path, factor: int) -> None:
+    helper_dir.mkdir(exist_ok=True)
+    (helper_dir / "precompile_helper.py").write_text(HELPER.format(factor=factor))
+    for cached in (helper_dir / "__pycache__").glob("*"):
+        cached.unlink()
+
+
+def test_every_fallback_reason_is_agreed_and_counted(tmp_path: Path) -> None:
+    shared = _shared(tmp_path)
+    helper_dir = tmp_path / "helper"
+    _write_helper(helper_dir, 5)
+    args = (str(shared),)
+    cold = _ok(ranks.launch(HERE, "fallbacks", *args, tmp_path / "c", helper_dir, tmp=tmp_path), 2)
+    for r in range(2):
+        assert all(cold[r][k] for k in ("apply_double", "apply_triple", "break", "helper")), cold[r]
+        assert cold[r]["precompiled_fallbacks"] == {"unserializable_guard": 1, "graph_break": 1}
+    # Warm: the helper's source edited, the user global changed, gelu patched on rank 1.
+    _write_helper(helper_dir, 7)
+    env = {"TEST_SCALE": "3", "TEST_PATCH_GELU": "1"}
+    warm = _ok(
+        ranks.launch(HERE, "fallbacks", *args, tmp_path / "w", helper_dir, tmp=tmp_path, env=env),
+        2,
+    )
+    for r in range(2):
+        w = warm[r]
+        # Right answers every time: the new helper, the new scale, each function.
+        assert all(w[k] for k in ("apply_double", "apply_triple", "break", "helper", "scale"))
+        assert w["gelu"], w
+        reasons = w["precompiled_fallbacks"]
+        assert reasons["unserializable_guard"] == 1 and reasons["graph_break"] == 1, w
+        assert reasons["source_changed"] == 1 and reasons["guard_miss"] == 1, w
+    assert warm[1]["precompiled_fallbacks"]["torch_internals_changed"] == 1
+    assert warm[0]["precompiled_fallbacks"]["other_rank"] == 1
+
+
+if __name__ == "__main__":
+    ranks.main(globals())
