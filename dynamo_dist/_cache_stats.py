@@ -89,7 +89,8 @@ class CacheStats:
     # from an entry, calls that ran one (no Dynamo), calls some rank's guards missed, and
     # agreed fallbacks to Dynamo by reason (graph_break, unserializable_guard,
     # source_changed, torch_internals_changed, guard_miss, no_aot_compile, package_error,
-    # other_rank: this rank could have used its artifact, another could not).
+    # other_rank: this rank could have used its artifact, another could not;
+    # unsupported_module: FSDP2, lazy modules, CUDA graphs).
     precompiled_captures: int = 0
     precompiled_loads: int = 0
     precompiled_calls: int = 0

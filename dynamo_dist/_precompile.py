@@ -48,10 +48,12 @@ from ._precompile_artifact import (
     NO_AOT_COMPILE,
     PACKAGE_ERROR,
     PEER,
+    UNSUPPORTED,
     Captured,
     Failed,
     GuardRecord,
     Stored,
+    discard,
     guard_filter,
     load,
     produce,
@@ -70,8 +72,13 @@ def _target_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _unsupported(target: torch.nn.Module) -> str | None:
+def _unsupported(target: torch.nn.Module, static: dict[str, Any]) -> str | None:
     """Why ``target`` cannot take the precompiled route at all (None if it can)."""
+    options = str(static.get("options") or "")
+    if static.get("mode") in ("reduce-overhead", "max-autotune") or (
+        '"triton.cudagraphs": true' in options
+    ):
+        return "CUDA graphs (mode reduce-overhead or max-autotune) are not precompiled"
     if hasattr(target, "_initialize_hook"):
         return "a lazy module (its parameters are made at the first call)"
     fsdp = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
@@ -122,9 +129,9 @@ class PrecompiledModule:
         code = getattr(type(self.target).forward, "__code__", None)
         self._code = code
         self._f_globals: dict[str, Any] = getattr(type(self.target).forward, "__globals__", {})
-        why = _unsupported(self.target)
+        why = _unsupported(self.target, static)
         if why is not None:
-            self._give_up(PACKAGE_ERROR, why)
+            self._give_up(UNSUPPORTED, why)
 
     @property
     def counts(self) -> Any:
@@ -281,6 +288,8 @@ class PrecompiledModule:
         elif isinstance(got, Stored):
             art, failed = load(got.data, self._f_globals)
             if failed is not None:
+                if failed.reason == PACKAGE_ERROR:
+                    discard(key)  # damaged in this rank's own cache: installed anew next time
                 return None, failed
             self.counts.precompiled_loads += 1
             emit_precompiled("load", self.label, self.cache.rank, key=key[:12])

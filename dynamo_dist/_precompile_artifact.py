@@ -47,6 +47,7 @@ __all__ = [
     "GuardRecord",
     "Stored",
     "decode",
+    "discard",
     "load",
     "produce",
 ]
@@ -66,6 +67,7 @@ GUARD_MISS = "guard_miss"
 NO_AOT_COMPILE = "no_aot_compile"
 PACKAGE_ERROR = "package_error"
 PEER = "other_rank"
+UNSUPPORTED = "unsupported_module"
 
 _PLAIN = (int, float, str, bool, bytes, type(None))
 _CALLABLE_KINDS = (
@@ -312,6 +314,19 @@ def _store(name: str, data: bytes) -> None:
         fs.write_new(fd, name, data, mode=0o600)
     except FileExistsError:
         pass  # written by an earlier run of the same key: same content
+    finally:
+        os.close(fd)
+
+
+def discard(key: str) -> None:
+    """Remove a stored artifact that cannot be loaded: the next start installs it again."""
+    fd, ok = _artifact_dir(create=False)
+    if not ok:
+        return
+    try:
+        fs.remove(fd, f"{key}.bin")
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

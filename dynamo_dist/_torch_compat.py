@@ -1388,8 +1388,15 @@ class PrecompileUnsupported(Exception):
 def aot_compile_missing() -> str | None:
     """Why this torch has no usable ``aot_compile`` (None when it has one)."""
     try:
-        from torch._dynamo import aot_compile, package  # noqa: F401
+        import inspect
+
+        import torch._dynamo
+        from torch._dynamo import aot_compile, eval_frame, package  # noqa: F401
         from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        optimize = getattr(eval_frame, "_optimize", torch._dynamo.optimize)
+        if "guard_filter_fn" not in inspect.signature(optimize).parameters:
+            return f"torch {_torch_version()}'s torch._dynamo.optimize takes no guard_filter_fn"
 
         for name in ("serialize", "deserialize", "guard_check", "disable_guard_check"):
             if not hasattr(AOTCompiledFunction, name):

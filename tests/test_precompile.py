@@ -231,6 +231,40 @@ def fallbacks(rank: int, world: int, shared: str, local_base: str, helper_dir: s
     return out
 
 
+def gelu_only(rank: int, world: int, shared: str, local_base: str) -> Any:
+    """One small module; ``TEST_NO_AOT=1`` plays a torch without a usable aot_compile."""
+    import dynamo_dist
+
+    _local_dirs(rank, local_base)
+    if os.environ.get("TEST_NO_AOT") == "1":
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        del AOTCompiledFunction.disable_guard_check  # as in a torch that predates it
+    torch.manual_seed(0)
+    model = GeluNet()
+    x = torch.randn(2, 4)
+    same = bool(torch.allclose(dynamo_dist.compile(model, cache_dir=shared)(x), model(x)))
+    return {"ok": True, "same": same, **_precompiled_stats(), **_counters()}
+
+
+def fsdp(rank: int, world: int, shared: str, local_base: str) -> Any:
+    """FSDP2 (fully_shard): not precompiled (its hooks gather parameters), counted."""
+    from torch.distributed.fsdp import fully_shard
+
+    import dynamo_dist
+
+    _local_dirs(rank, local_base)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    compiled = dynamo_dist.compile(model, cache_dir=shared)
+    for _ in range(3):
+        compiled(torch.randn(4, 8)).sum().backward()
+    return {"ok": True, **_precompiled_stats(), **_counters()}
+
+
 # -- tests ---------------------------------------------------------------------------------
 def _shared(tmp_path: Path) -> Path:
     d = tmp_path / "shared"
@@ -307,6 +341,38 @@ def test_every_fallback_reason_is_agreed_and_counted(tmp_path: Path) -> None:
         assert reasons["source_changed"] == 1 and reasons["guard_miss"] == 1, w
     assert warm[1]["precompiled_fallbacks"]["torch_internals_changed"] == 1
     assert warm[0]["precompiled_fallbacks"]["other_rank"] == 1
+
+
+def test_no_aot_compile_and_a_damaged_artifact_fall_back(tmp_path: Path) -> None:
+    shared = _shared(tmp_path)
+    local = tmp_path / "local"
+    env = {"TEST_NO_AOT": "1"}
+    old = _ok(ranks.launch(HERE, "gelu_only", str(shared), local, tmp=tmp_path, env=env), 2)
+    for res in old:
+        assert res["same"] and res["precompiled_fallbacks"] == {"no_aot_compile": 1}, res
+    cold = _ok(ranks.launch(HERE, "gelu_only", str(shared), local, tmp=tmp_path), 2)
+    assert all(r["same"] and r["precompiled_fallbacks"] == {} for r in cold), cold
+    # The artifact files in each rank's own cache, damaged (a full disk, a bad copy).
+    files = list(local.glob("rank*/dynamo_dist_precompiled/*.bin"))
+    assert len(files) == 2, files
+    for f in files:
+        f.write_bytes(f.read_bytes()[:100])
+    warm = _ok(ranks.launch(HERE, "gelu_only", str(shared), local, tmp=tmp_path), 2)
+    for res in warm:
+        assert res["same"] and res["precompiled_fallbacks"] == {"package_error": 1}, res
+    # The damaged files were removed: the next start installs the shared entry again.
+    again = _ok(ranks.launch(HERE, "gelu_only", str(shared), local, tmp=tmp_path), 2)
+    for res in again:
+        assert res["same"] and res["precompiled_fallbacks"] == {}, res
+        assert res["precompiled_loads"] == 1 and res["frames_ok"] == 0, res
+
+
+def test_fsdp2_modules_fall_back_counted(tmp_path: Path) -> None:
+    shared = _shared(tmp_path)
+    run = ranks.launch(HERE, "fsdp", str(shared), tmp_path / "l", tmp=tmp_path)
+    for res in _ok(run, 2):
+        assert res["precompiled_fallbacks"] == {"unsupported_module": 1}, res
+        assert res["precompiled_calls"] == 0 and res["frames_ok"] > 0, res
 
 
 if __name__ == "__main__":
