@@ -577,6 +577,7 @@ class SharedCache:
             self._lead(key, factors, compile_fn, label, turn, only_if_missing=True)
             return turn.result
         staging: Path | None = None
+        installed = False
         if role == "load":
             assert entry is not None
             staging = self._stage(entry, turn)
@@ -598,10 +599,15 @@ class SharedCache:
                         self._local_problem("installing the entry", key, e)
                     else:
                         self._loaded(key, entry, label)
+                        installed = True
                 else:
                     log.info("not every rank could load %s; compiling locally", key[:12])
             finally:
                 fs.remove_path(staging, owner=os.geteuid())
+        if installed:
+            # Every kernel came built: loading them needs no precompiled header.
+            with _torch_compat.cpp_kernels_load_only():
+                return turn.compile(compile_fn)
         return turn.compile(compile_fn)
 
     def _loaded(self, key: str, entry: Entry, label: str) -> None:

@@ -1485,6 +1485,41 @@ def aot_serialize(art: Any) -> bytes:
     return bytes(AOTCompiledFunction.serialize(art, None).serialized_data)
 
 
+class cpp_kernels_load_only:
+    """Load built CPU kernels without precompiling inductor's header first.
+
+    ``CppPythonBindingsCodeCache.load_async`` (torch 2.9 through 2.13) calls
+    ``codecache._precompile_header`` (gcc: about 9 s on 2 cores, a 150 MB ``.gch``) for
+    every kernel not yet in memory, before it looks for the built ``.so`` on disk; the
+    kernel's key does not depend on the header. Where every ``.so`` came with the entry,
+    nothing is compiled and the header is pure cost. While loading, the header is named
+    as is (``-include`` of the plain header, found on the include path), so a kernel
+    that is missing after all is still built correctly, only without the precompiled
+    header. Restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self._saved: Any = None
+
+    def __enter__(self) -> None:
+        from torch._inductor import codecache
+
+        self._saved = getattr(codecache, "_precompile_header", None)
+        if self._saved is not None:
+
+            def plain_header(header: str, *args: Any, **kwargs: Any) -> str:
+                return header
+
+            codecache._precompile_header = plain_header  # type: ignore[assignment]
+
+    def __exit__(self, *exc: object) -> None:
+        from torch._inductor import codecache
+
+        if self._saved is not None:
+            codecache._precompile_header = self._saved
+            self._saved = None
+
+
 def aot_deserialize(data: bytes, f_globals: dict[str, Any]) -> Any:
     """An artifact from bytes, its guards checked against the live ``f_globals``.
 
@@ -1495,7 +1530,8 @@ def aot_deserialize(data: bytes, f_globals: dict[str, Any]) -> Any:
     from torch._dynamo.aot_compile import AOTCompiledFunction
     from torch._dynamo.package import load_guard_manager, load_guards_state
 
-    art = AOTCompiledFunction.deserialize(data, f_globals, None)
+    with cpp_kernels_load_only():
+        art = AOTCompiledFunction.deserialize(data, f_globals, None)
     found = art._artifacts
     found.guard_manager = load_guard_manager(
         load_guards_state(found.guards_state), found.original_code, f_globals

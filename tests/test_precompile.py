@@ -303,6 +303,8 @@ def test_warm_start_traces_nothing_and_matches_plain(tmp_path: Path, how: str) -
         # Plain torch.compile's numbers, step for step (the same kernels).
         assert w["losses"] == pytest.approx(plain[r]["losses"], rel=1e-5)
         assert cold[r]["losses"] == pytest.approx(plain[r]["losses"], rel=1e-5)
+    # Loading built kernels needs no precompiled header (gcc, seconds, 150 MB).
+    assert not list((tmp_path / "w").glob("rank*/precompiled_headers/*.gch"))
     # The last rank's shorter batch used the artifact captured for it by the cold job.
     assert warm[1]["precompiled_loads"] == 2
     assert warm[0]["evals"] == pytest.approx(cold[0]["evals"], rel=1e-5)
