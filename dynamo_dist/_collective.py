@@ -378,6 +378,9 @@ class Transport:
         self.waiters: list[LeaderExchange] = []
         self._last_wait_log = 0.0
         self._stall_warned_seq = -1
+        #: Why the exchange in progress may legitimately wait long (set by the caller):
+        #: ranks that are compiling what this one already has. No stall warning then.
+        self.expected_wait: str | None = None
 
     def position(self) -> tuple[int, int]:
         """(last exchange number, its frame identity) on this rank."""
@@ -452,6 +455,16 @@ class Transport:
 
     def warn_stall(self, seq: int, ident: int, waited: float) -> None:
         """One WARNING naming the frame, the exchange, where the missing ranks are, the fix."""
+        if self.expected_wait is not None:
+            log.info(
+                "waiting %.0fs at guard exchange #%d for %s (group %s): %s",
+                waited,
+                seq,
+                self.describe(ident),
+                self.channel,
+                self.expected_wait,
+            )
+            return
         if self.board is None:
             return
         if not self.reads_board():

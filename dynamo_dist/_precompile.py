@@ -72,6 +72,27 @@ def _target_of(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def repeated_blocks(target: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """The model's repeated blocks (a ModuleList or Sequential of one class), if any.
+
+    The first such container found breadth-first, with at least two blocks of a class
+    of the user's (not a torch building block such as ``nn.Linear``): a transformer's
+    layers. Each block is then captured on its own, and identical blocks share one
+    artifact; the code around the blocks (embeddings, the head) runs eagerly.
+    """
+    queue = [target]
+    while queue:
+        module = queue.pop(0)
+        children = list(module.children())
+        if isinstance(module, torch.nn.ModuleList | torch.nn.Sequential) and len(children) > 1:
+            kinds = {type(c) for c in children}
+            kind = next(iter(kinds))
+            if len(kinds) == 1 and not kind.__module__.startswith("torch."):
+                return children
+        queue.extend(children)
+    return None
+
+
 def _unsupported(target: torch.nn.Module, static: dict[str, Any]) -> str | None:
     """Why ``target`` cannot take the precompiled route at all (None if it can)."""
     options = str(static.get("options") or "")
@@ -87,6 +108,10 @@ def _unsupported(target: torch.nn.Module, static: dict[str, Any]) -> str | None:
     return None
 
 
+def _eager_forward(target: torch.nn.Module) -> Callable[..., Any]:
+    return types.MethodType(type(target).forward, target)
+
+
 def _restore_forward(target: torch.nn.Module, before: Any) -> None:
     if before is _MISSING:
         target.__dict__.pop("forward", None)
@@ -95,7 +120,14 @@ def _restore_forward(target: torch.nn.Module, before: Any) -> None:
 
 
 class PrecompiledModule:
-    """The compiled module's ``forward``: precompiled artifacts, else Dynamo."""
+    """The compiled module's ``forward``: precompiled artifacts, else Dynamo.
+
+    The artifacts are of the target's forward, or, where the target has repeated blocks
+    (:func:`repeated_blocks`), of the blocks' forward: one artifact (or one per kind of
+    call) serves every block, each instance checked by its guards, and each block's
+    backward is its own autograd node, so DDP reduces a block's gradients as soon as its
+    backward ends, as it does with DDPOptimizer's pieces.
+    """
 
     def __init__(
         self,
@@ -113,6 +145,10 @@ class PrecompiledModule:
         self.outer = outer
         self.region = region  # the compiled region's id: names this module in diagnostics
         self.target = _target_of(outer)
+        blocks = repeated_blocks(self.target)
+        #: What is captured: the blocks, or the target itself.
+        self.targets = blocks if blocks is not None else [self.target]
+        kind = type(self.targets[0])
         self.dynamo_forward = dynamo_forward
         self.cache = cache
         self.static = static
@@ -126,9 +162,8 @@ class PrecompiledModule:
         self.on = True
         # Inside dynamo_dist.local() the calls of this rank alone: given up separately.
         self.local_on = True
-        code = getattr(type(self.target).forward, "__code__", None)
-        self._code = code
-        self._f_globals: dict[str, Any] = getattr(type(self.target).forward, "__globals__", {})
+        self._code = getattr(kind.forward, "__code__", None)
+        self._f_globals: dict[str, Any] = getattr(kind.forward, "__globals__", {})
         why = _unsupported(self.target, static)
         if why is not None:
             self._give_up(UNSUPPORTED, why)
@@ -141,33 +176,37 @@ class PrecompiledModule:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.on or (not self.local_on and _local.is_local()):
             return self.dynamo_forward(*args, **kwargs)
-        target = self.target
-        before = target.__dict__.get("forward", _MISSING)
-        target.__dict__["forward"] = partial(self._routed, before)
+        before = [(t, t.__dict__.get("forward", _MISSING)) for t in self.targets]
+        for target, was in before:
+            target.__dict__["forward"] = partial(self._routed, target, was)
         try:
             return self.outer(*args, **kwargs)
         finally:
-            _restore_forward(target, before)
+            for target, was in before:
+                _restore_forward(target, was)
 
-    def _routed(self, before: Any, *args: Any, **kwargs: Any) -> Any:
-        """The target's forward for this call (its arguments as DDP passes them).
+    def _routed(self, target: torch.nn.Module, before: Any, *args: Any, **kwargs: Any) -> Any:
+        """``target``'s forward for this call (its arguments as DDP passes them).
 
         The module is put back as it was first: guards, and a capture, see it unchanged.
         """
-        _restore_forward(self.target, before)
-        full = (self.target, *args)
+        _restore_forward(target, before)
+        if not self.on or (not self.local_on and _local.is_local()):
+            # Given up during this call (at an earlier block): the rest runs eagerly.
+            return _eager_forward(target)(*args, **kwargs)
+        full = (target, *args)
         art = self._pick(full, kwargs)
         if self._agree(art is not None, full, kwargs):
             return self._run(art, full, kwargs)
         self.counts.precompiled_misses += 1
         failed: Failed | None = None
         if art is None:
-            art, failed = self._obtain(args, kwargs)
+            art, failed = self._obtain(target, args, kwargs)
         if self._agree(art is not None, full, kwargs, report=False):
             return self._run(art, full, kwargs)
         reason = failed or Failed(PEER, "another rank of the group could not use its artifact")
         self._give_up(reason.reason, reason.detail, _local.is_local())
-        return self._eager_forward()(*args, **kwargs)
+        return _eager_forward(target)(*args, **kwargs)
 
     def _run(self, art: Any, full: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self.counts.precompiled_calls += 1
@@ -179,9 +218,6 @@ class PrecompiledModule:
                 return art
         return None
 
-    def _eager_forward(self) -> Callable[..., Any]:
-        return types.MethodType(type(self.target).forward, self.target)
-
     # -- agreement ----------------------------------------------------------------------
     def _agree(
         self, ok: bool, full: tuple[Any, ...], kwargs: dict[str, Any], report: bool = True
@@ -192,6 +228,9 @@ class PrecompiledModule:
             return ok  # nobody to agree with (inside local(): this rank's call alone)
         channel.policy.check_thread()
         leave = _C.RegionEnter(self.region, channel.hook)()
+        if not report:
+            # After a miss: other ranks may still be capturing or loading their artifact.
+            channel.transport.expected_wait = "other ranks are obtaining a precompiled artifact"
         try:
             # skip=1: the call site in _routed (a Python call, whose offset is stable;
             # this frame's own offset at a C call varies with the interpreter's
@@ -202,6 +241,7 @@ class PrecompiledModule:
             _C.set_pending_error(e)  # later compiled calls raise it too, on this rank
             raise
         finally:
+            channel.transport.expected_wait = None
             leave()
         mixed = channel.policy.take_mixed()
         if mixed is not None and report:
@@ -245,26 +285,28 @@ class PrecompiledModule:
         self.seen.append(shapes)
         return out
 
-    def _obtain(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Failed | None]:
+    def _obtain(
+        self, target: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, Failed | None]:
         missing = _torch_compat.aot_compile_missing()
         if missing is not None:
             return None, Failed(NO_AOT_COMPILE, missing)
         try:
-            return self._through_cache(args, kwargs)
+            return self._through_cache(target, args, kwargs)
         except Exception as e:  # ours, never the job's: Dynamo takes over
             log.debug("precompiled artifact for %s failed", self.label, exc_info=True)
             return None, Failed(PACKAGE_ERROR, f"{type(e).__name__}: {e}")
 
     def _through_cache(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, target: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Any, Failed | None]:
         dynamic = self._dynamic_dims(args)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        tensors += list(self.target.parameters())[:1]
+        tensors += list(target.parameters())[:1]
         key, factors = precompile_key(
-            self.static, self.target, call_spec(args, kwargs, dynamic), tensors
+            self.static, target, call_spec(args, kwargs, dynamic), tensors
         )
-        full = (self.target, *args)
+        full = (target, *args)
         held = self.cache.artifacts.get(key)
         if held is not None:
             if not _torch_compat.aot_guard_check(held, full, kwargs):
@@ -272,7 +314,7 @@ class PrecompiledModule:
                 return None, Failed(GUARD_MISS, why)
             self.arts.append(held)
             return held, None
-        capture = partial(self._capture, args, kwargs)
+        capture = partial(self._capture, target, args, kwargs)
         marks = [(args[i], dims) for i, dims in dynamic.items()]
         with _local.compiling(None), _torch_compat.marked_dynamic(marks):
             got = self.cache.compile(
@@ -302,10 +344,14 @@ class PrecompiledModule:
         return art, None
 
     def _capture(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], dropped: list[GuardRecord]
+        self,
+        target: torch.nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        dropped: list[GuardRecord],
     ) -> Any:
         capture = _torch_compat.aot_capture(self.backend, guard_filter(dropped))
-        return capture(type(self.target).forward, (self.target, *args), kwargs)
+        return capture(type(target).forward, (target, *args), kwargs)
 
     # -- giving up ------------------------------------------------------------------------
     def _give_up(self, reason: str, detail: str, local: bool = False) -> None:

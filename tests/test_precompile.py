@@ -43,6 +43,34 @@ class TinyLM(nn.Module):
         return out
 
 
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM)
+        self.fc = nn.Linear(DIM, DIM)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = h + F.gelu(self.fc(self.norm(h)))
+        return out
+
+
+class BlockLM(nn.Module):
+    """Repeated blocks: each is captured on its own, one artifact for all of them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, DIM)
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        self.head = nn.Linear(DIM, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        for block in self.blocks:
+            h = block(h)
+        out: torch.Tensor = self.head(h)
+        return out
+
+
 def _local_dirs(rank: int, local_base: str) -> None:
     """Each rank its own empty inductor cache, as if on its own host."""
     path = Path(local_base, f"rank{rank}")
@@ -74,14 +102,16 @@ def _precompiled_stats() -> dict[str, Any]:
 
 # -- rank programs -------------------------------------------------------------------------
 def train(rank: int, world: int, shared: str, local_base: str, how: str, steps: str) -> Any:
-    """``how``: ``outer`` (compile(DDP(m))), ``inner`` (DDP(compile(m))), ``plain``."""
+    """``how``: ``outer`` (compile(DDP(m))), ``inner`` (DDP(compile(m))), ``plain``;
+    ``-blocks`` after it: a model of repeated blocks."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import dynamo_dist
 
     _local_dirs(rank, local_base)
     torch.manual_seed(0)
-    model = TinyLM()
+    how, _, kind = how.partition("-")
+    model = BlockLM() if kind == "blocks" else TinyLM()
     step_fn: Any
     if how == "outer":
         step_fn = dynamo_dist.compile(DDP(model), cache_dir=shared)
@@ -281,13 +311,15 @@ def _ok(run: ranks.RankRun, world: int) -> list[dict[str, Any]]:
     return out
 
 
-@pytest.mark.parametrize("how", ["outer", "inner"])
+@pytest.mark.parametrize("how", ["outer", "inner", "outer-blocks"])
 def test_warm_start_traces_nothing_and_matches_plain(tmp_path: Path, how: str) -> None:
     shared = _shared(tmp_path)
     args = (str(shared),)
+    plain_how = "plain-blocks" if how.endswith("-blocks") else "plain"
+    calls_per_step = 3 if how.endswith("-blocks") else 1
     cold = _ok(ranks.launch(HERE, "train", *args, tmp_path / "c", how, 30, tmp=tmp_path), 2)
     warm = _ok(ranks.launch(HERE, "train", *args, tmp_path / "w", how, 30, tmp=tmp_path), 2)
-    plain = _ok(ranks.launch(HERE, "train", *args, tmp_path / "p", "plain", 30, tmp=tmp_path), 2)
+    plain = _ok(ranks.launch(HERE, "train", *args, tmp_path / "p", plain_how, 30, tmp=tmp_path), 2)
     for r in range(2):
         assert sum(c["precompiled_captures"] for c in cold) >= 1
         assert cold[r]["precompiled_fallbacks"] == {}, cold[r]
@@ -298,7 +330,7 @@ def test_warm_start_traces_nothing_and_matches_plain(tmp_path: Path, how: str) -
         assert w["frames_ok"] == 0, w
         assert w["aot_autograd"] == {}, w
         assert w["inductor_compiles"] == 0, w
-        assert w["precompiled_calls"] == 30 + len(w["evals"]), w
+        assert w["precompiled_calls"] == calls_per_step * (30 + len(w["evals"])), w
         assert w["params_equal"]
         # Plain torch.compile's numbers, step for step (the same kernels).
         assert w["losses"] == pytest.approx(plain[r]["losses"], rel=1e-5)
