@@ -351,7 +351,17 @@ class PrecompiledModule:
         dropped: list[GuardRecord],
     ) -> Any:
         capture = _torch_compat.aot_capture(self.backend, guard_filter(dropped))
-        return capture(type(target).forward, (target, *args), kwargs)
+        # Gradients of an earlier step, set aside: Dynamo saves the parameters' guard
+        # state with them, as a placeholder its own loader then refuses to assign
+        # ("assigned grad expected to be a Tensor or None"). The capture reads no grad.
+        held = [(p, p.grad) for p in target.parameters() if p.grad is not None]
+        for p, _ in held:
+            p.grad = None
+        try:
+            return capture(type(target).forward, (target, *args), kwargs)
+        finally:
+            for p, grad in held:
+                p.grad = grad
 
     # -- giving up ------------------------------------------------------------------------
     def _give_up(self, reason: str, detail: str, local: bool = False) -> None:

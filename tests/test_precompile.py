@@ -126,9 +126,10 @@ def train(rank: int, world: int, shared: str, local_base: str, how: str, steps: 
         rows = 2 if step == DIVERGENT_STEP and rank == world - 1 else 4
         x, y = _batch(step, rank, rows)
         loss = F.cross_entropy(step_fn(x).reshape(-1, VOCAB), y.reshape(-1))
+        # nanoGPT's order: the previous step's gradients are still there in the forward.
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        opt.zero_grad()
         losses.append(loss.item())
         if step % 10 == 5 and rank == 0 and how != "plain":
             # Rank-0 evaluation: inside local(), through Dynamo on this rank alone.
