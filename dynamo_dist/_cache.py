@@ -22,6 +22,7 @@ from ._cache_key import (
     call_spec,
     graph_key,
     precompile_key,
+    precompile_key_for_sources,
     source_hash,
     version_factors,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "get_cache",
     "graph_key",
     "precompile_key",
+    "precompile_key_for_sources",
     "profiles_for",
     "require_private_local_dir",
     "source_hash",

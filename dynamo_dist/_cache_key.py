@@ -32,6 +32,7 @@ __all__ = [
     "call_spec",
     "graph_key",
     "precompile_key",
+    "precompile_key_for_sources",
     "source_hash",
     "version_factors",
 ]
@@ -252,3 +253,19 @@ def precompile_key(
     }
     key = hashlib.sha256(json.dumps(factors, sort_keys=True).encode()).hexdigest()[:40]
     return key, factors
+
+
+def precompile_key_for_sources(
+    key: str, factors: dict[str, Any], sources_now: list[str]
+) -> tuple[str, dict[str, Any]]:
+    """``key``'s successor for the inlined functions' sources as they are now.
+
+    An artifact's key holds the forward's code, not the functions it inlines (known only
+    once traced). An artifact found under ``key`` whose inlined sources were edited since
+    is not used; the capture for the current sources goes under this key, derived from
+    the stale artifact's list of sources, which every later start of the same code
+    derives alike.
+    """
+    factors = {**factors, "after": key, "sources_now": sources_now}
+    new = hashlib.sha256(json.dumps(factors, sort_keys=True).encode()).hexdigest()[:40]
+    return new, factors

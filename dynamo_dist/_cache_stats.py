@@ -96,6 +96,9 @@ class CacheStats:
     precompiled_calls: int = 0
     precompiled_misses: int = 0
     precompiled_fallbacks: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Artifacts found but not used because a function they inline was edited since
+    # their capture (the old code is never run): captured again for the code as it is.
+    precompiled_stale: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The counters under the keys ``dynamo_dist.stats()`` has always reported."""

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from . import _local, _torch_compat
-from ._cache import SharedCache, call_spec, precompile_key
+from ._cache import SharedCache, call_spec, precompile_key, precompile_key_for_sources
 from ._cache_stats import emit_precompiled, log, warn_once
 from ._hook import _C
 from ._precompile_artifact import (
@@ -48,6 +48,7 @@ from ._precompile_artifact import (
     NO_AOT_COMPILE,
     PACKAGE_ERROR,
     PEER,
+    SOURCE_CHANGED,
     UNSUPPORTED,
     Captured,
     Failed,
@@ -57,6 +58,7 @@ from ._precompile_artifact import (
     guard_filter,
     load,
     produce,
+    sources_now,
 )
 
 __all__ = ["PrecompiledModule", "install"]
@@ -306,6 +308,27 @@ class PrecompiledModule:
         key, factors = precompile_key(
             self.static, target, call_spec(args, kwargs, dynamic), tensors
         )
+        art, failed = self._by_key(target, key, factors, args, kwargs, dynamic)
+        if failed is not None and failed.reason == SOURCE_CHANGED and failed.sources:
+            # The functions the artifact inlined were edited since it was captured (the
+            # key holds only the forward's own code): capture for the code as it is now,
+            # under a key that says so, which later starts of this code then find.
+            self.counts.precompiled_stale += 1
+            log.info("%s: %s; capturing for the current source", self.label, failed.detail)
+            now = sources_now(failed.sources)
+            key, factors = precompile_key_for_sources(key, factors, now)
+            art, failed = self._by_key(target, key, factors, args, kwargs, dynamic)
+        return art, failed
+
+    def _by_key(
+        self,
+        target: torch.nn.Module,
+        key: str,
+        factors: dict[str, Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        dynamic: dict[int, frozenset[int]],
+    ) -> tuple[Any, Failed | None]:
         full = (target, *args)
         held = self.cache.artifacts.get(key)
         if held is not None:

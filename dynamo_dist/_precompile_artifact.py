@@ -50,6 +50,7 @@ __all__ = [
     "discard",
     "load",
     "produce",
+    "sources_now",
 ]
 
 #: Where an artifact sits in an inductor cache directory (a clean room, the local cache).
@@ -105,6 +106,8 @@ class Failed:
 
     reason: str
     detail: str = ""
+    #: For ``source_changed``: the inlined sources the artifact was captured from.
+    sources: list[tuple[str, int, int, str]] = field(default_factory=list, compare=False)
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,18 @@ def sources_changed(sources: list[tuple[str, int, int, str]]) -> str | None:
         if now != checksum:
             return f"{module_name}:{first}-{last} changed"
     return None
+
+
+def sources_now(sources: list[tuple[str, int, int, str]]) -> list[str]:
+    """The checksums the listed lines have now ("" where they cannot be read)."""
+    out = []
+    for module_name, first, last, _ in sources:
+        module = sys.modules.get(module_name)
+        try:
+            out.append(_torch_compat.hash_sourcelines(module, first, last) if module else "")
+        except Exception:
+            out.append("")
+    return out
 
 
 # -- bytes ----------------------------------------------------------------------------------
@@ -399,7 +414,7 @@ def load(data: bytes, f_globals: dict[str, Any]) -> tuple[Any, Failed | None]:
         return None, Failed(PACKAGE_ERROR, f"bad artifact header: {e}")
     why = sources_changed(sources)
     if why is not None:
-        return None, Failed(SOURCE_CHANGED, why)
+        return None, Failed(SOURCE_CHANGED, why, sources)
     why = dropped_changed(dropped, f_globals)
     if why is not None:
         return None, Failed(TORCH_CHANGED, why)

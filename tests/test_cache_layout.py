@@ -44,6 +44,7 @@ REPORTED = [
     "precompiled_calls",
     "precompiled_misses",
     "precompiled_fallbacks",
+    "precompiled_stale",
 ]
 
 
