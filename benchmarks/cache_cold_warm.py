@@ -108,10 +108,11 @@ Counters, per rank (torch 2.13; the second table shows r0/r1, each the median ov
   are in the JSON). It counts frames, not graphs: one batch-size change recompiles both
   DDP.forward and the wrapped model's forward (DDP's forward graph-breaks into it), so it
   shows 2 where the recompiled frames captured 1 new graph (Dynamo traces +1).
-* ``div.comp``: compiles at the divergent step and the step after it: CompilationMetrics
-  entries added during them (Dynamo compiled a frame; on a warm start every one is a
-  recompile) plus precompiled artifacts captured during them (a capture that runs Dynamo
-  may count in both). The step after counts because a call that leaves the precompiled
+* ``div.comp``: compiles at the divergent step and the step after it: graphs Dynamo
+  captured during them (``counters["stats"]["unique_graphs"]``; on a warm start every one
+  is a recompile) plus precompiled artifacts captured during them (a capture that runs
+  Dynamo may count in both). Not CompilationMetrics entries: loading an artifact records
+  one though nothing is compiled. The step after counts because a call that leaves the precompiled
   route runs eagerly and Dynamo compiles at the next call. A precompiled warm start
   loads the artifact for the shorter batch: 0. The JSON has the count of every step
   (step_compiles).
@@ -515,9 +516,13 @@ def worker(out_dir: Path, mode: str, cfg: argparse.Namespace) -> None:
         prof = None
 
     def compiles_so_far() -> int:
-        """Dynamo frame compiles plus precompiled captures, this process so far."""
+        """Graphs Dynamo captured plus precompiled captures, this process so far.
+
+        Not CompilationMetrics entries: loading a precompiled artifact records one too
+        (AOTAutograd's cache post-compile), though nothing is traced or compiled.
+        """
         captures = precompiled().get("precompiled_captures", 0)
-        return len(get_compilation_metrics()) + int(captures)
+        return int(counters["stats"]["unique_graphs"]) + int(captures)
 
     step_s: list[float] = []
     step_compiles: list[int] = []
