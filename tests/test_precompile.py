@@ -278,6 +278,40 @@ def gelu_only(rank: int, world: int, shared: str, local_base: str) -> Any:
     return {"ok": True, "same": same, **_precompiled_stats(), **_counters()}
 
 
+def switched(rank: int, world: int, local_base: str) -> Any:
+    """A framework's own ``torch.compile``, under the switch, with the cache from the env."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import dynamo_dist
+
+    _local_dirs(rank, local_base)
+    torch.manual_seed(0)
+    model = TinyLM()
+    with dynamo_dist.patch_torch_compile():
+        step_fn = torch.compile(DDP(model))
+    losses = []
+    for step in range(4):
+        x, y = _batch(step, rank, 4)
+        loss = F.cross_entropy(step_fn(x).reshape(-1, VOCAB), y.reshape(-1))
+        loss.backward()
+        losses.append(loss.item())
+    return {"ok": True, "losses": losses, **_precompiled_stats(), **_counters()}
+
+
+def caching_precompile_control(rank: int, world: int) -> Any:
+    """Torch's own ``caching_precompile``, the negative control of ``apply(x, fn)``."""
+    torch._dynamo.config.caching_precompile = True
+    apply = ApplyNet()
+    compiled = torch.compile(apply)
+    x = torch.randn(2, 4)
+    ref = apply.lin(x)
+    return {
+        "ok": True,
+        "apply_double": bool(torch.allclose(compiled(x, _double), ref * 2)),
+        "apply_triple": bool(torch.allclose(compiled(x, _triple), ref * 3)),
+    }
+
+
 def fsdp(rank: int, world: int, shared: str, local_base: str) -> Any:
     """FSDP2 (fully_shard): not precompiled (its hooks gather parameters), counted."""
     from torch.distributed.fsdp import fully_shard
@@ -402,6 +436,31 @@ def test_no_aot_compile_and_a_damaged_artifact_fall_back(tmp_path: Path) -> None
     for res in again:
         assert res["same"] and res["precompiled_fallbacks"] == {}, res
         assert res["precompiled_loads"] == 1 and res["frames_ok"] == 0, res
+
+
+def test_switched_torch_compile_takes_the_precompiled_route(tmp_path: Path) -> None:
+    env = {"DYNAMO_DIST_CACHE_DIR": str(_shared(tmp_path))}
+    cold = _ok(ranks.launch(HERE, "switched", tmp_path / "c", tmp=tmp_path, env=env), 2)
+    warm = _ok(ranks.launch(HERE, "switched", tmp_path / "w", tmp=tmp_path, env=env), 2)
+    for c, w in zip(cold, warm, strict=True):
+        assert c["precompiled_calls"] == 4 and c["precompiled_fallbacks"] == {}, c
+        assert w["precompiled_calls"] == 4 and w["precompiled_loads"] == 1, w
+        assert w["frames_ok"] == 0 and w["aot_autograd"] == {}, w
+        assert w["losses"] == c["losses"]
+
+
+def test_apply_with_two_functions_is_right_where_caching_precompile_is_not(
+    tmp_path: Path,
+) -> None:
+    """The control: torch's caching_precompile drops the guard on ``fn`` and runs
+    ``double`` for ``triple`` in one process; the precompiled route keeps that guard (the
+    module falls back, test_every_fallback_reason_is_agreed_and_counted), so it cannot."""
+    run = ranks.launch(HERE, "caching_precompile_control", tmp=tmp_path, nproc=1)
+    res = _ok(run, 1)[0]
+    assert res["apply_double"]
+    if res["apply_triple"]:
+        pytest.skip("this torch's caching_precompile keeps the guard: no control to show")
+    assert not res["apply_triple"]
 
 
 def test_fsdp2_modules_fall_back_counted(tmp_path: Path) -> None:
