@@ -215,7 +215,11 @@ def call_spec(
     """
     described = [_describe_arg(a, dynamic.get(i, frozenset())) for i, a in enumerate(args)]
     named = sorted((k, _describe_arg(v, frozenset())) for k, v in kwargs.items())
-    return [described, named, bool(torch.is_grad_enabled())]
+    modes: list[Any] = [bool(torch.is_grad_enabled()), bool(torch.is_inference_mode_enabled())]
+    for device in ("cpu", "cuda"):
+        on = bool(torch.is_autocast_enabled(device))
+        modes.append(str(torch.get_autocast_dtype(device)) if on else "")
+    return [described, named, modes]
 
 
 def _module_factors(module: torch.nn.Module) -> str:
@@ -228,6 +232,17 @@ def _module_factors(module: torch.nn.Module) -> str:
     for name, m in module.named_modules():
         h.update(f"M{name}:{type(m).__module__}.{type(m).__qualname__}:{m.training};".encode())
     return h.hexdigest()[:24]
+
+
+def _class_source(target: Any) -> str:
+    cls = type(target) if isinstance(target, torch.nn.Module) else None
+    if cls is None:
+        return ""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return hashlib.sha256(src.encode()).hexdigest()[:16]
 
 
 def precompile_key(
@@ -247,6 +262,9 @@ def precompile_key(
         "kind": "precompiled",
         "target": f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', '')}",
         "code": hashlib.sha256(code.co_code).hexdigest()[:16] if code is not None else "",
+        # The whole class: its helper methods, inlined by the trace, are part of it (an
+        # edit there makes a new key, and a capture that failed is tried again).
+        "class": _class_source(target),
         "module": _module_factors(target) if isinstance(target, torch.nn.Module) else None,
         "device": _device_factor(tensors),
         "call": spec,

@@ -31,6 +31,7 @@ own), and a failure sends its later local calls through Dynamo, on that rank alo
 
 from __future__ import annotations
 
+import threading
 import types
 from collections.abc import Callable
 from functools import partial
@@ -48,13 +49,17 @@ from ._precompile_artifact import (
     NO_AOT_COMPILE,
     PACKAGE_ERROR,
     PEER,
+    RECOMPILE_LIMIT,
     SOURCE_CHANGED,
+    TORCH_CHANGED,
     UNSUPPORTED,
     Captured,
+    DroppedCheck,
     Failed,
     GuardRecord,
     Stored,
     discard,
+    dropped_check,
     guard_filter,
     load,
     produce,
@@ -65,6 +70,8 @@ __all__ = ["PrecompiledModule", "install"]
 
 _MISSING = object()
 _NO_ARTIFACT = "no precompiled artifact fits this call yet"
+#: Artifacts one module may gather before it leaves the route (Dynamo's recompile_limit).
+MAX_ARTIFACTS = 8
 
 
 def _target_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -102,6 +109,8 @@ def _unsupported(target: torch.nn.Module, static: dict[str, Any]) -> str | None:
         '"triton.cudagraphs": true' in options
     ):
         return "CUDA graphs (mode reduce-overhead or max-autotune) are not precompiled"
+    if "forward" in target.__dict__:
+        return "an instance-level forward (the class's is what would be captured)"
     if hasattr(target, "_initialize_hook"):
         return "a lazy module (its parameters are made at the first call)"
     fsdp = getattr(getattr(torch.distributed, "fsdp", None), "FSDPModule", None)
@@ -159,14 +168,18 @@ class PrecompiledModule:
         self.policy = policy
         self.label = label
         self.dynamic = dynamic
-        self.arts: list[Any] = []
+        #: (artifact, check of its dropped guards), tried in order.
+        self.arts: list[tuple[Any, DroppedCheck]] = []
         self.seen: list[list[tuple[int, ...] | None]] = []
         self.on = True
         # Inside dynamo_dist.local() the calls of this rank alone: given up separately.
         self.local_on = True
         self._code = getattr(kind.forward, "__code__", None)
         self._f_globals: dict[str, Any] = getattr(kind.forward, "__globals__", {})
-        why = _unsupported(self.target, static)
+        why = next(filter(None, (_unsupported(t, static) for t in self.targets)), None)
+        # Calls of one compiled module from several threads run one at a time: the
+        # module's forward is swapped for the duration of each.
+        self._lock = threading.RLock()
         if why is not None:
             self._give_up(UNSUPPORTED, why)
 
@@ -178,14 +191,15 @@ class PrecompiledModule:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if not self.on or (not self.local_on and _local.is_local()):
             return self.dynamo_forward(*args, **kwargs)
-        before = [(t, t.__dict__.get("forward", _MISSING)) for t in self.targets]
-        for target, was in before:
-            target.__dict__["forward"] = partial(self._routed, target, was)
-        try:
-            return self.outer(*args, **kwargs)
-        finally:
+        with self._lock:
+            before = [(t, t.__dict__.get("forward", _MISSING)) for t in self.targets]
             for target, was in before:
-                _restore_forward(target, was)
+                target.__dict__["forward"] = partial(self._routed, target, was)
+            try:
+                return self.outer(*args, **kwargs)
+            finally:
+                for target, was in before:
+                    _restore_forward(target, was)
 
     def _routed(self, target: torch.nn.Module, before: Any, *args: Any, **kwargs: Any) -> Any:
         """``target``'s forward for this call (its arguments as DDP passes them).
@@ -203,7 +217,14 @@ class PrecompiledModule:
         self.counts.precompiled_misses += 1
         failed: Failed | None = None
         if art is None:
-            art, failed = self._obtain(target, args, kwargs)
+            if len(self.arts) >= MAX_ARTIFACTS:
+                failed = Failed(
+                    RECOMPILE_LIMIT,
+                    f"{len(self.arts)} artifacts, none fits (Dynamo's recompile_limit is the "
+                    "same idea; it also makes changing sizes and scalars dynamic)",
+                )
+            else:
+                art, failed = self._obtain(target, args, kwargs)
         if self._agree(art is not None, full, kwargs, report=False):
             return self._run(art, full, kwargs)
         reason = failed or Failed(PEER, "another rank of the group could not use its artifact")
@@ -215,8 +236,8 @@ class PrecompiledModule:
         return art(*full, **kwargs)
 
     def _pick(self, full: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        for art in self.arts:
-            if _torch_compat.aot_guard_check(art, full, kwargs):
+        for art, check in self.arts:
+            if check.ok() and _torch_compat.aot_guard_check(art, full, kwargs):
                 return art
         return None
 
@@ -255,7 +276,10 @@ class PrecompiledModule:
         if not self.arts:
             return _NO_ARTIFACT
         try:
-            reasons = [_torch_compat.aot_guard_failure(a, full, kwargs) for a in self.arts]
+            reasons = [
+                c.changed() or _torch_compat.aot_guard_failure(a, full, kwargs)
+                for a, c in self.arts
+            ]
         except Exception as e:  # diagnostics never break a step
             return f"precompiled guards failed (reasons unavailable: {type(e).__name__})"
         return "precompiled guards failed: " + " | ".join(reasons)
@@ -332,11 +356,7 @@ class PrecompiledModule:
         full = (target, *args)
         held = self.cache.artifacts.get(key)
         if held is not None:
-            if not _torch_compat.aot_guard_check(held, full, kwargs):
-                why = _torch_compat.aot_guard_failure(held, full, kwargs)
-                return None, Failed(GUARD_MISS, why)
-            self.arts.append(held)
-            return held, None
+            return self._usable(held[0], held[1], full, kwargs)
         capture = partial(self._capture, target, args, kwargs)
         marks = [(args[i], dims) for i, dims in dynamic.items()]
         with _local.compiling(None), _torch_compat.marked_dynamic(marks):
@@ -348,22 +368,35 @@ class PrecompiledModule:
         if isinstance(got, Captured):
             art = got.art
             art.disable_guard_check()
+            check, why = dropped_check(got.dropped, self._f_globals)
+            if check is None:
+                return None, Failed(TORCH_CHANGED, why or "")
             self.counts.precompiled_captures += 1
             emit_precompiled("capture", self.label, self.cache.rank, key=key[:12])
         elif isinstance(got, Stored):
-            art, failed = load(got.data, self._f_globals)
-            if failed is not None:
-                if failed.reason == PACKAGE_ERROR:
+            loaded, failed = load(got.data, self._f_globals)
+            if loaded is None:
+                if failed is not None and failed.reason == PACKAGE_ERROR:
                     discard(key)  # damaged in this rank's own cache: installed anew next time
                 return None, failed
+            art, check = loaded
             self.counts.precompiled_loads += 1
             emit_precompiled("load", self.label, self.cache.rank, key=key[:12])
         else:
             return None, Failed(PACKAGE_ERROR, f"unexpected result {type(got).__name__}")
-        self.cache.artifacts[key] = art
-        if not _torch_compat.aot_guard_check(art, full, kwargs):
-            return None, Failed(GUARD_MISS, _torch_compat.aot_guard_failure(art, full, kwargs))
-        self.arts.append(art)
+        self.cache.artifacts[key] = (art, check)
+        return self._usable(art, check, full, kwargs)
+
+    def _usable(
+        self, art: Any, check: DroppedCheck, full: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, Failed | None]:
+        """The artifact obtained for this call, if its guards pass (else a guard miss)."""
+        why = check.changed()
+        if why is None and not _torch_compat.aot_guard_check(art, full, kwargs):
+            why = _torch_compat.aot_guard_failure(art, full, kwargs)
+        if why is not None:
+            return None, Failed(GUARD_MISS, why)
+        self.arts.append((art, check))
         return art, None
 
     def _capture(

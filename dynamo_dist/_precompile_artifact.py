@@ -43,11 +43,13 @@ from . import _torch_compat
 
 __all__ = [
     "Captured",
+    "DroppedCheck",
     "Failed",
     "GuardRecord",
     "Stored",
     "decode",
     "discard",
+    "dropped_check",
     "load",
     "produce",
     "sources_now",
@@ -69,6 +71,7 @@ NO_AOT_COMPILE = "no_aot_compile"
 PACKAGE_ERROR = "package_error"
 PEER = "other_rank"
 UNSUPPORTED = "unsupported_module"
+RECOMPILE_LIMIT = "recompile_limit"
 
 _PLAIN = (int, float, str, bool, bytes, type(None))
 _CALLABLE_KINDS = (
@@ -134,6 +137,9 @@ def identity(obj: Any) -> tuple[str, ...]:
     if not isinstance(module, str):
         module = type(obj).__module__
     qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if not isinstance(obj, _CALLABLE_KINDS) and not callable(obj):
+        # A value (an OrderedDict of hooks, a flag): what it is, not only its type.
+        return (type(obj).__name__, str(module), str(qualname), repr(obj)[:200])
     code = getattr(obj, "__code__", None)
     digest = ""
     if isinstance(code, types.CodeType):
@@ -144,8 +150,19 @@ def identity(obj: Any) -> tuple[str, ...]:
     return (type(obj).__name__, module, str(qualname), digest)
 
 
-def _is_torch_internal(entry: Any) -> bool:
-    """Whether a global guard is on torch's own code (or a Dynamo alias of it)."""
+def _is_torch_internal(entry: Any, unsaveable: frozenset[str]) -> bool:
+    """Whether a global guard is one to drop: on torch's own code, which Dynamo cannot save.
+
+    * Rooted at one of Dynamo's own aliases (``__import_torch_dot_...``, the builtins
+      dict): what inlining torch's modules adds.
+    * Rooted at a user global that Dynamo cannot save a guard on, naming a module,
+      function or class of torch's (or a builtin): ``F``, ``torch``, ``ACT = torch.relu``.
+
+    Everything else is kept: a user global naming anything else (a value, a dtype, the
+    user's own function) is saved and checked at every call, or, where Dynamo cannot
+    save it, makes the capture fail. Every dropped guard is checked at every call too
+    (:class:`DroppedCheck`), by identity, so rebinding such a global is noticed.
+    """
     root = _torch_compat.guard_root_global(entry)
     if root is not None and (
         root.startswith("__import_torch") or root.startswith("__builtins_dict__")
@@ -153,18 +170,13 @@ def _is_torch_internal(entry: Any) -> bool:
         return True
     if not entry.has_value:
         return False
+    types_ = {str(entry.guard_type), *(str(t) for t in entry.derived_guard_types or ())}
+    if not types_ & unsaveable:
+        return False
     value = entry.value
-    if isinstance(value, _PLAIN):
-        return False  # a constant: kept, and checked at every call
     if isinstance(value, types.ModuleType):
         return _torch_module(value.__name__) or value is builtins
-    if isinstance(value, _CALLABLE_KINDS) or _torch_module(type(value).__module__ or ""):
-        # Functions, classes and ops defined by torch (never a tensor or a module
-        # instance: those are the user's, whatever their class).
-        import torch
-
-        if isinstance(value, torch.Tensor | torch.nn.Module):
-            return False
+    if isinstance(value, _CALLABLE_KINDS):
         module = getattr(value, "__module__", None)
         return _torch_module(module) or module == "builtins"
     return False
@@ -173,11 +185,13 @@ def _is_torch_internal(entry: Any) -> bool:
 def guard_filter(dropped: list[GuardRecord]) -> Callable[[Any], list[bool]]:
     """A ``guard_filter_fn`` keeping every guard but those on torch globals (recorded)."""
 
+    unsaveable = _torch_compat.unserializable_guard_types()
+
     def keep(entries: Any) -> list[bool]:
         dropped.clear()
         out = []
         for entry in entries:
-            drop = bool(entry.is_global) and _is_torch_internal(entry)
+            drop = bool(entry.is_global) and _is_torch_internal(entry, unsaveable)
             out.append(not drop)
             if drop:
                 ident = identity(entry.value) if entry.has_value else ()
@@ -192,51 +206,114 @@ _STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[('(?:[^'\\]|\\.)*'|\"(?:[^\"\\
 _ALIAS = re.compile(r"__import_([A-Za-z0-9_]+)")
 
 
-def _resolve(name: str, f_globals: dict[str, Any]) -> Any:
-    """What a guard's name (``G['torch'].nn.functional.gelu``) names now; raises if nothing.
+Step = tuple[bool, Any]  # (an attribute?, its name or the subscript's key)
+
+
+def _parse(name: str) -> tuple[str, list[Step]]:
+    """A guard's name (``G['torch'].nn.functional.gelu``) as its root and its steps.
 
     Only names, attributes and literal subscripts: the name comes from a verified entry,
-    but is never evaluated as code.
+    but is never evaluated as code. Raises LookupError on anything else.
     """
     m = _ROOT.match(name)
     if m is None:
         raise LookupError(f"not a global's guard: {name}")
     root = ast.literal_eval(m.group(1))
-    obj: Any
-    if root in f_globals:
-        obj = f_globals[root]
-    elif root.startswith("__builtins_dict__"):
-        obj = builtins.__dict__
-    elif (alias := _ALIAS.fullmatch(root)) is not None:
-        module = alias.group(1).replace("_dot_", ".")
-        if not _torch_module(module):
-            raise LookupError(f"alias of a module that is not torch's: {module}")
-        obj = sys.modules.get(module) or importlib.import_module(module)
-    else:
-        raise LookupError(f"global {root!r} is not defined")
+    steps: list[Step] = []
     rest = name[m.end() :]
     while rest:
         step = _STEP.match(rest)
         if step is None:
             raise LookupError(f"cannot follow {rest!r}")
         if step.group(1) is not None:
-            obj = getattr(obj, step.group(1))
+            steps.append((True, step.group(1)))
         else:
-            obj = obj[ast.literal_eval(step.group(2))]
+            steps.append((False, ast.literal_eval(step.group(2))))
         rest = rest[step.end() :]
+    return root, steps
+
+
+def _root(root: str, f_globals: dict[str, Any]) -> Any:
+    if root in f_globals:
+        return f_globals[root]
+    if root.startswith("__builtins_dict__"):
+        return builtins.__dict__
+    alias = _ALIAS.fullmatch(root)
+    if alias is not None:
+        module = alias.group(1).replace("_dot_", ".")
+        if not _torch_module(module):
+            raise LookupError(f"alias of a module that is not torch's: {module}")
+        return sys.modules.get(module) or importlib.import_module(module)
+    raise LookupError(f"global {root!r} is not defined")
+
+
+def _follow(obj: Any, steps: list[Step]) -> Any:
+    for attr, key in steps:
+        obj = getattr(obj, key) if attr else obj[key]
     return obj
+
+
+def _resolve(name: str, f_globals: dict[str, Any]) -> Any:
+    """What a guard's name names now; raises if nothing."""
+    root, steps = _parse(name)
+    return _follow(_root(root, f_globals), steps)
+
+
+class DroppedCheck:
+    """The dropped guards of one artifact, checked at every call, by identity.
+
+    Each name was resolved once (at capture, or at load after its recorded identity was
+    compared): a call passes only while every name still names the very same object,
+    so a monkeypatched torch function or a rebound global is a guard miss, as it is
+    for Dynamo.
+    """
+
+    def __init__(self, f_globals: dict[str, Any], checks: list[tuple[str, list[Step], Any]]):
+        self._f_globals = f_globals
+        self._checks = checks
+
+    def ok(self) -> bool:
+        try:
+            for root, steps, expected in self._checks:
+                if _follow(_root(root, self._f_globals), steps) is not expected:
+                    return False
+        except Exception:
+            return False
+        return True
+
+    def changed(self) -> str | None:
+        """The first name that names something else now (for diagnostics)."""
+        for root, steps, expected in self._checks:
+            try:
+                if _follow(_root(root, self._f_globals), steps) is not expected:
+                    return f"G[{root!r}]... no longer names what it did"
+            except Exception as e:
+                return f"G[{root!r}]... no longer resolves ({type(e).__name__})"
+        return None
+
+
+def dropped_check(
+    dropped: list[GuardRecord], f_globals: dict[str, Any]
+) -> tuple[DroppedCheck | None, str | None]:
+    """(the per-call check, None), or (None, the first name that changed since capture)."""
+    checks = []
+    for record in dropped:
+        try:
+            root, steps = _parse(record.name)
+            obj = _follow(_root(root, f_globals), steps)
+        except Exception as e:
+            return None, f"{record.name}: no longer resolves ({type(e).__name__}: {e})"
+        now = identity(obj)
+        if record.identity and now != record.identity:
+            was, then = ".".join(record.identity[1:3]), ".".join(now[1:3])
+            return None, f"{record.name}: was {was}, now {then}"
+        checks.append((root, steps, obj))
+    return DroppedCheck(f_globals, checks), None
 
 
 def dropped_changed(dropped: list[GuardRecord], f_globals: dict[str, Any]) -> str | None:
     """The first dropped guard whose name no longer names what it did at capture."""
-    for record in dropped:
-        try:
-            now = identity(_resolve(record.name, f_globals))
-        except Exception as e:
-            return f"{record.name}: no longer resolves ({type(e).__name__}: {e})"
-        if record.identity and now != record.identity:
-            return f"{record.name}: was {'.'.join(record.identity[1:3])}, now {'.'.join(now[1:3])}"
-    return None
+    return dropped_check(dropped, f_globals)[1]
 
 
 def sources_changed(sources: list[tuple[str, int, int, str]]) -> str | None:
@@ -393,8 +470,11 @@ def produce(
     return Captured(art, sources, dropped)
 
 
-def load(data: bytes, f_globals: dict[str, Any]) -> tuple[Any, Failed | None]:
-    """(the artifact, None) from a stored file, or (None, why it cannot be used)."""
+def load(
+    data: bytes, f_globals: dict[str, Any]
+) -> tuple[tuple[Any, DroppedCheck] | None, Failed | None]:
+    """((the artifact, its dropped guards' check), None) from a stored file, or (None, why
+    it cannot be used)."""
     try:
         header, artifact = decode(data)
     except ValueError as e:
@@ -415,11 +495,11 @@ def load(data: bytes, f_globals: dict[str, Any]) -> tuple[Any, Failed | None]:
     why = sources_changed(sources)
     if why is not None:
         return None, Failed(SOURCE_CHANGED, why, sources)
-    why = dropped_changed(dropped, f_globals)
-    if why is not None:
-        return None, Failed(TORCH_CHANGED, why)
+    check, why = dropped_check(dropped, f_globals)
+    if check is None:
+        return None, Failed(TORCH_CHANGED, why or "")
     try:
-        return _torch_compat.aot_deserialize(artifact, f_globals), None
+        return (_torch_compat.aot_deserialize(artifact, f_globals), check), None
     except Exception as e:
         return None, Failed(PACKAGE_ERROR, f"load: {type(e).__name__}: {e}")
 

@@ -151,23 +151,27 @@ def train(rank: int, world: int, shared: str, local_base: str, how: str, steps: 
 #: A user global the forward of ScaleNet reads: a kept guard, checked at every call.
 SCALE = int(os.environ.get("TEST_SCALE", "2"))
 
-#: A module of the user's, edited between runs: its method is inlined by the trace.
+#: A module of the user's, edited between runs: the forward of its submodule class is
+#: inlined by the trace, and is in neither the key nor the compiled module's class.
 HELPER = """
-import torch
 from torch import nn
 
 
+class Scale(nn.Module):
+    def forward(self, t):
+        return t * {factor}
+"""
+
+
 class HelperNet(nn.Module):
-    def __init__(self):
+    def __init__(self, scale: nn.Module) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 4)
+        self.scale = scale
 
-    def helper(self, t):
-        return t * {factor}
-
-    def forward(self, x):
-        return self.helper(self.lin(x))
-"""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.scale(self.lin(x))
+        return out
 
 
 class ApplyNet(nn.Module):
@@ -251,7 +255,7 @@ def fallbacks(rank: int, world: int, shared: str, local_base: str, helper_dir: s
     out["apply_triple"] = bool(torch.allclose(c_apply(x, _triple), ref * 3))
     brk = BreakNet()
     out["break"] = bool(torch.allclose(dynamo_dist.compile(brk, cache_dir=shared)(x), brk(x)))
-    hel = helper.HelperNet()
+    hel = HelperNet(helper.Scale())
     out["helper"] = bool(torch.allclose(dynamo_dist.compile(hel, cache_dir=shared)(x), hel(x)))
     sca = ScaleNet()
     out["scale"] = bool(torch.allclose(dynamo_dist.compile(sca, cache_dir=shared)(x), sca(x)))

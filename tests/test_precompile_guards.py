@@ -67,6 +67,30 @@ def test_only_torch_globals_are_dropped_and_recorded() -> None:
     assert dropped[0].identity[1:3] == ("torch._C._nn", "gelu")
 
 
+def test_a_dropped_guard_is_checked_at_every_call_by_identity() -> None:
+    """``ACT = torch.relu`` rebound to ``torch.tanh`` after the capture: a guard miss."""
+    dropped: list[pa.GuardRecord] = []
+    pa.guard_filter(dropped)([_entry("G['ACT']", torch.relu, True, "ACT")])
+    assert [r.name for r in dropped] == ["G['ACT']"]
+    scope: dict[str, Any] = {"ACT": torch.relu}
+    check, why = pa.dropped_check(dropped, scope)
+    assert check is not None and why is None and check.ok()
+    scope["ACT"] = torch.tanh
+    assert not check.ok() and check.changed() is not None
+    scope["ACT"] = torch.relu
+    assert check.ok()
+    del scope["ACT"]
+    assert not check.ok()
+
+
+def test_values_of_torch_types_are_kept() -> None:
+    """A dtype (or any value) in a user global is not torch's code: never dropped."""
+    dropped: list[pa.GuardRecord] = []
+    keep = pa.guard_filter(dropped)
+    assert keep([_entry("G['DT']", torch.float64, True, "DT")]) == [True]
+    assert pa.identity(torch.float64) != pa.identity(torch.float32)
+
+
 def test_a_dropped_guard_is_resolved_again_by_name() -> None:
     dropped: list[pa.GuardRecord] = []
     pa.guard_filter(dropped)([_entry("G['F'].gelu", F.gelu, True, "F")])
