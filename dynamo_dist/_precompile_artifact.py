@@ -456,8 +456,13 @@ def produce(
             _store(name, encode({"failed": reason, "detail": detail, "label": label}))
         return Failed(reason, detail)
     sources = _torch_compat.aot_inlined_sources(art)
+    try:
+        isa: list[str] | None = _torch_compat.cpu_isa_names()
+    except Exception:
+        isa = None
     header = {
         "label": label,
+        "isa": isa,
         "torch": _torch_compat._torch_version(),
         "sources": [list(s) for s in sources],
         "dropped": [[r.name, r.guard_type, list(r.identity)] for r in dropped],
@@ -499,7 +504,10 @@ def load(
     if check is None:
         return None, Failed(TORCH_CHANGED, why or "")
     try:
-        return (_torch_compat.aot_deserialize(artifact, f_globals), check), None
+        isa = header.get("isa")
+        if not (isinstance(isa, list) and all(isinstance(x, str) for x in isa)):
+            isa = None
+        return (_torch_compat.aot_deserialize(artifact, f_globals, isa), check), None
     except Exception as e:
         return None, Failed(PACKAGE_ERROR, f"load: {type(e).__name__}: {e}")
 

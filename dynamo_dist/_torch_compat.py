@@ -1498,8 +1498,10 @@ class cpp_kernels_load_only:
     header. Restored on exit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, isa: list[str] | None = None) -> None:
         self._saved: Any = None
+        self._isa = isa
+        self._isa_patch: Any = None
 
     def __enter__(self) -> None:
         from torch._inductor import codecache
@@ -1511,16 +1513,59 @@ class cpp_kernels_load_only:
                 return header
 
             codecache._precompile_header = plain_header  # type: ignore[assignment]
+        if self._isa is not None and _isa_probe_answered(self._isa):
+            from torch._inductor import config as inductor_config
+
+            self._isa_patch = inductor_config.patch({"cpp.vec_isa_ok": True})
+            self._isa_patch.__enter__()
 
     def __exit__(self, *exc: object) -> None:
         from torch._inductor import codecache
 
+        if self._isa_patch is not None:
+            patch, self._isa_patch = self._isa_patch, None
+            patch.__exit__(*exc)
         if self._saved is not None:
             codecache._precompile_header = self._saved
             self._saved = None
 
 
-def aot_deserialize(data: bytes, f_globals: dict[str, Any]) -> Any:
+def cpu_isa_names() -> list[str]:
+    """The CPU vector ISAs inductor found usable in this process (its probe, cached)."""
+    from torch._inductor.cpu_vec_isa import valid_vec_isa_list
+
+    return [str(isa) for isa in valid_vec_isa_list()]
+
+
+def _isa_probe_answered(recorded: list[str]) -> bool:
+    """Whether the kernels' builder already answered this process's ISA probe.
+
+    ``cpu_vec_isa.valid_vec_isa_list`` (torch 2.9 through 2.13, cached per process)
+    keeps each ISA the CPU's flags list whose probe library builds and loads, the load
+    tried in a child Python (six of them on x86: about a second). ``recorded`` is the
+    list the capturing rank's probe produced, on a host with the same CPU flags (the
+    key holds them). Where this process has not probed yet and its CPU's flags list
+    exactly those ISAs, the probe's answer is known: ``cpp.vec_isa_ok`` for the load
+    makes the cached list that one, without the children.
+    """
+    import platform
+
+    from torch._inductor import cpu_vec_isa
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    if cpu_vec_isa.valid_vec_isa_list.cache_info().currsize:
+        return False  # already probed in this process: nothing to save
+    flags = cpu_vec_isa.x86_isa_checker()
+    by_flags = [
+        str(isa)
+        for isa in cpu_vec_isa.supported_vec_isa_list
+        if all(flag in flags for flag in str(isa).split())
+    ]
+    return by_flags == recorded
+
+
+def aot_deserialize(data: bytes, f_globals: dict[str, Any], isa: list[str] | None = None) -> Any:
     """An artifact from bytes, its guards checked against the live ``f_globals``.
 
     ``deserialize`` builds the guard manager over a snapshot of the globals taken now; a
@@ -1530,7 +1575,7 @@ def aot_deserialize(data: bytes, f_globals: dict[str, Any]) -> Any:
     from torch._dynamo.aot_compile import AOTCompiledFunction
     from torch._dynamo.package import load_guard_manager, load_guards_state
 
-    with cpp_kernels_load_only():
+    with cpp_kernels_load_only(isa):
         art = AOTCompiledFunction.deserialize(data, f_globals, None)
     found = art._artifacts
     found.guard_manager = load_guard_manager(

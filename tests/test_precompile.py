@@ -316,6 +316,31 @@ def caching_precompile_control(rank: int, world: int) -> Any:
     }
 
 
+class StepNet(nn.Module):
+    """Takes the step number: a scalar that changes at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        out: torch.Tensor = self.lin(x) * step
+        return out
+
+
+def scalar_steps(rank: int, world: int, shared: str, local_base: str) -> Any:
+    """One artifact per step value, until the limit; then Dynamo, right all along."""
+    import dynamo_dist
+
+    _local_dirs(rank, local_base)
+    torch.manual_seed(0)
+    model = StepNet()
+    compiled = dynamo_dist.compile(model, cache_dir=shared)
+    x = torch.randn(2, 2)
+    right = [bool(torch.allclose(compiled(x, step), model(x, step))) for step in range(2, 12)]
+    return {"ok": True, "right": right, **_precompiled_stats()}
+
+
 def fsdp(rank: int, world: int, shared: str, local_base: str) -> Any:
     """FSDP2 (fully_shard): not precompiled (its hooks gather parameters), counted."""
     from torch.distributed.fsdp import fully_shard
@@ -465,6 +490,14 @@ def test_apply_with_two_functions_is_right_where_caching_precompile_is_not(
     if res["apply_triple"]:
         pytest.skip("this torch's caching_precompile keeps the guard: no control to show")
     assert not res["apply_triple"]
+
+
+def test_a_scalar_changing_at_every_call_stops_at_the_recompile_limit(tmp_path: Path) -> None:
+    run = ranks.launch(HERE, "scalar_steps", str(_shared(tmp_path)), tmp_path / "l", tmp=tmp_path)
+    for res in _ok(run, 2):
+        assert all(res["right"]), res
+        assert res["precompiled_fallbacks"] == {"recompile_limit": 1}, res
+        assert res["precompiled_calls"] == 8, res
 
 
 def test_fsdp2_modules_fall_back_counted(tmp_path: Path) -> None:
