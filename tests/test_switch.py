@@ -176,12 +176,12 @@ def test_per_block_compiles_share_one_graph_through_the_shared_cache(tmp_path, p
     if not precompile:
         assert graphs == 1
         return
-    # No Dynamo graph at all: one artifact, obtained once, runs all 12 blocks.
+    # One artifact, obtained once, runs all 12 blocks: Dynamo traced the block once, for
+    # the capture (none where it was loaded: this host may keep a copy of an earlier run).
     after = dynamo_dist.stats()
-    assert graphs == 0
-    # (Loaded, not captured, where this host keeps a copy from an earlier run.)
     got = [after[k] - before.get(k, 0) for k in ("precompiled_captures", "precompiled_loads")]
     assert sum(got) == 1, got
+    assert graphs == got[0]
     assert after["precompiled_calls"] - before.get("precompiled_calls", 0) == 12
 
 
