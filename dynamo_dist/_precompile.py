@@ -372,6 +372,8 @@ class PrecompiledModule:
             if check is None:
                 return None, Failed(TORCH_CHANGED, why or "")
             self.counts.precompiled_captures += 1
+            # Inductor compiled it (forward and backward), outside its FX graph cache.
+            self.counts.inductor_compiles += 1
             emit_precompiled("capture", self.label, self.cache.rank, key=key[:12])
         elif isinstance(got, Stored):
             loaded, failed = load(got.data, self._f_globals)

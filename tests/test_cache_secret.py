@@ -254,12 +254,15 @@ def test_directory_trust_check(tmp_path):
 @pytest.mark.inductor
 def test_unsigned_cache_in_a_shared_directory_is_not_loaded(tmp_path):
     cache = tmp_path / "cache"
-    res, _ = _job(tmp_path, "first", cache)
+    # The graph route: without the shared entry inductor must run (a precompiled module
+    # would load the artifact its rank keeps in its own private cache instead).
+    graphs = {"DYNAMO_DIST_PRECOMPILE": "0"}
+    res, _ = _job(tmp_path, "first", cache, graphs)
     assert sum(res[r]["stats"]["cache_publishes"] for r in (0, 1)) == 1
     assert _entries(cache)
     # Anyone may now edit the entry and recompute its sha256: it must not run.
     cache.chmod(0o777)
-    res, out = _job(tmp_path, "second", cache)
+    res, out = _job(tmp_path, "second", cache, graphs)
     for r in (0, 1):
         s = res[r]["stats"]
         assert s["cache_loads"] == 0 and s["inductor_compiles"] > 0, s
