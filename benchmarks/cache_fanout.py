@@ -62,23 +62,25 @@ def _worker(out: Path, program: str, hold: float) -> None:
     dist.barrier()
     t0 = time.monotonic()
     if program == "direct":
-        from dynamo_dist import _cache, _local, _torch_compat
         from dynamo_dist._config import resolve
+        from dynamo_dist.cache import key, protocol
+        from dynamo_dist.dist import local as dist_local
+        from dynamo_dist.dynamo import compat
 
         cfg = resolve()
-        cache = _cache.SharedCache(
+        cache = protocol.SharedCache(
             os.environ["DYNAMO_DIST_CACHE_DIR"], 600.0, 30.0, agree=True, fanout=cfg.cache_fanout
         )
 
         def compile_fn() -> str:
-            d = Path(_torch_compat.inductor_cache_dir())
+            d = Path(compat.inductor_cache_dir())
             (d / "fxgraph").mkdir(parents=True, exist_ok=True)
             (d / "fxgraph" / f"graph-{KEY}").write_text("compiled")
             time.sleep(hold)
             return "compiled"
 
-        with _local.compiling(_local.Scope("world", "world", world)):
-            cache.compile(KEY, _cache.version_factors(), compile_fn, "bench (direct)")
+        with dist_local.compiling(dist_local.Scope("world", "world", world)):
+            cache.compile(KEY, key.version_factors(), compile_fn, "bench (direct)")
         stats = cache.stats()
     else:
         import dynamo_dist
@@ -273,7 +275,7 @@ def main() -> None:
                 f"{rate * pollers:.0f} ops/s on the shared FS"
             )
         print(line)
-    from dynamo_dist._cache_protocol import LOCK_LOOK_S, SHARED_POLL_S, SHARED_POLL_UNBOUNDED_S
+    from dynamo_dist.cache.protocol import LOCK_LOOK_S, SHARED_POLL_S, SHARED_POLL_UNBOUNDED_S
 
     # By design, once the backoff reached its cap (lock looks are ~7 operations each).
     print(

@@ -60,7 +60,7 @@ def worker(out: str, calls: int) -> None:
     import torch.distributed as dist
 
     import dynamo_dist
-    from dynamo_dist import _runtime
+    from dynamo_dist.dist import runtime
 
     dist.init_process_group("gloo")
     x = torch.ones(4)
@@ -86,7 +86,7 @@ def worker(out: str, calls: int) -> None:
         dist.barrier()
         os.environ["DYNAMO_DIST_TRANSPORT"] = transport
         compiled = dynamo_dist.compile(fn, backend="eager")
-        rt = _runtime.current()
+        rt = runtime.current()
         if rt is None or rt.transport.name not in (transport, f"{transport}+gloo"):
             results[f"dynamo_dist {transport}"] = None
         else:
@@ -118,7 +118,7 @@ def regional_worker(out: str, steps: int, blocks: int) -> None:
     from torch import nn
 
     import dynamo_dist
-    from dynamo_dist import _runtime
+    from dynamo_dist.dist import runtime
 
     class Block(nn.Module):  # user-defined: Dynamo traces it (torch.nn-only code it skips)
         def __init__(self, dim: int) -> None:
@@ -152,7 +152,7 @@ def regional_worker(out: str, steps: int, blocks: int) -> None:
         for layers in (plain, switched):
             for _ in range(20):
                 step(layers)
-        rt = _runtime.current()
+        rt = runtime.current()
         if (
             rt is None
             or rt.transport is None

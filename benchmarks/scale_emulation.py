@@ -103,7 +103,7 @@ class Ring:
         self.s, self.r = self.sbuf.numpy(), self.rbuf.numpy()
 
     def __call__(self, word: int) -> int:
-        from dynamo_dist._collective import hold_until
+        from dynamo_dist.exchange.collective import hold_until
 
         carry = word
         for step in range(2 * (self.n - 1)):
@@ -127,9 +127,9 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
     import torch
     import torch.distributed as dist
 
-    from dynamo_dist import _group
-    from dynamo_dist._collective import DoublingExchange, pack
-    from dynamo_dist._shm import ShmTransport, topology
+    from dynamo_dist.dist import group as dist_group
+    from dynamo_dist.exchange.collective import DoublingExchange, pack
+    from dynamo_dist.exchange.shm import ShmTransport, topology
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -137,10 +137,10 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
     hosts = world // per_host
     leaders = [h * per_host for h in range(hosts)]
     leader = rank in leaders
-    store = _group.job_store()
+    store = dist_group.job_store()
     everyone = tuple(range(world))
     lg = (
-        _group.gloo_group(store, "scale_emulation/leaders", leaders, timeout)
+        dist_group.gloo_group(store, "scale_emulation/leaders", leaders, timeout)
         if leader and hosts > 1
         else None
     )
@@ -189,8 +189,8 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
             )
 
     def transport(exchange: str) -> Any:
-        prefix = _group.rendezvous(store, everyone, timeout, 60, "scale_emulation")
-        group = _group.gloo_group(store, f"{prefix}/guard", everyone, timeout)
+        prefix = dist_group.rendezvous(store, everyone, timeout, 60, "scale_emulation")
+        group = dist_group.gloo_group(store, f"{prefix}/guard", everyone, timeout)
         return ShmTransport(
             topo=topology(group, everyone),
             store=store,

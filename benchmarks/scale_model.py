@@ -30,8 +30,8 @@ step, 156 us per call for 64 per-block calls in a 1 s step).
 
 The second half models the job's key-value store (one TCPStore for the whole job):
 operations a second at 4,096 ranks, from the per-event operation counts that
-``tests/test_store_load.py`` asserts and the intervals in ``dynamo_dist._status`` and
-``dynamo_dist._cache_agree``.
+``tests/test_store_load.py`` asserts and the intervals in ``dynamo_dist.exchange.status`` and
+``dynamo_dist.cache.agree``.
 """
 
 from __future__ import annotations
@@ -232,9 +232,9 @@ def exchange_model(
 
 # -- the job's key-value store ------------------------------------------------------------
 def store_model(ranks: int, per_host: int, out: dict) -> None:
-    from dynamo_dist._cache_agree import _PEEK_OPS_PER_S
     from dynamo_dist._config import Config
-    from dynamo_dist._status import board_reader_stride, publish_interval
+    from dynamo_dist.cache.agree import _PEEK_OPS_PER_S
+    from dynamo_dist.exchange.status import board_reader_stride, publish_interval
 
     cfg = Config()
     hosts = ranks // per_host

@@ -7,24 +7,24 @@ the switch for programs whose framework calls torch.compile (:func:`patch_torch_
 
 from __future__ import annotations
 
-from . import _secret
+from dynamo_dist.cache import secret
 
 # First, before anything can compile: inductor copies DYNAMO*/TORCH* environment
 # variables into the repro scripts it pickles into every cache entry (see _secret).
-_secret.take_from_environment()
+secret.take_from_environment()
 
-from ._api import compile, shutdown, stats  # noqa: E402
-from ._config import Config  # noqa: E402
-from ._errors import (  # noqa: E402
+from dynamo_dist._api import compile, shutdown, stats  # noqa: E402
+from dynamo_dist._config import Config  # noqa: E402
+from dynamo_dist._errors import (  # noqa: E402
     CollectiveTimeoutError,
     ConfigError,
     DynamoDistError,
     RankDivergenceError,
 )
-from ._group import set_default_group  # noqa: E402
-from ._local import local  # noqa: E402
-from ._switch import TorchCompilePatch, patch_torch_compile  # noqa: E402
-from ._version import __version__  # noqa: E402
+from dynamo_dist._switch import TorchCompilePatch, patch_torch_compile  # noqa: E402
+from dynamo_dist._version import __version__  # noqa: E402
+from dynamo_dist.dist.group import set_default_group  # noqa: E402
+from dynamo_dist.dist.local import local  # noqa: E402
 
 __all__ = [
     "CollectiveTimeoutError",

@@ -1,3 +1,3 @@
-from .cli import main
+from dynamo_dist.tools.cli import main
 
 main()

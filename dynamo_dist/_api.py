@@ -11,21 +11,20 @@ from typing import Any, TypeVar, overload
 
 import torch
 
-from . import (
-    _cache,
-    _config,
-    _group,
-    _hook,
-    _intercept,
-    _local,
-    _log,
-    _precompile,
-    _runtime,
-    _torch_compat,
-)
-from ._callback import GuardedCallback
-from ._config import POLICIES, Config, PolicyName
-from ._stats import Counts
+from dynamo_dist import _config, _log
+from dynamo_dist._config import POLICIES, Config, PolicyName
+from dynamo_dist.cache import backend as cache_backend
+from dynamo_dist.cache import key as cache_key
+from dynamo_dist.cache import precompiled as cache_precompiled
+from dynamo_dist.cache import profile as cache_profile
+from dynamo_dist.cache import protocol
+from dynamo_dist.dist import group as dist_group
+from dynamo_dist.dist import local as dist_local
+from dynamo_dist.dist import runtime as dist_runtime
+from dynamo_dist.dynamo import compat, intercept
+from dynamo_dist.dynamo import hook as dynamo_hook
+from dynamo_dist.dynamo.callback import GuardedCallback
+from dynamo_dist.exchange.stats import Counts
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -160,14 +159,14 @@ def compile(
         "options": options,
         **torch_kwargs,
     }
-    runtime = _runtime.ensure(cfg)
-    ranks = _group.resolve(group) if runtime is not None else ()
+    runtime = dist_runtime.ensure(cfg)
+    ranks = dist_group.resolve(group) if runtime is not None else ()
     shared: _Shared | None = None
     if cfg.cache_dir:
         compile_kwargs, shared = _with_shared_cache(
             model, cfg, compile_kwargs, agree=runtime is not None
         )
-    if runtime is None or _local.is_local():
+    if runtime is None or dist_local.is_local():
         # Compiled inside dynamo_dist.local(): rank-local code, plain torch.compile
         # (its shared-cache entries, if any, are loaded and published without agreement).
         if shared is not None and runtime is None:
@@ -177,18 +176,18 @@ def compile(
         if shared is not None and runtime is None:
             _precompiled(compiled, model, cfg, shared, None, -1)
         return compiled
-    channel = runtime.channel(ranks, _hook.describe_callable(model))
+    channel = runtime.channel(ranks, dynamo_hook.describe_callable(model))
     if shared is not None:
         # Every member calls compile() here, the group's channel now set up: the
         # group's one reading of its automatic-dynamic profile, before any trace.
         shared.load_profile(channel.scope)
-    region = _hook.register_region(model, channel.name)
-    with own_compile(), _intercept.adopting(channel, region, cfg.policy) as adopted:
+    region = dynamo_hook.register_region(model, channel.name)
+    with own_compile(), intercept.adopting(channel, region, cfg.policy) as adopted:
         compiled = torch.compile(model, **compile_kwargs)
     if not adopted:
         _log.get_logger("api").warning(
             "could not attach to this torch's Dynamo context; %s compiles without rank consistency",
-            _hook.describe_callable(model),
+            dynamo_hook.describe_callable(model),
         )
     elif shared is not None:
         _precompiled(compiled, model, cfg, shared, channel, region)
@@ -201,7 +200,7 @@ def _precompiled(
     """Put the precompiled route in front of a compiled module (``cfg.precompile``)."""
     if not cfg.precompile:
         return
-    _precompile.install(
+    cache_precompiled.install(
         compiled,
         model,
         shared.cache,
@@ -209,7 +208,7 @@ def _precompiled(
         shared.inner,
         channel if channel is not None and channel.hook is not None else None,
         cfg.policy,
-        _hook.describe_callable(model),
+        dynamo_hook.describe_callable(model),
         shared.dynamic,
         region,
     )
@@ -249,7 +248,7 @@ def _with_shared_cache(
             "cache_dir is set but backend %r is not inductor: nothing to cache", kwargs["backend"]
         )
         return kwargs, None
-    inner = _torch_compat.inductor_backend(kwargs["mode"], kwargs["options"], kwargs["dynamic"])
+    inner = compat.inductor_backend(kwargs["mode"], kwargs["options"], kwargs["dynamic"])
     shared = _caching_backend(model, cfg, inner, kwargs, agree)
     out = {k: v for k, v in kwargs.items() if k not in ("backend", "mode", "options")}
     out["backend"] = shared.backend
@@ -267,11 +266,13 @@ def _caching_backend(
         "options": json.dumps(kwargs.get("options"), sort_keys=True, default=repr),
         "dynamic": kwargs.get("dynamic"),
         "fullgraph": bool(kwargs.get("fullgraph", False)),
-        "source": _cache.source_hash(model),
+        "source": cache_key.source_hash(model),
     }
-    cache = _cache.get_cache(cfg, agree)
-    backend = _cache.CachingBackend(inner, cache, static, _hook.describe_callable(model))
-    profiles = _cache.profiles_for(cache)
+    cache = cache_backend.get_cache(cfg, agree)
+    backend = cache_backend.CachingBackend(
+        inner, cache, static, dynamo_hook.describe_callable(model)
+    )
+    profiles = cache_profile.profiles_for(cache)
     source = str(static["source"])
 
     def load_profile(scope: Any) -> None:
@@ -315,7 +316,7 @@ def compile_on_first_call(
     cfg = _config.resolve()
     _log.configure(cfg.log_level)
     first = _FirstCall(model, cfg, kwargs)
-    with own_compile(), _torch_compat.wrapping_optimize(first.adopt, backend=first.backend):
+    with own_compile(), compat.wrapping_optimize(first.adopt, backend=first.backend):
         compiled = torch_compile(model, **kwargs)
     if not first.callbacks:
         _log.get_logger("api").warning(
@@ -351,14 +352,14 @@ class _FirstForward:
     def _decide(self) -> Callable[..., Any]:
         first = self.first
         if first.state == "pending" and (
-            not _local.is_local() or _runtime.distributed_world() <= 1
+            not dist_local.is_local() or dist_runtime.distributed_world() <= 1
         ):
             first._decide()
         if first.state == "pending":
             return self.forward  # a first call inside local(): decided at a later one
         shared, channel = first.shared, first.channel
         if first.state == "attached" and shared is not None and channel is not None:
-            self.route = _precompile.PrecompiledModule(
+            self.route = cache_precompiled.PrecompiledModule(
                 first.model,
                 self.forward,
                 shared.cache,
@@ -426,7 +427,7 @@ class _LazyCallback:
         return getattr(self.inner, name)
 
     def __call__(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
-        if self.target is self.inner and self.local is not None and _local.is_local():
+        if self.target is self.inner and self.local is not None and dist_local.is_local():
             return self.local(frame, cache_entry, frame_state)
         return self.target(frame, cache_entry, frame_state)
 
@@ -454,7 +455,7 @@ class _FirstCall:
         self.model = model
         self.cfg = cfg
         self.kwargs = kwargs
-        self.label = _hook.describe_callable(model)
+        self.label = dynamo_hook.describe_callable(model)
         self.callbacks: list[_LazyCallback] = []
         self.ctxs: list[Any] = []
         self.backends: list[_SwitchableBackend] = []
@@ -468,7 +469,7 @@ class _FirstCall:
             # Now, before anything is traced or compiled (the first call may be inside
             # local(), or before init_process_group, and stay plain): with a shared cache,
             # inductor never works in a local directory someone else could fill.
-            _cache.require_private_local_dir()
+            protocol.require_private_local_dir()
         self._lock = threading.RLock()
         # The hooks as installed (each attribute access makes a new bound method).
         self._hooks = (self._first, self._last)
@@ -494,7 +495,9 @@ class _FirstCall:
     def _first(self) -> Callable[[], None]:
         # A first call inside local() in a job waits for the first call outside it: the
         # group's channel is set up collectively, and the other ranks are not here.
-        if self.state == "pending" and (not _local.is_local() or _runtime.distributed_world() <= 1):
+        if self.state == "pending" and (
+            not dist_local.is_local() or dist_runtime.distributed_world() <= 1
+        ):
             self._decide()
         if self.state == "plain":
             return self._drop_hooks
@@ -512,7 +515,7 @@ class _FirstCall:
         with self._lock:
             if self.state != "pending":
                 return
-            runtime = _runtime.ensure(self.cfg)
+            runtime = dist_runtime.ensure(self.cfg)
             if runtime is None:
                 # A single process (or policy off): exactly plain torch.compile.
                 self.state = "plain"
@@ -527,12 +530,12 @@ class _FirstCall:
                         world,
                     )
                 return
-            ranks = _group.resolve(None)
+            ranks = dist_group.resolve(None)
             load_profile: Callable[[Any], None] | None = None
             caching: Any = None
             if self.cfg.cache_dir and self.backends:
                 built = self.backends[0].built
-                if _torch_compat.is_inductor_backend(built):
+                if compat.is_inductor_backend(built):
                     shared = _caching_backend(self.model, self.cfg, built, self.kwargs, True)
                     caching, load_profile = shared.backend, shared.load_profile
                     self.shared = shared
@@ -545,15 +548,15 @@ class _FirstCall:
             channel.counts.local_compiles += self.counts.local_compiles
             if load_profile is not None:
                 load_profile(channel.scope)
-            region = _hook.register_region(self.model, channel.name)
+            region = dynamo_hook.register_region(self.model, channel.name)
             self.channel, self.region = channel, region
             if caching is not None:
                 for b in self.backends:
                     b.target = caching
             for lazy in self.callbacks:
                 # wrapper_frames: _LazyCallback.__call__ sits between Dynamo and it.
-                lazy.target = _intercept.guarded(lazy.inner, channel, self.cfg.policy, 1)
-            attached = _intercept.enter_hooks(channel, region)
+                lazy.target = intercept.guarded(lazy.inner, channel, self.cfg.policy, 1)
+            attached = intercept.enter_hooks(channel, region)
             for ctx in self.ctxs:
                 hooks = ctx.enter_exit_hooks
                 for mine, theirs in zip(self._hooks, attached, strict=True):
@@ -563,9 +566,9 @@ class _FirstCall:
 
 def stats() -> dict[str, Any]:
     """This rank's counters as a plain dict (empty-ish in single-process programs)."""
-    return _runtime.stats().as_dict()
+    return dist_runtime.stats().as_dict()
 
 
 def shutdown() -> None:
     """Uninstall the hook and restore Dynamo's previous settings (idempotent)."""
-    _runtime.shutdown()
+    dist_runtime.shutdown()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
-from ._errors import ConfigError
+from dynamo_dist._errors import ConfigError
 
 PolicyName = Literal["sync", "strict", "warn", "off"]
 TransportChoice = Literal["auto", "shm", "gloo"]

@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from . import _api, _config
-from ._log import get_logger
+from dynamo_dist import _api, _config
+from dynamo_dist._log import get_logger
 
 log = get_logger("switch")
 

@@ -256,7 +256,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     import io
     from unittest import mock
 
-    from dynamo_dist import cli as dd_cli
+    from dynamo_dist.tools import cli as dd_cli
 
     out, err = io.StringIO(), io.StringIO()
     with (
@@ -370,9 +370,9 @@ def main(namespace: dict[str, Any]) -> None:
 
 def shm_segment() -> dict[str, Any]:
     """This rank's pid and the name of its host's shared-memory segment (None without shm)."""
-    from dynamo_dist import _runtime
+    from dynamo_dist.dist import runtime
 
-    rt = _runtime.current()
+    rt = runtime.current()
     shm = getattr(rt.transport, "shm", None) if rt is not None else None
     return {"pid": os.getpid(), "segment": shm.name if shm is not None else None}
 
@@ -383,7 +383,7 @@ def members(room: Path) -> Any:
     The store publishes only files this process recorded as written (``_cache_rooms``),
     so a test records its room first, as a leader records its clean room.
     """
-    from dynamo_dist._cache_rooms import ROOMS
+    from dynamo_dist.cache.rooms import ROOMS
 
     ROOMS.record_room(room)
     return ROOMS.members(room)

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import ranks
 
-from dynamo_dist import _cache
-from dynamo_dist._cache_lock import Locks
-from dynamo_dist._cache_store import MARKER, DiskStore
+from dynamo_dist.cache import key as cache_key
+from dynamo_dist.cache.lock import Locks
+from dynamo_dist.cache.store import MARKER, DiskStore
 
 _cli = ranks.cli  # in this process: a subprocess per call would import torch anew
 KEYS = [c * 40 for c in "123456"]
@@ -44,7 +44,7 @@ def _room(tmp_path: Path, name: str, payload: bytes = b"kernel") -> Path:
 def _put(store: DiskStore, key: str, tmp_path: Path, size: int = 1000, **manifest: object) -> Path:
     room = _room(tmp_path, f"room-{key[:4]}-{time.monotonic_ns()}", b"x" * size)
     body = {
-        "factors": dict(_cache.version_factors()),
+        "factors": dict(cache_key.version_factors()),
         "owner": {"rank": 0},
         "created": time.time(),
         "label": "f",
@@ -520,7 +520,7 @@ def test_missing_or_non_directory_path_is_one_line(tmp_path):
 def test_clear_keeps_the_lock_of_a_frozen_leader_of_this_host(tmp_path):
     """A live leader stopped for longer than the watch (swapping, SIGSTOP) lost its lock to
     clear, and a second leader compiled. Alive by identity, it is kept."""
-    from dynamo_dist._cache_lock import owner_record
+    from dynamo_dist.cache.lock import owner_record
 
     store = _cache_with(tmp_path, 1)
     store.locks.mkdir(parents=True, exist_ok=True)
@@ -538,7 +538,7 @@ OLD_NS = "k-0123456789abcdef"  # entries of the old derivation: HMAC(secret, con
 def test_prune_removes_namespaces_of_the_old_key_derivation(tmp_path):
     """The old key id was a cheap oracle for the secret; its namespaces are never read
     again, and ``prune`` removes them, with prune's rules (marker, no links followed)."""
-    from dynamo_dist._cache_lock import owner_record
+    from dynamo_dist.cache.lock import owner_record
 
     store = _cache_with(tmp_path, 1)
     root = store.root
@@ -583,29 +583,29 @@ def test_prune_removes_namespaces_of_the_old_key_derivation(tmp_path):
 
 def test_verify_uses_the_jobs_key_derivation(tmp_path, monkeypatch):
     """``verify`` checks signatures with the same scrypt-derived key the jobs sign with."""
-    from dynamo_dist import _secret
-    from dynamo_dist._cache_store import key_id
+    from dynamo_dist.cache import secret as cache_secret
+    from dynamo_dist.cache.store import key_id
 
     secret = "verify-" + "9" * 32
     store = DiskStore(tmp_path / "c", secret)
     store.check_usable()
     _put(store, KEYS[0], tmp_path)
     assert store.entries.name == f"k2-{key_id(secret)}"
-    monkeypatch.setattr(_secret, "_secret", secret)  # as if read from a file at import
-    monkeypatch.setattr(_secret, "_error", None)
-    monkeypatch.setattr(_secret, "_from_file", True)
+    monkeypatch.setattr(cache_secret, "cache_secret", secret)  # as if read from a file at import
+    monkeypatch.setattr(cache_secret, "_error", None)
+    monkeypatch.setattr(cache_secret, "_from_file", True)
     v = _cli("verify", str(store.root))
     assert v.returncode == 0 and "1 of 1 entries valid (checked with" in v.stdout, v
-    monkeypatch.setattr(_secret, "_secret", "another-" + "9" * 32)
+    monkeypatch.setattr(cache_secret, "cache_secret", "another-" + "9" * 32)
     v = _cli("verify", str(store.root))
     assert v.returncode == 0 and "0 of 0 entries valid" in v.stdout, v
     # A manifest signed the old way (HMAC under the raw secret) does not verify.
     import hashlib
     import hmac
 
-    from dynamo_dist._cache_store import _canonical
+    from dynamo_dist.cache.store import _canonical
 
-    monkeypatch.setattr(_secret, "_secret", secret)
+    monkeypatch.setattr(cache_secret, "cache_secret", secret)
     manifest_path = store.entry_dir(KEYS[0]) / "manifest.json"
     man = json.loads(manifest_path.read_text())
     man["signature"] = hmac.new(secret.encode(), _canonical(man), hashlib.sha256).hexdigest()

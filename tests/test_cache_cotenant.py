@@ -126,9 +126,9 @@ def _planted_members(cache: Path) -> list[str]:
 @pytest.mark.inductor
 @pytest.mark.timeout(900)
 def test_files_planted_in_the_local_cache_are_never_signed(users: None, shared_tmp: Path) -> None:
-    from dynamo_dist import _torch_compat
+    from dynamo_dist.dynamo import compat
 
-    probes = sorted(_torch_compat.isa_probe_sources())
+    probes = sorted(compat.isa_probe_sources())
     if not probes:
         pytest.skip("this torch's ISA probe sources are not recognised")
     home = _victim_dir(shared_tmp / "home")
@@ -179,7 +179,7 @@ def test_planted_publish_leftovers_never_block_the_leader(
     """A group-shared signed cache: the attacker's backdated ``.tmp.<key>.*`` directories
     (FIFOs and links inside, and one swapped for a FIFO between the leader's look and its
     removal) are removed, or left, without blocking and without following a link."""
-    from dynamo_dist._cache_store import DiskStore
+    from dynamo_dist.cache.store import DiskStore
 
     key = "ab" * 20
     cache = _victim_dir(shared_tmp / "cache", 0o775)
@@ -238,10 +238,10 @@ def test_a_local_cache_the_cotenant_owns_is_replaced(
     script = f"""
 import os, stat, sys
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = {str(theirs)!r}
-from dynamo_dist._cache_protocol import private_local_dir, local_inductor_dir
+from dynamo_dist.cache.protocol import private_local_dir, local_inductor_dir
 local = private_local_dir()
 assert local is not None
-from dynamo_dist._cache_rooms import staging_dir
+from dynamo_dist.cache.rooms import staging_dir
 assert local == local_inductor_dir(), (local, local_inductor_dir())
 assert str(local).startswith({str(home)!r}), local
 assert stat.S_IMODE(os.stat(local).st_mode) == 0o700

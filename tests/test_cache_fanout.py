@@ -32,16 +32,20 @@ def fanout_job(
     """One graph through the shared cache; ``die``: the rank that dies while leading it."""
     import torch.distributed as dist
 
-    from dynamo_dist import _cache, _local, _torch_compat
-    from dynamo_dist._cache_protocol import host_copy_dir, private_local_dir
+    from dynamo_dist.cache import key, protocol
+    from dynamo_dist.cache.protocol import host_copy_dir, private_local_dir
+    from dynamo_dist.dist import local as dist_local
+    from dynamo_dist.dynamo import compat
 
     host = os.environ.get("GROUP_RANK", "0")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local_base, f"host{host}")
-    cache = _cache.SharedCache(os.environ["DYNAMO_DIST_CACHE_DIR"], 600.0, 30.0, agree=agree == "1")
+    cache = protocol.SharedCache(
+        os.environ["DYNAMO_DIST_CACHE_DIR"], 600.0, 30.0, agree=agree == "1"
+    )
     roles: list[str] = []
 
     def compile_fn() -> str:
-        d = Path(_torch_compat.inductor_cache_dir())
+        d = Path(compat.inductor_cache_dir())
         roles.append("leader" if "cleanroom" in d.parts else "plain")
         if die and int(die) == rank:
             ranks.signal_peers("leader_holds_locks")
@@ -55,9 +59,9 @@ def fanout_job(
         ranks.wait_for_peer("leader_holds_locks")
     elif not die:
         dist.barrier()
-    scope = _local.Scope("world", "world", world) if agree == "1" else None
-    with _local.compiling(scope):
-        out = cache.compile(KEY, _cache.version_factors(), compile_fn, "f (t.py:1)")
+    scope = dist_local.Scope("world", "world", world) if agree == "1" else None
+    with dist_local.compiling(scope):
+        out = cache.compile(KEY, key.version_factors(), compile_fn, "f (t.py:1)")
     local = private_local_dir()
     assert local is not None
     installed = (local / "fxgraph" / f"graph-{KEY}").is_file()

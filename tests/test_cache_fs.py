@@ -1,14 +1,10 @@
-"""The cache's one filesystem layer (``_cache_fs``), and the rule that nothing else touches disk.
+"""The cache's one filesystem layer (``cache/fs.py``): descriptors, no links, no FIFOs.
 
-Every open, read, write, rename and removal of the cache goes through ``_cache_fs``; the
-rule is checked on the cache modules' syntax trees, so a new ``open()`` or
-``shutil.rmtree`` in a cache module fails here before it can follow a planted link or
-block on a planted FIFO.
+The rule that nothing else in the cache touches disk is in ``tests/unit/test_rules.py``.
 """
 
 from __future__ import annotations
 
-import ast
 import os
 import stat
 import threading
@@ -16,169 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_dist import _cache_fs as fs
-
-PKG = Path(fs.__file__).resolve().parent
-
-#: The modules of the cache (and its secret): all of their filesystem I/O goes through fs.
-CACHE_MODULES = [
-    *sorted(p.stem for p in PKG.glob("_cache*.py") if p.stem != "_cache_fs"),
-    "_secret",
-]
-
-#: ``os`` functions that reach the filesystem by name (descriptor I/O such as os.read,
-#: os.write and os.close on a descriptor the layer handed out is fine).
-_OS_CALLS = {
-    "open",
-    "stat",
-    "lstat",
-    "mkdir",
-    "makedirs",
-    "rename",
-    "renames",
-    "replace",
-    "unlink",
-    "remove",
-    "removedirs",
-    "rmdir",
-    "scandir",
-    "listdir",
-    "walk",
-    "fwalk",
-    "chmod",
-    "chown",
-    "lchown",
-    "utime",
-    "link",
-    "symlink",
-    "readlink",
-    "access",
-    "truncate",
-    "mkfifo",
-    "mknod",
-    "statvfs",
-    "chdir",
-    "fchmod",
-    "fchown",
-    "memfd_create",
-}
-_OS_PATH_CALLS = {
-    "exists",
-    "lexists",
-    "isdir",
-    "isfile",
-    "islink",
-    "ismount",
-    "realpath",
-    "getsize",
-    "getmtime",
-    "getatime",
-    "getctime",
-    "samefile",
-}
-#: Path methods that do I/O (``replace`` only with one argument: str.replace takes two).
-_PATH_METHODS = {
-    "exists",
-    "is_dir",
-    "is_file",
-    "is_symlink",
-    "is_fifo",
-    "is_socket",
-    "mkdir",
-    "rmdir",
-    "unlink",
-    "touch",
-    "rglob",
-    "glob",
-    "iterdir",
-    "read_bytes",
-    "read_text",
-    "write_bytes",
-    "write_text",
-    "stat",
-    "lstat",
-    "chmod",
-    "lchmod",
-    "resolve",
-    "samefile",
-    "rename",
-    "symlink_to",
-    "hardlink_to",
-    "readlink",
-}
-_BANNED_MODULES = {"shutil", "tempfile", "glob", "fnmatch"}
-
-
-def violations(tree: ast.AST) -> list[str]:
-    """Each filesystem call in ``tree`` outside the layer, as ``line: call``."""
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import | ast.ImportFrom):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
-            for n in names:
-                if n and n.split(".")[0] in _BANNED_MODULES:
-                    out.append(f"{node.lineno}: import {n}")
-            if isinstance(node, ast.ImportFrom) and node.module in ("os", "os.path"):
-                out.append(f"{node.lineno}: from {node.module} import ...")
-            continue
-        if not isinstance(node, ast.Call):
-            continue
-        f = node.func
-        if isinstance(f, ast.Name) and f.id in ("open", "io_open"):
-            out.append(f"{node.lineno}: {f.id}()")
-        elif isinstance(f, ast.Attribute):
-            base = f.value
-            if isinstance(base, ast.Name) and base.id == "fs":
-                continue  # the layer itself
-            if isinstance(base, ast.Name) and base.id == "os" and f.attr in _OS_CALLS:
-                out.append(f"{node.lineno}: os.{f.attr}()")
-            elif (
-                isinstance(base, ast.Attribute)
-                and isinstance(base.value, ast.Name)
-                and base.value.id == "os"
-                and base.attr == "path"
-                and f.attr in _OS_PATH_CALLS
-            ):
-                out.append(f"{node.lineno}: os.path.{f.attr}()")
-            elif isinstance(base, ast.Name) and base.id in _BANNED_MODULES:
-                out.append(f"{node.lineno}: {base.id}.{f.attr}()")
-            elif f.attr == "open" and not (isinstance(base, ast.Name) and base.id == "tarfile"):
-                out.append(f"{node.lineno}: .open()")
-            elif f.attr in _PATH_METHODS:
-                out.append(f"{node.lineno}: .{f.attr}()")
-            elif f.attr == "replace" and len(node.args) == 1:
-                out.append(f"{node.lineno}: .replace()")
-    return out
-
-
-@pytest.mark.parametrize("module", CACHE_MODULES)
-def test_cache_modules_touch_the_filesystem_only_through_the_layer(module: str) -> None:
-    tree = ast.parse((PKG / f"{module}.py").read_text())
-    assert violations(tree) == [], f"{module}.py: use dynamo_dist._cache_fs instead"
-
-
-@pytest.mark.parametrize(
-    "code",
-    [
-        "open('x')",
-        "os.unlink('x')",
-        "os.stat('x')",
-        "os.path.exists('x')",
-        "shutil.rmtree('x')",
-        "import tempfile",
-        "Path('x').read_bytes()",
-        "p.mkdir()",
-        "p.replace(q)",
-        "list(p.rglob('*'))",
-    ],
-)
-def test_the_rule_catches_a_planted_violation(code: str) -> None:
-    assert violations(ast.parse(code)), code
-
-
-@pytest.mark.parametrize("code", ["'a'.replace('a', 'b')", "tarfile.open(fileobj=f)", "p / 'x'"])
-def test_the_rule_allows_what_touches_no_disk(code: str) -> None:
-    assert violations(ast.parse(code)) == []
+from dynamo_dist.cache import fs
 
 
 # -- removal by descriptor -----------------------------------------------------------------

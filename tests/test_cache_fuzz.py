@@ -42,9 +42,10 @@ from typing import Any
 import pytest
 import ranks
 
-from dynamo_dist import _cache, _secret
-from dynamo_dist._cache_lock import Locks, owner_record
-from dynamo_dist._cache_store import (
+from dynamo_dist.cache import key, protocol
+from dynamo_dist.cache import secret as cache_secret
+from dynamo_dist.cache.lock import Locks, owner_record
+from dynamo_dist.cache.store import (
     MARKER,
     DiskStore,
     EntryRefused,
@@ -384,7 +385,7 @@ def _publish(root: Path, secret: str | None, work: Path) -> DiskStore:
     store = DiskStore(root, secret)
     store.check_usable()
     manifest = {
-        "factors": _cache.version_factors(),
+        "factors": key.version_factors(),
         "owner": {"rank": 0, "host": socket.gethostname(), "pid": os.getpid(), "job": ""},
         "label": "f (fuzz.py:1)",
         "compile_seconds": 2.5,
@@ -421,7 +422,7 @@ def check_store(root: Path, secret: str | None, out: Path) -> str:
     store = DiskStore(root, secret)
     try:
         with deadline(DEADLINE_S, "DiskStore.get"):
-            entry = store.get(KEY, expect=_cache.version_factors())
+            entry = store.get(KEY, expect=key.version_factors())
     except (EntryRefused, EntryUnavailable) as e:
         return f"get: {type(e).__name__}"
     if entry is None:
@@ -444,8 +445,8 @@ def check_compile(root: Path, local: Path, timeout: float = 1.0) -> str:
         return SENTINEL
 
     with deadline(DEADLINE_S, "SharedCache"):
-        cache = _cache.SharedCache(str(root), timeout=timeout, wait_log_interval=30, agree=False)
-        got = cache.compile(KEY, _cache.version_factors(), compile_fn, "f (fuzz.py:1)")
+        cache = protocol.SharedCache(str(root), timeout=timeout, wait_log_interval=30, agree=False)
+        got = cache.compile(KEY, key.version_factors(), compile_fn, "f (fuzz.py:1)")
     assert got is SENTINEL, got
     if local.exists():
         assert_only_genuine(local, complete=cache.counts.cache_loads > 0)
@@ -469,8 +470,8 @@ def quiet(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def _use_secret(monkeypatch: pytest.MonkeyPatch, secret: str | None) -> None:
     """What DYNAMO_DIST_CACHE_SECRET_FILE sets at import, for SharedCache."""
-    monkeypatch.setattr(_secret, "_secret", secret)
-    monkeypatch.setattr(_secret, "_error", None)
+    monkeypatch.setattr(cache_secret, "cache_secret", secret)
+    monkeypatch.setattr(cache_secret, "_error", None)
 
 
 def _run_cases(

@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import ranks
 
-from dynamo_dist._cache_lock import Locks
-from dynamo_dist._cache_store import (
+from dynamo_dist.cache.lock import Locks
+from dynamo_dist.cache.store import (
     MARKER,
     DiskStore,
     Entry,
@@ -233,7 +233,7 @@ def test_malformed_manifests_are_refused_not_raised(tmp_path):
 _NO_HANG = r"""
 import json, os, sys, time
 from pathlib import Path
-from dynamo_dist._cache_store import DiskStore, EntryRefused
+from dynamo_dist.cache.store import DiskStore, EntryRefused
 root = Path(sys.argv[1]); key = sys.argv[2]
 store = DiskStore(root)
 entry = store.entry_dir(key)
@@ -259,7 +259,7 @@ attempt("artifact-fifo")
 os.unlink(art); os.rename(entry / "real.tar", art)
 (entry / "manifest.json").unlink(); os.mkfifo(entry / "manifest.json")
 attempt("manifest-fifo")
-from dynamo_dist._cache_lock import Locks
+from dynamo_dist.cache.lock import Locks
 os.mkfifo(store.locks / (key + ".0.lock"))
 print("lock", Locks(store).holder(key) is not None, flush=True)
 print("RESULT", json.dumps(out), flush=True)

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.fx
 
-from dynamo_dist._cache_backend import CachingBackend
-from dynamo_dist._cache_key import UnkeyableGraph, graph_key
-from dynamo_dist._cache_protocol import SharedCache
+from dynamo_dist.cache.backend import CachingBackend
+from dynamo_dist.cache.key import UnkeyableGraph, graph_key
+from dynamo_dist.cache.protocol import SharedCache
 
 
 def _graph(const: Any) -> torch.fx.GraphModule:

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_dist import _cache_fs as fs
-from dynamo_dist import _cache_protocol
-from dynamo_dist._cache_protocol import SharedCache, private_local_dir
+from dynamo_dist.cache import fs, protocol
+from dynamo_dist.cache.protocol import SharedCache, private_local_dir
 
 OTHER = 3000  # another account's uid: as root, chown makes files "theirs"
 
@@ -31,8 +30,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     home.mkdir(mode=0o700)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.setattr(_cache_protocol, "_trees_checked", set())
-    monkeypatch.setattr(_cache_protocol, "_headers_moved", set())
+    monkeypatch.setattr(protocol, "_trees_checked", set())
+    monkeypatch.setattr(protocol, "_headers_moved", set())
     from torch._inductor import codecache
 
     monkeypatch.setattr(codecache, "_HEADER_DIR", codecache._HEADER_DIR)

@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from dynamo_dist import _proc
-from dynamo_dist._cache_lock import Locks, Watch
-from dynamo_dist._cache_store import DiskStore
+from dynamo_dist.cache.lock import Locks, Watch
+from dynamo_dist.cache.store import DiskStore
+from dynamo_dist.dist import proc as dist_proc
 
 KEY = "c0" * 20
 
@@ -34,16 +34,16 @@ _WORKER = textwrap.dedent(
     """
     import json, os, sys, time
     from pathlib import Path
-    from dynamo_dist import _cache, _torch_compat
+    from dynamo_dist.dynamo import compat
     root, key, timeout, start_at, hold = sys.argv[1:6]
     key = os.environ.get("GRAPH_KEY", key)
-    cache = _cache.SharedCache(root, float(timeout), 30.0, agree=False)
-    factors = _cache.version_factors()
+    cache = protocol.SharedCache(root, float(timeout), 30.0, agree=False)
+    factors = cache_key.version_factors()
     while time.time() < float(start_at):  # start together: the race is the point
         time.sleep(0.001)
     roles = []
     def compile_fn():
-        d = Path(_torch_compat.inductor_cache_dir())
+        d = Path(compat.inductor_cache_dir())
         roles.append("leader" if "cleanroom" in d.parts else "plain")
         try:  # inductor only warns when it cannot write its cache; so does this
             (d / "fxgraph").mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,7 @@ def _plant_lock(store: DiskStore, gen: int, record: dict[str, Any]) -> Path:
 
 def _dead_identity() -> dict[str, Any]:
     p = subprocess.Popen(["true"])
-    ident = {**_proc.identity(), "pid": p.pid}
+    ident = {**dist_proc.identity(), "pid": p.pid}
     p.wait()
     return ident
 
@@ -186,7 +186,7 @@ def test_a_leader_in_another_pid_namespace_is_not_judged_by_its_pid(tmp_path: Pa
     root = tmp_path / "c"
     store = DiskStore(root)
     store.check_usable()
-    from dynamo_dist._cache_lock import owner_record
+    from dynamo_dist.cache.lock import owner_record
 
     lock = Locks(store).acquire(KEY, owner_record(0))  # a live leader, heartbeating
     assert lock is not None
@@ -323,7 +323,7 @@ def test_a_live_leader_of_another_restart_count_keeps_its_lock(
 ) -> None:
     """Restart counts are per agent, and every job without an id is run "none": a
     leader with a lower count was taken for dead, and two leaders compiled."""
-    from dynamo_dist._cache_lock import owner_record
+    from dynamo_dist.cache.lock import owner_record
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
@@ -344,7 +344,7 @@ def test_a_lock_naming_a_live_process_is_not_kept_for_ever(tmp_path: Path) -> No
     for good: a holder alive by identity now waits only longer, and only if it runs as
     the lock file's owner."""
     store = DiskStore(tmp_path / "c")
-    init = {**_proc.identity(), "pid": 1, "start": _proc._start_ticks(1)}
+    init = {**dist_proc.identity(), "pid": 1, "start": dist_proc._start_ticks(1)}
     path = _plant_lock(store, 0, {"rank": 0, "proc": init})
     locks = Locks(store)
     h = locks.holder(KEY)

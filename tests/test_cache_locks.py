@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_dist import _cache, _proc
+from dynamo_dist.cache import key, protocol
+from dynamo_dist.dist import proc as dist_proc
 
 KEY = "ab" * 20
 
@@ -17,8 +18,8 @@ KEY = "ab" * 20
 @pytest.mark.parametrize("pid", [10**20, 1e400, -5, "7", True, [1], None])
 def test_implausible_pid_is_no_answer(pid: object) -> None:
     # json.loads turns 1e400 into inf; a huge int used to overflow os.kill.
-    ident = {**_proc.identity(), "pid": pid}
-    assert _proc.identity_alive(ident) is None
+    ident = {**dist_proc.identity(), "pid": pid}
+    assert dist_proc.identity_alive(ident) is None
 
 
 @pytest.mark.parametrize(
@@ -36,7 +37,7 @@ def test_planted_lock_costs_a_local_compile_not_the_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes
 ) -> None:
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "local"))
-    cache = _cache.SharedCache(str(tmp_path / "cache"), 0.5, 30.0, agree=False)
+    cache = protocol.SharedCache(str(tmp_path / "cache"), 0.5, 30.0, agree=False)
     assert cache.enabled
     lock = cache.store.locks / f"{KEY}.0.lock"
     lock.write_bytes(content.replace(b"HOST", socket.gethostname().encode()))
@@ -48,9 +49,9 @@ def test_planted_lock_costs_a_local_compile_not_the_job(
 
 def _publishing_compile() -> str:
     """What inductor does in the leader's clean room, in miniature: write cache files."""
-    from dynamo_dist import _torch_compat
+    from dynamo_dist.dynamo import compat
 
-    d = Path(_torch_compat.inductor_cache_dir()) / "fxgraph" / "ab"
+    d = Path(compat.inductor_cache_dir()) / "fxgraph" / "ab"
     d.mkdir(parents=True, exist_ok=True)
     (d / "graph").write_text("compiled graph")
     return "compiled by the leader"
@@ -61,8 +62,8 @@ def test_a_failed_install_costs_a_local_compile_not_the_job(
 ) -> None:
     root = str(tmp_path / "cache")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "leader"))
-    leader = _cache.SharedCache(root, 5.0, 30.0, agree=False)
-    factors = _cache.version_factors()  # as graph_key's factors include them
+    leader = protocol.SharedCache(root, 5.0, 30.0, agree=False)
+    factors = key.version_factors()  # as graph_key's factors include them
     assert (
         leader.compile(KEY, factors, _publishing_compile, "f (t.py:1)") == "compiled by the leader"
     )
@@ -74,7 +75,7 @@ def test_a_failed_install_costs_a_local_compile_not_the_job(
     (tmp_path / "elsewhere").mkdir()
     (local / "fxgraph").symlink_to(tmp_path / "elsewhere")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(local))
-    follower = _cache.SharedCache(root, 5.0, 30.0, agree=False)
+    follower = protocol.SharedCache(root, 5.0, 30.0, agree=False)
     assert follower.compile(KEY, factors, lambda: "compiled here", "f (t.py:1)") == "compiled here"
     s = follower.stats()
     assert s["cache_loads"] == 0 and s["cache_refused"] == 0
@@ -89,15 +90,15 @@ def test_compiling_alongside_a_holder_that_never_publishes_still_publishes(
     """``cache_followers = compile`` beside a lock whose holder cannot be judged yet (on
     another host, or in another PID namespace): it may have died, so the rank that
     compiled alongside publishes the graph itself when the entry is still missing."""
-    from dynamo_dist import _cache_lock
+    from dynamo_dist.cache import lock as cache_lock
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "local"))
     root = str(tmp_path / "cache")
-    cache = _cache.SharedCache(root, 60.0, 30.0, agree=False, followers_compile=True)
-    record = _cache_lock.owner_record(3)
+    cache = protocol.SharedCache(root, 60.0, 30.0, agree=False, followers_compile=True)
+    record = cache_lock.owner_record(3)
     record["host"] = record["proc"]["host"] = "another-host"
     (cache.store.locks / f"{KEY}.0.lock").write_text(json.dumps(record))
-    factors = _cache.version_factors()
+    factors = key.version_factors()
     assert cache.compile(KEY, factors, _publishing_compile, "f (t.py:1)") == (
         "compiled by the leader"
     )
@@ -105,7 +106,7 @@ def test_compiling_alongside_a_holder_that_never_publishes_still_publishes(
     assert s["cache_compiled_alongside"] == 1 and s["cache_publishes"] == 1, s
     # Whoever starts next loads it, lock or no lock.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "fresh"))
-    again = _cache.SharedCache(root, 60.0, 30.0, agree=False, followers_compile=True)
+    again = protocol.SharedCache(root, 60.0, 30.0, agree=False, followers_compile=True)
     assert again.compile(KEY, factors, lambda: "loaded", "f (t.py:1)") == "loaded"
     assert again.stats()["cache_loads"] == 1
 
@@ -114,7 +115,7 @@ def test_the_host_copy_directory_is_private_and_never_a_link(tmp_path):
     """Made 0700 where missing, tightened where ours and open, refused through a link."""
     import stat
 
-    from dynamo_dist._cache_protocol import host_copy_dir
+    from dynamo_dist.cache.protocol import host_copy_dir
 
     local = tmp_path / "local"
     local.mkdir(mode=0o700)

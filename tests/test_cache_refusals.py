@@ -29,8 +29,9 @@ import pytest
 import ranks
 from test_cache_fuzz import Hang, deadline
 
-from dynamo_dist import _cache
-from dynamo_dist._cache_store import (
+from dynamo_dist.cache import key as cache_key
+from dynamo_dist.cache import protocol
+from dynamo_dist.cache.store import (
     REFUSED_KEEP,
     DiskStore,
     Entry,
@@ -65,7 +66,7 @@ def _edit_manifest(entry: Path, change: dict[str, Any]) -> None:
 
 def _manifest(**extra: object) -> dict[str, Any]:
     return {
-        "factors": _cache.version_factors(),
+        "factors": cache_key.version_factors(),
         "owner": {"rank": 0},
         "compile_seconds": 1.5,
         "created": time.time(),
@@ -246,14 +247,14 @@ def test_full_local_disk_while_unpacking_keeps_the_entry(tmp_path: Path) -> None
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         reader = DiskStore(root)
-        entry = reader.get(KEY, expect=_cache.version_factors())
+        entry = reader.get(KEY, expect=cache_key.version_factors())
         assert entry is not None
         return _outcome(lambda: extract(entry, dest))
 
     got = in_child(unpack)
     assert got.startswith("EntryUnavailable"), got
     assert _refused(root) == []
-    entry = store.get(KEY, expect=_cache.version_factors())
+    entry = store.get(KEY, expect=cache_key.version_factors())
     assert entry is not None
     extract(entry, tmp_path / "again")  # with room to write, the same entry unpacks
     assert (tmp_path / "again" / "ab" / "cabc.so").stat().st_size == 8 * 1024
@@ -373,9 +374,9 @@ def test_a_loader_never_raises_on_manifest_values(
     store.put(KEY, ranks.members(_room(tmp_path)), _manifest())
     path = store.entry_dir(KEY)
     _edit_manifest(path, change)
-    cache = _cache.SharedCache(str(root), 1.0, 30.0, agree=False)
+    cache = protocol.SharedCache(str(root), 1.0, 30.0, agree=False)
     with deadline(60, "SharedCache.compile"):
-        got = cache.compile(KEY, _cache.version_factors(), lambda: "compiled", "f (t.py:1)")
+        got = cache.compile(KEY, cache_key.version_factors(), lambda: "compiled", "f (t.py:1)")
     assert got == "compiled"
     assert cache.stats()["cache_loads"] == 0 and cache.stats()["cache_refused"] == 1
 

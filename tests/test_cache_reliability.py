@@ -96,7 +96,7 @@ def test_the_leaders_clean_room_is_removed_at_exit(tmp_path: Path) -> None:
 
 def test_a_publish_removes_what_killed_leaders_left_of_the_same_graph(tmp_path: Path) -> None:
     """The temporary directory of a leader killed mid-publish stayed for good."""
-    from dynamo_dist._cache_store import DiskStore
+    from dynamo_dist.cache.store import DiskStore
 
     root = tmp_path / "c"
     store = DiskStore(root)

@@ -127,7 +127,7 @@ def test_secret_leaves_no_trace(tmp_path):
         "cold",
         cache,
         env={SECRET_ENV: secret, "TORCH_TRACE": str(trace)},
-        launcher=[sys.executable, "-m", "dynamo_dist.launch", "--report", str(report)],
+        launcher=[sys.executable, "-m", "dynamo_dist.tools.launch", "--report", str(report)],
         report=True,
     )
     cold_res = res
@@ -168,8 +168,8 @@ def test_secret_is_removed_from_the_environment_at_import(tmp_path):
         "assert 'DYNAMO_DIST_CACHE_SECRET' not in os.environ\n"
         "_log.configure()\n"
         "print('imported', flush=True)\n"
-        "print(_secret.cache_secret(), flush=True)\n"
-        "print(_secret.cache_secret(), flush=True)\n"
+        "print(cache_secret.cache_secret(), flush=True)\n"
+        "print(cache_secret.cache_secret(), flush=True)\n"
     )
     env = {**os.environ, SECRET_ENV: secret}
     proc = subprocess.run(
@@ -193,31 +193,31 @@ def test_secret_is_removed_from_the_environment_at_import(tmp_path):
 
 
 def test_secret_file_must_be_private(tmp_path):
-    from dynamo_dist import _secret
     from dynamo_dist._errors import ConfigError
+    from dynamo_dist.cache import secret as cache_secret
 
     key = "k3y-" + "0" * 32
     f = tmp_path / "key"
     f.write_text(key + "\n")
     f.chmod(0o644)
     with pytest.raises(ConfigError, match=r"chmod 600") as e:
-        _secret.read_secret({SECRET_FILE_ENV: str(f)})
+        cache_secret.read_secret({SECRET_FILE_ENV: str(f)})
     assert str(f) in str(e.value)
     f.chmod(0o600)
-    assert _secret.read_secret({SECRET_FILE_ENV: str(f)}) == key
+    assert cache_secret.read_secret({SECRET_FILE_ENV: str(f)}) == key
     with pytest.raises(ConfigError, match="not a regular file"):
-        _secret.read_secret({SECRET_FILE_ENV: str(tmp_path)})
+        cache_secret.read_secret({SECRET_FILE_ENV: str(tmp_path)})
     with pytest.raises(ConfigError, match="does not exist"):
-        _secret.read_secret({SECRET_FILE_ENV: str(tmp_path / "nope")})
+        cache_secret.read_secret({SECRET_FILE_ENV: str(tmp_path / "nope")})
     with pytest.raises(ConfigError, match="only one"):
-        _secret.read_secret({SECRET_FILE_ENV: str(f), SECRET_ENV: "x"})
-    assert _secret.read_secret({SECRET_ENV: "x" * 32}) == "x" * 32
-    assert _secret.read_secret({}) is None
+        cache_secret.read_secret({SECRET_FILE_ENV: str(f), SECRET_ENV: "x"})
+    assert cache_secret.read_secret({SECRET_ENV: "x" * 32}) == "x" * 32
+    assert cache_secret.read_secret({}) is None
 
 
 # -- item 5: without a secret, only a private directory is trusted ------------------------
 def test_directory_trust_check(tmp_path):
-    from dynamo_dist._secret import untrusted_reason
+    from dynamo_dist.cache.secret import untrusted_reason
 
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
@@ -300,7 +300,7 @@ def test_nothing_is_installed_into_a_shared_local_directory(tmp_path):
 
 
 def test_local_directory_is_created_private(tmp_path, monkeypatch):
-    from dynamo_dist._cache_protocol import private_local_dir
+    from dynamo_dist.cache.protocol import private_local_dir
 
     target = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(target))
@@ -324,8 +324,8 @@ def test_local_directory_is_created_private(tmp_path, monkeypatch):
 
 # -- item 8: jobs with different secrets share nothing and destroy nothing ----------------
 def test_key_namespaces_in_the_store(tmp_path):
-    from dynamo_dist._cache_key import version_factors
-    from dynamo_dist._cache_store import DiskStore, key_id
+    from dynamo_dist.cache.key import version_factors
+    from dynamo_dist.cache.store import DiskStore, key_id
 
     a_secret, b_secret = "a" * 32, "b" * 32
     assert key_id(a_secret) != key_id(b_secret) and len(key_id(a_secret)) == 16
@@ -376,7 +376,7 @@ def test_launcher_with_a_secret_file(tmp_path):
         "launched",
         cache,
         env={SECRET_FILE_ENV: str(secret_file)},
-        launcher=[sys.executable, "-m", "dynamo_dist.launch"],
+        launcher=[sys.executable, "-m", "dynamo_dist.tools.launch"],
     )
     for r in (0, 1):
         assert not res[r]["started_with_secret"], "the secret entered a worker's environment"
@@ -385,15 +385,15 @@ def test_launcher_with_a_secret_file(tmp_path):
 
 
 def test_secret_file_another_user_could_write_is_refused(tmp_path):
-    from dynamo_dist import _secret
     from dynamo_dist._errors import ConfigError
+    from dynamo_dist.cache import secret as cache_secret
 
     theirs = tmp_path / "theirs.key"
     theirs.write_text("attacker-known-" + "0" * 32)
     theirs.chmod(0o600)
     os.chown(theirs, 3000, 3000)  # another user's file: they chose the secret
     with pytest.raises(ConfigError, match="another user"):
-        _secret.read_secret({SECRET_FILE_ENV: str(theirs)})
+        cache_secret.read_secret({SECRET_FILE_ENV: str(theirs)})
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)  # anyone may replace the file in here
@@ -401,7 +401,7 @@ def test_secret_file_another_user_could_write_is_refused(tmp_path):
     mine.write_text("mine-" + "0" * 32)
     mine.chmod(0o600)
     with pytest.raises(ConfigError, match="other-writable"):
-        _secret.read_secret({SECRET_FILE_ENV: str(mine)})
+        cache_secret.read_secret({SECRET_FILE_ENV: str(mine)})
 
 
 # -- issue 26, item 5: strong secrets only, keys by a slow KDF ------------------------------
@@ -425,11 +425,11 @@ STRONG = {
 
 @pytest.mark.parametrize("name", sorted(WEAK))
 def test_weak_secrets_are_refused(tmp_path, name):
-    from dynamo_dist import _secret
     from dynamo_dist._errors import ConfigError
+    from dynamo_dist.cache import secret as cache_secret
 
     weak = WEAK[name]
-    assert _secret.weakness(weak) is not None
+    assert cache_secret.weakness(weak) is not None
     f = tmp_path / "key"
     f.write_text(weak + "\n")
     f.chmod(0o600)
@@ -438,37 +438,37 @@ def test_weak_secrets_are_refused(tmp_path, name):
         sources.append(({SECRET_ENV: weak}, SECRET_ENV))
     for environ, names in sources:
         with pytest.raises(ConfigError) as e:
-            _secret.read_secret(environ)
+            cache_secret.read_secret(environ)
         msg = str(e.value)
         assert names in msg, msg
         assert "dynamo-dist cache secret PATH" in msg and "openssl rand -hex 32" in msg, msg
         assert not weak or weak not in msg.replace(names, ""), "the message shows the secret"
     with pytest.raises(ConfigError, match="too weak"):
-        _secret.signing_key(weak)  # and nothing signs with it, whatever the way in
+        cache_secret.signing_key(weak)  # and nothing signs with it, whatever the way in
 
 
 @pytest.mark.parametrize("name", sorted(STRONG))
 def test_strong_secrets_are_accepted(tmp_path, name):
-    from dynamo_dist import _secret
+    from dynamo_dist.cache import secret as cache_secret
 
     strong = STRONG[name]
     assert len(strong) <= 32
-    assert _secret.weakness(strong) is None
-    assert _secret.read_secret({SECRET_ENV: strong}) == strong
+    assert cache_secret.weakness(strong) is None
+    assert cache_secret.read_secret({SECRET_ENV: strong}) == strong
     f = tmp_path / "key"
     f.write_text(strong + "\n")
     f.chmod(0o600)
-    assert _secret.read_secret({SECRET_FILE_ENV: str(f)}) == strong
+    assert cache_secret.read_secret({SECRET_FILE_ENV: str(f)}) == strong
 
 
 _KEY_ID_PROGRAM = """
 import sys, time
-from dynamo_dist import _secret
+from dynamo_dist.cache import secret as cache_secret
 t = time.perf_counter()
-kid = _secret.key_id(sys.argv[1])
+kid = cache_secret.key_id(sys.argv[1])
 first = time.perf_counter() - t
 t = time.perf_counter()
-assert _secret.key_id(sys.argv[1]) == kid and _secret.signing_key(sys.argv[1])
+assert cache_secret.key_id(sys.argv[1]) == kid and cache_secret.signing_key(sys.argv[1])
 again = time.perf_counter() - t
 print(kid, first, again)
 """
@@ -480,8 +480,8 @@ def test_key_id_and_signatures_come_from_the_kdf():
     import hashlib
     import hmac
 
-    from dynamo_dist import _secret
-    from dynamo_dist._cache_store import _canonical, key_id, namespace, sign
+    from dynamo_dist.cache import secret as cache_secret
+    from dynamo_dist.cache.store import _canonical, key_id, namespace, sign
 
     secret = "kdf-test-" + "7" * 32
     old = hmac.new(secret.encode(), b"dynamo_dist key id", hashlib.sha256).hexdigest()[:16]
@@ -489,24 +489,24 @@ def test_key_id_and_signatures_come_from_the_kdf():
     assert namespace(secret) == f"k2-{key_id(secret)}" and not namespace(secret).startswith("k-")
     master = hashlib.scrypt(
         secret.encode(),
-        salt=_secret.KDF_SALT,
-        n=_secret.KDF_N,
-        r=_secret.KDF_R,
-        p=_secret.KDF_P,
+        salt=cache_secret.KDF_SALT,
+        n=cache_secret.KDF_N,
+        r=cache_secret.KDF_R,
+        p=cache_secret.KDF_P,
         maxmem=1 << 27,
         dklen=32,
     )
     assert key_id(secret) == hmac.new(master, b"key id", hashlib.sha256).hexdigest()[:16]
-    assert _secret.signing_key(secret) not in (secret.encode(), master)
+    assert cache_secret.signing_key(secret) not in (secret.encode(), master)
     man = {"factors": {"torch": "x"}, "created": 1.0}
     raw = hmac.new(secret.encode(), _canonical(man), hashlib.sha256).hexdigest()
     assert sign(man, secret) != raw
     assert (
         sign(man, secret)
-        == hmac.new(_secret.signing_key(secret), _canonical(man), hashlib.sha256).hexdigest()
+        == hmac.new(cache_secret.signing_key(secret), _canonical(man), hashlib.sha256).hexdigest()
     )
-    assert b"manifest" in _secret.KDF_SALT or b"signing" in _secret.KDF_SALT
-    assert b"2" in _secret.KDF_SALT  # the derivation's version
+    assert b"manifest" in cache_secret.KDF_SALT or b"signing" in cache_secret.KDF_SALT
+    assert b"2" in cache_secret.KDF_SALT  # the derivation's version
     # Stable across processes; slow once per process, then cached.
     runs = [
         subprocess.run(
@@ -526,7 +526,7 @@ def test_key_id_and_signatures_come_from_the_kdf():
 
 # -- issue 26, item 5: dynamo-dist cache secret PATH ------------------------------------
 def test_cache_secret_command_writes_a_private_new_file(tmp_path):
-    from dynamo_dist import _secret
+    from dynamo_dist.cache import secret as cache_secret
 
     path = tmp_path / "keys" / "cache.key"
     path.parent.mkdir(mode=0o700)
@@ -538,7 +538,7 @@ def test_cache_secret_command_writes_a_private_new_file(tmp_path):
     bytes.fromhex(text.strip())
     assert f"{SECRET_FILE_ENV}={path}" in r.stdout, r.stdout
     assert text.strip() not in r.stdout + r.stderr
-    assert _secret.read_secret({SECRET_FILE_ENV: str(path)}) == text.strip()
+    assert cache_secret.read_secret({SECRET_FILE_ENV: str(path)}) == text.strip()
     # Another run makes another secret.
     other = tmp_path / "keys" / "other.key"
     assert ranks.cli("secret", str(other)).returncode == 0

@@ -11,8 +11,8 @@ import pytest
 import ranks
 import torch
 
-from dynamo_dist import _cache
-from dynamo_dist._cache_store import DiskStore, EntryRefused, extract
+from dynamo_dist.cache import key as cache_key
+from dynamo_dist.cache.store import DiskStore, EntryRefused, extract
 
 
 def _room(tmp_path, name="room", payload=b"kernel"):
@@ -25,7 +25,7 @@ def _room(tmp_path, name="room", payload=b"kernel"):
 
 
 def _put(store, key, room, torch_version=None):
-    factors = {**_cache.version_factors()}
+    factors = {**cache_key.version_factors()}
     if torch_version:
         factors["torch"] = torch_version
     return store.put(
@@ -45,7 +45,7 @@ def test_put_get_extract_round_trip(tmp_path):
     store = DiskStore(tmp_path / "c")
     store.check_usable()
     assert _put(store, "k" * 40, _room(tmp_path)) > 0
-    entry = store.get("k" * 40, expect=_cache.version_factors())
+    entry = store.get("k" * 40, expect=cache_key.version_factors())
     assert entry is not None and entry.manifest["compile_seconds"] == 1.5
     extract(entry, tmp_path / "out")
     assert (tmp_path / "out" / "ab" / "cabc.so").read_bytes() == b"kernel"
@@ -65,7 +65,7 @@ def test_version_skew_and_signature(tmp_path):
     store = DiskStore(tmp_path / "c")
     _put(store, "b" * 40, _room(tmp_path), torch_version="0.1")
     with pytest.raises(EntryRefused, match="version skew"):
-        store.get("b" * 40, expect=_cache.version_factors())
+        store.get("b" * 40, expect=cache_key.version_factors())
     assert list((tmp_path / "c" / "refused").iterdir())
     signed = DiskStore(tmp_path / "s", secret="x" * 32)
     _put(signed, "c" * 40, _room(tmp_path, "r3"))
@@ -111,10 +111,10 @@ def test_graph_key_is_stable_and_sensitive():
         return x.sin()
 
     gm = torch.fx.symbolic_trace(fn)
-    a = _cache.graph_key(gm, [torch.randn(3)], {"backend": "inductor"})
-    b = _cache.graph_key(gm, [torch.randn(3)], {"backend": "inductor"})
-    c = _cache.graph_key(gm, [torch.randn(4)], {"backend": "inductor"})
-    d = _cache.graph_key(gm, [torch.randn(3)], {"backend": "inductor", "mode": "max-autotune"})
+    a = cache_key.graph_key(gm, [torch.randn(3)], {"backend": "inductor"})
+    b = cache_key.graph_key(gm, [torch.randn(3)], {"backend": "inductor"})
+    c = cache_key.graph_key(gm, [torch.randn(4)], {"backend": "inductor"})
+    d = cache_key.graph_key(gm, [torch.randn(3)], {"backend": "inductor", "mode": "max-autotune"})
     assert a == b and a[0] != c[0] and a[0] != d[0]
     assert set(a[1]) >= {"torch", "python", "dynamo_dist", "device", "graph", "backend"}
 
@@ -166,7 +166,7 @@ def test_a_host_copy_holds_the_verified_bytes_and_is_verified_again(tmp_path, se
     host.check_usable()
     key = "d" * 40
     _put(shared, key, _room(tmp_path))
-    entry = shared.get(key, expect=_cache.version_factors())
+    entry = shared.get(key, expect=cache_key.version_factors())
     assert entry is not None
     with tempfile.TemporaryFile() as keep:
         extract(entry, tmp_path / "out", keep)
@@ -174,7 +174,7 @@ def test_a_host_copy_holds_the_verified_bytes_and_is_verified_again(tmp_path, se
             host.put_copy(key, entry.manifest, keep)
             == entry.manifest["files"]["artifact.tar"]["size"]
         )
-    copy = host.get(key, expect=_cache.version_factors())
+    copy = host.get(key, expect=cache_key.version_factors())
     assert copy is not None and copy.manifest == entry.manifest
     extract(copy, tmp_path / "out2")
     assert (tmp_path / "out2" / "ab" / "cabc.so").read_bytes() == b"kernel"
@@ -183,8 +183,8 @@ def test_a_host_copy_holds_the_verified_bytes_and_is_verified_again(tmp_path, se
     data[100] ^= 1
     art.write_bytes(bytes(data))
     with pytest.raises(EntryRefused, match="sha256"):
-        host.get(key, expect=_cache.version_factors())
-    assert shared.get(key, expect=_cache.version_factors()) is not None
+        host.get(key, expect=cache_key.version_factors())
+    assert shared.get(key, expect=cache_key.version_factors()) is not None
 
 
 def test_shared_operations_are_counted_per_store(tmp_path):

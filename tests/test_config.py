@@ -114,7 +114,7 @@ def test_checks_env_and_flags_derive_from_the_fields():
 
 
 def test_launcher_flags_reach_the_config():
-    from dynamo_dist import launch
+    from dynamo_dist.tools import launch
 
     args = launch.parser().parse_args(
         ["--policy", "warn", "--timeout", "7", "--cache-dir", "/tmp/c", "x.py"]

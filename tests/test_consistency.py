@@ -37,7 +37,7 @@ def divergent_shape(rank: int, world: int) -> dict[str, Any]:
         ok &= bool(torch.allclose(cf(x), _f(x), atol=1e-5))
     from torch._dynamo.utils import counters
 
-    from dynamo_dist._hook import current_hook
+    from dynamo_dist.dynamo.hook import current_hook
 
     return result(
         cb,
@@ -212,9 +212,9 @@ def _die_once_published(rank: int) -> None:
     The survivor's error names the dead rank from the board; waiting for the
     publication (instead of sleeping) orders the two events.
     """
-    from dynamo_dist import _runtime
+    from dynamo_dist.dist import runtime as dist_runtime
 
-    rt = _runtime.current()
+    rt = dist_runtime.current()
     assert rt is not None and rt.board is not None
     board, seq = rt.board, rt.transport.position()[0]
     ranks.wait_until(

@@ -19,12 +19,13 @@ from typing import Any
 
 import pytest
 
-from dynamo_dist import _C, _shm
-from dynamo_dist._cache_cli import parse_age, parse_size
-from dynamo_dist._collective import Transport, pack, percentiles, unpack
+from dynamo_dist import _C
 from dynamo_dist._errors import RankDivergenceError
-from dynamo_dist._report import format_table, with_derived
-from dynamo_dist._status import describe_missing
+from dynamo_dist.exchange import shm as exchange_shm
+from dynamo_dist.exchange.collective import Transport, pack, percentiles, unpack
+from dynamo_dist.exchange.status import describe_missing
+from dynamo_dist.tools.cache_cli import parse_age, parse_size
+from dynamo_dist.tools.report import format_table, with_derived
 
 M64 = (1 << 64) - 1
 
@@ -386,8 +387,8 @@ def _topology(
     others: list[tuple[str, int]],
     me: int,
     env: dict[str, str] | None,
-) -> _shm.Topology:
-    """_shm.topology on rank ``me`` of ``len(others)`` ranks; ``others[me]`` is replaced
+) -> exchange_shm.Topology:
+    """exchange_shm.topology on rank ``me`` of ``len(others)`` ranks; ``others[me]`` is replaced
     by what this rank really reports, so the host key and LOCAL_RANK logic are exercised."""
     for var in TORCHRUN_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -399,9 +400,9 @@ def _topology(
         out[me] = obj
         return out
 
-    monkeypatch.setattr(_shm, "all_gather_objects", all_gather_objects)
-    monkeypatch.setattr(_shm, "dist", types.SimpleNamespace(get_rank=lambda: me))
-    return _shm.topology(None, list(range(len(others))))
+    monkeypatch.setattr(exchange_shm, "all_gather_objects", all_gather_objects)
+    monkeypatch.setattr(exchange_shm, "dist", types.SimpleNamespace(get_rank=lambda: me))
+    return exchange_shm.topology(None, list(range(len(others))))
 
 
 def _env(group: int, local: int, local_world: int = 2) -> dict[str, str]:
@@ -415,7 +416,7 @@ def _env(group: int, local: int, local_world: int = 2) -> dict[str, str]:
 def test_hosts_from_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     others = [("group0", 0), ("group0", 1), ("group1", 0), ("group1", 1)]
     topo = _topology(monkeypatch, others, me=3, env=_env(1, 1))
-    assert topo == _shm.Topology(
+    assert topo == exchange_shm.Topology(
         local_rank=1,
         local_world=2,
         hosts=2,
@@ -453,11 +454,11 @@ def test_inconsistent_local_ranks_fall_back_to_global_order(
 def test_hosts_without_torchrun_variables_use_host_identity(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str] | None
 ) -> None:
-    here = _shm._host_identity()
+    here = exchange_shm._host_identity()
     assert here and "/" in here  # hostname/boot id
     others = [(here, -1), ("elsewhere/other-boot", -1), (here, -1), ("elsewhere/other-boot", -1)]
     topo = _topology(monkeypatch, others, me=2, env=env)
-    assert topo == _shm.Topology(
+    assert topo == exchange_shm.Topology(
         local_rank=1,
         local_world=2,
         hosts=2,

@@ -18,7 +18,7 @@ import torch
 from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from dynamo_dist import _torch_compat
+from dynamo_dist.dynamo import compat
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,7 +36,7 @@ def test_a_piece_is_made_cacheable_only_where_outputs_keep_eager_strides(options
     ctx = TracingContext(FakeTensorMode())
     ctx.fakify_first_call = True
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
-    with tracing(ctx), _torch_compat.cacheable_ddp_bucket(gm, options) as bucket:
+    with tracing(ctx), compat.cacheable_ddp_bucket(gm, options) as bucket:
         assert bucket.active is active
         assert ctx.fakify_first_call is not active
     assert ctx.fakify_first_call, "the flag is DDPOptimizer's: it is put back"
@@ -44,11 +44,11 @@ def test_a_piece_is_made_cacheable_only_where_outputs_keep_eager_strides(options
 
 def test_outside_ddp_optimizer_nothing_changes():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
-    with _torch_compat.cacheable_ddp_bucket(gm) as bucket:
+    with compat.cacheable_ddp_bucket(gm) as bucket:
         assert not bucket.active
     compiled = object()
     assert bucket.wrap(compiled) is compiled
-    assert list(_torch_compat.ddp_pieces_after(gm)) == []
+    assert list(compat.ddp_pieces_after(gm)) == []
 
 
 _PIECES = textwrap.dedent(
@@ -57,17 +57,17 @@ _PIECES = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from dynamo_dist import _torch_compat
-    from dynamo_dist._cache_key import graph_key
+    from dynamo_dist.dynamo import compat
+    from dynamo_dist.cache.key import graph_key
     from test_cache import _Blocks
 
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     real, ahead = [], []
 
     def backend(gm, example_inputs):
-        with _torch_compat.cacheable_ddp_bucket(gm) as bucket:
+        with compat.cacheable_ddp_bucket(gm) as bucket:
             real.append(graph_key(gm, example_inputs, {})[0])
-            for piece, inputs in _torch_compat.ddp_pieces_after(gm):
+            for piece, inputs in compat.ddp_pieces_after(gm):
                 ahead.append((len(real), graph_key(piece, inputs, {})[0]))
         return bucket.wrap(gm.forward)
 

@@ -235,7 +235,7 @@ def test_torchtitan_style_per_block_compile_under_the_launcher_flag(tmp_path):
         "per_block",
         n,
         tmp=tmp_path,
-        launcher=[sys.executable, "-m", "dynamo_dist.launch", "--all-compiles"],
+        launcher=[sys.executable, "-m", "dynamo_dist.tools.launch", "--all-compiles"],
         env={k: v for k, v in os.environ.items() if k != "DYNAMO_DIST_ALL_COMPILES"},
         timeout=300,
     )

@@ -10,7 +10,8 @@ import torch
 from torch._C._dynamo.eval_frame import set_guard_complete_hook
 
 import dynamo_dist
-from dynamo_dist import _C, _hook
+from dynamo_dist import _C
+from dynamo_dist.dynamo import hook as dynamo_hook
 
 
 @pytest.fixture(autouse=True)
@@ -47,13 +48,13 @@ def test_install_is_reversible_and_idempotent():
     set_guard_complete_hook(previous)
     try:
         hook = _C.GuardHook(lambda hit, ident: hit)
-        assert _hook.install(hook) is previous
-        assert _hook.current_hook() is hook
-        assert _hook.install(hook) is None  # idempotent: already ours
-        _hook.uninstall(hook, previous)
-        assert _hook.current_hook() is previous
-        _hook.uninstall(hook, previous)  # idempotent
-        assert _hook.current_hook() is previous
+        assert dynamo_hook.install(hook) is previous
+        assert dynamo_hook.current_hook() is hook
+        assert dynamo_hook.install(hook) is None  # idempotent: already ours
+        dynamo_hook.uninstall(hook, previous)
+        assert dynamo_hook.current_hook() is previous
+        dynamo_hook.uninstall(hook, previous)  # idempotent
+        assert dynamo_hook.current_hook() is previous
     finally:
         set_guard_complete_hook(None)
 
@@ -61,10 +62,10 @@ def test_install_is_reversible_and_idempotent():
 def test_uninstall_keeps_a_hook_installed_after_ours():
     hook = _C.GuardHook(lambda hit, ident: hit)
     later = lambda hit: hit  # noqa: E731
-    prev = _hook.install(hook)
+    prev = dynamo_hook.install(hook)
     set_guard_complete_hook(later)
-    _hook.uninstall(hook, prev)
-    assert _hook.current_hook() is later
+    dynamo_hook.uninstall(hook, prev)
+    assert dynamo_hook.current_hook() is later
     set_guard_complete_hook(None)
 
 
@@ -87,7 +88,7 @@ def test_hook_verdict_forces_recompile_inside_a_region():
     f = torch.compile(lambda x: x + 1, backend=cb)
     x = torch.ones(3)
     hook = _C.GuardHook(exchange)
-    with _hook.installed(hook):
+    with dynamo_hook.installed(hook):
         f(x)  # first compile: no entries yet, the hook is not called
         _in_region(lambda: f(x))
     assert cb.graphs == 2
@@ -99,7 +100,7 @@ def test_hook_passes_through_outside_regions():
     hook = _C.GuardHook(lambda hit, ident: False)
     cb = Counter()
     f = torch.compile(lambda x: x * 2, backend=cb)
-    with _hook.installed(hook):
+    with dynamo_hook.installed(hook):
         for _ in range(3):
             f(torch.ones(2))
     assert cb.graphs == 1
@@ -116,7 +117,7 @@ def test_exchange_error_never_aborts_and_reaches_the_user():
 
     f = torch.compile(lambda x: x - 1, backend="eager")
     hook = _C.GuardHook(exchange)
-    with _hook.installed(hook):
+    with dynamo_hook.installed(hook):
         f(torch.ones(2))
         _in_region(lambda: f(torch.ones(2)))  # the hook keeps the error, Dynamo recompiles
         assert isinstance(_C.pending_error(), Boom)
@@ -133,7 +134,7 @@ def test_identity_depends_on_region_and_call_site():
     assert a != b
     assert 0 <= a < 2**62
     assert _in_region(probe, region=1) == a
-    assert "called from" in _hook.describe_identity(a)
+    assert "called from" in dynamo_hook.describe_identity(a)
 
 
 def test_single_process_compile_matches_torch_compile():

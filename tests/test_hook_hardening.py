@@ -18,9 +18,10 @@ import torch
 from ranks import CountingBackend, result
 
 import dynamo_dist
-from dynamo_dist import _errors, _intercept
-from dynamo_dist._hook import _C
-from dynamo_dist._stats import Counts
+from dynamo_dist import _errors
+from dynamo_dist.dynamo import intercept
+from dynamo_dist.dynamo.hook import _C
+from dynamo_dist.exchange.stats import Counts
 
 
 def _in_thread(fn: Any) -> Any:
@@ -72,7 +73,7 @@ def test_channel_belongs_to_the_first_thread_that_exchanges() -> None:
 
 def _adopted(fn: Any, **kwargs: Any) -> Any:
     channel = types.SimpleNamespace(policy=None, scope=None, counts=Counts(), hook=None)
-    with _intercept.adopting(channel, 12345, "sync") as adopted:  # type: ignore[arg-type]
+    with intercept.adopting(channel, 12345, "sync") as adopted:  # type: ignore[arg-type]
         compiled = torch.compile(fn, backend="eager", **kwargs)
     assert adopted
     return compiled
@@ -194,7 +195,7 @@ class _RecordingPolicy:
 
 
 def test_identity_includes_the_callee_on_both_paths() -> None:
-    from dynamo_dist import _hook
+    from dynamo_dist.dynamo import hook as dynamo_hook
 
     seen: list[int] = []
     hook = _C.GuardHook(lambda hit, ident: seen.append(ident) or hit)
@@ -202,8 +203,8 @@ def test_identity_includes_the_callee_on_both_paths() -> None:
     channel = types.SimpleNamespace(policy=policy, scope=None, counts=Counts(), hook=hook)
     router = _C.Router()
     torch._dynamo.reset()
-    with _hook.installed(router):  # type: ignore[arg-type]
-        with _intercept.adopting(channel, 777, "sync"):  # type: ignore[arg-type]
+    with dynamo_hook.installed(router):  # type: ignore[arg-type]
+        with intercept.adopting(channel, 777, "sync"):  # type: ignore[arg-type]
             f = torch.compile(_calls_two, backend="eager")
         f(torch.ones(2))  # first entries: the callback path
         first = [ident for _, ident in policy.first]
@@ -217,20 +218,20 @@ def test_identity_includes_the_callee_on_both_paths() -> None:
     # _breaks and the resume function share their (Dynamo-generated) caller but are
     # different frames.
     assert len(set(first)) == len(first), names
-    assert "_breaks" in _hook.describe_identity(first[names.index("_breaks")])
+    assert "_breaks" in dynamo_hook.describe_identity(first[names.index("_breaks")])
 
 
 def test_hook_finds_the_callee_from_generators_c_calls_and_deep_stacks() -> None:
     """The hook's callee lookup must agree with the callback's wherever the call comes from."""
-    from dynamo_dist import _hook
+    from dynamo_dist.dynamo import hook as dynamo_hook
 
     seen: list[int] = []
     hook = _C.GuardHook(lambda hit, ident: seen.append(ident) or hit)
     policy = _RecordingPolicy(hook)
     channel = types.SimpleNamespace(policy=policy, scope=None, counts=Counts(), hook=hook)
     torch._dynamo.reset()
-    with _hook.installed(_C.Router()):  # type: ignore[arg-type]
-        with _intercept.adopting(channel, 778, "sync"):  # type: ignore[arg-type]
+    with dynamo_hook.installed(_C.Router()):  # type: ignore[arg-type]
+        with intercept.adopting(channel, 778, "sync"):  # type: ignore[arg-type]
             f = torch.compile(lambda x: x + 1, backend="eager")
 
         def call() -> None:
@@ -327,11 +328,11 @@ def stances(rank: int, world: int) -> dict[str, Any]:
 
 
 def shutdown_frees_transport(rank: int, world: int) -> dict[str, Any]:
-    from dynamo_dist import _runtime
+    from dynamo_dist.dist import runtime
 
     f = dynamo_dist.compile(_fn, backend="eager")
     f(torch.ones(4))
-    rt = _runtime.current()
+    rt = runtime.current()
     assert rt is not None and rt.transport is not None
     name = rt.transport.name
     ref = weakref.ref(rt.transport)

@@ -17,7 +17,7 @@ import dynamo_dist
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
 
 HERE = __file__
-LAUNCHER = [sys.executable, "-m", "dynamo_dist.launch"]
+LAUNCHER = [sys.executable, "-m", "dynamo_dist.tools.launch"]
 
 
 def _f(x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +198,7 @@ with open("/proc/self/environ", "rb") as fh:
     started_with = fh.read()
 names = [kv.split(b"=", 1)[0].decode() for kv in started_with.split(b"\\0") if kv]
 import dynamo_dist
-from dynamo_dist import _secret
+from dynamo_dist.cache import secret as cache_secret
 
 path = os.environ.get("DYNAMO_DIST_CACHE_SECRET_FILE")
 res = {
@@ -207,7 +207,7 @@ res = {
     "file": path,
     "file_mode": stat.S_IMODE(os.lstat(path).st_mode) if path else None,
     "dir_mode": stat.S_IMODE(os.lstat(os.path.dirname(path)).st_mode) if path else None,
-    "works": _secret.cache_secret() == expected,
+    "works": cache_secret.cache_secret() == expected,
 }
 with open(out + ".tmp", "w") as fh:
     json.dump(res, fh)

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 import ranks
 
-from dynamo_dist import _collective as C
 from dynamo_dist._config import EMULATE_HOP_DELAY_ENV
 from dynamo_dist._errors import ConfigError
+from dynamo_dist.exchange import collective as C
 
 HERE = __file__
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "scale_emulation.py"
@@ -101,8 +101,8 @@ def test_hold_until_returns_at_or_after_the_target() -> None:
 # -- rank programs ---------------------------------------------------------------------
 def _transport(rank: int, world: int, layout: str, exchange: str, timeout: float) -> Any:
     """A ShmTransport whose hosts are ``layout`` (ranks per host, in rank order)."""
-    from dynamo_dist import _group
-    from dynamo_dist._shm import ShmTransport, Topology
+    from dynamo_dist.dist import group as dist_group
+    from dynamo_dist.exchange.shm import ShmTransport, Topology
 
     sizes = [int(x) for x in layout.split(",")]
     assert sum(sizes) == world, (layout, world)
@@ -120,9 +120,9 @@ def _transport(rank: int, world: int, layout: str, exchange: str, timeout: float
         group_ranks=list(range(world)),
     )
     everyone = tuple(range(world))
-    store = _group.job_store()
-    prefix = _group.rendezvous(store, everyone, timeout=60, stall_warning=30, where="test")
-    group = _group.gloo_group(store, f"{prefix}/guard", everyone, 60)
+    store = dist_group.job_store()
+    prefix = dist_group.rendezvous(store, everyone, timeout=60, stall_warning=30, where="test")
+    group = dist_group.gloo_group(store, f"{prefix}/guard", everyone, 60)
     return ShmTransport(
         topo=topo,
         store=store,

@@ -17,33 +17,33 @@ import torch
 from ranks import CountingBackend, result
 
 import dynamo_dist
-from dynamo_dist import _local
+from dynamo_dist.dist import local as dist_local
 
 
 # -- in-process: the context manager itself ------------------------------------------------
 def test_local_is_reentrant_per_thread_and_a_decorator() -> None:
-    assert not _local.is_local()
+    assert not dist_local.is_local()
     with dynamo_dist.local():
-        assert _local.is_local()
+        assert dist_local.is_local()
         with dynamo_dist.local():
-            assert _local.is_local()
-        assert _local.is_local()
+            assert dist_local.is_local()
+        assert dist_local.is_local()
         seen: list[bool] = []
-        t = threading.Thread(target=lambda: seen.append(_local.is_local()))
+        t = threading.Thread(target=lambda: seen.append(dist_local.is_local()))
         t.start()
         t.join()
         assert seen == [False]  # per thread
-    assert not _local.is_local()
+    assert not dist_local.is_local()
 
     @dynamo_dist.local()
     def evaluate() -> bool:
-        return _local.is_local()
+        return dist_local.is_local()
 
     assert evaluate() and evaluate()  # a decorator, reusable
-    assert not _local.is_local()
+    assert not dist_local.is_local()
     with pytest.raises(ZeroDivisionError), dynamo_dist.local():
         _ = 1 / 0
-    assert not _local.is_local()  # left on errors too
+    assert not dist_local.is_local()  # left on errors too
 
 
 def test_local_compiles_like_torch_compile_in_one_process() -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from dynamo_dist import _precompile_artifact as pa
+from dynamo_dist.cache import artifact as pa
 
 USER_SCALE = 3
 
@@ -147,11 +147,11 @@ def test_artifact_file_roundtrip_and_damage() -> None:
 
 
 def test_a_source_change_is_found() -> None:
-    import dynamo_dist._precompile_artifact as mod
-    from dynamo_dist import _torch_compat
+    from dynamo_dist.cache import artifact as mod
+    from dynamo_dist.dynamo import compat
 
     first, last = 1, 5
-    checksum = _torch_compat.hash_sourcelines(mod, first, last)
+    checksum = compat.hash_sourcelines(mod, first, last)
     assert pa.sources_changed([(mod.__name__, first, last, checksum)]) is None
     assert "changed" in (pa.sources_changed([(mod.__name__, first, last, "0" * 8)]) or "")
     assert "not imported" in (pa.sources_changed([("no_such_module_x", 1, 2, "x")]) or "")

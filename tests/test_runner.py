@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import ranks
 
-from dynamo_dist._proc import pid_alive
+from dynamo_dist.dist.proc import pid_alive
 
 
 def test_unmarked_test_cannot_spawn_ranks(tmp_path):

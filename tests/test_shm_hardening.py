@@ -35,9 +35,9 @@ def _f(x: torch.Tensor) -> torch.Tensor:
 
 
 def _transport() -> Any:
-    from dynamo_dist import _runtime
+    from dynamo_dist.dist import runtime
 
-    rt = _runtime.current()
+    rt = runtime.current()
     assert rt is not None
     return rt.transport
 
@@ -219,10 +219,10 @@ def wait_logger_interrupted(rank: int, world: int) -> dict[str, Any]:
 
 def peer_dies_during_setup(rank: int, world: int) -> dict[str, Any]:
     """Rank 1 dies as the segment is set up: rank 0's collective raises after creating it."""
-    from dynamo_dist import _shm
+    from dynamo_dist.exchange import shm as exchange_shm
 
     if rank == 1:
-        _shm._open_segment = lambda *a, **k: os._exit(17)  # type: ignore[assignment]
+        exchange_shm._open_segment = lambda *a, **k: os._exit(17)  # type: ignore[assignment]
     cb = CountingBackend()
     error = ""
     try:
@@ -316,7 +316,7 @@ def test_pid_namespaces_live_peer_kept_dead_peer_found(tmp_path, dier):
 def test_sweep_keeps_live_segment_from_another_pid_namespace(tmp_path):
     # Issue 13 item 2: the sweep judged a segment by its name's pid, which means nothing
     # across PID namespaces: a live job's segment whose creator pid is unused here went.
-    from dynamo_dist._shm import sweep_stale_segments
+    from dynamo_dist.exchange.shm import sweep_stale_segments
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -343,7 +343,7 @@ def test_sweep_keeps_live_segment_from_another_pid_namespace(tmp_path):
 @pytest.mark.multiproc
 @pytest.mark.timeout(120)
 def test_sweep_removes_segment_of_exited_creator_at_once():
-    from dynamo_dist._shm import sweep_stale_segments
+    from dynamo_dist.exchange.shm import sweep_stale_segments
 
     name = f"/dynamo_dist.{os.getpid() + 1}.{os.getpid():x}dead"
     subprocess.run([sys.executable, "-c", _CREATOR, _so_path(), name, "exit"], check=True)
@@ -466,7 +466,7 @@ def test_no_segment_left_when_a_setup_collective_raises(tmp_path):
 def test_spin_policy_follows_affinity_not_online_cpus():
     # Issue 13 item 8: 2 local ranks confined to one CPU must not spin 200 us on it.
     from dynamo_dist import _C
-    from dynamo_dist._shm import host_cpus
+    from dynamo_dist.exchange.shm import host_cpus
 
     before = os.sched_getaffinity(0)
     name = f"/dynamo_dist.{os.getpid()}.spin"

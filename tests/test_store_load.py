@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import torch.distributed as dist
 
-from dynamo_dist._cache_agree import Agreement
-from dynamo_dist._collective import Transport
-from dynamo_dist._local import Scope
-from dynamo_dist._status import StatusBoard, board_reader_stride, publish_interval
+from dynamo_dist.cache.agree import Agreement
+from dynamo_dist.dist.local import Scope
+from dynamo_dist.exchange.collective import Transport
+from dynamo_dist.exchange.status import StatusBoard, board_reader_stride, publish_interval
 
 
 class CountingStore:
@@ -147,7 +147,7 @@ def test_missing_report_times_out_and_a_late_rank_follows(server: Any, monkeypat
     counts: Counter[str] = Counter()
     # The veto opens a fresh client of the job's store: this test's server.
     monkeypatch.setattr(
-        "dynamo_dist._cache_agree.open_store", lambda timeout: _client(server, counts)
+        "dynamo_dist.cache.agree.open_store", lambda timeout: _client(server, counts)
     )
     early = _agreement(server, 0.5, counts)
     first = early._store_client

@@ -8,7 +8,7 @@ payloads carry an HMAC bound to their key when a secret is set, and a view is ch
 like a loaded profile before the writer merges it. Each refusal is counted in
 ``store_payloads_refused`` and the job goes on without that payload.
 
-Every test here fails on a2f82f3: ``_store_payload`` and ``_secret.payload_mac`` did not
+Every test here fails on a2f82f3: ``_store_payload`` and ``cache_secret.payload_mac`` did not
 exist, ``pgo_loads`` rebuilt the bombs in full, and ``_share``/``_collect`` used whatever
 the store held.
 """
@@ -29,15 +29,19 @@ import torch.distributed as dist
 from torch._dynamo.pgo import CodeId, CodeState, FrameStateSizeEntry
 
 import dynamo_dist
-from dynamo_dist import _cache, _secret, _status, _store_payload, _torch_compat
-from dynamo_dist._cache_profile import Profiles, _Profile
-from dynamo_dist._local import Scope
-from dynamo_dist._store_payload import (
+from dynamo_dist.cache import protocol
+from dynamo_dist.cache import secret as cache_secret
+from dynamo_dist.cache.profile import Profiles, _Profile
+from dynamo_dist.dist import store as dist_store
+from dynamo_dist.dist.local import Scope
+from dynamo_dist.dist.store import (
     MAX_STORE_OBJECTS,
     MAX_STORE_PAYLOAD_BYTES,
     PayloadRefused,
     TooManyObjects,
 )
+from dynamo_dist.dynamo import compat
+from dynamo_dist.exchange import status
 
 #: At least 32 characters: shorter secrets are being made invalid (issue 26, row 5).
 SECRET = "payload-test-secret-0123456789abcdef"
@@ -65,7 +69,7 @@ def test_the_measured_memo_bomb_is_refused_at_the_cap_with_bounded_memory() -> N
     tracemalloc.start()
     try:
         with pytest.raises(TooManyObjects) as info:
-            _torch_compat.pgo_loads(data)
+            compat.pgo_loads(data)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -80,10 +84,10 @@ def test_memo_references_count_every_time() -> None:
     data = pickle.dumps(_state(tuple(range(1000)), 500))
     assert len(data) < 64 << 10
     with pytest.raises(TooManyObjects) as info:
-        _torch_compat.pgo_loads(data)
+        compat.pgo_loads(data)
     assert info.value.counted == MAX_STORE_OBJECTS + 1
     # The same state under the cap loads: the cap, not the shape, refuses it.
-    assert len(_torch_compat.pgo_loads(data, max_objects=10_000_000)) == 500
+    assert len(compat.pgo_loads(data, max_objects=10_000_000)) == 500
 
 
 def test_a_doubling_memo_bomb_stops_at_the_cap() -> None:
@@ -94,18 +98,18 @@ def test_a_doubling_memo_bomb_stops_at_the_cap() -> None:
     data = pickle.dumps({CodeId("f.py", 1, "f", "0"): CodeState(automatic_dynamic={"x": t})})
     assert len(data) < 2000
     with pytest.raises(TooManyObjects) as info:
-        _torch_compat.pgo_loads(data)
+        compat.pgo_loads(data)
     assert info.value.counted == MAX_STORE_OBJECTS + 1
 
 
 def test_the_rebuild_counts_shared_references() -> None:
     """``_pgo_rebuilt`` on its own (objects already in memory): stops at the cap too."""
-    budget = _torch_compat._Budget(50_000)
+    budget = compat._Budget(50_000)
     with pytest.raises(TooManyObjects):
-        _torch_compat._pgo_rebuilt(_state(tuple(range(1000)), 100), budget)
+        compat._pgo_rebuilt(_state(tuple(range(1000)), 100), budget)
     assert budget.used == budget.cap + 1
-    small = _torch_compat._Budget(50_000)
-    assert len(_torch_compat._pgo_rebuilt(_state(tuple(range(10)), 100), small)) == 100
+    small = compat._Budget(50_000)
+    assert len(compat._pgo_rebuilt(_state(tuple(range(10)), 100), small)) == 100
     assert small.used <= 50_000
 
 
@@ -113,16 +117,16 @@ def test_dict_keys_that_hash_expensively_are_refused() -> None:
     """Colliding ints (n and n + 2**61 - 1 hash alike) and tuples as keys: never hashed."""
     collide = {CodeId("f.py", k * (2**61 - 1), "f", "0"): CodeState() for k in range(1, 50)}
     with pytest.raises(ValueError, match="dict key"):
-        _torch_compat.pgo_loads(pickle.dumps(collide))
+        compat.pgo_loads(pickle.dumps(collide))
     with pytest.raises(ValueError, match="dict key"):
-        _torch_compat.pgo_loads(pickle.dumps({(1, 2): 3}))
+        compat.pgo_loads(pickle.dumps({(1, 2): 3}))
     with pytest.raises(ValueError, match="not in a code state"):
-        _torch_compat.pgo_loads(pickle.dumps({"x": {1, 2}}))  # sets: not pgo's
-    assert _torch_compat.pgo_loads(pickle.dumps(_small_state())) == _small_state()
+        compat.pgo_loads(pickle.dumps({"x": {1, 2}}))  # sets: not pgo's
+    assert compat.pgo_loads(pickle.dumps(_small_state())) == _small_state()
 
 
 def test_over_the_byte_cap_is_refused_before_parsing() -> None:
-    assert _store_payload.checked(b"x" * MAX_STORE_PAYLOAD_BYTES, "p") == b"x" * (1 << 20)
+    assert dist_store.checked(b"x" * MAX_STORE_PAYLOAD_BYTES, "p") == b"x" * (1 << 20)
 
     class Unparsable(bytes):
         """Fails the test if anything but its length is looked at."""
@@ -132,46 +136,46 @@ def test_over_the_byte_cap_is_refused_before_parsing() -> None:
 
     big = Unparsable(b"\x80" * (MAX_STORE_PAYLOAD_BYTES + 1))
     with pytest.raises(PayloadRefused, match="more than"):
-        _store_payload.checked(big, "p")
+        dist_store.checked(big, "p")
     with pytest.raises(PayloadRefused, match="more than"):
-        _store_payload.unseal(big, SECRET, "p")
+        dist_store.unseal(big, SECRET, "p")
     with pytest.raises(PayloadRefused, match="not bytes"):
-        _store_payload.checked(12, "p")
+        dist_store.checked(12, "p")
 
 
 def test_payload_mac_binds_secret_purpose_and_data() -> None:
-    mac = _secret.payload_mac(SECRET, b"data", "k/1")
-    assert len(mac) == _store_payload.MAC_BYTES
-    assert mac == _secret.payload_mac(SECRET, b"data", "k/1")
-    assert mac != _secret.payload_mac(SECRET, b"data", "k/2")
-    assert mac != _secret.payload_mac(SECRET, b"datA", "k/1")
-    assert mac != _secret.payload_mac(OTHER_SECRET, b"data", "k/1")
+    mac = cache_secret.payload_mac(SECRET, b"data", "k/1")
+    assert len(mac) == dist_store.MAC_BYTES
+    assert mac == cache_secret.payload_mac(SECRET, b"data", "k/1")
+    assert mac != cache_secret.payload_mac(SECRET, b"data", "k/2")
+    assert mac != cache_secret.payload_mac(SECRET, b"datA", "k/1")
+    assert mac != cache_secret.payload_mac(OTHER_SECRET, b"data", "k/1")
     # The purpose is length-prefixed: moving bytes between purpose and data changes it.
-    assert mac != _secret.payload_mac(SECRET, b"1data", "k/")
+    assert mac != cache_secret.payload_mac(SECRET, b"1data", "k/")
 
 
 def test_seal_and_unseal() -> None:
-    sealed = _store_payload.seal(b"view", SECRET, "base/view/1")
-    assert _store_payload.unseal(sealed, SECRET, "base/view/1") == b"view"
+    sealed = dist_store.seal(b"view", SECRET, "base/view/1")
+    assert dist_store.unseal(sealed, SECRET, "base/view/1") == b"view"
     with pytest.raises(PayloadRefused, match="bad MAC"):
-        _store_payload.unseal(sealed, SECRET, "base/view/2")  # replayed under another key
+        dist_store.unseal(sealed, SECRET, "base/view/2")  # replayed under another key
     with pytest.raises(PayloadRefused, match="bad MAC"):
-        _store_payload.unseal(sealed, OTHER_SECRET, "base/view/1")
+        dist_store.unseal(sealed, OTHER_SECRET, "base/view/1")
     with pytest.raises(PayloadRefused, match="bad MAC"):
-        _store_payload.unseal(b"\0" * 32 + b"view", SECRET, "base/view/1")
+        dist_store.unseal(b"\0" * 32 + b"view", SECRET, "base/view/1")
     with pytest.raises(PayloadRefused, match="no MAC"):
-        _store_payload.unseal(b"view", SECRET, "base/view/1")
+        dist_store.unseal(b"view", SECRET, "base/view/1")
     # Without a secret, nothing to sign or check (the caps still hold).
-    assert _store_payload.seal(b"view", None, "k") == b"view"
-    assert _store_payload.unseal(b"view", None, "k") == b"view"
+    assert dist_store.seal(b"view", None, "k") == b"view"
+    assert dist_store.unseal(b"view", None, "k") == b"view"
 
 
 def test_a_status_record_over_the_cap_is_ignored_and_counted() -> None:
-    before = _store_payload.refused_count()
-    record = _status._parse(b'{"seq": 1, "pad": "' + b"x" * MAX_STORE_PAYLOAD_BYTES + b'"}')
+    before = dist_store.refused_count()
+    record = status._parse(b'{"seq": 1, "pad": "' + b"x" * MAX_STORE_PAYLOAD_BYTES + b'"}')
     assert set(record) == {"error"}
-    assert _status._parse(b'{"seq": 1}') == {"seq": 1}
-    assert _store_payload.refused_count() == before + 1
+    assert status._parse(b'{"seq": 1}') == {"seq": 1}
+    assert dist_store.refused_count() == before + 1
     assert dynamo_dist.stats()["store_payloads_refused"] >= 1
 
 
@@ -187,7 +191,7 @@ def store() -> Iterator[Any]:
 
 @pytest.fixture
 def profiles(tmp_path: Path) -> Profiles:
-    return Profiles(_cache.SharedCache(str(tmp_path / "cache"), 5.0, 30.0, agree=False))
+    return Profiles(protocol.SharedCache(str(tmp_path / "cache"), 5.0, 30.0, agree=False))
 
 
 SCOPE = Scope(name="ranks 0,1", key="r0-1", size=2, consensus=object(), ranks=(0, 1))
@@ -200,7 +204,7 @@ def _profile(store: Any, writer: bool, base: str = "test/profile/0/r0-1/1") -> _
 
 
 def _secret_is(monkeypatch: pytest.MonkeyPatch, secret: str | None) -> None:
-    monkeypatch.setattr(_secret, "cache_secret", lambda: secret)
+    monkeypatch.setattr(cache_secret, "cache_secret", lambda: secret)
 
 
 @pytest.mark.timeout(60)
@@ -237,20 +241,20 @@ def test_share_refuses_a_forged_or_replayed_profile(
     store.set(reader.base, data)  # unsigned, as a2f82f3's writer (or an attacker) posts it
     assert profiles._share(SCOPE, reader, None) is None
     # Signed, but for another key (a view's): not accepted as the profile.
-    store.set(reader.base, _store_payload.seal(data, SECRET, reader.base + "/view/1"))
+    store.set(reader.base, dist_store.seal(data, SECRET, reader.base + "/view/1"))
     assert profiles._share(SCOPE, reader, None) is None
     # Signed with another secret.
-    store.set(reader.base, _store_payload.seal(data, OTHER_SECRET, reader.base))
+    store.set(reader.base, dist_store.seal(data, OTHER_SECRET, reader.base))
     assert profiles._share(SCOPE, reader, None) is None
     assert profiles.cache.counts.store_payloads_refused == 3
-    store.set(reader.base, _store_payload.seal(data, SECRET, reader.base))
+    store.set(reader.base, dist_store.seal(data, SECRET, reader.base))
     assert profiles._share(SCOPE, reader, None) == (1, data[4:])
 
 
 def _post_view(store: Any, base: str, payload: bytes, secret: str | None) -> None:
     n = store.add(f"{base}/views", 1)
     name = f"{base}/view/{n}"
-    store.set(name, _store_payload.seal(payload, secret, name))
+    store.set(name, dist_store.seal(payload, secret, name))
 
 
 @pytest.mark.timeout(60)
@@ -304,13 +308,13 @@ def test_contribute_posts_a_view_the_writer_accepts(
     cf = torch.compile(f, backend="eager")
     cf(torch.randn(4, 3))
     cf(torch.randn(6, 3))  # the batch goes dynamic: a mark to contribute
-    assert _torch_compat.pgo_dynamic_marks()
+    assert compat.pgo_dynamic_marks()
     member, writer = _profile(store, False), _profile(store, True)
     profiles._contribute(member)
     profiles._collect(writer)
     assert profiles.cache.counts.store_payloads_refused == 0
-    assert _torch_compat.pgo_dynamic_marks(writer.views) == _torch_compat.pgo_dynamic_marks(
-        _torch_compat.pgo_stable(_torch_compat.pgo_state(), {})
+    assert compat.pgo_dynamic_marks(writer.views) == compat.pgo_dynamic_marks(
+        compat.pgo_stable(compat.pgo_state(), {})
     )
 
 
@@ -324,36 +328,38 @@ def test_a_pickle_cannot_fill_a_process_wide_object() -> None:
         b"}X\x06\x00\x00\x00renderK\x01sb."  # BUILD {"render": 1} on it
     )
     with pytest.raises(ValueError, match="did not create"):
-        _torch_compat.pgo_loads(data)
+        compat.pgo_loads(data)
     assert dict(vars(AutoDynamic.token)) == before
 
 
 @pytest.mark.timeout(60)
 def test_other_records_over_the_cap_are_ignored_and_counted(store: Any) -> None:
     """Status board, report, group setup and agreement verdict: refused, the job goes on."""
-    from dynamo_dist import _cache_agree, _group, _report
+    from dynamo_dist.cache import agree as cache_agree
+    from dynamo_dist.dist import group as dist_group
+    from dynamo_dist.tools import report as tools_report
 
     huge = b'{"seq": 1, "pad": "' + b"x" * MAX_STORE_PAYLOAD_BYTES + b'"}'
-    before = _store_payload.refused_count()
-    board = _status.StatusBoard(store, 0, 2, 60.0, str)
+    before = dist_store.refused_count()
+    board = status.StatusBoard(store, 0, 2, 60.0, str)
     try:
-        store.set(f"{_status._PREFIX}1", huge)
+        store.set(f"{status._PREFIX}1", huge)
         snap = board.snapshot()
     finally:
         board.close()
     assert snap[0]["seq"] == 0 and set(snap[1]) == {"error"}
 
-    store.set(f"{_report._PREFIX}7/1", huge)
-    report = _report.publish_and_collect(store, 7, 0, 2, {"compiles": 1}, 5.0, None)
+    store.set(f"{tools_report._PREFIX}7/1", huge)
+    report = tools_report.publish_and_collect(store, 7, 0, 2, {"compiles": 1}, 5.0, None)
     assert report is not None and report["missing"] == [1] and list(report["ranks"]) == ["0"]
 
     store.set("setup/pending/1", huge)
-    assert _group._pending(store, "setup/pending/", 1) is None
+    assert dist_group._pending(store, "setup/pending/", 1) is None
     store.set("setup/pending/1", b'{"state": "waiting"}')
-    assert _group._pending(store, "setup/pending/", 1) == {"state": "waiting"}
+    assert dist_group._pending(store, "setup/pending/", 1) == {"state": "waiting"}
 
-    assert _cache_agree._verdict(b"9" * (MAX_STORE_PAYLOAD_BYTES + 1)) == _cache_agree._NO
-    assert _cache_agree._verdict(b"2") == 2
+    assert cache_agree._verdict(b"9" * (MAX_STORE_PAYLOAD_BYTES + 1)) == cache_agree._NO
+    assert cache_agree._verdict(b"2") == 2
 
-    assert _store_payload.refused_count() == before + 4
+    assert dist_store.refused_count() == before + 4
     assert dynamo_dist.stats()["store_payloads_refused"] >= 4

@@ -319,11 +319,12 @@ def test_import_hook_reads_the_profile_and_reports_a_bad_value_without_breaking_
 
 
 def test_launcher_flag_turns_the_switch_on_for_the_workers():
-    from dynamo_dist import _config, launch
+    from dynamo_dist import _config
+    from dynamo_dist.tools import launch as tools_launch
 
-    args = launch.parser().parse_args(["--all-compiles", "--nproc-per-node=2", "train.py"])
-    cfg = launch.resolve(args)
+    args = tools_launch.parser().parse_args(["--all-compiles", "--nproc-per-node=2", "train.py"])
+    cfg = tools_launch.resolve(args)
     assert cfg.all_compiles is True
     assert _config.to_env(cfg)["DYNAMO_DIST_ALL_COMPILES"] == "true"
-    cfg = launch.resolve(launch.parser().parse_args(["train.py"]))
+    cfg = tools_launch.resolve(tools_launch.parser().parse_args(["train.py"]))
     assert cfg.all_compiles is False

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import ranks
 
-from dynamo_dist._shm import sweep_stale_segments
+from dynamo_dist.exchange.shm import sweep_stale_segments
 
 HERE = __file__
 CONSISTENCY = str(Path(__file__).with_name("test_consistency.py"))
@@ -21,15 +21,15 @@ CONSISTENCY = str(Path(__file__).with_name("test_consistency.py"))
 # -- rank program ----------------------------------------------------------------------
 def transports_agree(rank: int, world: int, n: str, n_gloo: str) -> dict[str, Any]:
     """Both transports, driven directly, against an oracle every rank can compute."""
-    from dynamo_dist import _group
-    from dynamo_dist._collective import GlooTransport
-    from dynamo_dist._shm import ShmTransport, topology
+    from dynamo_dist.dist import group as dist_group
+    from dynamo_dist.exchange.collective import GlooTransport
+    from dynamo_dist.exchange.shm import ShmTransport, topology
 
     n_shm, n_gl = int(n), int(n_gloo)
     ranks = tuple(range(world))
-    store = _group.job_store()
-    prefix = _group.rendezvous(store, ranks, timeout=120, stall_warning=10, where="test")
-    group = _group.gloo_group(store, f"{prefix}/guard", ranks, 120)
+    store = dist_group.job_store()
+    prefix = dist_group.rendezvous(store, ranks, timeout=120, stall_warning=10, where="test")
+    group = dist_group.gloo_group(store, f"{prefix}/guard", ranks, 120)
     common: dict[str, Any] = {
         "group": group,
         "ranks": ranks,

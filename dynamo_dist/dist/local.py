@@ -1,0 +1,85 @@
+"""Which ranks the compile running on this thread must agree with: a group's scope, or none.
+
+Two per-thread facts decide whether a compiled call talks to other ranks:
+
+* ``dynamo_dist.local()`` (a depth kept in C++, where the guard hook reads it for free):
+  inside it, compiled calls behave like plain ``torch.compile`` on this rank. Real
+  training scripts run compiled code on some ranks only (rank-0 evaluation, sampling,
+  logging); without a way to say so, those calls pair with the other ranks' training
+  calls and either raise or hang.
+* the *scope* of the compile in progress: the group of ranks whose compiles must match
+  this one (its name, size, store key and compiler-collective group). Dynamo's frame
+  callback wrapper sets it around each compile; the consensus layer and the cache
+  agreement read it, so each group agrees only within itself and a ``local()`` compile
+  (scope ``None``) agrees with nobody.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import ContextDecorator, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from dynamo_dist.dynamo.hook import _C
+
+__all__ = ["Scope", "compiling", "current_scope", "is_local", "local"]
+
+
+class local(ContextDecorator):
+    """Run compiled code on this rank only: no guard exchange, consensus or cache agreement.
+
+    For code that only some ranks run (evaluation or sampling on rank 0, logging),
+    as a context manager (``with dynamo_dist.local(): ...``) or a decorator
+    (``@dynamo_dist.local()``). Reentrant, and per thread. What is compiled inside does
+    not count toward the recompile limit of the calls outside it, changes none of their
+    automatic-dynamic state, and moves none of their exchange or cache-agreement
+    sequences; those calls keep agreeing across ranks before and after it.
+    """
+
+    def __enter__(self) -> local:
+        _C.local_enter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _C.local_exit()
+
+
+def is_local() -> bool:
+    """Whether this thread is inside ``dynamo_dist.local()``."""
+    return bool(_C.local_depth() > 0)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The ranks a compile agrees with: one group's channel."""
+
+    name: str
+    """How logs and stats name the group: ``world`` or ``ranks 0,1``."""
+    key: str
+    """Unique within the job (and the restart), safe in key-value store keys."""
+    size: int
+    consensus: Any | None = None
+    """The gloo group for Dynamo's compiler collectives, or None when consensus is off."""
+    ranks: tuple[int, ...] = ()
+    """The group's global ranks, ascending (the first one writes what the group shares)."""
+
+
+_tls = threading.local()
+
+
+def current_scope() -> Scope | None:
+    """The scope of the compile running on this thread (None: agree with nobody)."""
+    return getattr(_tls, "scope", None)
+
+
+@contextmanager
+def compiling(scope: Scope | None) -> Iterator[None]:
+    """Mark the compile in this block as agreeing within ``scope`` (None: locally)."""
+    prev = getattr(_tls, "scope", None)
+    _tls.scope = scope
+    try:
+        yield
+    finally:
+        _tls.scope = prev

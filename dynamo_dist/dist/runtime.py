@@ -1,0 +1,319 @@
+"""The per-process runtime's lifecycle: the board, the router hook, one channel per group.
+
+The jobs are split along the architecture: the hook (``_hook``), the exchange
+(``_collective``, ``_shm``), the policy (``_policy``) and the frame callback
+(``_callback``), consensus (``_consensus``), the cache (``_cache``). This module
+owns one process's instance of them, from the first ``dynamo_dist.compile`` to exit:
+one :class:`Channel` per group of ranks that compiles together (``group=``), and
+assembles its typed stats (``_stats``), totals and per group. Intercepting
+``torch.compile`` to attach the callback lives above it, in ``_intercept``.
+"""
+
+from __future__ import annotations
+
+import atexit
+from typing import Any
+
+import torch.distributed as dist
+
+from dynamo_dist.exchange import consensus as exchange_consensus
+
+from dynamo_dist.cache import backend
+from dynamo_dist.dist import group as dist_group
+from dynamo_dist.dynamo import hook as dynamo_hook
+from dynamo_dist.tools import report as tools_report
+from dynamo_dist.exchange.collective import GlooTransport, Transport, percentiles
+from dynamo_dist._config import Config
+from dynamo_dist.dist.group import group_name
+from dynamo_dist.dynamo.hook import _C, describe_identity
+from dynamo_dist.dist.local import Scope
+from dynamo_dist._log import get_logger
+from dynamo_dist.exchange.policy import Policy
+from dynamo_dist.exchange.shm import ShmTransport, ShmUnavailable, topology
+from dynamo_dist.exchange.stats import Counts, GroupStats, HookCounters, RuntimeStats, Stats, TransportStats
+from dynamo_dist.exchange.status import StatusBoard, open_store
+from dynamo_dist.dist.store import refused_count
+
+log = get_logger("runtime")
+
+
+class Channel:
+    """One group's guard exchange: its transport, C++ hook, policy, counts and scope.
+
+    Set up on the first ``dynamo_dist.compile`` naming the group, collectively over the
+    group's members only (``dist_group.rendezvous``, then gloo groups of its own). A group of
+    one rank has nobody to exchange with: no transport, no hook.
+    """
+
+    def __init__(
+        self, cfg: Config, ranks: tuple[int, ...], board: StatusBoard | None, where: str
+    ) -> None:
+        world = dist.get_world_size()
+        self.ranks = ranks
+        self.name = group_name(ranks, world)
+        self.counts = Counts()
+        self.transport: Transport | None = None
+        self.hook: _C.GuardHook | None = None
+        self.policy: Policy | None = None
+        self.consensus = False
+        if len(ranks) == 1:
+            self.scope: Scope | None = None
+            return
+        store = dist_group.job_store()
+        prefix = dist_group.rendezvous(store, ranks, cfg.timeout, cfg.stall_warning, where)
+        # The group's own gloo groups; their timeout is what bounds an exchange on the
+        # network.
+        guard = dist_group.gloo_group(store, f"{prefix}/guard", ranks, cfg.timeout)
+        self.transport = _make_transport(cfg, guard, ranks, self.name, board, store, prefix)
+        consensus_group = None
+        if cfg.compiler_collectives and exchange_consensus.enable():
+            consensus_group = dist_group.gloo_group(
+                store, f"{prefix}/consensus", ranks, cfg.timeout + 60.0
+            )
+            self.consensus = True
+        self.scope = Scope(
+            name=self.name,
+            key=dist_group.group_key(ranks, world),
+            size=len(ranks),
+            consensus=consensus_group,
+            ranks=tuple(sorted(ranks)),
+        )
+        self.hook = self.transport.make_hook()
+        self.policy = Policy(self.transport, self.hook, self.counts)
+        if board is not None:
+            transport = self.transport
+            board.positions[self.name] = lambda: (*transport.position(), transport.last_epoch())
+            board.ticks.append(transport.watch)
+        log.info(
+            "guard exchange for %s on (transport %s, timeout %.0fs, %d ranks, consensus %s)",
+            self.name,
+            self.transport.name,
+            cfg.timeout,
+            len(ranks),
+            "on" if self.consensus else "off",
+        )
+
+    def close(self) -> None:
+        """Break the reference cycles between the transport and the C++ objects it feeds.
+
+        The hook holds the transport's bound methods (its slow path), the transport
+        holds the hook; the shared-memory segment holds the transport's wait logger and
+        cross-host step, the transport holds the segment. The garbage collector cannot
+        see references held in C++, so without this the transport, its gloo groups and
+        its mapping would outlive shutdown. The hook passes results through afterwards.
+        """
+        if self.hook is not None:
+            self.hook.release()
+        shm = getattr(self.transport, "shm", None)
+        if shm is not None:
+            shm.set_wait_logger(None)
+            shm.set_cross_host(None)
+
+    def stats(self) -> GroupStats:
+        tr = self.transport
+        lat = percentiles(tr.latencies()) if tr is not None else {"p50_us": 0.0, "p99_us": 0.0}
+        return GroupStats(
+            ranks=list(self.ranks),
+            transport=TransportStats(
+                name=tr.name if tr is not None else "none",
+                exchanges=tr.position()[0] if tr is not None else 0,
+                mixed_outcomes=tr.mixed if tr is not None else 0,
+                divergences=(tr.divergences if tr is not None else 0) + self.counts.strict_errors,
+                p50_us=lat["p50_us"],
+                p99_us=lat["p99_us"],
+            ),
+            compiles=self.counts.compiles,
+            local_compiles=self.counts.local_compiles,
+            first_entry_exchanges=self.counts.first_entry_exchanges,
+        )
+
+
+class Runtime:
+    """Everything dynamo_dist keeps per process once a distributed job compiles.
+
+    Creating it is not collective: it opens the status board and installs the router
+    hook. Each group's channel is set up on first use, by that group's members.
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        global _generation
+        _generation += 1
+        # Runtimes are created and shut down in the same order on every rank,
+        # so this numbers the job-report keys consistently across ranks.
+        self.generation = _generation
+        self.cfg = cfg
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        store = open_store(cfg.timeout)
+        self.board = (
+            StatusBoard(store, self.rank, self.world_size, cfg.status_interval, describe_identity)
+            if store is not None
+            else None
+        )
+        if self.board is not None:
+            self.board.in_local = lambda: _C.local_active_threads() > 0
+        self.channels: dict[tuple[int, ...], Channel] = {}
+        self.router = _C.Router()
+        self._previous_hook = dynamo_hook.install(self.router)
+        log.info("guard exchange on (policy %s, %d ranks)", cfg.policy, self.world_size)
+
+    def channel(self, ranks: tuple[int, ...], where: str) -> Channel:
+        """The channel of ``ranks``, set up (collectively over its members) on first use."""
+        ch = self.channels.get(ranks)
+        if ch is None:
+            ch = Channel(self.cfg, ranks, self.board, where)
+            self.channels[ranks] = ch
+        return ch
+
+    @property
+    def transport(self) -> Transport | None:
+        """The whole world's transport if it has one, else the first group's (for tests)."""
+        world = tuple(range(self.world_size))
+        if world in self.channels:
+            return self.channels[world].transport
+        return next((c.transport for c in self.channels.values() if c.transport), None)
+
+    def close(self) -> None:
+        """Uninstall, restore Dynamo's settings, and hand this rank's stats to the job report."""
+        stats = self.stats().as_dict()
+        dynamo_hook.uninstall(self.router, self._previous_hook)
+        exchange_consensus.disable()
+        _C.set_pending_error(None)
+        for ch in self.channels.values():
+            ch.close()
+        if self.board is not None:
+            self.board.close("exited")
+            tools_report.publish_and_collect(
+                self.board.store,
+                self.generation,
+                self.rank,
+                self.world_size,
+                stats,
+                wait_s=min(self.cfg.timeout, 30.0),
+                path=self.cfg.report,
+            )
+
+    def stats(self) -> Stats:
+        """This rank's typed stats record: totals over its groups, each group, the cache."""
+        groups = {c.name: c.stats() for c in self.channels.values()}
+        hooks = [c.hook.counters() for c in self.channels.values() if c.hook is not None]
+        hook_totals = {k: sum(int(h.get(k, 0)) for h in hooks) for k in hooks[0]} if hooks else {}
+        samples = [
+            ns for c in self.channels.values() if c.transport for ns in c.transport.latencies()
+        ]
+        lat = percentiles(samples)
+        names = sorted({g.transport.name for g in groups.values()} - {"none"})
+        runtime = RuntimeStats(
+            policy=self.cfg.policy,
+            consensus=any(c.consensus for c in self.channels.values()),
+            hook=HookCounters.from_hook(hook_totals),
+            transport=TransportStats(
+                name="+".join(names) if len(names) != 1 else names[0],
+                exchanges=sum(g.transport.exchanges for g in groups.values()),
+                mixed_outcomes=sum(g.transport.mixed_outcomes for g in groups.values()),
+                divergences=sum(g.transport.divergences for g in groups.values()),
+                p50_us=lat["p50_us"],
+                p99_us=lat["p99_us"],
+            ),
+            first_entry_exchanges=sum(g.first_entry_exchanges for g in groups.values()),
+            compiles=sum(g.compiles for g in groups.values()),
+            local_compiles=sum(g.local_compiles for g in groups.values()),
+            groups=groups,
+        )
+        return Stats(
+            rank=self.rank,
+            world_size=self.world_size,
+            runtime=runtime,
+            cache=backend.stats(),
+            store_refused=refused_count(),
+        )
+
+
+def _make_transport(
+    cfg: Config,
+    group: Any,
+    ranks: tuple[int, ...],
+    name: str,
+    board: StatusBoard | None,
+    store: Any,
+    prefix: str,
+) -> Transport:
+    """Shared memory within hosts (hierarchical across them) unless gloo is asked for."""
+    common: dict[str, Any] = {
+        "group": group,
+        "ranks": ranks,
+        "channel": name,
+        "timeout": cfg.timeout,
+        "wait_log_interval": cfg.wait_log_interval,
+        "stall_warning": cfg.stall_warning,
+        "board": board,
+        "describe": describe_identity,
+    }
+    if cfg.transport in ("auto", "shm"):
+        topo = topology(group, ranks)
+        try:
+            return ShmTransport(
+                topo=topo,
+                store=store,
+                prefix=prefix,
+                leader_exchange=cfg.leader_exchange,
+                **common,
+            )
+        except ShmUnavailable as e:
+            level = log.warning if cfg.transport == "shm" else log.info
+            level("shared-memory guard exchange unavailable (%s); using gloo", e)
+    return GlooTransport(**common)
+
+
+_runtime: Runtime | None = None
+_generation = 0
+
+
+def distributed_world() -> int:
+    """The job's world size; 1 when torch.distributed is not initialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
+def ensure(cfg: Config) -> Runtime | None:
+    """The process's runtime, created on first use; None for single-process programs."""
+    global _runtime
+    if distributed_world() <= 1 or cfg.policy == "off":
+        return None
+    if _runtime is None:
+        _runtime = Runtime(cfg)
+        # The report must be collected while the store still answers: at exit,
+        # before torch's own atexit handlers tear distributed state down.
+        atexit.register(shutdown)
+    elif (cfg.timeout, cfg.transport) != (_runtime.cfg.timeout, _runtime.cfg.transport):
+        log.warning(
+            "timeout/transport are per process and already set to %.0fs/%s; ignoring %.0fs/%s",
+            _runtime.cfg.timeout,
+            _runtime.cfg.transport,
+            cfg.timeout,
+            cfg.transport,
+        )
+    return _runtime
+
+
+def current() -> Runtime | None:
+    """The process's runtime, if one was created and not shut down."""
+    return _runtime
+
+
+def stats() -> Stats:
+    """This rank's stats record, with or without a runtime."""
+    if _runtime is not None:
+        return _runtime.stats()
+    return Stats(
+        rank=0, world_size=distributed_world(), cache=backend.stats(), store_refused=refused_count()
+    )
+
+
+def shutdown() -> None:
+    """Close the runtime if there is one (idempotent)."""
+    global _runtime
+    if _runtime is not None:
+        _runtime.close()
+        _runtime = None

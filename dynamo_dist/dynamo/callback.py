@@ -1,0 +1,168 @@
+"""The wrapper around Dynamo's frame callback: first-entry exchanges, policies, sticky errors.
+
+Dynamo calls the C++ hook only for frames that already have compiled entries; the
+first time a rank meets a frame (or after Dynamo's ``reset()``), it goes straight to
+the callback. If we did nothing there, a rank holding entries would wait in an
+exchange the fresh rank never joins: upstream's guard collectives hang or pair
+unrelated frames exactly this way. So the wrapper runs the same exchange, with a local
+"miss", before Dynamo compiles: every entry into a compiled frame is exchanged exactly
+once on every rank, whatever its cache state.
+
+The wrapper also scopes each compile: to its group (``dist_local.compiling``: the consensus
+and the cache agreement read it), or, inside ``dynamo_dist.local()``, to nobody. A
+local compile runs against its own automatic-dynamic state, and the entries it adds
+are not counted against the recompile limit of the calls outside ``local()``: on the
+rank that evaluates, the training calls must hit the limit exactly when the other
+ranks' do, or one rank would fall back to eager while the others compile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dynamo_dist import _errors
+from dynamo_dist._log import get_logger
+from dynamo_dist.dist import local as dist_local
+from dynamo_dist.dist.local import Scope
+from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo.hook import _C
+from dynamo_dist.exchange.policy import Policy
+from dynamo_dist.exchange.stats import Counts
+
+
+class LocalEntries:
+    """What ``dynamo_dist.local()`` compiled in this process: entry code, dynamic state."""
+
+    def __init__(self) -> None:
+        self.codes: dict[int, Any] = {}  # id -> code object (kept alive: ids stay unique)
+        self.code_state: dict[Any, Any] = {}  # the automatic-dynamic view of local compiles
+        self.frames: set[Any] = set()  # frame code objects with at least one local entry
+
+    def record(self, frame_code: Any, result: Any) -> None:
+        code = getattr(getattr(result, "guarded_code", None), "code", None)
+        if code is not None:
+            self.codes[id(code)] = code
+            self.frames.add(frame_code)
+
+    def counts(self, frame: Any) -> tuple[int, int, int, int]:
+        """``frame``'s cache entries that count toward its recompile limit, split in two.
+
+        (local, local in total, lockstep, lockstep in total): "counting" entries are
+        those Dynamo compares with ``recompile_limit`` (same ID_MATCH'd objects), the
+        totals those it compares with ``accumulated_recompile_limit``.
+        """
+        if frame.f_code not in self.frames:
+            return 0, 0, 0, 0
+        out = [0, 0, 0, 0]
+        try:
+            for entry in compat.cache_entries(frame.f_code):
+                base = 0 if id(compat.entry_code(entry)) in self.codes else 2
+                out[base + 1] += 1
+                out[base] += int(compat.same_id_matched_objs(frame, entry))
+        except Exception:  # accounting must never break a compile
+            return 0, 0, 0, 0
+        return out[0], out[1], out[2], out[3]
+
+
+local_entries = LocalEntries()
+
+#: Called with each frame about to be compiled outside ``local()``, before Dynamo sees it
+#: (the cache's automatic-dynamic profile files entries of closures there). A hook that
+#: raises is ignored: it must never stop a compile.
+before_compile: list[Callable[[Any], None]] = []
+log = get_logger("runtime")
+_warned: set[Any] = set()
+
+
+class GuardedCallback:
+    """Wraps Dynamo's frame callback: first-entry exchanges, policies, scopes, sticky errors."""
+
+    def __init__(
+        self,
+        inner: Callable[..., Any],
+        policy: Policy | None,
+        policy_name: str,
+        scope: Scope | None,
+        counts: Counts,
+        wrapper_frames: int = 0,
+    ) -> None:
+        self._inner = inner
+        self._wrapper_frames = wrapper_frames  # Python frames between Dynamo and us
+        self._policy = policy  # None: a group of one rank, nobody to exchange with
+        self._policy_name = policy_name
+        self._scope = scope
+        self._counts = counts
+        # Dynamo's C++ get_backend() follows this chain to find the backend
+        # that keys its cache entries; it must lead through us to the real one.
+        self._torchdynamo_orig_backend = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "_inner" or name.startswith("__"):
+            # Not set yet (copy.deepcopy, unpickling): never look it up through itself.
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def __call__(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
+        err = _C.pending_error()
+        if err is not None:
+            raise _errors.pending(err)
+        if _C.local_depth() > 0:
+            return self._local(frame, cache_entry, frame_state)
+        policy = self._policy
+        if policy is not None:
+            # A thread other than the channel's owner: the hook exchanged nothing for it
+            # (and forced this call here); raise on this thread only.
+            policy.check_thread()
+            if cache_entry is None and compat.dynamo_would_trace(frame.f_code):
+                # Called from here so that its skip=2 lands on the frame's caller.
+                policy.exchange_first_entry(frame.f_code, self._wrapper_frames)
+            outcome = policy.take_mixed()
+            if outcome is not None:
+                policy.handle_mixed(outcome, self._policy_name, frame, cache_entry)
+        for hook in before_compile:
+            try:
+                hook(frame)
+            except Exception:
+                log.debug("a before-compile hook failed", exc_info=True)
+        specific, total, _, _ = local_entries.counts(frame)
+        with (
+            dist_local.compiling(self._scope),
+            compat.recompile_headroom(specific, total),
+        ):
+            result = self._inner(frame, cache_entry, frame_state)
+        if getattr(result, "guarded_code", None) is not None:
+            self._counts.compiles += 1
+        return result
+
+    def _local(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
+        """Plain torch.compile on this rank: nothing exchanged, nothing shared with lockstep.
+
+        Local entries get a recompile limit of their own. Were they to reach Dynamo's,
+        Dynamo would mark the code object to run eagerly for good, lockstep calls
+        included, on this rank only; so at the limit this call runs eagerly instead.
+        """
+        local_same, local_total, lock_same, lock_total = local_entries.counts(frame)
+        specific, accumulated = compat.recompile_limits()
+        if local_same >= specific or local_total >= accumulated:
+            if frame.f_code not in _warned:
+                _warned.add(frame.f_code)
+                log.warning(
+                    "%s reached the recompile limit (%d) with entries compiled inside "
+                    "dynamo_dist.local(); further rank-local calls that miss run eagerly (the "
+                    "calls outside local() keep their own limit)",
+                    f"{frame.f_code.co_name} ({frame.f_code.co_filename}:"
+                    f"{frame.f_code.co_firstlineno})",
+                    specific,
+                )
+            return compat.run_eagerly_once()
+        with (
+            dist_local.compiling(None),
+            compat.isolated_code_state(local_entries.code_state),
+            compat.recompile_headroom(lock_same, lock_total),
+        ):
+            result = self._inner(frame, cache_entry, frame_state)
+        if getattr(result, "guarded_code", None) is not None:
+            self._counts.local_compiles += 1
+            local_entries.record(frame.f_code, result)
+        return result

@@ -1,0 +1,174 @@
+"""Installing the C++ guard hook into Dynamo, and naming the frames it sees.
+
+Installation mirrors ``torch.compiler``'s setters: installing returns what was
+there before, uninstalling puts it back, and both are idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from dynamo_dist._log import get_logger
+from dynamo_dist._version import __version__
+from dynamo_dist.dynamo import compat
+
+log = get_logger("hook")
+
+try:
+    from dynamo_dist import _C as _C
+except ImportError as e:  # pragma: no cover - exercised only on a broken install
+    raise ImportError(
+        "dynamo_dist's C++ extension (dynamo_dist._C) is missing or was built for another "
+        f"Python ({e}). Rebuild it: `pip install --no-build-isolation -e .` in the source tree, "
+        "or reinstall the package with pip."
+    ) from e
+
+if getattr(_C, "__version__", None) != __version__:
+    # An editable install keeps the compiled _C in the source tree: after a pull that
+    # changes the C++ side, the old binary would otherwise load against new Python code.
+    raise ImportError(
+        f"dynamo_dist._C at {_C.__file__} was built for dynamo_dist "
+        f"{getattr(_C, '__version__', '(unknown, older)')}, but the Python package is "
+        f"{__version__}. Rebuild it: `pip install -e .` in the source tree, or reinstall "
+        "the package with pip."
+    )
+
+_regions: dict[int, str] = {}
+_region_counts: dict[str, int] = {}
+
+
+def classify_code(code: types.CodeType) -> tuple[int, bool]:
+    """(hash stable across hosts, whether the call offset is part of the identity).
+
+    The hash uses the file's basename, not its path: ranks on different hosts may
+    install the same program under different prefixes. The call offset is left
+    out for code Dynamo generated, whose bytecode layout depends on each rank's
+    compile history.
+    """
+    name = getattr(code, "co_qualname", code.co_name)
+    key = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}:{name}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little"), not compat.is_dynamo_output(code)
+
+
+_C.set_code_classifier(classify_code)
+
+
+def _install_mode_probe() -> None:
+    import torch
+
+    # Grad mode is part of every frame identity: a rank evaluating under no_grad must
+    # never pair with a rank training through the same call site.
+    _C.set_mode_probe(torch.is_grad_enabled)
+
+
+_install_mode_probe()
+
+
+def register_region(fn: object, channel: str) -> int:
+    """A new region id for one dynamo_dist.compile call in ``channel``'s group.
+
+    Numbered per group: the n-th compile for a group is the same code on each of its
+    ranks, whatever else each rank compiled (other groups, code compiled on some
+    ranks only), so the id, part of every frame identity, matches across the group.
+    """
+    n = _region_counts.get(channel, 0) + 1
+    _region_counts[channel] = n
+    digest = hashlib.blake2b(f"{channel}#{n}".encode(), digest_size=8).digest()
+    region = int.from_bytes(digest, "little") >> 2  # a positive int64
+    _regions[region] = f"{describe_callable(fn)} [compile #{n} of group {channel}]"
+    return region
+
+
+def describe_callable(fn: object) -> str:
+    target = getattr(fn, "forward", fn) if not isinstance(fn, types.FunctionType) else fn
+    target = getattr(target, "__func__", target)
+    code = getattr(target, "__code__", None)
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    if code is None:
+        return str(name)
+    return f"{name} ({os.path.basename(code.co_filename)}:{code.co_firstlineno})"
+
+
+def _line_of(code: types.CodeType, lasti: int) -> int:
+    if lasti < 0:
+        return code.co_firstlineno
+    for start, end, line in code.co_lines():
+        if start <= lasti < end and line is not None:
+            return line
+    return code.co_firstlineno
+
+
+def describe_identity(ident: int) -> str:
+    """Human name of a frame identity: the compiled region and, inside it, the call site."""
+    desc = _C.describe_identity(ident)
+    if desc is None:
+        return f"frame {ident:#x}"
+    code, lasti, region, _grad, callee = desc
+    where = _regions.get(region, "code outside dynamo_dist.compile")
+    name = getattr(code, "co_qualname", code.co_name)
+    site = f"{name} ({os.path.basename(code.co_filename)}:{_line_of(code, lasti)})"
+    if callee is not None:
+        callee_name = getattr(callee, "co_qualname", callee.co_name)
+        entered = f"{callee_name} ({os.path.basename(callee.co_filename)}:{callee.co_firstlineno})"
+        return f"{where}: {entered}, called from {site}"
+    return f"{where}, called from {site}"
+
+
+def identity_grad(ident: int) -> bool | None:
+    """Whether grad was enabled for an identity seen on this process (None: unknown)."""
+    desc = _C.describe_identity(ident)
+    return None if desc is None else bool(desc[3])
+
+
+def region_enter(region: int, hook: _C.GuardHook | None) -> Callable[[], Callable[[], None]]:
+    """The Dynamo enter/exit hook that marks calls of one compiled region.
+
+    ``hook`` is the channel (one per group of ranks) that exchanges the region's guard
+    results; the installed :class:`_C.Router` dispatches to it. None: nobody to agree with.
+    """
+    return _C.RegionEnter(region, hook)
+
+
+PENDING_CHECK = _C.pending_check
+"""Inserted first in each adopted context's enter hooks: raises the kept error there,
+before any other enter hook has applied something that would then never be undone."""
+
+
+def current_hook() -> object | None:
+    """The installed guard-complete hook (read by swapping it out and straight back)."""
+    prev = compat.set_guard_complete_hook(None)
+    compat.set_guard_complete_hook(prev)
+    return prev
+
+
+def install(hook: _C.GuardHook | _C.Router) -> object | None:
+    """Install ``hook`` as Dynamo's guard-complete hook; returns the previous hook."""
+    prev = compat.set_guard_complete_hook(hook)
+    if prev is hook:
+        return None
+    if prev is not None:
+        log.warning("replacing an existing guard-complete hook (%r); restored on uninstall", prev)
+    return prev
+
+
+def uninstall(hook: _C.GuardHook | _C.Router, previous: object | None) -> None:
+    """Restore ``previous`` if ``hook`` is still the installed one."""
+    current = compat.set_guard_complete_hook(previous)
+    if current is not None and current is not hook:
+        # Someone installed their own hook after us; leave theirs in place.
+        compat.set_guard_complete_hook(current)
+
+
+@contextmanager
+def installed(hook: _C.GuardHook) -> Iterator[_C.GuardHook]:
+    """``hook`` installed for the ``with`` block, the previous one restored after it."""
+    prev = install(hook)
+    try:
+        yield hook
+    finally:
+        uninstall(hook, prev)

@@ -1,0 +1,242 @@
+"""Out-of-band status board: where each rank last was, kept in the job's key-value store.
+
+A rank stuck in a collective cannot answer questions, so when an exchange
+times out the waiting rank reads this board to name the ranks that did not
+arrive and the last frame each reached. Publishing runs on a background thread
+at ``status_interval`` and reads the rank's position itself: the exchange hot
+path never touches the board.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from dynamo_dist._log import get_logger
+from dynamo_dist.dist import store as dist_store
+from dynamo_dist.dynamo import compat
+
+log = get_logger("status")
+
+# torch.distributed.Store: exported only when torch is built with distributed support,
+# so its stubs do not declare it; the board only calls set/get/check on it.
+Store = Any
+
+_PREFIX = "dynamo_dist/status/"
+# One TCPStore serves the whole job, so the board's load on it is bounded job-wide,
+# not per rank: publishing slows down as the job grows (at most about this many
+# writes a second in total), and only about this many ranks read the whole board
+# when an exchange stalls (each read fetches every rank's record).
+_BOARD_WRITES_PER_S = 250.0
+_BOARD_READERS = 64
+
+
+def publish_interval(interval: float, world_size: int) -> float:
+    """Seconds between a rank's status writes: ``interval``, or longer in a large job."""
+    return max(interval, world_size / _BOARD_WRITES_PER_S)
+
+
+def board_reader_stride(group_size: int) -> int:
+    """Members ``0, k, 2k, ...`` of a group read the whole board; ``k`` is 1 up to 64 ranks.
+
+    Only they read every rank's record when an exchange stalls; the others name one of
+    them instead (a full read per rank would be world_size**2 bytes).
+    """
+    return max(1, -(-group_size // _BOARD_READERS))
+
+
+class StatusBoard:
+    """Publishes this rank's (sequence number, frame, state) and reads everyone's."""
+
+    def __init__(
+        self,
+        store: Store,
+        rank: int,
+        world_size: int,
+        interval: float,
+        describe: Callable[[int], str],
+    ) -> None:
+        self.store = store
+        self._rank = rank
+        self._world = world_size
+        # Ticks (progress lines, stall warnings) keep the configured pace; writes to
+        # the store slow down in a large job (see publish_interval).
+        self.tick_interval = interval
+        self.interval = publish_interval(interval, world_size)
+        self._describe = describe
+        # Where this rank is, per channel (group of ranks): () -> (last exchange
+        # number, its frame identity, process-wide order of that exchange). Added by
+        # the runtime as channels are set up; read only by the publisher thread, so
+        # the exchange hot path never touches the board.
+        self.positions: dict[str, Callable[[], tuple[int, int, int]]] = {}
+        # A rank counts as silent after this long without a heartbeat (published
+        # at most every 2 intervals, so a live rank is never mislabelled).
+        self.stale_after = max(10.0, 5 * self.interval)
+        # Whether this rank is running code inside dynamo_dist.local() (any thread):
+        # a peer waiting for it is then waiting on rank-local work, not on a lost rank.
+        self.in_local: Callable[[], bool] = lambda: False
+        # Called on every tick, off the hot path (progress lines while waiting).
+        self.ticks: list[Callable[[], None]] = []
+        self._state = "running"
+        self._published: tuple[Any, ...] | None = None
+        self._last_publish = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dynamo_dist-status", daemon=True)
+        # Published at once, so that every rank's key exists and a reader can fetch the
+        # whole board in one ``multi_get``.
+        self.publish(force=True)
+        self._thread.start()
+
+    def _payload(self, positions: dict[str, tuple[int, int, int]], in_local: bool) -> str:
+        channels = {
+            name: {"seq": seq, "frame": self._describe(ident) if ident else None, "epoch": epoch}
+            for name, (seq, ident, epoch) in positions.items()
+        }
+        latest = max(channels.items(), key=lambda kv: int(kv[1]["epoch"] or 0), default=None)
+        return json.dumps(
+            {
+                # The most recent exchange on any channel (what "where is it" means).
+                "seq": latest[1]["seq"] if latest else 0,
+                "frame": latest[1]["frame"] if latest else None,
+                "group": latest[0] if latest else None,
+                "channels": channels,
+                "local": in_local,
+                "state": self._state,
+                "time": time.time(),
+            }
+        )
+
+    def publish(self, force: bool = False) -> None:
+        positions = {name: pos() for name, pos in list(self.positions.items())}
+        in_local = self.in_local()
+        key = (tuple(sorted(positions.items())), in_local, self._state)
+        now = time.monotonic()
+        # A change is published at most once an interval; unchanged status every 2
+        # intervals, as a heartbeat.
+        if not force:
+            # Half a tick of slack: ticks that arrive a little early must not skip one.
+            since = now - self._last_publish + self.tick_interval / 2
+            if since < self.interval or (key == self._published and since < 2 * self.interval):
+                return
+        try:
+            self.store.set(f"{_PREFIX}{self._rank}", self._payload(positions, in_local))
+            self._published = key
+            self._last_publish = now
+        except Exception as e:  # the store going away must never break training
+            log.debug("could not publish status: %s", e)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_interval):
+            self.publish()
+            for tick in self.ticks:
+                try:
+                    tick()
+                except Exception as e:  # a diagnostic must never kill the thread
+                    log.debug("status tick failed: %s", e)
+
+    def close(self, state: str = "exited") -> None:
+        if self._stop.is_set():
+            return
+        self._state = state
+        self._stop.set()
+        self.publish(force=True)
+        # Drop the channels' callbacks (they hold the transports) and let the thread
+        # finish its tick: nothing of a shut-down runtime may outlive close().
+        self.positions = {}
+        self.ticks = []
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=1.0)
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        """Last published status of every rank ({} entries for ranks that never published).
+
+        Two store operations when every rank has published (a ``check`` of all keys,
+        then one ``multi_get``), instead of two per rank.
+        """
+        keys = [f"{_PREFIX}{r}" for r in range(self._world)]
+        try:
+            if self.store.check(keys):
+                return {r: _parse(raw) for r, raw in enumerate(self.store.multi_get(keys))}
+        except Exception as e:
+            log.debug("could not read the status board at once: %s", e)
+        out: dict[int, dict[str, Any]] = {}
+        for r, key in enumerate(keys):
+            try:
+                out[r] = _parse(self.store.get(key)) if self.store.check([key]) else {}
+            except Exception as e:
+                out[r] = {"error": str(e)}
+        return out
+
+
+def _parse(raw: Any) -> dict[str, Any]:
+    """A rank's status record, or ``{"error": ...}``: any process may have set the key.
+
+    One over the store's size cap is refused (counted) before it is parsed, and the
+    reader goes on as if that rank had published nothing usable.
+    """
+    try:
+        data = dist_store.checked(raw, "status record")
+    except dist_store.PayloadRefused as e:
+        dist_store.refuse("status record", e)
+        return {"error": str(e)}
+    try:
+        value = json.loads(data)
+        return value if isinstance(value, dict) else {"error": "not a status record"}
+    except Exception as e:
+        return {"error": str(e)[:300]}
+
+
+def open_store(timeout: float) -> Store | None:
+    """A client of the job's store for the board's own use (None if there is none)."""
+    try:
+        store = compat.default_store()
+    except Exception:
+        return None
+    clone = getattr(store, "clone", None)
+    if clone is not None:
+        # Its own connection: the publisher thread must not interleave with
+        # the main thread's store traffic (rendezvous, barriers).
+        with contextlib.suppress(Exception):
+            store = clone()
+    with contextlib.suppress(Exception):
+        store.set_timeout(timedelta(seconds=min(timeout, 30.0)))
+    return store
+
+
+def describe_missing(
+    board: dict[int, dict[str, Any]], channel: str, my_seq: int, stale_after: float
+) -> tuple[list[int], list[str]]:
+    """Ranks that did not reach exchange ``my_seq`` of ``channel``, and where each rank was."""
+    now = time.time()
+    missing: list[int] = []
+    lines: list[str] = []
+    for r, st in sorted(board.items()):
+        if not st or "seq" not in st:
+            missing.append(r)
+            lines.append(f"rank {r}: never published a status (not started, or no exchange yet)")
+            continue
+        age = now - float(st.get("time", now))
+        mine = (st.get("channels") or {}).get(channel, {"seq": 0, "frame": None})
+        where = f"exchange #{mine['seq']} at {mine.get('frame') or 'no frame yet'}"
+        if st.get("group") not in (None, channel):
+            where += (
+                f" (latest: exchange #{st['seq']} of group {st['group']} at "
+                f"{st.get('frame') or '?'})"
+            )
+        state = st.get("state", "running")
+        if state != "running":
+            missing.append(r)
+            lines.append(f"rank {r}: {state} after {where}")
+        elif int(mine["seq"]) < my_seq or age > stale_after:
+            missing.append(r)
+            stale = f", silent for {age:.0f}s" if age > stale_after else ""
+            busy = ", now inside dynamo_dist.local()" if st.get("local") else ""
+            lines.append(f"rank {r}: last at {where}{stale}{busy}")
+        else:
+            lines.append(f"rank {r}: arrived, at {where}")
+    return missing, lines

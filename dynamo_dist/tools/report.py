@@ -1,0 +1,184 @@
+"""The job report: every rank's counters in one table, printed by rank 0 at exit.
+
+Ranks publish their stats to the job's key-value store when dynamo_dist shuts
+down (explicitly or at interpreter exit); rank 0 waits a bounded time for the
+others, so a crashed rank shows up as missing rather than hanging the exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import timedelta
+from typing import Any
+
+from dynamo_dist._log import get_logger
+from dynamo_dist.dist import store as dist_store
+
+log = get_logger("report")
+
+_PREFIX = "dynamo_dist/report/"
+
+COLUMNS: list[tuple[str, str, str]] = [
+    # (header, stats key, format)
+    ("rank", "rank", "d"),
+    ("exchanges", "exchanges", "d"),
+    ("hit rate", "hit_rate", ".1%"),
+    ("forced", "forced_recompiles", "d"),
+    ("diverg.", "divergences", "d"),
+    ("compiles", "compiles", "d"),
+    ("p50 us", "p50_us", ".1f"),
+    ("p99 us", "p99_us", ".1f"),
+    ("transport", "transport", "s"),
+    ("loads", "cache_loads", "d"),
+    ("publishes", "cache_publishes", "d"),
+    ("saved s", "compile_seconds_saved", ".1f"),
+    ("precomp.", "precompiled_calls", "d"),
+    ("fallbacks", "precompiled_fallback_reasons", "s"),
+]
+
+
+def with_derived(stats: dict[str, Any]) -> dict[str, Any]:
+    out = dict(stats)
+    ev = int(out.get("evaluations", 0) or 0)
+    out["hit_rate"] = (ev - int(out.get("local_misses", 0) or 0)) / ev if ev else 1.0
+    # Why modules left the precompiled route (each traces on every start), e.g.
+    # "graph_break:1"; "-" when none did.
+    fallbacks = out.get("precompiled_fallbacks")
+    out["precompiled_fallback_reasons"] = (
+        ",".join(f"{k}:{v}" for k, v in sorted(fallbacks.items()))
+        if isinstance(fallbacks, dict) and fallbacks
+        else "-"
+    )
+    return out
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """One row per rank; ranks that never reported are listed as missing."""
+    ranks: dict[str, dict[str, Any]] = report.get("ranks", {})
+    rows = [[h for h, _, _ in COLUMNS]]
+    for r in sorted(ranks, key=int):
+        st = ranks[r]
+        row = []
+        for _, key, fmt in COLUMNS:
+            v = st.get(key)
+            try:
+                row.append(format(v, fmt) if v is not None else "-")
+            except (TypeError, ValueError):
+                row.append(str(v))
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.extend(_group_lines(ranks))
+    missing = report.get("missing") or []
+    head = f"dynamo_dist job report ({report.get('world_size', len(ranks))} ranks)"
+    if missing:
+        head += f"; no report from ranks {missing} (exited early or crashed)"
+    return head + "\n" + "\n".join(lines)
+
+
+def _group_lines(ranks: dict[str, dict[str, Any]]) -> list[str]:
+    """Per group (``group=``): each figure once if every member agrees, else per rank.
+
+    Shown when the job used a group other than the whole world, or several groups.
+    """
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for r, st in ranks.items():
+        for name, g in (st.get("groups") or {}).items():
+            groups.setdefault(name, {})[r] = g
+    if not groups or list(groups) == ["world"]:
+        return []
+    out = ["per group:"]
+    for name in sorted(groups, key=lambda n: (n != "world", n)):
+        members = groups[name]
+        transport = next(iter(members.values())).get("transport", "?")
+        parts = []
+        for key, label in (
+            ("exchanges", "exchanges"),
+            ("compiles", "compiles"),
+            ("local_compiles", "local compiles"),
+            ("divergences", "divergences"),
+        ):
+            values = {r: g.get(key, 0) for r, g in members.items()}
+            if len(set(values.values())) == 1:
+                parts.append(f"{label} {next(iter(values.values()))}")
+            else:
+                per = " ".join(
+                    f"r{r}={v}" for r, v in sorted(values.items(), key=lambda t: int(t[0]))
+                )
+                parts.append(f"{label} {per}")
+        reported = ",".join(sorted(members, key=int))
+        out.append(f"  {name} ({transport}; reported by ranks {reported}): " + ", ".join(parts))
+    return out
+
+
+def publish_and_collect(
+    store: Any,
+    generation: int,
+    rank: int,
+    world_size: int,
+    stats: dict[str, Any],
+    wait_s: float,
+    path: str | None,
+) -> dict[str, Any] | None:
+    """Publish this rank's stats; on rank 0 collect everyone's, log the table, write ``path``.
+
+    ``generation`` numbers dynamo_dist runtimes within the job (a program may shut
+    one down and start another), so a report never mixes in an earlier one's stats.
+    """
+    prefix = f"{_PREFIX}{generation}/"
+    try:
+        store.set(f"{prefix}{rank}", json.dumps(with_derived(stats), default=str))
+    except Exception as e:
+        log.debug("could not publish the report: %s", e)
+        return None
+    if rank != 0:
+        return None
+    keys = [f"{prefix}{r}" for r in range(world_size)]
+    deadline = time.monotonic() + wait_s
+    with_timeout = getattr(store, "set_timeout", None)
+    if with_timeout is not None:
+        with_timeout(timedelta(seconds=max(1.0, wait_s)))
+    ranks: dict[str, dict[str, Any]] = {}
+    refused: set[int] = set()  # over the store's size cap: listed as missing, read once
+    while True:
+        for r, key in enumerate(keys):
+            if str(r) in ranks or r in refused:
+                continue
+            try:
+                if store.check([key]):
+                    record = json.loads(dist_store.checked(store.get(key), "report record"))
+                    ranks[str(r)] = record if isinstance(record, dict) else {}
+            except dist_store.PayloadRefused as e:
+                dist_store.refuse("report record", e)
+                refused.add(r)
+            except Exception:
+                pass
+        if len(ranks) + len(refused) == world_size or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    report = {
+        "world_size": world_size,
+        "created": time.time(),
+        "ranks": ranks,
+        "missing": [r for r in range(world_size) if str(r) not in ranks],
+    }
+    log.info("%s", format_table(report))
+    if path:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            tmp = f"{path}.tmp.{os.getpid()}"
+            with open(tmp, "w") as fh:
+                json.dump(report, fh, indent=2, default=str)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("could not write the job report to %s: %s; the table above has it", path, e)
+    return report
+
+
+def load(path: str) -> dict[str, Any]:
+    with open(path) as fh:
+        report: dict[str, Any] = json.load(fh)
+    return report
