@@ -83,7 +83,11 @@ OWN = {"self", "cls", "other"}
 
 def _module_name(path: Path) -> str:
     rel = path.relative_to(PKG).with_suffix("")
-    return ".".join(rel.parts[:-1]) if rel.name == "__init__" and len(rel.parts) > 1 else ".".join(rel.parts)
+    return (
+        ".".join(rel.parts[:-1])
+        if rel.name == "__init__" and len(rel.parts) > 1
+        else ".".join(rel.parts)
+    )
 
 
 MODULES = {_module_name(p): p for p in sorted(PKG.rglob("*.py"))}
@@ -127,7 +131,9 @@ def exchange_cache_violations(me: str, imports: set[str]) -> list[str]:
     if me.startswith("cache.") and ex:
         out.append(f"{me} (cache) imports {ex} (exchange)")
     if ex and ca and me not in ("dist.runtime", "_api"):
-        out.append(f"{me} imports both the exchange and the cache: only the runtime and the API may")
+        out.append(
+            f"{me} imports both the exchange and the cache: only the runtime and the API may"
+        )
     return out
 
 
@@ -142,16 +148,24 @@ def internals_violations(tree: ast.AST) -> list[str]:
                 out.extend(
                     f"{node.lineno}: import of private {a.name}"
                     for a in node.names
-                    if a.name.startswith("_") and not a.name.startswith("__") and a.name not in {*MODULES, "_C"}
+                    if a.name.startswith("_")
+                    and not a.name.startswith("__")
+                    and a.name not in {*MODULES, "_C"}
                 )
         elif isinstance(node, ast.Import):
-            out.extend(f"{node.lineno}: import {a.name}" for a in node.names if re.match(r"torch\._", a.name))
+            out.extend(
+                f"{node.lineno}: import {a.name}"
+                for a in node.names
+                if re.match(r"torch\._", a.name)
+            )
         elif isinstance(node, ast.Attribute):
             base = node.value
             private = node.attr.startswith("_") and not node.attr.startswith("__")
-            if private and not (isinstance(base, ast.Name) and base.id in OWN) and node.attr != "_C":
-                out.append(f"{node.lineno}: {ast.unparse(node)}")
-            elif node.attr in INTERNAL_ATTRIBUTES:
+            if (
+                private
+                and not (isinstance(base, ast.Name) and base.id in OWN)
+                and node.attr != "_C"
+            ) or node.attr in INTERNAL_ATTRIBUTES:
                 out.append(f"{node.lineno}: {ast.unparse(node)}")
             elif node.attr == "compile" and isinstance(base, ast.Name) and base.id == "torch":
                 if isinstance(node.ctx, ast.Store):
@@ -177,19 +191,79 @@ def size_violations(tree: ast.Module, text: str) -> list[str]:
 #: ``os`` functions that reach the filesystem by name (descriptor I/O such as os.read,
 #: os.write and os.close on a descriptor the layer handed out is fine).
 _OS_CALLS = {
-    *"open stat lstat mkdir makedirs rename renames replace unlink remove removedirs rmdir".split(),
-    *"scandir listdir walk fwalk chmod chown lchown utime link symlink readlink access".split(),
-    *"truncate mkfifo mknod statvfs chdir fchmod fchown memfd_create".split(),
+    *[
+        "open",
+        "stat",
+        "lstat",
+        "mkdir",
+        "makedirs",
+        "rename",
+        "renames",
+        "replace",
+        "unlink",
+        "remove",
+        "removedirs",
+        "rmdir",
+    ],
+    *[
+        "scandir",
+        "listdir",
+        "walk",
+        "fwalk",
+        "chmod",
+        "chown",
+        "lchown",
+        "utime",
+        "link",
+        "symlink",
+        "readlink",
+        "access",
+    ],
+    *["truncate", "mkfifo", "mknod", "statvfs", "chdir", "fchmod", "fchown", "memfd_create"],
 }
 _OS_PATH_CALLS = {
-    *"exists lexists isdir isfile islink ismount realpath getsize getmtime getatime".split(),
-    *"getctime samefile".split(),
+    *[
+        "exists",
+        "lexists",
+        "isdir",
+        "isfile",
+        "islink",
+        "ismount",
+        "realpath",
+        "getsize",
+        "getmtime",
+        "getatime",
+    ],
+    *["getctime", "samefile"],
 }
 #: Path methods that do I/O (``replace`` only with one argument: str.replace takes two).
 _PATH_METHODS = {
-    *"exists is_dir is_file is_symlink is_fifo is_socket mkdir rmdir unlink touch rglob".split(),
-    *"glob iterdir read_bytes read_text write_bytes write_text stat lstat chmod lchmod".split(),
-    *"resolve samefile rename symlink_to hardlink_to readlink".split(),
+    *[
+        "exists",
+        "is_dir",
+        "is_file",
+        "is_symlink",
+        "is_fifo",
+        "is_socket",
+        "mkdir",
+        "rmdir",
+        "unlink",
+        "touch",
+        "rglob",
+    ],
+    *[
+        "glob",
+        "iterdir",
+        "read_bytes",
+        "read_text",
+        "write_bytes",
+        "write_text",
+        "stat",
+        "lstat",
+        "chmod",
+        "lchmod",
+    ],
+    *["resolve", "samefile", "rename", "symlink_to", "hardlink_to", "readlink"],
 }
 _BANNED_MODULES = {"shutil", "tempfile", "glob", "fnmatch"}
 #: The modules whose every file operation goes through ``cache.fs``.
@@ -204,7 +278,11 @@ def fs_violations(tree: ast.AST) -> list[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import | ast.ImportFrom):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
-            out.extend(f"{node.lineno}: import {n}" for n in names if n and n.split(".")[0] in _BANNED_MODULES)
+            out.extend(
+                f"{node.lineno}: import {n}"
+                for n in names
+                if n and n.split(".")[0] in _BANNED_MODULES
+            )
             if isinstance(node, ast.ImportFrom) and node.module in ("os", "os.path"):
                 out.append(f"{node.lineno}: from {node.module} import ...")
             continue
