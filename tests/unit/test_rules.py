@@ -167,9 +167,13 @@ def internals_violations(tree: ast.AST) -> list[str]:
                 and node.attr != "_C"
             ) or node.attr in INTERNAL_ATTRIBUTES:
                 out.append(f"{node.lineno}: {ast.unparse(node)}")
-            elif node.attr == "compile" and isinstance(base, ast.Name) and base.id == "torch":
-                if isinstance(node.ctx, ast.Store):
-                    out.append(f"{node.lineno}: torch.compile replaced")
+            elif (
+                node.attr == "compile"
+                and isinstance(base, ast.Name)
+                and base.id == "torch"
+                and isinstance(node.ctx, ast.Store)
+            ):
+                out.append(f"{node.lineno}: torch.compile replaced")
     return out
 
 
