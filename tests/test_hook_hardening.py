@@ -6,10 +6,12 @@ programs check the same promises on real ranks (shared-memory transport).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import types
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -71,11 +73,20 @@ def test_channel_belongs_to_the_first_thread_that_exchanges() -> None:
     assert _C.pending_error() is None  # the owner thread is not poisoned
 
 
+@contextlib.contextmanager
+def _adopting(channel: Any, region: int) -> Iterator[intercept.Adoption]:
+    """torch.compile calls in the block adopted, then attached to ``channel`` (as compile())."""
+    adoption = intercept.Adoption("sync")
+    with intercept.capturing(adoption):
+        yield adoption
+    adoption.attach(channel, region)
+
+
 def _adopted(fn: Any, **kwargs: Any) -> Any:
     channel = types.SimpleNamespace(policy=None, scope=None, counts=Counts(), hook=None)
-    with intercept.adopting(channel, 12345, "sync") as adopted:  # type: ignore[arg-type]
+    with _adopting(channel, 12345) as adoption:
         compiled = torch.compile(fn, backend="eager", **kwargs)
-    assert adopted
+    assert adoption.contexts
     return compiled
 
 
@@ -204,7 +215,7 @@ def test_identity_includes_the_callee_on_both_paths() -> None:
     router = _C.Router()
     torch._dynamo.reset()
     with dynamo_hook.installed(router):  # type: ignore[arg-type]
-        with intercept.adopting(channel, 777, "sync"):  # type: ignore[arg-type]
+        with _adopting(channel, 777):
             f = torch.compile(_calls_two, backend="eager")
         f(torch.ones(2))  # first entries: the callback path
         first = [ident for _, ident in policy.first]
@@ -231,7 +242,7 @@ def test_hook_finds_the_callee_from_generators_c_calls_and_deep_stacks() -> None
     channel = types.SimpleNamespace(policy=policy, scope=None, counts=Counts(), hook=hook)
     torch._dynamo.reset()
     with dynamo_hook.installed(_C.Router()):  # type: ignore[arg-type]
-        with intercept.adopting(channel, 778, "sync"):  # type: ignore[arg-type]
+        with _adopting(channel, 778):
             f = torch.compile(lambda x: x + 1, backend="eager")
 
         def call() -> None:

@@ -1,57 +1,191 @@
-"""Attaching to the Dynamo context ``torch.compile`` builds, without re-implementing it.
+"""Taking over the Dynamo context ``torch.compile`` builds, without re-implementing it.
 
-``torch.compile`` ends with Dynamo's ``optimize(...)(model)``. Wrapping
-``optimize`` for the duration of that one call (``compat.wrapping_optimize``,
-restored on exit) lets us wrap the context's frame callback (``_callback``) and add
-our region marker before the context is applied, while torch.compile keeps its own
-argument handling.
+``torch.compile`` ends with Dynamo's ``optimize(...)(model)``. Wrapping ``optimize`` for
+the duration of that one call (``compat.wrapping_optimize``, restored on exit) lets an
+:class:`Adoption` wrap the context's frame callback and backend, and add two enter
+hooks, before the context is applied, while torch.compile keeps its own argument
+handling. This module is the only one that changes a Dynamo context
+(``callback``, ``enter_exit_hooks``, the backend chain).
+
+Every compile is adopted the same way, whether it joins its group at once
+(``dynamo_dist.compile``) or at its first call (the switch): the callback and backend
+are forwarded as they are until :meth:`Adoption.attach` points them at the group's,
+and the two enter hooks are swapped in place for the group's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist.runtime import Channel
 from dynamo_dist.dynamo import compat
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.callback import GuardedCallback
+from dynamo_dist.exchange.stats import Counts
+
+#: Python frames between Dynamo and :class:`GuardedCallback`: :class:`_ForwardingCallback`.
+WRAPPER_FRAMES = 1
 
 
-def guarded(inner: Any, channel: Channel, policy: str, wrapper_frames: int = 0) -> GuardedCallback:
-    """Dynamo's frame callback ``inner``, wrapped for ``channel``'s group."""
-    return GuardedCallback(
-        inner, channel.policy, policy, channel.scope, channel.counts, wrapper_frames
-    )
+def _no_cleanup() -> None:
+    return None
 
 
-def enter_hooks(channel: Channel, region: int) -> tuple[Any, Any]:
-    """The two enter hooks of an adopted context: the first, and the last of its list.
+class SwitchableBackend:
+    """The backend torch.compile built, until :meth:`Adoption.attach` puts the cache first."""
 
-    First, the pending-error check: it raises the kept error before any other enter hook
-    has applied something that would then never be undone. Last, the region marker.
+    # What Dynamo reads from a backend, copied: forwarding every attribute through
+    # __getattr__ crashes torch 2.13's eval frame (its C++ backend lookup).
+    _FORWARDED = ("compiler_name", "get_compiler_config", "backend_ctx_ctor", "reset")
+
+    def __init__(self, built: Any) -> None:
+        self.built = built
+        self.target = built
+        for name in self._FORWARDED:
+            if hasattr(built, name):
+                setattr(self, name, getattr(built, name))
+
+    def __call__(self, gm: Any, example_inputs: Any) -> Any:
+        return self.target(gm, example_inputs)
+
+    # Dynamo reuses a frame's cache entries across torch.compile calls whose backends
+    # compare equal (torch's wrappers define __eq__): torchtitan compiles each block on
+    # its own, and all blocks share one compiled graph. Identity would compile every
+    # block anew and hit the recompile limit (fullgraph: a hard error).
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SwitchableBackend) and bool(self.target == other.target)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
+class _ForwardingCallback:
+    """Dynamo's frame callback, forwarded as is until the group's callback is attached.
+
+    Until then, a compile inside ``dynamo_dist.local()`` (rank-0 evaluation before the
+    first training step) goes through ``local``, which keeps it out of the recompile
+    limit and automatic-dynamic state of the calls outside ``local()``.
     """
-    return dynamo_hook.PENDING_CHECK, dynamo_hook.region_enter(region, channel.hook)
+
+    def __init__(self, inner: Any, local: GuardedCallback | None) -> None:
+        self.inner = inner
+        self.target = inner
+        self.local = local
+        # Dynamo's C++ get_backend() follows this chain to the backend keying entries.
+        self._torchdynamo_orig_backend = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("inner", "target") or name.startswith("__"):
+            # Not set yet (copy.deepcopy, unpickling): never look it up through itself.
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __call__(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
+        if self.target is self.inner and self.local is not None and dist_local.is_local():
+            return self.local(frame, cache_entry, frame_state)
+        return self.target(frame, cache_entry, frame_state)
+
+
+class Adoption:
+    """The Dynamo contexts one ``torch.compile`` call built, taken over.
+
+    Two enter hooks go into each context: a first (index 0) and a last (appended). The
+    first calls ``on_first_call`` (which may :meth:`attach` or :meth:`stay_plain`) until
+    one of them has happened. :meth:`attach` swaps both hooks in place for the group's:
+    the pending-error check first, the region marker last (in place, so a list Dynamo is
+    iterating keeps its length and the region marker already runs for this call).
+    """
+
+    def __init__(self, policy: str, on_first_call: Callable[[], None] | None = None) -> None:
+        self.policy = policy
+        self.on_first_call = on_first_call
+        self.callbacks: list[_ForwardingCallback] = []
+        self.backends: list[SwitchableBackend] = []
+        self.contexts: list[Any] = []
+        self.plain = False
+        #: Compiles inside local() before the group was attached, for the channel's counts.
+        self.counts = Counts()
+        # The hooks as installed (each attribute access makes a new bound method).
+        self._hooks = (self._first, self._last)
+        self._lock = threading.Lock()
+
+    def backend(self, built: Any) -> Any:
+        b = SwitchableBackend(built)
+        self.backends.append(b)
+        return b
+
+    def adopt(self, ctx: Any) -> Any:
+        if hasattr(ctx, "callback") and hasattr(ctx, "enter_exit_hooks") and callable(ctx.callback):
+            local = GuardedCallback(
+                ctx.callback, None, self.policy, None, self.counts, WRAPPER_FRAMES
+            )
+            forwarding = _ForwardingCallback(ctx.callback, local)
+            ctx.callback = forwarding
+            ctx.enter_exit_hooks.insert(0, self._hooks[0])
+            ctx.enter_exit_hooks.append(self._hooks[1])
+            with self._lock:
+                self.callbacks.append(forwarding)
+                self.contexts.append(ctx)
+        return ctx
+
+    @property
+    def built_backend(self) -> Any:
+        """The backend torch.compile built from its arguments (None if none was seen)."""
+        return self.backends[0].built if self.backends else None
+
+    def attach(self, channel: Channel, region: int, backend: Any = None) -> None:
+        """Point every adopted context at ``channel``'s group (and ``backend``, if given)."""
+        if backend is not None:
+            for b in self.backends:
+                b.target = backend
+        for forwarding in self.callbacks:
+            forwarding.target = GuardedCallback(
+                forwarding.inner,
+                channel.policy,
+                self.policy,
+                channel.scope,
+                channel.counts,
+                WRAPPER_FRAMES,
+            )
+        attached = (dynamo_hook.PENDING_CHECK, dynamo_hook.region_enter(region, channel.hook))
+        for ctx in self.contexts:
+            hooks = ctx.enter_exit_hooks
+            for mine, theirs in zip(self._hooks, attached, strict=True):
+                hooks[next(i for i, h in enumerate(hooks) if h is mine)] = theirs
+
+    def stay_plain(self, backend: Any = None) -> None:
+        """Plain torch.compile from now on (``backend``, if given, in front of the built one).
+
+        The hooks are dropped after the call in progress returns (the list is not being
+        iterated then).
+        """
+        if backend is not None:
+            for b in self.backends:
+                b.target = backend
+        for forwarding in self.callbacks:
+            forwarding.local = None
+        self.plain = True
+
+    def _first(self) -> Callable[[], None]:
+        if self.on_first_call is not None and not self.plain:
+            self.on_first_call()
+        return self._drop_hooks if self.plain else _no_cleanup
+
+    def _last(self) -> Callable[[], None]:
+        return _no_cleanup
+
+    def _drop_hooks(self) -> None:
+        for ctx in self.contexts:
+            hooks = ctx.enter_exit_hooks
+            hooks[:] = [h for h in hooks if all(h is not mine for mine in self._hooks)]
 
 
 @contextmanager
-def adopting(channel: Channel, region: int, policy: str) -> Iterator[list[Any]]:
-    """While torch.compile runs, catch the Dynamo context it builds and adopt it.
-
-    Yields the list of adopted contexts: empty afterwards means this torch built
-    none we recognise, and the caller warns that rank consistency is off.
-    """
-    adopted: list[Any] = []
-
-    def adopt(ctx: Any) -> Any:
-        if hasattr(ctx, "callback") and hasattr(ctx, "enter_exit_hooks") and callable(ctx.callback):
-            ctx.callback = guarded(ctx.callback, channel, policy)
-            first, last = enter_hooks(channel, region)
-            ctx.enter_exit_hooks.insert(0, first)
-            ctx.enter_exit_hooks.append(last)
-            adopted.append(ctx)
-        return ctx
-
-    with compat.wrapping_optimize(adopt):
-        yield adopted
+def capturing(adoption: Adoption) -> Iterator[Adoption]:
+    """While torch.compile runs in this block, ``adoption`` takes over what it builds."""
+    with compat.wrapping_optimize(adoption.adopt, backend=adoption.backend):
+        yield adoption
