@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -103,41 +104,22 @@ def compile(
     in newer torch) goes to ``torch.compile`` as given.
     """
     if model is None:
-
-        def decorate(fn: _F) -> _F:
-            return compile(
-                fn,
-                backend=backend,
-                fullgraph=fullgraph,
-                dynamic=dynamic,
-                mode=mode,
-                options=options,
-                disable=disable,
-                policy=policy,
-                timeout=timeout,
-                cache_dir=cache_dir,
-                config=config,
-                group=group,
-                **torch_kwargs,
-            )
-
-        return decorate
-    if not callable(model):
-        raise TypeError(
-            f"dynamo_dist.compile: model must be callable (a function, method or nn.Module), "
-            f"got {type(model).__name__}"
+        return functools.partial(
+            compile,
+            backend=backend,
+            fullgraph=fullgraph,
+            dynamic=dynamic,
+            mode=mode,
+            options=options,
+            disable=disable,
+            policy=policy,
+            timeout=timeout,
+            cache_dir=cache_dir,
+            config=config,
+            group=group,
+            **torch_kwargs,
         )
-    if policy is not None and (not isinstance(policy, str) or policy.lower() not in POLICIES):
-        raise ValueError(
-            f"dynamo_dist.compile: policy={policy!r} is invalid; allowed: {', '.join(POLICIES)}"
-        )
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
-    ):
-        raise ValueError(
-            f"dynamo_dist.compile: timeout={timeout!r} is invalid; allowed: a positive number "
-            "of seconds"
-        )
+    _check_arguments(model, policy, timeout)
     if disable:
         # torch.compile(disable=True) returns the model itself; so do we, before
         # anything collective, so a disabled compile never creates the guard group.
@@ -157,6 +139,26 @@ def compile(
         **torch_kwargs,
     }
     return attach(model, cfg, compile_kwargs, torch.compile, group=group, now=True)
+
+
+def _check_arguments(model: Any, policy: Any, timeout: Any) -> None:
+    """Errors that name the argument, its value and what is allowed, before anything runs."""
+    if not callable(model):
+        raise TypeError(
+            f"dynamo_dist.compile: model must be callable (a function, method or nn.Module), "
+            f"got {type(model).__name__}"
+        )
+    if policy is not None and (not isinstance(policy, str) or policy.lower() not in POLICIES):
+        raise ValueError(
+            f"dynamo_dist.compile: policy={policy!r} is invalid; allowed: {', '.join(POLICIES)}"
+        )
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+    ):
+        raise ValueError(
+            f"dynamo_dist.compile: timeout={timeout!r} is invalid; allowed: a positive number "
+            "of seconds"
+        )
 
 
 def attach(
