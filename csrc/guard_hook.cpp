@@ -16,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace dynamo_dist {
@@ -173,12 +174,42 @@ PyObject* pending_callee_code() {
 #endif
 }
 
-uint64_t current_identity(int skip, PyObject* callee) {
+std::unordered_set<PyObject*>& transparent_codes() {
+  static auto* codes = new std::unordered_set<PyObject*>();  // never freed: held for life
+  return *codes;
+}
+
+void add_transparent(PyObject* code) {
+  if (transparent_codes().insert(code).second) Py_INCREF(code);
+}
+
+bool has_callee_probe() {
+#ifdef DYNAMO_DIST_CALLEE_CODE
+  return true;
+#else
+  return false;
+#endif
+}
+
+uint64_t current_identity(PyObject* callee) {
+#ifndef DYNAMO_DIST_CALLEE_CODE
+  // Without the probe the hook never knows the callee: every path must leave it out,
+  // or the callback's identity (which knows it) would never match the hook's.
+  callee = nullptr;
+#endif
   int64_t region = region_stack.empty() ? -1 : region_stack.back().region;
   const bool grad = grad_enabled();
+  // The caller: the innermost frame that is not one of dynamo_dist's own (the callback
+  // and the exchange helpers register theirs), so every path names the same frame
+  // however many of ours sit between Dynamo and the exchange.
   PyFrameObject* f = PyEval_GetFrame();  // borrowed
   Py_XINCREF(f);
-  for (int i = 0; i < skip && f != nullptr; ++i) {
+  const auto& transparent = transparent_codes();
+  while (f != nullptr && !transparent.empty()) {
+    PyCodeObject* code = PyFrame_GetCode(f);  // new reference
+    const bool ours = transparent.count(reinterpret_cast<PyObject*>(code)) != 0;
+    Py_DECREF(code);
+    if (!ours) break;
     PyFrameObject* back = PyFrame_GetBack(f);  // new reference
     Py_DECREF(f);
     f = back;
@@ -419,7 +450,7 @@ bool GuardHook::call(bool hit) {
     return false;
   }
   try {
-    bool verdict = exchange(hit, current_identity(0, pending_callee_code()));
+    bool verdict = exchange(hit, current_identity(pending_callee_code()));
     if (hit && !verdict) {
       ++forced_recompiles_;
     }

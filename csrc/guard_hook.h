@@ -49,7 +49,11 @@ inline int fast_verdict(uint64_t word) {
 // frame (_policy.Policy.exchange_first_entry).
 // `callee`: the code of the frame entered (borrowed; nullptr: unknown), mixed in so
 // that different functions entered from one call site are different frames.
-uint64_t current_identity(int skip, PyObject* callee);
+uint64_t current_identity(PyObject* callee);
+// Frames running `code` are dynamo_dist's own: current_identity looks past them.
+void add_transparent(PyObject* code);
+// Whether this build reads the pending callee (CPython 3.11 to 3.13).
+bool has_callee_probe();
 
 // The code of the frame Dynamo is evaluating while it runs the hook (pushed, not
 // linked yet), borrowed; nullptr where it cannot be found (other Pythons).

@@ -81,12 +81,22 @@ PYBIND11_MODULE(_C, m) {
         "Set (or clear, with None) the exception raised on the next compiled call.");
   m.def(
       "current_identity",
-      [](int skip, py::object callee) {
-        return current_identity(skip, callee.is_none() ? nullptr : callee.ptr());
+      [](py::object callee) {
+        return current_identity(callee.is_none() ? nullptr : callee.ptr());
       },
-      py::arg("skip") = 0, py::arg("callee") = py::none(),
-      "Identity of the frame about to run (callee code, caller code, call site, region, grad "
-      "mode); the exchange record carries its low 31 bits.");
+      py::arg("callee") = py::none(),
+      "Identity of the call about to run: callee code, the innermost caller that is not a "
+      "transparent frame (its code and call site), region, grad mode. The exchange record "
+      "carries its low 31 bits.");
+  m.def(
+      "add_transparent",
+      [](py::object code) {
+        if (!PyCode_Check(code.ptr())) throw py::type_error("add_transparent: a code object");
+        add_transparent(code.ptr());
+      },
+      py::arg("code"),
+      "Mark frames running ``code`` as dynamo_dist's own: identities look past them.");
+  m.attr("HAS_CALLEE_PROBE") = py::bool_(has_callee_probe());
   m.def(
       "_pending_callee_code",
       []() -> py::object {

@@ -5,4 +5,4 @@ package), compiled into the extension by setup.py (so a stale in-tree ``_C`` is
 caught at import), and part of every shared-cache key.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -591,12 +591,12 @@ def test_verify_uses_the_jobs_key_derivation(tmp_path, monkeypatch):
     store.check_usable()
     _put(store, KEYS[0], tmp_path)
     assert store.entries.name == f"k2-{key_id(secret)}"
-    monkeypatch.setattr(cache_secret, "cache_secret", secret)  # as if read from a file at import
+    monkeypatch.setattr(cache_secret, "_secret", secret)  # as if read from a file at import
     monkeypatch.setattr(cache_secret, "_error", None)
     monkeypatch.setattr(cache_secret, "_from_file", True)
     v = _cli("verify", str(store.root))
     assert v.returncode == 0 and "1 of 1 entries valid (checked with" in v.stdout, v
-    monkeypatch.setattr(cache_secret, "cache_secret", "another-" + "9" * 32)
+    monkeypatch.setattr(cache_secret, "_secret", "another-" + "9" * 32)
     v = _cli("verify", str(store.root))
     assert v.returncode == 0 and "0 of 0 entries valid" in v.stdout, v
     # A manifest signed the old way (HMAC under the raw secret) does not verify.
@@ -605,7 +605,7 @@ def test_verify_uses_the_jobs_key_derivation(tmp_path, monkeypatch):
 
     from dynamo_dist.cache.store import _canonical
 
-    monkeypatch.setattr(cache_secret, "cache_secret", secret)
+    monkeypatch.setattr(cache_secret, "_secret", secret)
     manifest_path = store.entry_dir(KEYS[0]) / "manifest.json"
     man = json.loads(manifest_path.read_text())
     man["signature"] = hmac.new(secret.encode(), _canonical(man), hashlib.sha256).hexdigest()

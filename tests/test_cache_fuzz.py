@@ -470,7 +470,7 @@ def quiet(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def _use_secret(monkeypatch: pytest.MonkeyPatch, secret: str | None) -> None:
     """What DYNAMO_DIST_CACHE_SECRET_FILE sets at import, for SharedCache."""
-    monkeypatch.setattr(cache_secret, "cache_secret", secret)
+    monkeypatch.setattr(cache_secret, "_secret", secret)
     monkeypatch.setattr(cache_secret, "_error", None)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import __future__
 
 import types
+from typing import Any
 
 import pytest
 import torch
@@ -126,8 +127,9 @@ def test_exchange_error_never_aborts_and_reaches_the_user():
 
 
 def test_identity_depends_on_region_and_call_site():
+    @dynamo_hook.transparent
     def probe() -> int:
-        return _C.current_identity(1)
+        return dynamo_hook.identity()
 
     a = _in_region(probe, region=1)
     b = _in_region(probe, region=2)
@@ -224,3 +226,36 @@ def test_public_api():
     assert issubclass(dynamo_dist.CollectiveTimeoutError, TimeoutError)
     for err in ("CollectiveTimeoutError", "ConfigError", "RankDivergenceError"):
         assert issubclass(getattr(dynamo_dist, err), dynamo_dist.DynamoDistError), err
+
+
+def test_the_callee_probe_exists_wherever_the_package_installs():
+    """The hook reads the pending callee through CPython 3.11-3.13's frame layout; a build
+    without the probe would leave the callee out of every identity (consistent, but blind
+    to resume functions). ``requires-python`` stops where the probe stops."""
+    import re
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cap = re.search(r'requires-python = ">=3\.11,<3\.(\d+)"', (root / "pyproject.toml").read_text())
+    probe = re.search(r"PY_VERSION_HEX < 0x030(\w)0000", (root / "csrc/guard_hook.cpp").read_text())
+    assert cap and probe and int(cap.group(1)) == int(probe.group(1), 16)
+    assert _C.HAS_CALLEE_PROBE is (sys.version_info < (3, int(cap.group(1))))
+
+
+def test_transparent_frames_leave_the_identity_unchanged():
+    """One more frame of ours between the caller and the exchange changes nothing."""
+
+    @dynamo_hook.transparent
+    def wrapper() -> int:
+        return dynamo_hook.identity()
+
+    @dynamo_hook.transparent
+    def wrapper_of_wrapper() -> int:
+        return wrapper()
+
+    def site(via: Any) -> int:
+        return int(via())  # the one call site both identities name
+
+    assert site(wrapper) == site(wrapper_of_wrapper)
+    assert site(wrapper) != wrapper()  # another caller: another identity

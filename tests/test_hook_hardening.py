@@ -21,6 +21,7 @@ from ranks import CountingBackend, result
 
 import dynamo_dist
 from dynamo_dist import _errors
+from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo import intercept
 from dynamo_dist.dynamo.hook import _C
 from dynamo_dist.exchange.stats import Counts
@@ -196,8 +197,9 @@ class _RecordingPolicy:
     def check_thread(self) -> None:
         pass
 
-    def exchange_first_entry(self, code: Any = None, wrapper_frames: int = 0) -> bool:
-        ident = _C.current_identity(2 + wrapper_frames, code)
+    @dynamo_hook.transparent
+    def exchange_first_entry(self, code: Any = None) -> bool:
+        ident = dynamo_hook.identity(code)
         self.first.append((code.co_name, ident))
         return bool(self.hook.exchange(False, ident))
 

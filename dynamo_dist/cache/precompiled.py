@@ -66,6 +66,7 @@ from dynamo_dist.cache.protocol import SharedCache
 from dynamo_dist.cache.stats import emit_precompiled, log, warn_once
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C
 
 __all__ = ["PrecompiledModule", "install"]
@@ -244,6 +245,7 @@ class PrecompiledModule:
         return None
 
     # -- agreement ----------------------------------------------------------------------
+    @dynamo_hook.transparent
     def _agree(
         self, ok: bool, full: tuple[Any, ...], kwargs: dict[str, Any], report: bool = True
     ) -> bool:
@@ -257,10 +259,11 @@ class PrecompiledModule:
             # After a miss: other ranks may still be capturing or loading their artifact.
             channel.transport.expected_wait = "other ranks are obtaining a precompiled artifact"
         try:
-            # skip=1: the call site in _routed (a Python call, whose offset is stable;
-            # this frame's own offset at a C call varies with the interpreter's
-            # specialisation). The two exchanges of a miss are thus told apart.
-            ident = _C.current_identity(1, self._code)
+            # This method is transparent: the identity names the call site in _routed (a
+            # Python call, whose offset is stable; this frame's own offset at a C call
+            # varies with the interpreter's specialisation). The two exchanges of a miss
+            # are thus told apart.
+            ident = dynamo_hook.identity(self._code)
             verdict = bool(channel.hook.exchange(ok, ident))
         except BaseException as e:
             _C.set_pending_error(e)  # later compiled calls raise it too, on this rank

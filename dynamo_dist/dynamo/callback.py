@@ -26,6 +26,7 @@ from dynamo_dist._log import get_logger
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist.local import Scope
 from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C
 from dynamo_dist.exchange.policy import Policy
 from dynamo_dist.exchange.stats import Counts
@@ -85,10 +86,8 @@ class GuardedCallback:
         policy_name: str,
         scope: Scope | None,
         counts: Counts,
-        wrapper_frames: int = 0,
     ) -> None:
         self._inner = inner
-        self._wrapper_frames = wrapper_frames  # Python frames between Dynamo and us
         self._policy = policy  # None: a group of one rank, nobody to exchange with
         self._policy_name = policy_name
         self._scope = scope
@@ -103,6 +102,7 @@ class GuardedCallback:
             raise AttributeError(name)
         return getattr(self._inner, name)
 
+    @dynamo_hook.transparent
     def __call__(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
         err = _C.pending_error()
         if err is not None:
@@ -116,7 +116,7 @@ class GuardedCallback:
             policy.check_thread()
             if cache_entry is None and compat.dynamo_would_trace(frame.f_code):
                 # Called from here so that its skip=2 lands on the frame's caller.
-                policy.exchange_first_entry(frame.f_code, self._wrapper_frames)
+                policy.exchange_first_entry(frame.f_code)
             outcome = policy.take_mixed()
             if outcome is not None:
                 policy.handle_mixed(outcome, self._policy_name, frame, cache_entry)

@@ -11,6 +11,7 @@ import os
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from dynamo_dist._log import get_logger
 from dynamo_dist._version import __version__
@@ -39,6 +40,32 @@ if getattr(_C, "__version__", None) != __version__:
 
 _regions: dict[int, str] = {}
 _region_counts: dict[str, int] = {}
+
+_Fn = TypeVar("_Fn", bound=Callable[..., Any])
+
+
+def transparent(fn: _Fn) -> _Fn:
+    """Mark ``fn``'s frames as dynamo_dist's own: :func:`identity` looks past them.
+
+    The frame callback, its forwarding wrapper and the exchange helpers sit between
+    Dynamo and the exchange on some paths and not on others; marking them, instead of
+    counting them at each call site, keeps every path's identity on the same caller.
+    """
+    _C.add_transparent(fn.__code__)
+    return fn
+
+
+@transparent
+def identity(callee: types.CodeType | None = None) -> int:
+    """The identity of the call about to run ``callee``: what ranks compare in an exchange.
+
+    The one computation behind every exchange: the C++ hook's (for compiled calls, with
+    the callee read from the pending frame), the frame callback's (first entries) and
+    precompiled calls'. It names the innermost caller that is not a :func:`transparent`
+    frame, its call site, the region, the grad mode and ``callee`` (left out on a build
+    without the callee probe, as the hook leaves it out: ``_C.HAS_CALLEE_PROBE``).
+    """
+    return int(_C.current_identity(callee))
 
 
 def classify_code(code: types.CodeType) -> tuple[int, bool]:

@@ -27,9 +27,6 @@ from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.callback import GuardedCallback
 from dynamo_dist.exchange.stats import Counts
 
-#: Python frames between Dynamo and :class:`GuardedCallback`: :class:`_ForwardingCallback`.
-WRAPPER_FRAMES = 1
-
 
 def _no_cleanup() -> None:
     return None
@@ -84,6 +81,7 @@ class _ForwardingCallback:
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    @dynamo_hook.transparent
     def __call__(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
         if self.target is self.inner and self.local is not None and dist_local.is_local():
             return self.local(frame, cache_entry, frame_state)
@@ -120,9 +118,7 @@ class Adoption:
 
     def adopt(self, ctx: Any) -> Any:
         if hasattr(ctx, "callback") and hasattr(ctx, "enter_exit_hooks") and callable(ctx.callback):
-            local = GuardedCallback(
-                ctx.callback, None, self.policy, None, self.counts, WRAPPER_FRAMES
-            )
+            local = GuardedCallback(ctx.callback, None, self.policy, None, self.counts)
             forwarding = _ForwardingCallback(ctx.callback, local)
             ctx.callback = forwarding
             ctx.enter_exit_hooks.insert(0, self._hooks[0])
@@ -149,7 +145,6 @@ class Adoption:
                 self.policy,
                 channel.scope,
                 channel.counts,
-                WRAPPER_FRAMES,
             )
         attached = (dynamo_hook.PENDING_CHECK, dynamo_hook.region_enter(region, channel.hook))
         for ctx in self.contexts:

@@ -16,6 +16,7 @@ from dynamo_dist._errors import RankDivergenceError, wrong_thread
 from dynamo_dist._log import get_logger
 from dynamo_dist.dynamo import compat
 from dynamo_dist.dynamo import events as dynamo_events
+from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C, describe_identity
 from dynamo_dist.exchange.collective import Outcome, Transport
 from dynamo_dist.exchange.stats import Counts
@@ -40,7 +41,8 @@ class Policy:
         if not self.hook.thread_ok():
             raise wrong_thread(self.hook.owner_thread)
 
-    def exchange_first_entry(self, code: Any = None, wrapper_frames: int = 0) -> bool:
+    @dynamo_hook.transparent
+    def exchange_first_entry(self, code: Any = None) -> bool:
         """Exchange a local miss for a frame this rank has no entries for.
 
         Dynamo calls the C++ hook only for frames that already have compiled entries;
@@ -49,13 +51,10 @@ class Policy:
         never joins.
         """
         self.counts.first_entry_exchanges += 1
-        # skip=2: this method's frame and the callback wrapper's frame sit above the
-        # caller of the frame Dynamo is evaluating, plus ``wrapper_frames`` more where
-        # the callback wrapper is itself wrapped (the switch's lazy callback). Another
-        # rank's identity for the same call comes from the C++ hook, with no Python
-        # frames of ours: the two must name the same caller.
-        # code: the frame's own code, which the hook finds as the pending callee.
-        ident = _C.current_identity(2 + wrapper_frames, code)
+        # Another rank's identity for the same call comes from the C++ hook, with no
+        # Python frames of ours: this method and the callbacks are transparent, so both
+        # name the same caller. code: the frame's own code, the hook's pending callee.
+        ident = dynamo_hook.identity(code)
         try:
             return self.hook.exchange(False, ident)
         except BaseException as e:
