@@ -60,6 +60,8 @@ ORDER: list[tuple[str, ...]] = [
     ("dynamo.intercept",),
     ("_api",),
     ("_switch",),
+    ("tools.cache_dir",),  # the cache directory as the cache commands read and print it
+    ("tools.cache_remove", "tools.cache_init"),
     ("tools.launch", "tools.cache_cli"),
     ("tools.cli",),
     ("__init__", "__main__"),
@@ -272,7 +274,9 @@ _PATH_METHODS = {
 _BANNED_MODULES = {"shutil", "tempfile", "glob", "fnmatch"}
 #: The modules whose every file operation goes through ``cache.fs``.
 FS_RULED = sorted(
-    m for m in MODULES if (m.startswith("cache.") and m != "cache.fs") or m == "tools.cache_cli"
+    m
+    for m in MODULES
+    if (m.startswith("cache.") and m != "cache.fs") or m.startswith("tools.cache_")
 )
 
 
