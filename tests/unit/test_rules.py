@@ -40,6 +40,7 @@ ORDER: list[tuple[str, ...]] = [
     ("dist.local",),  # which ranks a compile agrees with
     ("exchange.status", "dist.group"),
     ("exchange.record",),
+    ("exchange.allreduce",),  # one word AND-reduced over a gloo group
     ("exchange.collective",),
     ("exchange.shm",),
     ("exchange.policy",),
