@@ -54,6 +54,7 @@ ORDER: list[tuple[str, ...]] = [
     ("cache.protocol",),
     ("cache.profile",),
     ("cache.backend",),
+    ("cache.artifact_file",),  # the artifact file: its bytes and its place on disk
     ("cache.artifact",),
     ("cache.precompiled",),
     ("tools.report",),
