@@ -52,6 +52,7 @@ ORDER: list[tuple[str, ...]] = [
     ("cache.lock",),
     ("cache.wait",),
     ("cache.protocol",),
+    ("cache.profile_store",),  # a group's profile as entries of the shared cache
     ("cache.profile",),
     ("cache.backend",),
     ("cache.artifact_file",),  # the artifact file: its bytes and its place on disk
