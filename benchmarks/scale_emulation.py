@@ -103,7 +103,7 @@ class Ring:
         self.s, self.r = self.sbuf.numpy(), self.rbuf.numpy()
 
     def __call__(self, word: int) -> int:
-        from dynamo_dist.exchange.collective import hold_until
+        from dynamo_dist.exchange.allreduce import hold_until
 
         carry = word
         for step in range(2 * (self.n - 1)):
@@ -128,7 +128,8 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
     import torch.distributed as dist
 
     from dynamo_dist.dist import group as dist_group
-    from dynamo_dist.exchange.collective import DoublingExchange, pack
+    from dynamo_dist.exchange.allreduce import DoublingExchange
+    from dynamo_dist.exchange.record import pack
     from dynamo_dist.exchange.shm import ShmTransport, topology
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))

@@ -22,7 +22,8 @@ import pytest
 from dynamo_dist import _C
 from dynamo_dist._errors import RankDivergenceError
 from dynamo_dist.exchange import shm as exchange_shm
-from dynamo_dist.exchange.collective import Transport, pack, percentiles, unpack
+from dynamo_dist.exchange.collective import Transport, percentiles
+from dynamo_dist.exchange.record import pack, unpack
 from dynamo_dist.exchange.status import describe_missing
 from dynamo_dist.tools.cache_cli import parse_age, parse_size
 from dynamo_dist.tools.report import format_table, with_derived

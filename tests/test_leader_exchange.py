@@ -24,7 +24,8 @@ import ranks
 
 from dynamo_dist._config import EMULATE_HOP_DELAY_ENV
 from dynamo_dist._errors import ConfigError
-from dynamo_dist.exchange import collective as C
+from dynamo_dist.exchange import allreduce as A
+from dynamo_dist.exchange import record as R
 
 HERE = __file__
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "scale_emulation.py"
@@ -33,7 +34,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "scale_emulation
 # -- pure ------------------------------------------------------------------------------
 def _simulate(n: int, words: list[int]) -> list[int]:
     """Every leader's result when the doubling plan runs with perfect message passing."""
-    plans = [C.doubling_plan(n, i) for i in range(n)]
+    plans = [A.doubling_plan(n, i) for i in range(n)]
     held = list(words)
     for i, (fold_to, _, _) in enumerate(plans):
         if fold_to >= 0:
@@ -66,7 +67,7 @@ def test_doubling_plan_gives_every_leader_the_and(n: int) -> None:
 def test_doubling_plan_is_log_depth(n: int) -> None:
     core = 1 << (n.bit_length() - 1)
     for i in range(n):
-        fold_to, fold_from, partners = C.doubling_plan(n, i)
+        fold_to, fold_from, partners = A.doubling_plan(n, i)
         assert len(partners) == (core.bit_length() - 1 if i < core else 0)
         assert (fold_to >= 0) == (i >= core)
         assert fold_from == (i + core if i < core and i + core < n else -1)
@@ -74,27 +75,27 @@ def test_doubling_plan_is_log_depth(n: int) -> None:
 
 def test_failure_notice_is_never_a_record() -> None:
     # Any AND of packed records has disjoint halves; the notice shares bit 31.
-    words = [C.pack(bool(h), ident) for h in (0, 1) for ident in (0, 1, 2**31 - 1, 12345)]
+    words = [R.pack(bool(h), ident) for h in (0, 1) for ident in (0, 1, 2**31 - 1, 12345)]
     for w in words:
-        assert not ((w >> 32) & w & C._POISON)
-    code = C._POISON | C._POISON_TIMEOUT | 7
+        assert not ((w >> 32) & w & R.POISON)
+    code = R.POISON | R.POISON_TIMEOUT | 7
     notice = (code << 32) | code
-    assert (notice >> 32) & notice & C._POISON
+    assert (notice >> 32) & notice & R.POISON
 
 
 def test_emulated_hop_delay_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(EMULATE_HOP_DELAY_ENV, raising=False)
-    assert C.emulated_hop_delay_ns() == 0
+    assert A.emulated_hop_delay_ns() == 0
     monkeypatch.setenv(EMULATE_HOP_DELAY_ENV, "250")
-    assert C.emulated_hop_delay_ns() == 250_000
+    assert A.emulated_hop_delay_ns() == 250_000
     monkeypatch.setenv(EMULATE_HOP_DELAY_ENV, "-3")
     with pytest.raises(ConfigError, match=f"{EMULATE_HOP_DELAY_ENV} = '-3'.*>= 0"):
-        C.emulated_hop_delay_ns()
+        A.emulated_hop_delay_ns()
 
 
 def test_hold_until_returns_at_or_after_the_target() -> None:
     target = time.perf_counter_ns() + 300_000
-    C.hold_until(target)
+    A.hold_until(target)
     assert time.perf_counter_ns() >= target
 
 

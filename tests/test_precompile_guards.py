@@ -14,6 +14,7 @@ import torch
 from torch.nn import functional as F
 
 from dynamo_dist.cache import artifact as pa
+from dynamo_dist.cache import artifact_file as af
 
 USER_SCALE = 3
 
@@ -131,18 +132,18 @@ def test_aliases_resolve_only_to_torch_modules() -> None:
 
 
 def test_artifact_file_roundtrip_and_damage() -> None:
-    blob = pa.encode({"a": 1}, b"payload")
-    assert pa.decode(blob) == ({"a": 1}, b"payload")
-    for bad in (b"", b"nope", blob[:10], pa._MAGIC + (10**9).to_bytes(8, "little") + b"{}"):
+    blob = af.encode({"a": 1}, b"payload")
+    assert af.decode(blob) == ({"a": 1}, b"payload")
+    for bad in (b"", b"nope", blob[:10], af._MAGIC + (10**9).to_bytes(8, "little") + b"{}"):
         with pytest.raises(ValueError):
-            pa.decode(bad)
+            af.decode(bad)
     art, failed = pa.load(b"garbage", {})
     assert art is None and failed is not None and failed.reason == pa.PACKAGE_ERROR
     # A recorded failure is given back as such, without loading anything.
-    art, failed = pa.load(pa.encode({"failed": pa.GRAPH_BREAK, "detail": "d"}), {})
+    art, failed = pa.load(af.encode({"failed": pa.GRAPH_BREAK, "detail": "d"}), {})
     assert art is None and failed == pa.Failed(pa.GRAPH_BREAK, "d")
     # Another torch's artifact is not used.
-    art, failed = pa.load(pa.encode({"torch": "0.0", "sources": [], "dropped": []}), {})
+    art, failed = pa.load(af.encode({"torch": "0.0", "sources": [], "dropped": []}), {})
     assert failed is not None and failed.reason == pa.TORCH_CHANGED
 
 

@@ -31,7 +31,8 @@ from torch._dynamo.pgo import CodeId, CodeState, FrameStateSizeEntry
 import dynamo_dist
 from dynamo_dist.cache import protocol
 from dynamo_dist.cache import secret as cache_secret
-from dynamo_dist.cache.profile import Profiles, _Profile
+from dynamo_dist.cache.profile import Profiles
+from dynamo_dist.cache.profile_store import GroupProfile
 from dynamo_dist.dist import store as dist_store
 from dynamo_dist.dist.local import Scope
 from dynamo_dist.dist.store import (
@@ -197,8 +198,8 @@ def profiles(tmp_path: Path) -> Profiles:
 SCOPE = Scope(name="ranks 0,1", key="r0-1", size=2, consensus=object(), ranks=(0, 1))
 
 
-def _profile(store: Any, writer: bool, base: str = "test/profile/0/r0-1/1") -> _Profile:
-    p = _Profile("job", "r0-1", writer)
+def _profile(store: Any, writer: bool, base: str = "test/profile/0/r0-1/1") -> GroupProfile:
+    p = GroupProfile("job", "r0-1", writer)
     p.store, p.base, p.ranks = store, base, SCOPE.ranks
     return p
 

@@ -25,20 +25,16 @@ from __future__ import annotations
 
 import ast
 import builtins
-import errno
 import hashlib
 import importlib
-import json
-import os
 import re
 import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from dynamo_dist.cache import fs
+from dynamo_dist.cache.artifact_file import decode, encode, read_stored, write_stored
 from dynamo_dist.dynamo import compat
 
 __all__ = [
@@ -47,19 +43,12 @@ __all__ = [
     "Failed",
     "GuardRecord",
     "Stored",
-    "decode",
-    "discard",
     "dropped_check",
     "load",
     "produce",
     "sources_now",
 ]
 
-#: Where an artifact sits in an inductor cache directory (a clean room, the local cache).
-ARTIFACT_DIR = "dynamo_dist_precompiled"
-_MAGIC = b"DDPC1\n"
-#: Generous: a GPT-2's artifact is a few MiB (graphs and generated code, no weights).
-MAX_ARTIFACT_BYTES = 1 << 30
 
 # Fallback reasons, as counted in ``dynamo_dist.stats()["precompiled_fallbacks"]``.
 GRAPH_BREAK = "graph_break"
@@ -343,84 +332,7 @@ def sources_now(sources: list[tuple[str, int, int, str]]) -> list[str]:
     return out
 
 
-# -- bytes ----------------------------------------------------------------------------------
-
-
-def encode(header: dict[str, Any], artifact: bytes = b"") -> bytes:
-    head = json.dumps(header, sort_keys=True).encode()
-    return _MAGIC + len(head).to_bytes(8, "little") + head + artifact
-
-
-def decode(data: bytes) -> tuple[dict[str, Any], bytes]:
-    """(header, artifact bytes); ValueError if ``data`` is not an artifact file."""
-    if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 8:
-        raise ValueError("not a dynamo_dist precompiled artifact")
-    n = int.from_bytes(data[len(_MAGIC) : len(_MAGIC) + 8], "little")
-    start = len(_MAGIC) + 8
-    if n > len(data) - start:
-        raise ValueError("truncated artifact header")
-    header = json.loads(data[start : start + n])
-    if not isinstance(header, dict):
-        raise ValueError("artifact header is not an object")
-    return header, data[start + n :]
-
-
 # -- capture and load -----------------------------------------------------------------------
-
-
-def _artifact_dir(create: bool) -> tuple[int, bool]:
-    """The artifact directory in the inductor cache in effect now, opened (fd, ok)."""
-    base = compat.inductor_cache_dir()
-    try:
-        fd = fs.open_root(base, create=create, mode=0o700)
-    except OSError:
-        return -1, False
-    try:
-        sub = fs.open_dir(fd, ARTIFACT_DIR, 0o700 if create else None)
-    except OSError:
-        return -1, False
-    finally:
-        os.close(fd)
-    return sub, True
-
-
-def _read_stored(name: str) -> bytes | None:
-    fd, ok = _artifact_dir(create=False)
-    if not ok:
-        return None
-    try:
-        return fs.read_file(fd, name, MAX_ARTIFACT_BYTES, owner=os.geteuid())
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise
-        return None
-    finally:
-        os.close(fd)
-
-
-def _store(name: str, data: bytes) -> None:
-    fd, ok = _artifact_dir(create=True)
-    if not ok:
-        raise OSError(errno.EACCES, "cannot open the artifact directory")
-    try:
-        fs.write_new(fd, name, data, mode=0o600)
-    except FileExistsError:
-        pass  # written by an earlier run of the same key: same content
-    finally:
-        os.close(fd)
-
-
-def discard(key: str) -> None:
-    """Remove a stored artifact that cannot be loaded: the next start installs it again."""
-    fd, ok = _artifact_dir(create=False)
-    if not ok:
-        return
-    try:
-        fs.remove(fd, f"{key}.bin")
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _classify(e: BaseException) -> str:
@@ -442,7 +354,7 @@ def produce(
     key; a stored failure is a capture that cannot succeed for this key.
     """
     name = f"{key}.bin"
-    data = _read_stored(name)
+    data = read_stored(name)
     if data is not None:
         return Stored(data)
     dropped: list[GuardRecord] = []
@@ -453,7 +365,7 @@ def produce(
         detail = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         if reason != PACKAGE_ERROR:
             # Deterministic for this key: record it, so nobody traces to the break again.
-            _store(name, encode({"failed": reason, "detail": detail, "label": label}))
+            write_stored(name, encode({"failed": reason, "detail": detail, "label": label}))
         return Failed(reason, detail)
     sources = compat.aot_inlined_sources(art)
     try:
@@ -471,7 +383,7 @@ def produce(
         blob = encode(header, compat.aot_serialize(art))
     except Exception as e:
         return Failed(PACKAGE_ERROR, f"serialize: {type(e).__name__}: {e}")
-    _store(name, blob)
+    write_stored(name, blob)
     return Captured(art, sources, dropped)
 
 
@@ -510,12 +422,3 @@ def load(
         return (compat.aot_deserialize(artifact, f_globals, isa), check), None
     except Exception as e:
         return None, Failed(PACKAGE_ERROR, f"load: {type(e).__name__}: {e}")
-
-
-def local_artifacts(local: Path) -> list[str]:
-    """The artifact files in a local inductor cache (for the cache CLI and tests)."""
-    try:
-        with fs.walk(local, (ARTIFACT_DIR,)) as fds:
-            return sorted(fs.names(fds[-1]))
-    except OSError:
-        return []

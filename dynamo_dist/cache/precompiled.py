@@ -54,13 +54,13 @@ from dynamo_dist.cache.artifact import (
     Failed,
     GuardRecord,
     Stored,
-    discard,
     dropped_check,
     guard_filter,
     load,
     produce,
     sources_now,
 )
+from dynamo_dist.cache.artifact_file import discard
 from dynamo_dist.cache.key import call_spec, precompile_key, precompile_key_for_sources
 from dynamo_dist.cache.protocol import SharedCache
 from dynamo_dist.cache.stats import emit_precompiled, log, warn_once

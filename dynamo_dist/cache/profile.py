@@ -47,36 +47,22 @@ import contextlib
 import hashlib
 import json
 import os
-import time
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
-from dynamo_dist.cache import fs
 from dynamo_dist.cache import secret as cache_secret
 from dynamo_dist.cache.key import version_factors
-from dynamo_dist.cache.lock import owner_record
-from dynamo_dist.cache.protocol import SharedCache, private_local_dir
-from dynamo_dist.cache.rooms import bytes_member, staging_dir
+from dynamo_dist.cache.profile_store import MAX_GENERATIONS, GroupProfile, publish, read_newest
+from dynamo_dist.cache.protocol import SharedCache
 from dynamo_dist.cache.stats import emit_profile, log, warn_once
-from dynamo_dist.cache.store import EntryRefused, EntryUnavailable, extract
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist import store as dist_store
 from dynamo_dist.dynamo import compat
 from dynamo_dist.dynamo.callback import before_compile
 
 __all__ = ["Profiles", "derived_job_id", "profiles_for"]
-
-PROFILE_FILE = "code_state.pkl"
-#: Generations probed per load; a job that keeps finding new dynamic dims beyond this
-#: many restarts keeps its newest 64 (publishing stops, loading still works).
-MAX_GENERATIONS = 64
-#: A code state is a few KB per frame; anything this large is not one. The writer posts
-#: the profile in the job's store (after a 4-byte generation and, with a secret, a MAC),
-#: where the others accept at most ``MAX_STORE_PAYLOAD_BYTES``: a larger profile would
-#: be merged by the writer alone.
-MAX_PROFILE_BYTES = dist_store.MAX_STORE_PAYLOAD_BYTES - 4 - dist_store.MAC_BYTES
 
 
 def derived_job_id(source: str, world_size: int) -> str:
@@ -100,38 +86,12 @@ def _group_key(scope: dist_local.Scope | None) -> str:
     return "single"
 
 
-def _key(job: str, group: str, generation: int) -> str:
-    return hashlib.sha256(json.dumps(["pgo", job, group, generation]).encode()).hexdigest()
-
-
-class _Profile:
-    """One group's profile: where it is kept and what this process last saw of it."""
-
-    def __init__(self, job: str, group: str, writer: bool) -> None:
-        self.job = job
-        self.group = group
-        self.writer = writer
-        self.generation = 0  # the newest generation seen (loaded or published)
-        self.marks: frozenset[str] = frozenset()  # dynamic marks already in the cache
-        # Other ranks' views (see ``Profiles.after_compile``): where they are posted in
-        # the job's store, and, on the writer, their union (``views``).
-        self.store: Any = None
-        self.base = ""
-        self.contributed: frozenset[str] = frozenset()
-        self.seen = 0
-        # The union of every view read so far, kept under the object cap: views only
-        # gain marks, so it is the union of each rank's newest, without holding one
-        # state per rank (4,096 of them at scale, or one forged view per rank).
-        self.views: dict[Any, Any] = {}
-        self.ranks: tuple[int, ...] = ()  # the group's ranks: the only ones with a view
-
-
 class Profiles:
     """The automatic-dynamic profiles of one shared cache directory, in this process."""
 
     def __init__(self, cache: SharedCache) -> None:
         self.cache = cache
-        self._by_group: dict[str, _Profile] = {}
+        self._by_group: dict[str, GroupProfile] = {}
 
     # -- loading (collective over the group) --------------------------------------------
     def load(self, scope: dist_local.Scope | None, source: str) -> None:
@@ -148,7 +108,7 @@ class Profiles:
         job = user if user is not None else derived_job_id(source, world)
         rank = dist.get_rank() if dist.is_initialized() else 0
         writer = scope is None or not scope.ranks or rank == scope.ranks[0]
-        profile = _Profile(job, group, writer)
+        profile = GroupProfile(job, group, writer)
         self._by_group[group] = profile
         if scope is not None and scope.size > 1 and scope.consensus is None:
             # Without compiler collectives the ranks' states drift apart anyway: sharing
@@ -158,7 +118,7 @@ class Profiles:
             return
         found: tuple[int, bytes] | None = None
         if writer:
-            found = self._read(profile)
+            found = read_newest(self.cache, profile)
         if scope is not None and scope.size > 1:
             profile.store = self.cache.agreement.client()
             profile.ranks = tuple(scope.ranks)
@@ -205,7 +165,7 @@ class Profiles:
         emit_profile("load", job, generation, rank, added, len(profile.marks))
 
     def _share(
-        self, scope: dist_local.Scope, profile: _Profile, found: tuple[int, bytes] | None
+        self, scope: dist_local.Scope, profile: GroupProfile, found: tuple[int, bytes] | None
     ) -> tuple[int, bytes] | None:
         """The writer's (generation, bytes) on every rank of ``scope``, through the store.
 
@@ -258,71 +218,6 @@ class Profiles:
             return None
         return int.from_bytes(payload[:4], "big"), payload[4:]
 
-    def _read(self, profile: _Profile) -> tuple[int, bytes] | None:
-        """(generation, bytes) of the newest verified profile, or None."""
-        cache = self.cache
-        if not cache.enabled:
-            return None
-        newest: Any = None
-        generation = 0
-        for g in range(1, MAX_GENERATIONS + 1):
-            try:
-                key = _key(profile.job, profile.group, g)
-                entry = cache.store.get(key, expect=version_factors())
-            except EntryRefused as e:
-                cache.counts.cache_refused += 1
-                log.warning("refused automatic-dynamic profile %d of %s (%s)", g, profile.job, e)
-                break
-            except (EntryUnavailable, OSError) as e:
-                cache.counts.cache_errors += 1
-                warn_once(f"profile-read:{cache.root}", "cannot read profile %d (%s)", g, e)
-                break
-            if entry is None:
-                break
-            newest, generation = entry, g
-        profile.generation = generation
-        if newest is None:
-            return None
-        # Staged only in a private directory of ours (a replacement if the configured
-        # local cache is not private); with none, skipped and counted.
-        local = private_local_dir()
-        try:
-            if local is None:
-                raise OSError("no private local directory to stage it in")
-            staging = staging_dir(local, "pgo")
-        except OSError as e:
-            cache.counts.cache_errors += 1
-            cache.counts.profile_skipped += 1
-            warn_once(f"profile-stage:{cache.root}", "cannot stage the profile (%s)", e)
-            return None
-        try:
-            cache.counts.cache_bytes_read += extract(newest, staging)
-            try:
-                with fs.walk(staging, ()) as (staging_fd,):
-                    data = fs.read_file(staging_fd, PROFILE_FILE, MAX_PROFILE_BYTES)
-            except FileNotFoundError:
-                raise EntryRefused(f"the profile entry has no {PROFILE_FILE}") from None
-            except OSError as e:
-                raise EntryRefused(f"{PROFILE_FILE}: {e.strerror or e}") from None
-            try:  # checked here, so peers never get bad bytes
-                compat.pgo_dynamic_marks(compat.pgo_loads(data))
-            except Exception as e:
-                raise EntryRefused(str(e)) from None
-            return generation, data
-        except EntryRefused as e:
-            cache.counts.cache_refused += 1
-            cache.store.refuse(newest.path, f"profile: {e}", ident=newest.ident)
-            log.warning(
-                "refused automatic-dynamic profile %d of %s (%s)", generation, profile.job, e
-            )
-            return None
-        except Exception as e:  # EntryUnavailable, OSError: a local problem, entry kept
-            cache.counts.cache_errors += 1
-            warn_once(f"profile-read:{cache.root}", "cannot read the profile (%s)", e)
-            return None
-        finally:
-            fs.remove_path(staging, owner=os.geteuid())
-
     # -- publishing (the group's writer, after each compile) ----------------------------
     def after_compile(self) -> None:
         """Publish the group's dynamic decisions if they gained a mark since the last look.
@@ -341,7 +236,7 @@ class Profiles:
         if profile is not None:
             self._step(profile)
 
-    def _step(self, profile: _Profile) -> None:
+    def _step(self, profile: GroupProfile) -> None:
         cache = self.cache
         try:
             if not profile.writer:
@@ -354,7 +249,7 @@ class Profiles:
             state = compat.pgo_union(mine, [profile.views])
             marks = compat.pgo_dynamic_marks(state)
             if not marks <= profile.marks:
-                self._publish(profile, marks, state)
+                publish(self.cache, profile, marks, state)
         except Exception as e:
             cache.counts.cache_errors += 1
             warn_once(
@@ -366,7 +261,7 @@ class Profiles:
                 e,
             )
 
-    def _contribute(self, profile: _Profile) -> None:
+    def _contribute(self, profile: GroupProfile) -> None:
         """A non-writer posts its view when it gained a mark (the writer merges it)."""
         if profile.store is None:
             return
@@ -390,12 +285,12 @@ class Profiles:
         name = f"{profile.base}/view/{n}"
         profile.store.set(name, dist_store.seal(data, cache_secret.cache_secret(), name))
 
-    def _collect(self, profile: _Profile) -> None:
+    def _collect(self, profile: GroupProfile) -> None:
         """The writer reads the views posted since its last look (never waits for one).
 
-        A view is checked like a profile loaded from the cache (``_read``): its size and
-        MAC before anything else, then ``pgo_loads`` (object cap, rebuilt from checked
-        fields) and its dynamic marks. One that fails is counted and never merged.
+        A view is checked like a profile loaded from the cache (``read_newest``): its
+        size and MAC before anything else, then ``pgo_loads`` (object cap, rebuilt from
+        checked fields) and its dynamic marks. One that fails is counted and never merged.
         """
         store = profile.store
         if store is None:
@@ -418,7 +313,7 @@ class Profiles:
                 dist_store.refuse("automatic-dynamic view", e, self.cache.counts)
 
     def _view(
-        self, profile: _Profile, raw: Any, secret: str | None, name: str
+        self, profile: GroupProfile, raw: Any, secret: str | None, name: str
     ) -> dict[Any, Any] | None:
         """The state of a view read from the store under ``name``; None if refused."""
         try:
@@ -440,47 +335,6 @@ class Profiles:
         for profile in self._by_group.values():
             if profile.writer and profile.store is not None:
                 self._step(profile)
-
-    def _publish(self, profile: _Profile, marks: frozenset[str], state: dict[Any, Any]) -> None:
-        generation = profile.generation + 1
-        key = _key(profile.job, profile.group, generation)
-        rank = self.cache.rank
-        data = compat.pgo_dumps(state)
-        try:  # what no reader would accept is not published (nor tried again until a new mark)
-            if len(data) > MAX_PROFILE_BYTES:
-                raise ValueError(f"it is {len(data)} bytes, more than {MAX_PROFILE_BYTES}")
-            compat.pgo_loads(data)
-        except ValueError as e:
-            profile.marks = marks
-            warn_once(
-                f"profile-size:{self.cache.root}",
-                "automatic-dynamic profile of job %s not published (%s); a restart may "
-                "recompile once more",
-                profile.job,
-                e,
-            )
-            return
-        manifest = {
-            "factors": {**version_factors(), "profile": profile.job, "group": profile.group},
-            "owner": owner_record(rank),
-            "label": f"automatic-dynamic profile of {profile.job}",
-            "compile_seconds": 0.0,
-            "created": time.time(),
-        }
-        # Written from memory: nothing of a local directory goes into the entry.
-        written = self.cache.store.put(key, bytes_member(PROFILE_FILE, data), manifest)
-        profile.generation = generation
-        profile.marks = marks
-        if written:
-            self.cache.counts.profile_publishes += 1
-            self.cache.counts.cache_bytes_written += written
-            log.info(
-                "published automatic-dynamic profile %d of job %s (%d dynamic marks)",
-                generation,
-                profile.job,
-                len(marks),
-            )
-            emit_profile("publish", profile.job, generation, rank, 0, len(marks))
 
 
 _profiles: dict[str, Profiles] = {}

@@ -180,32 +180,7 @@ def rendezvous(
             if waited >= next_check:
                 next_check = waited + 1.0
                 views = {m: _pending(store, pending_key, m) for m in ranks if m != me}
-                for m, view in views.items():
-                    if view is None:
-                        continue
-                    other = tuple(view.get("ranks", ()))
-                    if view.get("state") == "failed" and (other == ranks or me in other):
-                        raise RankDivergenceError(
-                            f"rank {m} failed to set up its group {group_name(other, world)} "
-                            f"for dynamo_dist.compile ({view.get('error', 'unknown error')}); "
-                            f"this rank was setting up {group_name(ranks, world)} with it.",
-                            {m: view, me: mine},
-                        )
-                    if (
-                        m in missing
-                        and view.get("state") == "waiting"
-                        and other != ranks
-                        and me in other
-                    ):
-                        raise RankDivergenceError(
-                            "ranks disagree about the group of a dynamo_dist.compile call: "
-                            f"rank {me} sets up {group_name(ranks, world)} (at {where}), "
-                            f"rank {m} sets up {group_name(other, world)} "
-                            f"(at {view.get('where', '?')}), and each waits for the other. "
-                            "Every member of a group must pass the same group (the same ranks) "
-                            "to dynamo_dist.compile, and create groups in the same order.",
-                            {me: mine, m: view},
-                        )
+                _refuse_crossed_setups(ranks, mine, views, missing)
                 if not warned and waited >= stall_warning:
                     warned = True
                     log.warning(
@@ -234,6 +209,44 @@ def rendezvous(
         raise
     store.set(pending_key + str(me), json.dumps({**mine, "state": "done"}))
     return base
+
+
+def _refuse_crossed_setups(
+    ranks: tuple[int, ...],
+    mine: dict[str, object],
+    views: dict[int, dict[str, Any] | None],
+    missing: list[int],
+) -> None:
+    """Raise RankDivergenceError if a member's setup record shows the wait cannot end.
+
+    Either a member failed its own setup of a group that includes this rank, or a
+    missing member waits on a different group that includes this rank: each waits for
+    the other, a certain deadlock.
+    """
+    me = dist.get_rank()
+    world = dist.get_world_size()
+    where = mine["where"]
+    for m, view in views.items():
+        if view is None:
+            continue
+        other = tuple(view.get("ranks", ()))
+        if view.get("state") == "failed" and (other == ranks or me in other):
+            raise RankDivergenceError(
+                f"rank {m} failed to set up its group {group_name(other, world)} "
+                f"for dynamo_dist.compile ({view.get('error', 'unknown error')}); "
+                f"this rank was setting up {group_name(ranks, world)} with it.",
+                {m: view, me: mine},
+            )
+        if m in missing and view.get("state") == "waiting" and other != ranks and me in other:
+            raise RankDivergenceError(
+                "ranks disagree about the group of a dynamo_dist.compile call: "
+                f"rank {me} sets up {group_name(ranks, world)} (at {where}), "
+                f"rank {m} sets up {group_name(other, world)} "
+                f"(at {view.get('where', '?')}), and each waits for the other. "
+                "Every member of a group must pass the same group (the same ranks) "
+                "to dynamo_dist.compile, and create groups in the same order.",
+                {me: mine, m: view},
+            )
 
 
 def _pending(store: Any, prefix: str, rank: int) -> dict[str, Any] | None:

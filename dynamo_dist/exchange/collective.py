@@ -1,344 +1,35 @@
-"""Cross-rank guard exchange: the record format, the decision, and the gloo transport.
+"""The gloo transport: the decision on a reduced word, and what the ranks are told.
 
-One exchange is one ``all_reduce(BAND)`` of a single int64. The word holds a
-32-bit record ``x = (identity << 1) | hit`` in its low half and ``~x`` in its
-high half. After a bitwise AND over ranks, a bit that was 1 everywhere is 1 in
-the low half, a bit that was 0 everywhere is 1 in the high half, and a bit on
-which ranks disagree is 0 in both. So a single-element collective gives the AND
-of the hits and detects any disagreement about which frame is being guarded.
-Gloo's single-element allreduce is its cheapest collective (measured here:
-about 2-4x cheaper than 3 to 5 elements). The AND composes, so the shared-memory
-transport combines a host's records the same way before its leader goes to
-the network (``_shm.py``). Only when something is off (a frame mismatch, or
-some ranks hit while others miss) do the ranks run a second, richer collective
-to learn who reported what; they all take that branch together because they
-all see the same reduced word.
+:class:`Transport` is what every transport shares: the verdict on a reduced word (a
+frame mismatch raises, a mixed hit/miss is kept for the policy layer), the progress
+lines and the one stall warning per exchange, and the errors naming who did not
+arrive and why. :class:`GlooTransport` reduces each word with gloo's allreduce on its
+own group; ``exchange/shm.py`` combines a host's words in shared memory first. The
+word's format is ``exchange/record.py``; the network step is ``exchange/allreduce.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from dynamo_dist._config import EMULATE_HOP_DELAY_ENV
-from dynamo_dist._errors import CollectiveTimeoutError, ConfigError, RankDivergenceError
+from dynamo_dist._errors import CollectiveTimeoutError, RankDivergenceError
 from dynamo_dist._log import get_logger
 from dynamo_dist.dist.group import all_gather_objects
 from dynamo_dist.dynamo import events
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C
+from dynamo_dist.exchange.allreduce import BandAllreduce, LeaderExchange
+from dynamo_dist.exchange.record import Outcome, pack, unpack
 from dynamo_dist.exchange.status import StatusBoard, board_reader_stride, describe_missing
 
 log = get_logger("collective")
 
-_M32 = 0xFFFFFFFF
-_M64 = 0xFFFFFFFFFFFFFFFF
-_IDENT_BITS = 31
 _LATENCY_SAMPLES = 8192
-
-
-def pack(hit: bool, ident: int) -> int:
-    """The int64 a rank contributes: (x, ~x) halves, as a signed value for torch."""
-    x = (((ident & ((1 << _IDENT_BITS) - 1)) << 1) | int(bool(hit))) & _M32
-    word = ((~x & _M32) << 32) | x
-    return word - (1 << 64) if word >= (1 << 63) else word
-
-
-def unpack(word: int) -> tuple[bool, bool, bool]:
-    """(all_hit, any_hit, identities_agree) from the AND-reduced word."""
-    w = word & _M64
-    low, high = w & _M32, w >> 32
-    disagree = ~(low | high) & _M32
-    return bool(low & 1), not (high & 1), (disagree & ~1) == 0
-
-
-class Outcome:
-    """An exchange where some ranks hit and others missed, kept for the policy layer."""
-
-    __slots__ = ("hit", "ident", "seq")
-
-    def __init__(self, seq: int, ident: int, hit: bool) -> None:
-        self.seq = seq
-        self.ident = ident
-        self.hit = hit
-
-
-class BandAllreduce:
-    """A bounded ``all_reduce(BAND)`` of one int64 on a gloo group.
-
-    The bound is the group's own timeout (created with the configured one), so
-    the hot path is a plain ``wait()``: waiting in slices to log progress cost
-    about 35 us per exchange here. Progress lines come from the status board's
-    thread instead, which watches ``waiting_since``.
-    """
-
-    def __init__(self, group: Any) -> None:
-        self.group = group
-        self._buf = torch.zeros(1, dtype=torch.int64)
-        self._arr = self._buf.numpy()  # numpy item access is ~20x cheaper than tensor indexing
-        self._opts = dist.AllreduceOptions()
-        self._opts.reduceOp = dist.ReduceOp(dist.ReduceOp.BAND)
-        self.waiting_since: float | None = None
-
-    def __call__(self, word: int) -> tuple[int, str | None]:
-        """(reduced word, None) or (0, reason) where reason is 'timeout' or a peer failure."""
-        self._arr[0] = word
-        self.waiting_since = time.monotonic()
-        try:
-            self.group.allreduce([self._buf], self._opts).wait()
-        except RuntimeError as e:
-            return 0, "timeout" if "timed out" in str(e).lower() else _short(str(e))
-        finally:
-            self.waiting_since = None
-        return int(self._arr[0]), None
-
-
-class LeaderExchange(Protocol):
-    """The host leaders' step: AND one word over the leaders, bounded by the timeout.
-
-    ``__call__`` returns (reduced word, None), or (0, reason) where reason is
-    ``'timeout'`` or a short text naming a peer's failure. ``waiting_since`` is
-    what the status thread reads to log progress (None: not waiting).
-    """
-
-    waiting_since: float | None
-
-    def __call__(self, word: int) -> tuple[int, str | None]: ...
-
-
-# Recursive doubling's failure notice: a word whose low and high halves share a bit,
-# which no AND of packed records can be (each record's halves are x and ~x). Bit 31
-# of each half marks it; bit 30 says the suspect timed out (clear: it died); the
-# low 30 bits are the suspect's index in the leaders' group.
-_POISON = 1 << 31
-_POISON_TIMEOUT = 1 << 30
-_SUSPECT = (1 << 30) - 1
-# The emulated delay's last stretch is spun: a sleep overshoots by 50-100 us.
-_SPIN_NS = 50_000
-
-
-def hold_until(t_ns: int) -> None:
-    """Return once ``time.perf_counter_ns() >= t_ns``: sleep most of the way, spin the rest."""
-    rest = t_ns - time.perf_counter_ns()
-    if rest > _SPIN_NS:
-        time.sleep((rest - _SPIN_NS) / 1e9)
-    while time.perf_counter_ns() < t_ns:
-        pass
-
-
-def emulated_hop_delay_ns() -> int:
-    """The test-only per-hop delay (``_DYNAMO_DIST_EMULATE_HOP_DELAY_US``), in ns; 0 unset.
-
-    Emulation only (benchmarks/scale_emulation.py): this kernel has no netem, so a
-    receiver holds each message for this long after it arrived over loopback, as a
-    relay holding it for the one-way latency would: the delay adds to the hop's own
-    cost. (Holding it until its send time plus the delay would not: the hop's
-    software cost would hide in the delay.) Not a Config key: no job sets it.
-    """
-    raw = os.environ.get(EMULATE_HOP_DELAY_ENV, "")
-    if raw == "":
-        return 0
-    try:
-        us = float(raw)
-    except ValueError:
-        us = -1.0
-    if not us >= 0:
-        raise ConfigError(
-            f"environment variable {EMULATE_HOP_DELAY_ENV} = {raw!r} is invalid; allowed: "
-            "microseconds >= 0 (emulation only)"
-        )
-    return int(us * 1000)
-
-
-def doubling_plan(n: int, me: int) -> tuple[int, int, list[int]]:
-    """Leader ``me``'s part in recursive doubling over ``n``: (fold_to, fold_from, partners).
-
-    P is the largest power of two <= n. A leader i >= P folds its word into
-    ``fold_to`` = i - P and receives the result from it at the end; a leader i < P
-    receives ``fold_from`` = i + P's word first (-1: none) and sends it the result,
-    and in between swaps words with ``partners`` (i ^ 1, i ^ 2, ..., one per round).
-    """
-    core = 1 << (n.bit_length() - 1)
-    if me >= core:
-        return me - core, -1, []
-    fold_from = me + core if me + core < n else -1
-    return -1, fold_from, [me ^ (1 << k) for k in range(core.bit_length() - 1)]
-
-
-class DoublingExchange:
-    """Recursive doubling among the host leaders: AND of one int64 in ceil(log2 H) rounds.
-
-    Gloo's allreduce is a ring, 2(H-1) sequential hops for one word; here round k
-    pairs leader i with i ^ 2**k and both keep the AND of their words, so after
-    log2(P) rounds every leader of the power-of-two core P holds the AND over all.
-    With H not a power of two, leaders i >= P first fold their word into i - P and
-    get the result back at the end (two more hops). Only point-to-point send/recv
-    on the leaders' gloo group: each round posts its recv before its send, so two
-    partners never wait on each other's send.
-
-    The whole exchange is bounded by ``timeout`` (each wait gets what remains of
-    it; gloo's recv honours the group's timeout too, but per recv, and the rounds
-    would add up). A leader whose exchange fails (its partner died, or timed out)
-    sends a failure notice to the partners still waiting on it, which pass it on,
-    so every leader learns of the failure within a few hops instead of each
-    waiting out the timeout; the notice names the suspect leader.
-
-    ``ranks`` are the leaders' global ranks, for the error text. The record
-    format is AND-composable, so this gives exactly ``BandAllreduce``'s words.
-    """
-
-    def __init__(
-        self,
-        group: Any,
-        timeout: float,
-        ranks: Sequence[int] | None = None,
-    ) -> None:
-        self.group = group
-        self.timeout = timeout
-        n, me = group.size(), group.rank()
-        self.ranks = list(ranks) if ranks is not None else list(range(n))
-        self._fold_to, self._fold_from, self._partners = doubling_plan(n, me)
-        self._delay_ns = emulated_hop_delay_ns()
-        if self._delay_ns:
-            log.warning(
-                "emulating a %d us delay per cross-host hop (%s): for benchmarks only",
-                self._delay_ns // 1000,
-                EMULATE_HOP_DELAY_ENV,
-            )
-        self._sbuf = torch.zeros(1, dtype=torch.int64)
-        self._rbuf = torch.zeros(1, dtype=torch.int64)
-        self._send_list = [self._sbuf]
-        self._recv_list = [self._rbuf]
-        self._s = self._sbuf.numpy()
-        self._r = self._rbuf.numpy()
-        self._tag = 0
-        self.waiting_since: float | None = None
-
-    def __call__(self, word: int) -> tuple[int, str | None]:
-        """(AND of every leader's word, None) or (0, reason): 'timeout' or a peer failure."""
-        start = time.monotonic()
-        self.waiting_since = start
-        deadline = start + self.timeout
-        peer = -1
-        try:
-            if self._fold_to >= 0:
-                peer = self._fold_to
-                return self._swap(word, peer, deadline), None  # the result for the word
-            if self._fold_from >= 0:
-                peer = self._fold_from
-                word &= self._take(self.group.recv(self._recv_list, peer, self._tag), deadline)
-            for peer in self._partners:
-                word &= self._swap(word, peer, deadline)
-            if self._fold_from >= 0:
-                peer = self._fold_from
-                self._post_send(word, peer).wait(self._left(deadline))
-            return word, None
-        except _Poisoned as p:
-            self._pass_on(p.code, peer, deadline)
-            return 0, self._describe(p.code)
-        except RuntimeError as e:
-            text = str(e)
-            timed_out = "timed out" in text.lower()
-            code = _POISON | (_POISON_TIMEOUT if timed_out else 0) | peer
-            self._pass_on(code, peer, deadline)
-            if timed_out:
-                return 0, "timeout"
-            short = _short(text)
-            if short == _PEER_EXITED:
-                # A leader that timed out on its own partner exits too: not proof of a crash.
-                return 0, (
-                    f"host leader rank {self.ranks[peer]} exited, crashed, or gave up on "
-                    "the exchange (its own timeout)"
-                )
-            return 0, short
-        finally:
-            self.waiting_since = None
-
-    @staticmethod
-    def _left(deadline: float) -> timedelta:
-        return timedelta(seconds=max(deadline - time.monotonic(), 0.001))
-
-    def _post_send(self, word: int, peer: int) -> Any:
-        self._s[0] = word
-        return self.group.send(self._send_list, peer, self._tag)
-
-    def _swap(self, word: int, peer: int, deadline: float) -> int:
-        """Send ``word`` to ``peer`` and return its word: recv posted first, waited first.
-
-        A gloo send completes only once the peer has posted the matching recv, so
-        the recv is waited for first: a peer that gave up sends a failure notice
-        instead of posting its recv, and waiting on the send would miss it.
-        """
-        recv = self.group.recv(self._recv_list, peer, self._tag)
-        send = self._post_send(word, peer)
-        got = self._take(recv, deadline)
-        send.wait(self._left(deadline))  # the peer's word came after its recv was posted
-        return got
-
-    def _take(self, work: Any, deadline: float) -> int:
-        work.wait(self._left(deadline))
-        got = int(self._r[0])
-        if self._delay_ns:
-            hold_until(time.perf_counter_ns() + self._delay_ns)
-        if (got >> 32) & got & _POISON:
-            raise _Poisoned(got & _M32)
-        return got
-
-    def _pass_on(self, code: int, failed_peer: int, deadline: float) -> None:
-        """Send the failure notice to every partner that may still wait on this leader.
-
-        A send completes once its partner has posted the matching recv, i.e. once it
-        reaches that round (or it fails on its own and closes the connection), so
-        each is waited for until the exchange's deadline: leaving earlier, and
-        exiting, would turn the notice into a bare closed connection.
-        """
-        if self._fold_to >= 0:
-            return  # only this leader's fold partner, the failed one, ever waits on it
-        if failed_peer in self._partners:
-            waiting = self._partners[self._partners.index(failed_peer) + 1 :]
-        else:
-            waiting = list(self._partners)  # the fold partner failed, before or after the rounds
-        targets = [p for p in [*waiting, self._fold_from] if p >= 0 and p != failed_peer]
-        if not targets:
-            return
-        word = (code << 32) | code
-        word = word - (1 << 64) if word >= (1 << 63) else word
-        self._s[0] = word
-        works = []
-        for p in targets:
-            with contextlib.suppress(RuntimeError):  # a dead partner: nothing to tell
-                works.append(self.group.send(self._send_list, p, self._tag))
-        # Past the deadline (this leader timed out) the notice still gets a moment: a
-        # leader that exits at once turns it into a bare closed connection.
-        until = max(deadline, time.monotonic() + _NOTICE_GRACE_S)
-        for w in works:
-            with contextlib.suppress(RuntimeError):
-                w.wait(self._left(until))
-
-    def _describe(self, code: int) -> str:
-        suspect = self.ranks[code & _SUSPECT] if (code & _SUSPECT) < len(self.ranks) else "?"
-        if code & _POISON_TIMEOUT:
-            return (
-                f"another host leader timed out waiting for host leader rank {suspect} "
-                "(or for a leader that one waits on)"
-            )
-        return f"host leader rank {suspect} exited or crashed (reported by another host leader)"
-
-
-class _Poisoned(Exception):
-    """A failure notice arrived in place of a partner's word."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 class Transport:
@@ -715,18 +406,6 @@ def _next_epoch() -> int:
     global _epoch
     _epoch += 1
     return _epoch
-
-
-_PEER_EXITED = "a peer process exited or crashed"
-# Seconds a leader that failed still waits for its failure notices to be taken.
-_NOTICE_GRACE_S = 1.0
-
-
-def _short(gloo_error: str) -> str:
-    text = gloo_error.splitlines()[0] if gloo_error else ""
-    if "closed by peer" in text.lower() or "connection reset" in text.lower():
-        return _PEER_EXITED
-    return text[:200]
 
 
 def percentiles(samples_ns: Iterable[int]) -> dict[str, float]:

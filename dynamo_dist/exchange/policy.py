@@ -1,7 +1,7 @@
 """Policy: what a guard miss on some ranks does (``sync``, ``strict``, ``warn``).
 
 The exchange (``_collective``/``_shm``) only notices that some ranks hit and others
-missed; it keeps that :class:`~dynamo_dist.exchange.collective.Outcome` for this layer. Here,
+missed; it keeps that :class:`~dynamo_dist.exchange.record.Outcome` for this layer. Here,
 on the next entry into Dynamo's frame callback (where every rank is, since the hitting
 ranks were forced to recompile), the ranks gather why the missing ones missed, and the
 policy decides whether that is logged or raised. Forced recompiles and strict refusals
@@ -18,7 +18,8 @@ from dynamo_dist.dynamo import compat
 from dynamo_dist.dynamo import events as dynamo_events
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C, describe_identity
-from dynamo_dist.exchange.collective import Outcome, Transport
+from dynamo_dist.exchange.collective import Transport
+from dynamo_dist.exchange.record import Outcome
 from dynamo_dist.exchange.stats import Counts
 
 log = get_logger("runtime")

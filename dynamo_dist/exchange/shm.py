@@ -25,12 +25,8 @@ from dynamo_dist._log import get_logger
 from dynamo_dist.dist.group import all_gather_objects, gloo_group
 from dynamo_dist.dist.proc import pid_alive
 from dynamo_dist.dynamo.hook import _C
-from dynamo_dist.exchange.collective import (
-    BandAllreduce,
-    DoublingExchange,
-    LeaderExchange,
-    Transport,
-)
+from dynamo_dist.exchange.allreduce import BandAllreduce, DoublingExchange, LeaderExchange
+from dynamo_dist.exchange.collective import Transport
 
 log = get_logger("shm")
 

@@ -1,2 +1,2 @@
-"""Command-line tools: ``dynamo-dist`` (``cli``, ``cache_cli``, ``report``), ``dynamo-dist-run``
-(``launch``)."""
+"""Command-line tools: ``dynamo-dist`` (``cli``, ``report``; ``cache_cli`` with ``cache_dir``,
+``cache_remove`` and ``cache_init``), ``dynamo-dist-run`` (``launch``)."""

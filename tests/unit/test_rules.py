@@ -40,6 +40,7 @@ ORDER: list[tuple[str, ...]] = [
     ("dist.local",),  # which ranks a compile agrees with
     ("exchange.status", "dist.group"),
     ("exchange.record",),
+    ("exchange.allreduce",),  # one word AND-reduced over a gloo group
     ("exchange.collective",),
     ("exchange.shm",),
     ("exchange.policy",),
@@ -51,8 +52,10 @@ ORDER: list[tuple[str, ...]] = [
     ("cache.lock",),
     ("cache.wait",),
     ("cache.protocol",),
+    ("cache.profile_store",),  # a group's profile as entries of the shared cache
     ("cache.profile",),
     ("cache.backend",),
+    ("cache.artifact_file",),  # the artifact file: its bytes and its place on disk
     ("cache.artifact",),
     ("cache.precompiled",),
     ("tools.report",),
@@ -60,6 +63,8 @@ ORDER: list[tuple[str, ...]] = [
     ("dynamo.intercept",),
     ("_api",),
     ("_switch",),
+    ("tools.cache_dir",),  # the cache directory as the cache commands read and print it
+    ("tools.cache_remove", "tools.cache_init"),
     ("tools.launch", "tools.cache_cli"),
     ("tools.cli",),
     ("__init__", "__main__"),
@@ -272,7 +277,9 @@ _PATH_METHODS = {
 _BANNED_MODULES = {"shutil", "tempfile", "glob", "fnmatch"}
 #: The modules whose every file operation goes through ``cache.fs``.
 FS_RULED = sorted(
-    m for m in MODULES if (m.startswith("cache.") and m != "cache.fs") or m == "tools.cache_cli"
+    m
+    for m in MODULES
+    if (m.startswith("cache.") and m != "cache.fs") or m.startswith("tools.cache_")
 )
 
 
