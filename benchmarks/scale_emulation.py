@@ -9,8 +9,8 @@ torchrun agent: too heavy on 2 cores), with the environment torchrun would give 
 topology groups them into H hosts. Everything stays on 127.0.0.1 (the store, and gloo
 through GLOO_SOCKET_IFNAME=lo). This kernel has no netem, so a delay is injected in
 user space: the receiver holds every message for the delay after it arrived
-(``_DYNAMO_DIST_EMULATE_HOP_DELAY_US``), as a relay would, so the delay adds to each
-hop's own loopback cost.
+(``delay_every_hop``, patched into the benchmark's own ranks), as a relay would, so the
+delay adds to each hop's own loopback cost.
 
 Per (H, delay), median and p90 over calls after a warm-up, max over ranks, in us per
 exchange:
@@ -67,11 +67,47 @@ MODES = [
 ]
 WARMUP = 20
 ROUNDS = 5  # modes interleaved in this many rounds
-DELAY_ENV = "_DYNAMO_DIST_EMULATE_HOP_DELAY_US"  # dynamo_dist._config.EMULATE_HOP_DELAY_ENV
 PIN_ENV = "SCALE_EMULATION_PIN"
 
 
 # -- rank side -------------------------------------------------------------------------
+# The emulated delay's last stretch is spun: a sleep overshoots by 50-100 us.
+_SPIN_NS = 50_000
+
+
+def hold_until(t_ns: int) -> None:
+    """Return once ``time.perf_counter_ns() >= t_ns``: sleep most of the way, spin the rest."""
+    rest = t_ns - time.perf_counter_ns()
+    if rest > _SPIN_NS:
+        time.sleep((rest - _SPIN_NS) / 1e9)
+    while time.perf_counter_ns() < t_ns:
+        pass
+
+
+def delay_every_hop(delay_ns: int) -> None:
+    """Hold every message of the host leaders' exchange ``delay_ns`` after it arrived.
+
+    The benchmark's stand-in for a one-way network delay (this kernel has no netem):
+    the receiver holds each message as a relay holding it for the one-way latency
+    would, so the delay adds to the hop's own cost. Patched into this benchmark's rank
+    processes only; ``delay_ns = 0`` restores the exchange as shipped.
+    """
+    from dynamo_dist.exchange.allreduce import DoublingExchange
+
+    original = getattr(DoublingExchange, "_undelayed_take", DoublingExchange._take)
+    DoublingExchange._undelayed_take = original  # type: ignore[attr-defined]
+    if not delay_ns:
+        DoublingExchange._take = original  # type: ignore[method-assign]
+        return
+
+    def held(self: Any, work: Any, deadline: float) -> int:
+        got = original(self, work, deadline)
+        hold_until(time.perf_counter_ns() + delay_ns)
+        return int(got)
+
+    DoublingExchange._take = held  # type: ignore[method-assign]
+
+
 def _die_with_parent(parent: int) -> None:
     """Linux: get SIGKILL when the benchmark's driver dies, however it dies."""
     import ctypes
@@ -103,8 +139,6 @@ class Ring:
         self.s, self.r = self.sbuf.numpy(), self.rbuf.numpy()
 
     def __call__(self, word: int) -> int:
-        from dynamo_dist.exchange.allreduce import hold_until
-
         carry = word
         for step in range(2 * (self.n - 1)):
             recv = self.group.recv(self.rl, self.left, 1)
@@ -217,10 +251,7 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
         tr.shm.set_cross_host(None)
 
     for delay in delays:
-        if delay:
-            os.environ[DELAY_ENV] = str(delay)  # read by DoublingExchange when built
-        else:
-            os.environ.pop(DELAY_ENV, None)
+        delay_every_hop(delay * 1000)
         modes: list[tuple[str, Callable[[], Any] | None]] = []
         hooks = []
         if hosts == 1:
@@ -292,7 +323,6 @@ def run_job(
             "DYNAMO_DIST_LOG": "ERROR",
             "SCALE_EMULATION_PARENT": str(os.getpid()),
         }
-        base.pop(DELAY_ENV, None)
         cmd = [
             sys.executable,
             __file__,

@@ -234,10 +234,6 @@ CONFIG_FILE_ENV = "DYNAMO_DIST_CONFIG"
 CACHE_SECRET_ENV = "DYNAMO_DIST_CACHE_SECRET"
 CACHE_SECRET_FILE_ENV = "DYNAMO_DIST_CACHE_SECRET_FILE"
 
-# Emulation only, not a Config key: benchmarks/scale_emulation.py sets it to add a
-# one-way delay to each message of the host leaders' exchange (no netem here).
-EMULATE_HOP_DELAY_ENV = "_DYNAMO_DIST_EMULATE_HOP_DELAY_US"
-
 _current_source = "arguments"
 
 

@@ -22,8 +22,6 @@ from typing import Any
 import pytest
 import ranks
 
-from dynamo_dist._config import EMULATE_HOP_DELAY_ENV
-from dynamo_dist._errors import ConfigError
 from dynamo_dist.exchange import allreduce as A
 from dynamo_dist.exchange import record as R
 
@@ -83,23 +81,6 @@ def test_failure_notice_is_never_a_record() -> None:
     assert (notice >> 32) & notice & R.POISON
 
 
-def test_emulated_hop_delay_is_read_and_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(EMULATE_HOP_DELAY_ENV, raising=False)
-    assert A.emulated_hop_delay_ns() == 0
-    monkeypatch.setenv(EMULATE_HOP_DELAY_ENV, "250")
-    assert A.emulated_hop_delay_ns() == 250_000
-    monkeypatch.setenv(EMULATE_HOP_DELAY_ENV, "-3")
-    with pytest.raises(ConfigError, match=f"{EMULATE_HOP_DELAY_ENV} = '-3'.*>= 0"):
-        A.emulated_hop_delay_ns()
-
-
-def test_hold_until_returns_at_or_after_the_target() -> None:
-    target = time.perf_counter_ns() + 300_000
-    A.hold_until(target)
-    assert time.perf_counter_ns() >= target
-
-
-# -- rank programs ---------------------------------------------------------------------
 def _transport(rank: int, world: int, layout: str, exchange: str, timeout: float) -> Any:
     """A ShmTransport whose hosts are ``layout`` (ranks per host, in rank order)."""
     from dynamo_dist.dist import group as dist_group

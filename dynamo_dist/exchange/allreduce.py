@@ -12,7 +12,6 @@ that into a verdict or an error.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -21,8 +20,6 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from dynamo_dist._config import EMULATE_HOP_DELAY_ENV
-from dynamo_dist._errors import ConfigError
 from dynamo_dist._log import get_logger
 from dynamo_dist.exchange.record import M32, POISON, POISON_TIMEOUT, SUSPECT
 
@@ -70,43 +67,6 @@ class LeaderExchange(Protocol):
     waiting_since: float | None
 
     def __call__(self, word: int) -> tuple[int, str | None]: ...
-
-
-# The emulated delay's last stretch is spun: a sleep overshoots by 50-100 us.
-_SPIN_NS = 50_000
-
-
-def hold_until(t_ns: int) -> None:
-    """Return once ``time.perf_counter_ns() >= t_ns``: sleep most of the way, spin the rest."""
-    rest = t_ns - time.perf_counter_ns()
-    if rest > _SPIN_NS:
-        time.sleep((rest - _SPIN_NS) / 1e9)
-    while time.perf_counter_ns() < t_ns:
-        pass
-
-
-def emulated_hop_delay_ns() -> int:
-    """The test-only per-hop delay (``_DYNAMO_DIST_EMULATE_HOP_DELAY_US``), in ns; 0 unset.
-
-    Emulation only (benchmarks/scale_emulation.py): this kernel has no netem, so a
-    receiver holds each message for this long after it arrived over loopback, as a
-    relay holding it for the one-way latency would: the delay adds to the hop's own
-    cost. (Holding it until its send time plus the delay would not: the hop's
-    software cost would hide in the delay.) Not a Config key: no job sets it.
-    """
-    raw = os.environ.get(EMULATE_HOP_DELAY_ENV, "")
-    if raw == "":
-        return 0
-    try:
-        us = float(raw)
-    except ValueError:
-        us = -1.0
-    if not us >= 0:
-        raise ConfigError(
-            f"environment variable {EMULATE_HOP_DELAY_ENV} = {raw!r} is invalid; allowed: "
-            "microseconds >= 0 (emulation only)"
-        )
-    return int(us * 1000)
 
 
 def doubling_plan(n: int, me: int) -> tuple[int, int, list[int]]:
@@ -157,13 +117,6 @@ class DoublingExchange:
         n, me = group.size(), group.rank()
         self.ranks = list(ranks) if ranks is not None else list(range(n))
         self._fold_to, self._fold_from, self._partners = doubling_plan(n, me)
-        self._delay_ns = emulated_hop_delay_ns()
-        if self._delay_ns:
-            log.warning(
-                "emulating a %d us delay per cross-host hop (%s): for benchmarks only",
-                self._delay_ns // 1000,
-                EMULATE_HOP_DELAY_ENV,
-            )
         self._sbuf = torch.zeros(1, dtype=torch.int64)
         self._rbuf = torch.zeros(1, dtype=torch.int64)
         self._send_list = [self._sbuf]
@@ -237,8 +190,6 @@ class DoublingExchange:
     def _take(self, work: Any, deadline: float) -> int:
         work.wait(self._left(deadline))
         got = int(self._r[0])
-        if self._delay_ns:
-            hold_until(time.perf_counter_ns() + self._delay_ns)
         if (got >> 32) & got & POISON:
             raise _Poisoned(got & M32)
         return got
