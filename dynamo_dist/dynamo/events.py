@@ -15,14 +15,18 @@ from dynamo_dist.dynamo import compat
 
 log = get_logger("events")
 
-#: The events dynamo_dist emits; a test checks each appears in a 2-rank TORCH_TRACE.
+#: Every event dynamo_dist emits (tests/unit/test_events.py checks each call site names one,
+#: and that each reaches the trace).
 EVENTS = (
     "forced_recompile",  # some ranks' guards missed, all recompile (policy sync/warn)
     "divergence",  # ranks disagree on what they guard, or strict policy refused a miss
     "stall",  # an exchange timed out or a peer died
+    "stall_warning",  # an exchange has waited long (before it times out): who is missing
     "cache_load",  # an entry was verified and installed
     "cache_publish",  # a leader published an entry
     "cache_refusal",  # an entry failed verification
+    "cache_profile_load",  # a group's automatic-dynamic profile was read before tracing
+    "cache_profile_publish",  # a group's automatic-dynamic profile was published
     "precompiled_capture",  # a leader captured a precompiled artifact
     "precompiled_load",  # a precompiled artifact was loaded: the module runs without Dynamo
     "precompiled_fallback",  # a module left the precompiled route (payload: reason, detail)
@@ -31,6 +35,9 @@ EVENTS = (
 
 def emit(name: str, **payload: Any) -> None:
     """Record event ``name`` (one of :data:`EVENTS`) with a JSON-able ``payload``."""
+    if name not in EVENTS:
+        log.error("event %r is not in dynamo_dist's EVENTS: not emitted", name)
+        return
     try:
         compat.bump_counter("dynamo_dist", name)
         compat.trace_artifact(name, payload)
