@@ -30,8 +30,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 MODES = ["no hook", "upstream hook", "dynamo_dist gloo", "dynamo_dist shm", "bare all_reduce"]
+
+
+def _world_transport() -> Any:
+    """The running job's whole-world guard transport (None outside a job)."""
+    from dynamo_dist.dist import runtime
+
+    rt = runtime.current()
+    world = tuple(range(rt.world_size)) if rt is not None else ()
+    return rt.channels[world].transport if rt is not None and world in rt.channels else None
 
 
 def _median_us(fn, calls: int) -> float:
@@ -60,7 +70,6 @@ def worker(out: str, calls: int) -> None:
     import torch.distributed as dist
 
     import dynamo_dist
-    from dynamo_dist.dist import runtime
 
     dist.init_process_group("gloo")
     x = torch.ones(4)
@@ -86,8 +95,8 @@ def worker(out: str, calls: int) -> None:
         dist.barrier()
         os.environ["DYNAMO_DIST_TRANSPORT"] = transport
         compiled = dynamo_dist.compile(fn, backend="eager")
-        rt = runtime.current()
-        if rt is None or rt.transport.name not in (transport, f"{transport}+gloo"):
+        tr = _world_transport()
+        if tr is None or tr.name not in (transport, f"{transport}+gloo"):
             results[f"dynamo_dist {transport}"] = None
         else:
             for _ in range(50):
@@ -118,7 +127,6 @@ def regional_worker(out: str, steps: int, blocks: int) -> None:
     from torch import nn
 
     import dynamo_dist
-    from dynamo_dist.dist import runtime
 
     class Block(nn.Module):  # user-defined: Dynamo traces it (torch.nn-only code it skips)
         def __init__(self, dim: int) -> None:
@@ -152,16 +160,8 @@ def regional_worker(out: str, steps: int, blocks: int) -> None:
         for layers in (plain, switched):
             for _ in range(20):
                 step(layers)
-        rt = runtime.current()
-        if (
-            rt is None
-            or rt.transport is None
-            or rt.transport.name
-            not in (
-                transport,
-                f"{transport}+gloo",
-            )
-        ):
+        tr = _world_transport()
+        if tr is None or tr.name not in (transport, f"{transport}+gloo"):
             results[mode] = None
         else:
             before = dynamo_dist.stats()["exchanges"]

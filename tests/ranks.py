@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -373,7 +373,7 @@ def shm_segment() -> dict[str, Any]:
     from dynamo_dist.dist import runtime
 
     rt = runtime.current()
-    shm = getattr(rt.transport, "shm", None) if rt is not None else None
+    shm = getattr(world_transport(rt), "shm", None) if rt is not None else None
     return {"pid": os.getpid(), "segment": shm.name if shm is not None else None}
 
 
@@ -387,3 +387,23 @@ def members(room: Path) -> Any:
 
     ROOMS.record_room(room)
     return ROOMS.members(room)
+
+
+def world_transport(rt: Any) -> Any:
+    """The runtime's whole-world transport if it has one, else its first group's."""
+    world = tuple(range(rt.world_size))
+    if world in rt.channels:
+        return rt.channels[world].transport
+    return next((c.transport for c in rt.channels.values() if c.transport), None)
+
+
+@contextlib.contextmanager
+def hook_installed(hook: Any) -> Iterator[Any]:
+    """``hook`` installed as Dynamo's guard-complete hook for the block, then restored."""
+    from dynamo_dist.dynamo import hook as dynamo_hook
+
+    prev = dynamo_hook.install(hook)
+    try:
+        yield hook
+    finally:
+        dynamo_hook.uninstall(hook, prev)

@@ -216,7 +216,7 @@ def _die_once_published(rank: int) -> None:
 
     rt = dist_runtime.current()
     assert rt is not None and rt.board is not None
-    board, seq = rt.board, rt.transport.position()[0]
+    board, seq = rt.board, ranks.world_transport(rt).position()[0]
     ranks.wait_until(
         lambda: board.snapshot()[rank].get("seq") == seq,
         timeout=60,

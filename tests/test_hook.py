@@ -7,6 +7,7 @@ import types
 from typing import Any
 
 import pytest
+import ranks
 import torch
 from torch._C._dynamo.eval_frame import set_guard_complete_hook
 
@@ -89,7 +90,7 @@ def test_hook_verdict_forces_recompile_inside_a_region():
     f = torch.compile(lambda x: x + 1, backend=cb)
     x = torch.ones(3)
     hook = _C.GuardHook(exchange)
-    with dynamo_hook.installed(hook):
+    with ranks.hook_installed(hook):
         f(x)  # first compile: no entries yet, the hook is not called
         _in_region(lambda: f(x))
     assert cb.graphs == 2
@@ -101,7 +102,7 @@ def test_hook_passes_through_outside_regions():
     hook = _C.GuardHook(lambda hit, ident: False)
     cb = Counter()
     f = torch.compile(lambda x: x * 2, backend=cb)
-    with dynamo_hook.installed(hook):
+    with ranks.hook_installed(hook):
         for _ in range(3):
             f(torch.ones(2))
     assert cb.graphs == 1
@@ -118,7 +119,7 @@ def test_exchange_error_never_aborts_and_reaches_the_user():
 
     f = torch.compile(lambda x: x - 1, backend="eager")
     hook = _C.GuardHook(exchange)
-    with dynamo_hook.installed(hook):
+    with ranks.hook_installed(hook):
         f(torch.ones(2))
         _in_region(lambda: f(torch.ones(2)))  # the hook keeps the error, Dynamo recompiles
         assert isinstance(_C.pending_error(), Boom)

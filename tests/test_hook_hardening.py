@@ -216,7 +216,7 @@ def test_identity_includes_the_callee_on_both_paths() -> None:
     channel = types.SimpleNamespace(policy=policy, scope=None, counts=Counts(), hook=hook)
     router = _C.Router()
     torch._dynamo.reset()
-    with dynamo_hook.installed(router):  # type: ignore[arg-type]
+    with ranks.hook_installed(router):  # type: ignore[arg-type]
         with _adopting(channel, 777):
             f = torch.compile(_calls_two, backend="eager")
         f(torch.ones(2))  # first entries: the callback path
@@ -236,14 +236,13 @@ def test_identity_includes_the_callee_on_both_paths() -> None:
 
 def test_hook_finds_the_callee_from_generators_c_calls_and_deep_stacks() -> None:
     """The hook's callee lookup must agree with the callback's wherever the call comes from."""
-    from dynamo_dist.dynamo import hook as dynamo_hook
 
     seen: list[int] = []
     hook = _C.GuardHook(lambda hit, ident: seen.append(ident) or hit)
     policy = _RecordingPolicy(hook)
     channel = types.SimpleNamespace(policy=policy, scope=None, counts=Counts(), hook=hook)
     torch._dynamo.reset()
-    with dynamo_hook.installed(_C.Router()):  # type: ignore[arg-type]
+    with ranks.hook_installed(_C.Router()):  # type: ignore[arg-type]
         with _adopting(channel, 778):
             f = torch.compile(lambda x: x + 1, backend="eager")
 
@@ -346,9 +345,11 @@ def shutdown_frees_transport(rank: int, world: int) -> dict[str, Any]:
     f = dynamo_dist.compile(_fn, backend="eager")
     f(torch.ones(4))
     rt = runtime.current()
-    assert rt is not None and rt.transport is not None
-    name = rt.transport.name
-    ref = weakref.ref(rt.transport)
+    transport = ranks.world_transport(rt)
+    assert rt is not None and transport is not None
+    name = transport.name
+    ref = weakref.ref(transport)
+    del transport
     del rt
     dynamo_dist.shutdown()
     del f

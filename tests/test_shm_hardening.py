@@ -39,7 +39,7 @@ def _transport() -> Any:
 
     rt = runtime.current()
     assert rt is not None
-    return rt.transport
+    return ranks.world_transport(rt)
 
 
 def _when_waiting(cond: Any, action: Any, what: str) -> None:

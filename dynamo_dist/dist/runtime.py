@@ -165,14 +165,6 @@ class Runtime:
             self.channels[ranks] = ch
         return ch
 
-    @property
-    def transport(self) -> Transport | None:
-        """The whole world's transport if it has one, else the first group's (for tests)."""
-        world = tuple(range(self.world_size))
-        if world in self.channels:
-            return self.channels[world].transport
-        return next((c.transport for c in self.channels.values() if c.transport), None)
-
     def close(self) -> None:
         """Uninstall, restore Dynamo's settings, and hand this rank's stats to the job report."""
         stats = self.stats().as_dict()

@@ -9,8 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from dynamo_dist._log import get_logger
@@ -189,13 +188,3 @@ def uninstall(hook: _C.GuardHook | _C.Router, previous: object | None) -> None:
     if current is not None and current is not hook:
         # Someone installed their own hook after us; leave theirs in place.
         compat.set_guard_complete_hook(current)
-
-
-@contextmanager
-def installed(hook: _C.GuardHook) -> Iterator[_C.GuardHook]:
-    """``hook`` installed for the ``with`` block, the previous one restored after it."""
-    prev = install(hook)
-    try:
-        yield hook
-    finally:
-        uninstall(hook, prev)
