@@ -65,7 +65,7 @@ def _worker(out: Path, program: str, hold: float) -> None:
         from dynamo_dist._config import resolve
         from dynamo_dist.cache import key, protocol
         from dynamo_dist.dist import local as dist_local
-        from dynamo_dist.dynamo import compat
+        from dynamo_dist.dynamo import inductor
 
         cfg = resolve()
         cache = protocol.SharedCache(
@@ -73,7 +73,7 @@ def _worker(out: Path, program: str, hold: float) -> None:
         )
 
         def compile_fn() -> str:
-            d = Path(compat.inductor_cache_dir())
+            d = Path(inductor.cache_dir())
             (d / "fxgraph").mkdir(parents=True, exist_ok=True)
             (d / "fxgraph" / f"graph-{KEY}").write_text("compiled")
             time.sleep(hold)

@@ -34,6 +34,7 @@ import torch
 
 from dynamo_dist import _api, _config
 from dynamo_dist._log import get_logger
+from dynamo_dist.dynamo import patches
 
 log = get_logger("switch")
 
@@ -130,7 +131,7 @@ def patch_torch_compile() -> TorchCompilePatch:
         installed = _make_compile(current)
         _state.installed = installed
         _state.on = True
-        torch.compile = installed
+        patches.replace_torch_compile(installed)
         log.info("torch.compile switch on: every torch.compile is a dynamo_dist.compile")
         return TorchCompilePatch(owner=True)
 
@@ -158,7 +159,7 @@ def _turn_off() -> None:
         _state.on = False
         installed = _state.installed
         if installed is not None and torch.compile is installed:
-            torch.compile = installed.__wrapped__  # type: ignore[attr-defined]
+            patches.replace_torch_compile(installed.__wrapped__)  # type: ignore[attr-defined]
             _state.installed = None
             log.info("torch.compile switch off: torch.compile restored")
         else:

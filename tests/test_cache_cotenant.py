@@ -126,9 +126,9 @@ def _planted_members(cache: Path) -> list[str]:
 @pytest.mark.inductor
 @pytest.mark.timeout(900)
 def test_files_planted_in_the_local_cache_are_never_signed(users: None, shared_tmp: Path) -> None:
-    from dynamo_dist.dynamo import compat
+    from dynamo_dist.dynamo import inductor
 
-    probes = sorted(compat.isa_probe_sources())
+    probes = sorted(inductor.isa_probe_sources())
     if not probes:
         pytest.skip("this torch's ISA probe sources are not recognised")
     home = _victim_dir(shared_tmp / "home")

@@ -35,7 +35,7 @@ def fanout_job(
     from dynamo_dist.cache import key, protocol
     from dynamo_dist.cache.protocol import host_copy_dir, private_local_dir
     from dynamo_dist.dist import local as dist_local
-    from dynamo_dist.dynamo import compat
+    from dynamo_dist.dynamo import inductor
 
     host = os.environ.get("GROUP_RANK", "0")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local_base, f"host{host}")
@@ -45,7 +45,7 @@ def fanout_job(
     roles: list[str] = []
 
     def compile_fn() -> str:
-        d = Path(compat.inductor_cache_dir())
+        d = Path(inductor.cache_dir())
         roles.append("leader" if "cleanroom" in d.parts else "plain")
         if die and int(die) == rank:
             ranks.signal_peers("leader_holds_locks")

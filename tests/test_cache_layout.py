@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dynamo_dist.cache.stats import CacheStats
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import inductor, patches
 
 #: The counters dynamo_dist.stats() has always reported (the report and launcher read them).
 REPORTED = [
@@ -49,12 +49,12 @@ def test_stats_record_keeps_the_reported_keys() -> None:
 
 def test_inductor_cache_dir_override_restores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    with compat.inductor_cache_dir_override(Path("/x/room")):
+    with inductor.cache_dir_override(Path("/x/room")):
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/x/room"
-        assert compat.inductor_cache_dir() == "/x/room"
+        assert inductor.cache_dir() == "/x/room"
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/prev")
-    with pytest.raises(RuntimeError), compat.inductor_cache_dir_override("/x/room"):
+    with pytest.raises(RuntimeError), inductor.cache_dir_override("/x/room"):
         raise RuntimeError("compile failed")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/prev"
 
@@ -65,7 +65,7 @@ def test_eager_backward_lowering_restores() -> None:
     if not hasattr(config, "force_non_lazy_backward_lowering"):
         pytest.skip("this torch has no force_non_lazy_backward_lowering")
     before = config.force_non_lazy_backward_lowering
-    with pytest.raises(RuntimeError), compat.eager_backward_lowering():
+    with pytest.raises(RuntimeError), patches.eager_backward_lowering():
         assert config.force_non_lazy_backward_lowering is True
         raise RuntimeError("compile failed")
     assert config.force_non_lazy_backward_lowering == before

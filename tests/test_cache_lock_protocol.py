@@ -34,7 +34,8 @@ _WORKER = textwrap.dedent(
     """
     import json, os, sys, time
     from pathlib import Path
-    from dynamo_dist.dynamo import compat
+    from dynamo_dist.cache import key as cache_key, protocol
+    from dynamo_dist.dynamo import inductor
     root, key, timeout, start_at, hold = sys.argv[1:6]
     key = os.environ.get("GRAPH_KEY", key)
     cache = protocol.SharedCache(root, float(timeout), 30.0, agree=False)
@@ -43,7 +44,7 @@ _WORKER = textwrap.dedent(
         time.sleep(0.001)
     roles = []
     def compile_fn():
-        d = Path(compat.inductor_cache_dir())
+        d = Path(inductor.cache_dir())
         roles.append("leader" if "cleanroom" in d.parts else "plain")
         try:  # inductor only warns when it cannot write its cache; so does this
             (d / "fxgraph").mkdir(parents=True, exist_ok=True)

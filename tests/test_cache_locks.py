@@ -49,9 +49,9 @@ def test_planted_lock_costs_a_local_compile_not_the_job(
 
 def _publishing_compile() -> str:
     """What inductor does in the leader's clean room, in miniature: write cache files."""
-    from dynamo_dist.dynamo import compat
+    from dynamo_dist.dynamo import inductor
 
-    d = Path(compat.inductor_cache_dir()) / "fxgraph" / "ab"
+    d = Path(inductor.cache_dir()) / "fxgraph" / "ab"
     d.mkdir(parents=True, exist_ok=True)
     (d / "graph").write_text("compiled graph")
     return "compiled by the leader"

@@ -20,7 +20,7 @@ import ranks
 import torch
 
 import dynamo_dist
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import pgo, pgo_pickle
 
 
 # -- rank programs ---------------------------------------------------------------------
@@ -150,12 +150,12 @@ def test_a_forged_profile_names_no_code() -> None:
             return (os.system, ("true",))
 
     with pytest.raises(ValueError, match="may not name"):
-        compat.pgo_loads(pickle.dumps({"x": Evil()}))
+        pgo_pickle.loads(pickle.dumps({"x": Evil()}))
     with pytest.raises(ValueError, match="not a code state"):
-        compat.pgo_loads(b"\x80\x04garbage")
+        pgo_pickle.loads(b"\x80\x04garbage")
     with pytest.raises(ValueError, match="top level"):
-        compat.pgo_loads(pickle.dumps([1, 2]))
-    assert compat.pgo_loads(pickle.dumps({})) == {}
+        pgo_pickle.loads(pickle.dumps([1, 2]))
+    assert pgo_pickle.loads(pickle.dumps({})) == {}
 
 
 def test_a_forged_profile_of_allowed_classes_is_refused() -> None:
@@ -177,10 +177,10 @@ def test_a_forged_profile_of_allowed_classes_is_refused() -> None:
     ]
     for state in forged:
         with pytest.raises(ValueError):
-            compat.pgo_loads(pickle.dumps(state))
+            pgo_pickle.loads(pickle.dumps(state))
     # A factory that would fail when Dynamo meets a new source: rebuilt with pgo's own.
     odd = {code_id: CodeState(automatic_dynamic=defaultdict(CodeId))}
-    (rebuilt,) = compat.pgo_loads(pickle.dumps(odd)).values()
+    (rebuilt,) = pgo_pickle.loads(pickle.dumps(odd)).values()
     assert isinstance(rebuilt.automatic_dynamic["new"], FrameStateSizeEntry)
 
 
@@ -193,11 +193,11 @@ def test_a_real_profile_round_trips() -> None:
     cf = torch.compile(f, backend="eager")
     cf(torch.randn(4, 3), 2, 1e-5)
     cf(torch.randn(6, 3), 3, 1e-5)
-    state = compat.pgo_state()
-    loaded = compat.pgo_loads(compat.pgo_dumps())
+    state = pgo.live_state()
+    loaded = pgo_pickle.loads(pgo_pickle.dumps(pgo.live_state()))
     assert loaded == state
-    assert compat.pgo_dynamic_marks(loaded) == compat.pgo_dynamic_marks()
-    assert compat.pgo_dynamic_marks()  # the batch and n went dynamic
+    assert pgo.dynamic_marks(loaded) == pgo.dynamic_marks()
+    assert pgo.dynamic_marks()  # the batch and n went dynamic
 
 
 if __name__ == "__main__":

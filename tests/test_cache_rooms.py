@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from dynamo_dist.cache.rooms import Built, tar_members
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import inductor
 
 
 def _room(built: Built, local: Path, key: str, files: dict[str, bytes]) -> Path:
@@ -65,7 +65,7 @@ def test_a_kernel_built_in_an_earlier_room_completes_a_later_entry(
 def test_nothing_is_taken_from_the_local_cache(local: Path, tmp_path: Path) -> None:
     """The attack of issue 26, row 1: a planted probe source and library in the local
     cache (the probe ran outside any room) went into the signed entry."""
-    probes = sorted(compat.isa_probe_sources())
+    probes = sorted(inductor.isa_probe_sources())
     if not probes:
         pytest.skip("this torch's ISA probe sources are not recognised")
     built = Built()
@@ -80,7 +80,7 @@ def test_nothing_is_taken_from_the_local_cache(local: Path, tmp_path: Path) -> N
 
 
 def test_the_probe_travels_from_the_room_it_ran_in(local: Path, tmp_path: Path) -> None:
-    probes = sorted(compat.isa_probe_sources())
+    probes = sorted(inductor.isa_probe_sources())
     if not probes:
         pytest.skip("this torch's ISA probe sources are not recognised")
     built = Built()

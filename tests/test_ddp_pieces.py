@@ -1,4 +1,4 @@
-"""The DDPOptimizer shims the shared cache relies on (``_torch_compat``), in one process.
+"""The DDPOptimizer shims the shared cache relies on (``dynamo.ddp``), in one process.
 
 ``cacheable_ddp_bucket`` makes a DDP piece cacheable by AOTAutograd only where
 inductor keeps eager's output strides; ``ddp_pieces_after`` must produce the pieces
@@ -18,7 +18,7 @@ import torch
 from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import ddp
 
 HERE = Path(__file__).resolve().parent
 
@@ -36,7 +36,7 @@ def test_a_piece_is_made_cacheable_only_where_outputs_keep_eager_strides(options
     ctx = TracingContext(FakeTensorMode())
     ctx.fakify_first_call = True
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
-    with tracing(ctx), compat.cacheable_ddp_bucket(gm, options) as bucket:
+    with tracing(ctx), ddp.cacheable_bucket(gm, options) as bucket:
         assert bucket.active is active
         assert ctx.fakify_first_call is not active
     assert ctx.fakify_first_call, "the flag is DDPOptimizer's: it is put back"
@@ -44,11 +44,11 @@ def test_a_piece_is_made_cacheable_only_where_outputs_keep_eager_strides(options
 
 def test_outside_ddp_optimizer_nothing_changes():
     gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
-    with compat.cacheable_ddp_bucket(gm) as bucket:
+    with ddp.cacheable_bucket(gm) as bucket:
         assert not bucket.active
     compiled = object()
     assert bucket.wrap(compiled) is compiled
-    assert list(compat.ddp_pieces_after(gm)) == []
+    assert list(ddp.pieces_after(gm)) == []
 
 
 _PIECES = textwrap.dedent(
@@ -57,7 +57,7 @@ _PIECES = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     import torch, torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from dynamo_dist.dynamo import compat
+    from dynamo_dist.dynamo import ddp
     from dynamo_dist.cache.key import graph_key
     from test_cache import _Blocks
 
@@ -65,9 +65,9 @@ _PIECES = textwrap.dedent(
     real, ahead = [], []
 
     def backend(gm, example_inputs):
-        with compat.cacheable_ddp_bucket(gm) as bucket:
+        with ddp.cacheable_bucket(gm) as bucket:
             real.append(graph_key(gm, example_inputs, {})[0])
-            for piece, inputs in compat.ddp_pieces_after(gm):
+            for piece, inputs in ddp.pieces_after(gm):
                 ahead.append((len(real), graph_key(piece, inputs, {})[0]))
         return bucket.wrap(gm.forward)
 

@@ -149,10 +149,10 @@ def test_artifact_file_roundtrip_and_damage() -> None:
 
 def test_a_source_change_is_found() -> None:
     from dynamo_dist.cache import artifact as mod
-    from dynamo_dist.dynamo import compat
+    from dynamo_dist.dynamo import artifacts
 
     first, last = 1, 5
-    checksum = compat.hash_sourcelines(mod, first, last)
+    checksum = artifacts.hash_sourcelines(mod, first, last)
     assert pa.sources_changed([(mod.__name__, first, last, checksum)]) is None
     assert "changed" in (pa.sources_changed([(mod.__name__, first, last, "0" * 8)]) or "")
     assert "not imported" in (pa.sources_changed([("no_such_module_x", 1, 2, "x")]) or "")

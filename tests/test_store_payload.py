@@ -41,7 +41,7 @@ from dynamo_dist.dist.store import (
     PayloadRefused,
     TooManyObjects,
 )
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import pgo, pgo_pickle
 from dynamo_dist.exchange import status
 
 #: At least 32 characters: shorter secrets are being made invalid (issue 26, row 5).
@@ -70,7 +70,7 @@ def test_the_measured_memo_bomb_is_refused_at_the_cap_with_bounded_memory() -> N
     tracemalloc.start()
     try:
         with pytest.raises(TooManyObjects) as info:
-            compat.pgo_loads(data)
+            pgo_pickle.loads(data)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -85,10 +85,10 @@ def test_memo_references_count_every_time() -> None:
     data = pickle.dumps(_state(tuple(range(1000)), 500))
     assert len(data) < 64 << 10
     with pytest.raises(TooManyObjects) as info:
-        compat.pgo_loads(data)
+        pgo_pickle.loads(data)
     assert info.value.counted == MAX_STORE_OBJECTS + 1
     # The same state under the cap loads: the cap, not the shape, refuses it.
-    assert len(compat.pgo_loads(data, max_objects=10_000_000)) == 500
+    assert len(pgo_pickle.loads(data, max_objects=10_000_000)) == 500
 
 
 def test_a_doubling_memo_bomb_stops_at_the_cap() -> None:
@@ -99,18 +99,18 @@ def test_a_doubling_memo_bomb_stops_at_the_cap() -> None:
     data = pickle.dumps({CodeId("f.py", 1, "f", "0"): CodeState(automatic_dynamic={"x": t})})
     assert len(data) < 2000
     with pytest.raises(TooManyObjects) as info:
-        compat.pgo_loads(data)
+        pgo_pickle.loads(data)
     assert info.value.counted == MAX_STORE_OBJECTS + 1
 
 
 def test_the_rebuild_counts_shared_references() -> None:
-    """``_pgo_rebuilt`` on its own (objects already in memory): stops at the cap too."""
-    budget = compat._Budget(50_000)
+    """``pgo_pickle._rebuilt`` on its own (objects already in memory): stops at the cap too."""
+    budget = pgo_pickle._Budget(50_000)
     with pytest.raises(TooManyObjects):
-        compat._pgo_rebuilt(_state(tuple(range(1000)), 100), budget)
+        pgo_pickle._rebuilt(_state(tuple(range(1000)), 100), budget)
     assert budget.used == budget.cap + 1
-    small = compat._Budget(50_000)
-    assert len(compat._pgo_rebuilt(_state(tuple(range(10)), 100), small)) == 100
+    small = pgo_pickle._Budget(50_000)
+    assert len(pgo_pickle._rebuilt(_state(tuple(range(10)), 100), small)) == 100
     assert small.used <= 50_000
 
 
@@ -118,12 +118,12 @@ def test_dict_keys_that_hash_expensively_are_refused() -> None:
     """Colliding ints (n and n + 2**61 - 1 hash alike) and tuples as keys: never hashed."""
     collide = {CodeId("f.py", k * (2**61 - 1), "f", "0"): CodeState() for k in range(1, 50)}
     with pytest.raises(ValueError, match="dict key"):
-        compat.pgo_loads(pickle.dumps(collide))
+        pgo_pickle.loads(pickle.dumps(collide))
     with pytest.raises(ValueError, match="dict key"):
-        compat.pgo_loads(pickle.dumps({(1, 2): 3}))
+        pgo_pickle.loads(pickle.dumps({(1, 2): 3}))
     with pytest.raises(ValueError, match="not in a code state"):
-        compat.pgo_loads(pickle.dumps({"x": {1, 2}}))  # sets: not pgo's
-    assert compat.pgo_loads(pickle.dumps(_small_state())) == _small_state()
+        pgo_pickle.loads(pickle.dumps({"x": {1, 2}}))  # sets: not pgo's
+    assert pgo_pickle.loads(pickle.dumps(_small_state())) == _small_state()
 
 
 def test_over_the_byte_cap_is_refused_before_parsing() -> None:
@@ -309,14 +309,12 @@ def test_contribute_posts_a_view_the_writer_accepts(
     cf = torch.compile(f, backend="eager")
     cf(torch.randn(4, 3))
     cf(torch.randn(6, 3))  # the batch goes dynamic: a mark to contribute
-    assert compat.pgo_dynamic_marks()
+    assert pgo.dynamic_marks()
     member, writer = _profile(store, False), _profile(store, True)
     profiles._contribute(member)
     profiles._collect(writer)
     assert profiles.cache.counts.store_payloads_refused == 0
-    assert compat.pgo_dynamic_marks(writer.views) == compat.pgo_dynamic_marks(
-        compat.pgo_stable(compat.pgo_state(), {})
-    )
+    assert pgo.dynamic_marks(writer.views) == pgo.dynamic_marks(pgo.stable(pgo.live_state(), {}))
 
 
 def test_a_pickle_cannot_fill_a_process_wide_object() -> None:
@@ -329,7 +327,7 @@ def test_a_pickle_cannot_fill_a_process_wide_object() -> None:
         b"}X\x06\x00\x00\x00renderK\x01sb."  # BUILD {"render": 1} on it
     )
     with pytest.raises(ValueError, match="did not create"):
-        compat.pgo_loads(data)
+        pgo_pickle.loads(data)
     assert dict(vars(AutoDynamic.token)) == before
 
 

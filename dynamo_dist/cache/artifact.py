@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dynamo_dist.cache.artifact_file import decode, encode, read_stored, write_stored
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import artifacts, compat, inductor
 
 __all__ = [
     "Captured",
@@ -152,7 +152,7 @@ def _is_torch_internal(entry: Any, unsaveable: frozenset[str]) -> bool:
     save it, makes the capture fail. Every dropped guard is checked at every call too
     (:class:`DroppedCheck`), by identity, so rebinding such a global is noticed.
     """
-    root = compat.guard_root_global(entry)
+    root = artifacts.guard_root_global(entry)
     if root is not None and (
         root.startswith("__import_torch") or root.startswith("__builtins_dict__")
     ):
@@ -174,7 +174,7 @@ def _is_torch_internal(entry: Any, unsaveable: frozenset[str]) -> bool:
 def guard_filter(dropped: list[GuardRecord]) -> Callable[[Any], list[bool]]:
     """A ``guard_filter_fn`` keeping every guard but those on torch globals (recorded)."""
 
-    unsaveable = compat.unserializable_guard_types()
+    unsaveable = artifacts.unserializable_guard_types()
 
     def keep(entries: Any) -> list[bool]:
         dropped.clear()
@@ -312,7 +312,7 @@ def sources_changed(sources: list[tuple[str, int, int, str]]) -> str | None:
         if module is None:
             return f"{module_name} is not imported"
         try:
-            now = compat.hash_sourcelines(module, first, last)
+            now = artifacts.hash_sourcelines(module, first, last)
         except Exception as e:
             return f"{module_name}:{first}-{last} unreadable ({type(e).__name__})"
         if now != checksum:
@@ -326,7 +326,7 @@ def sources_now(sources: list[tuple[str, int, int, str]]) -> list[str]:
     for module_name, first, last, _ in sources:
         module = sys.modules.get(module_name)
         try:
-            out.append(compat.hash_sourcelines(module, first, last) if module else "")
+            out.append(artifacts.hash_sourcelines(module, first, last) if module else "")
         except Exception:
             out.append("")
     return out
@@ -336,9 +336,9 @@ def sources_now(sources: list[tuple[str, int, int, str]]) -> list[str]:
 
 
 def _classify(e: BaseException) -> str:
-    if compat.is_package_error(e):
+    if artifacts.is_package_error(e):
         return UNSERIALIZABLE_GUARD
-    if compat.is_graph_break(e):
+    if artifacts.is_graph_break(e):
         return GRAPH_BREAK
     return PACKAGE_ERROR
 
@@ -367,20 +367,20 @@ def produce(
             # Deterministic for this key: record it, so nobody traces to the break again.
             write_stored(name, encode({"failed": reason, "detail": detail, "label": label}))
         return Failed(reason, detail)
-    sources = compat.aot_inlined_sources(art)
+    sources = artifacts.aot_inlined_sources(art)
     try:
-        isa: list[str] | None = compat.cpu_isa_names()
+        isa: list[str] | None = inductor.cpu_isa_names()
     except Exception:
         isa = None
     header = {
         "label": label,
         "isa": isa,
-        "torch": compat._torch_version(),
+        "torch": compat.torch_version(),
         "sources": [list(s) for s in sources],
         "dropped": [[r.name, r.guard_type, list(r.identity)] for r in dropped],
     }
     try:
-        blob = encode(header, compat.aot_serialize(art))
+        blob = encode(header, artifacts.aot_serialize(art))
     except Exception as e:
         return Failed(PACKAGE_ERROR, f"serialize: {type(e).__name__}: {e}")
     write_stored(name, blob)
@@ -399,7 +399,7 @@ def load(
     failed = header.get("failed")
     if failed is not None:
         return None, Failed(str(failed), str(header.get("detail", "")))
-    if header.get("torch") != compat._torch_version():
+    if header.get("torch") != compat.torch_version():
         return None, Failed(TORCH_CHANGED, f"captured with torch {header.get('torch')}")
     try:
         sources = [(str(m), int(a), int(b), str(c)) for m, a, b, c in header["sources"]]
@@ -419,6 +419,6 @@ def load(
         isa = header.get("isa")
         if not (isinstance(isa, list) and all(isinstance(x, str) for x in isa)):
             isa = None
-        return (compat.aot_deserialize(artifact, f_globals, isa), check), None
+        return (artifacts.aot_deserialize(artifact, f_globals, isa), check), None
     except Exception as e:
         return None, Failed(PACKAGE_ERROR, f"load: {type(e).__name__}: {e}")

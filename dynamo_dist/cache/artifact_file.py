@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_dist.cache import fs
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import inductor
 
 __all__ = ["decode", "discard", "encode", "local_artifacts", "read_stored", "write_stored"]
 
@@ -52,7 +52,7 @@ def decode(data: bytes) -> tuple[dict[str, Any], bytes]:
 # -- on disk --------------------------------------------------------------------------------
 def _artifact_dir(create: bool) -> tuple[int, bool]:
     """The artifact directory in the inductor cache in effect now, opened (fd, ok)."""
-    base = compat.inductor_cache_dir()
+    base = inductor.cache_dir()
     try:
         fd = fs.open_root(base, create=create, mode=0o700)
     except OSError:

@@ -20,7 +20,7 @@ from dynamo_dist.cache.key import graph_key
 from dynamo_dist.cache.profile import profiles_for
 from dynamo_dist.cache.protocol import SharedCache, Upcoming
 from dynamo_dist.cache.stats import warn_once
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import ddp
 
 __all__ = ["CachingBackend", "get_cache", "stats"]
 
@@ -72,9 +72,7 @@ class CachingBackend:
             # A DDPOptimizer bucket, made cacheable by AOTAutograd: a warm start then
             # loads the bucket's joint graph instead of tracing it again.
             options = getattr(self._inner, "config", None)  # inductor's, from options=
-            with compat.cacheable_ddp_bucket(
-                gm, options if isinstance(options, dict) else None
-            ) as bucket:
+            with ddp.cacheable_bucket(gm, options if isinstance(options, dict) else None) as bucket:
                 compiled = self._cache.compile(
                     key,
                     factors,
@@ -91,7 +89,7 @@ class CachingBackend:
         """The DDP pieces after ``gm``, keyed, for a rank that waits meanwhile."""
 
         def pieces() -> Iterator[Upcoming]:
-            for piece, inputs in compat.ddp_pieces_after(gm):
+            for piece, inputs in ddp.pieces_after(gm):
                 key, factors = graph_key(piece, inputs, self._static)
                 yield key, factors, partial(self._inner, piece, inputs), self._label
 

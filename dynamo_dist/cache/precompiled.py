@@ -65,7 +65,7 @@ from dynamo_dist.cache.key import call_spec, precompile_key, precompile_key_for_
 from dynamo_dist.cache.protocol import SharedCache
 from dynamo_dist.cache.stats import emit_precompiled, log, warn_once
 from dynamo_dist.dist import local as dist_local
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import artifacts, patches
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C
 
@@ -240,7 +240,7 @@ class PrecompiledModule:
 
     def _pick(self, full: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         for art, check in self.arts:
-            if check.ok() and compat.aot_guard_check(art, full, kwargs):
+            if check.ok() and artifacts.aot_guard_check(art, full, kwargs):
                 return art
         return None
 
@@ -282,7 +282,7 @@ class PrecompiledModule:
             return _NO_ARTIFACT
         try:
             reasons = [
-                c.changed() or compat.aot_guard_failure(a, full, kwargs) for a, c in self.arts
+                c.changed() or artifacts.aot_guard_failure(a, full, kwargs) for a, c in self.arts
             ]
         except Exception as e:  # diagnostics never break a step
             return f"precompiled guards failed (reasons unavailable: {type(e).__name__})"
@@ -318,7 +318,7 @@ class PrecompiledModule:
     def _obtain(
         self, target: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[Any, Failed | None]:
-        missing = compat.aot_compile_missing()
+        missing = artifacts.aot_compile_missing()
         if missing is not None:
             return None, Failed(NO_AOT_COMPILE, missing)
         try:
@@ -363,7 +363,7 @@ class PrecompiledModule:
             return self._usable(held[0], held[1], full, kwargs)
         capture = partial(self._capture, target, args, kwargs)
         marks = [(args[i], dims) for i, dims in dynamic.items()]
-        with dist_local.compiling(None), compat.marked_dynamic(marks):
+        with dist_local.compiling(None), patches.marked_dynamic(marks):
             got = self.cache.compile(
                 key, factors, partial(produce, key, capture, self.label), self.label
             )
@@ -398,8 +398,8 @@ class PrecompiledModule:
     ) -> tuple[Any, Failed | None]:
         """The artifact obtained for this call, if its guards pass (else a guard miss)."""
         why = check.changed()
-        if why is None and not compat.aot_guard_check(art, full, kwargs):
-            why = compat.aot_guard_failure(art, full, kwargs)
+        if why is None and not artifacts.aot_guard_check(art, full, kwargs):
+            why = artifacts.aot_guard_failure(art, full, kwargs)
         if why is not None:
             return None, Failed(GUARD_MISS, why)
         self.arts.append((art, check))
@@ -412,7 +412,7 @@ class PrecompiledModule:
         kwargs: dict[str, Any],
         dropped: list[GuardRecord],
     ) -> Any:
-        capture = compat.aot_capture(self.backend, guard_filter(dropped))
+        capture = artifacts.aot_capture(self.backend, guard_filter(dropped))
         # Gradients of an earlier step, set aside: Dynamo saves the parameters' guard
         # state with them, as a placeholder its own loader then refuses to assign
         # ("assigned grad expected to be a Tensor or None"). The capture reads no grad.

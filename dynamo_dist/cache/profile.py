@@ -59,7 +59,7 @@ from dynamo_dist.cache.protocol import SharedCache
 from dynamo_dist.cache.stats import emit_profile, log, warn_once
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist import store as dist_store
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import compat, pgo, pgo_pickle
 from dynamo_dist.dynamo.callback import before_compile
 
 __all__ = ["Profiles", "derived_job_id", "profiles_for"]
@@ -134,8 +134,8 @@ class Profiles:
         generation, data = found
         profile.generation = generation
         try:
-            state = compat.pgo_loads(data)
-            marks = compat.pgo_dynamic_marks(state)
+            state = pgo_pickle.loads(data)
+            marks = pgo.dynamic_marks(state)
         except Exception as e:
             if not writer:  # the bytes came from the job's store: anyone could have set them
                 dist_store.refuse("automatic-dynamic profile", e, self.cache.counts)
@@ -150,7 +150,7 @@ class Profiles:
                 e,
             )
             return
-        added = compat.pgo_merge(state, _pending)
+        added = pgo.merge(state, _pending)
         # What the cache holds, closures' frames included (they join the live state
         # only when they compile): nothing new to publish until a mark beyond these.
         profile.marks = marks
@@ -245,9 +245,9 @@ class Profiles:
             if not cache.enabled or not cache.writable or profile.generation >= MAX_GENERATIONS:
                 return
             self._collect(profile)
-            mine = compat.pgo_stable(compat.pgo_state(), _names)
-            state = compat.pgo_union(mine, [profile.views])
-            marks = compat.pgo_dynamic_marks(state)
+            mine = pgo.stable(pgo.live_state(), _names)
+            state = pgo.union(mine, [profile.views])
+            marks = pgo.dynamic_marks(state)
             if not marks <= profile.marks:
                 publish(self.cache, profile, marks, state)
         except Exception as e:
@@ -265,11 +265,11 @@ class Profiles:
         """A non-writer posts its view when it gained a mark (the writer merges it)."""
         if profile.store is None:
             return
-        marks = compat.pgo_dynamic_marks()
+        marks = pgo.dynamic_marks()
         if marks <= profile.contributed:
             return
-        mine = compat.pgo_stable(compat.pgo_state(), _names)
-        data = self.cache.rank.to_bytes(4, "big") + compat.pgo_dumps(mine)
+        mine = pgo.stable(pgo.live_state(), _names)
+        data = self.cache.rank.to_bytes(4, "big") + pgo_pickle.dumps(mine)
         profile.contributed = marks
         if len(data) + dist_store.MAC_BYTES > dist_store.MAX_STORE_PAYLOAD_BYTES:
             # The writer would refuse it: posting it would only cost the store and the writer.
@@ -307,8 +307,8 @@ class Profiles:
             if view is None:
                 continue
             try:  # the union stays under the cap too: it is what the writer holds
-                union = compat.pgo_union(profile.views, [view])
-                profile.views = compat.pgo_checked(union)
+                union = pgo.union(profile.views, [view])
+                profile.views = pgo_pickle.checked(union)
             except ValueError as e:
                 dist_store.refuse("automatic-dynamic view", e, self.cache.counts)
 
@@ -323,8 +323,8 @@ class Profiles:
             rank = int.from_bytes(data[:4], "big")
             if rank not in profile.ranks:
                 raise dist_store.PayloadRefused(f"{name} names rank {rank}, not in its group")
-            view = compat.pgo_loads(data[4:])
-            compat.pgo_dynamic_marks(view)
+            view = pgo_pickle.loads(data[4:])
+            pgo.dynamic_marks(view)
         except Exception as e:
             dist_store.refuse("automatic-dynamic view", e, self.cache.counts)
             return None
@@ -342,7 +342,7 @@ _loads: dict[str, int] = {}  # per group: how many profiles this process loaded 
 
 # Closures' frames (``CodeId.closure_hash`` is salted per process): this process's
 # hash -> stable name of every closure it compiled, and loaded entries waiting for
-# their closure's frame to compile (see ``compat.pgo_adopt``).
+# their closure's frame to compile (see ``pgo.adopt``).
 _names: dict[int, str] = {}
 _pending: dict[tuple[Any, ...], Any] = {}
 
@@ -350,9 +350,7 @@ _pending: dict[tuple[Any, ...], Any] = {}
 def _adopt(frame: Any) -> None:
     if dist_local.is_local():
         return
-    closure = getattr(frame, "closure", None)
-    if closure:
-        compat.pgo_adopt(frame.f_code, closure, _names, _pending)
+    pgo.adopt(frame, _names, _pending)
 
 
 before_compile.append(_adopt)

@@ -25,7 +25,7 @@ from dynamo_dist.cache.rooms import bytes_member, staging_dir
 from dynamo_dist.cache.stats import emit_profile, log, warn_once
 from dynamo_dist.cache.store import EntryRefused, EntryUnavailable, extract
 from dynamo_dist.dist import store as dist_store
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import pgo, pgo_pickle
 
 __all__ = ["MAX_GENERATIONS", "GroupProfile", "publish", "read_newest"]
 
@@ -115,7 +115,7 @@ def read_newest(cache: SharedCache, profile: GroupProfile) -> tuple[int, bytes] 
         except OSError as e:
             raise EntryRefused(f"{PROFILE_FILE}: {e.strerror or e}") from None
         try:  # checked here, so peers never get bad bytes
-            compat.pgo_dynamic_marks(compat.pgo_loads(data))
+            pgo.dynamic_marks(pgo_pickle.loads(data))
         except Exception as e:
             raise EntryRefused(str(e)) from None
         return generation, data
@@ -139,11 +139,11 @@ def publish(
     generation = profile.generation + 1
     key = _key(profile.job, profile.group, generation)
     rank = cache.rank
-    data = compat.pgo_dumps(state)
+    data = pgo_pickle.dumps(state)
     try:  # what no reader would accept is not published (nor tried again until a new mark)
         if len(data) > MAX_PROFILE_BYTES:
             raise ValueError(f"it is {len(data)} bytes, more than {MAX_PROFILE_BYTES}")
-        compat.pgo_loads(data)
+        pgo_pickle.loads(data)
     except ValueError as e:
         profile.marks = marks
         warn_once(

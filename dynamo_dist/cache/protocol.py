@@ -81,7 +81,7 @@ from dynamo_dist.cache.store import (
 )
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist import proc
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import inductor, patches
 
 __all__ = [
     "SharedCache",
@@ -168,7 +168,7 @@ def host_copy_dir(local: Path) -> Path:
 
 def local_inductor_dir() -> Path:
     """This rank's inductor cache directory as inductor sees it now."""
-    return Path(compat.inductor_cache_dir())
+    return Path(inductor.cache_dir())
 
 
 def _private_problem(path: Path) -> str | None:
@@ -221,9 +221,7 @@ def private_local_dir() -> Path | None:
     even that fails: then nothing is staged, led or loaded here.
     """
     path = Path(
-        os.path.abspath(
-            os.environ.get("TORCHINDUCTOR_CACHE_DIR") or compat.inductor_default_cache_dir()
-        )
+        os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or inductor.default_cache_dir())
     )
     reason = _private_problem(path)
     if reason is None:
@@ -262,7 +260,7 @@ def require_private_local_dir() -> Path:
     if local is None:
         raise ConfigError(
             "TORCHINDUCTOR_CACHE_DIR: the local inductor cache "
-            f"{compat.inductor_cache_dir()} is not private to this user and no private "
+            f"{inductor.cache_dir()} is not private to this user and no private "
             "replacement could be made ($XDG_CACHE_HOME, ~/.cache, the temp dir); with a "
             "shared cache nothing is compiled where another user could plant files. Fix: "
             "set TORCHINDUCTOR_CACHE_DIR to a new, empty directory of your own"
@@ -282,7 +280,7 @@ def _use_private_headers(local: Path) -> None:
         return  # once per directory: this runs at every compile
     with contextlib.suppress(OSError):
         headers = fs.private_dir(local, ("precompiled_headers",))
-        compat.use_precompiled_header_dir(str(headers))
+        inductor.use_precompiled_header_dir(str(headers))
         _headers_moved.clear()
         _headers_moved.add(local)
 
@@ -292,7 +290,7 @@ _headers_moved: set[Path] = set()
 
 
 def _switch_to(new: Path, old: Path, reason: str) -> Path:
-    compat.use_inductor_cache_dir(str(new))
+    inductor.use_cache_dir(str(new))
     _use_private_headers(new)
     warn_once(
         f"local:{old}",
@@ -492,11 +490,11 @@ class SharedCache:
         }
 
     def _compile_counted(self, compile_fn: Callable[[], Any]) -> Any:
-        before = compat.inductor_fxgraph_cache_misses()
+        before = inductor.fxgraph_cache_misses()
         try:
             return compile_fn()
         finally:
-            after = compat.inductor_fxgraph_cache_misses()
+            after = inductor.fxgraph_cache_misses()
             self.counts.inductor_compiles += after - before
 
     def _local_problem(self, what: str, key: str, e: BaseException) -> None:
@@ -543,7 +541,7 @@ class SharedCache:
         try:
             # Applied on every rank (leader and followers alike): it is part of
             # AOTAutograd's configuration, hence of its cache key.
-            with compat.eager_backward_lowering():
+            with patches.eager_backward_lowering():
                 return self._through_cache(key, factors, label, compile_fn, turn, upcoming)
         except BaseException as e:
             # Report before the error goes anywhere, or the other ranks wait for this one.
@@ -615,7 +613,7 @@ class SharedCache:
                 fs.remove_path(staging, owner=os.geteuid())
         if installed:
             # Every kernel came built: loading them needs no precompiled header.
-            with compat.cpp_kernels_load_only():
+            with inductor.cpp_kernels_load_only():
                 return turn.compile(compile_fn)
         return turn.compile(compile_fn)
 
@@ -1085,7 +1083,7 @@ class SharedCache:
                 run()
             return False
         t0 = time.monotonic()
-        with compat.inductor_cache_dir_override(room):
+        with inductor.cache_dir_override(room):
             run()
         seconds = time.monotonic() - t0
         try:

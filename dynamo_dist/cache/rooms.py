@@ -36,7 +36,7 @@ from pathlib import Path
 
 from dynamo_dist.cache import fs
 from dynamo_dist.dist.proc import pid_alive
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import inductor
 
 __all__ = ["ROOMS", "Built", "FileMark", "Member", "sweep"]
 
@@ -103,7 +103,7 @@ class Built:
     def record_room(self, room: Path) -> int:
         """Record the regular files of ours that the compile wrote in ``room``; how many."""
         marks = {m.rel: m for m in _scan(room, room)}
-        probes = compat.isa_probe_sources()
+        probes = inductor.isa_probe_sources()
         with self.lock:
             self.rooms.setdefault(room, {}).update(marks)
             for m in marks.values():
@@ -120,7 +120,7 @@ class Built:
         with self.lock:
             for rel, st in created:
                 self.latest.setdefault(rel, _mark(local, rel, st))
-        probes = compat.isa_probe_sources()
+        probes = inductor.isa_probe_sources()
         for rel, st in created:
             if rel[-1].endswith(".cpp") and probes and _small_text(_mark(local, rel, st)) in probes:
                 self.probes.add(rel)

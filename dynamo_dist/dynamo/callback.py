@@ -25,7 +25,7 @@ from dynamo_dist import _errors
 from dynamo_dist._log import get_logger
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist.local import Scope
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import compat, patches, pgo
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C
 from dynamo_dist.exchange.policy import Policy
@@ -128,7 +128,7 @@ class GuardedCallback:
         specific, total, _, _ = local_entries.counts(frame)
         with (
             dist_local.compiling(self._scope),
-            compat.recompile_headroom(specific, total),
+            patches.recompile_headroom(specific, total),
         ):
             result = self._inner(frame, cache_entry, frame_state)
         if getattr(result, "guarded_code", None) is not None:
@@ -158,8 +158,8 @@ class GuardedCallback:
             return compat.run_eagerly_once()
         with (
             dist_local.compiling(None),
-            compat.isolated_code_state(local_entries.code_state),
-            compat.recompile_headroom(lock_same, lock_total),
+            pgo.isolated_code_state(local_entries.code_state),
+            patches.recompile_headroom(lock_same, lock_total),
         ):
             result = self._inner(frame, cache_entry, frame_state)
         if getattr(result, "guarded_code", None) is not None:

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from dynamo_dist._log import get_logger
 from dynamo_dist._version import __version__
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import compat, patches
 
 log = get_logger("hook")
 
@@ -167,14 +167,14 @@ before any other enter hook has applied something that would then never be undon
 
 def current_hook() -> object | None:
     """The installed guard-complete hook (read by swapping it out and straight back)."""
-    prev = compat.set_guard_complete_hook(None)
-    compat.set_guard_complete_hook(prev)
+    prev = patches.set_guard_complete_hook(None)
+    patches.set_guard_complete_hook(prev)
     return prev
 
 
 def install(hook: _C.GuardHook | _C.Router) -> object | None:
     """Install ``hook`` as Dynamo's guard-complete hook; returns the previous hook."""
-    prev = compat.set_guard_complete_hook(hook)
+    prev = patches.set_guard_complete_hook(hook)
     if prev is hook:
         return None
     if prev is not None:
@@ -184,7 +184,7 @@ def install(hook: _C.GuardHook | _C.Router) -> object | None:
 
 def uninstall(hook: _C.GuardHook | _C.Router, previous: object | None) -> None:
     """Restore ``previous`` if ``hook`` is still the installed one."""
-    current = compat.set_guard_complete_hook(previous)
+    current = patches.set_guard_complete_hook(previous)
     if current is not None and current is not hook:
         # Someone installed their own hook after us; leave theirs in place.
-        compat.set_guard_complete_hook(current)
+        patches.set_guard_complete_hook(current)

@@ -1,7 +1,7 @@
 """Taking over the Dynamo context ``torch.compile`` builds, without re-implementing it.
 
 ``torch.compile`` ends with Dynamo's ``optimize(...)(model)``. Wrapping ``optimize`` for
-the duration of that one call (``compat.wrapping_optimize``, restored on exit) lets an
+the duration of that one call (``patches.wrapping_optimize``, restored on exit) lets an
 :class:`Adoption` wrap the context's frame callback and backend, and add two enter
 hooks, before the context is applied, while torch.compile keeps its own argument
 handling. This module is the only one that changes a Dynamo context
@@ -22,8 +22,8 @@ from typing import Any
 
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist.runtime import Channel
-from dynamo_dist.dynamo import compat
 from dynamo_dist.dynamo import hook as dynamo_hook
+from dynamo_dist.dynamo import patches
 from dynamo_dist.dynamo.callback import GuardedCallback
 from dynamo_dist.exchange.stats import Counts
 
@@ -182,5 +182,5 @@ class Adoption:
 @contextmanager
 def capturing(adoption: Adoption) -> Iterator[Adoption]:
     """While torch.compile runs in this block, ``adoption`` takes over what it builds."""
-    with compat.wrapping_optimize(adoption.adopt, backend=adoption.backend):
+    with patches.wrapping_optimize(adoption.adopt, backend=adoption.backend):
         yield adoption

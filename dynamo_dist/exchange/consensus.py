@@ -26,7 +26,7 @@ from typing import Any
 from dynamo_dist._log import get_logger
 from dynamo_dist.dist import local
 from dynamo_dist.dist.group import all_gather_objects
-from dynamo_dist.dynamo import compat
+from dynamo_dist.dynamo import patches
 
 log = get_logger("consensus")
 
@@ -43,7 +43,7 @@ def enable() -> bool:
     global _restore
     if _restore is not None:
         return True
-    restore = compat.install_compiler_collectives(_group_for_compile, all_gather_objects)
+    restore = patches.install_compiler_collectives(_group_for_compile, all_gather_objects)
     if restore is None:
         log.warning("this torch has no compiler collectives; automatic-dynamic consensus is off")
         return False

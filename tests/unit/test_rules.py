@@ -31,7 +31,9 @@ MAX_FUNCTION_LINES = 80
 ORDER: list[tuple[str, ...]] = [
     ("_version", "_errors", "_log", "dist.limits", "dist.proc", "_C"),
     ("dynamo.compat",),  # read-only views of torch's and CPython's internals
-    ("dynamo.patches", "dynamo.pgo", "dynamo.artifacts"),
+    # changes to torch's state, and torch's subsystems as dynamo_dist uses them
+    ("dynamo.patches", "dynamo.pgo", "dynamo.pgo_pickle", "dynamo.inductor", "dynamo.ddp"),
+    ("dynamo.artifacts",),  # precompiled artifacts: a capture runs in its own code state
     ("dynamo.events", "exchange.stats", "_config"),
     ("cache.fs",),  # the one filesystem layer (the secret reads files too)
     ("cache.secret",),
