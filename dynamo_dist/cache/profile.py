@@ -53,14 +53,15 @@ from typing import Any
 
 import torch.distributed as dist
 
-from dynamo_dist.cache import fs
+from dynamo_dist.cache import fs, fs_tree
 from dynamo_dist.cache import secret as cache_secret
+from dynamo_dist.cache.archive import extract
+from dynamo_dist.cache.entries import EntryRefused, EntryUnavailable
 from dynamo_dist.cache.key import version_factors
 from dynamo_dist.cache.lock import owner_record
 from dynamo_dist.cache.protocol import SharedCache, private_local_dir
 from dynamo_dist.cache.rooms import bytes_member, staging_dir
 from dynamo_dist.cache.stats import emit_profile, log, warn_once
-from dynamo_dist.cache.store import EntryRefused, EntryUnavailable, extract
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist import store as dist_store
 from dynamo_dist.dynamo import compat
@@ -321,7 +322,7 @@ class Profiles:
             warn_once(f"profile-read:{cache.root}", "cannot read the profile (%s)", e)
             return None
         finally:
-            fs.remove_path(staging, owner=os.geteuid())
+            fs_tree.remove_path(staging, owner=os.geteuid())
 
     # -- publishing (the group's writer, after each compile) ----------------------------
     def after_compile(self) -> None:

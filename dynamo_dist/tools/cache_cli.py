@@ -53,7 +53,8 @@ from typing import Any
 
 from dynamo_dist._config import CACHE_SECRET_ENV, CACHE_SECRET_FILE_ENV
 from dynamo_dist._errors import ConfigError
-from dynamo_dist.cache import fs
+from dynamo_dist.cache import fs, fs_tree
+from dynamo_dist.cache.entries import ARTIFACT, FORMAT, EntryRefused
 from dynamo_dist.cache.lock import look
 from dynamo_dist.cache.secret import (
     OLD_NAMESPACE_PREFIX,
@@ -61,15 +62,7 @@ from dynamo_dist.cache.secret import (
     read_secret,
     untrusted_reason,
 )
-from dynamo_dist.cache.store import (
-    ARTIFACT,
-    FORMAT,
-    MARKER,
-    DiskStore,
-    EntryRefused,
-    read_marker,
-    write_marker,
-)
+from dynamo_dist.cache.store import MARKER, DiskStore, read_marker, write_marker
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.I)
@@ -294,7 +287,7 @@ class _Cache:
             newest = top.st_mtime
             if not stat.S_ISDIR(top.st_mode):
                 return (top.st_size if stat.S_ISREG(top.st_mode) else 0), newest
-            for st in fs.tree_stats(parent, parts[-1]):  # no links followed
+            for st in fs_tree.tree_stats(parent, parts[-1]):  # no links followed
                 newest = max(newest, st.st_mtime)
                 if stat.S_ISREG(st.st_mode):
                     size += st.st_size
@@ -422,7 +415,7 @@ def _remove_at(root: Path, parts: Sequence[str]) -> None:
     with fs.walk(root, parts[:-1]) as fds:
         fs.lstat(fds[-1], parts[-1])  # gone: ENOENT, as before
         errors: list[OSError] = []
-        if not fs.remove_tree(fds[-1], parts[-1], errors=errors):
+        if not fs_tree.remove_tree(fds[-1], parts[-1], errors=errors):
             raise errors[0] if errors else OSError(errno.ENOTEMPTY, "could not remove all of it")
 
 

@@ -33,7 +33,9 @@ ORDER: list[tuple[str, ...]] = [
     ("dynamo.compat",),  # read-only views of torch's and CPython's internals
     ("dynamo.patches", "dynamo.pgo", "dynamo.artifacts"),
     ("dynamo.events", "exchange.stats", "_config"),
+    ("cache.fs_ops",),  # counts of the filesystem operations made on a store
     ("cache.fs",),  # the one filesystem layer (the secret reads files too)
+    ("cache.fs_tree",),  # whole trees, by descriptor, built on cache.fs
     ("cache.secret",),
     ("dist.store",),  # the job's key-value store: clients, caps and MACs
     ("dynamo.hook",),  # the C++ guard hook
@@ -46,7 +48,9 @@ ORDER: list[tuple[str, ...]] = [
     ("dynamo.callback",),
     ("exchange.consensus",),
     ("cache.key", "cache.stats", "cache.rooms"),
-    ("cache.archive",),
+    ("cache.entries",),  # the entry format: manifest checks, signature
+    ("cache.verify",),  # reading an entry from a directory others write to
+    ("cache.archive", "cache.install", "cache.refused"),
     ("cache.store", "cache.agree"),
     ("cache.lock",),
     ("cache.wait",),
