@@ -110,6 +110,8 @@ def dir_ident(st: os.stat_result) -> DirIdent:
 
 @dataclass
 class Entry:
+    """A verified entry: its key, its directory and its manifest, and how to read it again."""
+
     key: str
     path: Path
     manifest: dict[str, Any]
