@@ -584,7 +584,7 @@ def test_prune_removes_namespaces_of_the_old_key_derivation(tmp_path):
 def test_verify_uses_the_jobs_key_derivation(tmp_path, monkeypatch):
     """``verify`` checks signatures with the same scrypt-derived key the jobs sign with."""
     from dynamo_dist.cache import secret as cache_secret
-    from dynamo_dist.cache.store import key_id
+    from dynamo_dist.cache.secret import key_id
 
     secret = "verify-" + "9" * 32
     store = DiskStore(tmp_path / "c", secret)
@@ -603,12 +603,12 @@ def test_verify_uses_the_jobs_key_derivation(tmp_path, monkeypatch):
     import hashlib
     import hmac
 
-    from dynamo_dist.cache.store import _canonical
+    from dynamo_dist.cache.entries import canonical
 
     monkeypatch.setattr(cache_secret, "_secret", secret)
     manifest_path = store.entry_dir(KEYS[0]) / "manifest.json"
     man = json.loads(manifest_path.read_text())
-    man["signature"] = hmac.new(secret.encode(), _canonical(man), hashlib.sha256).hexdigest()
+    man["signature"] = hmac.new(secret.encode(), canonical(man), hashlib.sha256).hexdigest()
     manifest_path.write_text(json.dumps(man))
     v = _cli("verify", str(store.root))
     assert v.returncode == 1 and "BAD" in v.stdout and "HMAC" in v.stdout, v

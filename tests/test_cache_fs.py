@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_dist.cache import fs
+from dynamo_dist.cache import fs, fs_tree
 
 
 # -- removal by descriptor -----------------------------------------------------------------
@@ -30,7 +30,7 @@ def test_remove_tree_never_opens_a_fifo_or_follows_a_link(tmp_path: Path) -> Non
     (tree / "a" / "b" / "file").write_text("x")
     fd = fs.open_root(tmp_path)
     try:
-        assert fs.remove_tree(fd, "tree")
+        assert fs_tree.remove_tree(fd, "tree")
     finally:
         os.close(fd)
     assert not os.path.lexists(tree)
@@ -45,7 +45,7 @@ def test_remove_tree_in_a_private_directory_keeps_what_others_own(tmp_path: Path
     (tree / "sub" / "mine").write_text("x")
     fd = fs.open_root(tmp_path)
     try:
-        assert not fs.remove_tree(fd, "tree", owner=os.geteuid())
+        assert not fs_tree.remove_tree(fd, "tree", owner=os.geteuid())
     finally:
         os.close(fd)
     assert (tree / "theirs").exists() and not (tree / "sub").exists()

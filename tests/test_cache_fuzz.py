@@ -44,15 +44,10 @@ import ranks
 
 from dynamo_dist.cache import key, protocol
 from dynamo_dist.cache import secret as cache_secret
+from dynamo_dist.cache.archive import extract
+from dynamo_dist.cache.entries import EntryRefused, EntryUnavailable
 from dynamo_dist.cache.lock import Locks, owner_record
-from dynamo_dist.cache.store import (
-    MARKER,
-    DiskStore,
-    EntryRefused,
-    EntryUnavailable,
-    extract,
-    read_marker,
-)
+from dynamo_dist.cache.store import MARKER, DiskStore, read_marker
 
 SEED = int(os.environ.get("DYNAMO_DIST_FUZZ_SEED", "14014"))
 CASES = int(os.environ.get("DYNAMO_DIST_FUZZ_CASES", "60"))

@@ -27,16 +27,11 @@ from pathlib import Path
 import pytest
 import ranks
 
+from dynamo_dist.cache.archive import extract
+from dynamo_dist.cache.entries import Entry, EntryRefused, EntryUntrusted
+from dynamo_dist.cache.install import merge_into
 from dynamo_dist.cache.lock import Locks
-from dynamo_dist.cache.store import (
-    MARKER,
-    DiskStore,
-    Entry,
-    EntryRefused,
-    EntryUntrusted,
-    extract,
-    merge_into,
-)
+from dynamo_dist.cache.store import MARKER, DiskStore
 
 KEY = "ab" + "c" * 38
 
@@ -233,7 +228,8 @@ def test_malformed_manifests_are_refused_not_raised(tmp_path):
 _NO_HANG = r"""
 import json, os, sys, time
 from pathlib import Path
-from dynamo_dist.cache.store import DiskStore, EntryRefused
+from dynamo_dist.cache.entries import EntryRefused
+from dynamo_dist.cache.store import DiskStore
 root = Path(sys.argv[1]); key = sys.argv[2]
 store = DiskStore(root)
 entry = store.entry_dir(key)

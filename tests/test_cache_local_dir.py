@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_dist.cache import fs, protocol
+from dynamo_dist.cache import fs, fs_tree, protocol
 from dynamo_dist.cache.protocol import SharedCache, private_local_dir
 
 OTHER = 3000  # another account's uid: as root, chown makes files "theirs"
@@ -90,10 +90,10 @@ def test_someone_elses_files_inside_a_private_directory_make_it_unusable(
     os.chmod(local, 0o700)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(local))
     assert private_local_dir() == env
-    assert fs.foreign_in_tree(local) is not None
+    assert fs_tree.foreign_in_tree(local) is not None
     os.chown(local / "ab" / "probe.so", os.geteuid(), os.getegid())
     os.chmod(local / "ab", 0o775)  # inductor's own, under umask 002: unreachable, fine
-    assert fs.foreign_in_tree(local) is None
+    assert fs_tree.foreign_in_tree(local) is None
 
 
 def test_the_tree_check_keeps_one_descriptor_per_level(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_the_tree_check_keeps_one_descriptor_per_level(tmp_path: Path) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
     try:
-        assert fs.foreign_in_tree(local) is None
+        assert fs_tree.foreign_in_tree(local) is None
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 

@@ -31,14 +31,10 @@ from test_cache_fuzz import Hang, deadline
 
 from dynamo_dist.cache import key as cache_key
 from dynamo_dist.cache import protocol
-from dynamo_dist.cache.store import (
-    REFUSED_KEEP,
-    DiskStore,
-    Entry,
-    EntryRefused,
-    EntryUnavailable,
-    extract,
-)
+from dynamo_dist.cache.archive import extract
+from dynamo_dist.cache.entries import Entry, EntryRefused, EntryUnavailable
+from dynamo_dist.cache.refused import REFUSED_KEEP
+from dynamo_dist.cache.store import DiskStore
 
 KEY = "ab" + "c" * 38
 NOBODY = 65534

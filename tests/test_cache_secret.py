@@ -325,7 +325,8 @@ def test_local_directory_is_created_private(tmp_path, monkeypatch):
 # -- item 8: jobs with different secrets share nothing and destroy nothing ----------------
 def test_key_namespaces_in_the_store(tmp_path):
     from dynamo_dist.cache.key import version_factors
-    from dynamo_dist.cache.store import DiskStore, key_id
+    from dynamo_dist.cache.secret import key_id
+    from dynamo_dist.cache.store import DiskStore
 
     a_secret, b_secret = "a" * 32, "b" * 32
     assert key_id(a_secret) != key_id(b_secret) and len(key_id(a_secret)) == 16
@@ -481,7 +482,8 @@ def test_key_id_and_signatures_come_from_the_kdf():
     import hmac
 
     from dynamo_dist.cache import secret as cache_secret
-    from dynamo_dist.cache.store import _canonical, key_id, namespace, sign
+    from dynamo_dist.cache.entries import canonical, namespace, sign
+    from dynamo_dist.cache.secret import key_id
 
     secret = "kdf-test-" + "7" * 32
     old = hmac.new(secret.encode(), b"dynamo_dist key id", hashlib.sha256).hexdigest()[:16]
@@ -499,11 +501,11 @@ def test_key_id_and_signatures_come_from_the_kdf():
     assert key_id(secret) == hmac.new(master, b"key id", hashlib.sha256).hexdigest()[:16]
     assert cache_secret.signing_key(secret) not in (secret.encode(), master)
     man = {"factors": {"torch": "x"}, "created": 1.0}
-    raw = hmac.new(secret.encode(), _canonical(man), hashlib.sha256).hexdigest()
+    raw = hmac.new(secret.encode(), canonical(man), hashlib.sha256).hexdigest()
     assert sign(man, secret) != raw
     assert (
         sign(man, secret)
-        == hmac.new(cache_secret.signing_key(secret), _canonical(man), hashlib.sha256).hexdigest()
+        == hmac.new(cache_secret.signing_key(secret), canonical(man), hashlib.sha256).hexdigest()
     )
     assert b"manifest" in cache_secret.KDF_SALT or b"signing" in cache_secret.KDF_SALT
     assert b"2" in cache_secret.KDF_SALT  # the derivation's version

@@ -12,7 +12,9 @@ import ranks
 import torch
 
 from dynamo_dist.cache import key as cache_key
-from dynamo_dist.cache.store import DiskStore, EntryRefused, extract
+from dynamo_dist.cache.archive import extract
+from dynamo_dist.cache.entries import EntryRefused
+from dynamo_dist.cache.store import DiskStore
 
 
 def _room(tmp_path, name="room", payload=b"kernel"):

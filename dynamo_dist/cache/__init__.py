@@ -1,7 +1,10 @@
 """The shared precompile cache: one rank compiles each graph, the others load it.
 
 Stages, each its own module: ``key`` (what ranks must agree on), ``fs`` (the one
-filesystem layer), ``secret`` and ``store`` (signed, verified entries), ``lock``
+filesystem layer; ``fs_tree`` walks and removes trees on it, ``fs_ops`` counts its
+operations), ``secret``, ``entries`` (the entry format and signature), ``verify``
+(reading an entry safely), ``archive`` (its tar), ``install`` (into the local inductor
+cache), ``store`` (the directory: lookup, publish) and ``refused``, ``lock``
 (leader locks), ``agree`` (all-or-nothing across ranks), ``protocol`` (leader and
 followers), ``rooms`` (clean rooms), ``profile`` (automatic-dynamic decisions kept
 across restarts), ``artifact`` and ``precompiled`` (precompiled modules), ``backend``

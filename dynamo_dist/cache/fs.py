@@ -12,11 +12,12 @@ remembering the rules, every filesystem call of the cache goes through this modu
 * reaches everything below a root from the root's descriptor, one directory at a time,
   and creates, renames and unlinks relative to such a descriptor;
 * creates files with ``O_CREAT | O_EXCL`` and directories under unpredictable names;
-* removes trees by descriptor (``openat`` + ``unlinkat``): never through a link, never
-  opening a FIFO or a device, and in private directories only what this uid owns.
+* walks from a root down a path with one walker, :func:`walk`, the cache's only one
+  (whole trees are walked and removed by ``cache/fs_tree.py``, built on this module).
 
 Errors are ``OSError`` with the errno of the cause; callers decide what a failure means
-(a refused entry, a local problem). The counters of ``FsOps`` are ticked by callers.
+(a refused entry, a local problem). The walker counts its operations on a store's
+directory (``cache/fs_ops.py``) when asked; callers count the rest.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
+from dynamo_dist.cache.fs_ops import tick
+
 __all__ = [
     "CREATE_FLAGS",
     "DIR_FLAGS",
@@ -43,7 +46,6 @@ __all__ = [
     "create_fd",
     "create_file",
     "entries",
-    "foreign_in_tree",
     "fstat",
     "fsync",
     "lstat",
@@ -58,12 +60,9 @@ __all__ = [
     "read_file",
     "read_system_text",
     "remove",
-    "remove_path",
-    "remove_tree",
     "rename",
     "stat_root",
     "touch",
-    "tree_stats",
     "untrusted_reason",
     "walk",
     "write_new",
@@ -176,28 +175,42 @@ def walk(
     parts: Sequence[str],
     create_mode: int | None = None,
     check: Callable[[os.stat_result, str], None] | None = None,
+    counted: bool = False,
 ) -> Iterator[list[int]]:
     """Descriptors of ``root`` and of each of ``parts`` below it, walked without links.
 
     ``root`` is a path (opened, following a link there once) or a descriptor (used, not
-    closed). ``check(st, where)`` is called on every directory below the root, with the
-    ``fstat`` of the descriptor walked. All descriptors opened here are closed on exit.
+    closed). With ``create_mode``, missing directories are created with that mode.
+    ``check(st, where)`` is called on every directory below the root, with the
+    ``fstat`` of the descriptor walked. ``counted``: each open, create and check is
+    counted (``fs_ops.tick``) as an operation on the store's directory being worked on.
+    All descriptors opened here are closed on exit.
     """
+    count = tick if counted else _uncounted
     if isinstance(root, int):
         fds = [root]
         own = 1
     else:
+        count("opens")
         fds = [open_root(root, create=create_mode is not None, mode=create_mode or 0o777)]
         own = 0
     try:
         for i, part in enumerate(parts):
+            if create_mode is not None:
+                count("writes")
+            count("opens")
             fds.append(open_dir(fds[-1], part, create_mode))
             if check is not None:
+                count("stats")
                 check(os.fstat(fds[-1]), "/".join(parts[: i + 1]))
         yield fds
     finally:
         for fd in reversed(fds[own:]):
             os.close(fd)
+
+
+def _uncounted(kind: str, n: int = 1) -> None:
+    """Operations outside a store's directory (a local one, a root being set up)."""
 
 
 def make_dir(dir_fd: int, name: str, mode: int) -> bool:
@@ -296,71 +309,9 @@ def entries(dir_fd: int) -> list[tuple[str, os.stat_result]]:
     return out
 
 
-#: How many entries :func:`foreign_in_tree` looks at before it calls a tree unknowable.
-MAX_TREE_ENTRIES = 1_000_000
-
-
-def foreign_in_tree(root: Path) -> str | None:
-    """Why something under ``root`` may be someone else's, or None if all of it is ours.
-
-    Walked by descriptor, depth first (one descriptor per level open at a time), no link
-    followed, no FIFO opened: a file or directory of another uid is named. Modes are not
-    judged: under a top that is ours and closed to others, directories inductor made
-    0775 under umask 002 are out of everyone else's reach. A tree deeper than
-    ``MAX_TREE_DEPTH`` or with more than ``MAX_TREE_ENTRIES`` entries is not vouched for.
-    """
-    with walk(root, ()) as (top,):
-        return _foreign_at(top, str(root), os.geteuid(), 0, [0])
-
-
-def _foreign_at(fd: int, where: str, me: int, depth: int, seen: list[int]) -> str | None:
-    for name in names(fd):
-        seen[0] += 1
-        if seen[0] > MAX_TREE_ENTRIES:
-            return f"{where} holds more than {MAX_TREE_ENTRIES} files"
-        try:
-            st = lstat(fd, name)
-        except FileNotFoundError:
-            continue
-        if st.st_uid != me:
-            return f"{where}/{name} is owned by uid {st.st_uid}, not this user"
-        if stat.S_ISDIR(st.st_mode):
-            if depth + 1 >= MAX_TREE_DEPTH:
-                return f"{where}/{name} is nested too deep to check"
-            sub = open_dir(fd, name)
-            try:
-                problem = _foreign_at(sub, f"{where}/{name}", me, depth + 1, seen)
-            finally:
-                os.close(sub)
-            if problem is not None:
-                return problem
-    return None
-
-
 def stat_root(path: str | os.PathLike[str]) -> os.stat_result:
     """A root the user named, following a link there (their choice), as :func:`open_root`."""
     return os.stat(path)
-
-
-def tree_stats(dir_fd: int, name: str, depth: int = 0) -> Iterator[os.stat_result]:
-    """The lstat of everything below directory ``name`` of ``dir_fd``, by descriptor.
-
-    No link is followed and no FIFO opened; what vanishes meanwhile is left out. Stops at
-    ``MAX_TREE_DEPTH``: a deep planted tree ends the count, never the caller.
-    """
-    if depth >= MAX_TREE_DEPTH:
-        return
-    try:
-        fd = open_dir(dir_fd, name)
-    except OSError:
-        return
-    try:
-        for child, st in entries(fd):
-            yield st
-            if stat.S_ISDIR(st.st_mode):
-                yield from tree_stats(fd, child, depth + 1)
-    finally:
-        os.close(fd)
 
 
 def lstat(dir_fd: int | None, name: str | os.PathLike[str]) -> os.stat_result:
@@ -528,85 +479,3 @@ def remove(dir_fd: int | None, name: str | os.PathLike[str], directory: bool = F
         os.rmdir(name, dir_fd=dir_fd)
     else:
         os.unlink(name, dir_fd=dir_fd)
-
-
-#: How deep :func:`remove_tree` descends; a deeper planted tree is left (and reported).
-MAX_TREE_DEPTH = 64
-
-
-def remove_tree(
-    dir_fd: int, name: str, owner: int | None = None, errors: list[OSError] | None = None
-) -> bool:
-    """Remove directory ``name`` of ``dir_fd`` and everything in it, by descriptor.
-
-    Never follows a link (a link is unlinked, its target untouched), never opens a FIFO,
-    socket or device (they are unlinked unopened), so nothing planted can block it or
-    redirect it. With ``owner``, only entries of that uid are removed (in a private
-    directory, a file of someone else's is evidence, not ours to delete), and their
-    directories are kept. Best effort: whether all of ``name`` is gone; ``errors``
-    receives each error met (a caller that reports them says why something stayed).
-    """
-    return _remove_tree(dir_fd, name, owner, 0, [] if errors is None else errors)
-
-
-def _remove_tree(
-    dir_fd: int, name: str, owner: int | None, depth: int, errors: list[OSError]
-) -> bool:
-    try:
-        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return True
-    except OSError as e:
-        errors.append(e)
-        return False
-    if owner is not None and st.st_uid != owner:
-        return False
-    if not stat.S_ISDIR(st.st_mode):
-        return _unlink_noting(dir_fd, name, False, errors)
-    if depth >= MAX_TREE_DEPTH:
-        errors.append(OSError(errno.ELOOP, "nested too deep to remove", name))
-        return False
-    try:
-        fd = open_dir(dir_fd, name)
-    except FileNotFoundError:
-        return True
-    except OSError as e:
-        errors.append(e)
-        return False
-    try:
-        inner = os.fstat(fd)
-        if (inner.st_dev, inner.st_ino) != (st.st_dev, st.st_ino):
-            return False  # swapped between the look and the open
-        whole = True
-        for child in os.listdir(fd):
-            whole = _remove_tree(fd, child, owner, depth + 1, errors) and whole
-    except OSError as e:
-        errors.append(e)
-        whole = False
-    finally:
-        os.close(fd)
-    return whole and _unlink_noting(dir_fd, name, True, errors)
-
-
-def _unlink_noting(dir_fd: int, name: str, directory: bool, errors: list[OSError]) -> bool:
-    """Unlink (or rmdir) ``name``; whether it is gone, the error noted if not."""
-    try:
-        remove(dir_fd, name, directory)
-    except FileNotFoundError:
-        pass
-    except OSError as e:
-        errors.append(e)
-        return False
-    return True
-
-
-def remove_path(path: Path, owner: int | None = None) -> bool:
-    """:func:`remove_tree` of ``path`` (its parent reached by path, once)."""
-    try:
-        parent = open_root(path.parent)
-    except OSError:
-        return False
-    try:
-        return remove_tree(parent, path.name, owner)
-    finally:
-        os.close(parent)

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynamo_dist.cache import fs
-from dynamo_dist.cache.store import DiskStore, FsOps, _tick, counting
+from dynamo_dist.cache.fs_ops import FsOps, counting, tick
+from dynamo_dist.cache.store import DiskStore
 from dynamo_dist.dist import proc as dist_proc
 
 __all__ = ["HEARTBEAT_S", "Holder", "Lock", "Locks", "Watch", "look", "owner_record"]
@@ -167,7 +168,7 @@ class Locks:
             raise OSError(f"more than {MAX_GENERATIONS} lock generations for {key[:12]}")
         with self.store.walk("locks", self.store.namespace, create=True) as fds:
             name = f"{key}.{gen}.lock"
-            _tick("writes", 2)
+            tick("writes", 2)
             try:
                 fd = fs.create_fd(fds[-1], name, 0o644)
             except FileExistsError:
@@ -186,7 +187,7 @@ class Locks:
     @staticmethod
     def _generations(dir_fd: int, key: str) -> list[int]:
         gens = []
-        _tick("listdirs")
+        tick("listdirs")
         for name in fs.names(dir_fd):
             m = _LOCK_NAME.match(name)
             if m and m["key"] == key:
@@ -201,8 +202,8 @@ def look(dir_fd: int, name: str, gen: int) -> Holder | None:
     revalidate the attributes) and read from that descriptor. Anything else is a
     holder without a record.
     """
-    _tick("opens")
-    _tick("stats")
+    tick("opens")
+    tick("stats")
     try:
         fd, st = fs.open_file(dir_fd, name)
     except FileNotFoundError:
@@ -215,7 +216,7 @@ def look(dir_fd: int, name: str, gen: int) -> Holder | None:
         return Holder(gen, (st.st_dev, st.st_ino), st.st_mtime_ns, {}, st.st_uid)
     try:
         record: Any = {}
-        _tick("reads")
+        tick("reads")
         with contextlib.suppress(OSError, ValueError, RecursionError):
             record = json.loads(os.read(fd, _MAX_LOCK_BYTES) or b"{}")
     finally:
@@ -244,7 +245,7 @@ class Lock:
     def _beat(self) -> None:
         with counting(self._ops):
             while not self._stop.wait(HEARTBEAT_S):
-                _tick("writes")
+                tick("writes")
                 with contextlib.suppress(OSError, NotImplementedError):
                     fs.touch(self._fd)
 
@@ -258,7 +259,7 @@ class Lock:
             return
         data = json.dumps({**record, "gen": self.gen}).encode()
         with counting(self._ops), contextlib.suppress(OSError):
-            _tick("writes", 2)
+            tick("writes", 2)
             os.pwrite(self._fd, data, 0)
             os.ftruncate(self._fd, len(data))
 
@@ -291,7 +292,7 @@ class Lock:
 
 def _tick_to(ops: FsOps | None, kind: str, n: int) -> None:
     with counting(ops):
-        _tick(kind, n)
+        tick(kind, n)
 
 
 def stale_after(timeout: float) -> float:

@@ -17,13 +17,14 @@ import os
 import time
 from typing import Any
 
-from dynamo_dist.cache import fs
+from dynamo_dist.cache import fs, fs_tree
+from dynamo_dist.cache.archive import extract
+from dynamo_dist.cache.entries import EntryRefused, EntryUnavailable
 from dynamo_dist.cache.key import version_factors
 from dynamo_dist.cache.lock import owner_record
 from dynamo_dist.cache.protocol import SharedCache, private_local_dir
 from dynamo_dist.cache.rooms import bytes_member, staging_dir
 from dynamo_dist.cache.stats import emit_profile, log, warn_once
-from dynamo_dist.cache.store import EntryRefused, EntryUnavailable, extract
 from dynamo_dist.dist import store as dist_store
 from dynamo_dist.dynamo import pgo, pgo_pickle
 
@@ -129,7 +130,7 @@ def read_newest(cache: SharedCache, profile: GroupProfile) -> tuple[int, bytes] 
         warn_once(f"profile-read:{cache.root}", "cannot read the profile (%s)", e)
         return None
     finally:
-        fs.remove_path(staging, owner=os.geteuid())
+        fs_tree.remove_path(staging, owner=os.geteuid())
 
 
 def publish(

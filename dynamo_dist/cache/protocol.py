@@ -56,8 +56,12 @@ import torch.distributed as dist
 
 from dynamo_dist._config import CACHE_SECRET_FILE_ENV
 from dynamo_dist._errors import ConfigError
-from dynamo_dist.cache import fs
+from dynamo_dist.cache import fs, fs_tree
 from dynamo_dist.cache.agree import Agreement, next_compile
+from dynamo_dist.cache.archive import extract
+from dynamo_dist.cache.entries import Entry, EntryRefused, EntryUnavailable
+from dynamo_dist.cache.fs_ops import FsOps
+from dynamo_dist.cache.install import merge_into
 from dynamo_dist.cache.key import version_factors
 from dynamo_dist.cache.lock import Holder, Lock, Locks, Watch, owner_record, stale_after
 from dynamo_dist.cache.rooms import ROOMS, staging_dir
@@ -70,15 +74,7 @@ from dynamo_dist.cache.stats import (
     log,
     warn_once,
 )
-from dynamo_dist.cache.store import (
-    DiskStore,
-    Entry,
-    EntryRefused,
-    EntryUnavailable,
-    FsOps,
-    extract,
-    merge_into,
-)
+from dynamo_dist.cache.store import DiskStore
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist import proc
 from dynamo_dist.dynamo import inductor, patches
@@ -150,7 +146,7 @@ def _sweep_other_runs(host: Path, mine: str) -> None:
     with contextlib.suppress(OSError), fs.walk(host, ()) as (host_fd,):
         for name, st in fs.entries(host_fd):
             if name != mine and stat.S_ISDIR(st.st_mode) and now - st.st_mtime > HOST_RUN_KEEP_S:
-                fs.remove_tree(host_fd, name, owner=os.geteuid())
+                fs_tree.remove_tree(host_fd, name, owner=os.geteuid())
 
 
 def host_copy_dir(local: Path) -> Path:
@@ -181,7 +177,7 @@ def _private_problem(path: Path) -> str | None:
     try:
         fs.private_dir(path.parent, (path.name,))
         if path not in _trees_checked:
-            problem = fs.foreign_in_tree(path)
+            problem = fs_tree.foreign_in_tree(path)
             if problem is not None:
                 return problem
             _trees_checked.add(path)
@@ -610,7 +606,7 @@ class SharedCache:
                 else:
                     log.info("not every rank could load %s; compiling locally", key[:12])
             finally:
-                fs.remove_path(staging, owner=os.geteuid())
+                fs_tree.remove_path(staging, owner=os.geteuid())
         if installed:
             # Every kernel came built: loading them needs no precompiled header.
             with inductor.cpp_kernels_load_only():
@@ -1178,11 +1174,11 @@ class SharedCache:
                     self._local_problem("keeping a host-local copy", entry.key, e)
             return staging
         except EntryUnavailable as e:
-            fs.remove_path(staging, owner=os.geteuid())
+            fs_tree.remove_path(staging, owner=os.geteuid())
             self._local_problem("unpacking the entry", entry.key, e)
             return None
         except EntryRefused as e:
-            fs.remove_path(staging, owner=os.geteuid())
+            fs_tree.remove_path(staging, owner=os.geteuid())
             if not store.refuse(entry.path, f"unpacking failed: {e}", ident=entry.ident):
                 # Not the directory verified any more (republished, or changed: the next
                 # look verifies it anew), or already moved: nothing to refuse here.
@@ -1197,7 +1193,7 @@ class SharedCache:
             emit_refusal(entry.key, self.rank, "unpack", f"unpacking failed: {e}")
             return None
         except Exception as e:  # OSError and anything unforeseen: not proven bad
-            fs.remove_path(staging, owner=os.geteuid())
+            fs_tree.remove_path(staging, owner=os.geteuid())
             self._local_problem("unpacking the entry", entry.key, e)
             return None
 

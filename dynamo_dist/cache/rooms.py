@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dynamo_dist.cache import fs
+from dynamo_dist.cache import fs, fs_tree
 from dynamo_dist.dist.proc import pid_alive
 from dynamo_dist.dynamo import inductor
 
@@ -175,7 +175,7 @@ class Built:
             self.rooms.clear()
             self.latest.clear()
         for room in rooms:
-            fs.remove_path(room, owner=os.geteuid())
+            fs_tree.remove_path(room, owner=os.geteuid())
 
 
 #: This process's record. Process-wide by nature: a kernel built in one cache's room may
@@ -297,7 +297,7 @@ def sweep(base_fd: int, prefix: str, pid_at: int, max_age: float) -> None:
             pid = int(parts[pid_at])
             old = now - st.st_mtime > max_age
             if pid != os.getpid() and old and not pid_alive(pid):
-                fs.remove_tree(base_fd, name, owner=os.geteuid())
+                fs_tree.remove_tree(base_fd, name, owner=os.geteuid())
 
 
 def staging_dir(local: Path, key: str) -> Path:

@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from dynamo_dist._errors import ConfigError
-from dynamo_dist.cache import fs
+from dynamo_dist.cache import fs, fs_tree
+from dynamo_dist.cache.entries import EntryRefused
 from dynamo_dist.cache.secret import OLD_NAMESPACE_PREFIX, cache_secret
-from dynamo_dist.cache.store import DiskStore, EntryRefused
+from dynamo_dist.cache.store import DiskStore
 
 # A name that is gone, or is no (plain) directory any more: skipped, it is not ours to read.
 GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ESTALE)
@@ -194,7 +195,7 @@ class CacheDir:
             newest = top.st_mtime
             if not stat.S_ISDIR(top.st_mode):
                 return (top.st_size if stat.S_ISREG(top.st_mode) else 0), newest
-            for st in fs.tree_stats(parent, parts[-1]):  # no links followed
+            for st in fs_tree.tree_stats(parent, parts[-1]):  # no links followed
                 newest = max(newest, st.st_mtime)
                 if stat.S_ISREG(st.st_mode):
                     size += st.st_size

@@ -16,8 +16,9 @@ from pathlib import Path
 from dynamo_dist._config import CACHE_SECRET_FILE_ENV
 from dynamo_dist._errors import ConfigError
 from dynamo_dist.cache import fs
+from dynamo_dist.cache.entries import FORMAT
 from dynamo_dist.cache.secret import read_secret, untrusted_reason
-from dynamo_dist.cache.store import FORMAT, MARKER, write_marker
+from dynamo_dist.cache.store import MARKER, write_marker
 from dynamo_dist.tools.cache_dir import Fail, clean, exists, say
 
 

@@ -21,9 +21,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dynamo_dist.cache import fs
+from dynamo_dist.cache import fs, fs_tree
+from dynamo_dist.cache.entries import FORMAT
 from dynamo_dist.cache.lock import look
-from dynamo_dist.cache.store import FORMAT, MARKER, read_marker
+from dynamo_dist.cache.store import MARKER, read_marker
 from dynamo_dist.tools.cache_dir import (
     GONE,
     TMP_PREFIX,
@@ -57,7 +58,7 @@ def _remove_at(root: Path, parts: Sequence[str]) -> None:
     with fs.walk(root, parts[:-1]) as fds:
         fs.lstat(fds[-1], parts[-1])  # gone: ENOENT, as before
         errors: list[OSError] = []
-        if not fs.remove_tree(fds[-1], parts[-1], errors=errors):
+        if not fs_tree.remove_tree(fds[-1], parts[-1], errors=errors):
             raise errors[0] if errors else OSError(errno.ENOTEMPTY, "could not remove all of it")
 
 

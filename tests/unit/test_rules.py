@@ -35,7 +35,9 @@ ORDER: list[tuple[str, ...]] = [
     ("dynamo.patches", "dynamo.pgo", "dynamo.pgo_pickle", "dynamo.inductor", "dynamo.ddp"),
     ("dynamo.artifacts",),  # precompiled artifacts: a capture runs in its own code state
     ("dynamo.events", "exchange.stats", "_config"),
+    ("cache.fs_ops",),  # counts of the filesystem operations made on a store
     ("cache.fs",),  # the one filesystem layer (the secret reads files too)
+    ("cache.fs_tree",),  # whole trees, by descriptor, built on cache.fs
     ("cache.secret",),
     ("dist.store",),  # the job's key-value store: clients, caps and MACs
     ("dynamo.hook",),  # the C++ guard hook
@@ -49,7 +51,9 @@ ORDER: list[tuple[str, ...]] = [
     ("dynamo.callback",),
     ("exchange.consensus",),
     ("cache.key", "cache.stats", "cache.rooms"),
-    ("cache.archive",),
+    ("cache.entries",),  # the entry format: manifest checks, signature
+    ("cache.verify",),  # reading an entry from a directory others write to
+    ("cache.archive", "cache.install", "cache.refused"),
     ("cache.store", "cache.agree"),
     ("cache.lock",),
     ("cache.wait",),
