@@ -300,7 +300,7 @@ def test_nothing_is_installed_into_a_shared_local_directory(tmp_path):
 
 
 def test_local_directory_is_created_private(tmp_path, monkeypatch):
-    from dynamo_dist.cache.protocol import private_local_dir
+    from dynamo_dist.cache.localdir import private_local_dir
 
     target = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(target))

@@ -2,8 +2,12 @@
 
 Stages, each its own module: ``key`` (what ranks must agree on), ``fs`` (the one
 filesystem layer), ``secret`` and ``store`` (signed, verified entries), ``lock``
-(leader locks), ``agree`` (all-or-nothing across ranks), ``protocol`` (leader and
-followers), ``rooms`` (clean rooms), ``profile`` (automatic-dynamic decisions kept
-across restarts), ``artifact`` and ``precompiled`` (precompiled modules), ``backend``
-(the Dynamo backend) and ``stats``. This package never imports the exchange.
+(leader locks), ``agree`` (all-or-nothing across ranks), ``localdir`` (the private
+local inductor directory), ``turn`` (one compile's ticket), ``wait`` (the one wait for
+a graph), ``fanout`` (host-local copies), ``directory`` (the shared directory as this
+rank finds it), ``lead`` and ``install`` (a leader's and a follower's work),
+``protocol`` (leader and followers), ``rooms`` (clean rooms), ``profile``
+(automatic-dynamic decisions kept across restarts), ``artifact`` and ``precompiled``
+(precompiled modules), ``backend`` (the Dynamo backend) and ``stats``. This package
+never imports the exchange.
 """

@@ -56,8 +56,9 @@ import torch.distributed as dist
 from dynamo_dist.cache import fs
 from dynamo_dist.cache import secret as cache_secret
 from dynamo_dist.cache.key import version_factors
+from dynamo_dist.cache.localdir import private_local_dir
 from dynamo_dist.cache.lock import owner_record
-from dynamo_dist.cache.protocol import SharedCache, private_local_dir
+from dynamo_dist.cache.protocol import SharedCache
 from dynamo_dist.cache.rooms import bytes_member, staging_dir
 from dynamo_dist.cache.stats import emit_profile, log, warn_once
 from dynamo_dist.cache.store import EntryRefused, EntryUnavailable, extract
