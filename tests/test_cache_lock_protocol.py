@@ -34,6 +34,8 @@ _WORKER = textwrap.dedent(
     """
     import json, os, sys, time
     from pathlib import Path
+    from dynamo_dist.cache import key as cache_key
+    from dynamo_dist.cache import protocol
     from dynamo_dist.dynamo import compat
     root, key, timeout, start_at, hold = sys.argv[1:6]
     key = os.environ.get("GRAPH_KEY", key)
