@@ -1,11 +1,12 @@
 """The one wait of a rank for a graph another rank is getting: loop, takeover, deadline.
 
-A rank that needs a graph waits in one of two places (sites): the host-local directory,
-where the host's fetcher leaves a verified copy (fan-out, :class:`..fanout.HostSite`),
-and the shared directory, where a leader publishes the entry
-(:class:`..protocol.SharedSite`). The wait is the same in both, so it is written once
-here (:meth:`Wait.at`), and a site supplies only what differs: what it looks at, whose
-lock it watches, what taking that lock means, and what its messages say.
+A rank that needs a graph waits in one of two places (sites): the host-local
+directory, where the host's fetcher leaves a verified copy (fan-out,
+:class:`dynamo_dist.cache.fanout.HostSite`), and the shared directory, where a leader
+publishes the entry (:class:`dynamo_dist.cache.protocol.SharedSite`). The wait is the
+same in both, so it is written once here (:meth:`Wait.at`), and a site supplies only
+what differs: what it looks at, whose lock it watches, what taking that lock means,
+and what its messages say.
 
 Every pass of the loop sleeps and checks the deadline: nothing found on disk (a lock
 that cannot be read, a FIFO, a directory where a file should be) can make it spin or
@@ -14,7 +15,7 @@ more (the entry may have landed between the two looks), then this rank compiles 
 once rather than lead one after another; a dead holder is taken over. While a graph is
 compiled elsewhere, the waiting rank may compile it too (``cache_followers``), stop
 waiting once a peer said "no" (nobody will install it), or lead a graph it compiles
-next (:func:`..lead.compile_ahead`).
+next (:func:`dynamo_dist.cache.lead.compile_ahead`).
 """
 
 from __future__ import annotations
