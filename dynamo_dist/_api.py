@@ -16,9 +16,9 @@ from dynamo_dist import _config, _log
 from dynamo_dist._config import POLICIES, Config, PolicyName
 from dynamo_dist.cache import backend as cache_backend
 from dynamo_dist.cache import key as cache_key
+from dynamo_dist.cache import localdir as cache_localdir
 from dynamo_dist.cache import precompiled as cache_precompiled
 from dynamo_dist.cache import profile as cache_profile
-from dynamo_dist.cache import protocol
 from dynamo_dist.dist import group as dist_group
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist import runtime as dist_runtime
@@ -186,7 +186,7 @@ def attach(
         # Now, before anything is traced or compiled (the first call may be inside
         # local(), or before init_process_group, and stay plain): with a shared cache,
         # inductor never works in a local directory someone else could fill.
-        protocol.require_private_local_dir()
+        cache_localdir.require_private_local_dir()
     with own_compile(), intercept.capturing(joining.adoption):
         compiled = torch_compile(model, **kwargs)
     if not joining.adoption.contexts:

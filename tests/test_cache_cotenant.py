@@ -238,7 +238,7 @@ def test_a_local_cache_the_cotenant_owns_is_replaced(
     script = f"""
 import os, stat, sys
 os.environ["TORCHINDUCTOR_CACHE_DIR"] = {str(theirs)!r}
-from dynamo_dist.cache.protocol import private_local_dir, local_inductor_dir
+from dynamo_dist.cache.localdir import private_local_dir, local_inductor_dir
 local = private_local_dir()
 assert local is not None
 from dynamo_dist.cache.rooms import staging_dir

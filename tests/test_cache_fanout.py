@@ -33,7 +33,8 @@ def fanout_job(
     import torch.distributed as dist
 
     from dynamo_dist.cache import key, protocol
-    from dynamo_dist.cache.protocol import host_copy_dir, private_local_dir
+    from dynamo_dist.cache.fanout import host_copy_dir
+    from dynamo_dist.cache.localdir import private_local_dir
     from dynamo_dist.dist import local as dist_local
     from dynamo_dist.dynamo import inductor
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from dynamo_dist.cache import fs, fs_tree, protocol
-from dynamo_dist.cache.protocol import SharedCache, private_local_dir
+from dynamo_dist.cache import fs, fs_tree, localdir
+from dynamo_dist.cache.localdir import private_local_dir
+from dynamo_dist.cache.protocol import SharedCache
 
 OTHER = 3000  # another account's uid: as root, chown makes files "theirs"
 
@@ -30,8 +31,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     home.mkdir(mode=0o700)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.setattr(protocol, "_trees_checked", set())
-    monkeypatch.setattr(protocol, "_headers_moved", set())
+    monkeypatch.setattr(localdir, "_trees_checked", set())
+    monkeypatch.setattr(localdir, "_headers_moved", set())
     from torch._inductor import codecache
 
     monkeypatch.setattr(codecache, "_HEADER_DIR", codecache._HEADER_DIR)

@@ -36,6 +36,9 @@ _WORKER = textwrap.dedent(
     from pathlib import Path
     from dynamo_dist.cache import key as cache_key, protocol
     from dynamo_dist.dynamo import inductor
+    from dynamo_dist.cache import key as cache_key
+    from dynamo_dist.cache import protocol
+    from dynamo_dist.dynamo import compat
     root, key, timeout, start_at, hold = sys.argv[1:6]
     key = os.environ.get("GRAPH_KEY", key)
     cache = protocol.SharedCache(root, float(timeout), 30.0, agree=False)

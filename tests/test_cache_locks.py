@@ -115,7 +115,7 @@ def test_the_host_copy_directory_is_private_and_never_a_link(tmp_path):
     """Made 0700 where missing, tightened where ours and open, refused through a link."""
     import stat
 
-    from dynamo_dist.cache.protocol import host_copy_dir
+    from dynamo_dist.cache.fanout import host_copy_dir
 
     local = tmp_path / "local"
     local.mkdir(mode=0o700)

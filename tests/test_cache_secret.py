@@ -164,7 +164,8 @@ def test_secret_is_removed_from_the_environment_at_import(tmp_path):
     secret = "abc123-" + os.urandom(16).hex()
     code = (
         "import os, dynamo_dist\n"
-        "from dynamo_dist import _log, _secret\n"
+        "from dynamo_dist import _log\n"
+        "from dynamo_dist.cache import secret as cache_secret\n"
         "assert 'DYNAMO_DIST_CACHE_SECRET' not in os.environ\n"
         "_log.configure()\n"
         "print('imported', flush=True)\n"
@@ -300,7 +301,7 @@ def test_nothing_is_installed_into_a_shared_local_directory(tmp_path):
 
 
 def test_local_directory_is_created_private(tmp_path, monkeypatch):
-    from dynamo_dist.cache.protocol import private_local_dir
+    from dynamo_dist.cache.localdir import private_local_dir
 
     target = tmp_path / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(target))

@@ -25,8 +25,7 @@ from typing import Any
 
 from dynamo_dist.cache.stats import log
 from dynamo_dist.dist.local import Scope
-from dynamo_dist.dist.store import PayloadRefused, checked, refuse
-from dynamo_dist.exchange.status import open_store
+from dynamo_dist.dist.store import PayloadRefused, checked, open_store, refuse
 
 __all__ = ["Agreement", "next_compile"]
 

@@ -18,8 +18,9 @@ from dynamo_dist._config import Config
 from dynamo_dist.cache import fs
 from dynamo_dist.cache.key import graph_key
 from dynamo_dist.cache.profile import profiles_for
-from dynamo_dist.cache.protocol import SharedCache, Upcoming
+from dynamo_dist.cache.protocol import SharedCache
 from dynamo_dist.cache.stats import warn_once
+from dynamo_dist.cache.wait import Upcoming
 from dynamo_dist.dynamo import ddp
 
 __all__ = ["CachingBackend", "get_cache", "stats"]

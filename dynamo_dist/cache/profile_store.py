@@ -21,8 +21,9 @@ from dynamo_dist.cache import fs, fs_tree
 from dynamo_dist.cache.archive import extract
 from dynamo_dist.cache.entries import EntryRefused, EntryUnavailable
 from dynamo_dist.cache.key import version_factors
+from dynamo_dist.cache.localdir import private_local_dir
 from dynamo_dist.cache.lock import owner_record
-from dynamo_dist.cache.protocol import SharedCache, private_local_dir
+from dynamo_dist.cache.protocol import SharedCache
 from dynamo_dist.cache.rooms import bytes_member, staging_dir
 from dynamo_dist.cache.stats import emit_profile, log, warn_once
 from dynamo_dist.dist import store as dist_store

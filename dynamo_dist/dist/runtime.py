@@ -31,8 +31,8 @@ from dynamo_dist._log import get_logger
 from dynamo_dist.exchange.policy import Policy
 from dynamo_dist.exchange.shm import ShmTransport, ShmUnavailable, topology
 from dynamo_dist.exchange.stats import Counts, GroupStats, HookCounters, RuntimeStats, Stats, TransportStats
-from dynamo_dist.exchange.status import StatusBoard, open_store
-from dynamo_dist.dist.store import refused_count
+from dynamo_dist.exchange.status import StatusBoard
+from dynamo_dist.dist.store import open_store, refused_count
 
 log = get_logger("runtime")
 

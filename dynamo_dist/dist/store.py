@@ -1,6 +1,11 @@
-"""Limits and checks for what dynamo_dist reads back from the job's key-value store.
+"""The job's key-value store: dynamo_dist's clients of it, and what it reads back.
 
-Why: the job's TCPStore is shared by every process of the job, and anything that can
+The clients: :func:`open_store` gives a user of the store (the status board, a cache
+directory's agreement and profiles) its own connection, so its traffic never
+interleaves with the main thread's (rendezvous, barriers). The exchange and the cache
+both open clients here: neither imports the other.
+
+Limits and checks for what is read back. Why: the job's TCPStore is shared by every process of the job, and anything that can
 reach it (another rank, a process on a host of the job) can set any key. So every
 value dynamo_dist reads from it is untrusted input: automatic-dynamic profiles and
 views (pickles), status-board and report records (JSON), group-setup views and the
@@ -26,13 +31,16 @@ or record.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import threading
+from datetime import timedelta
 from typing import Any, Final, Protocol
 
 from dynamo_dist.dist.limits import MAX_STORE_OBJECTS, MAX_STORE_PAYLOAD_BYTES, PayloadRefused, TooManyObjects
 from dynamo_dist._log import get_logger
 from dynamo_dist.cache.secret import payload_mac
+from dynamo_dist.dynamo import compat
 
 
 class Counts(Protocol):
@@ -47,7 +55,9 @@ __all__ = [
     "MAX_STORE_PAYLOAD_BYTES",
     "PayloadRefused",
     "TooManyObjects",
+    "Store",
     "checked",
+    "open_store",
     "refuse",
     "refused_count",
     "seal",
@@ -55,6 +65,10 @@ __all__ = [
 ]
 
 log = get_logger("store")
+
+# torch.distributed.Store: exported only when torch is built with distributed support,
+# so its stubs do not declare it; dynamo_dist only calls set/get/check and the like on it.
+Store = Any
 
 #: Length of the HMAC-SHA256 that precedes a signed payload.
 MAC_BYTES: Final = 32
@@ -132,3 +146,20 @@ def refuse(what: str, e: BaseException, counts: Counts | None = None) -> None:
 def refused_count() -> int:
     """Payloads refused outside any cache directory, in this process."""
     return _refused
+
+
+def open_store(timeout: float) -> Store | None:
+    """A client of the job's store for its caller's own use (None if there is none)."""
+    try:
+        store = compat.default_store()
+    except Exception:
+        return None
+    clone = getattr(store, "clone", None)
+    if clone is not None:
+        # Its own connection: the publisher thread must not interleave with
+        # the main thread's store traffic (rendezvous, barriers).
+        with contextlib.suppress(Exception):
+            store = clone()
+    with contextlib.suppress(Exception):
+        store.set_timeout(timedelta(seconds=min(timeout, 30.0)))
+    return store

@@ -9,23 +9,16 @@ path never touches the board.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 from dynamo_dist._log import get_logger
 from dynamo_dist.dist import store as dist_store
-from dynamo_dist.dynamo import compat
 
 log = get_logger("status")
-
-# torch.distributed.Store: exported only when torch is built with distributed support,
-# so its stubs do not declare it; the board only calls set/get/check on it.
-Store = Any
 
 _PREFIX = "dynamo_dist/status/"
 # One TCPStore serves the whole job, so the board's load on it is bounded job-wide,
@@ -55,7 +48,7 @@ class StatusBoard:
 
     def __init__(
         self,
-        store: Store,
+        store: dist_store.Store,
         rank: int,
         world_size: int,
         interval: float,
@@ -189,23 +182,6 @@ def _parse(raw: Any) -> dict[str, Any]:
         return value if isinstance(value, dict) else {"error": "not a status record"}
     except Exception as e:
         return {"error": str(e)[:300]}
-
-
-def open_store(timeout: float) -> Store | None:
-    """A client of the job's store for the board's own use (None if there is none)."""
-    try:
-        store = compat.default_store()
-    except Exception:
-        return None
-    clone = getattr(store, "clone", None)
-    if clone is not None:
-        # Its own connection: the publisher thread must not interleave with
-        # the main thread's store traffic (rendezvous, barriers).
-        with contextlib.suppress(Exception):
-            store = clone()
-    with contextlib.suppress(Exception):
-        store.set_timeout(timedelta(seconds=min(timeout, 30.0)))
-    return store
 
 
 def describe_missing(

@@ -56,7 +56,11 @@ ORDER: list[tuple[str, ...]] = [
     ("cache.archive", "cache.install", "cache.refused"),
     ("cache.store", "cache.agree"),
     ("cache.lock",),
-    ("cache.wait",),
+    ("cache.localdir", "cache.turn"),  # the private local dir; one compile's ticket
+    ("cache.wait",),  # the one wait loop, at either site
+    ("cache.fanout",),  # host-local copies, and the host site
+    ("cache.directory",),  # the shared directory as this rank finds it
+    ("cache.lead", "cache.follow"),  # a leader's work; a follower's
     ("cache.protocol",),
     ("cache.profile_store",),  # a group's profile as entries of the shared cache
     ("cache.profile",),
