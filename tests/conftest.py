@@ -5,7 +5,9 @@ Nothing here is meant to be imported: shared test code lives in ``ranks.py``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import ranks
@@ -25,6 +27,17 @@ def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
     ranks.current_item = None
 
 
+#: Where the shared helpers (ranks.py) and reused test modules live: rank programs run as
+#: scripts from their own folder, so their imports need these on PYTHONPATH too.
+_HELPER_DIRS = [
+    str(Path(__file__).resolve().parent / d)
+    for d in (".", "adversarial", "multiproc", "unit/cache")
+]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [*_HELPER_DIRS, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Where a rank whose local inductor directory is not private switches to.
@@ -32,8 +45,6 @@ def _private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[No
     ``$XDG_CACHE_HOME/dynamo_dist/inductor``: a directory of the test session's, so no
     test writes into the home directory of whoever runs the suite.
     """
-    import os
-
     home = tmp_path_factory.mktemp("xdg-cache")
     home.chmod(0o700)
     before = os.environ.get("XDG_CACHE_HOME")

@@ -4,7 +4,7 @@ Every directory the cache touches (the shared directory, a host copy, a clean ro
 local inductor cache) may hold what another account planted: links, FIFOs, devices,
 files of other owners, names swapped between a check and a use. Rather than each module
 remembering the rules, every filesystem call of the cache goes through this module
-(``tests/test_cache_fs.py`` parses the cache modules and fails on any other), which:
+(``tests/unit/test_rules.py`` parses the cache modules and fails on any other), which:
 
 * opens with ``O_NOFOLLOW | O_NONBLOCK`` (``O_DIRECTORY`` for directories), then checks
   the type (and, where asked, the owner) with ``fstat`` on the descriptor it returns, so

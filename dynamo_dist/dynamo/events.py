@@ -15,7 +15,7 @@ from dynamo_dist.dynamo import compat
 
 log = get_logger("events")
 
-#: Every event dynamo_dist emits (tests/unit/test_events.py checks each call site names one,
+#: Every event dynamo_dist emits (tests/unit/test_event_names.py checks each call site names one,
 #: and that each reaches the trace).
 EVENTS = (
     "forced_recompile",  # some ranks' guards missed, all recompile (policy sync/warn)

@@ -15,7 +15,7 @@ import ranks
 from dynamo_dist.exchange.shm import sweep_stale_segments
 
 HERE = __file__
-CONSISTENCY = str(Path(__file__).with_name("test_consistency.py"))
+CONSISTENCY = str(Path(__file__).resolve().parent / "test_consistency.py")
 
 
 # -- rank program ----------------------------------------------------------------------

@@ -59,7 +59,7 @@ _PIECES = textwrap.dedent(
     from torch.nn.parallel import DistributedDataParallel as DDP
     from dynamo_dist.dynamo import ddp
     from dynamo_dist.cache.key import graph_key
-    from test_cache import _Blocks
+    from test_shared_cache import _Blocks
 
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
     real, ahead = [], []

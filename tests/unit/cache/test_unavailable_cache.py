@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cache_lock_protocol import KEY, _result, _worker
+from test_lock_protocol import KEY, _result, _worker
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
 
 # The rank program: rank 1 sees a different shape at step 3, so rank 0, which hit, is
 # forced to recompile; it reports dynamo's dynamo_dist counters.
-CONSISTENCY = str(Path(__file__).with_name("test_consistency.py"))
+CONSISTENCY = str(Path(__file__).resolve().parent / "test_consistency.py")
 
 
 # -- test --------------------------------------------------------------------------------
