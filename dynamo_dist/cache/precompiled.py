@@ -69,7 +69,7 @@ from dynamo_dist.dynamo import artifacts, patches
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C
 
-__all__ = ["PrecompiledModule", "install"]
+__all__ = ["PrecompiledModule"]
 
 _MISSING = object()
 _NO_ARTIFACT = "no precompiled artifact fits this call yet"
@@ -445,28 +445,3 @@ class PrecompiledModule:
         if reason == GRAPH_BREAK:
             message += " Fix: remove the graph break (see TORCH_LOGS=graph_breaks)."
         warn_once(f"precompiled:{self.label}:{reason}", message, self.label, reason, detail)
-
-
-def install(
-    compiled: Any,
-    model: Any,
-    cache: SharedCache,
-    static: dict[str, Any],
-    backend: Any,
-    channel: Any,
-    policy: str,
-    label: str,
-    dynamic: bool | None,
-    region: int = -1,
-) -> bool:
-    """Route ``compiled`` (what ``torch.compile(model)`` returned) through artifacts.
-
-    Only modules (``OptimizedModule``, whose ``forward`` is an attribute); whether it was
-    installed.
-    """
-    if not isinstance(model, torch.nn.Module) or "forward" not in getattr(compiled, "__dict__", {}):
-        return False
-    compiled.forward = PrecompiledModule(
-        model, compiled.forward, cache, static, backend, channel, policy, label, dynamic, region
-    )
-    return True
