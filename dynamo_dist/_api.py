@@ -242,7 +242,11 @@ class _Joining:
         self.group = group
         self.now = now
         self.label = dynamo_hook.describe_callable(model)
-        self.adoption = intercept.Adoption(cfg.policy, None if now else self.on_first_call)
+        self.adoption = intercept.Adoption(
+            cfg.policy,
+            None if now else self.on_first_call,
+            cache_profile.adopt_frame if cfg.cache_dir else None,
+        )
         self.state = "pending"  # -> "attached" | "plain"
         self.shared: _Shared | None = None
         #: The precompiled route's exchange channel; None: no exchange (a single process).

@@ -18,12 +18,12 @@ neither agrees nor advances any sequence.
 
 from __future__ import annotations
 
-import os
 import time
 from datetime import timedelta
 from typing import Any
 
 from dynamo_dist.cache.stats import log
+from dynamo_dist.dist import proc
 from dynamo_dist.dist.local import Scope
 from dynamo_dist.dist.store import PayloadRefused, checked, open_store, refuse
 
@@ -116,8 +116,7 @@ class Agreement:
     @staticmethod
     def _base(n: int, scope: Scope) -> str:
         # Per restart: keys from an earlier attempt of an elastic job must not count.
-        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        return f"dynamo_dist/cache/agree/{restart}/{scope.key}/{n}"
+        return f"dynamo_dist/cache/agree/{proc.restart_count()}/{scope.key}/{n}"
 
     def decided_no(self, n: int, scope: Scope | None) -> bool:
         """Whether some rank already reported "no" for compile ``n``.

@@ -51,8 +51,6 @@ def host_tag() -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-#: Tests only: two launches that must share their host copies name one run here.
-HOST_RUN_ENV = "_DYNAMO_DIST_HOST_RUN"
 #: Host-local directories of other runs untouched for this long are removed.
 HOST_RUN_KEEP_S = 24 * 3600.0
 
@@ -65,10 +63,8 @@ def run_tag() -> str:
     there is never loaded from a copy a host kept (and copies do not pile up).
     """
     env = os.environ
-    raw = env.get(HOST_RUN_ENV) or "/".join(
-        env.get(k, "")
-        for k in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT")
-    )
+    run = (env.get("TORCHELASTIC_RUN_ID", ""), proc.restart_count())
+    raw = "/".join([*run, env.get("MASTER_ADDR", ""), env.get("MASTER_PORT", "")])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

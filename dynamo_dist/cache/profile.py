@@ -46,7 +46,6 @@ import atexit
 import contextlib
 import hashlib
 import json
-import os
 from datetime import timedelta
 from typing import Any
 
@@ -58,9 +57,9 @@ from dynamo_dist.cache.profile_store import MAX_GENERATIONS, GroupProfile, publi
 from dynamo_dist.cache.protocol import SharedCache
 from dynamo_dist.cache.stats import emit_profile, log, warn_once
 from dynamo_dist.dist import local as dist_local
+from dynamo_dist.dist import proc
 from dynamo_dist.dist import store as dist_store
 from dynamo_dist.dynamo import compat, pgo, pgo_pickle
-from dynamo_dist.dynamo.callback import before_compile
 
 __all__ = ["Profiles", "derived_job_id", "profiles_for"]
 
@@ -122,7 +121,7 @@ class Profiles:
         if scope is not None and scope.size > 1:
             profile.store = self.cache.agreement.client()
             profile.ranks = tuple(scope.ranks)
-            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            restart = proc.restart_count()
             # Numbered per group, not named by the directory: ranks may spell one cache
             # differently, and a second cache directory must not read the first's bytes.
             n = _loads.get(scope.key, 0) + 1
@@ -347,13 +346,12 @@ _names: dict[int, str] = {}
 _pending: dict[tuple[Any, ...], Any] = {}
 
 
-def _adopt(frame: Any) -> None:
+def adopt_frame(frame: Any) -> None:
+    """Before ``frame`` compiles: file the loaded entries of its closure under this process's
+    name for it (the frame callback calls this, for compiles with a shared cache)."""
     if dist_local.is_local():
         return
     pgo.adopt(frame, _names, _pending)
-
-
-before_compile.append(_adopt)
 
 
 @atexit.register

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dynamo_dist.dist import proc
 from dynamo_dist.dist import store as dist_store
 from dynamo_dist.dynamo import compat
 from dynamo_dist._errors import CollectiveTimeoutError, RankDivergenceError
@@ -143,8 +144,7 @@ def group_name(ranks: Sequence[int], world: int) -> str:
 
 def group_key(ranks: Sequence[int], world: int) -> str:
     """A store-safe key naming the group (and this job attempt)."""
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return f"{restart}/" + group_name(ranks, world).replace(" ", "_")
+    return f"{proc.restart_count()}/" + group_name(ranks, world).replace(" ", "_")
 
 
 def rendezvous(
@@ -160,7 +160,7 @@ def rendezvous(
     world = dist.get_world_size()
     n = _setups.get(ranks, 0)
     _setups[ranks] = n + 1
-    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    restart = proc.restart_count()
     base = f"{_PREFIX}/{group_key(ranks, world)}/{n}"
     pending_key = f"{_PREFIX}/{restart}/pending/"
     mine: dict[str, object] = {"ranks": list(ranks), "state": "waiting", "where": where}

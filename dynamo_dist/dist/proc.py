@@ -1,9 +1,19 @@
-"""Whether a local process still runs: shared by segment sweeping and cache-lock takeover."""
+"""This process among the job's: whether a local process still runs (segment sweeping,
+cache-lock takeover), and which start of the job this is."""
 
 from __future__ import annotations
 
 import os
 import socket
+
+
+def restart_count() -> str:
+    """torchrun's restart count (``"0"`` outside torchrun): the one reading of it.
+
+    Every key this job writes in its store, and every host copy it keeps, is per
+    restart: an earlier attempt's must never count for this one.
+    """
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
 
 
 def pid_alive(pid: int) -> bool:

@@ -68,10 +68,6 @@ class LocalEntries:
 
 local_entries = LocalEntries()
 
-#: Called with each frame about to be compiled outside ``local()``, before Dynamo sees it
-#: (the cache's automatic-dynamic profile files entries of closures there). A hook that
-#: raises is ignored: it must never stop a compile.
-before_compile: list[Callable[[Any], None]] = []
 log = get_logger("runtime")
 _warned: set[Any] = set()
 
@@ -86,8 +82,12 @@ class GuardedCallback:
         policy_name: str,
         scope: Scope | None,
         counts: Counts,
+        before_compile: Callable[[Any], None] | None = None,
     ) -> None:
         self._inner = inner
+        # Called with each frame about to be compiled, before Dynamo sees it (the shared
+        # cache's automatic-dynamic profile files entries of closures there).
+        self._before_compile = before_compile
         self._policy = policy  # None: a group of one rank, nobody to exchange with
         self._policy_name = policy_name
         self._scope = scope
@@ -120,11 +120,11 @@ class GuardedCallback:
             outcome = policy.take_mixed()
             if outcome is not None:
                 policy.handle_mixed(outcome, self._policy_name, frame, cache_entry)
-        for hook in before_compile:
+        if self._before_compile is not None:
             try:
-                hook(frame)
-            except Exception:
-                log.debug("a before-compile hook failed", exc_info=True)
+                self._before_compile(frame)
+            except Exception:  # it must never stop a compile
+                log.debug("the before-compile hook failed", exc_info=True)
         specific, total, _, _ = local_entries.counts(frame)
         with (
             dist_local.compiling(self._scope),

@@ -98,8 +98,14 @@ class Adoption:
     iterating keeps its length and the region marker already runs for this call).
     """
 
-    def __init__(self, policy: str, on_first_call: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        policy: str,
+        on_first_call: Callable[[], None] | None = None,
+        before_compile: Callable[[Any], None] | None = None,
+    ) -> None:
         self.policy = policy
+        self.before_compile = before_compile  # for GuardedCallback
         self.on_first_call = on_first_call
         self.callbacks: list[_ForwardingCallback] = []
         self.backends: list[SwitchableBackend] = []
@@ -118,7 +124,9 @@ class Adoption:
 
     def adopt(self, ctx: Any) -> Any:
         if hasattr(ctx, "callback") and hasattr(ctx, "enter_exit_hooks") and callable(ctx.callback):
-            local = GuardedCallback(ctx.callback, None, self.policy, None, self.counts)
+            local = GuardedCallback(
+                ctx.callback, None, self.policy, None, self.counts, self.before_compile
+            )
             forwarding = _ForwardingCallback(ctx.callback, local)
             ctx.callback = forwarding
             ctx.enter_exit_hooks.insert(0, self._hooks[0])
@@ -145,6 +153,7 @@ class Adoption:
                 self.policy,
                 channel.scope,
                 channel.counts,
+                self.before_compile,
             )
         attached = (dynamo_hook.PENDING_CHECK, dynamo_hook.region_enter(region, channel.hook))
         for ctx in self.contexts:

@@ -21,7 +21,7 @@ import pytest
 import ranks
 
 HERE = Path(__file__).resolve()
-ROOT = HERE.parent.parent
+ROOT = HERE.resolve().parents[2]
 SECRET_ENV = "DYNAMO_DIST_CACHE_SECRET"
 SECRET_FILE_ENV = "DYNAMO_DIST_CACHE_SECRET_FILE"
 

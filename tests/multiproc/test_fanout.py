@@ -23,6 +23,8 @@ pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
 
 HERE = __file__
 KEY = "fa" * 20
+#: The test's own: a run tag for two launches that must count as one run of the job.
+ONE_RUN_ENV = "TEST_FANOUT_ONE_RUN"
 
 
 # -- rank programs ---------------------------------------------------------------------
@@ -38,6 +40,11 @@ def fanout_job(
     from dynamo_dist.dist import local as dist_local
     from dynamo_dist.dynamo import inductor
 
+    one_run = os.environ.get(ONE_RUN_ENV)
+    if one_run:  # two launches as one run of the job: they share their host copies
+        from dynamo_dist.cache import fanout
+
+        fanout.run_tag = lambda: one_run  # type: ignore[assignment]
     host = os.environ.get("GROUP_RANK", "0")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local_base, f"host{host}")
     cache = protocol.SharedCache(
@@ -111,7 +118,7 @@ def test_one_rank_per_host_reads_the_shared_entry(tmp_path: Path) -> None:
 
 def test_a_tampered_host_copy_is_refused_and_the_shared_entry_used(tmp_path: Path) -> None:
     cache, local = tmp_path / "cache", tmp_path / "local"
-    one_run = {"_DYNAMO_DIST_HOST_RUN": "tampered"}  # host copies serve one run only
+    one_run = {ONE_RUN_ENV: "tampered"}  # host copies serve one run only
     _results(_run(tmp_path, cache, local, "0", env=one_run), 2)
     (copy,) = _host_copies(local)
     data = bytearray(copy.read_bytes())

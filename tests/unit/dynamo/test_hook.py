@@ -237,7 +237,7 @@ def test_the_callee_probe_exists_wherever_the_package_installs():
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     cap = re.search(r'requires-python = ">=3\.11,<3\.(\d+)"', (root / "pyproject.toml").read_text())
     probe = re.search(r"PY_VERSION_HEX < 0x030(\w)0000", (root / "csrc/guard_hook.cpp").read_text())
     assert cap and probe and int(cap.group(1)) == int(probe.group(1), 16)

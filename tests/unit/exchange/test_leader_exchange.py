@@ -26,7 +26,7 @@ from dynamo_dist.exchange import allreduce as A
 from dynamo_dist.exchange import record as R
 
 HERE = __file__
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "scale_emulation.py"
+BENCH = Path(__file__).resolve().parents[3] / "benchmarks" / "scale_emulation.py"
 
 
 # -- pure ------------------------------------------------------------------------------
