@@ -37,11 +37,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
     [*_HELPER_DIRS, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
 )
 
-# Inductor compiles in the process itself, in the tests and in every rank they start: its
-# pool of compile workers (one per core) imports torch again in each process, seconds of
-# CPU each on a 2-core machine whose cores the ranks already share.
-os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
