@@ -83,7 +83,8 @@ def test_unkeyable_graph_compiles_uncached_with_one_warning(
         backend(gm, [torch.zeros(3)])
     assert compiled == [gm, gm]
     warnings = [r for r in caplog.records if "could not be computed" in r.getMessage()]
-    assert len(warnings) == 1, caplog.text
+    # One record (a logger another test left a capturing handler on may show it twice).
+    assert len({id(r) for r in warnings}) == 1, caplog.text
     assert "f (t.py:1)" in warnings[0].getMessage()
     assert "UnkeyableGraph" in warnings[0].getMessage()
     assert cache.counts.cache_misses == 0
