@@ -474,7 +474,6 @@ py::dict GuardHook::counters() const {
 
 bool Router::call(bool hit) {
   if (region_stack.empty() || local_depth_ > 0 || region_stack.back().hook == nullptr) {
-    ++passed_;
     return hit;
   }
   return region_stack.back().hook->call(hit);

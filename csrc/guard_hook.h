@@ -183,10 +183,6 @@ class GuardHook {
 class Router {
  public:
   bool call(bool hit);
-  uint64_t passed_through() const { return passed_; }
-
- private:
-  uint64_t passed_ = 0;
 };
 
 }  // namespace dynamo_dist

@@ -64,8 +64,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<Router>(m, "Router",
                      "The installed guard-complete hook: routes to the innermost region's channel.")
       .def(py::init<>())
-      .def("__call__", &Router::call, py::arg("hit"))
-      .def_property_readonly("passed_through", &Router::passed_through);
+      .def("__call__", &Router::call, py::arg("hit"));
 
   py::class_<RegionEnter>(m, "RegionEnter", "Dynamo enter/exit hook that marks a compiled region.")
       .def(py::init<int64_t, GuardHook*>(), py::arg("region"), py::arg("hook") = nullptr,

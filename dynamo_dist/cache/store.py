@@ -290,10 +290,6 @@ class DiskStore:
             return True
         return False
 
-    def trimmed(self, timeout: float) -> bool:
-        """Wait until no trim of ``refused/`` is under way (for tests and tools)."""
-        return self._trimmer.wait(timeout)
-
     # -- writing ---------------------------------------------------------------
     def put(self, key: str, members: Iterable[Member], manifest: dict[str, Any]) -> int:
         """Publish ``members`` (open files, see ``cache/rooms.py``) as entry ``key``; bytes written.

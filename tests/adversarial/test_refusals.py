@@ -492,7 +492,7 @@ def test_refused_keeps_at_most_the_newest_boxes_and_only_deletes_ours(tmp_path: 
         (store.entry_dir(key) / "manifest.json").write_text("{}")
         store.refuse(store.entry_dir(key), f"reason {i}")
         time.sleep(0.002)  # distinct milliseconds in the box names
-    assert store.trimmed(60)  # trimming runs in the background, off the compile's path
+    assert store._trimmer.wait(60)  # trimming runs in the background, off the compile's path
     boxes = [p for p in store.refused.iterdir() if p.is_dir() and not p.is_symlink()]
     ours = sorted(p for p in boxes if p.stat().st_uid == os.geteuid())
     assert len(ours) == REFUSED_KEEP

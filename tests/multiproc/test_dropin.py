@@ -311,7 +311,7 @@ def test_nanogpt_without_local_fails_fast(tmp_path, cache):
 
 
 def test_stall_warning_comes_before_timeout(tmp_path):
-    env = {"DYNAMO_DIST_TIMEOUT": "60", "DYNAMO_DIST_STALL_WARNING": "5"}
+    env = {"DYNAMO_DIST_TIMEOUT": "20", "DYNAMO_DIST_STALL_WARNING": "5"}
     run = ranks.launch(HERE, "stall", tmp=tmp_path, env=env, timeout=400)
     res = run.rank(0)
     assert res["error"] == "CollectiveTimeoutError", f"{res}\n{run.output[-4000:]}"

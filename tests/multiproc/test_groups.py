@@ -409,13 +409,13 @@ def test_pipeline_stages_without_group_time_out(tmp_path):
         tmp=tmp_path,
         nproc=4,
         timeout=400,
-        env={"DYNAMO_DIST_TIMEOUT": "20"},
+        env={"DYNAMO_DIST_TIMEOUT": "12", "DYNAMO_DIST_STALL_WARNING": "4"},
     )
     for r in (0, 1):
         res = run.rank(r)
         assert res["error"] == "CollectiveTimeoutError", res
         assert "[2, 3]" in res["message"], res["message"]
-    # Before that, the stall warning (default 10 s, under the 20 s timeout) named the fix.
+    # Before that, the stall warning (4 s, under the 12 s timeout) named the fix.
     assert "stalled at guard exchange" in run.output, run.output[-3000:]
     assert "`group=`" in run.output, run.output[-3000:]
 

@@ -482,7 +482,7 @@ def test_stuck_leader_follower_compiles_after_timeout(tmp_path):
         cache,
         tmp_path / "local",
         program="cache_leader_dies",
-        args=("hangs", "25"),
+        args=("hangs", "14"),
         env={
             "DYNAMO_DIST_POLICY": "off",
             "DYNAMO_DIST_TIMEOUT": "6",
