@@ -30,7 +30,7 @@ step, 156 us per call for 64 per-block calls in a 1 s step).
 
 The second half models the job's key-value store (one TCPStore for the whole job):
 operations a second at 4,096 ranks, from the per-event operation counts that
-``tests/unit/dist/test_store_load.py`` asserts and the intervals in
+``tests/unit/distributed/test_store_load.py`` asserts and the intervals in
 ``dynamo_dist.exchange.status`` and ``dynamo_dist.cache.agree``.
 """
 
