@@ -198,7 +198,7 @@ def attach(
             )
         return compiled
     if now:
-        joining.decide(collective=not dist_local.is_local())
+        joining.decide(collective=not dist_local.is_local(), at_compile=True)
     forward = getattr(compiled, "__dict__", {}).get("forward")
     if cfg.cache_dir and cfg.precompile and isinstance(model, torch.nn.Module) and forward:
         compiled.forward = _FirstForward(joining, forward)
@@ -230,6 +230,12 @@ class _Shared:
         self.profiles.load(scope, str(self.static["source"]))
 
 
+def _job_world() -> int:
+    """The job's world size as its launcher set it (1 outside a launcher)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return int(world) if world.isdigit() else 1
+
+
 class _Joining:
     """One compile's way into its group: pending, then attached or plain, once."""
 
@@ -244,7 +250,7 @@ class _Joining:
         self.label = dynamo_hook.describe_callable(model)
         self.adoption = intercept.Adoption(
             cfg.policy,
-            None if now else self.on_first_call,
+            self.on_first_call,
             cache_profile.adopt_frame if cfg.cache_dir else None,
         )
         self.state = "pending"  # -> "attached" | "plain"
@@ -266,12 +272,20 @@ class _Joining:
         ):
             self.decide(collective=True)
 
-    def decide(self, collective: bool) -> None:
-        """Join the group (collective over its ranks), or stay plain torch.compile."""
+    def decide(self, collective: bool, at_compile: bool = False) -> None:
+        """Join the group (collective over its ranks), or stay plain torch.compile.
+
+        ``at_compile``: ``dynamo_dist.compile`` deciding when it is called. In a job whose
+        process group is not initialized yet (a module-level decorator, a framework that
+        compiles in its constructor) the decision waits for the first call, as the
+        switch's does.
+        """
         with self._lock:
             if self.state != "pending":
                 return
             runtime = dist_runtime.ensure(self.cfg)
+            if runtime is None and collective and at_compile and _job_world() > 1:
+                return  # decided at the first call (on_first_call)
             if runtime is None or not collective:
                 self._stay_plain(in_job=runtime is not None)
                 return
@@ -295,8 +309,8 @@ class _Joining:
             shared.load_profile(None)  # a single process: its own profile
         self.adoption.stay_plain(shared.backend if shared is not None else None)
         self.shared, self.routable = shared, shared is not None and not in_job
-        world = os.environ.get("WORLD_SIZE", "1")
-        if not self.now and self.cfg.policy != "off" and world.isdigit() and int(world) > 1:
+        world = _job_world()
+        if not in_job and self.cfg.policy != "off" and world > 1:
             _log.get_logger("api").warning(
                 "%s was first called before init_process_group in a job of %s ranks: it "
                 "stays plain torch.compile, without rank consistency. Initialize the "

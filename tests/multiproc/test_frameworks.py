@@ -41,8 +41,20 @@ class _Net(nn.Module):
 # Compiled at import, before ranks.main() initializes the process group, as a framework
 # that compiles in its constructor would (only when this rank program is the one run).
 EARLY_BACKEND = CountingBackend()
+#: The test's own: ``dynamo_dist`` compiles the early model with dynamo_dist.compile.
+EARLY_COMPILER_ENV = "TEST_EARLY_COMPILER"
+
+
+def _early_compile() -> Any:
+    if os.environ.get(EARLY_COMPILER_ENV) == "dynamo_dist":
+        import dynamo_dist
+
+        return dynamo_dist.compile(_Net(), backend=EARLY_BACKEND)
+    return torch.compile(_Net(), backend=EARLY_BACKEND)
+
+
 EARLY = (
-    torch.compile(_Net(), backend=EARLY_BACKEND)
+    _early_compile()
     if __name__ == "__main__" and sys.argv[1:2] in (["early_compile"], ["local_first"])
     else None
 )
@@ -179,16 +191,17 @@ def hf_trainer(rank: int, world: int, outdir: str) -> dict[str, Any]:
 # -- tests -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("switch", [True, False], ids=["switch", "plain"])
-def test_compiled_before_init_process_group_decides_at_the_first_call(tmp_path, switch):
-    run = ranks.launch(
-        HERE, "early_compile", tmp=tmp_path, env=SWITCH if switch else None, timeout=300
-    )
+@pytest.mark.parametrize("how", ["switch", "compile", "plain"])
+def test_compiled_before_init_process_group_decides_at_the_first_call(tmp_path, how):
+    """torch.compile under the switch, or dynamo_dist.compile (a module-level decorator,
+    a framework's constructor), before init_process_group: joined at the first call."""
+    env = {"switch": SWITCH, "compile": {EARLY_COMPILER_ENV: "dynamo_dist"}, "plain": None}[how]
+    run = ranks.launch(HERE, "early_compile", tmp=tmp_path, env=env, timeout=300)
     res = [run.rank(r) for r in (0, 1)]
     assert all(r["ok"] for r in res), run.output[-4000:]
     graphs = [r["graphs"] for r in res]
-    if switch:
-        assert all(r["switched"] for r in res)
+    if how != "plain":
+        assert all(r["switched"] for r in res) == (how == "switch")
         assert graphs[0] == graphs[1] == 2, graphs  # rank 0 recompiled with rank 1
         assert all(r["stats"]["compiles"] == 2 for r in res), res
         assert res[0]["stats"]["forced_recompiles"] >= 1, res[0]["stats"]
