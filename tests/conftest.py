@@ -13,6 +13,12 @@ import pytest
 import ranks
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The inductor tests (the longest: gcc builds kernels) first, so that on two workers
+    none of them is left to run alone at the end of the tier."""
+    items.sort(key=lambda item: item.get_closest_marker("inductor") is None)
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     # Set before any fixture runs: a module-scoped fixture that launches ranks is
