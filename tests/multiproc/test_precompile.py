@@ -375,15 +375,32 @@ def _ok(run: ranks.RankRun, world: int) -> list[dict[str, Any]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Plain torch.compile's run of each model, launched once per worker: the reference
+    that the warm starts of both wrappings (``outer``, ``inner``) are compared with."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+
+    def run(how: str) -> list[dict[str, Any]]:
+        if how not in runs:
+            tmp = tmp_path_factory.mktemp(how)
+            launched = ranks.launch(HERE, "train", str(_shared(tmp)), tmp / "p", how, 30, tmp=tmp)
+            runs[how] = _ok(launched, 2)
+        return runs[how]
+
+    return run
+
+
 @pytest.mark.parametrize("how", ["outer", "inner", "outer-blocks"])
-def test_warm_start_traces_nothing_and_matches_plain(tmp_path: Path, how: str) -> None:
+def test_warm_start_traces_nothing_and_matches_plain(
+    tmp_path: Path, how: str, plain_runs: Any
+) -> None:
     shared = _shared(tmp_path)
     args = (str(shared),)
-    plain_how = "plain-blocks" if how.endswith("-blocks") else "plain"
     calls_per_step = 3 if how.endswith("-blocks") else 1
     cold = _ok(ranks.launch(HERE, "train", *args, tmp_path / "c", how, 30, tmp=tmp_path), 2)
     warm = _ok(ranks.launch(HERE, "train", *args, tmp_path / "w", how, 30, tmp=tmp_path), 2)
-    plain = _ok(ranks.launch(HERE, "train", *args, tmp_path / "p", plain_how, 30, tmp=tmp_path), 2)
+    plain = plain_runs("plain-blocks" if how.endswith("-blocks") else "plain")
     for r in range(2):
         assert sum(c["precompiled_captures"] for c in cold) >= 1
         assert cold[r]["precompiled_fallbacks"] == {}, cold[r]
