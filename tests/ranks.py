@@ -347,6 +347,10 @@ def main(namespace: dict[str, Any]) -> None:
     """
     import torch.distributed as dist
 
+    # A suite started in the background (``nohup``, ``&``) hands its processes SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: tests interrupt
+    # ranks on purpose, so ranks take Python's default back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     name, outdir, *args = sys.argv[1:]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

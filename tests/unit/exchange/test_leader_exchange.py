@@ -327,6 +327,9 @@ def test_scale_emulation_interrupted_kills_every_rank(sig):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        # SIGINT as a terminal delivers it, even when the suite runs in the background
+        # (which hands its children SIGINT ignored).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         ranks.wait_until(lambda: len(_processes_with(tag)) >= 5, 60, "4 ranks running")
