@@ -8,7 +8,7 @@ import ast
 import shutil
 from pathlib import Path
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
@@ -52,6 +52,10 @@ def _version() -> str:
             return str(ast.literal_eval(node.value))
     raise RuntimeError("dynamo_dist/_version.py defines no __version__")
 
+
+# The three translation units compile side by side (one per core; NPY_NUM_BUILD_JOBS
+# overrides): each pip install builds them anew, and CI installs three times.
+ParallelCompile("NPY_NUM_BUILD_JOBS").install()
 
 ext_modules = [
     Pybind11Extension(

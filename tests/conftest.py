@@ -6,11 +6,26 @@ Nothing here is meant to be imported: shared test code lives in ``ranks.py``.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ranks
+
+_SUPPORT_BIN = Path(__file__).resolve().parent / "support" / "bin"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One compiler cache for the session (tests/support/bin/g++): the controller makes it,
+    the workers and every rank they start inherit it through the environment."""
+    if "TESTS_CXX_CACHE" in os.environ or hasattr(config, "workerinput"):
+        return
+    cache = tempfile.mkdtemp(prefix="dynamo-dist-tests-cxx-")
+    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+    os.environ["TESTS_CXX_CACHE"] = cache
+    os.environ["PATH"] = os.pathsep.join([str(_SUPPORT_BIN), os.environ.get("PATH", "")])
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

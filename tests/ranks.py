@@ -1,8 +1,11 @@
 """The one runner for multi-process tests, and the rank-side entry of every rank program.
 
-Test side: :func:`launch` runs ``python -m torch.distributed.run`` on a test module
-(``--standalone``, or two agents as two simulated hosts) and collects what each
-rank wrote to ``OUTDIR/rank<R>.json``. Every launch runs in its own process
+Test side: :func:`launch` runs a rank program of a test module on ``nproc`` ranks and
+collects what each rank wrote to ``OUTDIR/rank<R>.json``. On one host the ranks fork
+from a process that imported torch once (:func:`forked`: most of a small launch's cost
+was three interpreters importing torch); two simulated hosts, a launcher command,
+torchrun flags, or an environment read at import run ``python -m torch.distributed.run``
+(one agent, or two agents as two hosts). Every launch runs in its own process
 group; on timeout the whole group is killed and the test fails with the output
 tail. Launching from a test that lacks the ``multiproc`` marker fails that test,
 so the fast tier (``pytest -m "not multiproc"``) can never grow a torchrun.
@@ -203,6 +206,130 @@ def agentless(
     )
 
 
+#: Environment a process reads while it starts or imports torch (the torch.compile switch's
+#: import hook, torch's logging and configs): a launch that sets one needs a fresh
+#: interpreter. The others are read at run time, so a forked rank honours them.
+_READ_AT_IMPORT = ("PYTHON", "TORCH", "PYTORCH", "DYNAMO_DIST_ALL_COMPILES")
+_READ_AT_RUN_TIME = {"PYTHONUNBUFFERED", "TORCHINDUCTOR_CACHE_DIR"}
+
+#: What a forked rank's parent has imported already: the seconds of CPU each rank of each
+#: launch would otherwise spend importing them anew (three interpreters per 2-rank launch).
+#: Not dynamo_dist: it reads its secret from the environment at import, and costs little.
+_PRELOAD = ["torch", "torch.distributed", "torch._dynamo"]
+
+
+def _forkable(env: dict[str, str] | None) -> bool:
+    return not any(k.startswith(_READ_AT_IMPORT) and k not in _READ_AT_RUN_TIME for k in env or {})
+
+
+def _forkserver() -> Any:
+    """This test process's fork server: one interpreter that imported torch, Dynamo and
+    dynamo_dist once, from which every forked rank starts (``multiprocessing`` starts it on
+    first use and it exits with this process)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _forked_rank(script: str, argv: list[str], env: dict[str, str], log: str) -> None:
+    """A rank, in a child of the fork server: ``python SCRIPT ARGV`` as torchrun would start
+    it, minus the interpreter start and the imports. Its own session, so a timeout kills
+    it and anything it started as one group."""
+    import io
+    import runpy
+
+    os.setsid()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    # Unbuffered, as PYTHONUNBUFFERED makes a fresh rank: a rank killed on timeout
+    # still shows its last lines.
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "wb", closefd=False), write_through=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "wb", closefd=False), write_through=True)
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile.tempdir = None  # TMPDIR as this rank's environment says
+    sys.argv = [script, *argv]
+    sys.path.insert(0, os.path.dirname(script))
+    runpy.run_path(script, run_name="__main__")
+
+
+def forked(
+    script: Path | str,
+    *args: str,
+    nproc: int = 2,
+    timeout: float = 180,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``script`` on ``nproc`` ranks forked from a process that imported torch already.
+
+    The ranks see the environment torchrun gives its workers on one host, and join a store
+    this process hosts (as :func:`agentless`), so a rank that dies leaves the others to run
+    to their end. Nearly every launch of the suite runs this way: starting three fresh
+    interpreters that each import torch cost more CPU than most rank programs themselves.
+    """
+    import torch.distributed as dist
+
+    _require_multiproc()
+    port = free_port()
+    server = dist.TCPStore("127.0.0.1", port, nproc, is_master=True, wait_for_workers=False)
+    common = {
+        **_env(env),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "GROUP_WORLD_SIZE": "1",
+        "ROLE_WORLD_SIZE": str(nproc),
+        "ROLE_NAME": "default",
+        "GROUP_RANK": "0",
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RUN_ID": f"forked-{port}",
+        **(env or {}),
+    }
+    ctx = _forkserver()
+    logs = tempfile.mkdtemp(prefix="forked-")
+    procs = []
+    for r in range(nproc):
+        rank_env = {**common, "RANK": str(r), "LOCAL_RANK": str(r), "ROLE_RANK": str(r)}
+        log = os.path.join(logs, f"rank{r}.log")
+        p = ctx.Process(target=_forked_rank, args=(str(script), list(args), rank_env, log))
+        p.start()
+        procs.append((p, log))
+    what = f"{Path(script).name} {' '.join(args)} (forked)"
+    deadline = time.monotonic() + timeout
+    try:
+        for p, _ in procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+        late = [p for p, _ in procs if p.exitcode is None]
+        for p in late:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.join()
+        output = "\n".join(
+            f"[process of rank {r}]\n{Path(log).read_text(errors='replace')}"
+            for r, (_, log) in enumerate(procs)
+        )
+    finally:
+        del server
+        for _, log in procs:
+            with contextlib.suppress(OSError):
+                os.unlink(log)
+        with contextlib.suppress(OSError):
+            os.rmdir(logs)
+    if late:
+        import pytest
+
+        pytest.fail(f"{what} did not finish in {timeout}s; output:\n{output[-4000:]}")
+    code = max(abs(p.exitcode or 0) for p, _ in procs)
+    return subprocess.CompletedProcess([what], code, output, None)
+
+
 def read_results(outdir: Path, proc: subprocess.CompletedProcess[str]) -> RankRun:
     ranks = {int(f.stem[4:]): json.loads(f.read_text()) for f in outdir.glob("rank*.json")}
     return RankRun(proc.returncode, proc.stdout, ranks)
@@ -230,7 +357,9 @@ def launch(
     _require_multiproc()
     outdir = Path(tempfile.mkdtemp(prefix=f"{program}-", dir=tmp))
     argv = [program, str(outdir), *(str(a) for a in args)]
-    if agent:
+    if hosts == 1 and launcher is None and torchrun_args is None and _forkable(env):
+        proc = forked(module, *argv, nproc=nproc, timeout=timeout, env=env)
+    elif agent:
         proc = torchrun(
             module,
             *argv,
