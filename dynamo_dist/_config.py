@@ -25,7 +25,7 @@ PolicyName = Literal["sync", "strict", "warn", "off"]
 TransportChoice = Literal["auto", "shm", "gloo"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 FollowerChoice = Literal["auto", "wait", "compile"]
-LeaderExchangeChoice = Literal["doubling", "allreduce"]
+LeaderExchangeChoice = Literal["native", "doubling", "allreduce"]
 
 POLICIES: tuple[str, ...] = get_args(PolicyName)
 TRANSPORTS: tuple[str, ...] = get_args(TransportChoice)
@@ -68,11 +68,18 @@ class Config:
     """How ranks exchange guard results: ``auto`` (shared memory within a host, gloo across
     hosts), ``shm`` or ``gloo``."""
 
-    leader_exchange: LeaderExchangeChoice = _key("doubling")
+    leader_exchange: LeaderExchangeChoice = _key("native")
     """How the host leaders combine their hosts' guard results when a group spans several
-    hosts: ``doubling`` (recursive doubling over point-to-point messages, ceil(log2 H)
-    rounds for H hosts) or ``allreduce`` (gloo's allreduce, a ring: 2(H-1) sequential
-    hops). Both give the same verdicts."""
+    hosts: ``native`` (rounds run in C++ over authenticated TCP connections, without the
+    GIL: ceil(log_k H) rounds with k up to 8; if any leader cannot connect, all fall back
+    to ``doubling`` with one warning), ``doubling`` (recursive doubling over gloo's
+    point-to-point messages, ceil(log2 H) rounds for H hosts) or ``allreduce`` (gloo's
+    allreduce, a ring: 2(H-1) sequential hops). All give the same verdicts."""
+
+    leader_busy_poll: float = _key(30e-6)
+    """Seconds a host leader polls its connections without sleeping before it blocks, in
+    each round of the native exchange: a partner's word usually arrives within a round
+    trip, and waking a sleeping thread costs more than that."""
 
     compiler_collectives: bool = _key(True)
     """Agree on automatic-dynamic decisions across ranks while compiling, so every rank marks

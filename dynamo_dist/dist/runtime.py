@@ -249,6 +249,7 @@ def _make_transport(
                 store=store,
                 prefix=prefix,
                 leader_exchange=cfg.leader_exchange,
+                busy_poll=cfg.leader_busy_poll,
                 **common,
             )
         except ShmUnavailable as e:

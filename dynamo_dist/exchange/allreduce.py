@@ -147,7 +147,7 @@ class DoublingExchange:
             return word, None
         except _Poisoned as p:
             self._pass_on(p.code, peer, deadline)
-            return 0, self._describe(p.code)
+            return 0, describe_notice(p.code, self.ranks)
         except RuntimeError as e:
             text = str(e)
             timed_out = "timed out" in text.lower()
@@ -157,11 +157,7 @@ class DoublingExchange:
                 return 0, "timeout"
             short = _short(text)
             if short == _PEER_EXITED:
-                # A leader that timed out on its own partner exits too: not proof of a crash.
-                return 0, (
-                    f"host leader rank {self.ranks[peer]} exited, crashed, or gave up on "
-                    "the exchange (its own timeout)"
-                )
+                return 0, peer_exited(self.ranks[peer])
             return 0, short
         finally:
             self.waiting_since = None
@@ -225,14 +221,22 @@ class DoublingExchange:
             with contextlib.suppress(RuntimeError):
                 w.wait(self._left(until))
 
-    def _describe(self, code: int) -> str:
-        suspect = self.ranks[code & SUSPECT] if (code & SUSPECT) < len(self.ranks) else "?"
-        if code & POISON_TIMEOUT:
-            return (
-                f"another host leader timed out waiting for host leader rank {suspect} "
-                "(or for a leader that one waits on)"
-            )
-        return f"host leader rank {suspect} exited or crashed (reported by another host leader)"
+
+def describe_notice(code: int, ranks: Sequence[int]) -> str:
+    """The text of a failure notice's code (``exchange/record.py``: POISON, SUSPECT)."""
+    suspect = ranks[code & SUSPECT] if (code & SUSPECT) < len(ranks) else "?"
+    if code & POISON_TIMEOUT:
+        return (
+            f"another host leader timed out waiting for host leader rank {suspect} "
+            "(or for a leader that one waits on)"
+        )
+    return f"host leader rank {suspect} exited or crashed (reported by another host leader)"
+
+
+def peer_exited(rank: object) -> str:
+    """A partner's connection closed. A leader that timed out on its own partner exits
+    too, so this is not proof of a crash."""
+    return f"host leader rank {rank} exited, crashed, or gave up on the exchange (its own timeout)"
 
 
 class _Poisoned(Exception):

@@ -27,6 +27,7 @@ from dynamo_dist.dist.proc import pid_alive
 from dynamo_dist.dynamo.hook import _C
 from dynamo_dist.exchange.allreduce import BandAllreduce, DoublingExchange, LeaderExchange
 from dynamo_dist.exchange.collective import Transport
+from dynamo_dist.exchange.native import NativeExchange, native_or_none
 
 log = get_logger("shm")
 
@@ -226,7 +227,8 @@ class ShmTransport(Transport):
         topo: Topology,
         store: Any,
         prefix: str,
-        leader_exchange: str = "doubling",
+        leader_exchange: str = "native",
+        busy_poll: float = 30e-6,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -238,13 +240,24 @@ class ShmTransport(Transport):
         if hierarchical and topo.local_rank == 0:
             # Built by the host leaders alone: the other ranks take no part.
             leaders_group = gloo_group(store, f"{prefix}/leaders", topo.leaders, timeout)
-            self._cross: LeaderExchange = (
-                DoublingExchange(leaders_group, timeout, topo.leaders)
-                if leader_exchange == "doubling"
-                else BandAllreduce(leaders_group)
+            native = (
+                native_or_none(store, prefix, leaders_group, topo.leaders, timeout, busy_poll)
+                if leader_exchange == "native"
+                else None
             )
+            self._cross: LeaderExchange = (
+                native
+                if native is not None
+                else BandAllreduce(leaders_group)
+                if leader_exchange == "allreduce"
+                else DoublingExchange(leaders_group, timeout, topo.leaders)
+            )
+            self.leader_exchange = "native" if native is not None else leader_exchange
             self.waiters.append(self._cross)
-            self.shm.set_cross_host(self._cross_host)
+            if native is not None:
+                self.shm.set_cross_host_native(native.rounds, self._native_failure)
+            else:
+                self.shm.set_cross_host(self._cross_host)
         self._hook: _C.GuardHook | None = None
         self.shm.set_wait_logger(self._log_wait)
 
@@ -280,6 +293,12 @@ class ShmTransport(Transport):
         if failure is not None:
             raise self.timeout_error(seq, ident, time.monotonic() - t0, failure)
         return out
+
+    def _native_failure(self, status: int, value: int, peer: int, waited: float) -> None:
+        """The native rounds failed (called by the C++ exchange): raise as ``_cross_host``."""
+        assert isinstance(self._cross, NativeExchange)
+        seq, ident = self._seq_ident()
+        raise self.timeout_error(seq, ident, waited, self._cross.describe(status, value, peer))
 
     def slow_path(
         self, status: int, seq: int, ident: int, hit: bool, word: int, culprit: int, waited: float

@@ -45,6 +45,7 @@ ORDER: list[tuple[str, ...]] = [
     ("exchange.status", "dist.group"),
     ("exchange.record",),
     ("exchange.allreduce",),  # one word AND-reduced over a gloo group
+    ("exchange.native",),  # the same, over authenticated TCP, rounds in C++
     ("exchange.collective",),
     ("exchange.shm",),
     ("exchange.policy",),
