@@ -367,3 +367,116 @@ def test_exchange_is_not_reentrant_across_threads() -> None:
         with pytest.raises(RuntimeError, match="in progress"):
             lr.exchange(W, 1.0)
         t.join(10)
+
+
+# -- through the shared-memory exchange --------------------------------------------------
+class NativeFailed(Exception):
+    pass
+
+
+@pytest.mark.timeout(60)
+def test_shm_leader_runs_the_native_rounds() -> None:
+    # One local rank per host: each host's ShmExchange leader takes its word to the
+    # other hosts through LeaderRounds; the C++ hook decides the unanimous cases.
+    hosts, k, steps = 3, 2, 60
+    plans = [dissemination(hosts, k, me) for me in range(hosts)]
+    failures: dict[int, tuple[int, int, int, float]] = {}
+    mixed: dict[int, int] = {}
+
+    def slow_path(status: int, seq: int, ident: int, hit: bool, word: int, *_: Any) -> bool:
+        assert status == 0
+        all_hit, any_hit, agree = R.unpack(word)
+        assert agree and any_hit and not all_hit
+        return False
+
+    with mesh(hosts, plans) as socks:
+        lr = leaders(hosts, k, socks)
+        segs = []
+        for me in range(hosts):
+            name = f"/dynamo_dist.{os.getpid()}.rounds{me}"
+            seg = _C.ShmExchange(name, True, 0, 1, True, 2.0, 30.0)
+            seg.unlink()
+
+            def on_failure(status: int, value: int, peer: int, waited: float, me: int = me) -> None:
+                failures[me] = (status, value, peer, waited)
+                raise NativeFailed(status, value, peer)
+
+            seg.set_cross_host_native(lr[me], on_failure)
+            segs.append(seg)
+
+        def body(me: int) -> list[bool]:
+            hook = _C.GuardHook(segs[me], slow_path)
+            rng = random.Random(7)
+            got = []
+            for _ in range(steps):
+                misses = {h for h in range(hosts) if rng.random() < 0.2}
+                got.append(hook.exchange(me not in misses, 42))
+                mixed[me] = mixed.get(me, 0) + (0 < len(misses) < hosts)
+            if me == 1:
+                return got  # leaves: host 1 never makes the last exchange
+            try:
+                hook.exchange(True, 42)
+            except NativeFailed:
+                return got
+            raise AssertionError("the exchange without host 1 succeeded")
+
+        out = run_hosts({me: (lambda me=me: body(me)) for me in range(hosts)})
+    rng = random.Random(7)
+    want = []
+    for _ in range(steps):
+        misses = {h for h in range(hosts) if rng.random() < 0.2}
+        want.append(not misses)
+    for me in range(hosts):
+        assert out[me] == want, (me, out[me])
+    assert mixed[0] > 0
+    for me in (0, 2):
+        status, value, peer, _ = failures[me]
+        assert (status, peer) == (TIMEOUT, 1) or (status, value) == (
+            POISONED,
+            R.POISON | R.POISON_TIMEOUT | 1,
+        ), failures[me]
+
+
+_DYING_HOST = """
+import os, struct, sys, time
+seq, word = int(sys.argv[1]), int(sys.argv[2])
+# Round 0's frames only: a leader that got them all may finish without this host's later
+# rounds (the word reached it); the rest must fail within the exchange.
+for fd in map(int, sys.argv[3].split(",")):
+    os.write(fd, struct.pack("<Qq", seq, word))
+time.sleep(0.3)  # the others are waiting for its later rounds by now
+os._exit(3)
+"""
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(60)
+def test_dead_process_fails_every_leader_within_the_exchange() -> None:
+    # Host 2 is a process that sends its round-0 frames and exits: the kernel closes
+    # its connections, its direct receivers see them closed, the others get notices.
+    import subprocess
+    import sys
+
+    hosts, k, dead, timeout = 5, 2, 2, 30.0
+    plans = [dissemination(hosts, k, me) for me in range(hosts)]
+    with mesh(hosts, plans) as socks:
+        lr = leaders(hosts, k, socks)
+        first = ",".join(str(socks[dead][j].fileno()) for j in plans[dead][0][0])
+        child = subprocess.Popen(
+            [sys.executable, "-c", _DYING_HOST, "1", str(W), first],
+            pass_fds=[s.fileno() for s in socks[dead].values()],
+        )
+        for s in socks[dead].values():
+            s.close()  # the child's copies are the only ones left
+        t0 = time.monotonic()
+        alive = [me for me in range(hosts) if me != dead]
+        out = run_hosts({me: (lambda me=me: lr[me].exchange(W, timeout)) for me in alive})
+        assert child.wait(30) == 3
+    assert time.monotonic() - t0 < timeout / 3
+    for me in alive:
+        if out[me][0] != OK:
+            assert _suspect_named(out[me], dead, timed_out=False), (me, out[me])
+        else:
+            assert out[me][1] == W, (me, out[me])
+    assert any(out[me][0] == CLOSED for me in alive)
+    assert any(out[me][0] == POISONED for me in alive), "some leader hears of it second-hand"
