@@ -66,7 +66,14 @@ class LeaderRounds {
   using Round = std::pair<std::vector<int>, std::vector<int>>;  // (send_to, recv_from)
 
   // fds[host]: a connected stream socket for every host named in a round. The
-  // fds stay Python's (it closes them); they are made non-blocking here.
+  // fds stay Python's (it closes them, never while an exchange may run); they
+  // are made non-blocking here. Each wait for a round's frames busy-polls for
+  // busy_poll_s before it sleeps in poll() (0: sleep at once).
+  //
+  // A leader that failed should not close() its sockets at once: one closed
+  // with frames still unread in it is answered with a reset, which can beat
+  // the notices just written. Keep them open a grace period first (as
+  // DoublingExchange's _NOTICE_GRACE_S), or drain them.
   // Throws std::invalid_argument for a plan that names a host out of range,
   // this leader itself, a host twice in one list, or a host without an fd.
   LeaderRounds(int me, int hosts, std::vector<Round> rounds, std::map<int, int> fds,
