@@ -53,14 +53,21 @@ def _version() -> str:
     raise RuntimeError("dynamo_dist/_version.py defines no __version__")
 
 
-# The three translation units compile side by side (one per core; NPY_NUM_BUILD_JOBS
+# The translation units compile side by side (one per core; NPY_NUM_BUILD_JOBS
 # overrides): each pip install builds them anew, and CI installs three times.
 ParallelCompile("NPY_NUM_BUILD_JOBS").install()
 
 ext_modules = [
     Pybind11Extension(
         "dynamo_dist._C",
-        sorted(["csrc/module.cpp", "csrc/guard_hook.cpp", "csrc/shm_exchange.cpp"]),
+        sorted(
+            [
+                "csrc/module.cpp",
+                "csrc/guard_hook.cpp",
+                "csrc/shm_exchange.cpp",
+                "csrc/leader_rounds.cpp",
+            ]
+        ),
         depends=sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.h")),
         cxx_std=17,
         extra_compile_args=["-O2"],

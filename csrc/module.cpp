@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include "guard_hook.h"
+#include "leader_rounds.h"
 #include "shm_exchange.h"
 
 #ifndef DYNAMO_DIST_VERSION
@@ -29,6 +30,10 @@ PYBIND11_MODULE(_C, m) {
       .def("abort", &ShmExchange::abort, "Make local ranks stop waiting.")
       .def("set_cross_host", &ShmExchange::set_cross_host, py::arg("fn"),
            "Leader: fn(word) -> word ANDed over hosts.")
+      .def("set_cross_host_native", &ShmExchange::set_cross_host_native, py::arg("rounds"),
+           py::arg("on_failure"),
+           "Leader: run the cross-host step as rounds (a LeaderRounds, None: back to "
+           "set_cross_host's fn); on_failure(status, value, peer, waited) must raise.")
       .def("set_wait_logger", &ShmExchange::set_wait_logger, py::arg("fn"))
       .def("waiting_for", &ShmExchange::waiting_for,
            "Seconds the exchange in progress has waited, or -1 (for the status thread).")
@@ -38,6 +43,41 @@ PYBIND11_MODULE(_C, m) {
       .def_static("creator_alive", &ShmExchange::creator_alive, py::arg("name"),
                   "Whether segment name's creator holds its lease (None: not readable as one).")
       .def_property_readonly("name", &ShmExchange::name);
+
+  py::class_<LeaderRounds, std::shared_ptr<LeaderRounds>>(
+      m, "LeaderRounds",
+      "The host leaders' rounds over connected sockets, run natively without the GIL.")
+      .def(py::init<int, int, std::vector<LeaderRounds::Round>, std::map<int, int>, double>(),
+           py::arg("me"), py::arg("hosts"), py::arg("rounds"), py::arg("fds"),
+           py::arg("busy_poll_s"),
+           "rounds[r] = (send_to, recv_from) host indices; fds[host] = a connected socket's fd "
+           "for every host a round names (the caller keeps and closes them).")
+      .def(
+          "exchange",
+          [](LeaderRounds& self, py::int_ word, double timeout) {
+            // Any int the caller has (record.pack's signed words, or unsigned
+            // ones) as its 64 bits.
+            const uint64_t w = PyLong_AsUnsignedLongLongMask(word.ptr());
+            if (PyErr_Occurred()) throw py::error_already_set();
+            const bool signals = self.on_main_thread();
+            NativeResult r;
+            {
+              py::gil_scoped_release nogil;
+              r = self.exchange_nogil(w, timeout, signals);
+            }
+            return py::make_tuple(r.status, static_cast<int64_t>(r.value), r.peer, r.waited_s);
+          },
+          py::arg("word"), py::arg("timeout"),
+          "(status, value, peer, waited): status 0 ok (value: the AND over hosts, signed), "
+          "1 timeout, 2 closed, 3 poisoned (value: the notice's code), 4 malformed; peer: the "
+          "host named, or -1. After a failure every call returns that failure again.")
+      .def_property_readonly("seq", &LeaderRounds::seq, "Exchanges made so far.")
+      .def_property_readonly("me", &LeaderRounds::me)
+      .def_property_readonly("hosts", &LeaderRounds::hosts)
+      .def_property_readonly("num_rounds", &LeaderRounds::num_rounds);
+  m.attr("POISON") = py::int_(kPoison);
+  m.attr("POISON_TIMEOUT") = py::int_(kPoisonTimeout);
+  m.attr("SUSPECT") = py::int_(kSuspectMask);
 
   py::class_<GuardHook>(m, "GuardHook", "Callable installed as Dynamo's guard-complete hook.")
       .def(py::init<py::object>(), py::arg("exchange"),

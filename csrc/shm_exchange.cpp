@@ -454,6 +454,25 @@ ExchangeResult ShmExchange::exchange(uint64_t word, uint64_t seq) {
   return r;
 }
 
+uint64_t ShmExchange::cross_host(uint64_t word) {
+  if (!native_) {
+    py::object out = cross_host_(static_cast<int64_t>(word));
+    return static_cast<uint64_t>(out.cast<int64_t>());
+  }
+  const bool signals = PyThread_get_thread_ident() == main_thread_;
+  NativeResult r;
+  {
+    // The local ranks wait on the futex meanwhile; nothing here needs Python
+    // but the signal checks, which take the GIL for themselves.
+    py::gil_scoped_release nogil;
+    r = native_->exchange_nogil(word, timeout_s_, signals);
+  }
+  if (r.status == static_cast<int>(RoundStatus::kOk)) return r.value;
+  on_native_failure_(r.status, static_cast<int64_t>(r.value), r.peer, r.waited_s);
+  throw std::runtime_error("the native cross-host step failed (status " +
+                           std::to_string(r.status) + ") and its on_failure did not raise");
+}
+
 ExchangeResult ShmExchange::exchange_impl(uint64_t word, uint64_t seq) {
   Header* h = header(base_);
   Slot* s = slots(base_);
@@ -489,8 +508,7 @@ ExchangeResult ShmExchange::exchange_impl(uint64_t word, uint64_t seq) {
   }
   if (local_rank_ == 0) {
     try {
-      py::object out = cross_host_(static_cast<int64_t>(combined));
-      combined = static_cast<uint64_t>(out.cast<int64_t>());
+      combined = cross_host(combined);
     } catch (...) {
       abort();
       throw;

@@ -28,10 +28,13 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
+
+#include "leader_rounds.h"
 
 namespace dynamo_dist {
 
@@ -76,6 +79,15 @@ class ShmExchange {
 
   // Leader only: fn(word: int) -> int, the AND of all hosts' combined words.
   void set_cross_host(py::object fn) { cross_host_ = std::move(fn); }
+  // Leader only: run the cross-host step natively (without the GIL) instead of
+  // through set_cross_host's callable. On a failure, on_failure(status, value,
+  // peer, waited_s) is called with the GIL and must raise: its exception is
+  // handled as one from the callable would be. A null `rounds` (None) goes back
+  // to the callable.
+  void set_cross_host_native(std::shared_ptr<LeaderRounds> rounds, py::object on_failure) {
+    native_ = std::move(rounds);
+    on_native_failure_ = std::move(on_failure);
+  }
   // Called (with the GIL) every log interval while waiting: fn(seq, waited_s).
   void set_wait_logger(py::object fn) { wait_logger_ = std::move(fn); }
   // Tell the local ranks to stop waiting (an error was raised on this rank).
@@ -103,6 +115,7 @@ class ShmExchange {
   void notify();
   bool peer_alive(int r) const;
   ExchangeResult exchange_impl(uint64_t word, uint64_t seq);
+  uint64_t cross_host(uint64_t word);
   void start_lease();
   void stop_lease();
   static void* lease_main(void* self);
@@ -118,6 +131,8 @@ class ShmExchange {
   void* base_ = nullptr;
   size_t size_ = 0;
   py::object cross_host_;
+  std::shared_ptr<LeaderRounds> native_;
+  py::object on_native_failure_;
   py::object wait_logger_;
   std::atomic<double> wait_start_{0.0};
   unsigned long main_thread_ = 0;  // Python's main thread: the one that runs signal handlers

@@ -43,6 +43,11 @@ class ShmExchange:
         self, rounds: LeaderRounds, on_failure: Callable[[int, int, int, float], None]
     ) -> None: ...
     def set_cross_host(self, fn: Callable[[int], int]) -> None: ...
+    def set_cross_host_native(
+        self,
+        rounds: LeaderRounds | None,
+        on_failure: Callable[[int, int, int, float], None],
+    ) -> None: ...
     def set_wait_logger(self, fn: Callable[[int, float], None]) -> None: ...
     def waiting_for(self) -> float: ...
     def set_cpus(self, cpus: int) -> None: ...
@@ -52,6 +57,32 @@ class ShmExchange:
     def creator_alive(name: str) -> bool | None: ...
     @property
     def name(self) -> str: ...
+
+class LeaderRounds:
+    """The host leaders' rounds over connected sockets, run natively without the GIL."""
+
+    def __init__(
+        self,
+        me: int,
+        hosts: int,
+        rounds: list[tuple[list[int], list[int]]],
+        fds: dict[int, int],
+        busy_poll_s: float,
+    ) -> None: ...
+    def exchange(self, word: int, timeout: float) -> tuple[int, int, int, float]:
+        """(status, value, peer, waited): 0 ok, 1 timeout, 2 closed, 3 poisoned, 4 malformed."""
+    @property
+    def seq(self) -> int: ...
+    @property
+    def me(self) -> int: ...
+    @property
+    def hosts(self) -> int: ...
+    @property
+    def num_rounds(self) -> int: ...
+
+POISON: int
+POISON_TIMEOUT: int
+SUSPECT: int
 
 class GuardHook:
     """Installed as Dynamo's guard-complete hook."""
