@@ -160,6 +160,11 @@ NativeResult LeaderRounds::exchange_nogil(uint64_t word, double timeout_s, bool 
     return again;
   }
   const double start = now_s();
+  wait_start_.store(start, std::memory_order_relaxed);
+  struct Idle {
+    std::atomic<double>& since;
+    ~Idle() { since.store(0.0, std::memory_order_relaxed); }
+  } idle_again{wait_start_};
   // The first signal check comes after one interval: a signal that arrived
   // before the call was handled by the interpreter on its way here.
   Call c{seq, start, start + timeout_s, check_signals, start + kSignalCheckS, nullptr};
@@ -171,6 +176,11 @@ NativeResult LeaderRounds::exchange_nogil(uint64_t word, double timeout_s, bool 
     throw py::error_already_set(std::move(*c.raised));
   }
   return res;
+}
+
+double LeaderRounds::waiting_for() const {
+  const double since = wait_start_.load(std::memory_order_relaxed);
+  return since > 0.0 ? now_s() - since : -1.0;
 }
 
 NativeResult LeaderRounds::run(Call& c, uint64_t word) {

@@ -88,6 +88,9 @@ class LeaderRounds {
   // py::error_already_set, with the GIL held. Throws std::runtime_error when
   // entered while another exchange on this object is in progress.
   NativeResult exchange_nogil(uint64_t word, double timeout_s, bool check_signals);
+  // Seconds the exchange in progress has waited so far, or -1 when none is: read by
+  // the status thread (stall warnings, progress lines), never on the hot path.
+  double waiting_for() const;
 
   // Exchanges made so far: the seq of the last one (its frames carry it).
   uint64_t seq() const { return seq_.load(std::memory_order_relaxed); }
@@ -132,6 +135,7 @@ class LeaderRounds {
   unsigned long main_thread_ = 0;
   std::atomic<uint64_t> seq_{0};
   std::atomic<bool> busy_{false};
+  std::atomic<double> wait_start_{0.0};  // 0: no exchange in progress
   bool failed_ = false;
   NativeResult failure_{0, 0, -1, 0.0};
   // Sized once here, so the exchange itself allocates nothing.

@@ -71,6 +71,8 @@ PYBIND11_MODULE(_C, m) {
           "(status, value, peer, waited): status 0 ok (value: the AND over hosts, signed), "
           "1 timeout, 2 closed, 3 poisoned (value: the notice's code), 4 malformed; peer: the "
           "host named, or -1. After a failure every call returns that failure again.")
+      .def("waiting_for", &LeaderRounds::waiting_for,
+           "Seconds the exchange in progress has waited, or -1 (for the status thread).")
       .def_property_readonly("seq", &LeaderRounds::seq, "Exchanges made so far.")
       .def_property_readonly("me", &LeaderRounds::me)
       .def_property_readonly("hosts", &LeaderRounds::hosts)

@@ -6,24 +6,6 @@ from types import CodeType
 __version__: str
 """The dynamo_dist version this binary was built for (checked at import)."""
 
-class LeaderRounds:
-    """The host leaders' rounds over authenticated sockets, run without the GIL."""
-
-    def __init__(
-        self,
-        me: int,
-        hosts: int,
-        rounds: list[tuple[list[int], list[int]]],
-        fds: dict[int, int],
-        busy_poll_s: float,
-    ) -> None: ...
-    def exchange(self, word: int, timeout: float) -> tuple[int, int, int, float]: ...
-    @property
-    def seq(self) -> int: ...
-
-POISON: int
-POISON_TIMEOUT: int
-
 class ShmExchange:
     """Intra-host guard exchange through a shared-memory segment."""
 
@@ -39,9 +21,6 @@ class ShmExchange:
     ) -> None: ...
     def unlink(self) -> None: ...
     def abort(self) -> None: ...
-    def set_cross_host_native(
-        self, rounds: LeaderRounds, on_failure: Callable[[int, int, int, float], None]
-    ) -> None: ...
     def set_cross_host(self, fn: Callable[[int], int]) -> None: ...
     def set_cross_host_native(
         self,
@@ -79,6 +58,7 @@ class LeaderRounds:
     def hosts(self) -> int: ...
     @property
     def num_rounds(self) -> int: ...
+    def waiting_for(self) -> float: ...
 
 POISON: int
 POISON_TIMEOUT: int

@@ -64,7 +64,8 @@ class LeaderExchange(Protocol):
     what the status thread reads to log progress (None: not waiting).
     """
 
-    waiting_since: float | None
+    @property
+    def waiting_since(self) -> float | None: ...
 
     def __call__(self, word: int) -> tuple[int, str | None]: ...
 

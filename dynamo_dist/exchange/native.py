@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from dynamo_dist._log import get_logger
@@ -226,10 +227,21 @@ class Connections:
                 s.close()
 
 
+_NO_ADDRESS = "-"
+
+
+def _published(store: Any, key: str, deadline: float) -> bytes:
+    """``key``'s value once a leader set it, or RuntimeError at ``deadline``."""
+    store.wait([key], timedelta(seconds=max(0.001, deadline - time.monotonic())))
+    return bytes(store.get(key))
+
+
 def _dial(published: bytes, token: bytes, me: int, peer: int, deadline: float) -> socket.socket:
     """A connection to ``peer`` that passed the handshake, retried until ``deadline``: a
     peer's pending slots may be held by strangers for a moment. A peer that answers but
     cannot prove the token is not retried."""
+    if published.decode() == _NO_ADDRESS:
+        raise ConnectionError("it could not listen")
     addr, port = published.decode().split()
     for attempt in itertools.count():
         try:
@@ -260,13 +272,20 @@ def connect_leaders(
     Returns what connected and, per host that did not, why; never raises for a peer.
     """
     key = f"{prefix}/native"
+    deadline = time.monotonic() + min(timeout, 60.0)
     if me == 0:
         store.set(f"{key}/token", secrets.token_bytes(32).hex())
-    token = bytes.fromhex(store.get(f"{key}/token").decode())
-    listener = socket.create_server((listen_address(), 0), backlog=MAX_PENDING)
+    token = bytes.fromhex(_published(store, f"{key}/token", deadline).decode())
+    try:
+        listener = socket.create_server((listen_address(), 0), backlog=MAX_PENDING)
+    except OSError as e:
+        # Say so at once: partners waiting for this leader's address give up now, not
+        # at the deadline.
+        store.set(f"{key}/addr/{me}", _NO_ADDRESS)
+        why = f"cannot listen: {type(e).__name__}: {e}"
+        return Connections({}, {me: why}, 0)  # this leader itself
     host, port = listener.getsockname()[:2]
     store.set(f"{key}/addr/{me}", f"{host} {port}")
-    deadline = time.monotonic() + min(timeout, 60.0)
     acceptor = _Acceptor(listener, token, me, {p for p in peers if p < me})
     if not acceptor.expected:
         acceptor.done.set()
@@ -276,7 +295,8 @@ def connect_leaders(
     missing: dict[int, str] = {}
     for peer in sorted(p for p in peers if p > me):
         try:
-            sockets[peer] = _dial(store.get(f"{key}/addr/{peer}"), token, me, peer, deadline)
+            published = _published(store, f"{key}/addr/{peer}", deadline)
+            sockets[peer] = _dial(published, token, me, peer, deadline)
         except (OSError, ValueError, RuntimeError) as e:
             missing[peer] = f"{type(e).__name__}: {e}"
     acceptor.done.wait(max(0.0, deadline - time.monotonic()))
@@ -322,14 +342,16 @@ class NativeExchange:
         self.ranks = ranks
         fds = {h: s.fileno() for h, s in conns.sockets.items()}
         self.rounds = _C.LeaderRounds(me, hosts, plan, fds, busy_poll_s)
-        self.waiting_since: float | None = None
+
+    @property
+    def waiting_since(self) -> float | None:
+        """When the exchange in progress began (``time.monotonic``), or None: the rounds
+        run in C++, which keeps the time whether Python or the C++ hook called them."""
+        waited = self.rounds.waiting_for()
+        return time.monotonic() - waited if waited >= 0 else None
 
     def __call__(self, word: int) -> tuple[int, str | None]:
-        self.waiting_since = time.monotonic()
-        try:
-            status, value, peer, _waited = self.rounds.exchange(word, self.timeout)
-        finally:
-            self.waiting_since = None
+        status, value, peer, _waited = self.rounds.exchange(word, self.timeout)
         if status == _OK:
             return value, None
         return 0, self.describe(status, value, peer)

@@ -125,6 +125,17 @@ def leaders_agree(rank: int, world: int, layout: str, exchange: str, steps: str)
     """Random hits against an oracle, then a frame mismatch on the last rank's host."""
     from dynamo_dist import RankDivergenceError
 
+    if exchange == "native-unreachable":
+        # The last rank's host cannot listen (no such interface, say): every leader must
+        # fall back to doubling together.
+        exchange = "native"
+        if rank == world - 1:
+            from dynamo_dist.exchange import native
+
+            def no_interface() -> str:
+                raise OSError("no address on interface eth9")
+
+            native.listen_address = no_interface
     tr = _transport(rank, world, layout, exchange, timeout=60)
     hook = tr.make_hook()
     wrong = verdicts = 0
@@ -152,11 +163,13 @@ def leaders_agree(rank: int, world: int, layout: str, exchange: str, steps: str)
     }
 
 
-def leader_fails(rank: int, world: int, layout: str, how: str, culprit: str) -> dict[str, Any]:
+def leader_fails(
+    rank: int, world: int, layout: str, how: str, culprit: str, exchange: str
+) -> dict[str, Any]:
     """Rank ``culprit`` (a host leader) dies or hangs at exchange 11; the others exchange."""
     from dynamo_dist import CollectiveTimeoutError
 
-    tr = _transport(rank, world, layout, "doubling", timeout=4)
+    tr = _transport(rank, world, layout, exchange, timeout=4)
     hook = tr.make_hook()
     for _ in range(10):
         hook.exchange(True, 5)
@@ -189,20 +202,50 @@ def _check_agree(run: ranks.RankRun, world: int) -> None:
     assert all(res["mixed"] > 0 for res in results), "some steps must mix hits and misses"
 
 
+_CROSS = {"native": "NativeExchange", "doubling": "DoublingExchange"}
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("layout", ["2,1,1", "1,1,1,1", "1,1,1,1,1"])
-def test_doubling_leaders_agree(tmp_path, layout):
-    # 3 hosts (one with two ranks: local shared memory, then the leaders), 4, and 5.
+@pytest.mark.parametrize(
+    ("exchange", "layout"),
+    [
+        # 3 hosts (one with two ranks: local shared memory, then the leaders), 4, 5 and 9
+        # (9 > 8: two rounds of the native plan).
+        ("native", "2,1,1"),
+        ("native", "1,1,1,1"),
+        ("native", "1,1,1,1,1"),
+        ("native", "1,1,1,1,1,1,1,1,1"),
+        ("doubling", "2,1,1"),
+        ("doubling", "1,1,1,1,1"),
+    ],
+)
+def test_leaders_agree(tmp_path, exchange, layout):
     world = sum(int(x) for x in layout.split(","))
+    steps = 100 if world > 5 else 300
     run = ranks.launch(
-        HERE, "leaders_agree", layout, "doubling", 300, tmp=tmp_path, nproc=world, timeout=200
+        HERE, "leaders_agree", layout, exchange, steps, tmp=tmp_path, nproc=world, timeout=200
     )
     _check_agree(run, world)
     sizes = [int(x) for x in layout.split(",")]
     leaders = [sum(sizes[:i]) for i in range(len(sizes))]
     for r in range(world):
-        assert run.rank(r)["cross"] == ("DoublingExchange" if r in leaders else None)
+        assert run.rank(r)["cross"] == (_CROSS[exchange] if r in leaders else None)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+def test_a_leader_that_cannot_connect_makes_every_leader_use_doubling(tmp_path):
+    run = ranks.launch(
+        HERE, "leaders_agree", "1,1,1", "native-unreachable", 100, tmp=tmp_path, nproc=3
+    )
+    _check_agree(run, 3)
+    assert [run.rank(r)["cross"] for r in range(3)] == ["DoublingExchange"] * 3
+    warnings = [line for line in run.output.splitlines() if "leader_exchange=native" in line]
+    assert len(warnings) == 1, run.output[-3000:]
+    assert "(rank 2) could not connect: host leader rank 2: cannot listen: OSError: " in warnings[0]
+    assert "no address on interface eth9" in warnings[0]
+    assert "host leader rank 2: ConnectionError: it could not listen" in warnings[0]
 
 
 @pytest.mark.multiproc
@@ -217,15 +260,18 @@ def test_allreduce_leader_exchange_still_available(tmp_path):
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
-def test_dead_leader_is_reported_to_every_leader(tmp_path):
-    # 5 leaders: rank 3 swaps with 2 and 1; ranks 0 and 4 never talk to it and learn
-    # of its death from the failure notice, not from their timeout.
+@pytest.mark.parametrize("exchange", ["native", "doubling"])
+def test_dead_leader_is_reported_to_every_leader(tmp_path, exchange):
+    # 5 leaders. Doubling: rank 3 swaps with 2 and 1; ranks 0 and 4 never talk to it and
+    # learn of its death from the failure notice, not from their timeout. Native (one
+    # round of 4 partners at 5 hosts): every leader sees its connection close.
     run = ranks.launch(
         HERE,
         "leader_fails",
         "1,1,1,1,1",
         "die",
         3,
+        exchange,
         tmp=tmp_path,
         nproc=5,
         timeout=200,
@@ -237,21 +283,25 @@ def test_dead_leader_is_reported_to_every_leader(tmp_path):
         assert res.get("error") == "CollectiveTimeoutError", res
         assert "host leader rank 3 exited" in res["message"], res
         assert "timed out" not in res["message"], res
-    assert "reported by another host leader" in run.rank(0)["message"]
-    assert "reported by another host leader" in run.rank(4)["message"]
+    if exchange == "doubling":
+        assert "reported by another host leader" in run.rank(0)["message"]
+        assert "reported by another host leader" in run.rank(4)["message"]
 
 
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
-def test_hung_leader_times_out_everywhere(tmp_path):
-    # 3 leaders: rank 2 folds into rank 0, which times out on it; rank 1, waiting on
-    # rank 0, times out too or gets rank 0's notice first, whichever comes first.
+@pytest.mark.parametrize("exchange", ["native", "doubling"])
+def test_hung_leader_times_out_everywhere(tmp_path, exchange):
+    # 3 leaders. Doubling: rank 2 folds into rank 0, which times out on it; rank 1,
+    # waiting on rank 0, times out too or gets rank 0's notice first, whichever comes
+    # first. Native: ranks 0 and 1 both wait for rank 2 directly.
     run = ranks.launch(
         HERE,
         "leader_fails",
         "1,1,1",
         "hang",
         2,
+        exchange,
         tmp=tmp_path,
         nproc=3,
         timeout=200,
