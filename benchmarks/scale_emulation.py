@@ -21,11 +21,16 @@ exchange:
   then allgather, 2(H-1) sequential hops) in Python over send/recv, with the delay on
   every hop: the stand-in for "gloo allreduce with the added delay" (at delay 0 it
   calibrates against ``gloo_allreduce``);
-- ``doubling``: dynamo_dist's leader exchange alone (``_collective.DoublingExchange``);
-- ``hier_doubling`` / ``hier_allreduce``: the whole per-call guard exchange through
-  dynamo_dist's ShmTransport (shared memory within a host, then the leaders), timed
-  directly on the C++ hook's ``exchange`` (what a compiled call's guard hook runs,
-  without Dynamo's own call cost); ``hier_allreduce`` at delay 0 only;
+- ``doubling``: dynamo_dist's recursive doubling over gloo alone
+  (``exchange/allreduce.DoublingExchange``);
+- ``native``: the native leaders' exchange alone (``exchange/native.NativeExchange``:
+  authenticated TCP, rounds in C++ without the GIL; delay 0 only: its frames are not
+  held);
+- ``hier_doubling`` / ``hier_native`` / ``hier_allreduce``: the whole per-call guard
+  exchange through dynamo_dist's ShmTransport (shared memory within a host, then the
+  leaders), timed directly on the C++ hook's ``exchange`` (what a compiled call's guard
+  hook runs, without Dynamo's own call cost); ``hier_native`` and ``hier_allreduce`` at
+  delay 0 only;
 - ``shm_single_host``: the same on one host (2 and 4 ranks), shared memory only.
 
 Each mode runs ``--calls`` calls, fewer when they would take over ``--mode-seconds``
@@ -61,7 +66,9 @@ MODES = [
     "gloo_allreduce",
     "ring_emulated",
     "doubling",
+    "native",
     "hier_doubling",
+    "hier_native",
     "hier_allreduce",
     "shm_single_host",
 ]
@@ -163,6 +170,7 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
 
     from dynamo_dist.dist import group as dist_group
     from dynamo_dist.exchange.allreduce import DoublingExchange
+    from dynamo_dist.exchange.native import native_or_none
     from dynamo_dist.exchange.record import pack
     from dynamo_dist.exchange.shm import ShmTransport, topology
 
@@ -249,6 +257,9 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
         hook.release()  # as Runtime.close: break the C++ <-> Python cycles
         tr.shm.set_wait_logger(None)
         tr.shm.set_cross_host(None)
+        tr.shm.set_cross_host_native(None, None)
+        if hasattr(tr, "_cross") and hasattr(tr._cross, "close"):
+            tr._cross.close()  # the native exchange's sockets
 
     for delay in delays:
         delay_every_hop(delay * 1000)
@@ -272,9 +283,19 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
             modes.append(
                 ("doubling", (lambda f=doubling: f(word)) if doubling is not None else None)
             )
+            if delay == 0:
+                native = (
+                    native_or_none(store, f"scale_emulation/n{delay}", lg, leaders, timeout, 30e-6)
+                    if lg is not None
+                    else None
+                )
+                assert lg is None or native is not None, "native setup fell back"
+                modes.append(("native", (lambda f=native: f(word)) if native is not None else None))
             hooks.append(hooked("doubling"))
             modes.append(("hier_doubling", lambda h=hooks[-1][1]: h.exchange(True, 1000)))
             if delay == 0:
+                hooks.append(hooked("native"))
+                modes.append(("hier_native", lambda h=hooks[-1][1]: h.exchange(True, 1000)))
                 hooks.append(hooked("allreduce"))
                 modes.append(("hier_allreduce", lambda h=hooks[-1][1]: h.exchange(True, 1000)))
         measure(delay, modes)
