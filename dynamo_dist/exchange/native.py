@@ -411,6 +411,13 @@ def native_or_none(
             exchange = NativeExchange(conns, plan, me, hosts, timeout, leader_ranks, busy_poll_s)
         except (RuntimeError, ValueError, OSError) as e:
             why = f"{type(e).__name__}: {e}"
+    if conns is not None and conns.refused:
+        # Counted, never fatal: a port scanner, or something that is not this job.
+        log.warning(
+            "%d connection(s) to this host leader's exchange port failed the handshake "
+            "and were closed (not a leader of this group, or without its token)",
+            conns.refused,
+        )
     reports: list[_SetupReport] = all_gather_objects(
         leaders_group, _SetupReport(not why, socket.gethostname(), why)
     )
