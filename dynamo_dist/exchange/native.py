@@ -34,7 +34,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -177,22 +177,37 @@ class _Acceptor:
     lock: threading.Lock = field(default_factory=threading.Lock)
     pending: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(MAX_PENDING))
     done: threading.Event = field(default_factory=threading.Event)
+    # Addresses the expected peers published (they publish before they dial): read again
+    # when a connection comes from an address not seen yet.
+    peer_addresses: Callable[[], set[str]] = field(default=lambda: set())
+    known: set[str] = field(default_factory=set)
 
     def serve(self, deadline: float) -> None:
         self.listener.settimeout(0.05)
         while not self.done.is_set() and time.monotonic() < deadline:
             try:
-                conn, _ = self.listener.accept()
+                conn, (addr, *_) = self.listener.accept()
             except (TimeoutError, BlockingIOError):
                 continue
             except OSError:
-                return  # the listener was closed: setup is over
-            if not self.pending.acquire(blocking=False):
-                conn.close()  # too many unauthenticated connections at once
+                if self.listener.fileno() < 0:
+                    return  # the listener was closed: setup is over
+                time.sleep(0.05)  # EMFILE, ECONNABORTED...: the listener still works
+                continue
+            if not self._from_a_peer(addr) or not self.pending.acquire(blocking=False):
+                # Not from a leader's address, or too many unauthenticated connections
+                # at once: strangers from elsewhere never take a peer's pending slot.
+                conn.close()
                 with self.lock:
                     self.refused += 1
                 continue
             threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _from_a_peer(self, addr: str) -> bool:
+        if addr not in self.known:
+            with contextlib.suppress(OSError, RuntimeError, ValueError):
+                self.known = self.peer_addresses()
+        return addr in self.known
 
     def _one(self, conn: socket.socket) -> None:
         try:
@@ -286,7 +301,14 @@ def connect_leaders(
         return Connections({}, {me: why}, 0)  # this leader itself
     host, port = listener.getsockname()[:2]
     store.set(f"{key}/addr/{me}", f"{host} {port}")
-    acceptor = _Acceptor(listener, token, me, {p for p in peers if p < me})
+    dialers = {p for p in peers if p < me}
+
+    def peer_addresses() -> set[str]:
+        keys = [f"{key}/addr/{p}" for p in sorted(dialers)]
+        published = [store.get(k).decode() for k in keys if store.check([k])]
+        return {v.split()[0] for v in published if v != _NO_ADDRESS}
+
+    acceptor = _Acceptor(listener, token, me, dialers, peer_addresses=peer_addresses)
     if not acceptor.expected:
         acceptor.done.set()
     server = threading.Thread(target=acceptor.serve, args=(deadline,), daemon=True)

@@ -198,37 +198,51 @@ def test_a_listener_is_open_only_during_setup(monkeypatch: pytest.MonkeyPatch) -
 def test_strangers_flooding_the_listener_do_not_stop_the_leaders(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Silent connections beyond the cap are closed at accept; the real peer retries."""
+    """A sustained flood of silent connections from an address that is not a leader's
+    (127.0.0.2; the leaders publish 127.0.0.1) is closed at accept and never takes a
+    pending slot, so the real peers connect."""
     server, port = _store_server()
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(port))
     out: dict[int, Any] = {}
-    strangers: list[socket.socket] = []
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    stop = threading.Event()
 
     def leader(me: int) -> None:
         client = dist.TCPStore("127.0.0.1", port, is_master=False)
         out[me] = N.connect_leaders(client, "g", me, 3, {0, 1, 2} - {me}, 30)
 
+    def stranger(host: str, lport: int) -> None:
+        # Silent, and back as soon as the leader closes it (a slowloris).
+        while not stop.is_set():
+            with contextlib.suppress(OSError), socket.socket() as s:
+                s.bind(("127.0.0.2", 0))
+                s.settimeout(3)
+                s.connect((host, lport))
+                s.recv(1)
+
     # Leaders 0 and 2 start; 0 waits for 1's address before it dials anyone (it dials
-    # in order), so 2's listener can be flooded before any leader dials it.
+    # in order), so 2's listener is flooded before any leader dials it.
     threads = [threading.Thread(target=leader, args=(i,), daemon=True) for i in (0, 2)]
     for t in threads:
         t.start()
     host, lport = store.get("g/native/addr/2").decode().split()
-    for _ in range(N.MAX_PENDING + 4):
-        with contextlib.suppress(OSError):
-            strangers.append(socket.create_connection((host, int(lport)), timeout=0.5))
+    flood = [
+        threading.Thread(target=stranger, args=(host, int(lport)), daemon=True)
+        for _ in range(3 * N.MAX_PENDING)
+    ]
+    for t in flood:
+        t.start()
+    time.sleep(0.5)
     threads.append(threading.Thread(target=leader, args=(1,), daemon=True))
     threads[-1].start()
     for t in threads:
         t.join(45)
+    stop.set()
     try:
         assert all(out[i].missing == {} for i in range(3)), [out[i].missing for i in range(3)]
         assert out[2].refused >= N.MAX_PENDING
     finally:
-        for s in strangers:
-            s.close()
         for c in out.values():
             c.close()
         del server
