@@ -174,15 +174,15 @@ class SharedCache(CacheDir):
         """
         # Numbered by compile within the group, not by key: ranks compiling
         # rank-specific graphs (different keys) still meet at the same agreement. A
-        # compile inside dynamo_dist.local() has no scope: it agrees with nobody.
-        scope = dist_local.current_scope()
-        n = next_compile(scope) if self.agreement.applies(scope) and scope is not None else 0
+        # compile inside dynamo_dist.local() has no group: it agrees with nobody.
+        group = dist_local.current_group()
+        n = next_compile(group) if self.agreement.applies(group) and group is not None else 0
         if private_local_dir() is None or not self.enabled:
             # Neither load nor lead (no usable or trusted directory, or nowhere safe to
             # install: the clean room would be there too). Still report, so peers that
             # could use the cache need not wait out the timeout for this rank.
             return self.compile_uncached(compile_fn, n)
-        turn = Turn(self.rank, self.counts, self.agreement, n, scope)
+        turn = Turn(self.rank, self.counts, self.agreement, n, group)
         try:
             # Applied on every rank (leader and followers alike): it is part of
             # AOTAutograd's configuration, hence of its cache key.
@@ -288,9 +288,9 @@ class SharedCache(CacheDir):
         rank compiles the same sequence of graphs, so each one still takes part in the
         n-th agreement, as a "no".
         """
-        scope = dist_local.current_scope()
-        if self.agreement.applies(scope):
-            assert scope is not None
-            self.agreement.abstain(next_compile(scope) if n is None else n, scope)
+        group = dist_local.current_group()
+        if self.agreement.applies(group):
+            assert group is not None
+            self.agreement.abstain(next_compile(group) if n is None else n, group)
         require_private_local_dir()  # never compiled where someone else could plant files
         return compile_counted(self.counts, compile_fn)

@@ -38,7 +38,7 @@ class Policy:
         self.counts = counts
 
     def check_thread(self) -> None:
-        """Raise DynamoDistError if another thread owns this channel's exchange."""
+        """Raise DynamoDistError if another thread owns this group's exchange."""
         if not self.hook.thread_ok():
             raise wrong_thread(self.hook.owner_thread)
 
@@ -107,7 +107,7 @@ class Policy:
         reasons_by_rank = {r: records[r]["reasons"] for r in missed}
         if policy == "strict":
             self.counts.strict_errors += 1
-            ranks = {
+            by_rank = {
                 r: {"hit": rec["hit"], "reasons": rec["reasons"], "frame": what, "seq": outcome.seq}
                 for r, rec in enumerate(records)
             }
@@ -125,7 +125,7 @@ class Policy:
                 f"policy 'strict': {msg}. Make the inputs that the listed guards check identical "
                 "across ranks (or mark them dynamic), or use policy 'sync' to recompile on all "
                 "ranks instead of failing.",
-                ranks,
+                by_rank,
             )
         dynamo_events.emit(
             "forced_recompile",

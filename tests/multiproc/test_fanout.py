@@ -67,8 +67,8 @@ def fanout_job(
         ranks.wait_for_peer("leader_holds_locks")
     elif not die:
         dist.barrier()
-    scope = dist_local.Scope("world", "world", world) if agree == "1" else None
-    with dist_local.compiling(scope):
+    group = dist_local.GroupInfo("world", "world", world) if agree == "1" else None
+    with dist_local.compiling(group):
         out = cache.compile(KEY, key.version_factors(), compile_fn, "f (t.py:1)")
     local = private_local_dir()
     assert local is not None

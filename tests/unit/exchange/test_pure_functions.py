@@ -180,7 +180,7 @@ def test_percentiles(samples: list[int], want: dict[str, float]) -> None:
 
 # -- describe_missing ----------------------------------------------------------------------
 def _st(seq: int, frame: str | None, **extra: Any) -> dict[str, Any]:
-    """A published status whose latest exchange is on the ``world`` channel."""
+    """A published status whose latest exchange is of the ``world`` group."""
     return {
         "seq": seq,
         "frame": frame,
