@@ -29,6 +29,7 @@ from dynamo_dist.dynamo.hook import _C, describe_identity
 from dynamo_dist.dist.local import GroupInfo
 from dynamo_dist._log import get_logger
 from dynamo_dist.exchange.policy import Policy
+from dynamo_dist.exchange.record import MixedSlot
 from dynamo_dist.exchange.shm import ShmTransport, ShmUnavailable, topology
 from dynamo_dist.exchange.stats import Counts, GroupStats, HookCounters, RuntimeStats, Stats, TransportStats
 from dynamo_dist.exchange.status import StatusBoard
@@ -52,6 +53,9 @@ class Group:
         self.ranks = ranks
         self.name = group_name(ranks, world)
         self.counts = Counts()
+        #: The handoff of a mixed outcome from the exchange to the policy (its docstring
+        #: says why it cannot be a return value).
+        self.mixed_slot = MixedSlot()
         self.transport: Transport | None = None
         self.hook: _C.GuardHook | None = None
         self.policy: Policy | None = None
@@ -64,7 +68,9 @@ class Group:
         # The group's own gloo groups; their timeout is what bounds an exchange on the
         # network.
         guard = dist_group.gloo_group(store, f"{prefix}/guard", ranks, cfg.timeout)
-        self.transport = _make_transport(cfg, guard, ranks, self.name, board, store, prefix)
+        self.transport = _make_transport(
+            cfg, guard, ranks, self.name, board, store, prefix, self.mixed_slot
+        )
         consensus_group = None
         if cfg.compiler_collectives and exchange_consensus.enable():
             consensus_group = dist_group.gloo_group(
@@ -79,7 +85,7 @@ class Group:
             ranks=tuple(sorted(ranks)),
         )
         self.hook = self.transport.make_hook()
-        self.policy = Policy(self.transport, self.hook, self.counts)
+        self.policy = Policy(self.transport, self.hook, self.counts, self.mixed_slot)
         if board is not None:
             transport = self.transport
             board.positions[self.name] = lambda: (*transport.position(), transport.last_epoch())
@@ -229,6 +235,7 @@ def _make_transport(
     board: StatusBoard | None,
     store: Any,
     prefix: str,
+    mixed_slot: MixedSlot,
 ) -> Transport:
     """Shared memory within hosts (hierarchical across them) unless gloo is asked for.
 
@@ -243,6 +250,7 @@ def _make_transport(
         "stall_warning": cfg.stall_warning,
         "board": board,
         "describe": describe_identity,
+        "mixed_slot": mixed_slot,
     }
     if cfg.transport in ("auto", "shm"):
         topo = topology(guard, ranks)

@@ -1,7 +1,8 @@
 """The gloo transport: the decision on a reduced word, and what the ranks are told.
 
 :class:`Transport` is what every transport shares: the verdict on a reduced word (a
-frame mismatch raises, a mixed hit/miss is kept for the policy layer), the progress
+frame mismatch raises, a mixed hit/miss goes to the group's :class:`MixedSlot` for the
+policy layer), the progress
 lines and the one stall warning per exchange, and the errors naming who did not
 arrive and why. :class:`GlooTransport` reduces each word with gloo's allreduce on its
 own group; ``exchange/shm.py`` combines a host's words in shared memory first. The
@@ -24,7 +25,7 @@ from dynamo_dist.dynamo import events
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C
 from dynamo_dist.exchange.allreduce import BandAllreduce, LeaderExchange
-from dynamo_dist.exchange.record import Outcome, pack, unpack
+from dynamo_dist.exchange.record import MixedSlot, Outcome, pack, unpack
 from dynamo_dist.exchange.status import StatusBoard, board_reader_stride, describe_missing
 
 log = get_logger("collective")
@@ -52,6 +53,7 @@ class Transport:
         stall_warning: float,
         board: StatusBoard | None,
         describe: Callable[[int], str],
+        mixed_slot: MixedSlot | None = None,
     ) -> None:
         self.ranks = list(ranks)  # the group's global ranks, ascending
         self.rank = dist.get_rank()
@@ -63,7 +65,9 @@ class Transport:
         self.describe = describe
         self.divergences = 0
         self.mixed = 0
-        self.last_mixed: Outcome | None = None
+        #: Where a mixed outcome goes for the policy layer: the group's (None: a slot of
+        #: this transport's own, for a transport used without a group).
+        self.mixed_slot = mixed_slot if mixed_slot is not None else MixedSlot()
         self.broken: BaseException | None = None
         self.wait_log_interval = wait_log_interval
         self.stall_warning = stall_warning
@@ -226,7 +230,11 @@ class Transport:
         )
 
     def decide(self, seq: int, ident: int, hit: bool, word: int) -> bool:
-        """The verdict for a reduced word; raises RankDivergenceError on a frame mismatch."""
+        """The verdict for a reduced word; raises RankDivergenceError on a frame mismatch.
+
+        The C++ hook passes the bool on to Dynamo; a mixed outcome goes to
+        ``mixed_slot``, for the policy's later call (why: :class:`MixedSlot`).
+        """
         all_hit, any_hit, agree = unpack(word)
         if not agree:
             self.divergences += 1
@@ -238,7 +246,7 @@ class Transport:
             raise err
         if any_hit and not all_hit:
             self.mixed += 1
-            self.last_mixed = Outcome(seq, ident, hit)
+            self.mixed_slot.put(Outcome(seq, ident, hit))
         return all_hit
 
     def gather_objects(self, obj: Any) -> list[Any]:
