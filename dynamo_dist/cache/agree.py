@@ -11,7 +11,7 @@ the timeout for it.
 Compiles are numbered per group, not per key: every rank of a group compiles the same
 sequence of graphs (the guard exchange enforces it), so the n-th compile is the same
 graph on every rank even when rank-specific graphs have different keys. The group is
-the group of the compile in progress (``_local.current_group``): a pipeline stage's
+the compile's, passed down by the caching backend (``cache/backend.py``): a pipeline stage's
 ranks agree among themselves, and a compile inside ``dynamo_dist.local()`` (no group)
 neither agrees nor advances any sequence.
 """

@@ -363,9 +363,11 @@ class PrecompiledModule:
             return self._usable(held[0], held[1], full, kwargs)
         capture = partial(self._capture, target, args, kwargs)
         marks = [(args[i], dims) for i, dims in dynamic.items()]
+        # Agreed through the group's exchange (_agree), not the cache's agreement
+        # (group=None); the capture's own trace, if any, runs no compiler collectives.
         with dist_local.compiling(None), patches.marked_dynamic(marks):
             got = self.cache.compile(
-                key, factors, partial(produce, key, capture, self.label), self.label
+                key, factors, partial(produce, key, capture, self.label), self.label, group=None
             )
         if isinstance(got, Failed):
             return None, got

@@ -218,7 +218,7 @@ class Profiles:
         return int.from_bytes(payload[:4], "big"), payload[4:]
 
     # -- publishing (the group's writer, after each compile) ----------------------------
-    def after_compile(self) -> None:
+    def after_compile(self, group: dist_local.GroupInfo | None) -> None:
         """Publish the group's dynamic decisions if they gained a mark since the last look.
 
         Called by the caching backend once per graph; cheap when nothing changed. Ranks
@@ -231,7 +231,7 @@ class Profiles:
         """
         if dist_local.is_local():
             return  # a rank-local compile runs against its own state; not the group's
-        profile = self._by_group.get(_group_key(dist_local.current_group()))
+        profile = self._by_group.get(_group_key(group))
         if profile is not None:
             self._step(profile)
 

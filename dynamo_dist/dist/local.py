@@ -9,9 +9,13 @@ Two per-thread facts decide whether a compiled call talks to other ranks:
   calls and either raise or hang.
 * the *group* of the compile in progress (:class:`GroupInfo`): the ranks whose compiles
   must match this one (its name, size, store key and compiler-collective gloo group).
-  Dynamo's frame callback wrapper sets it around each compile; the consensus layer and
-  the cache agreement read it, so each group agrees only within itself and a
-  ``local()`` compile (group ``None``) agrees with nobody.
+  Dynamo's frame callback wrapper sets it around each compile, so each group agrees
+  only within itself and a ``local()`` compile (group ``None``) agrees with nobody.
+  Dynamo sits between the callback and the code that needs the group, so it cannot be
+  an argument all the way: it is read only where Dynamo calls back into dynamo_dist
+  during the compile (the caching backend, ``cache/backend.py``, which passes it down
+  to the cache agreement and the profile as an argument; consensus's answer to
+  Dynamo's ``get_compile_pg()``, ``exchange/consensus.py``).
 """
 
 from __future__ import annotations
@@ -70,7 +74,11 @@ _tls = threading.local()
 
 
 def current_group() -> GroupInfo | None:
-    """The group of the compile running on this thread (None: agree with nobody)."""
+    """The group of the compile running on this thread (None: agree with nobody).
+
+    For the entry points Dynamo calls during a compile only; below them the group is
+    an argument.
+    """
     return getattr(_tls, "group", None)
 
 

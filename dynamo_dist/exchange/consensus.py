@@ -34,6 +34,8 @@ _restore: Callable[[], None] | None = None
 
 
 def _group_for_compile() -> Any | None:
+    # Dynamo calls this (as get_compile_pg) with no arguments in the middle of a trace:
+    # the group can only come from what the frame callback set around the compile.
     group = local.current_group()
     return group.consensus if group is not None else None
 

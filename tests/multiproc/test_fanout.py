@@ -68,8 +68,7 @@ def fanout_job(
     elif not die:
         dist.barrier()
     group = dist_local.GroupInfo("world", "world", world) if agree == "1" else None
-    with dist_local.compiling(group):
-        out = cache.compile(KEY, key.version_factors(), compile_fn, "f (t.py:1)")
+    out = cache.compile(KEY, key.version_factors(), compile_fn, "f (t.py:1)", group=group)
     local = private_local_dir()
     assert local is not None
     installed = (local / "fxgraph" / f"graph-{KEY}").is_file()
