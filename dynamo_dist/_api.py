@@ -89,7 +89,7 @@ def compile(
     In a single process it is exactly ``torch.compile``.
 
     The first call for a group is collective over that group's ranks (it sets up the
-    group's exchange channel): call it on every rank of ``group``, after
+    group's exchange): call it on every rank of ``group``, after
     ``init_process_group``. ``group`` (a ProcessGroup or a DeviceMesh; default the
     group set by :func:`dynamo_dist.set_default_group`, else the whole world) is the
     set of ranks that run this code: a pipeline stage's ranks, for instance (all dp x
@@ -225,9 +225,9 @@ class _Shared:
         )
         self.profiles = cache_profile.profiles_for(self.cache)
 
-    def load_profile(self, scope: Any) -> None:
+    def load_profile(self, group: Any) -> None:
         """The group's one reading of its automatic-dynamic profile, before any trace."""
-        self.profiles.load(scope, str(self.static["source"]))
+        self.profiles.load(group, str(self.static["source"]))
 
 
 def _job_world() -> int:
@@ -255,8 +255,9 @@ class _Joining:
         )
         self.state = "pending"  # -> "attached" | "plain"
         self.shared: _Shared | None = None
-        #: The precompiled route's exchange channel; None: no exchange (a single process).
-        self.channel: Any = None
+        #: The group whose exchange the precompiled route uses; None: no exchange (a single
+        #: process, or a group of one).
+        self.joined_group: Any = None
         self.region = -1
         self.routable = False  # whether a module may take the precompiled route
         self._lock = threading.RLock()
@@ -265,7 +266,7 @@ class _Joining:
         """The switch's first call: decide, unless inside ``local()`` in a job.
 
         A first call inside local() waits for the first call outside it: the group's
-        channel is set up collectively, and the other ranks are not here.
+        group is set up collectively, and the other ranks are not here.
         """
         if self.state == "pending" and (
             not dist_local.is_local() or dist_runtime.distributed_world() <= 1
@@ -291,14 +292,14 @@ class _Joining:
                 return
             ranks = dist_group.resolve(self.group)
             shared = self._shared(agree=True)
-            channel = runtime.channel(ranks, self.label)
-            channel.counts.local_compiles += self.adoption.counts.local_compiles
+            joined = runtime.group(ranks, self.label)
+            joined.counts.local_compiles += self.adoption.counts.local_compiles
             if shared is not None:
-                shared.load_profile(channel.scope)
-            self.region = dynamo_hook.register_region(self.model, channel.name)
-            self.adoption.attach(channel, self.region, shared.backend if shared else None)
+                shared.load_profile(joined.info)
+            self.region = dynamo_hook.register_region(self.model, joined.name)
+            self.adoption.attach(joined, self.region, shared.backend if shared else None)
             self.shared, self.routable = shared, shared is not None
-            self.channel = channel if channel.hook is not None else None
+            self.joined_group = joined if joined.hook is not None else None
             self.state = "attached"
 
     def _stay_plain(self, in_job: bool) -> None:
@@ -345,7 +346,7 @@ class _Joining:
             shared.cache,
             shared.static,
             shared.inner,
-            self.channel,
+            self.joined_group,
             self.cfg.policy,
             self.label,
             shared.dynamic,

@@ -66,7 +66,7 @@ def pending(err: BaseException) -> BaseException:
 
 
 def wrong_thread(owner: int) -> DynamoDistError:
-    """The error for a compiled call in a region from a thread that does not own its channel."""
+    """The error for a compiled call in a region from a thread not owning its group's exchange."""
     current = threading.current_thread()
     owner_thread = next((t for t in threading.enumerate() if t.ident == owner), None)
     owner_name = owner_thread.name if owner_thread is not None else "a thread that has exited"

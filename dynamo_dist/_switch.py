@@ -112,7 +112,7 @@ def patch_torch_compile() -> TorchCompilePatch:
     Lightning, torchtitan's per-block compile). Every argument is forwarded; the policy,
     timeout and cache come from the configuration (``DYNAMO_DIST_*``, the
     ``DYNAMO_DIST_CONFIG`` profile). Whether to keep ranks consistent is decided at each
-    compiled object's first call: a multi-rank job then sets up the group's channel
+    compiled object's first call: a multi-rank job then sets up the group
     (collective over the group: the whole world, or :func:`dynamo_dist.set_default_group`);
     a single process gets plain ``torch.compile``. Use it as a function, or as a context
     manager whose exit undoes it; objects compiled while it was on stay switched.

@@ -525,9 +525,9 @@ def members(room: Path) -> Any:
 def world_transport(rt: Any) -> Any:
     """The runtime's whole-world transport if it has one, else its first group's."""
     world = tuple(range(rt.world_size))
-    if world in rt.channels:
-        return rt.channels[world].transport
-    return next((c.transport for c in rt.channels.values() if c.transport), None)
+    if world in rt.groups:
+        return rt.groups[world].transport
+    return next((g.transport for g in rt.groups.values() if g.transport), None)
 
 
 @contextlib.contextmanager

@@ -11,8 +11,8 @@ the timeout for it.
 Compiles are numbered per group, not per key: every rank of a group compiles the same
 sequence of graphs (the guard exchange enforces it), so the n-th compile is the same
 graph on every rank even when rank-specific graphs have different keys. The group is
-the scope of the compile in progress (``_local.current_scope``): a pipeline stage's
-ranks agree among themselves, and a compile inside ``dynamo_dist.local()`` (no scope)
+the compile's, passed down by the caching backend (``cache/backend.py``): a pipeline stage's
+ranks agree among themselves, and a compile inside ``dynamo_dist.local()`` (no group)
 neither agrees nor advances any sequence.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from dynamo_dist.cache.stats import log
 from dynamo_dist.dist import proc
-from dynamo_dist.dist.local import Scope
+from dynamo_dist.dist.local import GroupInfo
 from dynamo_dist.dist.store import PayloadRefused, checked, open_store, refuse
 
 __all__ = ["Agreement", "next_compile"]
@@ -32,16 +32,16 @@ __all__ = ["Agreement", "next_compile"]
 _compile_seq: dict[str, int] = {}
 
 
-def next_compile(scope: Scope) -> int:
-    """The number of this process's next cached compile in ``scope``'s group.
+def next_compile(group: GroupInfo) -> int:
+    """The number of this process's next cached compile in ``group``.
 
     Over every cache directory: every rank of the group compiles the same sequence of
     graphs (that is what the guard exchange enforces), so the n-th compile is the same
     graph on every rank, even when ranks name their cache directories differently or a
     process uses several.
     """
-    n = _compile_seq.get(scope.key, 0) + 1
-    _compile_seq[scope.key] = n
+    n = _compile_seq.get(group.key, 0) + 1
+    _compile_seq[group.key] = n
     return n
 
 
@@ -83,15 +83,15 @@ class Agreement:
         self._store_opened = False
         self._next_peek = 0.0
 
-    def applies(self, scope: Scope | None) -> bool:
-        """Whether a compile in ``scope`` must agree with other ranks."""
-        return self.enabled and scope is not None and scope.size > 1
+    def applies(self, group: GroupInfo | None) -> bool:
+        """Whether a compile in ``group`` must agree with other ranks."""
+        return self.enabled and group is not None and group.size > 1
 
-    def abstain(self, n: int, scope: Scope | None) -> None:
+    def abstain(self, n: int, group: GroupInfo | None) -> None:
         """Report "no" for compile ``n`` without waiting: this rank compiles locally anyway."""
-        if self.applies(scope):
-            assert scope is not None
-            self.agree("-", n, False, scope, wait=False)
+        if self.applies(group):
+            assert group is not None
+            self.agree("-", n, False, group, wait=False)
 
     def client(self) -> Any:
         """This cache directory's client of the job's store (None without a store).
@@ -114,35 +114,35 @@ class Agreement:
         self._store_opened = False
 
     @staticmethod
-    def _base(n: int, scope: Scope) -> str:
+    def _base(n: int, group: GroupInfo) -> str:
         # Per restart: keys from an earlier attempt of an elastic job must not count.
-        return f"dynamo_dist/cache/agree/{proc.restart_count()}/{scope.key}/{n}"
+        return f"dynamo_dist/cache/agree/{proc.restart_count()}/{group.key}/{n}"
 
-    def decided_no(self, n: int, scope: Scope | None) -> bool:
+    def decided_no(self, n: int, group: GroupInfo | None) -> bool:
         """Whether some rank already reported "no" for compile ``n``.
 
         Then nobody installs an entry for it: a rank still waiting for the leader's
         entry can stop waiting and compile at once (it would compile anyway). Only a
         shortcut, so it is rate-limited: each rank looks at most every
-        ``scope.size / 250`` seconds (and at most twice a second), about 250 store
+        ``group.size / 250`` seconds (and at most twice a second), about 250 store
         operations a second for the whole group whatever its size.
         """
-        if not self.applies(scope):
+        if not self.applies(group):
             return False
-        assert scope is not None
+        assert group is not None
         now = time.monotonic()
         if now < self._next_peek:
             return False
-        self._next_peek = now + max(0.5, scope.size / _PEEK_OPS_PER_S)
+        self._next_peek = now + max(0.5, group.size / _PEEK_OPS_PER_S)
         store = self._store()
         if store is None:
             return False
         try:
-            return bool(store.add(f"{self._base(n, scope)}/n", 0) >= _NO)
+            return bool(store.add(f"{self._base(n, group)}/n", 0) >= _NO)
         except Exception:
             return False
 
-    def agree(self, key: str, n: int, ok: bool, scope: Scope, wait: bool = True) -> bool:
+    def agree(self, key: str, n: int, ok: bool, group: GroupInfo, wait: bool = True) -> bool:
         """True if every rank reported ok for its n-th compile; bounded by the timeout.
 
         ``wait=False`` only reports (a rank that compiles locally whatever the others say).
@@ -150,10 +150,10 @@ class Agreement:
         store = self._store()
         if store is None:
             return ok
-        base = self._base(n, scope)
+        base = self._base(n, group)
         try:
             total = int(store.add(f"{base}/n", 1 if ok else 1 + _NO))
-            if total % _NO == scope.size:
+            if total % _NO == group.size:
                 store.set(f"{base}/all", str(total))  # the last report: wake the others
             if not wait:
                 return False
@@ -168,13 +168,13 @@ class Agreement:
                     self.timeout,
                     str(e).splitlines()[0][:120] if str(e) else type(e).__name__,
                 )
-                return self._veto(base, scope)
+                return self._veto(base, group)
             return _verdict(store.get(f"{base}/all")) < _NO
         except Exception as e:
             log.warning("cache agreement failed (%s); compiling locally", e)
             return False
 
-    def _veto(self, base: str, scope: Scope) -> bool:
+    def _veto(self, base: str, group: GroupInfo) -> bool:
         """After a timed-out wait: make sure no late rank installs what this one will not.
 
         A "no" without a report (it adds no count) reaches every rank still to report;
@@ -186,7 +186,7 @@ class Agreement:
             return False
         try:
             total = int(store.add(f"{base}/n", _NO))
-            if total % _NO == scope.size:
+            if total % _NO == group.size:
                 return _verdict(store.get(f"{base}/all")) < _NO
         except Exception as e:
             log.warning("cache agreement failed (%s); compiling locally", e)

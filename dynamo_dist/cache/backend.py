@@ -21,6 +21,7 @@ from dynamo_dist.cache.profile import profiles_for
 from dynamo_dist.cache.protocol import SharedCache
 from dynamo_dist.cache.stats import warn_once
 from dynamo_dist.cache.wait import Upcoming
+from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dynamo import ddp
 
 __all__ = ["CachingBackend", "get_cache", "stats"]
@@ -57,6 +58,10 @@ class CachingBackend:
         return hash((type(self), tuple(sorted((k, str(v)) for k, v in self._static.items()))))
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        # Dynamo calls this inside the compile the frame callback started, so the group
+        # cannot come as an argument: the callback set it (``dist_local.compiling``) and
+        # it is read here, once, and passed down (the agreement, the profile).
+        group = dist_local.current_group()
         try:
             key, factors = graph_key(gm, example_inputs, self._static)
         except Exception as e:  # an unkeyable graph is compiled the plain way, and said so
@@ -68,7 +73,9 @@ class CachingBackend:
                 type(e).__name__,
                 e,
             )
-            compiled = self._cache.compile_uncached(lambda: self._inner(gm, example_inputs))
+            compiled = self._cache.compile_uncached(
+                lambda: self._inner(gm, example_inputs), group=group
+            )
         else:
             # A DDPOptimizer bucket, made cacheable by AOTAutograd: a warm start then
             # loads the bucket's joint graph instead of tracing it again.
@@ -80,10 +87,11 @@ class CachingBackend:
                     lambda: self._inner(gm, example_inputs),
                     self._label,
                     self._upcoming(gm) if bucket.active else None,
+                    group=group,
                 )
             compiled = bucket.wrap(compiled)
         # The frame's automatic-dynamic decisions are final once its graph is compiled.
-        self._profiles.after_compile()
+        self._profiles.after_compile(group)
         return compiled
 
     def _upcoming(self, gm: torch.fx.GraphModule) -> Callable[[], Iterator[Upcoming]]:

@@ -13,7 +13,7 @@ graph pieces bypass AOTAutograd's cache, so they could never be loaded without t
 Every call stays rank-consistent, as Dynamo's calls are under the guard exchange:
 
 1. Each rank checks its artifacts' guards for this call, in order (``guard_check``).
-2. The verdict is exchanged over the group's channel: if every rank found one, all run
+2. The verdict is exchanged within the group (its guard exchange): if every rank found one, all run
    theirs (different ranks may run different artifacts, as they may run different
    Dynamo entries: the graphs hold no collectives).
 3. Otherwise the ranks without one obtain one for this call through the cache (the
@@ -150,7 +150,7 @@ class PrecompiledModule:
         cache: SharedCache,
         static: dict[str, Any],
         backend: Any,
-        channel: Any,
+        group: Any,
         policy: str,
         label: str,
         dynamic: bool | None,
@@ -167,7 +167,7 @@ class PrecompiledModule:
         self.cache = cache
         self.static = static
         self.backend = backend
-        self.channel = channel  # None: one process, or a group of one: nothing to agree
+        self.group = group  # None: one process, or a group of one: nothing to agree
         self.policy = policy
         self.label = label
         self.dynamic = dynamic
@@ -250,31 +250,31 @@ class PrecompiledModule:
         self, ok: bool, full: tuple[Any, ...], kwargs: dict[str, Any], report: bool = True
     ) -> bool:
         """Whether every rank of the group says ``ok`` (the guard exchange's verdict)."""
-        channel = self.channel
-        if channel is None or channel.hook is None or dist_local.is_local():
+        group = self.group
+        if group is None or group.hook is None or dist_local.is_local():
             return ok  # nobody to agree with (inside local(): this rank's call alone)
-        channel.policy.check_thread()
-        leave = _C.RegionEnter(self.region, channel.hook)()
+        group.policy.check_thread()
+        leave = _C.RegionEnter(self.region, group.hook)()
         if not report:
             # After a miss: other ranks may still be capturing or loading their artifact.
-            channel.transport.expected_wait = "other ranks are obtaining a precompiled artifact"
+            group.transport.expected_wait = "other ranks are obtaining a precompiled artifact"
         try:
             # This method is transparent: the identity names the call site in _routed (a
             # Python call, whose offset is stable; this frame's own offset at a C call
             # varies with the interpreter's specialisation). The two exchanges of a miss
             # are thus told apart.
             ident = dynamo_hook.identity(self._code)
-            verdict = bool(channel.hook.exchange(ok, ident))
+            verdict = bool(group.hook.exchange(ok, ident))
         except BaseException as e:
             _C.set_pending_error(e)  # later compiled calls raise it too, on this rank
             raise
         finally:
-            channel.transport.expected_wait = None
+            group.transport.expected_wait = None
             leave()
-        mixed = channel.policy.take_mixed()
+        mixed = group.policy.take_mixed()
         if mixed is not None and report:
             why = None if ok else [self._miss_reason(full, kwargs)]
-            channel.policy.handle_mixed(mixed, self.policy, None, None, missed_because=why)
+            group.policy.handle_mixed(mixed, self.policy, None, None, missed_because=why)
         return verdict
 
     def _miss_reason(self, full: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -363,9 +363,11 @@ class PrecompiledModule:
             return self._usable(held[0], held[1], full, kwargs)
         capture = partial(self._capture, target, args, kwargs)
         marks = [(args[i], dims) for i, dims in dynamic.items()]
+        # Agreed through the group's exchange (_agree), not the cache's agreement
+        # (group=None); the capture's own trace, if any, runs no compiler collectives.
         with dist_local.compiling(None), patches.marked_dynamic(marks):
             got = self.cache.compile(
-                key, factors, partial(produce, key, capture, self.label), self.label
+                key, factors, partial(produce, key, capture, self.label), self.label, group=None
             )
         if isinstance(got, Failed):
             return None, got

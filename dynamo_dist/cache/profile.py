@@ -72,14 +72,14 @@ def derived_job_id(source: str, world_size: int) -> str:
     return "dynamo-dist-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _group_key(scope: dist_local.Scope | None) -> str:
-    """The profile's group: the scope's ranks; a rank alone in its group is named by rank.
+def _group_key(group: dist_local.GroupInfo | None) -> str:
+    """The profile's group key: the group's; a rank alone in its group is named by rank.
 
     Two pipeline stages of one rank each are different code at different sizes: they
     must not share one profile (nor its generations).
     """
-    if scope is not None:
-        return scope.key
+    if group is not None:
+        return group.key
     if dist.is_initialized() and dist.get_world_size() > 1:
         return f"rank-{dist.get_rank()}"
     return "single"
@@ -93,41 +93,41 @@ class Profiles:
         self._by_group: dict[str, GroupProfile] = {}
 
     # -- loading (collective over the group) --------------------------------------------
-    def load(self, scope: dist_local.Scope | None, source: str) -> None:
+    def load(self, group: dist_local.GroupInfo | None, source: str) -> None:
         """Merge the group's newest profile into Dynamo's code state, on every rank or none.
 
         Called once per group from ``dynamo_dist.compile``, which every member of the
-        group calls at the same point (that is when the group's channel is set up).
+        group calls at the same point (that is when the group is set up).
         """
-        group = _group_key(scope)
-        if group in self._by_group:
+        key = _group_key(group)
+        if key in self._by_group:
             return
         user = compat.compiler_job_id()
         world = dist.get_world_size() if dist.is_initialized() else 1
         job = user if user is not None else derived_job_id(source, world)
         rank = dist.get_rank() if dist.is_initialized() else 0
-        writer = scope is None or not scope.ranks or rank == scope.ranks[0]
-        profile = GroupProfile(job, group, writer)
-        self._by_group[group] = profile
-        if scope is not None and scope.size > 1 and scope.consensus is None:
+        writer = group is None or not group.ranks or rank == group.ranks[0]
+        profile = GroupProfile(job, key, writer)
+        self._by_group[key] = profile
+        if group is not None and group.size > 1 and group.consensus is None:
             # Without compiler collectives the ranks' states drift apart anyway: sharing
             # one profile would not make them agree, so none is shared.
-            log.info("automatic-dynamic profile not shared: consensus is off for %s", scope.name)
-            self._by_group[group].writer = False
+            log.info("automatic-dynamic profile not shared: consensus is off for %s", group.name)
+            self._by_group[key].writer = False
             return
         found: tuple[int, bytes] | None = None
         if writer:
             found = read_newest(self.cache, profile)
-        if scope is not None and scope.size > 1:
+        if group is not None and group.size > 1:
             profile.store = self.cache.agreement.client()
-            profile.ranks = tuple(scope.ranks)
+            profile.ranks = tuple(group.ranks)
             restart = proc.restart_count()
             # Numbered per group, not named by the directory: ranks may spell one cache
             # differently, and a second cache directory must not read the first's bytes.
-            n = _loads.get(scope.key, 0) + 1
-            _loads[scope.key] = n
-            profile.base = f"dynamo_dist/cache/profile/{restart}/{scope.key}/{n}"
-            found = self._share(scope, profile, found)
+            n = _loads.get(group.key, 0) + 1
+            _loads[group.key] = n
+            profile.base = f"dynamo_dist/cache/profile/{restart}/{group.key}/{n}"
+            found = self._share(group, profile, found)
         if found is None:
             return
         generation, data = found
@@ -164,9 +164,9 @@ class Profiles:
         emit_profile("load", job, generation, rank, added, len(profile.marks))
 
     def _share(
-        self, scope: dist_local.Scope, profile: GroupProfile, found: tuple[int, bytes] | None
+        self, group: dist_local.GroupInfo, profile: GroupProfile, found: tuple[int, bytes] | None
     ) -> tuple[int, bytes] | None:
-        """The writer's (generation, bytes) on every rank of ``scope``, through the store.
+        """The writer's (generation, bytes) on every rank of ``group``, through the store.
 
         Posted signed when there is a cache secret (the MAC binds the key); a reader
         refuses a payload over the store cap or with a bad MAC before looking into it.
@@ -192,8 +192,8 @@ class Profiles:
                     f"profile-wait:{self.cache.root}",
                     "rank %d of %s did not post the automatic-dynamic profile within "
                     "%.0fs (is cache_dir set on every rank?); compiling without it",
-                    scope.ranks[0] if scope.ranks else 0,
-                    scope.name,
+                    group.ranks[0] if group.ranks else 0,
+                    group.name,
                     self.cache.timeout,
                 )
                 return None
@@ -203,7 +203,7 @@ class Profiles:
                 f"profile-exchange:{self.cache.root}",
                 "could not share the automatic-dynamic profile within %s (%s: %s); "
                 "compiling without it",
-                scope.name,
+                group.name,
                 type(e).__name__,
                 e,
             )
@@ -218,7 +218,7 @@ class Profiles:
         return int.from_bytes(payload[:4], "big"), payload[4:]
 
     # -- publishing (the group's writer, after each compile) ----------------------------
-    def after_compile(self) -> None:
+    def after_compile(self, group: dist_local.GroupInfo | None) -> None:
         """Publish the group's dynamic decisions if they gained a mark since the last look.
 
         Called by the caching backend once per graph; cheap when nothing changed. Ranks
@@ -231,7 +231,7 @@ class Profiles:
         """
         if dist_local.is_local():
             return  # a rank-local compile runs against its own state; not the group's
-        profile = self._by_group.get(_group_key(dist_local.current_scope()))
+        profile = self._by_group.get(_group_key(group))
         if profile is not None:
             self._step(profile)
 

@@ -47,7 +47,7 @@ from dynamo_dist.cache.lock import Holder, Lock, Watch, owner_record
 from dynamo_dist.cache.stats import log
 from dynamo_dist.cache.turn import Turn, compile_counted
 from dynamo_dist.cache.wait import Outcome, Took, Upcoming, Wait
-from dynamo_dist.dist import local as dist_local
+from dynamo_dist.dist.local import GroupInfo
 from dynamo_dist.dynamo import inductor, patches
 
 __all__ = ["SharedCache", "SharedSite"]
@@ -164,25 +164,27 @@ class SharedCache(CacheDir):
         compile_fn: Callable[[], Any],
         label: str,
         upcoming: Callable[[], Iterable[Upcoming]] | None = None,
+        *,
+        group: GroupInfo | None = None,
     ) -> Any:
         """Compile one graph through the cache: load it, lead its compile, or fall back.
 
         ``upcoming``: the graphs this rank will compile next, which it may compile and
         publish while it waits for another rank to publish this one (see
-        :func:`dynamo_dist.cache.lead.compile_ahead`). Never raises an error of the
-        cache's own: only what ``compile_fn`` raises.
+        :func:`dynamo_dist.cache.lead.compile_ahead`). ``group``: the group of the
+        compile in progress, whose ranks agree on it (None: nobody, as for a compile
+        inside ``dynamo_dist.local()``). Never raises an error of the cache's own: only
+        what ``compile_fn`` raises.
         """
         # Numbered by compile within the group, not by key: ranks compiling
-        # rank-specific graphs (different keys) still meet at the same agreement. A
-        # compile inside dynamo_dist.local() has no scope: it agrees with nobody.
-        scope = dist_local.current_scope()
-        n = next_compile(scope) if self.agreement.applies(scope) and scope is not None else 0
+        # rank-specific graphs (different keys) still meet at the same agreement.
+        n = next_compile(group) if self.agreement.applies(group) and group is not None else 0
         if private_local_dir() is None or not self.enabled:
             # Neither load nor lead (no usable or trusted directory, or nowhere safe to
             # install: the clean room would be there too). Still report, so peers that
             # could use the cache need not wait out the timeout for this rank.
-            return self.compile_uncached(compile_fn, n)
-        turn = Turn(self.rank, self.counts, self.agreement, n, scope)
+            return self.compile_uncached(compile_fn, n, group=group)
+        turn = Turn(self.rank, self.counts, self.agreement, n, group)
         try:
             # Applied on every rank (leader and followers alike): it is part of
             # AOTAutograd's configuration, hence of its cache key.
@@ -281,16 +283,21 @@ class SharedCache(CacheDir):
                 return role, entry
         return wait.at(SharedSite(self, key, factors, compile_fn, label, turn))
 
-    def compile_uncached(self, compile_fn: Callable[[], Any], n: int | None = None) -> Any:
+    def compile_uncached(
+        self,
+        compile_fn: Callable[[], Any],
+        n: int | None = None,
+        *,
+        group: GroupInfo | None = None,
+    ) -> Any:
         """Compile without the cache, telling the other ranks not to wait for this one.
 
         For graphs this rank cannot use the cache for (no key, cache off here): every
-        rank compiles the same sequence of graphs, so each one still takes part in the
-        n-th agreement, as a "no".
+        rank of ``group`` compiles the same sequence of graphs, so each one still takes
+        part in the n-th agreement, as a "no".
         """
-        scope = dist_local.current_scope()
-        if self.agreement.applies(scope):
-            assert scope is not None
-            self.agreement.abstain(next_compile(scope) if n is None else n, scope)
+        if self.agreement.applies(group):
+            assert group is not None
+            self.agreement.abstain(next_compile(group) if n is None else n, group)
         require_private_local_dir()  # never compiled where someone else could plant files
         return compile_counted(self.counts, compile_fn)

@@ -41,13 +41,13 @@ class Turn:
         counts: CacheStats,
         agreement: Agreement,
         n: int,
-        scope: dist_local.Scope | None,
+        group: dist_local.GroupInfo | None,
     ) -> None:
         self.rank = rank
         self.counts = counts
         self.agreement = agreement
         self.n = n
-        self.scope = scope
+        self.group = group
         self.reported = False
         self.compile_raised = False
         self.has_result = False
@@ -92,18 +92,18 @@ class Turn:
         return self.result
 
     def agree(self, key: str, ok: bool) -> bool:
-        """All-or-nothing with the other ranks of the scope (or just ``ok`` without any)."""
-        if self.reported or not self.agreement.applies(self.scope):
+        """All-or-nothing with the other ranks of the group (or just ``ok`` without any)."""
+        if self.reported or not self.agreement.applies(self.group):
             return ok and not self.reported
-        assert self.scope is not None
+        assert self.group is not None
         self.reported = True
-        return self.agreement.agree(key, self.n, ok, self.scope) and ok
+        return self.agreement.agree(key, self.n, ok, self.group) and ok
 
     def peers_said_no(self) -> bool:
         """Whether another rank already reported "no" for this compile (see agree)."""
-        return not self.reported and self.agreement.decided_no(self.n, self.scope)
+        return not self.reported and self.agreement.decided_no(self.n, self.group)
 
     def abstain(self) -> None:
         if not self.reported:
             self.reported = True
-            self.agreement.abstain(self.n, self.scope)
+            self.agreement.abstain(self.n, self.group)

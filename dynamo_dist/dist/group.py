@@ -1,14 +1,14 @@
 """Which ranks run the same code: resolving ``group=``, and setting up a group's own groups.
 
 Pipeline stages run different code; the data- and tensor-parallel ranks of one stage
-run the same code. So every exchange dynamo_dist makes is scoped to a group of ranks
+run the same code. So every exchange dynamo_dist makes is confined to a group of ranks
 (``dynamo_dist.compile(..., group=...)``, default the whole world), and setting a
-group's channel up must involve its members only: a stage's ranks cannot wait for
+group up must involve its members only: a stage's ranks cannot wait for
 ranks that never compile that stage.
 
 torch's ``new_group`` is collective over the whole world, and its locally
 synchronised form names groups after how many groups each process already has, which
-members need not agree on. So a channel's gloo groups are built here directly on the
+members need not agree on. So a group's own gloo groups are built here directly on the
 job's store, under a prefix named after the member ranks and how many times this
 process has set that group up. Before building them, the members meet at a small
 rendezvous in the store: each posts which group it is setting up, so ranks that

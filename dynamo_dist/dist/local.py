@@ -1,4 +1,4 @@
-"""Which ranks the compile running on this thread must agree with: a group's scope, or none.
+"""Which ranks the compile running on this thread must agree with: its group, or none.
 
 Two per-thread facts decide whether a compiled call talks to other ranks:
 
@@ -7,11 +7,15 @@ Two per-thread facts decide whether a compiled call talks to other ranks:
   training scripts run compiled code on some ranks only (rank-0 evaluation, sampling,
   logging); without a way to say so, those calls pair with the other ranks' training
   calls and either raise or hang.
-* the *scope* of the compile in progress: the group of ranks whose compiles must match
-  this one (its name, size, store key and compiler-collective group). Dynamo's frame
-  callback wrapper sets it around each compile; the consensus layer and the cache
-  agreement read it, so each group agrees only within itself and a ``local()`` compile
-  (scope ``None``) agrees with nobody.
+* the *group* of the compile in progress (:class:`GroupInfo`): the ranks whose compiles
+  must match this one (its name, size, store key and compiler-collective gloo group).
+  Dynamo's frame callback wrapper sets it around each compile, so each group agrees
+  only within itself and a ``local()`` compile (group ``None``) agrees with nobody.
+  Dynamo sits between the callback and the code that needs the group, so it cannot be
+  an argument all the way: it is read only where Dynamo calls back into dynamo_dist
+  during the compile (the caching backend, ``cache/backend.py``, which passes it down
+  to the cache agreement and the profile as an argument; consensus's answer to
+  Dynamo's ``get_compile_pg()``, ``exchange/consensus.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 
 from dynamo_dist.dynamo.hook import _C
 
-__all__ = ["Scope", "compiling", "current_scope", "is_local", "local"]
+__all__ = ["GroupInfo", "compiling", "current_group", "is_local", "local"]
 
 
 class local(ContextDecorator):
@@ -52,8 +56,8 @@ def is_local() -> bool:
 
 
 @dataclass(frozen=True)
-class Scope:
-    """The ranks a compile agrees with: one group's channel."""
+class GroupInfo:
+    """The ranks a compile agrees with: who one group is, as consensus and the cache see it."""
 
     name: str
     """How logs and stats name the group: ``world`` or ``ranks 0,1``."""
@@ -69,17 +73,21 @@ class Scope:
 _tls = threading.local()
 
 
-def current_scope() -> Scope | None:
-    """The scope of the compile running on this thread (None: agree with nobody)."""
-    return getattr(_tls, "scope", None)
+def current_group() -> GroupInfo | None:
+    """The group of the compile running on this thread (None: agree with nobody).
+
+    For the entry points Dynamo calls during a compile only; below them the group is
+    an argument.
+    """
+    return getattr(_tls, "group", None)
 
 
 @contextmanager
-def compiling(scope: Scope | None) -> Iterator[None]:
-    """Mark the compile in this block as agreeing within ``scope`` (None: locally)."""
-    prev = getattr(_tls, "scope", None)
-    _tls.scope = scope
+def compiling(group: GroupInfo | None) -> Iterator[None]:
+    """Mark the compile in this block as agreeing within ``group`` (None: locally)."""
+    prev = getattr(_tls, "group", None)
+    _tls.group = group
     try:
         yield
     finally:
-        _tls.scope = prev
+        _tls.group = prev

@@ -1,10 +1,10 @@
-"""The per-process runtime's lifecycle: the board, the router hook, one channel per group.
+"""The per-process runtime's lifecycle: the board, the router hook, the groups of ranks.
 
 The jobs are split along the architecture: the hook (``_hook``), the exchange
 (``_collective``, ``_shm``), the policy (``_policy``) and the frame callback
 (``_callback``), consensus (``_consensus``), the cache (``_cache``). This module
 owns one process's instance of them, from the first ``dynamo_dist.compile`` to exit:
-one :class:`Channel` per group of ranks that compiles together (``group=``), and
+one :class:`Group` per set of ranks that compiles together (``group=``), and
 assembles its typed stats (``_stats``), totals and per group. Intercepting
 ``torch.compile`` to attach the callback lives above it, in ``_intercept``.
 """
@@ -26,9 +26,10 @@ from dynamo_dist.exchange.collective import GlooTransport, Transport, percentile
 from dynamo_dist._config import Config
 from dynamo_dist.dist.group import group_name
 from dynamo_dist.dynamo.hook import _C, describe_identity
-from dynamo_dist.dist.local import Scope
+from dynamo_dist.dist.local import GroupInfo
 from dynamo_dist._log import get_logger
 from dynamo_dist.exchange.policy import Policy
+from dynamo_dist.exchange.record import MixedSlot
 from dynamo_dist.exchange.shm import ShmTransport, ShmUnavailable, topology
 from dynamo_dist.exchange.stats import Counts, GroupStats, HookCounters, RuntimeStats, Stats, TransportStats
 from dynamo_dist.exchange.status import StatusBoard
@@ -37,8 +38,8 @@ from dynamo_dist.dist.store import open_store, refused_count
 log = get_logger("runtime")
 
 
-class Channel:
-    """One group's guard exchange: its transport, C++ hook, policy, counts and scope.
+class Group:
+    """One group of ranks on this rank: its transport, C++ hook, policy, counts and info.
 
     Set up on the first ``dynamo_dist.compile`` naming the group, collectively over the
     group's members only (``dist_group.rendezvous``, then gloo groups of its own). A group of
@@ -52,26 +53,31 @@ class Channel:
         self.ranks = ranks
         self.name = group_name(ranks, world)
         self.counts = Counts()
+        #: The handoff of a mixed outcome from the exchange to the policy (its docstring
+        #: says why it cannot be a return value).
+        self.mixed_slot = MixedSlot()
         self.transport: Transport | None = None
         self.hook: _C.GuardHook | None = None
         self.policy: Policy | None = None
         self.consensus = False
         if len(ranks) == 1:
-            self.scope: Scope | None = None
+            self.info: GroupInfo | None = None
             return
         store = dist_group.job_store()
         prefix = dist_group.rendezvous(store, ranks, cfg.timeout, cfg.stall_warning, where)
         # The group's own gloo groups; their timeout is what bounds an exchange on the
         # network.
         guard = dist_group.gloo_group(store, f"{prefix}/guard", ranks, cfg.timeout)
-        self.transport = _make_transport(cfg, guard, ranks, self.name, board, store, prefix)
+        self.transport = _make_transport(
+            cfg, guard, ranks, self.name, board, store, prefix, self.mixed_slot
+        )
         consensus_group = None
         if cfg.compiler_collectives and exchange_consensus.enable():
             consensus_group = dist_group.gloo_group(
                 store, f"{prefix}/consensus", ranks, cfg.timeout + 60.0
             )
             self.consensus = True
-        self.scope = Scope(
+        self.info = GroupInfo(
             name=self.name,
             key=dist_group.group_key(ranks, world),
             size=len(ranks),
@@ -79,7 +85,7 @@ class Channel:
             ranks=tuple(sorted(ranks)),
         )
         self.hook = self.transport.make_hook()
-        self.policy = Policy(self.transport, self.hook, self.counts)
+        self.policy = Policy(self.transport, self.hook, self.counts, self.mixed_slot)
         if board is not None:
             transport = self.transport
             board.positions[self.name] = lambda: (*transport.position(), transport.last_epoch())
@@ -132,7 +138,7 @@ class Runtime:
     """Everything dynamo_dist keeps per process once a distributed job compiles.
 
     Creating it is not collective: it opens the status board and installs the router
-    hook. Each group's channel is set up on first use, by that group's members.
+    hook. Each :class:`Group` is set up on first use, by that group's members.
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -152,18 +158,18 @@ class Runtime:
         )
         if self.board is not None:
             self.board.in_local = lambda: _C.local_active_threads() > 0
-        self.channels: dict[tuple[int, ...], Channel] = {}
+        self.groups: dict[tuple[int, ...], Group] = {}
         self.router = _C.Router()
         self._previous_hook = dynamo_hook.install(self.router)
         log.info("guard exchange on (policy %s, %d ranks)", cfg.policy, self.world_size)
 
-    def channel(self, ranks: tuple[int, ...], where: str) -> Channel:
-        """The channel of ``ranks``, set up (collectively over its members) on first use."""
-        ch = self.channels.get(ranks)
-        if ch is None:
-            ch = Channel(self.cfg, ranks, self.board, where)
-            self.channels[ranks] = ch
-        return ch
+    def group(self, ranks: tuple[int, ...], where: str) -> Group:
+        """The group of ``ranks``, set up (collectively over its members) on first use."""
+        g = self.groups.get(ranks)
+        if g is None:
+            g = Group(self.cfg, ranks, self.board, where)
+            self.groups[ranks] = g
+        return g
 
     def close(self) -> None:
         """Uninstall, restore Dynamo's settings, and hand this rank's stats to the job report."""
@@ -171,8 +177,8 @@ class Runtime:
         dynamo_hook.uninstall(self.router, self._previous_hook)
         exchange_consensus.disable()
         _C.set_pending_error(None)
-        for ch in self.channels.values():
-            ch.close()
+        for g in self.groups.values():
+            g.close()
         if self.board is not None:
             self.board.close("exited")
             tools_report.publish_and_collect(
@@ -187,17 +193,17 @@ class Runtime:
 
     def stats(self) -> Stats:
         """This rank's typed stats record: totals over its groups, each group, the cache."""
-        groups = {c.name: c.stats() for c in self.channels.values()}
-        hooks = [c.hook.counters() for c in self.channels.values() if c.hook is not None]
+        groups = {g.name: g.stats() for g in self.groups.values()}
+        hooks = [g.hook.counters() for g in self.groups.values() if g.hook is not None]
         hook_totals = {k: sum(int(h.get(k, 0)) for h in hooks) for k in hooks[0]} if hooks else {}
         samples = [
-            ns for c in self.channels.values() if c.transport for ns in c.transport.latencies()
+            ns for g in self.groups.values() if g.transport for ns in g.transport.latencies()
         ]
         lat = percentiles(samples)
         names = sorted({g.transport.name for g in groups.values()} - {"none"})
         runtime = RuntimeStats(
             policy=self.cfg.policy,
-            consensus=any(c.consensus for c in self.channels.values()),
+            consensus=any(g.consensus for g in self.groups.values()),
             hook=HookCounters.from_hook(hook_totals),
             transport=TransportStats(
                 name="+".join(names) if len(names) != 1 else names[0],
@@ -223,26 +229,31 @@ class Runtime:
 
 def _make_transport(
     cfg: Config,
-    group: Any,
+    guard: Any,
     ranks: tuple[int, ...],
     name: str,
     board: StatusBoard | None,
     store: Any,
     prefix: str,
+    mixed_slot: MixedSlot,
 ) -> Transport:
-    """Shared memory within hosts (hierarchical across them) unless gloo is asked for."""
+    """Shared memory within hosts (hierarchical across them) unless gloo is asked for.
+
+    ``guard``: the group's own gloo process group for the exchange; ``name``: its name.
+    """
     common: dict[str, Any] = {
-        "group": group,
+        "group": guard,
         "ranks": ranks,
-        "channel": name,
+        "group_name": name,
         "timeout": cfg.timeout,
         "wait_log_interval": cfg.wait_log_interval,
         "stall_warning": cfg.stall_warning,
         "board": board,
         "describe": describe_identity,
+        "mixed_slot": mixed_slot,
     }
     if cfg.transport in ("auto", "shm"):
-        topo = topology(group, ranks)
+        topo = topology(guard, ranks)
         try:
             return ShmTransport(
                 topo=topo,

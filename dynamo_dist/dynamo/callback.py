@@ -8,7 +8,7 @@ unrelated frames exactly this way. So the wrapper runs the same exchange, with a
 "miss", before Dynamo compiles: every entry into a compiled frame is exchanged exactly
 once on every rank, whatever its cache state.
 
-The wrapper also scopes each compile: to its group (``dist_local.compiling``: the consensus
+The wrapper also tells each compile its group (``dist_local.compiling``: the consensus
 and the cache agreement read it), or, inside ``dynamo_dist.local()``, to nobody. A
 local compile runs against its own automatic-dynamic state, and the entries it adds
 are not counted against the recompile limit of the calls outside ``local()``: on the
@@ -24,7 +24,7 @@ from typing import Any
 from dynamo_dist import _errors
 from dynamo_dist._log import get_logger
 from dynamo_dist.dist import local as dist_local
-from dynamo_dist.dist.local import Scope
+from dynamo_dist.dist.local import GroupInfo
 from dynamo_dist.dynamo import compat, patches, pgo
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C
@@ -73,14 +73,14 @@ _warned: set[Any] = set()
 
 
 class GuardedCallback:
-    """Wraps Dynamo's frame callback: first-entry exchanges, policies, scopes, sticky errors."""
+    """Wraps Dynamo's frame callback: first-entry exchanges, policies, groups, sticky errors."""
 
     def __init__(
         self,
         inner: Callable[..., Any],
         policy: Policy | None,
         policy_name: str,
-        scope: Scope | None,
+        group: GroupInfo | None,
         counts: Counts,
         before_compile: Callable[[Any], None] | None = None,
     ) -> None:
@@ -90,7 +90,7 @@ class GuardedCallback:
         self._before_compile = before_compile
         self._policy = policy  # None: a group of one rank, nobody to exchange with
         self._policy_name = policy_name
-        self._scope = scope
+        self._group = group
         self._counts = counts
         # Dynamo's C++ get_backend() follows this chain to find the backend
         # that keys its cache entries; it must lead through us to the real one.
@@ -111,7 +111,7 @@ class GuardedCallback:
             return self._local(frame, cache_entry, frame_state)
         policy = self._policy
         if policy is not None:
-            # A thread other than the channel's owner: the hook exchanged nothing for it
+            # A thread other than the group's owner: the hook exchanged nothing for it
             # (and forced this call here); raise on this thread only.
             policy.check_thread()
             if cache_entry is None and compat.dynamo_would_trace(frame.f_code):
@@ -127,7 +127,7 @@ class GuardedCallback:
                 log.debug("the before-compile hook failed", exc_info=True)
         specific, total, _, _ = local_entries.counts(frame)
         with (
-            dist_local.compiling(self._scope),
+            dist_local.compiling(self._group),
             patches.recompile_headroom(specific, total),
         ):
             result = self._inner(frame, cache_entry, frame_state)

@@ -95,18 +95,18 @@ def _install_mode_probe() -> None:
 _install_mode_probe()
 
 
-def register_region(fn: object, channel: str) -> int:
-    """A new region id for one dynamo_dist.compile call in ``channel``'s group.
+def register_region(fn: object, group_name: str) -> int:
+    """A new region id for one dynamo_dist.compile call in the group named ``group_name``.
 
     Numbered per group: the n-th compile for a group is the same code on each of its
     ranks, whatever else each rank compiled (other groups, code compiled on some
     ranks only), so the id, part of every frame identity, matches across the group.
     """
-    n = _region_counts.get(channel, 0) + 1
-    _region_counts[channel] = n
-    digest = hashlib.blake2b(f"{channel}#{n}".encode(), digest_size=8).digest()
+    n = _region_counts.get(group_name, 0) + 1
+    _region_counts[group_name] = n
+    digest = hashlib.blake2b(f"{group_name}#{n}".encode(), digest_size=8).digest()
     region = int.from_bytes(digest, "little") >> 2  # a positive int64
-    _regions[region] = f"{describe_callable(fn)} [compile #{n} of group {channel}]"
+    _regions[region] = f"{describe_callable(fn)} [compile #{n} of group {group_name}]"
     return region
 
 
@@ -154,7 +154,7 @@ def identity_grad(ident: int) -> bool | None:
 def region_enter(region: int, hook: _C.GuardHook | None) -> Callable[[], Callable[[], None]]:
     """The Dynamo enter/exit hook that marks calls of one compiled region.
 
-    ``hook`` is the channel (one per group of ranks) that exchanges the region's guard
+    ``hook`` is the group's C++ hook (one per group of ranks) that exchanges the region's guard
     results; the installed :class:`_C.Router` dispatches to it. None: nobody to agree with.
     """
     return _C.RegionEnter(region, hook)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from dynamo_dist.dist import local as dist_local
-from dynamo_dist.dist.runtime import Channel
+from dynamo_dist.dist.runtime import Group
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo import patches
 from dynamo_dist.dynamo.callback import GuardedCallback
@@ -111,7 +111,7 @@ class Adoption:
         self.backends: list[SwitchableBackend] = []
         self.contexts: list[Any] = []
         self.plain = False
-        #: Compiles inside local() before the group was attached, for the channel's counts.
+        #: Compiles inside local() before the group was attached, for the group's counts.
         self.counts = Counts()
         # The hooks as installed (each attribute access makes a new bound method).
         self._hooks = (self._first, self._last)
@@ -141,21 +141,21 @@ class Adoption:
         """The backend torch.compile built from its arguments (None if none was seen)."""
         return self.backends[0].built if self.backends else None
 
-    def attach(self, channel: Channel, region: int, backend: Any = None) -> None:
-        """Point every adopted context at ``channel``'s group (and ``backend``, if given)."""
+    def attach(self, group: Group, region: int, backend: Any = None) -> None:
+        """Point every adopted context at ``group`` (and ``backend``, if given)."""
         if backend is not None:
             for b in self.backends:
                 b.target = backend
         for forwarding in self.callbacks:
             forwarding.target = GuardedCallback(
                 forwarding.inner,
-                channel.policy,
+                group.policy,
                 self.policy,
-                channel.scope,
-                channel.counts,
+                group.info,
+                group.counts,
                 self.before_compile,
             )
-        attached = (dynamo_hook.PENDING_CHECK, dynamo_hook.region_enter(region, channel.hook))
+        attached = (dynamo_hook.PENDING_CHECK, dynamo_hook.region_enter(region, group.hook))
         for ctx in self.contexts:
             hooks = ctx.enter_exit_hooks
             for mine, theirs in zip(self._hooks, attached, strict=True):

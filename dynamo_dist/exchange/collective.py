@@ -1,7 +1,8 @@
 """The gloo transport: the decision on a reduced word, and what the ranks are told.
 
 :class:`Transport` is what every transport shares: the verdict on a reduced word (a
-frame mismatch raises, a mixed hit/miss is kept for the policy layer), the progress
+frame mismatch raises, a mixed hit/miss goes to the group's :class:`MixedSlot` for the
+policy layer), the progress
 lines and the one stall warning per exchange, and the errors naming who did not
 arrive and why. :class:`GlooTransport` reduces each word with gloo's allreduce on its
 own group; ``exchange/shm.py`` combines a host's words in shared memory first. The
@@ -24,7 +25,7 @@ from dynamo_dist.dynamo import events
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C
 from dynamo_dist.exchange.allreduce import BandAllreduce, LeaderExchange
-from dynamo_dist.exchange.record import Outcome, pack, unpack
+from dynamo_dist.exchange.record import MixedSlot, Outcome, pack, unpack
 from dynamo_dist.exchange.status import StatusBoard, board_reader_stride, describe_missing
 
 log = get_logger("collective")
@@ -46,24 +47,27 @@ class Transport:
         *,
         group: Any,
         ranks: Sequence[int],
-        channel: str,
+        group_name: str,
         timeout: float,
         wait_log_interval: float,
         stall_warning: float,
         board: StatusBoard | None,
         describe: Callable[[int], str],
+        mixed_slot: MixedSlot | None = None,
     ) -> None:
         self.ranks = list(ranks)  # the group's global ranks, ascending
         self.rank = dist.get_rank()
         self.world_size = len(self.ranks)
-        self.channel = channel  # the group's name in logs, stats and the status board
+        self.group_name = group_name  # the group's name in logs, stats and the status board
         self.group = group  # the group's own CPU gloo group: rare, richer collectives
         self.timeout = timeout
         self.board = board
         self.describe = describe
         self.divergences = 0
         self.mixed = 0
-        self.last_mixed: Outcome | None = None
+        #: Where a mixed outcome goes for the policy layer: the group's (None: a slot of
+        #: this transport's own, for a transport used without a group).
+        self.mixed_slot = mixed_slot if mixed_slot is not None else MixedSlot()
         self.broken: BaseException | None = None
         self.wait_log_interval = wait_log_interval
         self.stall_warning = stall_warning
@@ -101,7 +105,7 @@ class Transport:
         return max(self.stall_warning, 2 * self.board.interval + self.board.tick_interval)
 
     def last_epoch(self) -> int:
-        """Process-wide order of this channel's last exchange among all channels' exchanges."""
+        """Process-wide order of this group's last exchange among all groups' exchanges."""
         return 0
 
     def waited(self) -> float | None:
@@ -153,7 +157,7 @@ class Transport:
                 waited,
                 seq,
                 self.describe(ident),
-                self.channel,
+                self.group_name,
                 self.expected_wait,
             )
             return
@@ -166,13 +170,13 @@ class Transport:
                 "every rank's status)",
                 seq,
                 self.describe(ident),
-                self.channel,
+                self.group_name,
                 waited,
                 self.board_reader(),
             )
             return
         board = {r: st for r, st in self.board.snapshot().items() if r in self.ranks}
-        missing, lines = describe_missing(board, self.channel, seq, self.board.stale_after)
+        missing, lines = describe_missing(board, self.group_name, seq, self.board.stale_after)
         now = time.time()
         alive_elsewhere = [
             r
@@ -191,7 +195,7 @@ class Transport:
                 waited,
                 seq,
                 self.describe(ident),
-                self.channel,
+                self.group_name,
                 in_local,
             )
             return
@@ -209,7 +213,7 @@ class Transport:
             "(%.0fs).",
             seq,
             self.describe(ident),
-            self.channel,
+            self.group_name,
             waited,
             alive_elsewhere,
             where,
@@ -219,14 +223,18 @@ class Transport:
             "stall_warning",
             seq=seq,
             rank=self.rank,
-            group=self.channel,
+            group=self.group_name,
             frame=self.describe(ident),
             waited_s=round(waited, 3),
             missing=alive_elsewhere,
         )
 
     def decide(self, seq: int, ident: int, hit: bool, word: int) -> bool:
-        """The verdict for a reduced word; raises RankDivergenceError on a frame mismatch."""
+        """The verdict for a reduced word; raises RankDivergenceError on a frame mismatch.
+
+        The C++ hook passes the bool on to Dynamo; a mixed outcome goes to
+        ``mixed_slot``, for the policy's later call (why: :class:`MixedSlot`).
+        """
         all_hit, any_hit, agree = unpack(word)
         if not agree:
             self.divergences += 1
@@ -238,7 +246,7 @@ class Transport:
             raise err
         if any_hit and not all_hit:
             self.mixed += 1
-            self.last_mixed = Outcome(seq, ident, hit)
+            self.mixed_slot.put(Outcome(seq, ident, hit))
         return all_hit
 
     def gather_objects(self, obj: Any) -> list[Any]:
@@ -255,7 +263,7 @@ class Transport:
                 "hit": hit,
             }
         )
-        ranks = dict(zip(self.ranks, records, strict=True))
+        by_rank = dict(zip(self.ranks, records, strict=True))
         frames = {int(rec["ident"]) for rec in records}
         grads = {rec["grad"] for rec in records if rec["grad"] is not None}
 
@@ -267,7 +275,7 @@ class Transport:
         lines = [
             f"  rank {r}: guard exchange #{rec['seq']} for {rec['frame']} "
             f"({'hit' if rec['hit'] else 'miss'}{mode(rec)})"
-            for r, rec in ranks.items()
+            for r, rec in by_rank.items()
         ]
         cause = (
             "Some ranks run it with grad disabled and others with grad enabled: typically "
@@ -277,14 +285,14 @@ class Transport:
             "times (an SPMD violation). "
         )
         msg = (
-            f"ranks of group {self.channel} are guarding different frames at the same exchange "
+            f"ranks of group {self.group_name} are guarding different frames at the same exchange "
             f"({len(frames)} distinct frames):\n" + "\n".join(lines) + "\n" + cause + "Fix: run "
             "compiled code that only some ranks run (rank-0 evaluation, sampling, logging) inside "
             "`dynamo_dist.local()` (a context manager or a decorator); compile code that different "
             "groups of ranks run (pipeline stages) with `group=` those ranks; otherwise make every "
             "rank call compiled functions in the same order."
         )
-        return RankDivergenceError(msg, ranks)
+        return RankDivergenceError(msg, by_rank)
 
     def timeout_error(
         self, seq: int, ident: int, waited: float, cause: str | None, suspects: Iterable[int] = ()
@@ -297,10 +305,10 @@ class Transport:
         )
         stale = self.board.stale_after if self.board is not None else 10.0
         missing, lines = (
-            describe_missing(board, self.channel, seq, stale) if board else (list(suspects), [])
+            describe_missing(board, self.group_name, seq, stale) if board else (list(suspects), [])
         )
         missing = [r for r in missing if r != self.rank]
-        what = f"guard exchange #{seq} of group {self.channel} for {self.describe(ident)}"
+        what = f"guard exchange #{seq} of group {self.group_name} for {self.describe(ident)}"
         if cause and cause != "timeout":
             head = (
                 f"{what} failed after {waited:.1f}s: {cause}. "
@@ -402,7 +410,7 @@ _epoch = 0
 
 
 def _next_epoch() -> int:
-    """Order of gloo exchanges across channels (the C++ hook counts its own)."""
+    """Order of gloo exchanges across groups (the C++ hook counts its own)."""
     global _epoch
     _epoch += 1
     return _epoch

@@ -3,14 +3,14 @@
 This reuses Dynamo's own compiler collectives (``enable_compiler_collectives``):
 while tracing, ranks exchange which sizes they saw and restart analysis with
 the union, so a batch size that differs across ranks becomes dynamic on all of
-them. Each compile exchanges within its own group only (``local.current_scope``,
+them. Each compile exchanges within its own group only (``local.current_group``,
 set around the compile by the frame callback): a pipeline stage's ranks agree among
-themselves, and a compile inside ``dynamo_dist.local()`` (no scope) with nobody.
+themselves, and a compile inside ``dynamo_dist.local()`` (no group) with nobody.
 Upstream runs the exchange on a group of the job's default backend and
 enters a device context (``rank % torch.accelerator.device_count()``), which
 fails for gloo/CPU (the CPU device interface has no ``device`` context, and the
 count is 0 on CPU-only hosts). We answer Dynamo's ``get_compile_pg()`` with the
-CPU-only gloo group of the compile's scope and replace one method,
+CPU-only gloo group of the compile's group and replace one method,
 ``OutputGraph.run_compiler_collective``, with the same logic minus the device context.
 Nothing in torch's files changes, and ``disable()`` puts everything back.
 
@@ -34,12 +34,14 @@ _restore: Callable[[], None] | None = None
 
 
 def _group_for_compile() -> Any | None:
-    scope = local.current_scope()
-    return scope.consensus if scope is not None else None
+    # Dynamo calls this (as get_compile_pg) with no arguments in the middle of a trace:
+    # the group can only come from what the frame callback set around the compile.
+    group = local.current_group()
+    return group.consensus if group is not None else None
 
 
 def enable() -> bool:
-    """Turn on Dynamo's compiler collectives, scoped per compile; False if torch lacks them."""
+    """Turn on Dynamo's compiler collectives, per group; False if torch lacks them."""
     global _restore
     if _restore is not None:
         return True

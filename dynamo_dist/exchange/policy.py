@@ -1,7 +1,8 @@
 """Policy: what a guard miss on some ranks does (``sync``, ``strict``, ``warn``).
 
 The exchange (``_collective``/``_shm``) only notices that some ranks hit and others
-missed; it keeps that :class:`~dynamo_dist.exchange.record.Outcome` for this layer. Here,
+missed; it puts that :class:`~dynamo_dist.exchange.record.Outcome` in the group's
+:class:`~dynamo_dist.exchange.record.MixedSlot`, which this layer takes. Here,
 on the next entry into Dynamo's frame callback (where every rank is, since the hitting
 ranks were forced to recompile), the ranks gather why the missing ones missed, and the
 policy decides whether that is logged or raised. Forced recompiles and strict refusals
@@ -19,7 +20,7 @@ from dynamo_dist.dynamo import events as dynamo_events
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C, describe_identity
 from dynamo_dist.exchange.collective import Transport
-from dynamo_dist.exchange.record import Outcome
+from dynamo_dist.exchange.record import MixedSlot, Outcome
 from dynamo_dist.exchange.stats import Counts
 
 log = get_logger("runtime")
@@ -30,15 +31,25 @@ _FIRST_ENTRY_REASON = (
 
 
 class Policy:
-    """The policy layer over one transport and its hook; counts into ``counts``."""
+    """The policy layer over one transport and its hook; counts into ``counts``.
 
-    def __init__(self, transport: Transport, hook: _C.GuardHook, counts: Counts) -> None:
+    ``mixed_slot``: the group's handoff from the exchange (the transport's, by default).
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        hook: _C.GuardHook,
+        counts: Counts,
+        mixed_slot: MixedSlot | None = None,
+    ) -> None:
         self.transport = transport
         self.hook = hook
         self.counts = counts
+        self.mixed_slot = mixed_slot if mixed_slot is not None else transport.mixed_slot
 
     def check_thread(self) -> None:
-        """Raise DynamoDistError if another thread owns this channel's exchange."""
+        """Raise DynamoDistError if another thread owns this group's exchange."""
         if not self.hook.thread_ok():
             raise wrong_thread(self.hook.owner_thread)
 
@@ -63,12 +74,8 @@ class Policy:
             raise
 
     def take_mixed(self) -> Outcome | None:
-        """The last exchange's outcome if some ranks hit and others missed."""
-        out = self.transport.last_mixed
-        if out is not None and out.seq == self.transport.position()[0]:
-            self.transport.last_mixed = None
-            return out
-        return None
+        """The last exchange's outcome if some ranks hit and others missed (taken once)."""
+        return self.mixed_slot.take(self.transport.position()[0])
 
     def handle_mixed(
         self,
@@ -107,7 +114,7 @@ class Policy:
         reasons_by_rank = {r: records[r]["reasons"] for r in missed}
         if policy == "strict":
             self.counts.strict_errors += 1
-            ranks = {
+            by_rank = {
                 r: {"hit": rec["hit"], "reasons": rec["reasons"], "frame": what, "seq": outcome.seq}
                 for r, rec in enumerate(records)
             }
@@ -125,7 +132,7 @@ class Policy:
                 f"policy 'strict': {msg}. Make the inputs that the listed guards check identical "
                 "across ranks (or mark them dynamic), or use policy 'sync' to recompile on all "
                 "ranks instead of failing.",
-                ranks,
+                by_rank,
             )
         dynamo_events.emit(
             "forced_recompile",

@@ -52,6 +52,47 @@ class Outcome:
         self.hit = hit
 
 
+class MixedSlot:
+    """A group's mixed :class:`Outcome`, handed from its exchange to its policy layer.
+
+    Why a handoff and not a return value: an exchange's verdict reaches Dynamo through
+    the C++ guard hook (``csrc/guard_hook.cpp``), which calls the Python slow path
+    (``Transport.decide``) and returns Dynamo one bool: run the cached entry or not.
+    What to do about a mixed exchange is decided later, in a second, separate call:
+    Dynamo's call of the frame callback that the ``False`` verdict forced
+    (``dynamo/callback.py``), or, on the precompiled route, the code after
+    ``GuardHook.exchange`` returned its bool (``cache/precompiled.py``). The outcome has
+    to cross from the one call to the other, so the exchange puts it here and the
+    policy takes it. One slot per group (``dist.runtime.Group`` makes it and hands it to
+    its transport and its policy), used by the thread that owns the group's exchange.
+    """
+
+    __slots__ = ("_outcome",)
+
+    def __init__(self) -> None:
+        self._outcome: Outcome | None = None
+
+    def put(self, outcome: Outcome) -> None:
+        """Keep ``outcome``, the mixed result of the exchange just decided."""
+        self._outcome = outcome
+
+    def peek(self) -> Outcome | None:
+        """The outcome kept, without taking it."""
+        return self._outcome
+
+    def take(self, seq: int) -> Outcome | None:
+        """The outcome of exchange ``seq`` (the group's last) if it was mixed; then cleared.
+
+        An outcome of an earlier exchange is not this call's (its exchange's verdict was
+        handled, or the call never reached the policy): None.
+        """
+        out = self._outcome
+        if out is None or out.seq != seq:
+            return None
+        self._outcome = None
+        return out
+
+
 # Recursive doubling's failure notice: a word whose low and high halves share a bit,
 # which no AND of packed records can be (each record's halves are x and ~x). Bit 31
 # of each half marks it; bit 30 says the suspect timed out (clear: it died); the

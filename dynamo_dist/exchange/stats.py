@@ -69,7 +69,7 @@ class TransportStats:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GroupStats:
-    """One group's channel: its ranks, its exchanges and its compiles on this rank."""
+    """One group of ranks: its ranks, its exchanges and its compiles on this rank."""
 
     ranks: list[int]
     transport: TransportStats

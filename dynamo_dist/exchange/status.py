@@ -62,9 +62,9 @@ class StatusBoard:
         self.tick_interval = interval
         self.interval = publish_interval(interval, world_size)
         self._describe = describe
-        # Where this rank is, per channel (group of ranks): () -> (last exchange
-        # number, its frame identity, process-wide order of that exchange). Added by
-        # the runtime as channels are set up; read only by the publisher thread, so
+        # Where this rank is, per group (by name): () -> (last exchange number, its
+        # frame identity, process-wide order of that exchange). Added by the runtime
+        # as groups are set up; read only by the publisher thread, so
         # the exchange hot path never touches the board.
         self.positions: dict[str, Callable[[], tuple[int, int, int]]] = {}
         # A rank counts as silent after this long without a heartbeat (published
@@ -86,18 +86,19 @@ class StatusBoard:
         self._thread.start()
 
     def _payload(self, positions: dict[str, tuple[int, int, int]], in_local: bool) -> str:
-        channels = {
+        groups = {
             name: {"seq": seq, "frame": self._describe(ident) if ident else None, "epoch": epoch}
             for name, (seq, ident, epoch) in positions.items()
         }
-        latest = max(channels.items(), key=lambda kv: int(kv[1]["epoch"] or 0), default=None)
+        latest = max(groups.items(), key=lambda kv: int(kv[1]["epoch"] or 0), default=None)
         return json.dumps(
             {
-                # The most recent exchange on any channel (what "where is it" means).
+                # The most recent exchange of any group (what "where is it" means).
                 "seq": latest[1]["seq"] if latest else 0,
                 "frame": latest[1]["frame"] if latest else None,
                 "group": latest[0] if latest else None,
-                "channels": channels,
+                # Per group, by name ("channels": the published field's name).
+                "channels": groups,
                 "local": in_local,
                 "state": self._state,
                 "time": time.time(),
@@ -138,7 +139,7 @@ class StatusBoard:
         self._state = state
         self._stop.set()
         self.publish(force=True)
-        # Drop the channels' callbacks (they hold the transports) and let the thread
+        # Drop the groups' callbacks (they hold the transports) and let the thread
         # finish its tick: nothing of a shut-down runtime may outlive close().
         self.positions = {}
         self.ticks = []
@@ -185,9 +186,9 @@ def _parse(raw: Any) -> dict[str, Any]:
 
 
 def describe_missing(
-    board: dict[int, dict[str, Any]], channel: str, my_seq: int, stale_after: float
+    board: dict[int, dict[str, Any]], group_name: str, my_seq: int, stale_after: float
 ) -> tuple[list[int], list[str]]:
-    """Ranks that did not reach exchange ``my_seq`` of ``channel``, and where each rank was."""
+    """Ranks that did not reach exchange ``my_seq`` of ``group_name``, and where each was."""
     now = time.time()
     missing: list[int] = []
     lines: list[str] = []
@@ -197,9 +198,9 @@ def describe_missing(
             lines.append(f"rank {r}: never published a status (not started, or no exchange yet)")
             continue
         age = now - float(st.get("time", now))
-        mine = (st.get("channels") or {}).get(channel, {"seq": 0, "frame": None})
+        mine = (st.get("channels") or {}).get(group_name, {"seq": 0, "frame": None})
         where = f"exchange #{mine['seq']} at {mine.get('frame') or 'no frame yet'}"
-        if st.get("group") not in (None, channel):
+        if st.get("group") not in (None, group_name):
             where += (
                 f" (latest: exchange #{st['seq']} of group {st['group']} at "
                 f"{st.get('frame') or '?'})"

@@ -56,10 +56,10 @@ def with_derived(stats: dict[str, Any]) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     """One row per rank; ranks that never reported are listed as missing."""
-    ranks: dict[str, dict[str, Any]] = report.get("ranks", {})
+    by_rank: dict[str, dict[str, Any]] = report.get("ranks", {})
     rows = [[h for h, _, _ in COLUMNS]]
-    for r in sorted(ranks, key=int):
-        st = ranks[r]
+    for r in sorted(by_rank, key=int):
+        st = by_rank[r]
         row = []
         for _, key, fmt in COLUMNS:
             v = st.get(key)
@@ -71,21 +71,21 @@ def format_table(report: dict[str, Any]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.extend(_group_lines(ranks))
+    lines.extend(_group_lines(by_rank))
     missing = report.get("missing") or []
-    head = f"dynamo_dist job report ({report.get('world_size', len(ranks))} ranks)"
+    head = f"dynamo_dist job report ({report.get('world_size', len(by_rank))} ranks)"
     if missing:
         head += f"; no report from ranks {missing} (exited early or crashed)"
     return head + "\n" + "\n".join(lines)
 
 
-def _group_lines(ranks: dict[str, dict[str, Any]]) -> list[str]:
+def _group_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
     """Per group (``group=``): each figure once if every member agrees, else per rank.
 
     Shown when the job used a group other than the whole world, or several groups.
     """
     groups: dict[str, dict[str, dict[str, Any]]] = {}
-    for r, st in ranks.items():
+    for r, st in by_rank.items():
         for name, g in (st.get("groups") or {}).items():
             groups.setdefault(name, {})[r] = g
     if not groups or list(groups) == ["world"]:
@@ -141,29 +141,29 @@ def publish_and_collect(
     with_timeout = getattr(store, "set_timeout", None)
     if with_timeout is not None:
         with_timeout(timedelta(seconds=max(1.0, wait_s)))
-    ranks: dict[str, dict[str, Any]] = {}
+    by_rank: dict[str, dict[str, Any]] = {}
     refused: set[int] = set()  # over the store's size cap: listed as missing, read once
     while True:
         for r, key in enumerate(keys):
-            if str(r) in ranks or r in refused:
+            if str(r) in by_rank or r in refused:
                 continue
             try:
                 if store.check([key]):
                     record = json.loads(dist_store.checked(store.get(key), "report record"))
-                    ranks[str(r)] = record if isinstance(record, dict) else {}
+                    by_rank[str(r)] = record if isinstance(record, dict) else {}
             except dist_store.PayloadRefused as e:
                 dist_store.refuse("report record", e)
                 refused.add(r)
             except Exception:
                 pass
-        if len(ranks) + len(refused) == world_size or time.monotonic() >= deadline:
+        if len(by_rank) + len(refused) == world_size or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
     report = {
         "world_size": world_size,
         "created": time.time(),
-        "ranks": ranks,
-        "missing": [r for r in range(world_size) if str(r) not in ranks],
+        "ranks": by_rank,
+        "missing": [r for r in range(world_size) if str(r) not in by_rank],
     }
     log.info("%s", format_table(report))
     if path:

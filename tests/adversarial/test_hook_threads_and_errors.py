@@ -43,7 +43,7 @@ def _in_thread(fn: Any) -> Any:
 
 
 # -- in-process ---------------------------------------------------------------------------
-def test_channel_belongs_to_the_first_thread_that_exchanges() -> None:
+def test_group_belongs_to_the_first_thread_that_exchanges() -> None:
     seen: list[int] = []
     hook = _C.GuardHook(lambda hit, ident: seen.append(ident) or hit)
     assert hook.owner_thread == 0 and hook.thread_ok()
@@ -75,17 +75,17 @@ def test_channel_belongs_to_the_first_thread_that_exchanges() -> None:
 
 
 @contextlib.contextmanager
-def _adopting(channel: Any, region: int) -> Iterator[intercept.Adoption]:
-    """torch.compile calls in the block adopted, then attached to ``channel`` (as compile())."""
+def _adopting(group: Any, region: int) -> Iterator[intercept.Adoption]:
+    """torch.compile calls in the block adopted, then attached to ``group`` (as compile())."""
     adoption = intercept.Adoption("sync")
     with intercept.capturing(adoption):
         yield adoption
-    adoption.attach(channel, region)
+    adoption.attach(group, region)
 
 
 def _adopted(fn: Any, **kwargs: Any) -> Any:
-    channel = types.SimpleNamespace(policy=None, scope=None, counts=Counts(), hook=None)
-    with _adopting(channel, 12345) as adoption:
+    group = types.SimpleNamespace(policy=None, info=None, counts=Counts(), hook=None)
+    with _adopting(group, 12345) as adoption:
         compiled = torch.compile(fn, backend="eager", **kwargs)
     assert adoption.contexts
     return compiled
@@ -213,11 +213,11 @@ def test_identity_includes_the_callee_on_both_paths() -> None:
     seen: list[int] = []
     hook = _C.GuardHook(lambda hit, ident: seen.append(ident) or hit)
     policy = _RecordingPolicy(hook)
-    channel = types.SimpleNamespace(policy=policy, scope=None, counts=Counts(), hook=hook)
+    group = types.SimpleNamespace(policy=policy, info=None, counts=Counts(), hook=hook)
     router = _C.Router()
     torch._dynamo.reset()
     with ranks.hook_installed(router):  # type: ignore[arg-type]
-        with _adopting(channel, 777):
+        with _adopting(group, 777):
             f = torch.compile(_calls_two, backend="eager")
         f(torch.ones(2))  # first entries: the callback path
         first = [ident for _, ident in policy.first]
@@ -240,10 +240,10 @@ def test_hook_finds_the_callee_from_generators_c_calls_and_deep_stacks() -> None
     seen: list[int] = []
     hook = _C.GuardHook(lambda hit, ident: seen.append(ident) or hit)
     policy = _RecordingPolicy(hook)
-    channel = types.SimpleNamespace(policy=policy, scope=None, counts=Counts(), hook=hook)
+    group = types.SimpleNamespace(policy=policy, info=None, counts=Counts(), hook=hook)
     torch._dynamo.reset()
     with ranks.hook_installed(_C.Router()):  # type: ignore[arg-type]
-        with _adopting(channel, 778):
+        with _adopting(group, 778):
             f = torch.compile(lambda x: x + 1, backend="eager")
 
         def call() -> None:

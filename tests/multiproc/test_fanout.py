@@ -67,9 +67,8 @@ def fanout_job(
         ranks.wait_for_peer("leader_holds_locks")
     elif not die:
         dist.barrier()
-    scope = dist_local.Scope("world", "world", world) if agree == "1" else None
-    with dist_local.compiling(scope):
-        out = cache.compile(KEY, key.version_factors(), compile_fn, "f (t.py:1)")
+    group = dist_local.GroupInfo("world", "world", world) if agree == "1" else None
+    out = cache.compile(KEY, key.version_factors(), compile_fn, "f (t.py:1)", group=group)
     local = private_local_dir()
     assert local is not None
     installed = (local / "fxgraph" / f"graph-{KEY}").is_file()

@@ -1,4 +1,4 @@
-"""Exchanges scoped to groups: pipeline stages, DeviceMesh submeshes, TP and FSDP2 stages.
+"""Exchanges confined to groups: pipeline stages, DeviceMesh submeshes, TP and FSDP2 stages.
 
 Four ranks as 2 pipeline stages x 2 data-parallel replicas: stage 0 is ranks 0 and 1,
 stage 1 is ranks 2 and 3, and rank ``r``'s peer in the other stage is ``r +- 2``.
@@ -351,7 +351,7 @@ def disagree(rank: int, world: int) -> dict[str, Any]:
 
 
 # -- tests -----------------------------------------------------------------------------
-def _assert_scoped(run: ranks.RankRun, stage_ranks: dict[int, list[int]]) -> None:
+def _assert_per_group(run: ranks.RankRun, stage_ranks: dict[int, list[int]]) -> None:
     """Equal compiles within each group, and each rank exchanged within its group only."""
     for s, members in stage_ranks.items():
         res = {r: run.rank(r) for r in members}
@@ -366,7 +366,7 @@ def _assert_scoped(run: ranks.RankRun, stage_ranks: dict[int, list[int]]) -> Non
         assert len(set(compiles.values())) == 1, f"group {s}: stats compiles differ: {compiles}"
         for r, one in res.items():
             groups = one["stats"]["groups"]
-            # One channel per rank, its own group's: no world channel, so no exchange
+            # One group per rank, its own: no world group, so no exchange
             # with the ranks of the other stage.
             assert len(groups) == 1, f"rank {r}: {groups}"
             (g,) = groups.values()
@@ -379,7 +379,7 @@ def _assert_scoped(run: ranks.RankRun, stage_ranks: dict[int, list[int]]) -> Non
 @pytest.mark.parametrize("layout", ["new_group", "mesh", "mesh3d", "tp"])
 def test_pipeline_stages_exchange_within_their_group(tmp_path, layout):
     run = ranks.launch(HERE, "pipeline", layout, tmp=tmp_path, nproc=4, timeout=500)
-    _assert_scoped(run, STAGE_RANKS)
+    _assert_per_group(run, STAGE_RANKS)
     # Both replicas trained every step (the last stage records the loss).
     for r in (2, 3):
         assert len(run.rank(r)["losses"]) == STEPS
@@ -395,7 +395,7 @@ def test_pipeline_stages_under_the_switch_exchange_within_the_default_group(tmp_
         timeout=500,
         env={"DYNAMO_DIST_ALL_COMPILES": "1"},
     )
-    _assert_scoped(run, STAGE_RANKS)
+    _assert_per_group(run, STAGE_RANKS)
 
 
 def test_pipeline_stages_without_group_time_out(tmp_path):
@@ -430,7 +430,7 @@ def test_pipeline_stages_share_the_cache_within_their_group(tmp_path):
         tmp=tmp_path,
         nproc=4,
         timeout=500,
-        # The graph route's entries, scoped to each stage's group.
+        # The graph route's entries, within each stage's group.
         env={
             "DYNAMO_DIST_CACHE_DIR": str(cache),
             "DYNAMO_DIST_LOG": "INFO",
@@ -455,12 +455,12 @@ def test_pipeline_stages_share_the_cache_within_their_group(tmp_path):
 
 def test_fsdp2_stage_exchanges_within_dp_group(tmp_path):
     run = ranks.launch(HERE, "pipeline", "fsdp", tmp=tmp_path, nproc=4, timeout=500)
-    _assert_scoped(run, STAGE_RANKS)
+    _assert_per_group(run, STAGE_RANKS)
 
 
 def test_tensor_parallel_stage_on_dp_tp_mesh(tmp_path):
     run = ranks.launch(HERE, "tensor_parallel", tmp=tmp_path, nproc=4, timeout=500)
-    _assert_scoped(run, {0: [0, 1, 2, 3]})
+    _assert_per_group(run, {0: [0, 1, 2, 3]})
     # TP partners see the same batch and hold the same replicated loss.
     assert run.rank(0)["losses"] == pytest.approx(run.rank(1)["losses"])
 

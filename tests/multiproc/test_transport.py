@@ -33,7 +33,7 @@ def transports_agree(rank: int, world: int, n: str, n_gloo: str) -> dict[str, An
     common: dict[str, Any] = {
         "group": group,
         "ranks": ranks,
-        "channel": "world",
+        "group_name": "world",
         "timeout": 60,
         "wait_log_interval": 30,
         "stall_warning": 10,

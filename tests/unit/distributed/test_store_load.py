@@ -19,7 +19,7 @@ import pytest
 import torch.distributed as dist
 
 from dynamo_dist.cache.agree import Agreement
-from dynamo_dist.dist.local import Scope
+from dynamo_dist.dist.local import GroupInfo
 from dynamo_dist.exchange.collective import Transport
 from dynamo_dist.exchange.status import StatusBoard, board_reader_stride, publish_interval
 
@@ -106,14 +106,14 @@ def test_board_readers_at_scale(server: Any) -> None:
 
 def _agree_all(server: Any, oks: list[bool], timeout: float = 30.0) -> tuple[list[bool], Counter]:
     counts: Counter[str] = Counter()
-    scope = Scope(name="world", key="w", size=len(oks))
+    group = GroupInfo(name="world", key="w", size=len(oks))
     out: list[bool | None] = [None] * len(oks)
 
     def rank(r: int) -> None:
         agreement = Agreement(timeout, True)
         agreement._store_client = _client(server, counts)
         agreement._store_opened = True
-        out[r] = agreement.agree("k" * 12, 1, oks[r], scope)
+        out[r] = agreement.agree("k" * 12, 1, oks[r], group)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(oks))]
     for t in threads:
@@ -151,12 +151,12 @@ def test_missing_report_times_out_and_a_late_rank_follows(server: Any, monkeypat
     )
     early = _agreement(server, 0.5, counts)
     first = early._store_client
-    scope = Scope(name="world", key="t", size=2)
-    assert early.agree("k" * 12, 1, True, scope) is False  # the other rank is late
+    group = GroupInfo(name="world", key="t", size=2)
+    assert early.agree("k" * 12, 1, True, group) is False  # the other rank is late
     assert early._store_client is not first  # the timed-out wait's client is dropped
     # The late rank reports "ok" and finds the early one's veto: it compiles too.
     late = _agreement(server, 5.0, counts)
-    assert late.agree("k" * 12, 1, True, scope) is False
+    assert late.agree("k" * 12, 1, True, group) is False
 
 
 def test_peeking_for_a_no_is_rate_limited(server: Any) -> None:
@@ -164,7 +164,7 @@ def test_peeking_for_a_no_is_rate_limited(server: Any) -> None:
     agreement = Agreement(30.0, True)
     agreement._store_client = _client(server, counts)
     agreement._store_opened = True
-    scope = Scope(name="world", key="p", size=4096)
+    group = GroupInfo(name="world", key="p", size=4096)
     for _ in range(100):
-        agreement.decided_no(1, scope)
+        agreement.decided_no(1, group)
     assert counts["add"] == 1  # at most one look every 4096/250 s per rank

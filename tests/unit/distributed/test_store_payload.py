@@ -34,7 +34,7 @@ from dynamo_dist.cache import secret as cache_secret
 from dynamo_dist.cache.profile import Profiles
 from dynamo_dist.cache.profile_store import GroupProfile
 from dynamo_dist.dist import store as dist_store
-from dynamo_dist.dist.local import Scope
+from dynamo_dist.dist.local import GroupInfo
 from dynamo_dist.dist.store import (
     MAX_STORE_OBJECTS,
     MAX_STORE_PAYLOAD_BYTES,
@@ -195,12 +195,12 @@ def profiles(tmp_path: Path) -> Profiles:
     return Profiles(protocol.SharedCache(str(tmp_path / "cache"), 5.0, 30.0, agree=False))
 
 
-SCOPE = Scope(name="ranks 0,1", key="r0-1", size=2, consensus=object(), ranks=(0, 1))
+GROUP = GroupInfo(name="ranks 0,1", key="r0-1", size=2, consensus=object(), ranks=(0, 1))
 
 
 def _profile(store: Any, writer: bool, base: str = "test/profile/0/r0-1/1") -> GroupProfile:
     p = GroupProfile("job", "r0-1", writer)
-    p.store, p.base, p.ranks = store, base, SCOPE.ranks
+    p.store, p.base, p.ranks = store, base, GROUP.ranks
     return p
 
 
@@ -215,8 +215,8 @@ def test_share_round_trips(
 ) -> None:
     _secret_is(monkeypatch, secret)
     data = pickle.dumps(_small_state())
-    assert profiles._share(SCOPE, _profile(store, True), (3, data)) == (3, data)
-    assert profiles._share(SCOPE, _profile(store, False), None) == (3, data)
+    assert profiles._share(GROUP, _profile(store, True), (3, data)) == (3, data)
+    assert profiles._share(GROUP, _profile(store, False), None) == (3, data)
     assert profiles.cache.counts.store_payloads_refused == 0
 
 
@@ -227,7 +227,7 @@ def test_share_refuses_an_oversized_profile(
     _secret_is(monkeypatch, None)
     reader = _profile(store, False)
     store.set(reader.base, b"\0\0\0\1" + b"\x80" * MAX_STORE_PAYLOAD_BYTES)
-    assert profiles._share(SCOPE, reader, None) is None
+    assert profiles._share(GROUP, reader, None) is None
     assert profiles.cache.counts.store_payloads_refused == 1
     assert profiles.cache.stats()["store_payloads_refused"] == 1
 
@@ -240,16 +240,16 @@ def test_share_refuses_a_forged_or_replayed_profile(
     data = (1).to_bytes(4, "big") + pickle.dumps(_small_state())
     reader = _profile(store, False)
     store.set(reader.base, data)  # unsigned, as a2f82f3's writer (or an attacker) posts it
-    assert profiles._share(SCOPE, reader, None) is None
+    assert profiles._share(GROUP, reader, None) is None
     # Signed, but for another key (a view's): not accepted as the profile.
     store.set(reader.base, dist_store.seal(data, SECRET, reader.base + "/view/1"))
-    assert profiles._share(SCOPE, reader, None) is None
+    assert profiles._share(GROUP, reader, None) is None
     # Signed with another secret.
     store.set(reader.base, dist_store.seal(data, OTHER_SECRET, reader.base))
-    assert profiles._share(SCOPE, reader, None) is None
+    assert profiles._share(GROUP, reader, None) is None
     assert profiles.cache.counts.store_payloads_refused == 3
     store.set(reader.base, dist_store.seal(data, SECRET, reader.base))
-    assert profiles._share(SCOPE, reader, None) == (1, data[4:])
+    assert profiles._share(GROUP, reader, None) == (1, data[4:])
 
 
 def _post_view(store: Any, base: str, payload: bytes, secret: str | None) -> None:

@@ -112,7 +112,7 @@ def _transport(rank: int, world: int, layout: str, exchange: str, timeout: float
         leader_exchange=exchange,
         group=group,
         ranks=everyone,
-        channel="world",
+        group_name="world",
         timeout=timeout,
         wait_log_interval=30,
         stall_warning=30,

@@ -23,7 +23,7 @@ from dynamo_dist import _C
 from dynamo_dist._errors import RankDivergenceError
 from dynamo_dist.exchange import shm as exchange_shm
 from dynamo_dist.exchange.collective import Transport, percentiles
-from dynamo_dist.exchange.record import pack, unpack
+from dynamo_dist.exchange.record import MixedSlot, pack, unpack
 from dynamo_dist.exchange.status import describe_missing
 from dynamo_dist.tools.cache_cli import parse_age, parse_size
 from dynamo_dist.tools.report import format_table, with_derived
@@ -90,7 +90,7 @@ class _Decider(Transport):
         self.rank = 0
         self.divergences = 0
         self.mixed = 0
-        self.last_mixed = None
+        self.mixed_slot = MixedSlot()
         self.broken = None
 
     def divergence_error(self, seq: int, ident: int, hit: bool) -> RankDivergenceError:
@@ -131,10 +131,13 @@ def test_python_unpack_and_decide(case: Case) -> None:
         assert d.decide(3, ident, hit, signed) is (case.outcome == "hit"), r
         assert d.divergences == 0 and d.broken is None
         if case.outcome == "mixed":
-            assert d.mixed == 1 and d.last_mixed is not None
-            assert (d.last_mixed.seq, d.last_mixed.ident, d.last_mixed.hit) == (3, ident, hit)
+            out = d.mixed_slot.peek()
+            assert d.mixed == 1 and out is not None
+            assert (out.seq, out.ident, out.hit) == (3, ident, hit)
+            assert d.mixed_slot.take(2) is None, "an earlier exchange's call takes nothing"
+            assert d.mixed_slot.take(3) is out and d.mixed_slot.take(3) is None
         else:
-            assert d.mixed == 0 and d.last_mixed is None
+            assert d.mixed == 0 and d.mixed_slot.peek() is None
 
 
 def _python_fast_verdict(word: int) -> int:
@@ -180,7 +183,7 @@ def test_percentiles(samples: list[int], want: dict[str, float]) -> None:
 
 # -- describe_missing ----------------------------------------------------------------------
 def _st(seq: int, frame: str | None, **extra: Any) -> dict[str, Any]:
-    """A published status whose latest exchange is on the ``world`` channel."""
+    """A published status whose latest exchange is of the ``world`` group."""
     return {
         "seq": seq,
         "frame": frame,
