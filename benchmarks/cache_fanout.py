@@ -79,8 +79,8 @@ def _worker(out: Path, program: str, hold: float) -> None:
             time.sleep(hold)
             return "compiled"
 
-        with dist_local.compiling(dist_local.Scope("world", "world", world)):
-            cache.compile(KEY, key.version_factors(), compile_fn, "bench (direct)")
+        group = dist_local.GroupInfo("world", "world", world)
+        cache.compile(KEY, key.version_factors(), compile_fn, "bench (direct)", group=group)
         stats = cache.stats()
     else:
         import dynamo_dist

@@ -41,7 +41,7 @@ def _world_transport() -> Any:
 
     rt = runtime.current()
     world = tuple(range(rt.world_size)) if rt is not None else ()
-    return rt.channels[world].transport if rt is not None and world in rt.channels else None
+    return rt.groups[world].transport if rt is not None and world in rt.groups else None
 
 
 def _median_us(fn, calls: int) -> float:

@@ -241,7 +241,7 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
             leader_exchange=exchange,
             group=group,
             ranks=everyone,
-            channel="world",
+            group_name="world",
             timeout=timeout,
             wait_log_interval=60,
             stall_warning=60,
@@ -255,11 +255,7 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
 
     def close(tr: Any, hook: Any) -> None:
         hook.release()  # as Runtime.close: break the C++ <-> Python cycles
-        tr.shm.set_wait_logger(None)
-        tr.shm.set_cross_host(None)
-        tr.shm.set_cross_host_native(None, None)
-        if hasattr(tr, "_cross") and hasattr(tr._cross, "close"):
-            tr._cross.close()  # the native exchange's sockets
+        tr.close()  # the segment's callbacks, the native exchange's sockets
 
     for delay in delays:
         delay_every_hop(delay * 1000)

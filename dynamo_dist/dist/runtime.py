@@ -110,10 +110,8 @@ class Group:
         """
         if self.hook is not None:
             self.hook.release()
-        shm = getattr(self.transport, "shm", None)
-        if shm is not None:
-            shm.set_wait_logger(None)
-            shm.set_cross_host(None)
+        if self.transport is not None:
+            self.transport.close()
 
     def stats(self) -> GroupStats:
         tr = self.transport

@@ -118,6 +118,9 @@ class Transport:
         """The C++ guard hook driving this transport."""
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the transport holds outside Python's reach (sockets, C++ callbacks)."""
+
     def latencies(self) -> list[int]:
         """Recent exchange latencies in nanoseconds."""
         raise NotImplementedError

@@ -294,6 +294,15 @@ class ShmTransport(Transport):
             raise self.timeout_error(seq, ident, time.monotonic() - t0, failure)
         return out
 
+    def close(self) -> None:
+        """Drop the C++ segment's Python callbacks and close the native exchange's sockets."""
+        self.shm.set_wait_logger(None)
+        self.shm.set_cross_host(None)
+        self.shm.set_cross_host_native(None, None)
+        cross = getattr(self, "_cross", None)
+        if isinstance(cross, NativeExchange):
+            cross.close()
+
     def _native_failure(self, status: int, value: int, peer: int, waited: float) -> None:
         """The native rounds failed (called by the C++ exchange): raise as ``_cross_host``."""
         assert isinstance(self._cross, NativeExchange)

@@ -18,7 +18,7 @@ def test_defaults():
     cfg = C.resolve(environ={})
     assert cfg == Config()
     assert cfg.policy == "sync" and cfg.transport == "auto" and cfg.timeout > 0
-    assert cfg.leader_exchange == "doubling"
+    assert cfg.leader_exchange == "native"
 
 
 def test_precedence_defaults_file_env_arguments(tmp_path):
@@ -45,7 +45,7 @@ def test_config_file_from_environment(tmp_path):
         ('timeout = "soon"', ["timeout", "'soon'"]),
         ("compiler_collectives = 3", ["compiler_collectives", "true or false"]),
         ('transport = "rdma"', ["transport", "auto, shm, gloo"]),
-        ('leader_exchange = "tree"', ["leader_exchange", "'tree'", "doubling, allreduce"]),
+        ('leader_exchange = "tree"', ["leader_exchange", "'tree'", "native, doubling, allreduce"]),
         ("policy = ", ["not valid TOML"]),
     ],
 )
