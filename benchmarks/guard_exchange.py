@@ -336,7 +336,7 @@ def main() -> None:
         base, up, bare = res["no hook"], res["upstream hook"], res["bare all_reduce"]
         for m in MODES:
             v = res[m]
-            label = "dynamo_dist shm+gloo" if (m == "dynamo_dist shm" and hosts > 1) else m
+            label = "dynamo_dist shm+native" if (m == "dynamo_dist shm" and hosts > 1) else m
             if v is None:
                 print(f"  {label:20s}      n/a")
                 continue

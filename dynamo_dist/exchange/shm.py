@@ -252,12 +252,18 @@ class ShmTransport(Transport):
                 if leader_exchange == "allreduce"
                 else DoublingExchange(leaders_group, timeout, topo.leaders)
             )
-            self.leader_exchange = "native" if native is not None else leader_exchange
             self.waiters.append(self._cross)
             if native is not None:
                 self.shm.set_cross_host_native(native.rounds, self._native_failure)
             else:
                 self.shm.set_cross_host(self._cross_host)
+            if leaders_group.rank() == 0:  # the leaders agreed: one of them tells every rank
+                store.set(f"{prefix}/leaders/native", "1" if native is not None else "0")
+        if hierarchical:
+            # Every rank reports the same transport, the leaders' choice included.
+            store.wait([f"{prefix}/leaders/native"])
+            native_agreed = store.get(f"{prefix}/leaders/native") == b"1"
+            self.name = "shm+native" if native_agreed else "shm+gloo"
         self._hook: _C.GuardHook | None = None
         self.shm.set_wait_logger(self._log_wait)
 

@@ -56,7 +56,8 @@ class TransportStats:
     """The guard exchange's counts and latencies."""
 
     name: str
-    """``gloo``, ``shm`` or ``shm+gloo`` (reported as ``transport``)."""
+    """``gloo``, ``shm``, ``shm+native`` or ``shm+gloo`` (reported as ``transport``): shared
+    memory within a host, then the native leaders' exchange or gloo's across hosts."""
 
     exchanges: int
     mixed_outcomes: int

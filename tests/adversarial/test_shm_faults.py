@@ -394,7 +394,7 @@ def test_leader_death_in_cross_host_step_is_noticed(tmp_path):
     assert res["error"] == "CollectiveTimeoutError", res
     assert "local rank 0 (rank 2) exited or crashed" in res["message"], res
     assert res["waited"] < 10, res
-    assert res["stats"]["transport"] == "shm+gloo"
+    assert res["stats"]["transport"] == "shm+native"
 
 
 @pytest.mark.multiproc

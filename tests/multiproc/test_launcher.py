@@ -92,7 +92,7 @@ def test_launcher_two_agents_multi_node(tmp_path):
     assert run.returncode == 0, run.output[-3000:]  # the worse of the two agents
     assert sorted(run.ranks) == [0, 1, 2, 3]
     assert {r["policy"] for r in run.ranks.values()} == {"warn"}
-    assert {r["stats"]["transport"] for r in run.ranks.values()} == {"shm+gloo"}
+    assert {r["stats"]["transport"] for r in run.ranks.values()} == {"shm+native"}
 
 
 def test_precedence_file_env_arguments(tmp_path):

@@ -112,7 +112,7 @@ def test_transports_agree_four_ranks_oversubscribed(tmp_path):
 @pytest.mark.timeout(400)
 def test_two_hosts_use_the_hierarchical_path(tmp_path):
     run = ranks.launch(HERE, "transports_agree", 5000, 5000, tmp=tmp_path, hosts=2, timeout=360)
-    _assert_agree(run, 4, 5000, 5000, "shm+gloo", 2)
+    _assert_agree(run, 4, 5000, 5000, "shm+native", 2)
     assert {run.rank(r)["local_world"] for r in range(4)} == {2}
 
 
@@ -122,7 +122,7 @@ def test_two_hosts_consistency_end_to_end(tmp_path):
     run = ranks.launch(CONSISTENCY, "divergent_shape", tmp=tmp_path, hosts=2, timeout=240)
     graphs = {run.rank(r)["graphs"] for r in range(4)}
     assert graphs == {2}
-    assert {run.rank(r)["stats"]["transport"] for r in range(4)} == {"shm+gloo"}
+    assert {run.rank(r)["stats"]["transport"] for r in range(4)} == {"shm+native"}
 
 
 def _leftovers(runs: list[dict[str, Any]]) -> list[str]:

@@ -192,11 +192,11 @@ def leader_fails(
 
 
 # -- tests -----------------------------------------------------------------------------
-def _check_agree(run: ranks.RankRun, world: int) -> None:
+def _check_agree(run: ranks.RankRun, world: int, transport: str = "shm+gloo") -> None:
     results = [run.rank(r) for r in range(world)]
     for res in results:
         assert res["ok"] and res["wrong"] == 0, res
-        assert res["transport"] == "shm+gloo"
+        assert res["transport"] == transport
         assert "different frames" in (res["divergence"] or ""), res
     assert len({res["verdicts"] for res in results}) == 1
     assert all(res["mixed"] > 0 for res in results), "some steps must mix hits and misses"
@@ -226,7 +226,7 @@ def test_leaders_agree(tmp_path, exchange, layout):
     run = ranks.launch(
         HERE, "leaders_agree", layout, exchange, steps, tmp=tmp_path, nproc=world, timeout=200
     )
-    _check_agree(run, world)
+    _check_agree(run, world, "shm+native" if exchange == "native" else "shm+gloo")
     sizes = [int(x) for x in layout.split(",")]
     leaders = [sum(sizes[:i]) for i in range(len(sizes))]
     for r in range(world):
@@ -344,7 +344,8 @@ def test_scale_emulation_writes_its_rows_and_leaves_no_process(tmp_path):
     assert set(doc) == {"machine", "calls", "pinned", "rows"} and doc["calls"] == 40
     assert set(doc["machine"]) == {"cores", "torch"}
     rows = {(r["hosts"], r["ranks_per_host"], r["delay_us"], r["mode"]): r for r in doc["rows"]}
-    at0 = ["gloo_allreduce", "ring_emulated", "doubling", "hier_doubling", "hier_allreduce"]
+    at0 = ["gloo_allreduce", "ring_emulated", "doubling", "native", "hier_doubling"]
+    at0 += ["hier_native", "hier_allreduce"]
     assert set(rows) == {
         *((2, 2, 0, m) for m in at0),
         *((2, 2, 300, m) for m in ["ring_emulated", "doubling", "hier_doubling"]),
