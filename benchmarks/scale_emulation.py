@@ -25,7 +25,7 @@ exchange:
   (``exchange/allreduce.DoublingExchange``);
 - ``native``: the native leaders' exchange alone (``exchange/native.NativeExchange``:
   authenticated TCP, rounds in C++ without the GIL; delay 0 only: its frames are not
-  held);
+  held); ``native_k2`` the same with radix 2 (ceil(log2 H) rounds of one partner);
 - ``hier_doubling`` / ``hier_native`` / ``hier_allreduce``: the whole per-call guard
   exchange through dynamo_dist's ShmTransport (shared memory within a host, then the
   leaders), timed directly on the C++ hook's ``exchange`` (what a compiled call's guard
@@ -67,6 +67,7 @@ MODES = [
     "ring_emulated",
     "doubling",
     "native",
+    "native_k2",
     "hier_doubling",
     "hier_native",
     "hier_allreduce",
@@ -287,6 +288,16 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
                 )
                 assert lg is None or native is not None, "native setup fell back"
                 modes.append(("native", (lambda f=native: f(word)) if native is not None else None))
+                # Radix 2: several rounds on few hosts, so the model can tell a round's
+                # cost from a partner's.
+                k2 = (
+                    native_or_none(
+                        store, f"scale_emulation/k{delay}", lg, leaders, timeout, 30e-6, 2
+                    )
+                    if lg is not None
+                    else None
+                )
+                modes.append(("native_k2", (lambda f=k2: f(word)) if k2 is not None else None))
             hooks.append(hooked("doubling"))
             modes.append(("hier_doubling", lambda h=hooks[-1][1]: h.exchange(True, 1000)))
             if delay == 0:

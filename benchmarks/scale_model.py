@@ -62,18 +62,20 @@ def doubling_hops(hosts: int) -> int:
     return int(math.log2(p)) + (2 if hosts > p else 0)
 
 
-def native_rounds(hosts: int) -> int:
-    """Rounds of the native leaders' exchange: ceil(log_k H), k = choose_radix(H)."""
+def _native_plan(hosts: int, radix: int | None = None) -> list[tuple[list[int], list[int]]]:
     from dynamo_dist.exchange.native import choose_radix, radix_plan
 
-    return len(radix_plan(hosts, 0, choose_radix(hosts))) if hosts > 1 else 0
+    return radix_plan(hosts, 0, radix or choose_radix(hosts)) if hosts > 1 else []
+
+
+def native_rounds(hosts: int) -> int:
+    """Rounds of the native leaders' exchange: ceil(log_k H), k = choose_radix(H)."""
+    return len(_native_plan(hosts))
 
 
 def native_partners(hosts: int) -> int:
     """Frames one leader sends (and receives) per exchange, over all rounds."""
-    from dynamo_dist.exchange.native import choose_radix, radix_plan
-
-    return sum(len(send) for send, _ in radix_plan(hosts, 0, choose_radix(hosts)))
+    return sum(len(send) for send, _ in _native_plan(hosts))
 
 
 HOPS: dict[str, Callable[[int], int]] = {
@@ -81,6 +83,7 @@ HOPS: dict[str, Callable[[int], int]] = {
     "ring_emulated": ring_hops,
     "doubling": doubling_hops,
     "native": native_rounds,
+    "native_k2": lambda h: len(_native_plan(h, 2)),
     "hier_allreduce": ring_hops,
     "hier_doubling": doubling_hops,
     "hier_native": native_rounds,
@@ -90,6 +93,7 @@ HOPS: dict[str, Callable[[int], int]] = {
 #: hop is one message, so m is part of c.
 PARTNERS: dict[str, Callable[[int], int]] = {
     "native": native_partners,
+    "native_k2": lambda h: sum(len(send) for send, _ in _native_plan(h, 2)),
     "hier_native": native_partners,
 }
 
@@ -121,11 +125,16 @@ def load_rows(paths: Iterable[Path]) -> list[dict]:
     return rows
 
 
+#: Rows measured with another radix that inform a mode's fit (same a, c and m).
+ALSO_FITS = {"native": ("native_k2",)}
+
+
 def fit(mode: str, rows: list[dict], fit_k: bool = False) -> Fit | None:
-    pts = [r for r in rows if r["mode"] == mode and r.get("median_us") is not None]
+    modes = (mode, *ALSO_FITS.get(mode, ()))
+    pts = [r for r in rows if r["mode"] in modes and r.get("median_us") is not None]
     if len(pts) < 2:
         return None
-    hops = np.array([HOPS[mode](int(r["hosts"])) for r in pts], dtype=float)
+    hops = np.array([HOPS[r["mode"]](int(r["hosts"])) for r in pts], dtype=float)
     delay = np.array([float(r["delay_us"]) for r in pts])
     y = np.array([float(r["median_us"]) for r in pts])
     with_delay = bool(np.any(delay > 0)) and len({float(d) for d in delay}) > 1
@@ -150,7 +159,7 @@ def _fit_partners(mode: str, pts: list[dict], hops: Any, delay: Any, y: Any) -> 
     and the constant cannot be told apart there: c is then taken as 0 (its cost lands in
     a), which under-predicts hosts beyond 8 by c per extra round; the check at H > 8
     shows by how much."""
-    msgs = np.array([PARTNERS[mode](int(r["hosts"])) for r in pts], dtype=float)
+    msgs = np.array([PARTNERS[r["mode"]](int(r["hosts"])) for r in pts], dtype=float)
     target = y - hops * delay
     if len({(float(h), float(m)) for h, m in zip(hops, msgs, strict=True)}) >= 3:
         x = np.stack([np.ones_like(hops), hops, msgs], axis=1)

@@ -409,14 +409,17 @@ def native_or_none(
     leader_ranks: list[int],
     timeout: float,
     busy_poll_s: float,
+    radix: int | None = None,
 ) -> NativeExchange | None:
     """The native exchange if every leader reached all its partners, else None for all.
 
     Collective over the leaders' group. One WARNING (from the first leader) names each
     host that could not connect, and why; the caller then uses recursive doubling.
+    ``radix`` overrides :func:`choose_radix` (the scale benchmark runs several rounds
+    on few hosts with it, to fit a round's cost apart from a partner's).
     """
     hosts, me = leaders_group.size(), leaders_group.rank()
-    plan = radix_plan(hosts, me, choose_radix(hosts))
+    plan = radix_plan(hosts, me, radix or choose_radix(hosts))
     conns: Connections | None = None
     why = ""
     try:

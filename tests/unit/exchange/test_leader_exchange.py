@@ -344,8 +344,8 @@ def test_scale_emulation_writes_its_rows_and_leaves_no_process(tmp_path):
     assert set(doc) == {"machine", "calls", "pinned", "rows"} and doc["calls"] == 40
     assert set(doc["machine"]) == {"cores", "torch"}
     rows = {(r["hosts"], r["ranks_per_host"], r["delay_us"], r["mode"]): r for r in doc["rows"]}
-    at0 = ["gloo_allreduce", "ring_emulated", "doubling", "native", "hier_doubling"]
-    at0 += ["hier_native", "hier_allreduce"]
+    at0 = ["gloo_allreduce", "ring_emulated", "doubling", "native", "native_k2"]
+    at0 += ["hier_doubling", "hier_native", "hier_allreduce"]
     assert set(rows) == {
         *((2, 2, 0, m) for m in at0),
         *((2, 2, 300, m) for m in ["ring_emulated", "doubling", "hier_doubling"]),
