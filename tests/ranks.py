@@ -159,6 +159,37 @@ def torchrun(
     )
 
 
+def _job_store(nproc: int) -> tuple[Any, int]:
+    """The job's store, hosted by this process as torchrun's agent hosts it: it outlives
+    any rank (ranks join as clients through ``TORCHELASTIC_USE_AGENT_STORE``)."""
+    import torch.distributed as dist
+
+    port = free_port()
+    return dist.TCPStore("127.0.0.1", port, nproc, is_master=True, wait_for_workers=False), port
+
+
+def _rank_env(port: int, nproc: int, rank: int, how: str, env: dict[str, str] | None) -> dict:
+    """What torchrun's agent puts in rank ``rank``'s environment on one host, then ``env``."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "ROLE_RANK": str(rank),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "GROUP_WORLD_SIZE": "1",
+        "ROLE_WORLD_SIZE": str(nproc),
+        "ROLE_NAME": "default",
+        "GROUP_RANK": "0",
+        "TORCHELASTIC_RESTART_COUNT": "0",
+        "TORCHELASTIC_MAX_RESTARTS": "0",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "TORCHELASTIC_RUN_ID": f"{how}-{port}",
+        **(env or {}),
+    }
+
+
 def agentless(
     script: Path | str,
     *args: str,
@@ -174,25 +205,12 @@ def agentless(
     ``TORCHELASTIC_USE_AGENT_STORE``), so the store outlives any rank and the survivors
     run to their end.
     """
-    import torch.distributed as dist
 
     _require_multiproc()
-    port = free_port()
-    server = dist.TCPStore("127.0.0.1", port, nproc, is_master=True, wait_for_workers=False)
-    common = {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "WORLD_SIZE": str(nproc),
-        "LOCAL_WORLD_SIZE": str(nproc),
-        "GROUP_RANK": "0",
-        "TORCHELASTIC_USE_AGENT_STORE": "True",
-        "TORCHELASTIC_RUN_ID": f"agentless-{port}",
-        **(env or {}),
-    }
+    server, port = _job_store(nproc)
     cmds = [[sys.executable, str(script), *args] for _ in range(nproc)]
     procs = [
-        _spawn(cmd, {**common, "RANK": str(r), "LOCAL_RANK": str(r)}, None)
-        for r, cmd in enumerate(cmds)
+        _spawn(cmd, _rank_env(port, nproc, r, "agentless", env), None) for r, cmd in enumerate(cmds)
     ]
     try:
         done = _collect(procs, timeout, f"{Path(script).name} {' '.join(args)} (no agent)")
@@ -271,32 +289,14 @@ def forked(
     to their end. Nearly every launch of the suite runs this way: starting three fresh
     interpreters that each import torch cost more CPU than most rank programs themselves.
     """
-    import torch.distributed as dist
 
     _require_multiproc()
-    port = free_port()
-    server = dist.TCPStore("127.0.0.1", port, nproc, is_master=True, wait_for_workers=False)
-    common = {
-        **_env(env),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "WORLD_SIZE": str(nproc),
-        "LOCAL_WORLD_SIZE": str(nproc),
-        "GROUP_WORLD_SIZE": "1",
-        "ROLE_WORLD_SIZE": str(nproc),
-        "ROLE_NAME": "default",
-        "GROUP_RANK": "0",
-        "TORCHELASTIC_RESTART_COUNT": "0",
-        "TORCHELASTIC_MAX_RESTARTS": "0",
-        "TORCHELASTIC_USE_AGENT_STORE": "True",
-        "TORCHELASTIC_RUN_ID": f"forked-{port}",
-        **(env or {}),
-    }
+    server, port = _job_store(nproc)
     ctx = _forkserver()
     logs = tempfile.mkdtemp(prefix="forked-")
     procs = []
     for r in range(nproc):
-        rank_env = {**common, "RANK": str(r), "LOCAL_RANK": str(r), "ROLE_RANK": str(r)}
+        rank_env = _env(_rank_env(port, nproc, r, "forked", env))
         log = os.path.join(logs, f"rank{r}.log")
         p = ctx.Process(target=_forked_rank, args=(str(script), list(args), rank_env, log))
         p.start()
