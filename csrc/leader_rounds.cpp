@@ -1,4 +1,5 @@
 #include "leader_rounds.h"
+#include "wait_common.h"
 
 #include <Python.h>
 #include <errno.h>
@@ -8,39 +9,20 @@
 #include <sys/socket.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <stdexcept>
 #include <string>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define DD_RELAX() _mm_pause()
-#elif defined(__aarch64__)
-#define DD_RELAX() asm volatile("yield" ::: "memory")
-#else
-#define DD_RELAX() \
-  do {             \
-  } while (0)
-#endif
 
 namespace dynamo_dist {
 
 namespace {
 
 constexpr size_t kFrameBytes = 16;
-// Blocking waits are sliced so that signal handlers (Ctrl-C, a preemption's
-// SIGTERM) run within this long, as in the shared-memory wait.
-constexpr double kSignalCheckS = 0.05;
 // How long one failure notice may wait for room in a socket's send buffer. A
 // 16-byte frame fits an idle connection's buffer at once; a peer that stopped
 // reading must not hold the failing leader up.
 constexpr double kNoticeWriteS = 0.1;
-
-double now_s() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
-}
 
 void encode(uint64_t seq, uint64_t word, uint8_t* out) {
   for (int i = 0; i < 8; ++i) {
@@ -136,8 +118,7 @@ LeaderRounds::LeaderRounds(int me, int hosts, std::vector<Round> rounds, std::ma
   pending_.reserve(widest);
   pollfds_.reserve(widest);
   notified_.assign(static_cast<size_t>(hosts), 0);
-  main_thread_ = py::module_::import("threading").attr("main_thread")().attr("ident")
-                     .cast<unsigned long>();
+  main_thread_ = python_main_thread();
 }
 
 bool LeaderRounds::on_main_thread() const { return PyThread_get_thread_ident() == main_thread_; }
@@ -308,7 +289,7 @@ LeaderRounds::Step LeaderRounds::wait(Call& c, const int* hosts, size_t n, short
   if (t < busy_until) {
     // A peer's frame is often microseconds away: a poll() sleep and wake-up
     // would cost more than it saves.
-    DD_RELAX();
+    DD_PAUSE();
   } else {
     pollfds_.clear();
     for (size_t i = 0; i < n; ++i) {

@@ -1,4 +1,5 @@
 #include "shm_exchange.h"
+#include "wait_common.h"
 
 #include <Python.h>
 #include <errno.h>
@@ -12,22 +13,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define DD_PAUSE() _mm_pause()
-#elif defined(__aarch64__)
-#define DD_PAUSE() asm volatile("yield" ::: "memory")
-#else
-#define DD_PAUSE() \
-  do {             \
-  } while (0)
-#endif
 
 namespace dynamo_dist {
 
@@ -44,7 +34,6 @@ constexpr double kSpinSecondsDedicated = 200e-6;
 constexpr double kSpinSecondsOversubscribed = 2e-6;
 constexpr int kYieldIters = 64;  // then let a descheduled peer run on our core
 constexpr long kSleepSliceNs = 50 * 1000 * 1000;  // futex slices: liveness checks
-constexpr double kSignalCheckS = 0.05;  // pending signals are run at least this often
 
 struct alignas(64) Header {
   uint64_t magic;
@@ -94,11 +83,6 @@ inline uint32_t lease_word(const Lease& l) {
 long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const struct timespec* ts) {
   // Not FUTEX_PRIVATE: the word lives in memory shared between processes.
   return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, val, ts, nullptr, 0);
-}
-
-double now_s() {
-  using namespace std::chrono;
-  return duration<double>(steady_clock::now().time_since_epoch()).count();
 }
 
 uint64_t pid_namespace() {
@@ -160,8 +144,7 @@ ShmExchange::ShmExchange(const std::string& name, bool create, int local_rank, i
   }
   size_ = segment_size(local_world);
   set_cpus(affinity_cpus());  // refined by the Python side with the other ranks' masks
-  main_thread_ = py::module_::import("threading").attr("main_thread")().attr("ident")
-                     .cast<unsigned long>();
+  main_thread_ = python_main_thread();
   pidns_ = pid_namespace();
   int fd = shm_open(name.c_str(), create ? (O_CREAT | O_EXCL | O_RDWR) : O_RDWR, 0600);
   if (fd < 0) {
