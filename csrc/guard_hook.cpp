@@ -14,6 +14,9 @@
 #endif
 
 #include <atomic>
+#include <cstddef>
+#include <cstring>
+#include <new>
 #include <chrono>
 #include <unordered_map>
 #include <unordered_set>
@@ -291,68 +294,184 @@ void set_pending_error(py::object err) {
 }
 
 namespace {
-// The exit callables RegionEnter and PendingCheck return, created once at module
-// init (not as function-local statics: their first use could otherwise race).
-py::object* region_exit_obj = nullptr;
-py::object* noop_exit_obj = nullptr;
+// Dynamo calls these on every compiled call: the enter hooks (pending_check, a
+// RegionEnter), their exits, and the Router after every guard evaluation. They are
+// plain CPython objects with vectorcall, not pybind11 classes, whose dispatch (argument
+// casters, overload records, instance lookup) cost about 60 ns per call, three times a call.
 
-// Plain CPython functions, not pybind11 ones: they run on every compiled call, and
-// pybind11's dispatch costs a few hundred nanoseconds per call.
-PyObject* noop_exit_fn(PyObject*, PyObject*) { Py_RETURN_NONE; }
-
-PyObject* pending_check_fn(PyObject*, PyObject*) {
+// Sets the pending exception: a fresh one each time, chained to the kept one
+// (_errors.pending); re-raising the same object would grow its traceback on every call
+// and keep those frames alive. Returns nullptr, for returning straight to Python.
+PyObject* raise_pending() {
   try {
-    return PendingCheck().call().release().ptr();
+    py::object fresh = py::module_::import("dynamo_dist._errors").attr("pending")(sticky_error());
+    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(fresh.ptr())), fresh.ptr());
   } catch (py::error_already_set& e) {
     e.restore();
-    return nullptr;
   }
+  return nullptr;
+}
+
+PyObject* noop_exit_fn(PyObject*, PyObject*) { Py_RETURN_NONE; }
+
+PyObject* region_exit_fn(PyObject*, PyObject*) {
+  if (!region_stack.empty()) region_stack.pop_back();
+  Py_RETURN_NONE;
 }
 
 PyMethodDef noop_exit_def = {"noop_exit", noop_exit_fn, METH_NOARGS, nullptr};
+PyMethodDef region_exit_def = {"region_exit", region_exit_fn, METH_NOARGS,
+                               "Leaves the innermost compiled region (RegionEnter's exit)."};
+// Created once at module init, not as function-local statics whose first use could race.
+PyObject* noop_exit_obj = nullptr;
+PyObject* region_exit_obj = nullptr;
+
+// The first enter hook of every adopted context (guard_hook.h: add_call_objects).
+PyObject* pending_check_fn(PyObject*, PyObject*) {
+  if (sticky_error()) return raise_pending();
+  Py_INCREF(noop_exit_obj);
+  return noop_exit_obj;
+}
+
 PyMethodDef pending_check_def = {
     "pending_check", pending_check_fn, METH_NOARGS,
     "Dynamo enter hook, inserted first: raises the error kept from a failed exchange."};
-}  // namespace
 
-void init_exit_objects() {
-  if (region_exit_obj == nullptr) {
-    region_exit_obj = new py::object(py::cast(RegionExit()));
-    noop_exit_obj = new py::object(
-        py::reinterpret_steal<py::object>(PyCFunction_New(&noop_exit_def, nullptr)));
+// _C.Router(): the installed guard-complete hook, called with one bool.
+struct RouterObject {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+};
+
+PyObject* router_vectorcall(PyObject*, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  if (PyVectorcall_NARGS(nargsf) != 1 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError, "Router(hit): one positional bool");
+    return nullptr;
   }
+  const int hit = PyObject_IsTrue(args[0]);
+  if (hit < 0) return nullptr;
+  return PyBool_FromLong(route(hit != 0));
 }
 
-py::object pending_check_function() {
-  return py::reinterpret_steal<py::object>(PyCFunction_New(&pending_check_def, nullptr));
-}
-
-py::object PendingCheck::call() {
-  if (sticky_error()) {
-    // A fresh exception each time, chained to the kept one: re-raising the same
-    // object would grow its traceback on every call and keep those frames alive.
-    py::object fresh = py::module_::import("dynamo_dist._errors").attr("pending")(sticky_error());
-    PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(fresh.ptr())), fresh.ptr());
-    throw py::error_already_set();
+PyObject* router_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  if (PyTuple_GET_SIZE(args) != 0 || (kwargs != nullptr && PyDict_GET_SIZE(kwargs) != 0)) {
+    PyErr_SetString(PyExc_TypeError, "Router() takes no arguments");
+    return nullptr;
   }
-  return *noop_exit_obj;
+  auto* self = reinterpret_cast<RouterObject*>(type->tp_alloc(type, 0));
+  if (self != nullptr) self->vectorcall = router_vectorcall;
+  return reinterpret_cast<PyObject*>(self);
 }
 
-RegionEnter::RegionEnter(int64_t region, GuardHook* hook) : region_(region), hook_(hook) {}
+// _C.RegionEnter(region, hook=None): the enter hook that marks one compiled region.
+struct RegionEnterObject {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  int64_t region;
+  GuardHook* hook;  // nullptr: nobody to agree with
+  PyObject* hook_owner;  // the Python GuardHook, kept alive while this object lives
+};
 
-py::object RegionEnter::call() {
-  // In contexts dynamo_dist.compile adopted, PendingCheck (the first enter hook)
+PyObject* region_enter_vectorcall(PyObject* self, PyObject* const*, size_t nargsf,
+                                  PyObject* kwnames) {
+  if (PyVectorcall_NARGS(nargsf) != 0 || (kwnames != nullptr && PyTuple_GET_SIZE(kwnames) != 0)) {
+    PyErr_SetString(PyExc_TypeError, "RegionEnter() takes no arguments");
+    return nullptr;
+  }
+  // In contexts dynamo_dist.compile adopted, pending_check (the first enter hook)
   // raises the sticky error before Dynamo's other enter hooks run; this is a backstop
   // for contexts without it.
-  if (sticky_error()) return PendingCheck().call();
-  region_stack.push_back(RegionFrame{region_, hook_});
-  return *region_exit_obj;
+  if (sticky_error()) return raise_pending();
+  auto* me = reinterpret_cast<RegionEnterObject*>(self);
+  try {
+    region_stack.push_back(RegionFrame{me->region, me->hook});
+  } catch (const std::bad_alloc&) {
+    return PyErr_NoMemory();
+  }
+  Py_INCREF(region_exit_obj);
+  return region_exit_obj;
 }
 
-void RegionExit::call() {
-  if (!region_stack.empty()) {
-    region_stack.pop_back();
+PyObject* region_enter_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  static const char* names[] = {"region", "hook", nullptr};
+  long long region = 0;
+  PyObject* hook = Py_None;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "L|O:RegionEnter", const_cast<char**>(names),
+                                   &region, &hook)) {
+    return nullptr;
   }
+  GuardHook* ptr = nullptr;
+  if (hook != Py_None) {
+    try {
+      ptr = py::handle(hook).cast<GuardHook*>();
+    } catch (const py::cast_error&) {
+      PyErr_SetString(PyExc_TypeError, "RegionEnter: hook must be a GuardHook or None");
+      return nullptr;
+    }
+  }
+  auto* self = reinterpret_cast<RegionEnterObject*>(type->tp_alloc(type, 0));
+  if (self == nullptr) return nullptr;
+  self->vectorcall = region_enter_vectorcall;
+  self->region = region;
+  self->hook = ptr;
+  self->hook_owner = hook == Py_None ? nullptr : hook;
+  Py_XINCREF(self->hook_owner);
+  return reinterpret_cast<PyObject*>(self);
+}
+
+void region_enter_dealloc(PyObject* self) {
+  Py_XDECREF(reinterpret_cast<RegionEnterObject*>(self)->hook_owner);
+  Py_TYPE(self)->tp_free(self);
+}
+
+PyObject* region_enter_get_region(PyObject* self, void*) {
+  return PyLong_FromLongLong(reinterpret_cast<RegionEnterObject*>(self)->region);
+}
+
+PyGetSetDef region_enter_getset[] = {
+    {"region", region_enter_get_region, nullptr, "The compiled region's id.", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+
+PyTypeObject router_type = {PyVarObject_HEAD_INIT(nullptr, 0)};
+PyTypeObject region_enter_type = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+void add_type(py::module_& m, PyTypeObject* t) {
+  if (PyType_Ready(t) < 0) throw py::error_already_set();
+  Py_INCREF(t);
+  m.add_object(t->tp_name + std::strlen("dynamo_dist._C."), py::reinterpret_steal<py::object>(
+                                                               reinterpret_cast<PyObject*>(t)));
+}
+}  // namespace
+
+void add_call_objects(py::module_& m) {
+  noop_exit_obj = PyCFunction_New(&noop_exit_def, nullptr);
+  region_exit_obj = PyCFunction_New(&region_exit_def, nullptr);
+  if (noop_exit_obj == nullptr || region_exit_obj == nullptr) throw py::error_already_set();
+  m.add_object("pending_check", py::reinterpret_steal<py::object>(
+                                    PyCFunction_New(&pending_check_def, nullptr)));
+  m.add_object("region_exit", py::reinterpret_borrow<py::object>(region_exit_obj));
+
+  router_type.tp_name = "dynamo_dist._C.Router";
+  router_type.tp_doc = "The installed guard-complete hook: Router()(hit) routes to the "
+                       "innermost region's GuardHook and returns the agreed verdict.";
+  router_type.tp_basicsize = sizeof(RouterObject);
+  router_type.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  router_type.tp_vectorcall_offset = offsetof(RouterObject, vectorcall);
+  router_type.tp_call = PyVectorcall_Call;
+  router_type.tp_new = router_new;
+  add_type(m, &router_type);
+
+  region_enter_type.tp_name = "dynamo_dist._C.RegionEnter";
+  region_enter_type.tp_doc = "RegionEnter(region, hook=None): Dynamo enter hook marking one "
+                             "compiled region; calling it returns region_exit.";
+  region_enter_type.tp_basicsize = sizeof(RegionEnterObject);
+  region_enter_type.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  region_enter_type.tp_vectorcall_offset = offsetof(RegionEnterObject, vectorcall);
+  region_enter_type.tp_call = PyVectorcall_Call;
+  region_enter_type.tp_new = region_enter_new;
+  region_enter_type.tp_dealloc = region_enter_dealloc;
+  region_enter_type.tp_getset = region_enter_getset;
+  add_type(m, &region_enter_type);
 }
 
 GuardHook::GuardHook(py::object exchange) : exchange_(std::move(exchange)) {}
@@ -472,7 +591,7 @@ py::dict GuardHook::counters() const {
   return d;
 }
 
-bool Router::call(bool hit) {
+bool route(bool hit) {
   if (region_stack.empty() || local_depth_ > 0 || region_stack.back().hook == nullptr) {
     return hit;
   }

@@ -89,38 +89,17 @@ void set_code_classifier(py::object fn);
 py::object pending_error();
 void set_pending_error(py::object err);
 
-// Creates the shared exit objects; called once from the module's init.
-void init_exit_objects();
-// PendingCheck::call as a plain CPython function (_C.pending_check).
-py::object pending_check_function();
-
-// The first enter hook of every adopted Dynamo context: raises the sticky error
-// (a fresh exception chained to it, _errors.pending) before any other enter hook
-// has run, so nothing is left applied when it raises. Its exit is a no-op.
-class PendingCheck {
- public:
-  py::object call();
-};
-
-// Region stack: dynamo_dist.compile appends a RegionEnter to the Dynamo
-// context's enter/exit hooks, so every call of a compiled function pushes its
-// region id for the duration of the call.
-// Each entry names the channel (a GuardHook, one per group of ranks) that
-// exchanges the region's guard results; the installed Router dispatches to it.
-class RegionEnter {
- public:
-  RegionEnter(int64_t region, GuardHook* hook);
-  py::object call();
-
- private:
-  int64_t region_;
-  GuardHook* hook_;  // kept alive by the Python RegionEnter (keep_alive)
-};
-
-class RegionExit {
- public:
-  void call();
-};
+// Adds the objects Dynamo calls on every compiled call to the module, as plain CPython
+// objects (vectorcall types and functions, not pybind11 classes, whose dispatch costs
+// about 60 ns per call):
+// - pending_check: the first enter hook of every adopted Dynamo context; raises the
+//   sticky error (a fresh exception chained to it, _errors.pending) before any other
+//   enter hook has run, so nothing is left applied when it raises. Its exit is a no-op.
+// - RegionEnter(region, hook=None): appended to a compiled function's enter hooks; pushes
+//   the region and its group's GuardHook on this thread's region stack for the call, and
+//   returns region_exit, which pops it.
+// - Router(): the hook installed with set_guard_complete_hook; calls route().
+void add_call_objects(py::module_& m);
 
 // The hook object installed with set_guard_complete_hook.
 class GuardHook {
@@ -177,12 +156,9 @@ class GuardHook {
   bool released_ = false;
 };
 
-// The one hook installed into Dynamo: routes each guard result to the channel
-// of the innermost compiled region on this thread; passes results through
+// The one hook installed into Dynamo (_C.Router): routes each guard result to the
+// GuardHook of the innermost compiled region on this thread; passes results through
 // outside regions and inside dynamo_dist.local().
-class Router {
- public:
-  bool call(bool hit);
-};
+bool route(bool hit);
 
 }  // namespace dynamo_dist

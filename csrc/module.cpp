@@ -103,18 +103,7 @@ PYBIND11_MODULE(_C, m) {
            "Dynamo's entry point: returns the verdict agreed by all ranks (False forces a recompile).")
       .def("counters", &GuardHook::counters, "This rank's hook counters as a dict.");
 
-  py::class_<Router>(m, "Router",
-                     "The installed guard-complete hook: routes to the innermost region's channel.")
-      .def(py::init<>())
-      .def("__call__", &Router::call, py::arg("hit"));
-
-  py::class_<RegionEnter>(m, "RegionEnter", "Dynamo enter/exit hook that marks a compiled region.")
-      .def(py::init<int64_t, GuardHook*>(), py::arg("region"), py::arg("hook") = nullptr,
-           py::keep_alive<1, 3>())
-      .def("__call__", &RegionEnter::call);
-  py::class_<RegionExit>(m, "RegionExit").def("__call__", &RegionExit::call);
-  init_exit_objects();
-  m.attr("pending_check") = pending_check_function();
+  add_call_objects(m);  // Router, RegionEnter, region_exit, pending_check
 
   m.def("pending_error", &pending_error,
         "The exception kept from a failed exchange (raised on the next compiled call), or None.");

@@ -38,7 +38,7 @@ constexpr long kSleepSliceNs = 50 * 1000 * 1000;  // futex slices: liveness chec
 struct alignas(64) Header {
   uint64_t magic;
   int32_t local_world;
-  alignas(64) std::atomic<uint32_t> gen;  // futex word, bumped on every post
+  alignas(64) std::atomic<uint32_t> gen;  // futex word, bumped by a post while someone sleeps
   std::atomic<int32_t> sleepers;
   alignas(64) std::atomic<uint64_t> verdict_seq;
   uint64_t verdict[2];
@@ -295,8 +295,13 @@ void ShmExchange::unlink() { shm_unlink(name_.c_str()); }
 
 void ShmExchange::notify() {
   Header* h = header(base_);
-  h->gen.fetch_add(1, std::memory_order_seq_cst);
+  // A waiter counts itself in `sleepers` before its last look at what it waits for, and
+  // this fence orders our post before our read of `sleepers` (Dekker's pattern): a
+  // waiter not counted here sees our post. So the futex word changes only when someone
+  // may sleep on it, and a hit with spinning peers writes no line every rank shares.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
   if (h->sleepers.load(std::memory_order_seq_cst) > 0) {
+    h->gen.fetch_add(1, std::memory_order_seq_cst);
     futex(&h->gen, FUTEX_WAKE, INT32_MAX, nullptr);
   }
 }
@@ -336,6 +341,7 @@ ExchangeResult ShmExchange::wait_for(uint64_t seq, Ready ready, Watch watch, int
     while (true) {
       uint32_t g = h->gen.load(std::memory_order_seq_cst);
       h->sleepers.fetch_add(1, std::memory_order_seq_cst);
+      std::atomic_thread_fence(std::memory_order_seq_cst);  // pairs with notify()'s
       if (ready()) {
         h->sleepers.fetch_sub(1, std::memory_order_seq_cst);
         return res;
