@@ -238,8 +238,33 @@ class Connections:
 
     def close(self) -> None:
         for s in self.sockets.values():
-            with contextlib.suppress(OSError):
-                s.close()
+            close_gracefully(s)
+
+
+_DRAIN_LIMIT = 1 << 20
+
+
+def close_gracefully(sock: socket.socket) -> None:
+    """Close ``sock`` with a FIN, never a reset, without waiting.
+
+    After a failed exchange a peer's frames can sit unread in our receive buffer, and
+    Linux closes such a socket with an RST that discards what we have not sent yet: the
+    failure notice a partner needs to name the cause would be lost, and the partner see
+    "exited" instead. Reading what has arrived first (up to ``_DRAIN_LIMIT``, non-blocking)
+    and shutting down our side lets the notice go out, then the FIN.
+    """
+    with contextlib.suppress(OSError):
+        sock.setblocking(False)
+        drained = 0
+        while drained < _DRAIN_LIMIT:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
 _NO_ADDRESS = "-"

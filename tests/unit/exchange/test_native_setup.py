@@ -246,3 +246,34 @@ def test_strangers_flooding_the_listener_do_not_stop_the_leaders(
         for c in out.values():
             c.close()
         del server
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    return a, b
+
+
+def test_closing_after_a_failure_keeps_the_notice_and_ends_with_a_fin() -> None:
+    # A failed leader may close with a partner's frames unread: a plain close() would
+    # reset the connection, and its partner see "connection reset" instead of EOF after
+    # the notice (or lose the notice, if it was still queued here).
+    for graceful, expect in ((False, ConnectionResetError), (True, None)):
+        failed, partner = _tcp_pair()
+        partner.sendall(b"frame of a round nobody reads" * 10)
+        time.sleep(0.05)  # the frames have arrived, unread
+        failed.sendall(b"NOTICE")
+        if graceful:
+            N.close_gracefully(failed)
+        else:
+            failed.close()
+        time.sleep(0.05)
+        partner.settimeout(5)
+        assert partner.recv(6) == b"NOTICE"
+        if expect is None:
+            assert partner.recv(1) == b""  # a FIN
+        else:
+            with pytest.raises(expect):
+                partner.recv(1)
+        partner.close()
