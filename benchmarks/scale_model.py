@@ -313,6 +313,14 @@ def store_model(ranks: int, per_host: int, out: dict) -> None:
     rows = [
         # (mechanism, when, ops a second now, before this change)
         ("status board writes", "always", ranks / interval, ranks / old_interval),
+        # exchange/watch.py: readers read the board (check + multi_get), the others one
+        # counter (add), once a write period each (new: before it, nothing watched).
+        (
+            "stall watch",
+            "always",
+            (2 * readers + (ranks - readers)) / interval,
+            0.0,
+        ),
         # Before: one look per pass of the follower loop (every 20-500 ms).
         ("'has a rank said no' peeks", "followers waiting for a leader", peeks, ranks * 2.0),
         # Before: every rank polled the count every 5-200 ms until the slowest arrived.
@@ -327,9 +335,9 @@ def store_model(ranks: int, per_host: int, out: dict) -> None:
         out["store"]["rows"].append(
             {"mechanism": name, "when": when, "ops_per_s": now, "before_ops_per_s": before}
         )
-    # The board always writes; a rank waits in at most one of the others at a time.
-    steady = rows[0][2] + max(r[2] for r in rows[1:])
-    before = rows[0][3] + max(r[3] for r in rows[1:])
+    # The board and its watch always run; a rank waits in at most one of the others at a time.
+    steady = rows[0][2] + rows[1][2] + max(r[2] for r in rows[2:])
+    before = rows[0][3] + rows[1][3] + max(r[3] for r in rows[2:])
     print(f"{'worst sustained total':30} {'':34} {steady:10.0f} {before:10.0f}   limit 1000")
     agree_ops = 3 * ranks + 1
     print(

@@ -126,6 +126,16 @@ class Config:
     each missing rank last was, and the fix (``dynamo_dist.local()`` or ``group=``). The
     ``waiting Ns`` progress lines (``wait_log_interval``) go on until the timeout."""
 
+    stall_abort: bool = _key(
+        False, flag="--stall-abort", help="end the job when a rank stops (exit status 75)"
+    )
+    """When a rank's status has not changed for ``stall_warning`` plus two heartbeats
+    (stopped, in a debugger, swapping, holding the GIL), the rank that finds it writes the
+    job report and ends its process with exit status 75, so the launcher ends the job.
+    Off: it warns, every ``wait_log_interval``, and the job waits (torch's collectives until
+    their own timeout). The rank's main thread may be blocked inside torch's C++, where
+    no exception can reach it: ending the process is the only sure way out."""
+
     log_level: LogLevel = _key("WARNING", env="DYNAMO_DIST_LOG")
     """Level of the ``dynamo_dist`` logger."""
 

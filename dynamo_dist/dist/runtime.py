@@ -12,6 +12,8 @@ assembles its typed stats (``_stats``), totals and per group. Intercepting
 from __future__ import annotations
 
 import atexit
+import logging
+import os
 from typing import Any
 
 import torch.distributed as dist
@@ -33,6 +35,7 @@ from dynamo_dist.exchange.record import MixedSlot
 from dynamo_dist.exchange.shm import ShmTransport, ShmUnavailable, topology
 from dynamo_dist.exchange.stats import Counts, GroupStats, HookCounters, RuntimeStats, Stats, TransportStats
 from dynamo_dist.exchange.status import StatusBoard
+from dynamo_dist.exchange.watch import STALL_EXIT_CODE, Stale, StallWatch
 from dynamo_dist.dist.store import open_store, refused_count
 
 log = get_logger("runtime")
@@ -156,6 +159,15 @@ class Runtime:
         )
         if self.board is not None:
             self.board.in_local = lambda: _C.local_active_threads() > 0
+            watch = StallWatch(
+                self.board,
+                self.rank,
+                self.world_size,
+                cfg.stall_warning,
+                cfg.wait_log_interval,
+                self._end_stalled_job if cfg.stall_abort else None,
+            )
+            self.board.ticks.append(watch.tick)
         self.groups: dict[tuple[int, ...], Group] = {}
         self.router = _C.Router()
         self._previous_hook = dynamo_hook.install(self.router)
@@ -188,6 +200,32 @@ class Runtime:
                 wait_s=min(self.cfg.timeout, 30.0),
                 path=self.cfg.report,
             )
+
+    def _end_stalled_job(self, stale: list[Stale]) -> None:
+        """``stall_abort``: write the job report and end this process (on the board's thread).
+
+        The main thread may be blocked in torch's C++ (a collective waiting for the stale
+        rank), where no exception reaches it; ending the process lets the launcher end
+        the job (torchrun stops the other ranks, the stopped one included).
+        """
+        log.error(
+            "stall_abort: ending rank %d with exit status %d, as rank(s) %s stopped; the "
+            "launcher ends the job",
+            self.rank,
+            STALL_EXIT_CODE,
+            ", ".join(str(s.rank) for s in stale),
+        )
+        try:
+            tools_report.write_stall_report(
+                self.rank,
+                self.world_size,
+                self.stats().as_dict(),
+                [{"rank": s.rank, "silent_s": round(s.silent_s, 1), **s.record} for s in stale],
+                self.cfg.report,
+            )
+        finally:
+            logging.shutdown()
+            os._exit(STALL_EXIT_CODE)
 
     def stats(self) -> Stats:
         """This rank's typed stats record: totals over its groups, each group, the cache."""

@@ -22,6 +22,7 @@ EVENTS = (
     "divergence",  # ranks disagree on what they guard, or strict policy refused a miss
     "stall",  # an exchange timed out or a peer died
     "stall_warning",  # an exchange has waited long (before it times out): who is missing
+    "rank_stalled",  # a rank stopped publishing its status (stopped, stuck): who and where
     "cache_load",  # an entry was verified and installed
     "cache_publish",  # a leader published an entry
     "cache_refusal",  # an entry failed verification

@@ -10,6 +10,8 @@ path never touches the board.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +23,7 @@ from dynamo_dist.dist import store as dist_store
 log = get_logger("status")
 
 _PREFIX = "dynamo_dist/status/"
+_HOST = socket.gethostname()
 # One TCPStore serves the whole job, so the board's load on it is bounded job-wide,
 # not per rank: publishing slows down as the job grows (at most about this many
 # writes a second in total), and only about this many ranks read the whole board
@@ -101,6 +104,9 @@ class StatusBoard:
                 "channels": groups,
                 "local": in_local,
                 "state": self._state,
+                # Where to find it: the stall watch names a stopped rank by these.
+                "host": _HOST,
+                "pid": os.getpid(),
                 "time": time.time(),
             }
         )

@@ -74,7 +74,14 @@ def format_table(report: dict[str, Any]) -> str:
     lines.extend(_group_lines(by_rank))
     missing = report.get("missing") or []
     head = f"dynamo_dist job report ({report.get('world_size', len(by_rank))} ranks)"
-    if missing:
+    stalled = report.get("stalled") or []
+    if stalled:
+        head += f"; ended by rank {report.get('ended_by')} (stall_abort): " + "; ".join(
+            f"rank {s.get('rank')} (host {s.get('host', '?')}, pid {s.get('pid', '?')}) "
+            f"silent for {s.get('silent_s', '?')}s at exchange #{s.get('seq', '?')}"
+            for s in stalled
+        )
+    elif missing:
         head += f"; no report from ranks {missing} (exited early or crashed)"
     return head + "\n" + "\n".join(lines)
 
@@ -166,16 +173,46 @@ def publish_and_collect(
         "missing": [r for r in range(world_size) if str(r) not in by_rank],
     }
     log.info("%s", format_table(report))
-    if path:
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            tmp = f"{path}.tmp.{os.getpid()}"
-            with open(tmp, "w") as fh:
-                json.dump(report, fh, indent=2, default=str)
-            os.replace(tmp, path)
-        except OSError as e:
-            log.warning("could not write the job report to %s: %s; the table above has it", path, e)
+    _write(report, path)
     return report
+
+
+def write_stall_report(
+    rank: int,
+    world_size: int,
+    stats: dict[str, Any],
+    stalled: list[dict[str, Any]],
+    path: str | None,
+) -> dict[str, Any]:
+    """The report of a job ended by ``stall_abort``: this rank's stats and the stalled ranks.
+
+    The other ranks cannot publish theirs (they wait for the stalled rank, in a
+    collective), so the report has one rank's row, and the stalled ranks as the cause.
+    """
+    report = {
+        "world_size": world_size,
+        "created": time.time(),
+        "ranks": {str(rank): with_derived(stats)},
+        "missing": [r for r in range(world_size) if r != rank],
+        "stalled": stalled,
+        "ended_by": rank,
+    }
+    log.error("%s", format_table(report))
+    _write(report, path)
+    return report
+
+
+def _write(report: dict[str, Any], path: str | None) -> None:
+    if not path:
+        return
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as fh:
+            json.dump(report, fh, indent=2, default=str)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not write the job report to %s: %s; the table above has it", path, e)
 
 
 def load(path: str) -> dict[str, Any]:

@@ -1,0 +1,182 @@
+"""The stall watch names a rank whose status record stopped changing.
+
+Real TCPStore and StatusBoard; the stopped rank is a record written by hand that never
+changes again (what a SIGSTOPped rank's board looks like), and the watch's clock is
+driven by the test, so nothing here waits for real time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import torch.distributed as dist
+from test_store_load import CountingStore
+
+from dynamo_dist.exchange.status import StatusBoard
+from dynamo_dist.exchange.watch import Stale, StallWatch
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def store() -> Any:
+    return dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=30))
+
+
+def _record(stamp: float, state: str = "running") -> str:
+    return json.dumps(
+        {
+            "seq": 7,
+            "frame": "step (train.py:12)",
+            "group": "world",
+            "state": state,
+            "time": stamp,
+            "host": "node-b",
+            "pid": 4242,
+        }
+    )
+
+
+def _watch(store: Any, rank: int, world: int, clock: Clock, aborts: list | None = None) -> Any:
+    # A board whose own thread never ticks (an hour): the test calls tick() itself.
+    board = StatusBoard(store, rank, world, 3600.0, str)
+    board.interval, board.tick_interval = 1.0, 1.0  # 1 s write periods, as if configured
+    on_abort = aborts.append if aborts is not None else None
+    watch = StallWatch(board, rank, world, 2.0, 10.0, on_abort, clock=clock)
+    return board, watch
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_stopped_rank_is_named_once_then_every_wait_log_interval(
+    store: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dynamo_dist")
+    clock = Clock()
+    board, watch = _watch(store, 0, 2, clock)
+    try:
+        assert watch.reader and watch.stale_after == pytest.approx(2.0 + 2 * 3.0)
+        store.set("dynamo_dist/status/1", _record(1.0))
+        watch.tick()
+        clock.now += watch.stale_after - 1
+        watch.tick()
+        assert not _warnings(caplog)  # silent, but not for long enough yet
+        clock.now += 2
+        watch.tick()
+        (line,) = _warnings(caplog)
+        assert "rank 1 (host node-b, pid 4242) has not published its status" in line
+        assert "exchange #7 of group world at step (train.py:12)" in line
+        assert "kill -CONT 4242" in line and "stall_abort" in line
+        clock.now += 5
+        watch.tick()
+        assert len(_warnings(caplog)) == 1  # not before wait_log_interval (10 s)
+        clock.now += 5
+        watch.tick()
+        assert len(_warnings(caplog)) == 2
+        # It resumes: one line says so, and no more warnings.
+        store.set("dynamo_dist/status/1", _record(2.0))
+        clock.now += 1
+        watch.tick()
+        assert "rank 1 publishes its status again" in _warnings(caplog)[-1]
+        clock.now += 30
+        store.set("dynamo_dist/status/1", _record(3.0))
+        watch.tick()
+        assert len(_warnings(caplog)) == 3
+    finally:
+        board.close()
+
+
+def test_ranks_that_exited_or_keep_publishing_are_never_named(
+    store: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="dynamo_dist")
+    clock = Clock()
+    board, watch = _watch(store, 0, 3, clock)
+    try:
+        store.set("dynamo_dist/status/1", _record(1.0, state="exited"))
+        for step in range(20):
+            store.set("dynamo_dist/status/2", _record(float(step)))  # a live rank
+            clock.now += 2
+            watch.tick()
+        assert not _warnings(caplog)
+    finally:
+        board.close()
+
+
+def test_stall_abort_hands_the_stopped_ranks_over(store: Any) -> None:
+    clock = Clock()
+    aborts: list[list[Stale]] = []
+    board, watch = _watch(store, 0, 2, clock, aborts)
+    try:
+        store.set("dynamo_dist/status/1", _record(1.0))
+        watch.tick()
+        clock.now += watch.stale_after + 1
+        watch.tick()
+        ((stale,),) = aborts
+        assert stale.rank == 1 and stale.record["pid"] == 4242
+    finally:
+        board.close()
+
+
+def test_ranks_that_do_not_read_the_board_name_their_reader(
+    store: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 130 ranks: every 3rd reads the board. Rank 1 reads one counter a write period.
+    caplog.set_level(logging.WARNING, logger="dynamo_dist")
+    clock = Clock()
+    counts: Counter[str] = Counter()
+    reader_board, reader = _watch(store, 0, 130, clock)
+    other_board, other = _watch(CountingStore(store, counts), 1, 130, clock)
+    try:
+        assert reader.reader and not other.reader
+        for r in range(1, 130):
+            store.set(f"dynamo_dist/status/{r}", _record(1.0))
+        other.tick()  # the first look only learns how many notices are old
+        reader.tick()
+        counts.clear()
+        clock.now += reader.stale_after + 1
+        reader.tick()
+        other.tick()
+        assert counts == Counter({"add": 1, "get": 1})
+        lines = [w for w in _warnings(caplog) if "board reader rank 0 has the details" in w]
+        assert len(lines) == 1 and "rank 1 (host node-b" in lines[0]
+        clock.now += 1
+        counts.clear()
+        other.tick()
+        assert counts == Counter({"add": 1})  # nothing new: one operation, no line
+        assert len([w for w in _warnings(caplog) if "board reader" in w]) == 1
+    finally:
+        reader_board.close()
+        other_board.close()
+
+
+def test_the_watch_reads_the_store_once_a_write_period(store: Any) -> None:
+    # What benchmarks/scale_model.py multiplies out: a reader's look is check + multi_get,
+    # another rank's one add, each at most once per board write period.
+    clock = Clock()
+    counts: Counter[str] = Counter()
+    board, watch = _watch(CountingStore(store, counts), 0, 2, clock)
+    try:
+        store.set("dynamo_dist/status/1", _record(1.0))
+        counts.clear()
+        for _ in range(5):
+            watch.tick()
+            clock.now += board.interval / 5
+        assert counts == Counter({"check": 1, "multi_get": 1})
+        watch.tick()
+        assert counts == Counter({"check": 2, "multi_get": 2})
+    finally:
+        board.close()
