@@ -318,10 +318,28 @@ def worker(out: str, delays: list[int], calls: int, mode_seconds: float, timeout
 
 
 # -- driver ----------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _loopback_store(world: int) -> tuple[Any, socket.socket]:
+    """The job's store, hosted here on 127.0.0.1 only, as torchrun's agent hosts it.
+
+    A TCPStore server binds every interface, whatever host it is given; handed a socket
+    already bound to loopback (``master_listen_fd``), it listens there alone, so nothing
+    off this machine can reach the emulation's store (it holds the native exchange's
+    tokens). The ranks join as clients (``TORCHELASTIC_USE_AGENT_STORE``).
+    """
+    import torch.distributed as dist
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(max(128, 2 * world))
+    store = dist.TCPStore(
+        "127.0.0.1",
+        sock.getsockname()[1],
+        world,
+        is_master=True,
+        wait_for_workers=False,
+        master_listen_fd=sock.fileno(),
+    )
+    return store, sock
 
 
 def run_job(
@@ -335,8 +353,9 @@ def run_job(
 ) -> list[dict[str, Any]]:
     """One emulated job: start its ranks, wait, and always kill their process groups."""
     world = hosts * per_host
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="scale_emulation.") as tmp:
+    store, listener = _loopback_store(world)
+    port = listener.getsockname()[1]
+    with listener, tempfile.TemporaryDirectory(prefix="scale_emulation.") as tmp:
         out = os.path.join(tmp, "result.json")
         log_path = os.path.join(tmp, "ranks.log")
         base = {
@@ -350,6 +369,7 @@ def run_job(
             "OMP_NUM_THREADS": "1",
             "DYNAMO_DIST_LOG": "ERROR",
             "SCALE_EMULATION_PARENT": str(os.getpid()),
+            "TORCHELASTIC_USE_AGENT_STORE": "True",  # the store above, not rank 0's
         }
         cmd = [
             sys.executable,
@@ -408,6 +428,7 @@ def run_job(
             for p in procs:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     p.wait(timeout=10)
+    del store
     # The slowest rank bounds the step: max over ranks of each median (and p90).
     merged: dict[tuple[str, int], dict[str, Any]] = {}
     for rows in per_rank:
