@@ -199,6 +199,7 @@ class Runtime:
                 stats,
                 wait_s=min(self.cfg.timeout, 30.0),
                 path=self.cfg.report,
+                started=self.board.started,
             )
 
     def _end_stalled_job(self, stale: list[Stale]) -> None:

@@ -79,6 +79,7 @@ class StatusBoard:
         # Called on every tick, off the hot path (progress lines while waiting).
         self.ticks: list[Callable[[], None]] = []
         self._state = "running"
+        self._started: set[int] = {rank}
         self._published: tuple[Any, ...] | None = None
         self._last_publish = 0.0
         self._stop = threading.Event()
@@ -151,6 +152,24 @@ class StatusBoard:
         self.ticks = []
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=1.0)
+
+    def started(self) -> set[int]:
+        """Ranks that ever published a status, i.e. started dynamo_dist.
+
+        One ``check`` of every key when all have (the usual case), else one per rank not
+        yet seen: keys are never removed, so a rank seen once is not asked about again.
+        """
+        try:
+            if len(self._started) < self._world and self.store.check(
+                [f"{_PREFIX}{r}" for r in range(self._world)]
+            ):
+                self._started = set(range(self._world))
+            for r in set(range(self._world)) - self._started:
+                if self.store.check([f"{_PREFIX}{r}"]):
+                    self._started.add(r)
+        except Exception as e:
+            log.debug("could not read the status keys: %s", e)
+        return set(self._started)
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
         """Last published status of every rank ({} entries for ranks that never published).

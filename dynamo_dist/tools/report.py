@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -83,6 +84,9 @@ def format_table(report: dict[str, Any]) -> str:
         )
     elif missing:
         head += f"; no report from ranks {missing} (exited early or crashed)"
+    never = report.get("never_compiled") or []
+    if never:
+        head += f"; ranks {never} made no compiled call (nothing to report)"
     return head + "\n" + "\n".join(lines)
 
 
@@ -129,11 +133,14 @@ def publish_and_collect(
     stats: dict[str, Any],
     wait_s: float,
     path: str | None,
+    started: Callable[[], set[int]] = lambda: set(),
 ) -> dict[str, Any] | None:
     """Publish this rank's stats; on rank 0 collect everyone's, log the table, write ``path``.
 
     ``generation`` numbers dynamo_dist runtimes within the job (a program may shut
     one down and start another), so a report never mixes in an earlier one's stats.
+    ``started()``: the ranks that ever started dynamo_dist (made a compiled call); rank
+    0 does not wait for the others, which have no stats to give, and says so.
     """
     prefix = f"{_PREFIX}{generation}/"
     try:
@@ -150,7 +157,13 @@ def publish_and_collect(
         with_timeout(timedelta(seconds=max(1.0, wait_s)))
     by_rank: dict[str, dict[str, Any]] = {}
     refused: set[int] = set()  # over the store's size cap: listed as missing, read once
+    never: set[int] = set()
+    next_look = time.monotonic()
     while True:
+        if time.monotonic() >= next_look:
+            # Checked again each second: a rank may start its runtime while we wait.
+            never = set(range(world_size)) - started() - {rank}
+            next_look = time.monotonic() + 1.0
         for r, key in enumerate(keys):
             if str(r) in by_rank or r in refused:
                 continue
@@ -163,14 +176,17 @@ def publish_and_collect(
                 refused.add(r)
             except Exception:
                 pass
-        if len(by_rank) + len(refused) == world_size or time.monotonic() >= deadline:
+        waiting = set(range(world_size)) - {int(r) for r in by_rank} - refused - never
+        if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
+    never -= {int(r) for r in by_rank}
     report = {
         "world_size": world_size,
         "created": time.time(),
         "ranks": by_rank,
-        "missing": [r for r in range(world_size) if str(r) not in by_rank],
+        "missing": [r for r in range(world_size) if str(r) not in by_rank and r not in never],
+        "never_compiled": sorted(never),
     }
     log.info("%s", format_table(report))
     _write(report, path)

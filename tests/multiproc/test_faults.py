@@ -71,5 +71,36 @@ def test_a_stopped_rank_is_named_and_stall_abort_ends_the_job(tmp_path: Any) -> 
     assert data["stalled"][0]["pid"] == int(pid.group(1))
 
 
+def one_rank_never_compiles(rank: int, world: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    # Ranks 0 and 1 compile in their own group (a pipeline stage, say); rank 2 never
+    # makes a compiled call, so it never starts dynamo_dist and has nothing to report.
+    stage = dist.new_group([0, 1])
+    if rank < 2:
+        compiled = dynamo_dist.compile(lambda x: x * 2, backend="eager", group=stage)
+        compiled(torch.ones(3))
+    dist.barrier()
+    if rank < 2:
+        dynamo_dist.shutdown()  # the report, as at exit
+    return {"ok": True}
+
+
+def test_a_rank_that_never_compiles_is_reported_as_such_not_as_crashed(tmp_path: Any) -> None:
+    report = tmp_path / "report.json"
+    run = ranks.launch(
+        HERE,
+        "one_rank_never_compiles",
+        tmp=tmp_path,
+        nproc=3,
+        env={"DYNAMO_DIST_REPORT": str(report)},
+    )
+    assert all(run.rank(r)["ok"] for r in range(3))
+    data = json.loads(report.read_text())
+    assert data["never_compiled"] == [2] and sorted(data["ranks"]) == ["0", "1"], data
+    assert "ranks [2] made no compiled call" in run.output
+    assert "exited early or crashed" not in run.output
+
+
 if __name__ == "__main__":
     ranks.main(globals())
