@@ -118,7 +118,7 @@ def worker(out: str, calls: int) -> None:
         os.environ["DYNAMO_DIST_TRANSPORT"] = transport
         compiled = dynamo_dist.compile(fn, backend="eager")
         tr = _world_transport()
-        if tr is None or tr.name not in (transport, f"{transport}+gloo"):
+        if tr is None or tr.name not in (transport, f"{transport}+gloo", f"{transport}+native"):
             results[f"dynamo_dist {transport}"] = None
         else:
             for _ in range(50):
@@ -185,7 +185,7 @@ def regional_worker(out: str, steps: int, blocks: int) -> None:
             for _ in range(20):
                 step(layers)
         tr = _world_transport()
-        if tr is None or tr.name not in (transport, f"{transport}+gloo"):
+        if tr is None or tr.name not in (transport, f"{transport}+gloo", f"{transport}+native"):
             results[mode] = None
         else:
             before = dynamo_dist.stats()["exchanges"]

@@ -42,6 +42,10 @@ struct IdentityDesc {
 struct RegionFrame {
   int64_t region;
   GuardHook* hook;
+  // The Python GuardHook, held while the region is entered: if torch skips the exit
+  // hooks (it can raise in its own `finally` before running them), the entry stays, and
+  // must never point at a freed hook. A released hook passes results through.
+  PyObject* owner;
 };
 
 // Code objects are kept alive by the cache (strong references) so a freed
@@ -315,7 +319,11 @@ PyObject* raise_pending() {
 PyObject* noop_exit_fn(PyObject*, PyObject*) { Py_RETURN_NONE; }
 
 PyObject* region_exit_fn(PyObject*, PyObject*) {
-  if (!region_stack.empty()) region_stack.pop_back();
+  if (!region_stack.empty()) {
+    PyObject* owner = region_stack.back().owner;
+    region_stack.pop_back();
+    Py_XDECREF(owner);
+  }
   Py_RETURN_NONE;
 }
 
@@ -384,7 +392,8 @@ PyObject* region_enter_vectorcall(PyObject* self, PyObject* const*, size_t nargs
   if (sticky_error()) return raise_pending();
   auto* me = reinterpret_cast<RegionEnterObject*>(self);
   try {
-    region_stack.push_back(RegionFrame{me->region, me->hook});
+    region_stack.push_back(RegionFrame{me->region, me->hook, me->hook_owner});
+    Py_XINCREF(me->hook_owner);
   } catch (const std::bad_alloc&) {
     return PyErr_NoMemory();
   }
@@ -515,13 +524,18 @@ bool GuardHook::exchange(bool hit, uint64_t ident) {
   }
   ++exchanges_;
   last_epoch_ = ++exchange_epoch;
+  // Local references: the exchange may wait without the GIL, and release() (shutdown at
+  // exit, say, from another thread) may drop the members meanwhile.
   if (!shm_) {
-    return exchange_(hit, ident).cast<bool>();
+    py::object exchange = exchange_;
+    return exchange(hit, ident).cast<bool>();
   }
+  const std::shared_ptr<ShmExchange> shm = shm_;
+  py::object slow_path = slow_path_;
   const uint64_t seq = ++seq_;
   last_ident_ = ident;
   const uint64_t t0 = now_ns();
-  ExchangeResult r = shm_->exchange(pack_record(hit, ident), seq);
+  ExchangeResult r = shm->exchange(pack_record(hit, ident), seq);
   if (r.status == ExchangeStatus::kOk) {
     const uint64_t sample = now_ns() - t0;
     if (latencies_.size() < kLatencySamples) {
@@ -535,8 +549,8 @@ bool GuardHook::exchange(bool hit, uint64_t ident) {
       return verdict == 1;
     }
   }
-  return slow_path_(static_cast<int>(r.status), seq, ident, hit, static_cast<int64_t>(r.word),
-                    r.culprit, r.waited_s)
+  return slow_path(static_cast<int>(r.status), seq, ident, hit, static_cast<int64_t>(r.word),
+                   r.culprit, r.waited_s)
       .cast<bool>();
 }
 

@@ -12,8 +12,9 @@ that into a verdict or an error.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -126,9 +127,47 @@ class DoublingExchange:
         self._r = self._rbuf.numpy()
         self._tag = 0
         self.waiting_since: float | None = None
+        # Failure notices sent from the main thread while the waiter runs an exchange.
+        self._notice_list = [torch.zeros(1, dtype=torch.int64)]
+        self._waiter: _Waiter | None = None
 
     def __call__(self, word: int) -> tuple[int, str | None]:
-        """(AND of every leader's word, None) or (0, reason): 'timeout' or a peer failure."""
+        """(AND of every leader's word, None) or (0, reason): 'timeout' or a peer failure.
+
+        gloo's waits block in C++, where Python cannot run signal handlers: on the main
+        thread Ctrl-C would take effect only when the exchange ends, at the timeout if a
+        partner hangs. So there the exchange runs on a waiter thread, while the main thread
+        blocks on a lock, which Python interrupts for signals. An interrupted leader sends
+        its failure notice to every partner, so they fail at once naming it, and the
+        exception propagates. (A wait cannot be cut into slices instead: a gloo recv that
+        times out fails the whole group.) The handoff costs two thread wake-ups per
+        exchange; elsewhere than on the main thread there is none.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return self._exchange(word)
+        if self._waiter is None:
+            self._waiter = _Waiter(self._exchange)
+        try:
+            return self._waiter.run(word)
+        except BaseException:
+            self._waiter = None  # it is still in the exchange; the group is failed
+            with contextlib.suppress(BaseException):
+                self._tell_all(POISON | self.group.rank())
+            raise
+
+    def close(self) -> None:
+        """End the waiter thread (the group is being closed)."""
+        if self._waiter is not None:
+            self._waiter.stop()
+            self._waiter = None
+
+    def _tell_all(self, code: int) -> None:
+        """Send failure notice ``code`` to every partner, fold partners included, from the
+        notice buffer: the waiter may still use the others."""
+        targets = sorted({*self._partners, self._fold_from, self._fold_to} - {-1})
+        self._send_notice(code, targets, time.monotonic(), self._notice_list)
+
+    def _exchange(self, word: int) -> tuple[int, str | None]:
         start = time.monotonic()
         self.waiting_since = start
         deadline = start + self.timeout
@@ -206,21 +245,68 @@ class DoublingExchange:
         else:
             waiting = list(self._partners)  # the fold partner failed, before or after the rounds
         targets = [p for p in [*waiting, self._fold_from] if p >= 0 and p != failed_peer]
+        self._send_notice(code, targets, deadline, self._send_list)
+
+    def _send_notice(
+        self, code: int, targets: list[int], deadline: float, buffer: list[torch.Tensor]
+    ) -> None:
         if not targets:
             return
         word = (code << 32) | code
-        word = word - (1 << 64) if word >= (1 << 63) else word
-        self._s[0] = word
+        buffer[0][0] = word - (1 << 64) if word >= (1 << 63) else word
         works = []
         for p in targets:
             with contextlib.suppress(RuntimeError):  # a dead partner: nothing to tell
-                works.append(self.group.send(self._send_list, p, self._tag))
+                works.append(self.group.send(buffer, p, self._tag))
         # Past the deadline (this leader timed out) the notice still gets a moment: a
         # leader that exits at once turns it into a bare closed connection.
         until = max(deadline, time.monotonic() + _NOTICE_GRACE_S)
         for w in works:
             with contextlib.suppress(RuntimeError):
                 w.wait(self._left(until))
+
+
+class _Waiter:
+    """A thread that runs one exchange at a time for the main thread.
+
+    Two plain locks hand the word over and the result back: the main thread's
+    ``acquire`` is where Python runs signal handlers (KeyboardInterrupt ends it there).
+    """
+
+    def __init__(self, exchange: Callable[[int], tuple[int, str | None]]) -> None:
+        self._exchange = exchange
+        self._go = threading.Lock()
+        self._done = threading.Lock()
+        self._go.acquire()
+        self._done.acquire()
+        self._word = 0
+        self._result: tuple[int, str | None] | BaseException = (0, None)
+        self._stopping = False
+        threading.Thread(target=self._loop, name="dynamo_dist-doubling", daemon=True).start()
+
+    def run(self, word: int) -> tuple[int, str | None]:
+        self._word = word
+        self._go.release()
+        self._done.acquire()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(RuntimeError):  # it is in an exchange: it ends with it
+            self._go.release()
+
+    def _loop(self) -> None:
+        while True:
+            self._go.acquire()
+            if self._stopping:
+                return
+            try:
+                self._result = self._exchange(self._word)
+            except BaseException as e:  # raised to the main thread, not lost here
+                self._result = e
+            self._done.release()
 
 
 def describe_notice(code: int, ranks: Sequence[int]) -> str:

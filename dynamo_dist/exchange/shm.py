@@ -306,7 +306,7 @@ class ShmTransport(Transport):
         self.shm.set_cross_host(None)
         self.shm.set_cross_host_native(None, None)
         cross = getattr(self, "_cross", None)
-        if isinstance(cross, NativeExchange):
+        if isinstance(cross, (NativeExchange, DoublingExchange)):
             cross.close()
 
     def _native_failure(self, status: int, value: int, peer: int, waited: float) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import threading
+import time
 import types
 import weakref
 from collections.abc import Iterator
@@ -394,3 +396,46 @@ def test_shutdown_frees_the_transport(tmp_path) -> None:
 
 if __name__ == "__main__":
     ranks.main(globals())
+
+
+def test_a_region_left_entered_never_routes_to_a_freed_hook() -> None:
+    # torch can raise in its own `finally` before it runs the exit hooks, leaving the
+    # region entered; the entry keeps its hook alive (this used to read freed memory).
+    router = _C.Router()
+    exit_ = _C.RegionEnter(41, _C.GuardHook(lambda hit, ident: hit))()
+    gc.collect()
+    for _ in range(5):
+        _C.GuardHook(lambda hit, ident: 1 / 0)  # would reuse the freed hook's memory
+    assert router(True) is True
+    exit_()
+
+
+def test_release_while_another_thread_waits_in_the_exchange() -> None:
+    # Shutdown (at exit, say) releases the hook while a thread waits in its exchange
+    # without the GIL: the waiter keeps the segment until it returns (it used to be
+    # unmapped under it).
+    name = f"/dd_test_release_{os.getpid()}"
+    shm0 = _C.ShmExchange(name, True, 0, 2, False, 30.0, 60.0)
+    shm1 = _C.ShmExchange(name, False, 1, 2, False, 30.0, 60.0)
+    shm0.unlink()
+    hook = _C.GuardHook(shm0, lambda *a: a[3])
+    got: list[Any] = []
+
+    def waiter() -> None:
+        try:
+            got.append(hook.exchange(True, 7))
+        except BaseException as e:  # reported to the test
+            got.append(e)
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while shm0.waiting_for() < 0.2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    hook.release()
+    del shm0
+    gc.collect()
+    shm1.abort()  # the peer gives up: the waiter returns through its slow path
+    t.join(30)
+    assert not t.is_alive() and len(got) == 1, got
+    del shm1

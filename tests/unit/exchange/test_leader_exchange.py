@@ -191,6 +191,34 @@ def leader_fails(
     return {"ok": True, "waited": time.monotonic() - t0}
 
 
+def leader_interrupted(rank: int, world: int, exchange: str) -> dict[str, Any]:
+    """3 hosts: rank 2 hangs at exchange 11; rank 0, waiting for it, gets Ctrl-C."""
+    import threading
+
+    from dynamo_dist import CollectiveTimeoutError
+
+    tr = _transport(rank, world, "1,1,1", exchange, timeout=30)
+    hook = tr.make_hook()
+    for _ in range(10):
+        hook.exchange(True, 5)
+    if rank == 2:
+        # Alive, never arriving, until rank 1 is done (or everyone's timeout is past).
+        ranks.wait_for_peer("rank 1 done", timeout=120)
+        return {"ok": True, "hung": True}
+    if rank == 0:
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    try:
+        hook.exchange(True, 5)
+        out: dict[str, Any] = {"ok": True}
+    except KeyboardInterrupt:
+        out = {"ok": False, "error": "KeyboardInterrupt"}
+    except CollectiveTimeoutError as e:
+        out = {"ok": False, "error": type(e).__name__, "message": str(e)}
+    if rank == 1:
+        ranks.signal_peers("rank 1 done")
+    return out
+
+
 # -- tests -----------------------------------------------------------------------------
 def _check_agree(run: ranks.RankRun, world: int, transport: str = "shm+gloo") -> None:
     results = [run.rank(r) for r in range(world)]
@@ -313,6 +341,30 @@ def test_hung_leader_times_out_everywhere(tmp_path, exchange):
         assert res.get("error") == "CollectiveTimeoutError", res
         assert "timed out" in res["message"], res
     assert "timed out after" in run.rank(0)["message"], run.rank(0)
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("exchange", ["native", "doubling"])
+def test_ctrl_c_on_a_waiting_leader_ends_its_wait_and_tells_the_others(tmp_path, exchange):
+    # Rank 0 waits for rank 2 (hung until rank 1 is done) when Ctrl-C arrives. Doubling:
+    # rank 1 waits for rank 0's word (rank 0 still waits for rank 2's fold) and learns
+    # from rank 0's failure notice that rank 0 is gone. Were rank 0's wait deaf to
+    # Ctrl-C, it would end at the timeout (30 s), and rank 1 hear that rank 0 timed out
+    # waiting for rank 2. Native (one round, 2 partners each): rank 1 has rank 0's word
+    # already and waits for rank 2 itself, until its timeout.
+    run = ranks.launch(
+        HERE, "leader_interrupted", exchange, tmp=tmp_path, nproc=3, timeout=200, agent=False
+    )
+    assert run.rank(2)["hung"]
+    assert run.rank(0)["error"] == "KeyboardInterrupt", run.rank(0)
+    res = run.rank(1)
+    assert res.get("error") == "CollectiveTimeoutError", res
+    if exchange == "doubling":
+        assert "host leader rank 0 exited" in res["message"], res
+        assert "timed out" not in res["message"], res
+    else:
+        assert "timed out" in res["message"], res
 
 
 def _processes_with(tag: str) -> list[int]:
