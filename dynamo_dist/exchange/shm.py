@@ -22,6 +22,7 @@ from typing import Any
 import torch.distributed as dist
 
 from dynamo_dist._log import get_logger
+from dynamo_dist.dist import store as dist_store
 from dynamo_dist.dist.group import all_gather_objects, gloo_group
 from dynamo_dist.dist.proc import pid_alive
 from dynamo_dist.dynamo.hook import _C
@@ -34,6 +35,8 @@ log = get_logger("shm")
 _SHM_DIR = "/dev/shm"
 _PREFIX = "dynamo_dist."
 _STATUS = {1: "timeout", 2: "peer_dead", 3: "aborted"}
+# How much of a rank's cause of giving up the host's other ranks read (one line of text).
+_CAUSE_CHARS = 1000
 # A segment not readable as an exchange is judged by its name's pid, which
 # means nothing across PID namespaces; its age guards a live creator's
 # microseconds between creating the segment and writing its header.
@@ -233,6 +236,7 @@ class ShmTransport(Transport):
     ) -> None:
         super().__init__(**kwargs)
         self.topo = topo
+        self._store, self._prefix = store, prefix
         timeout = self.timeout
         hierarchical = topo.hosts > 1
         self.name = "shm+gloo" if hierarchical else "shm"
@@ -297,6 +301,7 @@ class ShmTransport(Transport):
         t0 = time.monotonic()
         out, failure = self._cross(word)
         if failure is not None:
+            self._say_why(f"its exchange with the other hosts' leaders failed: {failure}")
             raise self.timeout_error(seq, ident, time.monotonic() - t0, failure)
         return out
 
@@ -313,7 +318,33 @@ class ShmTransport(Transport):
         """The native rounds failed (called by the C++ exchange): raise as ``_cross_host``."""
         assert isinstance(self._cross, NativeExchange)
         seq, ident = self._seq_ident()
-        raise self.timeout_error(seq, ident, waited, self._cross.describe(status, value, peer))
+        failure = self._cross.describe(status, value, peer)
+        self._say_why(f"its exchange with the other hosts' leaders failed: {failure}")
+        raise self.timeout_error(seq, ident, waited, failure)
+
+    def _say_why(self, cause: str) -> None:
+        """Leave why this rank gives up for the host's other ranks, before they see the abort.
+
+        The segment's ``aborted`` word names only the local rank; its cause (a remote
+        host's failure, for a leader) would otherwise reach them as "gave up".
+        """
+        try:
+            self._store.set(f"{self._prefix}/gave_up/{self.rank}", cause[:_CAUSE_CHARS])
+        except Exception as e:  # the store going away must not hide the error itself
+            log.debug("could not leave the cause of giving up: %s", e)
+
+    def _why_gave_up(self, rank: int) -> str | None:
+        """What ``rank`` left in :meth:`_say_why` (it does so before it aborts), or None."""
+        key = f"{self._prefix}/gave_up/{rank}"
+        try:
+            if not self._store.check([key]):
+                return None
+            return dist_store.checked(self._store.get(key), "cause of giving up").decode(
+                errors="replace"
+            )[:_CAUSE_CHARS]
+        except Exception as e:
+            log.debug("could not read rank %d's cause of giving up: %s", rank, e)
+            return None
 
     def slow_path(
         self, status: int, seq: int, ident: int, hit: bool, word: int, culprit: int, waited: float
@@ -321,17 +352,24 @@ class ShmTransport(Transport):
         """Decides what the C++ fast path could not: mixed hits, mismatches, failures."""
         if status == 0:
             return self.decide(seq, ident, hit, word)
-        self.shm.abort()
         suspects = [self.topo.local_ranks[culprit]] if culprit >= 0 else []
         who = f"local rank {culprit} (rank {suspects[0] if suspects else '?'})"
+        # A rank that gave up may exit at once: its cause is read whichever we saw first.
+        why = self._why_gave_up(suspects[0]) if _STATUS[status] != "timeout" and suspects else None
         cause = {
             "timeout": "timeout",
-            "peer_dead": f"{who} exited or crashed",
-            "aborted": f"{who} gave up on the exchange (an error, or a signal whose handler "
+            "peer_dead": f"{who} exited after giving up on the exchange: {why}"
+            if why
+            else f"{who} exited or crashed",
+            "aborted": f"{who} gave up on the exchange: {why}"
+            if why
+            else f"{who} gave up on the exchange (an error, or a signal whose handler "
             "raised, on that rank)"
             if suspects
             else "another rank on this host gave up on the exchange",
         }[_STATUS[status]]
+        self._say_why(f"{who} gave up: {why}" if why else cause)
+        self.shm.abort()
         if _STATUS[status] == "aborted":
             suspects = []  # it arrived; its cause names it
         raise self.timeout_error(seq, ident, waited, cause, suspects)

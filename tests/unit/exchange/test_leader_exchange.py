@@ -319,6 +319,33 @@ def test_dead_leader_is_reported_to_every_leader(tmp_path, exchange):
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("exchange", ["native", "doubling"])
+def test_a_hosts_other_ranks_hear_the_remote_cause(tmp_path, exchange):
+    # Hosts of 2, 2 and 1 ranks; rank 4, the third host's leader, dies. Ranks 1 and 3 wait
+    # for their own leaders' verdicts: their errors name rank 4's death, which their
+    # leaders met, not "local rank 0 gave up".
+    run = ranks.launch(
+        HERE,
+        "leader_fails",
+        "2,2,1",
+        "die",
+        4,
+        exchange,
+        tmp=tmp_path,
+        nproc=5,
+        timeout=200,
+        agent=False,
+    )
+    for r in (1, 3):
+        res = run.rank(r)
+        assert res.get("error") == "CollectiveTimeoutError", res
+        assert "local rank 0" in res["message"] and "host leader rank 4 exited" in res["message"], (
+            res
+        )
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("exchange", ["native", "doubling"])
 def test_hung_leader_times_out_everywhere(tmp_path, exchange):
     # 3 leaders. Doubling: rank 2 folds into rank 0, which times out on it; rank 1,
     # waiting on rank 0, times out too or gets rank 0's notice first, whichever comes
