@@ -108,10 +108,14 @@ def _ranks(tag: str) -> dict[int, int]:
 
 
 def _agents(tag: str) -> list[int]:
+    """The trial's torchrun agents (not the shell that started them, whose command line
+    holds the whole script)."""
     return sorted(
         pid
         for pid, env in _processes(tag).items()
-        if "RANK" not in env and _cmdline(pid).count("torch.distributed.run")
+        if "RANK" not in env
+        and " -m torch.distributed.run " in f" {_cmdline(pid)} "
+        and not _cmdline(pid).startswith(("bash", "unshare"))
     )
 
 
@@ -226,7 +230,9 @@ def _inject(fault: str, tag: str, rng: random.Random, cache: str, tmp: str) -> s
         )
         return "cache read-only"
     if fault in ("corrupt", "truncate"):
-        files = [p for p in Path(cache).rglob("*") if p.is_file() and not p.is_symlink()]
+        every = [p for p in Path(cache).rglob("*") if p.is_file() and not p.is_symlink()]
+        # An entry's files when there are any (the marker file is there from the start).
+        files = [p for p in every if "entries" in p.parts] or every
         if not files:
             return "no file to damage yet"
         victim = rng.choice(files)
