@@ -199,6 +199,17 @@ class HostSite:
             self.label,
         )
 
+    def stuck(self, holder: Holder, watch: Watch, e: OSError) -> None:
+        # The host-local directory is private: only a broken local disk gets here.
+        warn_once(
+            f"hoststuck:{self.host.root}:{type(e).__name__}",
+            "cannot take over the host-local fetch lock of %s (%s: %s); this rank reads "
+            "the shared cache itself",
+            self.key[:12],
+            type(e).__name__,
+            e.strerror or e,
+        )
+
     def take(self, over: Holder | None) -> Lock | None:
         return self.locks.acquire(
             self.key, {**owner_record(self.turn.rank), "phase": "fetch"}, over=over
