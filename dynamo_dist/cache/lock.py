@@ -22,8 +22,9 @@ shared filesystem that many hosts, containers and attackers write to:
   its holder by host, boot id, PID namespace, pid and start time
   (:func:`._proc.identity`); only a holder of this host, boot and namespace is
   checked directly, and found dead at once. Found alive (and running as the lock
-  file's owner), it is waited for ``ALIVE_GRACE`` times longer before silence
-  counts. Elastic restart counts are not used: they are per agent, not per job.
+  file's owner), a leader is waited for ``ALIVE_GRACE`` times longer before silence
+  counts (a host's fetcher is not: taking it over costs a read, not a compile).
+  Elastic restart counts are not used: they are per agent, not per job.
 
 Everything in a lock file was written by someone who could write the directory, so
 its content is only ever advice; a lock that cannot be read or parsed is a holder with
@@ -116,10 +117,15 @@ _MAX_REMEMBERED = 4096
 
 
 class Watch:
-    """One waiter's judge of a key's holder, timed on this process's own clock."""
+    """One waiter's judge of a key's holder, timed on this process's own clock.
 
-    def __init__(self, stale_after: float) -> None:
+    ``alive_grace``: how many times ``stale_after`` a silent holder whose process is seen
+    alive is waited for (see :meth:`dead`).
+    """
+
+    def __init__(self, stale_after: float, alive_grace: int = ALIVE_GRACE) -> None:
         self.stale_after = stale_after
+        self.alive_grace = alive_grace
 
     def silent_for(self, holder: Holder) -> float:
         """Seconds since this process first saw ``holder`` with its present mtime.
@@ -141,7 +147,7 @@ class Watch:
         """Not a lock file, dead by identity, or silent for longer than ``stale_after``.
 
         A holder alive by identity (this host, boot and PID namespace, running as the
-        lock file's owner) gets ``ALIVE_GRACE`` times longer: a live leader whose
+        lock file's owner) gets ``alive_grace`` times longer: a live leader whose
         heartbeat stalls (swapping, frozen) is most likely stuck, and the waiters'
         timeout deals with that; but a lock that never beats is not kept for ever on
         the word of a file.
@@ -152,7 +158,7 @@ class Watch:
         alive = holder.alive_by_identity()
         if alive is False:
             return True
-        limit = self.stale_after * (ALIVE_GRACE if alive else 1)
+        limit = self.stale_after * (self.alive_grace if alive else 1)
         return silent > limit
 
     def reason(self, holder: Holder) -> str:

@@ -43,7 +43,7 @@ from dynamo_dist.cache.fanout import HostSite
 from dynamo_dist.cache.follow import install, stage
 from dynamo_dist.cache.lead import compile_ahead, lead
 from dynamo_dist.cache.localdir import private_local_dir, require_private_local_dir
-from dynamo_dist.cache.lock import Holder, Lock, Watch, owner_record
+from dynamo_dist.cache.lock import ALIVE_GRACE, Holder, Lock, Watch, owner_record
 from dynamo_dist.cache.stats import log, warn_first
 from dynamo_dist.cache.turn import Turn, compile_counted
 from dynamo_dist.cache.wait import Outcome, Took, Upcoming, Wait
@@ -74,6 +74,8 @@ class SharedSite:
 
     problem = "taking the leader lock"
     failed: Outcome = ("fallback", None)
+    # A leader alive but silent is most likely stuck, and taking over costs a compile.
+    alive_grace = ALIVE_GRACE
     let_go_format = "%s finished compiling %s (%s) without publishing it; compiling locally"
     timed_out_format = "waited %.0fs for %s to publish %s (%s); compiling locally"
     waiting_format = "waiting for graph %s (%s) compiled by %s: %.0fs"

@@ -50,6 +50,8 @@ class Site(Protocol):
     turn: Turn
     #: The longest sleep between two looks.
     poll: float
+    #: How many times ``stale_after`` a silent holder whose process is alive is waited for.
+    alive_grace: int
     #: What failed, in the warning, when the lock cannot be looked at or taken.
     problem: str
     #: How the wait ends then.
@@ -101,7 +103,7 @@ class Wait:
         """Wait at ``site`` for its key: load, lead (or fetch), fall back, or go on."""
         next_log = self.start + self.log_interval
         delay = 0.02
-        watch = Watch(stale_after(self.timeout))
+        watch = Watch(stale_after(self.timeout), site.alive_grace)
         seen: Holder | None = None  # the last live holder this rank waited for
         relooked = False  # looked at the entry again after its holder let go
         ahead: Iterator[Upcoming] | None = None
