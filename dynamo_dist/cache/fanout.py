@@ -71,11 +71,16 @@ def run_tag() -> str:
 
 
 def _sweep_other_runs(host: Path, mine: str) -> None:
-    """Remove this host's directories of runs untouched for ``HOST_RUN_KEEP_S`` (best effort)."""
+    """Remove this host's directories of runs untouched for ``HOST_RUN_KEEP_S`` (best effort).
+
+    One dated ahead of the clock is as old as the time since it was first seen.
+    """
     now = time.time()
     with contextlib.suppress(OSError), fs.walk(host, ()) as (host_fd,):
         for name, st in fs.entries(host_fd):
-            if name != mine and stat.S_ISDIR(st.st_mode) and now - st.st_mtime > HOST_RUN_KEEP_S:
+            if name == mine or not stat.S_ISDIR(st.st_mode):
+                continue
+            if fs_tree.untouched_for(host_fd, name, st, now) > HOST_RUN_KEEP_S:
                 fs_tree.remove_tree(host_fd, name, owner=os.geteuid())
 
 
