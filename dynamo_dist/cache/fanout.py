@@ -8,10 +8,12 @@ host-local directory (``DiskStore.put_copy``) before it lets go. A leader leaves
 when it publishes. The host's other ranks poll only that directory (:class:`HostSite`,
 waited at like the shared directory: :mod:`dynamo_dist.cache.wait`), and verify the
 copy as they would the shared entry before installing it. A fetcher that dies is taken
-over by another local rank (found dead by its process, on this host, within a look),
-one that lets go without leaving a copy (it compiles itself) makes its local ranks
-compile too, and a copy that fails verification sends that rank to the shared entry
-itself: the timeout and the agreement bound all of it as before.
+over by another local rank (found dead by its process, on this host, within a look), as
+is one that made no progress for ``stale_after`` (its lock's heartbeat stopped: a
+SIGSTOPped or frozen process); one that lets go without leaving a copy (it compiles
+itself) makes its local ranks compile too, and a copy that fails verification sends
+that rank to the shared entry itself: the timeout and the agreement bound all of it as
+before.
 """
 
 from __future__ import annotations
@@ -69,11 +71,16 @@ def run_tag() -> str:
 
 
 def _sweep_other_runs(host: Path, mine: str) -> None:
-    """Remove this host's directories of runs untouched for ``HOST_RUN_KEEP_S`` (best effort)."""
+    """Remove this host's directories of runs untouched for ``HOST_RUN_KEEP_S`` (best effort).
+
+    One dated ahead of the clock is as old as the time since it was first seen.
+    """
     now = time.time()
     with contextlib.suppress(OSError), fs.walk(host, ()) as (host_fd,):
         for name, st in fs.entries(host_fd):
-            if name != mine and stat.S_ISDIR(st.st_mode) and now - st.st_mtime > HOST_RUN_KEEP_S:
+            if name == mine or not stat.S_ISDIR(st.st_mode):
+                continue
+            if fs_tree.untouched_for(host_fd, name, st, now) > HOST_RUN_KEEP_S:
                 fs_tree.remove_tree(host_fd, name, owner=os.geteuid())
 
 
@@ -147,6 +154,11 @@ class HostSite:
     """
 
     poll = HOST_POLL_S
+    # A fetcher that made no progress for ``stale_after`` is taken over even if its
+    # process is there (SIGSTOPped, in a debugger, swapping): taking over costs one more
+    # verified read of the shared entry, never a compile, while waiting on it held every
+    # other rank of the host until their timeout (issue 30).
+    alive_grace = 1
     problem = "taking the host fetch lock"
     failed: Outcome = (None, None)  # read the shared directory itself
     let_go_format = "%s stopped fetching %s (%s) for this host without a copy; compiling locally"
@@ -192,11 +204,32 @@ class HostSite:
         return self.locks.holder(self.key), True
 
     def taking_over(self, holder: Holder, watch: Watch) -> None:
+        if holder.dead_by_identity() or not holder.regular:
+            log.warning(
+                "%s, fetching %s (%s) for this host, is gone; fetching it here",
+                holder.describe(),
+                self.key[:12],
+                self.label,
+            )
+            return
         log.warning(
-            "%s, fetching %s (%s) for this host, is gone; fetching it here",
+            "%s, fetching %s (%s) for this host, has made no progress (%s); fetching and "
+            "verifying it here instead",
             holder.describe(),
             self.key[:12],
             self.label,
+            watch.reason(holder),
+        )
+
+    def stuck(self, holder: Holder, watch: Watch, e: OSError) -> None:
+        # The host-local directory is private: only a broken local disk gets here.
+        warn_once(
+            f"hoststuck:{self.host.root}:{type(e).__name__}",
+            "cannot take over the host-local fetch lock of %s (%s: %s); this rank reads "
+            "the shared cache itself",
+            self.key[:12],
+            type(e).__name__,
+            e.strerror or e,
         )
 
     def take(self, over: Holder | None) -> Lock | None:

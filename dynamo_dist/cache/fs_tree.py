@@ -14,7 +14,8 @@ planted, so a walk here:
 :func:`tree` is that walk; :func:`foreign_in_tree`, :func:`tree_stats` and the local
 install of an entry (``cache/install.py``) read trees with it. :func:`remove_tree`
 removes one depth last, with checks of its own (an identity check between the look and
-the open, an owner filter), so it keeps its own descent.
+the open, an owner filter), so it keeps its own descent. :func:`untouched_for` is how
+long a directory has been left alone, for the sweeps that remove old ones.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import contextlib
 import errno
 import os
 import stat
+import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -38,12 +40,20 @@ __all__ = [
     "remove_tree",
     "tree",
     "tree_stats",
+    "untouched_for",
 ]
 
 #: How deep a walk descends; a deeper planted tree is left (and reported).
 MAX_TREE_DEPTH = 64
 #: How many entries :func:`foreign_in_tree` looks at before it calls a tree unknowable.
 MAX_TREE_ENTRIES = 1_000_000
+#: How far ahead of this host's clock an mtime may be and still be believed: clocks of
+#: NFS clients and servers drift by seconds. Further ahead, the clock was stepped back
+#: since (a VM that booted hours ahead, then NTP) or the date was set (``touch -d``).
+FUTURE_SLACK_S = 60.0
+#: Directories met with an mtime too far ahead that could not be re-dated, by (device,
+#: inode, mtime): when this process first saw them, on its monotonic clock.
+_first_seen: dict[tuple[int, int, int], float] = {}
 
 
 class Found(NamedTuple):
@@ -130,6 +140,35 @@ def tree_stats(dir_fd: int, name: str) -> Iterator[os.stat_result]:
                 yield each.st
     finally:
         os.close(fd)
+
+
+def untouched_for(dir_fd: int, name: str, st: os.stat_result, now: float) -> float:
+    """Seconds directory ``name`` of ``dir_fd`` (``st``: its lstat) has been left alone.
+
+    From its mtime, unless that lies more than ``FUTURE_SLACK_S`` ahead of ``now``: such a
+    date never grows old, so the sweeps kept the directory for good (issue 30). Nothing
+    says who left it or when, so its age counts from when it is first seen here: a
+    directory of ours is re-dated to now (by descriptor, the same inode), so this
+    process and every later one count from then; any other from this process's first
+    sight of it. Never more than the truth: a sweep removes nothing sooner than it would
+    have with a right clock.
+    """
+    if st.st_mtime <= now + FUTURE_SLACK_S:
+        return max(0.0, now - st.st_mtime)
+    if st.st_uid == os.geteuid() and stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(OSError):
+            fd = fs.open_dir(dir_fd, name)
+            try:
+                now_st = fs.fstat(fd)
+                if (now_st.st_dev, now_st.st_ino) == (st.st_dev, st.st_ino):
+                    fs.touch(fd)
+                    return 0.0
+            finally:
+                os.close(fd)
+    ident = (st.st_dev, st.st_ino, st.st_mtime_ns)
+    if len(_first_seen) >= 4096:
+        _first_seen.clear()  # forgetting costs a later sweep, never a wrong removal
+    return time.monotonic() - _first_seen.setdefault(ident, time.monotonic())
 
 
 def remove_tree(

@@ -14,17 +14,22 @@ shared filesystem that many hosts, containers and attackers write to:
   file's mtime *change*. No beat for ``stale_after`` seconds means dead, whatever
   the two hosts' clocks say (a clock 300 s ahead used to break a live leader's lock).
   The file is opened before each look, so NFS revalidates its cached attributes.
+  What a process saw is remembered for as long as it runs, by all of its waits: a lock
+  found silent once is not waited out again at every later miss of its key (issue 30:
+  a planted lock this job could not take over cost ``stale_after`` per miss).
 * **Identities are valid across PID namespaces.** A pid means something only in its
   namespace (two containers sharing a hostname both have a pid 1), so a lock names
   its holder by host, boot id, PID namespace, pid and start time
   (:func:`._proc.identity`); only a holder of this host, boot and namespace is
   checked directly, and found dead at once. Found alive (and running as the lock
-  file's owner), it is waited for ``ALIVE_GRACE`` times longer before silence
-  counts. Elastic restart counts are not used: they are per agent, not per job.
+  file's owner), a leader is waited for ``ALIVE_GRACE`` times longer before silence
+  counts (a host's fetcher is not: taking it over costs a read, not a compile).
+  Elastic restart counts are not used: they are per agent, not per job.
 
 Everything in a lock file was written by someone who could write the directory, so
-its content is only ever advice; a lock that is not a regular file, or cannot be
-read or parsed, is a holder with no name that never beats.
+its content is only ever advice; a lock that cannot be read or parsed is a holder with
+no name that never beats, and one that is not a regular file (a directory, a FIFO, a
+link) is no lock of ours at all: it is taken over at once.
 """
 
 from __future__ import annotations
@@ -35,9 +40,11 @@ import math
 import os
 import re
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dynamo_dist.cache import fs
@@ -83,6 +90,7 @@ class Holder:
     beat: int  # st_mtime_ns: changes with every heartbeat
     record: dict[str, Any]
     uid: int | None = None  # the lock file's owner: who could have written the record
+    regular: bool = True  # a regular file: only those are ever locks of ours
 
     def describe(self) -> str:
         r = self.record
@@ -97,38 +105,73 @@ class Holder:
         return self.alive_by_identity() is False
 
 
-class Watch:
-    """One waiter's view of one key's holder, timed on the waiter's own clock."""
+#: When this process first saw each lock file, by (generation, inode), with the mtime it
+#: has now, on this process's monotonic clock. Shared by all of the process's waits, so
+#: silence seen during one miss of a key still counts at the next: a lock found stale
+#: that this rank cannot take over (a co-tenant's, in a directory it cannot write) is not
+#: waited out again for ``stale_after`` at every later miss (issue 30).
+_FIRST_SEEN: dict[tuple[int, tuple[int, int]], tuple[int, float]] = {}
+#: More lock files than one process waits on; past this the memory starts again (a
+#: forgotten lock costs one more wait, never a wrong verdict).
+_MAX_REMEMBERED = 4096
 
-    def __init__(self, stale_after: float) -> None:
+
+class Watch:
+    """One waiter's judge of a key's holder, timed on this process's own clock.
+
+    ``alive_grace``: how many times ``stale_after`` a silent holder whose process is seen
+    alive is waited for (see :meth:`dead`).
+    """
+
+    def __init__(self, stale_after: float, alive_grace: int = ALIVE_GRACE) -> None:
         self.stale_after = stale_after
-        self._seen: tuple[int, tuple[int, int]] | None = None
-        self._beat = 0
-        self._since = 0.0
+        self.alive_grace = alive_grace
 
     def silent_for(self, holder: Holder) -> float:
-        """Seconds since this waiter last saw ``holder`` beat (0 at the first look)."""
+        """Seconds since this process first saw ``holder`` with its present mtime.
+
+        0 at the first look: a lock's mtime says nothing about when it last beat on
+        this host's clock, only a change of it does.
+        """
         now = time.monotonic()
         ident = (holder.gen, holder.inode)
-        if ident != self._seen or holder.beat != self._beat:
-            self._seen, self._beat, self._since = ident, holder.beat, now
-        return now - self._since
+        seen = _FIRST_SEEN.get(ident)
+        if seen is not None and seen[0] == holder.beat:
+            return now - seen[1]
+        if len(_FIRST_SEEN) >= _MAX_REMEMBERED:
+            _FIRST_SEEN.clear()
+        _FIRST_SEEN[ident] = (holder.beat, now)
+        return 0.0
 
     def dead(self, holder: Holder) -> bool:
-        """Dead by identity, or silent for longer than ``stale_after``.
+        """Not a lock file, dead by identity, or silent for longer than ``stale_after``.
 
         A holder alive by identity (this host, boot and PID namespace, running as the
-        lock file's owner) gets ``ALIVE_GRACE`` times longer: a live leader whose
+        lock file's owner) gets ``alive_grace`` times longer: a live leader whose
         heartbeat stalls (swapping, frozen) is most likely stuck, and the waiters'
         timeout deals with that; but a lock that never beats is not kept for ever on
         the word of a file.
         """
         silent = self.silent_for(holder)
+        if not holder.regular:
+            return True  # a directory, FIFO or link: nothing of ours ever made it
         alive = holder.alive_by_identity()
         if alive is False:
             return True
-        limit = self.stale_after * (ALIVE_GRACE if alive else 1)
+        limit = self.stale_after * (self.alive_grace if alive else 1)
         return silent > limit
+
+    def reason(self, holder: Holder) -> str:
+        """Why :meth:`dead` gave ``holder`` up, for a log line."""
+        if not holder.regular:
+            return "its lock is a directory, FIFO or link: never a lock of ours"
+        alive = holder.alive_by_identity()
+        if alive is False:
+            return "its process has exited"
+        silent = f"no heartbeat for {self.silent_for(holder):.0f}s"
+        if alive:
+            return f"{silent}, though its process is still there: stopped, frozen or swapping"
+        return silent
 
 
 _LOCK_NAME = re.compile(r"^(?P<key>[0-9a-f]{8,128})\.(?P<gen>\d{1,6})\.lock$")
@@ -139,6 +182,10 @@ class Locks:
 
     def __init__(self, store: DiskStore) -> None:
         self.store = store
+
+    def path(self, key: str, gen: int) -> Path:
+        """Where generation ``gen`` of ``key``'s lock is, for messages."""
+        return self.store.locks / f"{key}.{gen}.lock"
 
     def holder(self, key: str) -> Holder | None:
         """The highest generation of ``key``'s lock, or None if nobody holds it.
@@ -208,12 +255,13 @@ def look(dir_fd: int, name: str, gen: int) -> Holder | None:
         fd, st = fs.open_file(dir_fd, name)
     except FileNotFoundError:
         return None
-    except OSError:  # a link, a FIFO, or unreadable: judged by its metadata alone
+    except OSError:  # a link, a FIFO, a directory, or unreadable: judged by its metadata
         try:
             st = fs.lstat(dir_fd, name)
         except FileNotFoundError:
             return None
-        return Holder(gen, (st.st_dev, st.st_ino), st.st_mtime_ns, {}, st.st_uid)
+        regular = stat.S_ISREG(st.st_mode)
+        return Holder(gen, (st.st_dev, st.st_ino), st.st_mtime_ns, {}, st.st_uid, regular)
     try:
         record: Any = {}
         tick("reads")

@@ -43,8 +43,8 @@ from dynamo_dist.cache.fanout import HostSite
 from dynamo_dist.cache.follow import install, stage
 from dynamo_dist.cache.lead import compile_ahead, lead
 from dynamo_dist.cache.localdir import private_local_dir, require_private_local_dir
-from dynamo_dist.cache.lock import Holder, Lock, Watch, owner_record
-from dynamo_dist.cache.stats import log
+from dynamo_dist.cache.lock import ALIVE_GRACE, Holder, Lock, Watch, owner_record
+from dynamo_dist.cache.stats import log, warn_first
 from dynamo_dist.cache.turn import Turn, compile_counted
 from dynamo_dist.cache.wait import Outcome, Took, Upcoming, Wait
 from dynamo_dist.dist.local import GroupInfo
@@ -74,6 +74,8 @@ class SharedSite:
 
     problem = "taking the leader lock"
     failed: Outcome = ("fallback", None)
+    # A leader alive but silent is most likely stuck, and taking over costs a compile.
+    alive_grace = ALIVE_GRACE
     let_go_format = "%s finished compiling %s (%s) without publishing it; compiling locally"
     timed_out_format = "waited %.0fs for %s to publish %s (%s); compiling locally"
     waiting_format = "waiting for graph %s (%s) compiled by %s: %.0fs"
@@ -127,9 +129,32 @@ class SharedSite:
             self.key[:12],
             self.label,
             holder.describe(),
-            "its process has exited"
-            if holder.dead_by_identity()
-            else f"no heartbeat for {watch.silent_for(holder):.0f}s",
+            watch.reason(holder),
+        )
+
+    def stuck(self, holder: Holder, watch: Watch, e: OSError) -> None:
+        """A stale lock this rank cannot take over (a co-tenant's, in a directory it cannot
+        write, or past the generations allowed): this graph is compiled locally, and at
+        every later miss of it in this process at once, since the lock's silence is
+        remembered (``lock.Watch``); said once per lock, with whose it is and the fix."""
+        self.cache.counts.cache_errors += 1
+        path = self.cache.locks.path(self.key, holder.gen)
+        warn_first(
+            f"stuck:{path}:{holder.inode}",
+            "shared cache lock %s (owner uid %s) is stale (%s) and this rank cannot take "
+            "it over (%s: %s): graph %s (%s) is compiled locally now and, in this process, "
+            "at once at every later miss. Fix: have uid %s or an administrator remove it "
+            "(rm -r %s), or clear the cache as them (dynamo-dist cache clear %s).",
+            path,
+            holder.uid,
+            watch.reason(holder),
+            type(e).__name__,
+            e.strerror or e,
+            self.key[:12],
+            self.label,
+            holder.uid,
+            path,
+            self.cache.root,
         )
 
     def take(self, over: Holder | None) -> Lock | None:

@@ -284,7 +284,9 @@ def sweep(base_fd: int, prefix: str, pid_at: int, max_age: float) -> None:
 
     The pid is field ``pid_at`` of the name split at dots. Old as well as dead: a
     local cache shared by containers (another PID namespace) must not lose a live
-    process's directory to a pid that means something else here.
+    process's directory to a pid that means something else here. So a dead pid proves
+    nothing either, and a directory dated ahead of the clock (stepped back since) is as
+    old as the time since it was first seen, not older.
     """
     now = time.time()
     with contextlib.suppress(OSError):
@@ -295,8 +297,11 @@ def sweep(base_fd: int, prefix: str, pid_at: int, max_age: float) -> None:
             if not parts[pid_at].isdigit() or not stat.S_ISDIR(st.st_mode):
                 continue
             pid = int(parts[pid_at])
-            old = now - st.st_mtime > max_age
-            if pid != os.getpid() and old and not pid_alive(pid):
+            if pid == os.getpid():
+                continue
+            # A date ahead of the clock counts from its first sight (fs_tree.untouched_for).
+            old = fs_tree.untouched_for(base_fd, name, st, now) > max_age
+            if old and not pid_alive(pid):
                 fs_tree.remove_tree(base_fd, name, owner=os.geteuid())
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "emit_publish",
     "emit_refusal",
     "log",
+    "warn_first",
     "warn_once",
 ]
 
@@ -44,6 +45,18 @@ def warn_once(key: str, msg: str, *args: Any) -> None:
     if key not in _warned:
         _warned.add(key)
         log.warning(msg, *args)
+
+
+def warn_first(key: str, msg: str, *args: Any) -> None:
+    """A warning the first time per process per ``key``, an info line every later time.
+
+    For what recurs at every miss of one graph (a stale lock this rank cannot take over):
+    the logs say it once, and still show each time it decided a compile.
+    """
+    if key in _warned:
+        log.info(msg, *args)
+    else:
+        warn_once(key, msg, *args)
 
 
 @dataclass

@@ -50,6 +50,8 @@ class Site(Protocol):
     turn: Turn
     #: The longest sleep between two looks.
     poll: float
+    #: How many times ``stale_after`` a silent holder whose process is alive is waited for.
+    alive_grace: int
     #: What failed, in the warning, when the lock cannot be looked at or taken.
     problem: str
     #: How the wait ends then.
@@ -66,7 +68,10 @@ class Site(Protocol):
         """(the lock's holder, whether just looked at) given the one waited for so far."""
 
     def taking_over(self, holder: Holder, watch: Watch) -> None:
-        """Say why a dead holder's lock is taken over."""
+        """Say why a dead holder's lock was taken over (by this rank)."""
+
+    def stuck(self, holder: Holder, watch: Watch, e: OSError) -> None:
+        """Say that a dead holder's lock cannot be taken over (``e``): whose, and the fix."""
 
     def take(self, over: Holder | None) -> Lock | None:
         """Take the key's lock (over a dead ``over``); None if another rank got it."""
@@ -98,7 +103,7 @@ class Wait:
         """Wait at ``site`` for its key: load, lead (or fetch), fall back, or go on."""
         next_log = self.start + self.log_interval
         delay = 0.02
-        watch = Watch(stale_after(self.timeout))
+        watch = Watch(stale_after(self.timeout), site.alive_grace)
         seen: Holder | None = None  # the last live holder this rank waited for
         relooked = False  # looked at the entry again after its holder let go
         ahead: Iterator[Upcoming] | None = None
@@ -108,6 +113,7 @@ class Wait:
                 return found
             taking = False
             lock: Lock | None = None
+            holder: Holder | None = None
             try:
                 holder, fresh = site.holder(seen)
                 if holder is None and seen is not None and not relooked:
@@ -117,10 +123,10 @@ class Wait:
                 if holder is None and seen is not None:
                     return self._let_go(site, seen)
                 if holder is None or (fresh and watch.dead(holder)):
-                    if holder is not None:
-                        site.taking_over(holder, watch)
                     taking = True
                     lock = site.take(holder)
+                    if holder is not None and lock is not None:
+                        site.taking_over(holder, watch)  # said by the one that took it
                 else:
                     site.turn.count_look(False)
                     seen = holder
@@ -134,7 +140,10 @@ class Wait:
                             if self.compile_ahead(ahead, site.label):
                                 continue  # look again at once: the wait was spent compiling
             except OSError as e:
-                self.local_problem(site.problem, site.key, e)
+                if taking and holder is not None:
+                    site.stuck(holder, watch, e)  # not ours to take: later misses go at once
+                else:
+                    self.local_problem(site.problem, site.key, e)
                 return site.failed
             if taking:
                 took = site.took(lock)

@@ -28,7 +28,8 @@ refuse and prune entries while these commands run. So:
   again: ``ls`` mentions them and ``prune`` removes them (keeping a lock whose
   holder is seen alive on this host);
 * leftovers count: incomplete publishes (``.tmp.*`` of a killed leader) are listed,
-  pruned after an hour and cleared; refused boxes are listed, counted in
+  pruned after an hour (an mtime dated in the future counts as the file's ctime, which
+  nobody can set) and cleared; refused boxes are listed, counted in
   ``--max-size`` and pruned before valid entries; ``clear`` keeps the lock files
   of live leaders (a lock that changed during a short watch).
 

@@ -33,7 +33,7 @@ from dynamo_dist.cache.store import DiskStore
 GONE = (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ESTALE)
 TMP_PREFIX = ".tmp."
 # Clocks of hosts sharing a filesystem disagree by seconds: a date this little ahead is "now".
-CLOCK_SLACK_S = 60.0
+CLOCK_SLACK_S = fs_tree.FUTURE_SLACK_S
 _MAX_TEXT = 200
 
 
@@ -184,22 +184,31 @@ class CacheDir:
     def subdirs(self, parts: Sequence[str], required: bool = False) -> list[str]:
         return [n for n, st in self.children(parts, required) if stat.S_ISDIR(st.st_mode)]
 
-    def tree(self, parts: Sequence[str]) -> tuple[int, float | None]:
+    def tree(self, parts: Sequence[str], by_ctime: bool = False) -> tuple[int, float | None]:
         """(bytes of regular files, newest mtime) under ``root/parts``, without links.
 
         (0, None) if it vanished. Deep or hostile trees end the count, not the command.
+        ``by_ctime``: an mtime ahead of the clock counts as the file's ctime instead.
         """
         size, newest = 0, None
         with contextlib.suppress(OSError, RecursionError), self.walk(parts[:-1]) as parent:
             top = fs.lstat(parent, parts[-1])
-            newest = top.st_mtime
+            newest = self._stamp(top, by_ctime)
             if not stat.S_ISDIR(top.st_mode):
                 return (top.st_size if stat.S_ISREG(top.st_mode) else 0), newest
             for st in fs_tree.tree_stats(parent, parts[-1]):  # no links followed
-                newest = max(newest, st.st_mtime)
+                newest = max(newest, self._stamp(st, by_ctime))
                 if stat.S_ISREG(st.st_mode):
                     size += st.st_size
         return size, newest
+
+    def _stamp(self, st: os.stat_result, by_ctime: bool) -> float:
+        """When ``st`` last changed: its mtime, or with ``by_ctime`` its ctime if the mtime
+        lies ahead of the clock. A ctime cannot be set (``touch -d`` sets it to now): it is
+        the file system's own record of the last change, on its clock."""
+        if by_ctime and st.st_mtime > self.now + CLOCK_SLACK_S:
+            return st.st_ctime
+        return st.st_mtime
 
     # -- what is where ---------------------------------------------------------------
     def shards(self, all_namespaces: bool) -> Iterator[tuple[str, ...]]:
@@ -261,11 +270,17 @@ class CacheDir:
         return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
 
     def tmps(self) -> Iterator[Item]:
-        """Incomplete publishes (``.tmp.<key>.<hex>``) of every namespace."""
+        """Incomplete publishes (``.tmp.<key>.<hex>``) of every namespace.
+
+        Aged by their files' ctimes where an mtime lies ahead of the clock: a publish
+        dated in the future (set by hand, or written before the clock was stepped back)
+        was never old enough to prune (issue 30), and its publisher, if any, cannot be
+        named (the name carries none) to be proven dead.
+        """
         for shard in self.shards(all_namespaces=True):
             for name, st in self.children(shard):
                 if name.startswith(TMP_PREFIX) and stat.S_ISDIR(st.st_mode):
-                    size, newest = self.tree((*shard, name))
+                    size, newest = self.tree((*shard, name), by_ctime=True)
                     if newest is not None:
                         yield Item("tmp", (*shard, name), size, self.age(None, newest))
 

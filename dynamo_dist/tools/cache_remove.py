@@ -128,7 +128,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     old_ok = _prune_old_namespaces(cache)
     rows = _oldest_first(list(cache.entries()))
     boxes = _oldest_first(list(cache.refused()))
-    stale = [t for t in cache.tmps() if t.age is not None and t.age > STALE_TMP_S]
+    tmps = list(cache.tmps())
+    stale = [t for t in tmps if t.age is not None and t.age > STALE_TMP_S]
+    ahead = sum(1 for t in tmps if t.age is None)
     # Refused boxes are never read again: they go before any valid entry.
     candidates = [*boxes, *rows]
     removed: list[Item] = []
@@ -152,6 +154,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
         say(
             f"{unknown} entries or refused boxes had an unknown age (dated in the future) "
             "and were pruned first"
+        )
+    if ahead:
+        say(
+            f"{ahead} incomplete publishes are dated ahead of this host's clock even by their "
+            "change time (ctime), so their age is unknown and they were kept: this host's "
+            "clock is likely behind the file server's; fix it (NTP) and prune again"
         )
     ents = [r for r in removed if r.kind == "entry"]
     refd = [r for r in removed if r.kind == "refused"]

@@ -13,10 +13,14 @@ victim's uid cannot run this Python.
 * Row 3: a local inductor directory owned by the co-tenant: profiles were staged there
   (a FIFO hung the rank; a link swap wrote where the attacker chose) and "compiling
   locally" compiled and loaded kernels from it.
+* Issue 30: a lock the co-tenant planted in a locks directory it made (one the victim
+  cannot write, so cannot take the lock over nor remove it) cost ``stale_after`` at every
+  miss of its key.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -265,6 +269,82 @@ print("replaced with", local)
     )
     assert sorted(p.name for p in theirs.iterdir()) == ["code_state.pkl"]  # untouched
     assert stat.S_ISFIFO(os.lstat(theirs / "code_state.pkl").st_mode)
+
+
+# -- issue 30: a planted lock the victim cannot take over ------------------------------------
+_STUCK_LOCK_WORKER = """
+import json, sys
+from dynamo_dist._log import configure
+from dynamo_dist.cache import key as cache_key, protocol
+configure()  # levels on every line (DYNAMO_DIST_LOG=INFO), as a job's ranks log
+root, key = sys.argv[1:3]
+# timeout 120: stale_after is its floor, 30 s; the wait log every 2 s shows any wait.
+cache = protocol.SharedCache(root, 120.0, 2.0, agree=False)
+outs = []
+for i in range(3):  # three misses of one key: identical blocks of a model, say
+    print(f"-- miss {i}", file=sys.stderr, flush=True)
+    outs.append(cache.compile(key, cache_key.version_factors(), lambda: "compiled", "f (t.py:1)"))
+print(json.dumps({"outs": outs, "stats": cache.stats()}), flush=True)
+"""
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_a_planted_lock_that_cannot_be_taken_over_is_waited_out_once(
+    users: None, shared_tmp: Path, kind: str
+) -> None:
+    """The co-tenant makes the victim's ``locks/<ns>/`` first (mode 0755, so the victim can
+    neither take a lock over there nor remove one) with a lock of one key in it: a file
+    that never beats, or a directory. Every miss of that key used to wait ``stale_after``
+    (30 s here) and then compile locally; now only the first waits (a file: its silence
+    has to be seen; a directory is no lock at all), the later ones compile at once, and
+    one WARNING names the lock, its owner and the fix."""
+    from dynamo_dist.cache.store import DiskStore
+
+    key = "5e" * 20
+    home = _victim_dir(shared_tmp / "home")
+    secret = home / "secret"
+    secret.write_text(SECRET)
+    os.chown(secret, VICTIM, GROUP)
+    os.chmod(secret, 0o600)
+    cache = shared_tmp / "cache"
+    cache.mkdir(mode=0o777)
+    os.chmod(cache, 0o1777)  # a shared cache like /tmp: anyone may create its parts
+    locks = DiskStore(cache, SECRET).locks
+    _attacker("mkdir", "-m", "0755", "-p", str(locks))
+    lock = locks / f"{key}.0.lock"
+    _attacker(*(["mkdir", str(lock)] if kind == "dir" else ["sh", "-c", f"echo {{}} > {lock}"]))
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "DYNAMO_DIST_CACHE_SECRET_FILE": str(secret),
+        "TORCHINDUCTOR_CACHE_DIR": str(home / "inductor"),
+        "DYNAMO_DIST_LOG": "INFO",
+        "PYTHONPATH": os.pathsep.join([str(ranks.ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [*_as(VICTIM), sys.executable, "-c", _STUCK_LOCK_WORKER, str(cache), key],
+        capture_output=True,
+        text=True,
+        timeout=360,
+        env=env,
+        cwd="/",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    assert res["outs"] == ["compiled"] * 3 and res["stats"]["cache_publishes"] == 0, res
+    log = done.stderr
+    warnings = [ln for ln in log.splitlines() if "WARNING: shared cache lock" in ln]
+    assert len(warnings) == 1, log[-4000:]
+    (line,) = warnings
+    assert str(lock) in line and f"owner uid {ATTACKER}" in line, line
+    assert "rm -r" in line and "dynamo-dist cache clear" in line, line
+    # Only the first miss waited (a file's silence must be seen once), none after it.
+    later = log.split("-- miss 1", 1)[1]
+    assert "waiting for graph" not in later, later[-3000:]
+    if kind == "dir":
+        assert "waiting for graph" not in log, log[-3000:]
+    assert lock.exists()  # not the victim's to remove
 
 
 if __name__ == "__main__":

@@ -82,6 +82,62 @@ def fanout_job(
     }
 
 
+def stopped_fetcher_job(rank: int, world: int, local_base: str, stop_file: str) -> dict[str, Any]:
+    """One graph through the shared cache (published by an earlier run) with fan-out; the
+    rank that becomes the host's fetcher SIGSTOPs itself while holding the fetch lock.
+
+    The other rank must notice within ``stale_after`` (30 s: timeout 100 s) that the
+    fetcher's heartbeat stopped, fetch and verify the entry itself, and finish, while the
+    fetcher is still stopped (it says so, then sends SIGCONT).
+    """
+    import signal
+
+    import torch.distributed as dist
+
+    from dynamo_dist.cache import fanout, key, protocol
+    from dynamo_dist.dynamo import inductor
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(local_base, "host0")
+    cache = protocol.SharedCache(os.environ["DYNAMO_DIST_CACHE_DIR"], 100.0, 30.0, agree=False)
+    took = fanout.HostSite.took
+
+    def took_then_stop(self: Any, lock: Any) -> Any:
+        out = took(self, lock)
+        if lock is not None:
+            try:  # only the first fetcher stops: the one that takes over goes on
+                fd = os.open(stop_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return out
+            os.write(fd, f"{rank} {os.getpid()}".encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGSTOP)  # holding the host's fetch lock
+        return out
+
+    fanout.HostSite.took = took_then_stop  # type: ignore[method-assign]
+    roles: list[str] = []
+
+    def compile_fn() -> str:
+        roles.append("leader" if "cleanroom" in Path(inductor.cache_dir()).parts else "plain")
+        return "compiled"
+
+    dist.barrier()
+    out = cache.compile(KEY, key.version_factors(), compile_fn, "f (t.py:1)")
+    stopper_rank, stopper_pid = (int(x) for x in Path(stop_file).read_text().split())
+    state = None
+    if stopper_pid != os.getpid():
+        # Done while the fetcher is still stopped: what it was is read, then it goes on.
+        stat = Path(f"/proc/{stopper_pid}/stat").read_text()
+        state = stat.rsplit(")", 1)[1].split()[0]
+        os.kill(stopper_pid, signal.SIGCONT)
+    return {
+        "ok": out == "compiled",
+        "roles": roles,
+        "stopper": [stopper_rank, stopper_pid],
+        "stopper_state_when_done": state,
+        "stats": cache.stats(),
+    }
+
+
 # -- tests -----------------------------------------------------------------------------
 def _run(tmp: Path, cache: Path, local: Path, *args: str, **kw: Any) -> ranks.RankRun:
     env = {"DYNAMO_DIST_CACHE_DIR": str(cache), "DYNAMO_DIST_LOG": "INFO", **kw.pop("env", {})}
@@ -154,6 +210,39 @@ def test_a_fetcher_that_dies_is_taken_over_by_a_local_rank(tmp_path: Path) -> No
     assert "is gone; fetching it here" in run.output
     assert res["roles"] == ["leader"] and s["cache_publishes"] == 1, s
     assert s["cache_fallbacks"] == 0  # not a timeout: the timeout is 600 s
+
+
+def test_a_stopped_fetcher_is_taken_over_within_stale_after(tmp_path: Path) -> None:
+    """Issue 30: the host's fetcher SIGSTOPped holds its fetch lock; it is alive by its
+    process, so the host's other ranks waited four times ``stale_after``, to their
+    timeout. Now its silence is enough: the other rank fetches, verifies and loads the
+    entry itself, with one warning naming the fetcher, while the fetcher is stopped."""
+    cache = tmp_path / "cache"
+    _results(_run(tmp_path, cache, tmp_path / "local1", "0"), 2)  # publishes the entry
+    stop_file = tmp_path / "stopped"
+    run = ranks.launch(
+        HERE,
+        "stopped_fetcher_job",
+        str(tmp_path / "local2"),  # a fresh local cache: nothing installed yet
+        str(stop_file),
+        tmp=tmp_path,
+        env={"DYNAMO_DIST_CACHE_DIR": str(cache), "DYNAMO_DIST_LOG": "INFO"},
+        timeout=240,
+    )
+    res = _results(run, 2)
+    stopper_rank, stopper_pid = res[0]["stopper"]
+    (waiter,) = [r for i, r in enumerate(res) if i != stopper_rank]
+    assert waiter["stopper_state_when_done"] == "T", waiter  # it finished first
+    s = waiter["stats"]
+    assert s["cache_loads"] == 1 and s["cache_host_fetches"] == 1, s  # fetched it itself
+    assert s["cache_fallbacks"] == 0 and s["cache_publishes"] == 0, s  # no timeout, no compile
+    assert waiter["roles"] == ["plain"], waiter
+    warned = [ln for ln in run.output.splitlines() if "has made no progress" in ln]
+    assert len(warned) == 1, run.output[-4000:]
+    assert f"rank {stopper_rank} (" in warned[0] and f"pid {stopper_pid})" in warned[0], warned
+    stopper = res[stopper_rank]
+    assert stopper["stats"]["cache_loads"] == 1, stopper  # went on after SIGCONT, and loaded
+    assert list((cache / "refused").rglob("REFUSED")) == []  # nothing valid was refused
 
 
 if __name__ == "__main__":

@@ -289,6 +289,7 @@ def test_a_manifest_less_directory_left_behind_is_replaced(tmp_path: Path) -> No
 
 
 _OPEN_FAILS = ["dir", "fifo", "torn", "other-user-0600", "symlink"]
+_NOT_FILES = ("dir", "fifo", "symlink")
 
 
 @pytest.mark.timeout(120)
@@ -316,6 +317,11 @@ def test_an_unreadable_lock_never_spins_past_the_timeout(tmp_path: Path, kind: s
             prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
     res, out = _result(_worker(root, tmp_path / "l", timeout=3.0, prefix=prefix))
     assert res["out"] == "compiled"
+    if kind in _NOT_FILES:
+        # Nothing of ours is ever a directory, FIFO or link: taken over at once (the
+        # next generation), not waited for (issue 30: every miss waited stale_after).
+        assert res["roles"] == ["leader"] and res["stats"]["cache_publishes"] == 1, out
+        return
     # Waited for the unnamed holder, then compiled locally (not as a leader), without
     # spinning: a dead lock's takeover needs far longer than this timeout.
     assert res["roles"] == ["plain"] and res["stats"]["cache_fallbacks"] == 1, out
@@ -341,6 +347,47 @@ def test_a_live_leader_of_another_restart_count_keeps_its_lock(
     finally:
         lock.release()
     assert res["roles"] == ["plain"] and "taking over" not in out, out
+
+
+def test_a_lock_found_silent_is_not_waited_out_again_by_this_process(tmp_path: Path) -> None:
+    """Issue 30: a stale lock this job cannot take over (a co-tenant's, in a directory it
+    cannot write) was waited out for ``stale_after`` at every miss of its key. The
+    silence this process saw is remembered by all of its later waits."""
+    store = DiskStore(tmp_path / "c")
+    path = _plant_lock(store, 0, {"rank": 5})
+    locks = Locks(store)
+    first = Watch(stale_after=0.2)
+    h = locks.holder(KEY)
+    assert h is not None and not first.dead(h)
+    time.sleep(0.3)
+    h = locks.holder(KEY)
+    assert h is not None and first.dead(h)
+    # The next miss of the key: a new wait, which gives the holder up at its first look.
+    later = Watch(stale_after=0.2)
+    h = locks.holder(KEY)
+    assert h is not None and later.dead(h) and later.silent_for(h) > 0.2
+    assert "no heartbeat for" in later.reason(h)
+    # A beat since is news: a live holder is waited for again, from its beat.
+    os.utime(path, (time.time() + 1, time.time() + 1))
+    h = locks.holder(KEY)
+    assert h is not None and not later.dead(h)
+
+
+@pytest.mark.parametrize("kind", _NOT_FILES)
+def test_a_lock_that_is_not_a_file_is_dead_at_once(tmp_path: Path, kind: str) -> None:
+    store = DiskStore(tmp_path / "c")
+    store.check_usable()
+    lock = store.locks / f"{KEY}.0.lock"
+    if kind == "dir":
+        lock.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.symlink_to("/dev/zero")
+    h = Locks(store).holder(KEY)
+    watch = Watch(stale_after=600.0)
+    assert h is not None and not h.regular and watch.dead(h)
+    assert "never a lock of ours" in watch.reason(h)
 
 
 def test_a_lock_naming_a_live_process_is_not_kept_for_ever(tmp_path: Path) -> None:

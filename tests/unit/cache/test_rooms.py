@@ -10,11 +10,16 @@ each checked on its open descriptor.
 from __future__ import annotations
 
 import os
+import subprocess
 import tarfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
+from dynamo_dist.cache import fanout, fs, rooms
 from dynamo_dist.cache.rooms import Built, tar_members
 from dynamo_dist.dynamo import inductor
 
@@ -141,3 +146,78 @@ def test_a_room_is_not_made_under_a_directory_someone_else_can_write(tmp_path: P
     os.chown(theirs / "dynamo_dist", 3000, 3000)
     with pytest.raises(OSError, match="owned by uid 3000"):
         built.make_room(theirs, "5" * 40)
+
+
+# -- sweeping directories dated in the future (issue 30) ------------------------------------
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _swept_dir(local: Path, kind: str) -> tuple[Path, float, ModuleType, Callable[[], object]]:
+    """A directory ``kind`` sweeps, left by a dead process: (it, keep for, module, sweep)."""
+    dead = _dead_pid()
+    if kind == "room":
+        base = fs.private_dir(local, ("dynamo_dist", "cleanroom"))
+        return (
+            base / f"{'a' * 40}.{dead}.x1",
+            rooms.ROOM_SWEEP_AGE_S,
+            rooms,
+            lambda: Built().make_room(local, "b" * 40),  # a new process's first room
+        )
+    if kind == "staging":
+
+        def sweep_staging() -> None:
+            with fs.walk(local, ()) as (fd,):
+                rooms.sweep(fd, ".dd-staging.", 3, rooms.STAGING_SWEEP_AGE_S)
+
+        name = f".dd-staging.{'a' * 12}.{dead}.x1"
+        return local / name, rooms.STAGING_SWEEP_AGE_S, rooms, sweep_staging
+    hosts = fs.private_dir(local, ("dynamo_dist", "hosts", fanout.host_tag()))
+    return hosts / ("0" * 16), fanout.HOST_RUN_KEEP_S, fanout, lambda: fanout.host_copy_dir(local)
+
+
+@pytest.mark.parametrize("kind", ["room", "staging", "host-run"])
+def test_a_directory_dated_in_the_future_ages_from_its_first_sight(
+    local: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A clean room, a staging directory or another run's host copies whose mtime lay
+    ahead of the clock (written before the clock was stepped back, or set by hand) was
+    never old enough to sweep. Its age now counts from when it is first seen, by this
+    process and the later ones (it is re-dated to now): swept as late as the rule says,
+    never sooner."""
+    old, keep, module, sweep = _swept_dir(local, kind)
+    (old / "sub").mkdir(parents=True, mode=0o700)
+    ahead = time.time() + 10 * 365 * 86400
+    os.utime(old, (ahead, ahead))
+    sweep()
+    assert old.exists(), "first seen just now: young"
+    assert old.stat().st_mtime <= time.time() + 1, "its age counts from its first sight"
+    real = time.time
+    monkeypatch.setattr(module, "time", SimpleNamespace(time=lambda: real() + keep / 2))
+    sweep()
+    assert old.exists(), "not old yet"
+    monkeypatch.setattr(module, "time", SimpleNamespace(time=lambda: real() + keep + 60))
+    sweep()
+    assert not old.exists(), "as old as the rule says, its owner dead: swept"
+
+
+def test_a_foreign_directory_dated_in_the_future_ages_from_this_process_first_sight(
+    tmp_path: Path,
+) -> None:
+    """One that is not ours is not re-dated: its age counts from this process's first
+    sight of it, on its monotonic clock."""
+    from dynamo_dist.cache import fs_tree
+
+    d = tmp_path / "theirs"
+    d.mkdir()
+    ahead = time.time() + 86400
+    os.utime(d, (ahead, ahead))
+    if os.geteuid() == 0:
+        os.chown(d, 3000, 3000)
+    with fs.walk(tmp_path, ()) as (fd,):
+        first = fs_tree.untouched_for(fd, "theirs", os.lstat(d), time.time())
+        time.sleep(0.05)
+        later = fs_tree.untouched_for(fd, "theirs", os.lstat(d), time.time())
+    assert first < later < 3600 and os.lstat(d).st_mtime == ahead

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ranks
@@ -434,6 +435,30 @@ def test_incomplete_publishes_are_listed_pruned_and_cleared(tmp_path):
     c = _cli("clear", str(store.root))
     assert c.returncode == 0 and "1 incomplete publishes" in c.stdout, c.stdout
     assert not busy.exists()
+
+
+def test_an_incomplete_publish_dated_in_the_future_is_pruned_by_its_change_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 30: a ``.tmp.*`` dated ahead of the clock (``touch -d``, or written before a
+    clock was stepped back) had an unknown age and was never pruned. Its files' ctime,
+    which nobody can set, dates it now: pruned an hour after its last change."""
+    from dynamo_dist.tools import cache_dir
+
+    store = _cache_with(tmp_path, 1)  # the entry stays: --max-size leaves room for it
+    ahead = _tmp_publish(store, KEYS[1], -10 * 365 * 86400)  # mtimes 10 years ahead
+    p = _cli("prune", str(store.root), "--max-size", "1T")
+    assert p.returncode == 0 and "0 stale incomplete publishes" in p.stdout, p.stdout
+    assert ahead.exists(), "changed just now: a publish may still be filling it"
+    real = time.time
+    # This host's clock behind the file server's: even the ctime lies ahead. Kept, said.
+    monkeypatch.setattr(cache_dir, "time", SimpleNamespace(time=lambda: real() - 2 * 3600))
+    p = _cli("prune", str(store.root), "--max-size", "1T")
+    assert ahead.exists() and "even by their change time" in p.stdout, p.stdout
+    monkeypatch.setattr(cache_dir, "time", SimpleNamespace(time=lambda: real() + 2 * 3600))
+    p = _cli("prune", str(store.root), "--max-size", "1T")
+    assert p.returncode == 0 and "1 stale incomplete publishes" in p.stdout, p.stdout
+    assert not ahead.exists() and store.entry_dir(KEYS[0]).exists()
 
 
 def _refuse(store: DiskStore, key: str, age: float) -> Path:
