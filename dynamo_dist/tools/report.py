@@ -133,14 +133,15 @@ def publish_and_collect(
     stats: dict[str, Any],
     wait_s: float,
     path: str | None,
-    started: Callable[[], set[int]] = lambda: set(),
+    started: Callable[[], set[int]] | None = None,
 ) -> dict[str, Any] | None:
     """Publish this rank's stats; on rank 0 collect everyone's, log the table, write ``path``.
 
     ``generation`` numbers dynamo_dist runtimes within the job (a program may shut
     one down and start another), so a report never mixes in an earlier one's stats.
     ``started()``: the ranks that ever started dynamo_dist (made a compiled call); rank
-    0 does not wait for the others, which have no stats to give, and says so.
+    0 does not wait for the others, which have no stats to give, and says so (None:
+    every rank counts as started).
     """
     prefix = f"{_PREFIX}{generation}/"
     try:
@@ -162,7 +163,8 @@ def publish_and_collect(
     while True:
         if time.monotonic() >= next_look:
             # Checked again each second: a rank may start its runtime while we wait.
-            never = set(range(world_size)) - started() - {rank}
+            known = started() if started is not None else set(range(world_size))
+            never = set(range(world_size)) - known - {rank} - refused
             next_look = time.monotonic() + 1.0
         for r, key in enumerate(keys):
             if str(r) in by_rank or r in refused:

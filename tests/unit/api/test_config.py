@@ -98,6 +98,7 @@ def test_checks_env_and_flags_derive_from_the_fields():
         "timeout": "--timeout",
         "cache_dir": "--cache-dir",
         "cache_followers": "--cache-followers",
+        "stall_abort": "--stall-abort",
         "report": "--report",
         "all_compiles": "--all-compiles",
     }
