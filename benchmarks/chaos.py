@@ -230,9 +230,15 @@ def _inject(fault: str, tag: str, rng: random.Random, cache: str, tmp: str) -> s
         )
         return "cache read-only"
     if fault in ("corrupt", "truncate"):
-        every = [p for p in Path(cache).rglob("*") if p.is_file() and not p.is_symlink()]
-        # An entry's files when there are any (the marker file is there from the start).
-        files = [p for p in every if "entries" in p.parts] or every
+        # An entry's files, once there are any (up to a minute); else any file.
+        until = time.monotonic() + 60
+        while True:
+            every = [p for p in Path(cache).rglob("*") if p.is_file() and not p.is_symlink()]
+            files = [p for p in every if "entries" in p.parts]
+            if files or time.monotonic() > until or not _ranks(tag):
+                break
+            time.sleep(0.5)
+        files = files or every
         if not files:
             return "no file to damage yet"
         victim = rng.choice(files)
