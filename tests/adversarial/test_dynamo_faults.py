@@ -1,0 +1,160 @@
+"""Issue 30, the Dynamo side: failure modes of one rank's process that must not pass for
+divergences or hangs (one rank's reset() or profiler, threads in local(), a rank outside
+a group disagreement, a forked child).
+
+Each rank program runs on real ranks (gloo, Dynamo, the shared-memory exchange); the
+test next to it asserts on what every rank reported.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+import ranks
+import torch
+from ranks import CountingBackend, error_result, result
+
+import dynamo_dist
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
+
+HERE = __file__
+
+
+def _no_graph(x: Any) -> Any:
+    """No tensor operation: Dynamo finds nothing to compile and marks the code skip."""
+    return x
+
+
+def _graph(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1
+
+
+def _breaks(x: torch.Tensor) -> torch.Tensor:
+    """A graph, a break, then nothing to compile: Dynamo marks the resume function skip."""
+    y = x * 3
+    torch._dynamo.graph_break()
+    return y
+
+
+# -- reset() and sys.setprofile on one rank --------------------------------------------
+def reset_with_skipped_frame(rank: int, world: int) -> dict[str, Any]:
+    cb = CountingBackend()
+    skipped = dynamo_dist.compile(_no_graph, backend=cb, timeout=20)
+    breaks = dynamo_dist.compile(_breaks, backend=cb, timeout=20)
+    compiled = dynamo_dist.compile(_graph, backend=cb, timeout=20)
+    ok = True
+    try:
+        for step in range(6):
+            if rank == 1 and step in (2, 4):
+                torch._dynamo.reset()
+            x = torch.full((4, 3), float(step))
+            ok &= bool(torch.equal(skipped(x), x))
+            ok &= bool(torch.allclose(breaks(x), x * 3))
+            ok &= bool(torch.allclose(compiled(x), _graph(x)))
+    except dynamo_dist.DynamoDistError as e:
+        return error_result(cb, e)
+    return result(cb, ok)
+
+
+def _scaled(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x * k
+
+
+def reset_after_recompile_limit(rank: int, world: int) -> dict[str, Any]:
+    """Both ranks reach the recompile limit (Dynamo: cached entries only), then rank 1
+    resets: its entries are gone, while rank 0's hook still exchanges every call."""
+    torch._dynamo.config.recompile_limit = 2
+    cb = CountingBackend()
+    scaled = dynamo_dist.compile(_scaled, backend=cb, dynamic=False, timeout=20)
+    ok = True
+    try:
+        for step in range(9):
+            if rank == 1 and step == 5:
+                torch._dynamo.reset()
+            k = step + 2 if step < 7 else 2  # at the end, a k rank 0 has an entry for
+            x = torch.ones(3)
+            ok &= bool(torch.allclose(scaled(x, k), x * k))
+    except dynamo_dist.DynamoDistError as e:
+        return error_result(cb, e)
+    return result(cb, ok)
+
+
+def profile_on_one_rank(rank: int, world: int, tracer: str) -> dict[str, Any]:
+    cb = CountingBackend()
+    compiled = dynamo_dist.compile(_graph, backend=cb, timeout=20)
+    breaks = dynamo_dist.compile(_breaks, backend=cb, timeout=20)
+    profiler = _Profiler()
+    ok = True
+    try:
+        for step in range(8):
+            if rank == 1 and step == 2:
+                sys.setprofile(profiler.event if tracer == "profile" else None)
+                sys.settrace(profiler.event if tracer == "trace" else None)
+            if rank == 1 and step == 6:
+                sys.setprofile(None)
+                sys.settrace(None)
+            # One rank's shapes change while the other rank profiles: a mixed exchange.
+            n = 5 if (step == 3 and rank == 0) or step == 5 else 4
+            x = torch.full((n, 3), float(step))
+            ok &= bool(torch.allclose(compiled(x), _graph(x)))
+            ok &= bool(torch.allclose(breaks(x), x * 3))
+    except dynamo_dist.DynamoDistError as e:
+        return error_result(cb, e)
+    finally:
+        sys.setprofile(None)
+        sys.settrace(None)
+    return result(cb, ok, profiled=len(profiler.calls))
+
+
+class _Profiler:
+    """A Python profile (or trace) function that calls helpers of its own, as real ones do."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def _note(self, name: str) -> None:
+        self.calls.append(name)
+
+    def event(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "call":
+            self._note(frame.f_code.co_name)
+        return self.event
+
+
+def _assert_paired(run: ranks.RankRun) -> list[dict[str, Any]]:
+    res = [run.rank(r) for r in (0, 1)]
+    for one in res:
+        assert one["ok"], (one.get("error"), one.get("message"), one.get("traceback"))
+    exchanges = [one["stats"]["exchanges"] for one in res]
+    assert exchanges[0] == exchanges[1], exchanges
+    return res
+
+
+def test_reset_on_one_rank_replays_dynamos_skips(tmp_path: Any) -> None:
+    """Rank 1 resets twice; the frames Dynamo skipped stay skipped there, unexchanged."""
+    run = ranks.launch(HERE, "reset_with_skipped_frame", tmp=tmp_path, timeout=200)
+    res = _assert_paired(run)
+    # Each reset forces both ranks to recompile the two frames with graphs, together.
+    assert res[0]["graphs"] == res[1]["graphs"] == 2 + 2 * 2, res
+
+
+def test_reset_on_one_rank_at_the_recompile_limit(tmp_path: Any) -> None:
+    run = ranks.launch(HERE, "reset_after_recompile_limit", tmp=tmp_path, timeout=200)
+    res = _assert_paired(run)
+    # Two entries each, then eager on both ranks: rank 1 compiles nothing alone.
+    assert res[0]["graphs"] == res[1]["graphs"] == 2, res
+
+
+@pytest.mark.parametrize("tracer", ["profile", "trace"])
+def test_profile_or_trace_function_on_one_rank(tmp_path: Any, tracer: str) -> None:
+    run = ranks.launch(HERE, "profile_on_one_rank", tracer, tmp=tmp_path, timeout=200)
+    res = _assert_paired(run)
+    assert res[1]["profiled"] > 0 and res[0]["profiled"] == 0, res
+    assert res[0]["graphs"] == res[1]["graphs"], res
+
+
+if __name__ == "__main__":
+    ranks.main(globals())
