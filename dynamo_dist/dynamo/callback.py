@@ -19,6 +19,7 @@ ranks' do, or one rank would fall back to eager while the others compile.
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -38,8 +39,19 @@ class LocalEntries:
 
     def __init__(self) -> None:
         self.codes: dict[int, Any] = {}  # id -> code object (kept alive: ids stay unique)
-        self.code_state: dict[Any, Any] = {}  # the automatic-dynamic view of local compiles
         self.frames: set[Any] = set()  # frame code objects with at least one local entry
+        self._views = threading.local()
+
+    def code_state(self) -> dict[Any, Any]:
+        """The automatic-dynamic view of this thread's local compiles (one per thread).
+
+        ``local()`` is per thread: an evaluation thread's shapes must not make a dim
+        dynamic in another thread's rank-local compiles, as they must not in training's.
+        """
+        view: dict[Any, Any] | None = getattr(self._views, "code_state", None)
+        if view is None:
+            view = self._views.code_state = {}
+        return view
 
     def record(self, frame_code: Any, result: Any) -> None:
         code = getattr(getattr(result, "guarded_code", None), "code", None)
@@ -245,7 +257,7 @@ class GuardedCallback:
             return compat.run_eagerly_once()
         with (
             dist_local.compiling(None),
-            pgo.isolated_code_state(local_entries.code_state),
+            pgo.isolated_code_state(local_entries.code_state()),
             patches.recompile_headroom(lock_same, lock_total),
         ):
             result = self._inner(frame, cache_entry, frame_state)

@@ -9,6 +9,7 @@ test next to it asserts on what every rank reported.
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -124,6 +125,58 @@ class _Profiler:
         return self.event
 
 
+# -- two threads compiling inside local() ------------------------------------------------
+class _ShapeBackend:
+    """Records, per thread, which dims of the graph's first input are symbolic (dynamic)."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[str, list[list[bool]]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, gm: Any, example_inputs: list[Any]) -> Any:
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        shape = next(v.shape for v in values if isinstance(v, torch.Tensor))
+        with self._lock:
+            seen = self.graphs.setdefault(threading.current_thread().name, [])
+            seen.append([isinstance(s, torch.SymInt) for s in shape])
+        return gm.forward
+
+
+def threads_in_local(rank: int, world: int) -> dict[str, Any]:
+    """Two threads take turns compiling one function inside local(), each on its own shapes.
+
+    The training call sees (4, 3). Thread b then sees (5, 3): dim 0 varies in its view.
+    Thread a then sees (4, 7): in its own view only dim 1 varied, never dim 0.
+    """
+    backend = _ShapeBackend()
+    compiled = dynamo_dist.compile(_graph, backend=backend, timeout=30)
+    compiled(torch.ones(4, 3))  # joins the group, on the main thread
+    b_done = threading.Event()
+    errors: list[str] = []
+
+    def run(shape: tuple[int, int], after: threading.Event | None) -> None:
+        try:
+            if after is not None:
+                assert after.wait(60), "thread b never finished"
+            with dynamo_dist.local():
+                compiled(torch.ones(*shape))
+        except BaseException as e:
+            errors.append(f"{type(e).__name__}: {e}")
+        finally:
+            b_done.set()
+
+    threads = [
+        threading.Thread(target=run, name="a", args=((4, 7), b_done)),
+        threading.Thread(target=run, name="b", args=((5, 3), None)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    compiled(torch.ones(4, 3))  # the group still agrees after the threads' local compiles
+    return {"ok": not errors, "errors": errors, "graphs": backend.graphs}
+
+
 def _assert_paired(run: ranks.RankRun) -> list[dict[str, Any]]:
     res = [run.rank(r) for r in (0, 1)]
     for one in res:
@@ -154,6 +207,19 @@ def test_profile_or_trace_function_on_one_rank(tmp_path: Any, tracer: str) -> No
     res = _assert_paired(run)
     assert res[1]["profiled"] > 0 and res[0]["profiled"] == 0, res
     assert res[0]["graphs"] == res[1]["graphs"], res
+
+
+def test_threads_in_local_keep_their_own_automatic_dynamic_state(tmp_path: Any) -> None:
+    run = ranks.launch(HERE, "threads_in_local", tmp=tmp_path, timeout=200)
+    for r in (0, 1):
+        res = run.rank(r)
+        assert res["ok"], res
+        # Dim 0 varied in thread b's calls only: thread a's graph keeps it static.
+        assert res["graphs"] == {
+            "MainThread": [[False, False]],
+            "b": [[True, False]],
+            "a": [[False, True]],
+        }, res["graphs"]
 
 
 if __name__ == "__main__":
