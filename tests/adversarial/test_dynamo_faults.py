@@ -177,6 +177,28 @@ def threads_in_local(rank: int, world: int) -> dict[str, Any]:
     return {"ok": not errors, "errors": errors, "graphs": backend.graphs}
 
 
+# -- a rank outside a group disagreement ------------------------------------------------
+def outside_a_disagreement(rank: int, world: int) -> dict[str, Any]:
+    """Ranks 0 and 1 disagree about a group; rank 2 waits for rank 0 in another group.
+
+    Rank 0 sets up ranks 0,1 and rank 1 the whole world: each waits for the other, and
+    both fail. Rank 2 sets up ranks 0,2, which rank 0 will now never join.
+    """
+    import torch.distributed as dist
+
+    assert world == 3
+    groups = {r: dist.new_group(m) for r, m in ((0, [0, 1]), (2, [0, 2]))}  # on every rank
+    cb = CountingBackend()
+    try:
+        cf = dynamo_dist.compile(
+            _graph, backend=cb, group=groups.get(rank, dist.group.WORLD), timeout=40
+        )
+        cf(torch.ones(4, 3))
+    except dynamo_dist.DynamoDistError as e:
+        return error_result(cb, e)
+    return result(cb, True)
+
+
 def _assert_paired(run: ranks.RankRun) -> list[dict[str, Any]]:
     res = [run.rank(r) for r in (0, 1)]
     for one in res:
@@ -220,6 +242,18 @@ def test_threads_in_local_keep_their_own_automatic_dynamic_state(tmp_path: Any) 
             "b": [[True, False]],
             "a": [[False, True]],
         }, res["graphs"]
+
+
+def test_a_rank_outside_a_group_disagreement_fails_at_once(tmp_path: Any) -> None:
+    run = ranks.launch(HERE, "outside_a_disagreement", tmp=tmp_path, nproc=3, timeout=240)
+    for r in (0, 1):
+        res = run.rank(r)
+        assert res["error"] == "RankDivergenceError", res
+    res = run.rank(2)
+    # Not CollectiveTimeoutError after waiting out the timeout for a rank that failed.
+    assert res["error"] == "RankDivergenceError", res
+    msg = res["message"]
+    assert "rank 0 failed to set up" in msg and "ranks 0-1" in msg and "ranks 0,2" in msg, msg
 
 
 if __name__ == "__main__":
