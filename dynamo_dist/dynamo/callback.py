@@ -186,7 +186,7 @@ class GuardedCallback:
             decided = skipped_codes.decided(frame.f_code)
             if decided is not None:
                 return self._replay(frame, decided)
-        if _C.local_depth() > 0:
+        if dist_local.is_local():  # inside local(), or in a forked child of a rank
             return self._local(frame, cache_entry, frame_state)
         policy = self._policy
         if policy is not None:
@@ -241,6 +241,7 @@ class GuardedCallback:
         Dynamo would mark the code object to run eagerly for good, lockstep calls
         included, on this rank only; so at the limit this call runs eagerly instead.
         """
+        dist_local.warn_forked_child()
         local_same, local_total, lock_same, lock_total = local_entries.counts(frame)
         specific, accumulated = compat.recompile_limits()
         if local_same >= specific or local_total >= accumulated:

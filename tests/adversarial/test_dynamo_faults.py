@@ -199,6 +199,74 @@ def outside_a_disagreement(rank: int, world: int) -> dict[str, Any]:
     return result(cb, True)
 
 
+# -- a forked child that calls compiled code ---------------------------------------------
+def _other(x: torch.Tensor) -> torch.Tensor:
+    return x - 3
+
+
+def _in_child(cf: Any, late: Any) -> dict[str, Any]:
+    """The child's compiled calls: hits, a miss and a first entry, then what it logged."""
+    import logging
+
+    warnings: list[str] = []
+
+    class Grab(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.levelno >= logging.WARNING:
+                warnings.append(record.getMessage())
+
+    logging.getLogger("dynamo_dist").addHandler(Grab())
+    ok = True
+    try:
+        for n in (4, 4, 7, 4):  # hits, then a size no rank compiled
+            x = torch.full((n, 3), 2.0)
+            ok &= bool(torch.allclose(cf(x), _graph(x)))
+        x = torch.ones(4, 3)
+        ok &= bool(torch.allclose(late(x), _other(x)))  # first called here, in the child
+        return {"ok": ok, "warnings": warnings}
+    except BaseException as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {e}", "warnings": warnings}
+
+
+def fork_after_setup(rank: int, world: int) -> dict[str, Any]:
+    """Each rank forks a child that calls compiled code, then trains on, paired."""
+    import json
+    import os
+    import signal
+
+    cb = CountingBackend()
+    cf = dynamo_dist.compile(_graph, backend=cb, timeout=30)
+    late = dynamo_dist.compile(_other, backend=cb, timeout=30)
+    ok = True
+    for _ in range(3):
+        x = torch.ones(4, 3)
+        ok &= bool(torch.allclose(cf(x), _graph(x)))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, and never return into the program
+        os.close(read)
+        signal.alarm(120)
+        try:
+            os.write(write, json.dumps(_in_child(cf, late)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        child = json.loads(fh.read() or "{}")
+    os.waitpid(pid, 0)
+    ranks.signal_peers(f"child_of_{rank}_done")
+    ranks.wait_for_peer(f"child_of_{1 - rank}_done")
+    try:
+        for step in range(4):
+            n = 5 if (rank == 1 and step == 1) else 4  # a mixed exchange, after the fork
+            x = torch.full((n, 3), float(step))
+            ok &= bool(torch.allclose(cf(x), _graph(x)))
+            ok &= bool(torch.allclose(late(x), _other(x)))
+    except dynamo_dist.DynamoDistError as e:
+        return error_result(cb, e, child=child)
+    return result(cb, ok, child=child)
+
+
 def _assert_paired(run: ranks.RankRun) -> list[dict[str, Any]]:
     res = [run.rank(r) for r in (0, 1)]
     for one in res:
@@ -254,6 +322,19 @@ def test_a_rank_outside_a_group_disagreement_fails_at_once(tmp_path: Any) -> Non
     assert res["error"] == "RankDivergenceError", res
     msg = res["message"]
     assert "rank 0 failed to set up" in msg and "ranks 0-1" in msg and "ranks 0,2" in msg, msg
+
+
+def test_a_forked_child_never_joins_its_parents_channel(tmp_path: Any) -> None:
+    run = ranks.launch(HERE, "fork_after_setup", tmp=tmp_path, timeout=240)
+    res = _assert_paired(run)
+    assert res[0]["graphs"] == res[1]["graphs"], res
+    # 3 calls, then per step one call of each function; plus the first entry of late.
+    assert res[0]["stats"]["exchanges"] == 3 + 4 * 2, res[0]["stats"]
+    for r, one in enumerate(res):
+        child = one["child"]
+        assert child["ok"], (r, child)
+        (warning,) = child["warnings"]
+        assert f"forked from rank {r}" in warning and "plain torch.compile" in warning, warning
 
 
 if __name__ == "__main__":
