@@ -220,8 +220,11 @@ def _refuse_crossed_setups(
     """Raise RankDivergenceError if a member's setup record shows the wait cannot end.
 
     Either a member failed its own setup of a group that includes this rank, or a
-    missing member waits on a different group that includes this rank: each waits for
-    the other, a certain deadlock.
+    missing member failed any setup (the error is on its way up its program, which will
+    not join this group: a rank outside two others' disagreement about a group would
+    otherwise wait out the timeout for one of them), or a missing member waits on a
+    different group that includes this rank: each waits for the other, a certain
+    deadlock.
     """
     me = dist.get_rank()
     world = dist.get_world_size()
@@ -230,11 +233,12 @@ def _refuse_crossed_setups(
         if view is None:
             continue
         other = tuple(view.get("ranks", ()))
-        if view.get("state") == "failed" and (other == ranks or me in other):
+        if view.get("state") == "failed" and (other == ranks or me in other or m in missing):
             raise RankDivergenceError(
                 f"rank {m} failed to set up its group {group_name(other, world)} "
                 f"for dynamo_dist.compile ({view.get('error', 'unknown error')}); "
-                f"this rank was setting up {group_name(ranks, world)} with it.",
+                f"this rank was setting up {group_name(ranks, world)} (at {where}) with it, "
+                f"and rank {m} will not join it. Fix the error on rank {m} first.",
                 {m: view, me: mine},
             )
         if m in missing and view.get("state") == "waiting" and other != ranks and me in other:

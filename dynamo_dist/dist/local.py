@@ -1,6 +1,7 @@
 """Which ranks the compile running on this thread must agree with: its group, or none.
 
-Two per-thread facts decide whether a compiled call talks to other ranks:
+Two per-thread facts, and one per-process fact, decide whether a compiled call talks to
+other ranks:
 
 * ``dynamo_dist.local()`` (a depth kept in C++, where the guard hook reads it for free):
   inside it, compiled calls behave like plain ``torch.compile`` on this rank. Real
@@ -16,19 +17,36 @@ Two per-thread facts decide whether a compiled call talks to other ranks:
   during the compile (the caching backend, ``cache/backend.py``, which passes it down
   to the cache agreement and the profile as an argument; consensus's answer to
   Dynamo's ``get_compile_pg()``, ``exchange/consensus.py``).
+* whether this process is a *forked child* of a rank (``os.fork``, a DataLoader worker)
+  forked after dynamo_dist set up its groups (:func:`forked_from`): it shares its
+  parent's shared-memory segment, sockets and store connection, and must never post
+  into them. Every compiled call there is rank-local, as inside ``local()``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import ContextDecorator, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from dynamo_dist._log import get_logger
 from dynamo_dist.dynamo.hook import _C
 
-__all__ = ["GroupInfo", "compiling", "current_group", "is_local", "local"]
+__all__ = [
+    "GroupInfo",
+    "compiling",
+    "current_group",
+    "forked_from",
+    "is_local",
+    "local",
+    "mark_forked_child",
+    "warn_forked_child",
+]
+
+log = get_logger("runtime")
 
 
 class local(ContextDecorator):
@@ -51,8 +69,42 @@ class local(ContextDecorator):
 
 
 def is_local() -> bool:
-    """Whether this thread is inside ``dynamo_dist.local()``."""
-    return bool(_C.local_depth() > 0)
+    """Whether this thread's compiled calls are rank-local: inside ``dynamo_dist.local()``,
+    or anywhere in a forked child of a rank (:func:`forked_from`)."""
+    return bool(_C.local_depth() > 0) or _forked_from is not None
+
+
+_forked_from: str | None = None
+_warned_forked = False
+
+
+def forked_from() -> str | None:
+    """The rank this process was forked from after it set up its groups (None: not a child)."""
+    return _forked_from
+
+
+def mark_forked_child(parent: str) -> None:
+    """Called in a forked child (``os.register_at_fork``) once its hooks are released."""
+    global _forked_from, _warned_forked
+    _forked_from, _warned_forked = parent, False
+
+
+def warn_forked_child() -> None:
+    """One WARNING per forked child, at its first compiled call (not at the fork: most
+    children, DataLoader workers among them, never call compiled code)."""
+    global _warned_forked
+    if _forked_from is None or _warned_forked:
+        return
+    _warned_forked = True
+    log.warning(
+        "compiled code was called in process %d, forked from %s after dynamo_dist set up "
+        "its guard exchange: it runs here as plain torch.compile, exchanging nothing (a "
+        "child must never post into its parent's shared-memory segment or process "
+        "groups). Compiled calls that must agree across ranks belong in the rank "
+        "processes themselves.",
+        os.getpid(),
+        _forked_from,
+    )
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from dynamo_dist.exchange.collective import GlooTransport, Transport, percentile
 from dynamo_dist._config import Config
 from dynamo_dist.dist.group import group_name
 from dynamo_dist.dynamo.hook import _C, describe_identity
+from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist.local import GroupInfo
 from dynamo_dist._log import get_logger
 from dynamo_dist.exchange.policy import Policy
@@ -202,6 +203,27 @@ class Runtime:
                 started=self.board.started,
             )
 
+    def abandon_in_child(self) -> None:
+        """In a forked child: let go of everything this runtime shares with its parent.
+
+        The child has the parent's segment mapped, its sockets and store connection open,
+        and each group's hook at the parent's sequence number. A post there from the child
+        would pair with the parent's peers in place of the parent. So the hooks are released
+        (they pass every result through), the router is swapped for a hook that says so
+        once, and nothing is closed or published: the segment's lease, the native
+        exchange's sockets (a shutdown is seen by the parent's peer) and the status board
+        all stay the parent's. The objects stay referenced for the child's life
+        (``_abandoned``): nothing of them is torn down while the child runs.
+        """
+        _abandoned.append(self)
+        for g in self.groups.values():
+            if g.hook is not None:
+                g.hook.release()
+        _C.set_pending_error(None)
+        child_hook = _ForkedChildHook(self._previous_hook)
+        _abandoned.append(child_hook)
+        dynamo_hook.replace(self.router, child_hook)
+
     def _end_stalled_job(self, stale: list[Stale]) -> None:
         """``stall_abort``: write the job report and end this process (on the board's thread).
 
@@ -306,8 +328,46 @@ def _make_transport(
     return GlooTransport(**common)
 
 
+class _ForkedChildHook:
+    """The guard-complete hook of a forked child: passes results through, warns once.
+
+    Compiled calls that hit their cache reach no Python code of ours but this hook; the
+    first one logs the child's one warning, and the hook puts back the one that was
+    installed before dynamo_dist's. The object stays referenced (``_abandoned``) while
+    Dynamo may still be calling it.
+    """
+
+    def __init__(self, previous: object | None) -> None:
+        self.previous = previous
+
+    def __call__(self, hit: bool) -> bool:
+        dist_local.warn_forked_child()
+        dynamo_hook.uninstall(self, self.previous)
+        previous = self.previous
+        return bool(previous(hit)) if callable(previous) else hit
+
+
+def _after_fork_in_child() -> None:
+    """``os.register_at_fork(after_in_child=...)``: a forked child never joins the channel.
+
+    Runs in the child of every fork (DataLoader workers, ``os.fork``, multiprocessing's
+    fork start method) while it is the child's only thread. Without a runtime there is
+    nothing to release (a grandchild inherits its parent's mark); ``ensure`` refuses to
+    start one in a child.
+    """
+    global _runtime
+    rt, _runtime = _runtime, None
+    if rt is not None:
+        dist_local.mark_forked_child(f"rank {rt.rank} (pid {os.getppid()})")
+        rt.abandon_in_child()
+
+
 _runtime: Runtime | None = None
 _generation = 0
+#: What a forked child inherited and let go of, kept referenced while it runs: nothing the
+#: parent still uses (its gloo groups, sockets, segment) is torn down from the child.
+_abandoned: list[object] = []
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def distributed_world() -> int:
@@ -320,8 +380,8 @@ def distributed_world() -> int:
 def ensure(cfg: Config) -> Runtime | None:
     """The process's runtime, created on first use; None for single-process programs."""
     global _runtime
-    if distributed_world() <= 1 or cfg.policy == "off":
-        return None
+    if distributed_world() <= 1 or cfg.policy == "off" or dist_local.forked_from() is not None:
+        return None  # a forked child of a rank joins nothing: its compiled calls are local
     if _runtime is None:
         _runtime = Runtime(cfg)
         # The report must be collected while the store still answers: at exit,

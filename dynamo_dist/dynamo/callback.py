@@ -18,6 +18,8 @@ ranks' do, or one rank would fall back to eager while the others compile.
 
 from __future__ import annotations
 
+import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +39,19 @@ class LocalEntries:
 
     def __init__(self) -> None:
         self.codes: dict[int, Any] = {}  # id -> code object (kept alive: ids stay unique)
-        self.code_state: dict[Any, Any] = {}  # the automatic-dynamic view of local compiles
         self.frames: set[Any] = set()  # frame code objects with at least one local entry
+        self._views = threading.local()
+
+    def code_state(self) -> dict[Any, Any]:
+        """The automatic-dynamic view of this thread's local compiles (one per thread).
+
+        ``local()`` is per thread: an evaluation thread's shapes must not make a dim
+        dynamic in another thread's rank-local compiles, as they must not in training's.
+        """
+        view: dict[Any, Any] | None = getattr(self._views, "code_state", None)
+        if view is None:
+            view = self._views.code_state = {}
+        return view
 
     def record(self, frame_code: Any, result: Any) -> None:
         code = getattr(getattr(result, "guarded_code", None), "code", None)
@@ -67,6 +80,66 @@ class LocalEntries:
 
 
 local_entries = LocalEntries()
+
+
+class SkippedCodes:
+    """Code Dynamo chose not to compile again in this process, remembered across reset().
+
+    Dynamo marks such code for good: ``SKIP`` (nothing to compile in it), and the callback
+    is never called for it again, so no rank exchanges for it; or ``RUN_ONLY`` (the
+    recompile limit), and each call runs a cached entry or eagerly, exchanged by the hook.
+    ``torch._dynamo.reset()`` clears the mark and the entries. On a rank that resets
+    alone, the next call reaches the callback, which would exchange a first entry the
+    others never make (they still skip the code: a false ``RankDivergenceError`` against
+    their next frame), or compile alone (they run eagerly at the limit: the compile's
+    collectives wait for them). Replaying the decision keeps that rank where the others
+    are (:meth:`GuardedCallback._replay`). Keyed by what the code is, not by its address:
+    after a reset a rank builds the resume functions of a graph break anew, as new code
+    objects the ranks that did not reset still skip.
+    """
+
+    def __init__(self) -> None:
+        self._actions: dict[tuple[Any, ...], tuple[int, int]] = {}
+
+    @staticmethod
+    def _key(code: Any) -> tuple[Any, ...]:
+        name = getattr(code, "co_qualname", code.co_name)
+        return (code.co_filename, code.co_firstlineno, name, code.co_code)
+
+    def record(self, code: Any, result: Any) -> None:
+        actions = compat.code_decision(result)
+        if actions is not None:
+            self._actions[self._key(code)] = actions
+
+    def decided(self, code: Any) -> tuple[int, int] | None:
+        """The earlier decision for ``code`` (None: Dynamo never decided for it)."""
+        return self._actions.get(self._key(code))
+
+
+skipped_codes = SkippedCodes()
+
+
+def is_tracer_frame(code: Any) -> bool:
+    """Whether ``code`` is this thread's profile or trace function (``sys.setprofile`` ...).
+
+    The interpreter calls them on its own, inside a compiled call too, and Dynamo's frame
+    callback sees their frames: on a rank with a profiler only. Exchanged like the
+    program's frames, they would pair with the other ranks' next exchange of another
+    frame (a false ``RankDivergenceError``); so they are skipped, with every frame they
+    call, and never traced or exchanged. A profiler's C callback (``cProfile``) has no
+    frame to see.
+    """
+    for fn in (sys.getprofile(), sys.gettrace()):
+        if not callable(fn):
+            continue
+        # A function, a bound method, or an object whose class defines __call__.
+        target = getattr(fn, "__func__", fn)
+        if getattr(target, "__code__", None) is None:
+            target = type(fn).__call__
+        if getattr(target, "__code__", None) is code:
+            return True
+    return False
+
 
 log = get_logger("runtime")
 _warned: set[Any] = set()
@@ -104,10 +177,16 @@ class GuardedCallback:
 
     @dynamo_hook.transparent
     def __call__(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
+        if is_tracer_frame(frame.f_code):
+            return compat.skip_code(compat.skip_recursively())
         err = _C.pending_error()
         if err is not None:
             raise _errors.pending(err)
-        if _C.local_depth() > 0:
+        if cache_entry is None:
+            decided = skipped_codes.decided(frame.f_code)
+            if decided is not None:
+                return self._replay(frame, decided)
+        if dist_local.is_local():  # inside local(), or in a forked child of a rank
             return self._local(frame, cache_entry, frame_state)
         policy = self._policy
         if policy is not None:
@@ -131,9 +210,29 @@ class GuardedCallback:
             patches.recompile_headroom(specific, total),
         ):
             result = self._inner(frame, cache_entry, frame_state)
+        skipped_codes.record(frame.f_code, result)
         if getattr(result, "guarded_code", None) is not None:
             self._counts.compiles += 1
         return result
+
+    @dynamo_hook.transparent
+    def _replay(self, frame: Any, actions: tuple[int, int]) -> Any:
+        """Dynamo's earlier decision for this code, which a ``reset()`` cleared (SkippedCodes).
+
+        ``SKIP``: skipped again, with no exchange, as on the ranks that did not reset.
+        ``RUN_ONLY``: those ranks still hold entries, and their hook exchanges every call;
+        this rank joins each of those exchanges here, then runs the call eagerly without
+        marking the code (so the next call comes back here), as they do after a miss or a
+        forced one. Neither side reaches the policy, so the outcome is dropped.
+        """
+        if not compat.is_run_only(actions):
+            return compat.skip_code(actions)
+        policy = self._policy
+        if policy is not None and not dist_local.is_local():
+            policy.check_thread()
+            policy.exchange_first_entry(frame.f_code)
+            policy.take_mixed()
+        return compat.run_eagerly_once()
 
     def _local(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
         """Plain torch.compile on this rank: nothing exchanged, nothing shared with lockstep.
@@ -142,6 +241,7 @@ class GuardedCallback:
         Dynamo would mark the code object to run eagerly for good, lockstep calls
         included, on this rank only; so at the limit this call runs eagerly instead.
         """
+        dist_local.warn_forked_child()
         local_same, local_total, lock_same, lock_total = local_entries.counts(frame)
         specific, accumulated = compat.recompile_limits()
         if local_same >= specific or local_total >= accumulated:
@@ -158,10 +258,11 @@ class GuardedCallback:
             return compat.run_eagerly_once()
         with (
             dist_local.compiling(None),
-            pgo.isolated_code_state(local_entries.code_state),
+            pgo.isolated_code_state(local_entries.code_state()),
             patches.recompile_headroom(lock_same, lock_total),
         ):
             result = self._inner(frame, cache_entry, frame_state)
+        skipped_codes.record(frame.f_code, result)
         if getattr(result, "guarded_code", None) is not None:
             self._counts.local_compiles += 1
             local_entries.record(frame.f_code, result)

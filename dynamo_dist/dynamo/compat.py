@@ -153,6 +153,55 @@ def run_eagerly_once() -> Any:
     )
 
 
+def code_decision(result: Any) -> tuple[int, int] | None:
+    """The (current, recursive) frame actions of a callback result that decides for the code.
+
+    A ``ConvertFrameReturn`` with no compiled code whose ``frame_exec_strategy`` applies to
+    every later call of the code (``apply_to_code``): ``SKIP`` (nothing to compile in it)
+    or ``RUN_ONLY`` (the recompile limit: cached entries only). ``torch._dynamo.types``:
+    torch 2.9 through 2.13. None for anything else (compiled code, a one-off skip).
+    """
+    from torch._dynamo.types import FrameAction
+
+    strategy = getattr(result, "frame_exec_strategy", None)
+    if strategy is None or not getattr(result, "apply_to_code", False):
+        return None
+    if getattr(result, "guarded_code", None) is not None:
+        return None
+    if strategy.cur_action not in (FrameAction.SKIP, FrameAction.RUN_ONLY):
+        return None
+    return int(strategy.cur_action), int(strategy.recursive_action)
+
+
+def is_run_only(actions: tuple[int, int]) -> bool:
+    """Whether ``actions`` (from :func:`code_decision`) run cached entries only."""
+    from torch._dynamo.types import FrameAction
+
+    return actions[0] == int(FrameAction.RUN_ONLY)
+
+
+def skip_code(actions: tuple[int, int]) -> Any:
+    """What a frame callback returns to skip the frame's code for good with ``actions``.
+
+    ``ConvertFrameReturn(FrameExecStrategy(cur, recursive), apply_to_code=True)`` in
+    ``torch._dynamo.types``: torch 2.9 through 2.13.
+    """
+    from torch._dynamo.types import ConvertFrameReturn, FrameAction, FrameExecStrategy
+
+    cur, recursive = actions
+    return ConvertFrameReturn(
+        frame_exec_strategy=FrameExecStrategy(FrameAction(cur), FrameAction(recursive)),
+        apply_to_code=True,
+    )
+
+
+def skip_recursively() -> tuple[int, int]:
+    """The actions that skip a frame and every frame it calls (``FrameAction.SKIP`` twice)."""
+    from torch._dynamo.types import FrameAction
+
+    return int(FrameAction.SKIP), int(FrameAction.SKIP)
+
+
 def pgo_fields(cls: str) -> set[str]:
     """The dataclass fields of ``torch._dynamo.pgo.<cls>`` in this torch.
 

@@ -182,7 +182,16 @@ def install(hook: _C.GuardHook | _C.Router) -> object | None:
     return prev
 
 
-def uninstall(hook: _C.GuardHook | _C.Router, previous: object | None) -> None:
+def replace(hook: object, by: Callable[[bool], bool]) -> bool:
+    """Install ``by`` in place of ``hook``, if ``hook`` is still the installed one."""
+    current = patches.set_guard_complete_hook(by)
+    if current is hook:
+        return True
+    patches.set_guard_complete_hook(current)  # someone else's since: leave theirs
+    return False
+
+
+def uninstall(hook: object, previous: object | None) -> None:
     """Restore ``previous`` if ``hook`` is still the installed one."""
     current = patches.set_guard_complete_hook(previous)
     if current is not None and current is not hook:

@@ -176,6 +176,13 @@ class isolated_code_state:
     automatic dynamic updates in place): torch 2.9 through 2.13. ``view`` is the state to
     compile against (a dict, filled from a copy of the current state when empty); on exit
     it holds what the compile learned and the current state is restored.
+
+    The state is one per process and Dynamo reads it only while it holds its compile lock
+    (``torch._dynamo.convert_frame.compile_lock``, a reentrant lock: torch 2.9 through
+    2.13); so the swap holds that lock from before the view goes in until the state is
+    back. Without it, a compile on another thread (training's, or another thread's inside
+    ``local()``) could run against this view, or this one's swap could put the wrong
+    state back when both overlap.
     """
 
     def __init__(self, view: dict[Any, Any]) -> None:
@@ -185,20 +192,30 @@ class isolated_code_state:
     def __enter__(self) -> None:
         import copy
 
+        from torch._dynamo.convert_frame import compile_lock
         from torch._dynamo.pgo import get_code_state
 
-        state = get_code_state()
-        self._saved = dict(state)
-        if not self._view:
-            self._view.update(copy.deepcopy(self._saved))
-        state.clear()
-        state.update(self._view)
+        compile_lock.acquire()
+        try:
+            state = get_code_state()
+            self._saved = dict(state)
+            if not self._view:
+                self._view.update(copy.deepcopy(self._saved))
+            state.clear()
+            state.update(self._view)
+        except BaseException:
+            compile_lock.release()
+            raise
 
     def __exit__(self, *exc: object) -> None:
+        from torch._dynamo.convert_frame import compile_lock
         from torch._dynamo.pgo import get_code_state
 
-        state = get_code_state()
-        self._view.clear()
-        self._view.update(state)
-        state.clear()
-        state.update(self._saved or {})
+        try:
+            state = get_code_state()
+            self._view.clear()
+            self._view.update(state)
+            state.clear()
+            state.update(self._saved or {})
+        finally:
+            compile_lock.release()
