@@ -20,7 +20,9 @@ Then the same job runs again on the same cache, with no fault. Every trial check
 
 - **hang**: a run still going ``timeout + 60`` s after the fault (the job's guard
   timeout is ``--timeout``; a stopped rank must be named by the stall watch, and
-  ``stall_abort`` ends the job);
+  ``stall_abort`` ends the job). Faults land once dynamo_dist runs on every rank: a
+  rank stopped earlier (in torch's rendezvous, or DDP's first broadcast) leaves the
+  others waiting in torch's own start-up, before dynamo_dist exists to name it;
 - **leak**: a ``/dev/shm/dynamo_dist.*`` segment or a process of the trial left once
   both runs ended, or a cache lock whose owner is gone;
 - **data lost**: the restart fails, or loads nothing although the cache held entries
@@ -140,6 +142,8 @@ def _script(args: argparse.Namespace, cache: str, fault: str, tmp: str) -> str:
     runs = []
     for run in (1, 2):
         env = f"DYNAMO_DIST_REPORT={tmp}/report{run}.json TORCH_TRACE={tmp}/trace{run}"
+        if run == 1:
+            env += " DYNAMO_DIST_LOG=INFO"  # "guard exchange on": dynamo_dist has started
         if args.hosts == 1:
             cmd = [
                 sys.executable,
@@ -187,6 +191,15 @@ def _script(args: argparse.Namespace, cache: str, fault: str, tmp: str) -> str:
             f"echo $? > {tmp}/run2.rc",
         ]
     )
+
+
+def _started(tmp: str) -> int:
+    """Ranks of the first run whose dynamo_dist runtime has started (its INFO line)."""
+    text = ""
+    for log in glob.glob(os.path.join(tmp, "run1*.log")):
+        with contextlib.suppress(OSError):
+            text += Path(log).read_text(errors="replace")
+    return text.count("guard exchange on")
 
 
 def _inject(fault: str, tag: str, rng: random.Random, cache: str, tmp: str) -> str:
@@ -318,9 +331,13 @@ def run_trial(index: int, fault: str, seed: int, args: argparse.Namespace) -> Tr
     )
     budget = args.timeout + 60 + 60  # the fault's grace, torchrun's own SIGTERM grace
     try:
-        # The fault lands at a random moment once the first run's ranks exist.
+        # The fault lands at a random moment once dynamo_dist runs on every rank: a rank
+        # stopped before (in torch's rendezvous, or DDP's first broadcast) leaves the
+        # others waiting in torch's own start-up, before anything of dynamo_dist exists.
         deadline = time.monotonic() + 300
-        while not _ranks(tag) and time.monotonic() < deadline and proc.poll() is None:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _started(tmp) >= args.nproc * args.hosts:
+                break
             time.sleep(0.2)
         time.sleep(rng.uniform(0, args.window))
         trial.note = _inject(fault, tag, rng, cache, tmp)
@@ -393,6 +410,7 @@ def main() -> int:
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--timeout", type=float, default=30.0, help="the job's guard timeout")
     ap.add_argument("--window", type=float, default=30.0, help="latest fault, s after start")
+    ap.add_argument("--first", type=int, default=0, help="skip the trials before this one")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep each trial's directory")
     args = ap.parse_args()
@@ -403,8 +421,10 @@ def main() -> int:
     trials: list[Trial] = []
     t0 = time.monotonic()
     for i in range(args.trials):
-        fault = rng.choice(kinds)
-        trial = run_trial(i, fault, rng.randrange(1 << 30), args)
+        fault, seed = rng.choice(kinds), rng.randrange(1 << 30)
+        if i < args.first:
+            continue  # the same draws: trial i is the same trial with or without --first
+        trial = run_trial(i, fault, seed, args)
         trials.append(trial)
         print(
             f"trial {i:3d} {fault:15s} {trial.outcome:14s} restart {trial.restart:12s} "
