@@ -396,19 +396,21 @@ def load(
         header, artifact = decode(data)
     except ValueError as e:
         return None, Failed(PACKAGE_ERROR, str(e))
-    failed = header.get("failed")
-    if failed is not None:
-        return None, Failed(str(failed), str(header.get("detail", "")))
-    if header.get("torch") != compat.torch_version():
-        return None, Failed(TORCH_CHANGED, f"captured with torch {header.get('torch')}")
+    # The header's values may be of any JSON type: int(inf) overflows, str() of a list
+    # nested nearly as deep as json.loads allows exceeds the recursion limit.
     try:
+        failed = header.get("failed")
+        if failed is not None:
+            return None, Failed(str(failed), str(header.get("detail", "")))
+        if header.get("torch") != compat.torch_version():
+            return None, Failed(TORCH_CHANGED, f"captured with torch {header.get('torch')}")
         sources = [(str(m), int(a), int(b), str(c)) for m, a, b, c in header["sources"]]
         dropped = [
             GuardRecord(str(n), str(t), tuple(str(x) for x in ident))
             for n, t, ident in header["dropped"]
         ]
-    except (KeyError, TypeError, ValueError) as e:
-        return None, Failed(PACKAGE_ERROR, f"bad artifact header: {e}")
+    except (KeyError, TypeError, ValueError, OverflowError, RecursionError) as e:
+        return None, Failed(PACKAGE_ERROR, f"bad artifact header: {type(e).__name__}: {e}")
     why = sources_changed(sources)
     if why is not None:
         return None, Failed(SOURCE_CHANGED, why, sources)

@@ -43,7 +43,10 @@ def decode(data: bytes) -> tuple[dict[str, Any], bytes]:
     start = len(_MAGIC) + 8
     if n > len(data) - start:
         raise ValueError("truncated artifact header")
-    header = json.loads(data[start : start + n])
+    try:
+        header = json.loads(data[start : start + n])
+    except RecursionError:  # nested deeper than the interpreter's recursion limit
+        raise ValueError("artifact header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("artifact header is not an object")
     return header, data[start + n :]

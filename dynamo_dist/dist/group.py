@@ -259,7 +259,18 @@ def _pending(store: Any, prefix: str, rank: int) -> dict[str, Any] | None:
             return None
         raw = dist_store.checked(store.get(prefix + str(rank)), "group-setup record")
         view = json.loads(raw)
-        return view if isinstance(view, dict) else None
+        if not isinstance(view, dict):
+            return None
+        # Its ranks are named (group_name) and its texts quoted in the setup's errors:
+        # another type there would raise in place of the error that explains the wait.
+        ranks = view.get("ranks", [rank])
+        if not (
+            isinstance(ranks, list)
+            and ranks
+            and all(isinstance(r, int) and not isinstance(r, bool) for r in ranks)
+        ) or any(not isinstance(view.get(k, ""), str) for k in ("state", "where", "error")):
+            raise dist_store.PayloadRefused("group-setup record has a field of another type")
+        return view
     except dist_store.PayloadRefused as e:
         dist_store.refuse("group-setup record", e)
         return None

@@ -10,6 +10,7 @@ path never touches the board.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import threading
@@ -205,9 +206,62 @@ def _parse(raw: Any) -> dict[str, Any]:
         return {"error": str(e)}
     try:
         value = json.loads(data)
-        return value if isinstance(value, dict) else {"error": "not a status record"}
     except Exception as e:
         return {"error": str(e)[:300]}
+    if not isinstance(value, dict):
+        return {"error": "not a status record"}
+    problem = _record_problem(value)
+    if problem is not None:
+        # Well-formed JSON with a field of another type: describe_missing and the stall
+        # warning would raise on it (float("x"), a channel without its seq) in place of
+        # the timeout error they explain.
+        dist_store.refuse("status record", dist_store.PayloadRefused(problem))
+        return {"error": problem}
+    return value
+
+
+#: The fields a status record's readers use, and the types ``_payload`` writes.
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "seq": (int,),
+    "frame": (str, type(None)),
+    "group": (str, type(None)),
+    "local": (bool,),
+    "state": (str,),
+    "host": (str,),
+    "pid": (int,),
+    "time": (int, float),
+}
+
+
+def _bad_field(name: str, value: Any, kinds: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in kinds:
+        return True
+    if name == "time" and isinstance(value, int | float):
+        try:  # describe_missing does float() of it: 1e400 is inf, 10**400 overflows
+            return not math.isfinite(float(value))
+        except OverflowError:
+            return True
+    return not isinstance(value, kinds)
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What makes ``record`` not a status record (a field of another type), or None."""
+    for name, kinds in _FIELDS.items():
+        if name in record and _bad_field(name, record[name], kinds):
+            return f"status record field {name!r} is a {type(record[name]).__name__}"
+    channels = record.get("channels")
+    if channels is None:
+        return None
+    if not isinstance(channels, dict):
+        return "status record channels are not an object"
+    for channel in channels.values():
+        if not isinstance(channel, dict) or "seq" not in channel:
+            return "status record channel is not an object with a seq"
+        for name in ("seq", "frame", "epoch"):
+            kinds = (int, type(None)) if name == "epoch" else _FIELDS[name]
+            if name in channel and _bad_field(name, channel[name], kinds):
+                return f"status record channel field {name!r} is a {type(channel[name]).__name__}"
+    return None
 
 
 def describe_missing(

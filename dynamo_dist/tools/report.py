@@ -55,6 +55,21 @@ def with_derived(stats: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: A rank's stats nest four levels (groups, a group, its ranks); far deeper is no report.
+_MAX_NESTING = 16
+
+
+def _nesting(value: Any) -> int:
+    """How deep lists and objects nest in a JSON ``value`` (iterative: any depth)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def format_table(report: dict[str, Any]) -> str:
     """One row per rank; ranks that never reported are listed as missing."""
     by_rank: dict[str, dict[str, Any]] = report.get("ranks", {})
@@ -97,8 +112,13 @@ def _group_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
     """
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for r, st in by_rank.items():
-        for name, g in (st.get("groups") or {}).items():
-            groups.setdefault(name, {})[r] = g
+        # A record read from the job's store may hold anything: only objects are groups.
+        of_rank = st.get("groups")
+        if not isinstance(of_rank, dict):
+            continue
+        for name, g in of_rank.items():
+            if isinstance(g, dict):
+                groups.setdefault(str(name), {})[r] = g
     if not groups or list(groups) == ["world"]:
         return []
     out = ["per group:"]
@@ -113,7 +133,7 @@ def _group_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
             ("divergences", "divergences"),
         ):
             values = {r: g.get(key, 0) for r, g in members.items()}
-            if len(set(values.values())) == 1:
+            if len({json.dumps(v, sort_keys=True, default=str) for v in values.values()}) == 1:
                 parts.append(f"{label} {next(iter(values.values()))}")
             else:
                 per = " ".join(
@@ -172,6 +192,10 @@ def publish_and_collect(
             try:
                 if store.check([key]):
                     record = json.loads(dist_store.checked(store.get(key), "report record"))
+                    if _nesting(record) > _MAX_NESTING:
+                        # Printing it would exceed the recursion limit (str() of a list
+                        # nested nearly as deep as json.loads allows), at shutdown.
+                        raise dist_store.PayloadRefused("report record nested too deeply")
                     by_rank[str(r)] = record if isinstance(record, dict) else {}
             except dist_store.PayloadRefused as e:
                 dist_store.refuse("report record", e)

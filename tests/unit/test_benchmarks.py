@@ -58,3 +58,20 @@ def test_the_emulation_store_listens_on_loopback_only() -> None:
         store.set("k", "v")
         assert _listening(port) == ["0100007F"]  # 127.0.0.1, nothing else
     del store
+
+
+def test_fuzz_cache_benchmark_runs_and_counts(tmp_path: Path) -> None:
+    """``fuzz_cache.py`` (issue 30, item 4) runs its table on a few cases, by seed."""
+    out = tmp_path / "f.json"
+    bench = str(BENCHMARKS / "fuzz_cache.py")
+    proc = subprocess.run(
+        [sys.executable, bench, "--cases", "20", "--seed", "7", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    total = result["rows"]["total"]
+    assert total["cases"] == 20 and total["refused"] + total["handled"] == 20
+    assert result["failures"] == [] and "unverified" in proc.stdout
