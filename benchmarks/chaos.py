@@ -85,8 +85,9 @@ class Trial:
     note: str = ""
 
 
-def _processes(tag: str) -> dict[int, dict[str, str]]:
-    """pid -> environment of every process of this trial (``CHAOS_TRIAL=tag``)."""
+def _processes(tag: str, run: str | None = None) -> dict[int, dict[str, str]]:
+    """pid -> environment of every process of this trial (``CHAOS_TRIAL=tag``), or of
+    one of its runs (``CHAOS_RUN``)."""
     out: dict[int, dict[str, str]] = {}
     for d in glob.glob("/proc/[0-9]*"):
         try:
@@ -96,17 +97,28 @@ def _processes(tag: str) -> dict[int, dict[str, str]]:
         if f"CHAOS_TRIAL={tag}".encode() not in raw:
             continue
         env = dict(kv.split("=", 1) for kv in raw.decode(errors="replace").split("\0") if "=" in kv)
-        out[int(Path(d).name)] = env
+        if run is None or env.get("CHAOS_RUN") == run:
+            out[int(Path(d).name)] = env
     return out
 
 
 def _ranks(tag: str) -> dict[int, int]:
-    """rank -> pid of the trial's rank processes (torchrun sets RANK in them only)."""
+    """rank -> pid of the trial's rank processes: those torchrun's agent started (their
+    own children, inductor's compile workers among them, inherit RANK too)."""
+    procs = _processes(tag, "1")
+    agents = set(_agents(tag))
     return {
         int(env["RANK"]): pid
-        for pid, env in _processes(tag).items()
-        if "RANK" in env and "TORCHELASTIC_RUN_ID" in env
+        for pid, env in procs.items()
+        if "RANK" in env and _parent(pid) in agents
     }
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def _agents(tag: str) -> list[int]:
@@ -114,7 +126,7 @@ def _agents(tag: str) -> list[int]:
     holds the whole script)."""
     return sorted(
         pid
-        for pid, env in _processes(tag).items()
+        for pid, env in _processes(tag, "1").items()
         if "RANK" not in env
         and " -m torch.distributed.run " in f" {_cmdline(pid)} "
         and not _cmdline(pid).startswith(("bash", "unshare"))
@@ -133,7 +145,7 @@ def _script(args: argparse.Namespace, cache: str, fault: str, tmp: str) -> str:
     train = [
         str(TRAIN),
         "--steps",
-        str(args.steps),
+        "{steps}",
         "--backend",
         args.backend,
         "--short-every",
@@ -141,7 +153,10 @@ def _script(args: argparse.Namespace, cache: str, fault: str, tmp: str) -> str:
     ]
     runs = []
     for run in (1, 2):
-        env = f"DYNAMO_DIST_REPORT={tmp}/report{run}.json TORCH_TRACE={tmp}/trace{run}"
+        env = (
+            f"CHAOS_RUN={run} DYNAMO_DIST_REPORT={tmp}/report{run}.json "
+            f"TORCH_TRACE={tmp}/trace{run}"
+        )
         if run == 1:
             env += " DYNAMO_DIST_LOG=INFO"  # "guard exchange on": dynamo_dist has started
         if args.hosts == 1:
@@ -154,7 +169,9 @@ def _script(args: argparse.Namespace, cache: str, fault: str, tmp: str) -> str:
                 "--max-restarts=0",
                 *train,
             ]
-            line = f"{env} {shlex.join(cmd)} > {tmp}/run{run}.log 2>&1"
+            line = f"{env} {shlex.join(cmd)} > {tmp}/run{run}.log 2>&1".replace(
+                "{steps}", str(args.steps if run == 1 else args.restart_steps)
+            )
         else:
             port = 29500 + random.Random(tmp).randrange(20000)
             agents = []
@@ -171,7 +188,11 @@ def _script(args: argparse.Namespace, cache: str, fault: str, tmp: str) -> str:
                     "--max-restarts=0",
                     *train,
                 ]
-                agents.append(f"{env} {shlex.join(cmd)} > {tmp}/run{run}.host{node}.log 2>&1 &")
+                agents.append(
+                    f"{env} {shlex.join(cmd)} > {tmp}/run{run}.host{node}.log 2>&1 &".replace(
+                        "{steps}", str(args.steps if run == 1 else args.restart_steps)
+                    )
+                )
             line = " ".join(agents) + " wait"
         runs.append(line)
     mount = {
@@ -340,9 +361,11 @@ def run_trial(index: int, fault: str, seed: int, args: argparse.Namespace) -> Tr
                 break
             time.sleep(0.2)
         time.sleep(rng.uniform(0, args.window))
-        trial.note = _inject(fault, tag, rng, cache, tmp)
-        injected = time.monotonic()
         rc1 = Path(tmp, "run1.rc")
+        trial.note = (
+            "run 1 ended before the fault" if rc1.exists() else _inject(fault, tag, rng, cache, tmp)
+        )
+        injected = time.monotonic()
         while not rc1.exists() and time.monotonic() - injected < budget:
             time.sleep(0.2)
         if not rc1.exists():
@@ -406,7 +429,8 @@ def main() -> int:
     ap.add_argument("--faults", nargs="*", default=None, help=f"kinds (default all): {FAULTS}")
     ap.add_argument("--nproc", type=int, default=2, help="ranks per host")
     ap.add_argument("--hosts", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=40, help="steps of the run with the fault")
+    ap.add_argument("--restart-steps", type=int, default=4)
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--timeout", type=float, default=30.0, help="the job's guard timeout")
     ap.add_argument("--window", type=float, default=30.0, help="latest fault, s after start")
