@@ -429,11 +429,13 @@ def main() -> int:
     ap.add_argument("--faults", nargs="*", default=None, help=f"kinds (default all): {FAULTS}")
     ap.add_argument("--nproc", type=int, default=2, help="ranks per host")
     ap.add_argument("--hosts", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=40, help="steps of the run with the fault")
+    ap.add_argument("--steps", type=int, default=300, help="steps of the run with the fault")
     ap.add_argument("--restart-steps", type=int, default=4)
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--timeout", type=float, default=30.0, help="the job's guard timeout")
-    ap.add_argument("--window", type=float, default=30.0, help="latest fault, s after start")
+    ap.add_argument(
+        "--window", type=float, default=6.0, help="latest fault, s after dynamo_dist started"
+    )
     ap.add_argument("--first", type=int, default=0, help="skip the trials before this one")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep each trial's directory")
@@ -467,9 +469,16 @@ def main() -> int:
 
 
 def _table(trials: list[Trial]) -> str:
-    rows = ["fault            trials  survived  hangs  leaks  data lost  unverified loads"]
+    rows = [
+        "fault            trials  survived  hangs  leaks  data lost  unverified loads"
+        "  (no fault landed)"
+    ]
     by: dict[str, list[Trial]] = {}
+    missed: Counter[str] = Counter()
     for t in trials:
+        if t.note == "run 1 ended before the fault":
+            missed[t.fault] += 1  # not a trial of the fault: counted apart
+            continue
         by.setdefault(t.fault, []).append(t)
     total: Counter[str] = Counter()
     for fault in sorted(by):
@@ -483,8 +492,8 @@ def _table(trials: list[Trial]) -> str:
             unverified=sum(bool(t.unverified) for t in ts),
         )
         total.update(c)
-        rows.append(_row(fault, c))
-    rows.append(_row("all", total))
+        rows.append(_row(fault, c) + f"  ({missed[fault]})")
+    rows.append(_row("all", total) + f"  ({sum(missed.values())})")
     return "\n".join(rows)
 
 
