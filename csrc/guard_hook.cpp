@@ -444,7 +444,16 @@ PyGetSetDef region_enter_getset[] = {
 PyTypeObject router_type = {PyVarObject_HEAD_INIT(nullptr, 0)};
 PyTypeObject region_enter_type = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
-void add_type(py::module_& m, PyTypeObject* t) {
+// Readies `t`, a type whose instances are called by vectorcall, and adds it to `m`.
+void vectorcall_type(py::module_& m, PyTypeObject* t, const char* name, const char* doc,
+                     Py_ssize_t size, Py_ssize_t vectorcall_offset, newfunc make) {
+  t->tp_name = name;
+  t->tp_doc = doc;
+  t->tp_basicsize = size;
+  t->tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  t->tp_vectorcall_offset = vectorcall_offset;
+  t->tp_call = PyVectorcall_Call;
+  t->tp_new = make;
   if (PyType_Ready(t) < 0) throw py::error_already_set();
   Py_INCREF(t);
   m.add_object(t->tp_name + std::strlen("dynamo_dist._C."), py::reinterpret_steal<py::object>(
@@ -460,27 +469,17 @@ void add_call_objects(py::module_& m) {
                                     PyCFunction_New(&pending_check_def, nullptr)));
   m.add_object("region_exit", py::reinterpret_borrow<py::object>(region_exit_obj));
 
-  router_type.tp_name = "dynamo_dist._C.Router";
-  router_type.tp_doc = "The installed guard-complete hook: Router()(hit) routes to the "
-                       "innermost region's GuardHook and returns the agreed verdict.";
-  router_type.tp_basicsize = sizeof(RouterObject);
-  router_type.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
-  router_type.tp_vectorcall_offset = offsetof(RouterObject, vectorcall);
-  router_type.tp_call = PyVectorcall_Call;
-  router_type.tp_new = router_new;
-  add_type(m, &router_type);
-
-  region_enter_type.tp_name = "dynamo_dist._C.RegionEnter";
-  region_enter_type.tp_doc = "RegionEnter(region, hook=None): Dynamo enter hook marking one "
-                             "compiled region; calling it returns region_exit.";
-  region_enter_type.tp_basicsize = sizeof(RegionEnterObject);
-  region_enter_type.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
-  region_enter_type.tp_vectorcall_offset = offsetof(RegionEnterObject, vectorcall);
-  region_enter_type.tp_call = PyVectorcall_Call;
-  region_enter_type.tp_new = region_enter_new;
+  vectorcall_type(m, &router_type, "dynamo_dist._C.Router",
+                  "The installed guard-complete hook: Router()(hit) routes to the innermost "
+                  "region's GuardHook and returns the agreed verdict.",
+                  sizeof(RouterObject), offsetof(RouterObject, vectorcall), router_new);
   region_enter_type.tp_dealloc = region_enter_dealloc;
   region_enter_type.tp_getset = region_enter_getset;
-  add_type(m, &region_enter_type);
+  vectorcall_type(m, &region_enter_type, "dynamo_dist._C.RegionEnter",
+                  "RegionEnter(region, hook=None): Dynamo enter hook marking one compiled "
+                  "region; calling it returns region_exit.",
+                  sizeof(RegionEnterObject), offsetof(RegionEnterObject, vectorcall),
+                  region_enter_new);
 }
 
 GuardHook::GuardHook(py::object exchange) : exchange_(std::move(exchange)) {}
