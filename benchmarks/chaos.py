@@ -69,6 +69,7 @@ FAULTS = [
     "store_delay",
 ]
 _SEGMENTS = "/dev/shm/dynamo_dist.*"
+_MISSED = "no fault landed"  # a trial the fault never reached: counted apart
 
 
 @dataclass
@@ -257,12 +258,19 @@ def _inject(fault: str, tag: str, rng: random.Random, cache: str, tmp: str) -> s
         os.kill(agents[0], signal.SIGCONT)
         return "store (agent) stopped"
     if fault == "readonly":
+        # The kernel refuses to make a mount read-only while a file on it is open for
+        # writing (EBUSY: a rank writing an entry, gcc writing an object): try until a
+        # moment with no writer, as an administrator would.
         ns = Path(tmp, "ns.pid").read_text().strip()
-        subprocess.run(
-            ["nsenter", "-t", ns, "-m", "mount", "-o", "remount,ro,bind", cache, cache],
-            check=False,
-        )
-        return "cache read-only"
+        remount = ["nsenter", "-t", ns, "-m", "mount", "-o", "remount,ro,bind", cache, cache]
+        until = time.monotonic() + 20
+        tries = 0
+        while time.monotonic() < until and _ranks(tag):
+            tries += 1
+            if subprocess.run(remount, capture_output=True, check=False).returncode == 0:
+                return f"cache read-only (try {tries})"
+            time.sleep(0.02)
+        return f"{_MISSED}: the cache stayed busy with writers for 20 s"
     if fault in ("corrupt", "truncate"):
         # An entry's files, once there are any (up to a minute); else any file.
         until = time.monotonic() + 60
@@ -363,7 +371,9 @@ def run_trial(index: int, fault: str, seed: int, args: argparse.Namespace) -> Tr
         time.sleep(rng.uniform(0, args.window))
         rc1 = Path(tmp, "run1.rc")
         trial.note = (
-            "run 1 ended before the fault" if rc1.exists() else _inject(fault, tag, rng, cache, tmp)
+            f"{_MISSED}: run 1 ended before it"
+            if rc1.exists()
+            else _inject(fault, tag, rng, cache, tmp)
         )
         injected = time.monotonic()
         while not rc1.exists() and time.monotonic() - injected < budget:
@@ -476,7 +486,7 @@ def _table(trials: list[Trial]) -> str:
     by: dict[str, list[Trial]] = {}
     missed: Counter[str] = Counter()
     for t in trials:
-        if t.note == "run 1 ended before the fault":
+        if t.note.startswith(_MISSED):
             missed[t.fault] += 1  # not a trial of the fault: counted apart
             continue
         by.setdefault(t.fault, []).append(t)
