@@ -38,13 +38,13 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _launch import agent_commands, free_port
 
 KEY = "fb" * 20
 
@@ -98,12 +98,6 @@ def _worker(out: Path, program: str, hold: float) -> None:
 
 
 # -- launcher side -----------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
     """End each agent's whole process group (the agent and its ranks), then reap."""
     for p in procs:
@@ -131,29 +125,12 @@ def _run(args: argparse.Namespace, mode: str, hold: float, base: Path) -> list[d
         "DYNAMO_DIST_CACHE_FOLLOWERS": "wait",  # the ranks wait for the leader's entry
         "BENCH_LOCAL": str(local),
     }
-    port = _free_port()
+    port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
     log = (work / "output.txt").open("wb")
     try:
-        for node in range(args.hosts):
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nnodes={args.hosts}",
-                f"--node-rank={node}",
-                f"--nproc-per-node={args.ranks_per_host}",
-                "--master-addr=127.0.0.1",
-                f"--master-port={port}",
-                "--max-restarts=0",
-                __file__,
-                "--worker",
-                str(out),
-                "--program",
-                args.program,
-                "--hold",
-                str(hold),
-            ]
+        worker = [__file__, "--worker", str(out), "--program", args.program, "--hold", str(hold)]
+        for cmd in agent_commands(args.hosts, args.ranks_per_host, worker, port):
             procs.append(
                 subprocess.Popen(
                     cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -53,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _launch import agent_commands
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "launch" / "train.py"
 FAULTS = [
@@ -160,41 +162,21 @@ def _script(args: argparse.Namespace, cache: str, fault: str, tmp: str) -> str:
         )
         if run == 1:
             env += " DYNAMO_DIST_LOG=INFO"  # "guard exchange on": dynamo_dist has started
-        if args.hosts == 1:
-            cmd = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc-per-node={args.nproc}",
-                "--max-restarts=0",
-                *train,
-            ]
-            line = f"{env} {shlex.join(cmd)} > {tmp}/run{run}.log 2>&1".replace(
-                "{steps}", str(args.steps if run == 1 else args.restart_steps)
-            )
+        steps = str(args.steps if run == 1 else args.restart_steps)
+        script = [part.replace("{steps}", steps) for part in train]
+        port = 29500 + random.Random(tmp).randrange(20000) + run
+        cmds = agent_commands(args.hosts, args.nproc, script, port)
+        if len(cmds) == 1:
+            line = f"{env} {shlex.join(cmds[0])} > {tmp}/run{run}.log 2>&1"
         else:
-            port = 29500 + random.Random(tmp).randrange(20000)
-            agents = []
-            for node in range(args.hosts):
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    f"--nnodes={args.hosts}",
-                    f"--node-rank={node}",
-                    f"--nproc-per-node={args.nproc}",
-                    "--master-addr=127.0.0.1",
-                    f"--master-port={port + run}",
-                    "--max-restarts=0",
-                    *train,
-                ]
-                agents.append(
-                    f"{env} {shlex.join(cmd)} > {tmp}/run{run}.host{node}.log 2>&1 &".replace(
-                        "{steps}", str(args.steps if run == 1 else args.restart_steps)
-                    )
-                )
-            line = " ".join(agents) + " wait"
+            # Job control on (set -m): bash starts background jobs with SIGINT ignored
+            # otherwise, and a rank started so would never see the SIGINT faults. The
+            # run's status is the worst agent's (a bare ``wait`` always returns 0).
+            line = "set -m; pids=; " + " ".join(
+                f'{env} {shlex.join(cmd)} > {tmp}/run{run}.host{node}.log 2>&1 & pids+=" $!";'
+                for node, cmd in enumerate(cmds)
+            )
+            line += " rc=0; for p in $pids; do wait $p || rc=$?; done; (exit $rc)"
         runs.append(line)
     mount = {
         "enospc": f"mount -t tmpfs -o size=4m,mode=0700 tmpfs {cache}",

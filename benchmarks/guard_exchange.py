@@ -26,11 +26,12 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _launch import agent_commands
 
 MODES = ["no hook", "upstream hook", "dynamo_dist gloo", "dynamo_dist shm", "bare all_reduce"]
 
@@ -212,21 +213,9 @@ def run_regional(nproc: int, steps: int, blocks: int) -> dict[str, float | None]
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DYNAMO_DIST_LOG": "ERROR"}
+        (cmd,) = agent_commands(1, nproc, [__file__, "--worker", out, "--calls", str(steps)])
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nproc-per-node={nproc}",
-                "--standalone",
-                __file__,
-                "--worker",
-                out,
-                "--calls",
-                str(steps),
-                "--regional",
-                str(blocks),
-            ],
+            [*cmd, "--regional", str(blocks)],
             check=True,
             env=env,
             timeout=1800,
@@ -271,37 +260,15 @@ def run(nproc: int, calls: int, hosts: int = 1) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DYNAMO_DIST_LOG": "ERROR"}
-        base = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
         worker = [__file__, "--worker", out, "--calls", str(calls)]
-        if hosts == 1:
-            subprocess.run(
-                [*base, "--standalone", *worker],
-                check=True,
-                env=env,
-                timeout=1800,
-                stdout=subprocess.DEVNULL,
-            )
-        else:
-            # Several torchrun agents on this machine, as if on several hosts.
-            port = _free_port()
-            agents = [
-                subprocess.Popen(
-                    [
-                        *base,
-                        f"--nnodes={hosts}",
-                        f"--node-rank={i}",
-                        "--master-addr=127.0.0.1",
-                        f"--master-port={port}",
-                        *worker,
-                    ],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                )
-                for i in range(hosts)
-            ]
-            for a in agents:
-                if a.wait(timeout=1800) != 0:
-                    raise SystemExit("a benchmark agent failed")
+        # Several hosts: torchrun agents on this machine, as if on several hosts.
+        agents = [
+            subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+            for cmd in agent_commands(hosts, nproc, worker)
+        ]
+        for a in agents:
+            if a.wait(timeout=1800) != 0:
+                raise SystemExit("a benchmark agent failed")
         per_rank = json.loads(Path(out).read_text())
     # The slowest rank bounds the step: report the max over ranks of each median.
     keys = [*MODES, "exchange gloo", "exchange shm"]
@@ -312,14 +279,6 @@ def run(nproc: int, calls: int, hosts: int = 1) -> dict[str, Any]:
     if all(rounds):
         summary["added shm rounds"] = [max(col) for col in zip(*rounds, strict=True)]
     return summary
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

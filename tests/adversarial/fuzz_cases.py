@@ -357,14 +357,14 @@ def _specials(where: str, names: list[str]) -> list[str]:
 def mutate_type(rng: random.Random, path: Path, outside: Path) -> str:
     """Replace ``path`` by a link, a FIFO, a directory, a device link; or change its owner
     or mode (an unsigned entry must be ours and writable by nobody else)."""
-    ops = ["dir", "fifo", "devzero", "link-copy", "link-other", "socket-ish", "mode666"]
+    ops = ["dir", "fifo", "devzero", "link-copy", "link-other", "socket-ish", "mode666", "mode000"]
     if os.geteuid() == 0:
         ops.append("chown")
     op = rng.choice(ops)
-    if op == "mode666":
+    if op in ("mode666", "mode000"):
         if os.path.lexists(path) and not os.path.islink(path):
-            os.chmod(path, 0o666 if not path.is_dir() else 0o777)
-        return "type:mode666"
+            os.chmod(path, 0 if op == "mode000" else 0o666 if not path.is_dir() else 0o777)
+        return f"type:{op}"
     if op == "chown":
         if os.path.lexists(path):
             os.chown(path, NOBODY, NOBODY, follow_symlinks=False)
@@ -423,6 +423,22 @@ def _fix_checksum(header: bytearray) -> None:
     header[148:156] = b"%06o\0 " % sum(header[:512])
 
 
+#: Members named to escape, confuse or overflow the unpacking (the name is the whole case).
+_EVIL_NAMES = {
+    "dotdot": "../evil",
+    "nested-dotdot": "ab/../../evil",
+    "long-name": "ab/" + "e" * 300,
+    "long-path": "/".join(["d" * 200] * 6),
+    "gnu-long": "ab/" + "g" * 150 + "/../../../gnu-evil",
+    "nul-name": "ab/ev\x00il",
+    "backslash": "ab\\..\\..\\evil",
+    "dot": "./ab/evil",
+    "double-slash": "ab//evil",
+    "empty-name": "",
+    "nonutf8": "ab/\udcff\udcfe",
+}
+
+
 def evil_tar(
     rng: random.Random, files: dict[str, bytes], work: Path, outside: Path
 ) -> tuple[bytes, str]:
@@ -455,12 +471,10 @@ def evil_tar(
     elif kind in ("chrdev", "blkdev"):
         evil.type = tarfile.CHRTYPE if kind == "chrdev" else tarfile.BLKTYPE
         evil.devmajor, evil.devminor, payload = 1, 5, None
-    elif kind == "dotdot":
-        evil.name = "../evil"
+    elif kind in _EVIL_NAMES:
+        evil.name = _EVIL_NAMES[kind]
     elif kind == "absolute":
         evil.name = str(work / "abs-evil")
-    elif kind == "nested-dotdot":
-        evil.name = "ab/../../evil"
     elif kind == "file-and-dir":
         evil.name = sorted(files)[0] + "/evil"
     elif kind == "dir-then-file":
@@ -475,32 +489,14 @@ def evil_tar(
         d.type = tarfile.DIRTYPE
         members.append((d, None))
         evil.name = "ab/second"
-    elif kind == "long-name":
-        evil.name = "ab/" + "e" * 300
-    elif kind == "long-path":
-        evil.name = "/".join(["d" * 200] * 6)
     elif kind == "pax-dotdot":
         fmt = tarfile.PAX_FORMAT
         evil.pax_headers = {"path": "../pax-evil"}
     elif kind == "pax-absolute":
         fmt = tarfile.PAX_FORMAT
         evil.pax_headers = {"path": str(work / "pax-abs-evil")}
-    elif kind == "gnu-long":
-        evil.name = "ab/" + "g" * 150 + "/../../../gnu-evil"
     elif kind == "setuid":
         evil.mode = 0o6777
-    elif kind == "nul-name":
-        evil.name = "ab/ev\x00il"
-    elif kind == "backslash":
-        evil.name = "ab\\..\\..\\evil"
-    elif kind == "dot":
-        evil.name = "./ab/evil"
-    elif kind == "double-slash":
-        evil.name = "ab//evil"
-    elif kind == "empty-name":
-        evil.name = ""
-    elif kind == "nonutf8":
-        evil.name = "ab/\udcff\udcfe"
     elif kind == "sparse":
         evil.type = tarfile.GNUTYPE_SPARSE
     elif kind == "many":

@@ -286,6 +286,22 @@ def test_allreduce_leader_exchange_still_available(tmp_path):
     assert run.rank(0)["cross"] == "BandAllreduce"
 
 
+def _a_leader_dies(tmp_path: Path, hosts: str, dead: int, exchange: str) -> ranks.RankRun:
+    """Five ranks on hosts of ``hosts`` sizes; the host leader ``dead`` exits mid-job."""
+    return ranks.launch(
+        HERE,
+        "leader_fails",
+        hosts,
+        "die",
+        dead,
+        exchange,
+        tmp=tmp_path,
+        nproc=5,
+        timeout=200,
+        agent=False,
+    )
+
+
 @pytest.mark.multiproc
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("exchange", ["native", "doubling"])
@@ -293,18 +309,7 @@ def test_dead_leader_is_reported_to_every_leader(tmp_path, exchange):
     # 5 leaders. Doubling: rank 3 swaps with 2 and 1; ranks 0 and 4 never talk to it and
     # learn of its death from the failure notice, not from their timeout. Native (one
     # round of 4 partners at 5 hosts): every leader sees its connection close.
-    run = ranks.launch(
-        HERE,
-        "leader_fails",
-        "1,1,1,1,1",
-        "die",
-        3,
-        exchange,
-        tmp=tmp_path,
-        nproc=5,
-        timeout=200,
-        agent=False,
-    )
+    run = _a_leader_dies(tmp_path, "1,1,1,1,1", 3, exchange)
     assert 3 not in run.ranks
     for r in (0, 1, 2, 4):
         res = run.rank(r)
@@ -323,18 +328,7 @@ def test_a_hosts_other_ranks_hear_the_remote_cause(tmp_path, exchange):
     # Hosts of 2, 2 and 1 ranks; rank 4, the third host's leader, dies. Ranks 1 and 3 wait
     # for their own leaders' verdicts: their errors name rank 4's death, which their
     # leaders met, not "local rank 0 gave up".
-    run = ranks.launch(
-        HERE,
-        "leader_fails",
-        "2,2,1",
-        "die",
-        4,
-        exchange,
-        tmp=tmp_path,
-        nproc=5,
-        timeout=200,
-        agent=False,
-    )
+    run = _a_leader_dies(tmp_path, "2,2,1", 4, exchange)
     for r in (1, 3):
         res = run.rank(r)
         assert res.get("error") == "CollectiveTimeoutError", res

@@ -7,9 +7,11 @@ driven by the test, so nothing here waits for real time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -48,13 +50,23 @@ def _record(stamp: float, state: str = "running") -> str:
     )
 
 
-def _watch(store: Any, rank: int, world: int, clock: Clock, aborts: list | None = None) -> Any:
-    # A board whose own thread never ticks (an hour): the test calls tick() itself.
+#: The boards' write period here, as if configured.
+_PERIOD = 1.0
+
+
+@contextlib.contextmanager
+def _watching(
+    store: Any, rank: int, world: int, clock: Clock, aborts: list | None = None
+) -> Iterator[StallWatch]:
+    """A rank's stall watch on a board whose own thread never ticks (an hour): the test
+    calls tick() itself. The board is closed on the way out."""
     board = StatusBoard(store, rank, world, 3600.0, str)
-    board.interval, board.tick_interval = 1.0, 1.0  # 1 s write periods, as if configured
+    board.interval = board.tick_interval = _PERIOD
     on_abort = aborts.append if aborts is not None else None
-    watch = StallWatch(board, rank, world, 2.0, 10.0, on_abort, clock=clock)
-    return board, watch
+    try:
+        yield StallWatch(board, rank, world, 2.0, 10.0, on_abort, clock=clock)
+    finally:
+        board.close()
 
 
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -66,8 +78,7 @@ def test_a_stopped_rank_is_named_once_then_every_wait_log_interval(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="dynamo_dist")
     clock = Clock()
-    board, watch = _watch(store, 0, 2, clock)
-    try:
+    with _watching(store, 0, 2, clock) as watch:
         assert watch.reader and watch.stale_after == pytest.approx(2.0 + 2 * 3.0)
         store.set("dynamo_dist/status/1", _record(1.0))
         watch.tick()
@@ -95,8 +106,6 @@ def test_a_stopped_rank_is_named_once_then_every_wait_log_interval(
         store.set("dynamo_dist/status/1", _record(3.0))
         watch.tick()
         assert len(_warnings(caplog)) == 3
-    finally:
-        board.close()
 
 
 def test_ranks_that_exited_or_keep_publishing_are_never_named(
@@ -104,31 +113,25 @@ def test_ranks_that_exited_or_keep_publishing_are_never_named(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="dynamo_dist")
     clock = Clock()
-    board, watch = _watch(store, 0, 3, clock)
-    try:
+    with _watching(store, 0, 3, clock) as watch:
         store.set("dynamo_dist/status/1", _record(1.0, state="exited"))
         for step in range(20):
             store.set("dynamo_dist/status/2", _record(float(step)))  # a live rank
             clock.now += 2
             watch.tick()
         assert not _warnings(caplog)
-    finally:
-        board.close()
 
 
 def test_stall_abort_hands_the_stopped_ranks_over(store: Any) -> None:
     clock = Clock()
     aborts: list[list[Stale]] = []
-    board, watch = _watch(store, 0, 2, clock, aborts)
-    try:
+    with _watching(store, 0, 2, clock, aborts) as watch:
         store.set("dynamo_dist/status/1", _record(1.0))
         watch.tick()
         clock.now += watch.stale_after + 1
         watch.tick()
         ((stale,),) = aborts
         assert stale.rank == 1 and stale.record["pid"] == 4242
-    finally:
-        board.close()
 
 
 def test_ranks_that_do_not_read_the_board_name_their_reader(
@@ -138,9 +141,10 @@ def test_ranks_that_do_not_read_the_board_name_their_reader(
     caplog.set_level(logging.WARNING, logger="dynamo_dist")
     clock = Clock()
     counts: Counter[str] = Counter()
-    reader_board, reader = _watch(store, 0, 130, clock)
-    other_board, other = _watch(CountingStore(store, counts), 1, 130, clock)
-    try:
+    with (
+        _watching(store, 0, 130, clock) as reader,
+        _watching(CountingStore(store, counts), 1, 130, clock) as other,
+    ):
         assert reader.reader and not other.reader
         for r in range(1, 130):
             store.set(f"dynamo_dist/status/{r}", _record(1.0))
@@ -158,9 +162,6 @@ def test_ranks_that_do_not_read_the_board_name_their_reader(
         other.tick()
         assert counts == Counter({"add": 1})  # nothing new: one operation, no line
         assert len([w for w in _warnings(caplog) if "board reader" in w]) == 1
-    finally:
-        reader_board.close()
-        other_board.close()
 
 
 def test_the_watch_reads_the_store_once_a_write_period(store: Any) -> None:
@@ -168,15 +169,12 @@ def test_the_watch_reads_the_store_once_a_write_period(store: Any) -> None:
     # another rank's one add, each at most once per board write period.
     clock = Clock()
     counts: Counter[str] = Counter()
-    board, watch = _watch(CountingStore(store, counts), 0, 2, clock)
-    try:
+    with _watching(CountingStore(store, counts), 0, 2, clock) as watch:
         store.set("dynamo_dist/status/1", _record(1.0))
         counts.clear()
         for _ in range(5):
             watch.tick()
-            clock.now += board.interval / 5
+            clock.now += _PERIOD / 5
         assert counts == Counter({"check": 1, "multi_get": 1})
         watch.tick()
         assert counts == Counter({"check": 2, "multi_get": 2})
-    finally:
-        board.close()
