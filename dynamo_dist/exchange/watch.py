@@ -17,7 +17,9 @@ once a write period (one store operation) to log one line naming that reader.
 
 A record is stale when it has not changed for ``stall_warning`` plus two heartbeat
 periods. It is judged by when this reader last saw it change, on this reader's
-monotonic clock, never by the timestamp inside it: hosts' clocks differ.
+monotonic clock, never by the timestamp inside it: hosts' clocks differ. Only time
+the reader itself ran counts: a reader that missed its reads (the whole job suspended
+and resumed, its own GIL held) starts counting again.
 
 With ``stall_abort``, the reader that finds a stale rank calls ``on_abort`` (the runtime
 writes the job report and ends the process with :data:`STALL_EXIT_CODE`): the main
@@ -91,10 +93,14 @@ class StallWatch:
         heartbeat = 2 * board.interval + board.tick_interval
         self.stale_after = stall_warning + 2 * heartbeat
         self.read_every = board.interval
+        # A reader that itself did not run for this long (stopped with the whole job,
+        # suspended, its GIL held) saw nothing meanwhile: that time is not silence.
+        self._blind_after = board.interval + heartbeat
         self._repeat = wait_log_interval
         self._on_abort = on_abort
         self._clock = clock
         self._next_read = clock()
+        self._last_read: float | None = None
         self._seen: dict[int, tuple[Any, float]] = {}  # rank -> (its record's time, seen at)
         self._warned: dict[int, float] = {}
         self._notices_seen: int | None = None
@@ -111,6 +117,12 @@ class StallWatch:
             self._read_notice()
 
     def _read_board(self, now: float) -> None:
+        if self._last_read is not None and now - self._last_read > self._blind_after:
+            # This reader was not running (a job suspended and resumed, SLURM's suspend,
+            # docker pause, Ctrl-Z): every rank's silence counts from now, or the first
+            # rank resumed would name the others, stopped exactly as long as itself.
+            self._seen = {r: (stamp, now) for r, (stamp, _) in self._seen.items()}
+        self._last_read = now
         board = self._board.snapshot()
         stale: list[Stale] = []
         for r, rec in board.items():

@@ -69,6 +69,15 @@ def _watching(
         board.close()
 
 
+def _advance(clock: Clock, seconds: float, *watches: StallWatch) -> None:
+    """Let ``seconds`` pass as the board thread does: a tick every write period."""
+    end = clock.now + seconds
+    while clock.now < end:
+        clock.now = min(clock.now + _PERIOD, end)
+        for w in watches:
+            w.tick()
+
+
 def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
 
@@ -82,29 +91,24 @@ def test_a_stopped_rank_is_named_once_then_every_wait_log_interval(
         assert watch.reader and watch.stale_after == pytest.approx(2.0 + 2 * 3.0)
         store.set("dynamo_dist/status/1", _record(1.0))
         watch.tick()
-        clock.now += watch.stale_after - 1
-        watch.tick()
+        _advance(clock, watch.stale_after - 1, watch)
         assert not _warnings(caplog)  # silent, but not for long enough yet
-        clock.now += 2
-        watch.tick()
+        _advance(clock, 2, watch)
         (line,) = _warnings(caplog)
         assert "rank 1 (host node-b, pid 4242) has not published its status" in line
         assert "exchange #7 of group world at step (train.py:12)" in line
         assert "kill -CONT 4242" in line and "stall_abort" in line
-        clock.now += 5
-        watch.tick()
+        _advance(clock, 5, watch)
         assert len(_warnings(caplog)) == 1  # not before wait_log_interval (10 s)
-        clock.now += 5
-        watch.tick()
+        _advance(clock, 5, watch)
         assert len(_warnings(caplog)) == 2
         # It resumes: one line says so, and no more warnings.
         store.set("dynamo_dist/status/1", _record(2.0))
-        clock.now += 1
-        watch.tick()
+        _advance(clock, 1, watch)
         assert "rank 1 publishes its status again" in _warnings(caplog)[-1]
-        clock.now += 30
-        store.set("dynamo_dist/status/1", _record(3.0))
-        watch.tick()
+        for step in range(30):  # publishing again: named no more
+            store.set("dynamo_dist/status/1", _record(3.0 + step))
+            _advance(clock, 1, watch)
         assert len(_warnings(caplog)) == 3
 
 
@@ -117,8 +121,7 @@ def test_ranks_that_exited_or_keep_publishing_are_never_named(
         store.set("dynamo_dist/status/1", _record(1.0, state="exited"))
         for step in range(20):
             store.set("dynamo_dist/status/2", _record(float(step)))  # a live rank
-            clock.now += 2
-            watch.tick()
+            _advance(clock, 2, watch)
         assert not _warnings(caplog)
 
 
@@ -128,8 +131,7 @@ def test_stall_abort_hands_the_stopped_ranks_over(store: Any) -> None:
     with _watching(store, 0, 2, clock, aborts) as watch:
         store.set("dynamo_dist/status/1", _record(1.0))
         watch.tick()
-        clock.now += watch.stale_after + 1
-        watch.tick()
+        _advance(clock, watch.stale_after + 1, watch)
         ((stale,),) = aborts
         assert stale.rank == 1 and stale.record["pid"] == 4242
 
@@ -151,8 +153,7 @@ def test_ranks_that_do_not_read_the_board_name_their_reader(
         other.tick()  # the first look only learns how many notices are old
         reader.tick()
         counts.clear()
-        clock.now += reader.stale_after + 1
-        reader.tick()
+        _advance(clock, reader.stale_after + 1, reader)
         other.tick()
         assert counts == Counter({"add": 1, "get": 1})
         lines = [w for w in _warnings(caplog) if "board reader rank 0 has the details" in w]
@@ -178,3 +179,25 @@ def test_the_watch_reads_the_store_once_a_write_period(store: Any) -> None:
         assert counts == Counter({"check": 1, "multi_get": 1})
         watch.tick()
         assert counts == Counter({"check": 2, "multi_get": 2})
+
+
+def test_a_job_suspended_and_resumed_names_nobody(
+    store: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every rank stopped for 40 s (SLURM's suspend, docker pause, Ctrl-Z): the reader
+    # resumes first and reads rank 1's record unchanged. That is not rank 1's silence.
+    caplog.set_level(logging.WARNING, logger="dynamo_dist")
+    clock = Clock()
+    aborts: list[list[Stale]] = []
+    with _watching(store, 0, 2, clock, aborts) as watch:
+        store.set("dynamo_dist/status/1", _record(1.0))
+        watch.tick()
+        clock.now += 40
+        watch.tick()
+        clock.now += _PERIOD
+        store.set("dynamo_dist/status/1", _record(2.0))  # rank 1 resumes a moment later
+        watch.tick()
+        assert not _warnings(caplog) and not aborts
+        # A rank that really stays stopped after the resume is still named.
+        _advance(clock, watch.stale_after + 1, watch)
+        assert len(_warnings(caplog)) == 1 and len(aborts) == 1
