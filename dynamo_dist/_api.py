@@ -311,7 +311,9 @@ class _Joining:
         self.adoption.stay_plain(shared.backend if shared is not None else None)
         self.shared, self.routable = shared, shared is not None and not in_job
         world = _job_world()
-        forked = dist_local.forked_from() is not None  # it warns once, at the first call
+        forked = dist_local.forked_from() is not None
+        if forked:
+            dist_local.warn_forked_child()  # once per child: plain torch.compile here
         if not in_job and self.cfg.policy != "off" and world > 1 and not forked:
             _log.get_logger("api").warning(
                 "%s was first called before init_process_group in a job of %s ranks: it "

@@ -79,7 +79,7 @@ _warned_forked = False
 
 
 def forked_from() -> str | None:
-    """The rank this process was forked from after it set up its groups (None: not a child)."""
+    """The rank this process was forked from (None: not a forked child of a rank)."""
     return _forked_from
 
 
@@ -97,11 +97,11 @@ def warn_forked_child() -> None:
         return
     _warned_forked = True
     log.warning(
-        "compiled code was called in process %d, forked from %s after dynamo_dist set up "
-        "its guard exchange: it runs here as plain torch.compile, exchanging nothing (a "
-        "child must never post into its parent's shared-memory segment or process "
-        "groups). Compiled calls that must agree across ranks belong in the rank "
-        "processes themselves.",
+        "compiled code was called in process %d, forked from %s: it runs here as plain "
+        "torch.compile, exchanging nothing (a child must never post into its parent's "
+        "shared-memory segment or process groups, nor set up its own as its parent's "
+        "rank). Compiled calls that must agree across ranks belong in the rank processes "
+        "themselves.",
         os.getpid(),
         _forked_from,
     )

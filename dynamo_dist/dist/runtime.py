@@ -351,15 +351,20 @@ def _after_fork_in_child() -> None:
     """``os.register_at_fork(after_in_child=...)``: a forked child never joins the channel.
 
     Runs in the child of every fork (DataLoader workers, ``os.fork``, multiprocessing's
-    fork start method) while it is the child's only thread. Without a runtime there is
-    nothing to release (a grandchild inherits its parent's mark); ``ensure`` refuses to
-    start one in a child.
+    fork start method) while it is the child's only thread. A child of a rank whose
+    runtime has not started yet (a DataLoader iterator made before the first compiled
+    call) is marked too: it inherits the initialized process group, and would otherwise
+    start a runtime of its own as its parent's rank and set up groups with the other
+    ranks' children. ``ensure`` refuses to start one in a marked child; a grandchild
+    inherits its parent's mark.
     """
     global _runtime
     rt, _runtime = _runtime, None
     if rt is not None:
         dist_local.mark_forked_child(f"rank {rt.rank} (pid {os.getppid()})")
         rt.abandon_in_child()
+    elif distributed_world() > 1:
+        dist_local.mark_forked_child(f"rank {dist.get_rank()} (pid {os.getppid()})")
 
 
 _runtime: Runtime | None = None

@@ -204,8 +204,12 @@ def _other(x: torch.Tensor) -> torch.Tensor:
     return x - 3
 
 
-def _in_child(cf: Any, late: Any) -> dict[str, Any]:
-    """The child's compiled calls: hits, a miss and a first entry, then what it logged."""
+def _in_child(compiled: Any) -> dict[str, Any]:
+    """The child's compiled calls: hits, a miss and a first entry, then what it logged.
+
+    ``compiled()`` gives the two compiled functions (compiling them, in a child forked
+    before anything was compiled: its one warning may come then).
+    """
     import logging
 
     warnings: list[str] = []
@@ -218,6 +222,7 @@ def _in_child(cf: Any, late: Any) -> dict[str, Any]:
     logging.getLogger("dynamo_dist").addHandler(Grab())
     ok = True
     try:
+        cf, late = compiled()
         for n in (4, 4, 7, 4):  # hits, then a size no rank compiled
             x = torch.full((n, 3), 2.0)
             ok &= bool(torch.allclose(cf(x), _graph(x)))
@@ -228,26 +233,41 @@ def _in_child(cf: Any, late: Any) -> dict[str, Any]:
         return {"ok": False, "error": f"{type(e).__name__}: {e}", "warnings": warnings}
 
 
-def fork_after_setup(rank: int, world: int) -> dict[str, Any]:
-    """Each rank forks a child that calls compiled code, then trains on, paired."""
+def fork_a_child(rank: int, world: int, when: str) -> dict[str, Any]:
+    """Each rank forks a child that calls compiled code, then trains on, paired.
+
+    ``when``: "after" its first compiled calls (its runtime runs), or "before" anything
+    was compiled (a DataLoader iterator made before the model: the child inherits the
+    initialized process group and no runtime, and compiles its own functions).
+    """
     import json
     import os
     import signal
 
     cb = CountingBackend()
-    cf = dynamo_dist.compile(_graph, backend=cb, timeout=30)
-    late = dynamo_dist.compile(_other, backend=cb, timeout=30)
     ok = True
-    for _ in range(3):
+
+    def compile_both() -> tuple[Any, Any]:
+        return (
+            dynamo_dist.compile(_graph, backend=cb, timeout=30),
+            dynamo_dist.compile(_other, backend=cb, timeout=30),
+        )
+
+    def first_calls() -> bool:
         x = torch.ones(4, 3)
-        ok &= bool(torch.allclose(cf(x), _graph(x)))
+        return all(bool(torch.allclose(cf(x), _graph(x))) for _ in range(3))
+
+    if when == "after":
+        cf, late = compile_both()
+        ok &= first_calls()
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report through the pipe, and never return into the program
         os.close(read)
         signal.alarm(120)
         try:
-            os.write(write, json.dumps(_in_child(cf, late)).encode())
+            made = compile_both if when == "before" else lambda: (cf, late)
+            os.write(write, json.dumps(_in_child(made)).encode())
         finally:
             os._exit(0)
     os.close(write)
@@ -257,6 +277,9 @@ def fork_after_setup(rank: int, world: int) -> dict[str, Any]:
     ranks.signal_peers(f"child_of_{rank}_done")
     ranks.wait_for_peer(f"child_of_{1 - rank}_done")
     try:
+        if when == "before":
+            cf, late = compile_both()
+            ok &= first_calls()
         for step in range(4):
             n = 5 if (rank == 1 and step == 1) else 4  # a mixed exchange, after the fork
             x = torch.full((n, 3), float(step))
@@ -324,8 +347,9 @@ def test_a_rank_outside_a_group_disagreement_fails_at_once(tmp_path: Any) -> Non
     assert "rank 0 failed to set up" in msg and "ranks 0-1" in msg and "ranks 0,2" in msg, msg
 
 
-def test_a_forked_child_never_joins_its_parents_channel(tmp_path: Any) -> None:
-    run = ranks.launch(HERE, "fork_after_setup", tmp=tmp_path, timeout=240)
+@pytest.mark.parametrize("when", ["after", "before"])
+def test_a_forked_child_never_joins_its_parents_channel(tmp_path: Any, when: str) -> None:
+    run = ranks.launch(HERE, "fork_a_child", when, tmp=tmp_path, timeout=240)
     res = _assert_paired(run)
     assert res[0]["graphs"] == res[1]["graphs"], res
     # 3 calls, then per step one call of each function; plus the first entry of late.
