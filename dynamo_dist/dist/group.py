@@ -19,7 +19,6 @@ disagree about a group (rank 0 sets up ranks 0-2 while rank 1 sets up ranks 0-1)
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import time
 from collections.abc import Sequence
@@ -29,11 +28,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dynamo_dist._errors import CollectiveTimeoutError, RankDivergenceError
+from dynamo_dist._log import get_logger
 from dynamo_dist.dist import proc
 from dynamo_dist.dist import store as dist_store
 from dynamo_dist.dynamo import compat
-from dynamo_dist._errors import CollectiveTimeoutError, RankDivergenceError
-from dynamo_dist._log import get_logger
 
 log = get_logger("group")
 

@@ -18,26 +18,32 @@ from typing import Any
 
 import torch.distributed as dist
 
-from dynamo_dist.exchange import consensus as exchange_consensus
-
+from dynamo_dist._config import Config
+from dynamo_dist._log import get_logger
 from dynamo_dist.cache import backend
 from dynamo_dist.dist import group as dist_group
-from dynamo_dist.dynamo import hook as dynamo_hook
-from dynamo_dist.tools import report as tools_report
-from dynamo_dist.exchange.collective import GlooTransport, Transport, percentiles
-from dynamo_dist._config import Config
-from dynamo_dist.dist.group import group_name
-from dynamo_dist.dynamo.hook import _C, describe_identity
 from dynamo_dist.dist import local as dist_local
+from dynamo_dist.dist.group import group_name
 from dynamo_dist.dist.local import GroupInfo
-from dynamo_dist._log import get_logger
+from dynamo_dist.dist.store import open_store, refused_count
+from dynamo_dist.dynamo import hook as dynamo_hook
+from dynamo_dist.dynamo.hook import _C, describe_identity
+from dynamo_dist.exchange import consensus as exchange_consensus
+from dynamo_dist.exchange.collective import GlooTransport, Transport, percentiles
 from dynamo_dist.exchange.policy import Policy
 from dynamo_dist.exchange.record import MixedSlot
 from dynamo_dist.exchange.shm import ShmTransport, ShmUnavailable, topology
-from dynamo_dist.exchange.stats import Counts, GroupStats, HookCounters, RuntimeStats, Stats, TransportStats
+from dynamo_dist.exchange.stats import (
+    Counts,
+    GroupStats,
+    HookCounters,
+    RuntimeStats,
+    Stats,
+    TransportStats,
+)
 from dynamo_dist.exchange.status import StatusBoard
 from dynamo_dist.exchange.watch import STALL_EXIT_CODE, Stale, StallWatch
-from dynamo_dist.dist.store import open_store, refused_count
+from dynamo_dist.tools import report as tools_report
 
 log = get_logger("runtime")
 
@@ -201,6 +207,9 @@ class Runtime:
                 wait_s=min(self.cfg.timeout, 30.0),
                 path=self.cfg.report,
                 started=self.board.started,
+                records=self.board.snapshot,
+                # Two heartbeats (a live rank's record changes at least once in each).
+                silent_after=2 * (2 * self.board.interval + self.board.tick_interval),
             )
 
     def abandon_in_child(self) -> None:

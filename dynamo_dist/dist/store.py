@@ -5,8 +5,9 @@ directory's agreement and profiles) its own connection, so its traffic never
 interleaves with the main thread's (rendezvous, barriers). The exchange and the cache
 both open clients here: neither imports the other.
 
-Limits and checks for what is read back. Why: the job's TCPStore is shared by every process of the job, and anything that can
-reach it (another rank, a process on a host of the job) can set any key. So every
+Limits and checks for what is read back. Why: the job's TCPStore is shared by every
+process of the job, and anything that can reach it (another rank, a process on a host
+of the job) can set any key. So every
 value dynamo_dist reads from it is untrusted input: automatic-dynamic profiles and
 views (pickles), status-board and report records (JSON), group-setup views and the
 cache agreement's verdicts. A small value can still cost a lot to parse: a 0.38 MB
@@ -37,9 +38,14 @@ import threading
 from datetime import timedelta
 from typing import Any, Final, Protocol
 
-from dynamo_dist.dist.limits import MAX_STORE_OBJECTS, MAX_STORE_PAYLOAD_BYTES, PayloadRefused, TooManyObjects
 from dynamo_dist._log import get_logger
 from dynamo_dist.cache.secret import payload_mac
+from dynamo_dist.dist.limits import (
+    MAX_STORE_OBJECTS,
+    MAX_STORE_PAYLOAD_BYTES,
+    PayloadRefused,
+    TooManyObjects,
+)
 from dynamo_dist.dynamo import compat
 
 
@@ -54,8 +60,8 @@ __all__ = [
     "MAX_STORE_OBJECTS",
     "MAX_STORE_PAYLOAD_BYTES",
     "PayloadRefused",
-    "TooManyObjects",
     "Store",
+    "TooManyObjects",
     "checked",
     "open_store",
     "refuse",

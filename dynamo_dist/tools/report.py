@@ -7,6 +7,7 @@ others, so a crashed rank shows up as missing rather than hanging the exit.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -154,6 +155,8 @@ def publish_and_collect(
     wait_s: float,
     path: str | None,
     started: Callable[[], set[int]] | None = None,
+    records: Callable[[], dict[int, dict[str, Any]]] | None = None,
+    silent_after: float = 12.0,
 ) -> dict[str, Any] | None:
     """Publish this rank's stats; on rank 0 collect everyone's, log the table, write ``path``.
 
@@ -161,7 +164,11 @@ def publish_and_collect(
     one down and start another), so a report never mixes in an earlier one's stats.
     ``started()``: the ranks that ever started dynamo_dist (made a compiled call); rank
     0 does not wait for the others, which have no stats to give, and says so (None:
-    every rank counts as started).
+    every rank counts as started). ``records()``: the status board; a rank whose record
+    stays unchanged for ``silent_after`` while rank 0 waits (killed, or stopped) is not
+    waited for any longer: a live rank, even one still training, changes its record
+    every heartbeat, and a dead one would hold rank 0's exit for the whole wait, past
+    the launcher's grace period.
     """
     prefix = f"{_PREFIX}{generation}/"
     try:
@@ -179,12 +186,14 @@ def publish_and_collect(
     by_rank: dict[str, dict[str, Any]] = {}
     refused: set[int] = set()  # over the store's size cap: listed as missing, read once
     never: set[int] = set()
+    silent = _Silence(records, silent_after)
     next_look = time.monotonic()
     while True:
         if time.monotonic() >= next_look:
             # Checked again each second: a rank may start its runtime while we wait.
             known = started() if started is not None else set(range(world_size))
             never = set(range(world_size)) - known - {rank} - refused
+            silent.look()
             next_look = time.monotonic() + 1.0
         for r, key in enumerate(keys):
             if str(r) in by_rank or r in refused:
@@ -203,6 +212,7 @@ def publish_and_collect(
             except Exception:
                 pass
         waiting = set(range(world_size)) - {int(r) for r in by_rank} - refused - never
+        waiting -= silent.gone
         if not waiting or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
@@ -217,6 +227,36 @@ def publish_and_collect(
     log.info("%s", format_table(report))
     _write(report, path)
     return report
+
+
+class _Silence:
+    """Ranks whose status record has not changed for ``after`` seconds of rank 0's wait."""
+
+    def __init__(
+        self, records: Callable[[], dict[int, dict[str, Any]]] | None, after: float
+    ) -> None:
+        self._records = records
+        self._after = after
+        self._seen: dict[int, tuple[Any, float]] = {}  # rank -> (its record's time, since)
+        self.gone: set[int] = set()
+
+    def look(self) -> None:
+        if self._records is None:
+            return
+        try:
+            board = self._records()
+        except Exception as e:  # the store going away: wait as before
+            log.debug("could not read the status board: %s", e)
+            return
+        now = time.monotonic()
+        for r, rec in board.items():
+            stamp = rec.get("time") if isinstance(rec, dict) else None
+            seen = self._seen.get(r)
+            if seen is None or seen[0] != stamp:
+                self._seen[r] = (stamp, now)
+                self.gone.discard(r)
+            elif stamp is not None and now - seen[1] >= self._after:
+                self.gone.add(r)
 
 
 def write_stall_report(
@@ -247,14 +287,16 @@ def write_stall_report(
 def _write(report: dict[str, Any], path: str | None) -> None:
     if not path:
         return
+    tmp = f"{path}.tmp.{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
         with open(tmp, "w") as fh:
             json.dump(report, fh, indent=2, default=str)
         os.replace(tmp, path)
-    except OSError as e:
-        log.warning("could not write the job report to %s: %s; the table above has it", path, e)
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        with contextlib.suppress(OSError, ValueError):
+            os.unlink(tmp)
+        log.warning("could not write the job report to %r: %s; the table above has it", path, e)
 
 
 def load(path: str) -> dict[str, Any]:
