@@ -117,6 +117,8 @@ class SkippedCodes:
 
 
 skipped_codes = SkippedCodes()
+# Decisions Dynamo made inside local(): replayed inside local() only, never code-wide.
+local_skips = SkippedCodes()
 
 
 def is_tracer_frame(code: Any) -> bool:
@@ -240,8 +242,19 @@ class GuardedCallback:
         Local entries get a recompile limit of their own. Were they to reach Dynamo's,
         Dynamo would mark the code object to run eagerly for good, lockstep calls
         included, on this rank only; so at the limit this call runs eagerly instead.
+
+        A decision Dynamo makes for the whole code here (``SKIP``: nothing to compile for
+        this rank-local input) is applied to this call only, and kept apart from the
+        lockstep decisions (``local_skips``, replayed inside local() only). Marked on the
+        code, the lockstep calls of this rank would skip it with no exchange while the
+        other ranks compile and exchange it; recorded in ``skipped_codes``, a reset would
+        replay it there. The lockstep calls decide for themselves, on every rank together.
         """
         dist_local.warn_forked_child()
+        if cache_entry is None:
+            decided = local_skips.decided(frame.f_code)
+            if decided is not None:  # as Dynamo's mark would: no trace, for local calls
+                return compat.decide_once(decided)
         local_same, local_total, lock_same, lock_total = local_entries.counts(frame)
         specific, accumulated = compat.recompile_limits()
         if local_same >= specific or local_total >= accumulated:
@@ -262,7 +275,10 @@ class GuardedCallback:
             patches.recompile_headroom(lock_same, lock_total),
         ):
             result = self._inner(frame, cache_entry, frame_state)
-        skipped_codes.record(frame.f_code, result)
+        decided = compat.code_decision(result)
+        if decided is not None:
+            local_skips.record(frame.f_code, result)
+            return compat.decide_once(decided)
         if getattr(result, "guarded_code", None) is not None:
             self._counts.local_compiles += 1
             local_entries.record(frame.f_code, result)
