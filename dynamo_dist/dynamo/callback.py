@@ -103,8 +103,18 @@ class SkippedCodes:
 
     @staticmethod
     def _key(code: Any) -> tuple[Any, ...]:
-        name = getattr(code, "co_qualname", code.co_name)
-        return (code.co_filename, code.co_firstlineno, name, code.co_code)
+        """The code's value: equal for the same code rebuilt, unequal for any other.
+
+        CPython's code equality (``code_richcompare``) compares the name, first line,
+        flags, argument counts, bytecode (unspecialised), constants by type and value
+        with nested code recursively, names, local names, line and exception tables;
+        file and qualified name are added here. File, line, name and bytecode alone
+        made two lambdas on one line that call different methods (``t.size()``,
+        ``t.sin()``: only ``co_names`` differ) share one decision. Not a hash of
+        ``marshal.dumps``: its output depends on reference counts and interning.
+        The key holds the code alive, as long as the decision lasts: the process.
+        """
+        return (code.co_filename, getattr(code, "co_qualname", code.co_name), code)
 
     def record(self, code: Any, result: Any) -> None:
         actions = compat.code_decision(result)

@@ -60,6 +60,39 @@ def reset_with_skipped_frame(rank: int, world: int) -> dict[str, Any]:
     return result(cb, ok)
 
 
+# Two pairs of different functions, each pair on one line: same file, first line, qualified
+# name and bytecode; they differ in the attribute they call (co_names).
+_size_of, _sine_of = (lambda t: t.size()), (lambda t: t.sin())
+_local_size_of, _cosine_of = (lambda t: t.size()), (lambda t: t.cos())
+
+
+def skips_keyed_by_code(rank: int, world: int) -> dict[str, Any]:
+    """Dynamo skips the first of each pair (nothing to compile); the second must still
+    compile, in lockstep on every rank, and inside local() on rank 0 alone."""
+    cb = CountingBackend()
+    size_of, sine_of = (dynamo_dist.compile(f, backend=cb, timeout=20) for f in _LOCKSTEP)
+    local_size_of, cosine_of = (dynamo_dist.compile(f, backend=cb, timeout=20) for f in _LOCAL)
+    x = torch.ones(3)
+    ok = True
+    try:
+        for _ in range(2):
+            ok &= size_of(x) == x.size()
+        before = cb.graphs
+        for _ in range(3):
+            ok &= bool(torch.allclose(sine_of(x), x.sin()))
+        lockstep, before = cb.graphs - before, cb.graphs
+        if rank == 0:
+            with dynamo_dist.local():
+                ok &= local_size_of(x) == x.size()
+                ok &= bool(torch.allclose(cosine_of(x), x.cos()))
+    except dynamo_dist.DynamoDistError as e:
+        return error_result(cb, e)
+    return result(cb, ok, lockstep=lockstep, local=cb.graphs - before)
+
+
+_LOCKSTEP, _LOCAL = (_size_of, _sine_of), (_local_size_of, _cosine_of)
+
+
 def _scaled(x: torch.Tensor, k: int) -> torch.Tensor:
     return x * k
 
@@ -282,6 +315,14 @@ def test_reset_on_one_rank_replays_dynamos_skips(tmp_path: Any) -> None:
     res = _assert_paired(run)
     # Each reset forces both ranks to recompile the two frames with graphs, together.
     assert res[0]["graphs"] == res[1]["graphs"] == 2 + 2 * 2, res
+
+
+def test_a_skip_decision_is_never_shared_by_different_code(tmp_path: Any) -> None:
+    run = ranks.launch(HERE, "skips_keyed_by_code", tmp=tmp_path, timeout=200)
+    res = _assert_paired(run)
+    # As plain torch.compile: one graph for t.sin() on each rank, one for t.cos() on 0.
+    assert res[0]["lockstep"] == res[1]["lockstep"] == 1, res
+    assert (res[0]["local"], res[1]["local"]) == (1, 0), res
 
 
 def test_reset_on_one_rank_at_the_recompile_limit(tmp_path: Any) -> None:
