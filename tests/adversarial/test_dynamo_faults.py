@@ -8,8 +8,10 @@ test next to it asserts on what every rank reported.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -121,12 +123,13 @@ def profile_on_one_rank(rank: int, world: int, tracer: str) -> dict[str, Any]:
     compiled = dynamo_dist.compile(_graph, backend=cb, timeout=20)
     breaks = dynamo_dist.compile(_breaks, backend=cb, timeout=20)
     profiler = _Profiler()
+    kind, fn = _TRACERS[tracer](profiler)
     ok = True
     try:
         for step in range(8):
             if rank == 1 and step == 2:
-                sys.setprofile(profiler.event if tracer == "profile" else None)
-                sys.settrace(profiler.event if tracer == "trace" else None)
+                sys.setprofile(fn if kind == "profile" else None)
+                sys.settrace(fn if kind == "trace" else None)
             if rank == 1 and step == 6:
                 sys.setprofile(None)
                 sys.settrace(None)
@@ -156,6 +159,31 @@ class _Profiler:
         if event == "call":
             self._note(frame.f_code.co_name)
         return self.event
+
+    def global_event(self, frame: Any, event: str, arg: Any) -> Any:
+        """A global trace function that returns another, per-frame one (stdlib ``trace``)."""
+        self._note(frame.f_code.co_name)
+        return self.local_event
+
+    def local_event(self, frame: Any, event: str, arg: Any) -> Any:
+        self._note(event)
+        return self.local_event
+
+
+def _partial_event(profiler: _Profiler, frame: Any, event: str, arg: Any) -> Any:
+    """A tracer given as ``functools.partial``: its frames' code is this function's."""
+    profiler._note(event)
+    return functools.partial(_partial_event, profiler)
+
+
+#: Each tracer: which hook it is set with, and the callable given to it.
+_TRACERS: dict[str, Callable[[_Profiler], tuple[str, Any]]] = {
+    "profile": lambda p: ("profile", p.event),
+    "trace": lambda p: ("trace", p.event),
+    "trace_local": lambda p: ("trace", p.global_event),
+    "profile_partial": lambda p: ("profile", functools.partial(_partial_event, p)),
+    "trace_partial": lambda p: ("trace", functools.partial(_partial_event, p)),
+}
 
 
 # -- two threads compiling inside local() ------------------------------------------------
@@ -332,7 +360,7 @@ def test_reset_on_one_rank_at_the_recompile_limit(tmp_path: Any) -> None:
     assert res[0]["graphs"] == res[1]["graphs"] == 2, res
 
 
-@pytest.mark.parametrize("tracer", ["profile", "trace"])
+@pytest.mark.parametrize("tracer", sorted(_TRACERS))
 def test_profile_or_trace_function_on_one_rank(tmp_path: Any, tracer: str) -> None:
     run = ranks.launch(HERE, "profile_on_one_rank", tracer, tmp=tmp_path, timeout=200)
     res = _assert_paired(run)
