@@ -18,6 +18,7 @@ ranks' do, or one rank would fall back to eager while the others compile.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 from collections.abc import Callable
@@ -103,8 +104,18 @@ class SkippedCodes:
 
     @staticmethod
     def _key(code: Any) -> tuple[Any, ...]:
-        name = getattr(code, "co_qualname", code.co_name)
-        return (code.co_filename, code.co_firstlineno, name, code.co_code)
+        """The code's value: equal for the same code rebuilt, unequal for any other.
+
+        CPython's code equality (``code_richcompare``) compares the name, first line,
+        flags, argument counts, bytecode (unspecialised), constants by type and value
+        with nested code recursively, names, local names, line and exception tables;
+        file and qualified name are added here. File, line, name and bytecode alone
+        made two lambdas on one line that call different methods (``t.size()``,
+        ``t.sin()``: only ``co_names`` differ) share one decision. Not a hash of
+        ``marshal.dumps``: its output depends on reference counts and interning.
+        The key holds the code alive, as long as the decision lasts: the process.
+        """
+        return (code.co_filename, getattr(code, "co_qualname", code.co_name), code)
 
     def record(self, code: Any, result: Any) -> None:
         actions = compat.code_decision(result)
@@ -117,10 +128,12 @@ class SkippedCodes:
 
 
 skipped_codes = SkippedCodes()
+# Decisions Dynamo made inside local(): replayed inside local() only, never code-wide.
+local_skips = SkippedCodes()
 
 
-def is_tracer_frame(code: Any) -> bool:
-    """Whether ``code`` is this thread's profile or trace function (``sys.setprofile`` ...).
+def is_tracer_frame(frame: Any) -> bool:
+    """Whether ``frame`` runs a profile or trace function of this thread (``sys.setprofile`` ...).
 
     The interpreter calls them on its own, inside a compiled call too, and Dynamo's frame
     callback sees their frames: on a rank with a profiler only. Exchanged like the
@@ -128,17 +141,51 @@ def is_tracer_frame(code: Any) -> bool:
     frame (a false ``RankDivergenceError``); so they are skipped, with every frame they
     call, and never traced or exchanged. A profiler's C callback (``cProfile``) has no
     frame to see.
+
+    Three kinds of function can be running as a tracer: the profile function, the global
+    trace function (called at each new frame), and the *local* ones the global one
+    returned for the frames it traces (``f_trace``: stdlib ``trace``, ``pdb``), called
+    for their lines and returns. Each is matched by the code it runs (:func:`_code_of`).
+    The frame's own ``f_back`` is not linked yet when Dynamo's callback sees it, and the
+    frame being traced lies under the callback's own frames and Dynamo's wrappers: so the
+    local ones of every frame on the stack are matched, and only while a trace function
+    is set (without one, the interpreter calls no local one). A program calling its own
+    tracer directly would be skipped there too. On first entries only, never per call.
     """
-    for fn in (sys.getprofile(), sys.gettrace()):
-        if not callable(fn):
-            continue
-        # A function, a bound method, or an object whose class defines __call__.
-        target = getattr(fn, "__func__", fn)
-        if getattr(target, "__code__", None) is None:
-            target = type(fn).__call__
-        if getattr(target, "__code__", None) is code:
+    code = frame.f_code
+    trace = sys.gettrace()
+    if any(fn is not None and _code_of(fn) is code for fn in (sys.getprofile(), trace)):
+        return True
+    if trace is None:
+        return False
+    caller: Any = sys._getframe(1)
+    while caller is not None:
+        local = caller.f_trace
+        if local is not None and _code_of(local) is code:
             return True
+        caller = caller.f_back
     return False
+
+
+def _code_of(fn: Any) -> Any:
+    """The Python code that calling ``fn`` runs first (None: C code, no frame to see).
+
+    Through ``functools.partial``, bound methods, and objects whose class defines
+    ``__call__``; a partial of a bound method of a callable object takes three steps.
+    """
+    for _ in range(8):  # wrappers of wrappers, but never a cycle
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            return code
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif hasattr(fn, "__func__"):  # a bound method
+            fn = fn.__func__
+        elif callable(fn):
+            fn = type(fn).__call__
+        else:
+            return None
+    return None
 
 
 log = get_logger("runtime")
@@ -177,7 +224,7 @@ class GuardedCallback:
 
     @dynamo_hook.transparent
     def __call__(self, frame: Any, cache_entry: Any, frame_state: Any) -> Any:
-        if is_tracer_frame(frame.f_code):
+        if is_tracer_frame(frame):
             return compat.skip_code(compat.skip_recursively())
         err = _C.pending_error()
         if err is not None:
@@ -240,8 +287,19 @@ class GuardedCallback:
         Local entries get a recompile limit of their own. Were they to reach Dynamo's,
         Dynamo would mark the code object to run eagerly for good, lockstep calls
         included, on this rank only; so at the limit this call runs eagerly instead.
+
+        A decision Dynamo makes for the whole code here (``SKIP``: nothing to compile for
+        this rank-local input) is applied to this call only, and kept apart from the
+        lockstep decisions (``local_skips``, replayed inside local() only). Marked on the
+        code, the lockstep calls of this rank would skip it with no exchange while the
+        other ranks compile and exchange it; recorded in ``skipped_codes``, a reset would
+        replay it there. The lockstep calls decide for themselves, on every rank together.
         """
         dist_local.warn_forked_child()
+        if cache_entry is None:
+            decided = local_skips.decided(frame.f_code)
+            if decided is not None:  # as Dynamo's mark would: no trace, for local calls
+                return compat.decide_once(decided)
         local_same, local_total, lock_same, lock_total = local_entries.counts(frame)
         specific, accumulated = compat.recompile_limits()
         if local_same >= specific or local_total >= accumulated:
@@ -262,7 +320,10 @@ class GuardedCallback:
             patches.recompile_headroom(lock_same, lock_total),
         ):
             result = self._inner(frame, cache_entry, frame_state)
-        skipped_codes.record(frame.f_code, result)
+        decided = compat.code_decision(result)
+        if decided is not None:
+            local_skips.record(frame.f_code, result)
+            return compat.decide_once(decided)
         if getattr(result, "guarded_code", None) is not None:
             self._counts.local_compiles += 1
             local_entries.record(frame.f_code, result)

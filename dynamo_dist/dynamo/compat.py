@@ -145,10 +145,22 @@ def run_eagerly_once() -> Any:
     ``ConvertFrameReturn(FrameExecStrategy(SKIP, DEFAULT), apply_to_code=False)`` in
     ``torch._dynamo.types``: torch 2.9 through 2.13.
     """
+    from torch._dynamo.types import FrameAction
+
+    return decide_once((int(FrameAction.SKIP), int(FrameAction.DEFAULT)))
+
+
+def decide_once(actions: tuple[int, int]) -> Any:
+    """What a frame callback returns to apply ``actions`` to this call only, not the code.
+
+    ``ConvertFrameReturn(FrameExecStrategy(cur, recursive), apply_to_code=False)`` in
+    ``torch._dynamo.types``: torch 2.9 through 2.13.
+    """
     from torch._dynamo.types import ConvertFrameReturn, FrameAction, FrameExecStrategy
 
+    cur, recursive = actions
     return ConvertFrameReturn(
-        frame_exec_strategy=FrameExecStrategy(FrameAction.SKIP, FrameAction.DEFAULT),
+        frame_exec_strategy=FrameExecStrategy(FrameAction(cur), FrameAction(recursive)),
         apply_to_code=False,
     )
 

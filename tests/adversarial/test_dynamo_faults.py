@@ -8,8 +8,10 @@ test next to it asserts on what every rank reported.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -60,6 +62,39 @@ def reset_with_skipped_frame(rank: int, world: int) -> dict[str, Any]:
     return result(cb, ok)
 
 
+# Two pairs of different functions, each pair on one line: same file, first line, qualified
+# name and bytecode; they differ in the attribute they call (co_names).
+_size_of, _sine_of = (lambda t: t.size()), (lambda t: t.sin())
+_local_size_of, _cosine_of = (lambda t: t.size()), (lambda t: t.cos())
+
+
+def skips_keyed_by_code(rank: int, world: int) -> dict[str, Any]:
+    """Dynamo skips the first of each pair (nothing to compile); the second must still
+    compile, in lockstep on every rank, and inside local() on rank 0 alone."""
+    cb = CountingBackend()
+    size_of, sine_of = (dynamo_dist.compile(f, backend=cb, timeout=20) for f in _LOCKSTEP)
+    local_size_of, cosine_of = (dynamo_dist.compile(f, backend=cb, timeout=20) for f in _LOCAL)
+    x = torch.ones(3)
+    ok = True
+    try:
+        for _ in range(2):
+            ok &= size_of(x) == x.size()
+        before = cb.graphs
+        for _ in range(3):
+            ok &= bool(torch.allclose(sine_of(x), x.sin()))
+        lockstep, before = cb.graphs - before, cb.graphs
+        if rank == 0:
+            with dynamo_dist.local():
+                ok &= local_size_of(x) == x.size()
+                ok &= bool(torch.allclose(cosine_of(x), x.cos()))
+    except dynamo_dist.DynamoDistError as e:
+        return error_result(cb, e)
+    return result(cb, ok, lockstep=lockstep, local=cb.graphs - before)
+
+
+_LOCKSTEP, _LOCAL = (_size_of, _sine_of), (_local_size_of, _cosine_of)
+
+
 def _scaled(x: torch.Tensor, k: int) -> torch.Tensor:
     return x * k
 
@@ -88,12 +123,13 @@ def profile_on_one_rank(rank: int, world: int, tracer: str) -> dict[str, Any]:
     compiled = dynamo_dist.compile(_graph, backend=cb, timeout=20)
     breaks = dynamo_dist.compile(_breaks, backend=cb, timeout=20)
     profiler = _Profiler()
+    kind, fn = _TRACERS[tracer](profiler)
     ok = True
     try:
         for step in range(8):
             if rank == 1 and step == 2:
-                sys.setprofile(profiler.event if tracer == "profile" else None)
-                sys.settrace(profiler.event if tracer == "trace" else None)
+                sys.setprofile(fn if kind == "profile" else None)
+                sys.settrace(fn if kind == "trace" else None)
             if rank == 1 and step == 6:
                 sys.setprofile(None)
                 sys.settrace(None)
@@ -123,6 +159,31 @@ class _Profiler:
         if event == "call":
             self._note(frame.f_code.co_name)
         return self.event
+
+    def global_event(self, frame: Any, event: str, arg: Any) -> Any:
+        """A global trace function that returns another, per-frame one (stdlib ``trace``)."""
+        self._note(frame.f_code.co_name)
+        return self.local_event
+
+    def local_event(self, frame: Any, event: str, arg: Any) -> Any:
+        self._note(event)
+        return self.local_event
+
+
+def _partial_event(profiler: _Profiler, frame: Any, event: str, arg: Any) -> Any:
+    """A tracer given as ``functools.partial``: its frames' code is this function's."""
+    profiler._note(event)
+    return functools.partial(_partial_event, profiler)
+
+
+#: Each tracer: which hook it is set with, and the callable given to it.
+_TRACERS: dict[str, Callable[[_Profiler], tuple[str, Any]]] = {
+    "profile": lambda p: ("profile", p.event),
+    "trace": lambda p: ("trace", p.event),
+    "trace_local": lambda p: ("trace", p.global_event),
+    "profile_partial": lambda p: ("profile", functools.partial(_partial_event, p)),
+    "trace_partial": lambda p: ("trace", functools.partial(_partial_event, p)),
+}
 
 
 # -- two threads compiling inside local() ------------------------------------------------
@@ -307,6 +368,14 @@ def test_reset_on_one_rank_replays_dynamos_skips(tmp_path: Any) -> None:
     assert res[0]["graphs"] == res[1]["graphs"] == 2 + 2 * 2, res
 
 
+def test_a_skip_decision_is_never_shared_by_different_code(tmp_path: Any) -> None:
+    run = ranks.launch(HERE, "skips_keyed_by_code", tmp=tmp_path, timeout=200)
+    res = _assert_paired(run)
+    # As plain torch.compile: one graph for t.sin() on each rank, one for t.cos() on 0.
+    assert res[0]["lockstep"] == res[1]["lockstep"] == 1, res
+    assert (res[0]["local"], res[1]["local"]) == (1, 0), res
+
+
 def test_reset_on_one_rank_at_the_recompile_limit(tmp_path: Any) -> None:
     run = ranks.launch(HERE, "reset_after_recompile_limit", tmp=tmp_path, timeout=200)
     res = _assert_paired(run)
@@ -314,7 +383,7 @@ def test_reset_on_one_rank_at_the_recompile_limit(tmp_path: Any) -> None:
     assert res[0]["graphs"] == res[1]["graphs"] == 2, res
 
 
-@pytest.mark.parametrize("tracer", ["profile", "trace"])
+@pytest.mark.parametrize("tracer", sorted(_TRACERS))
 def test_profile_or_trace_function_on_one_rank(tmp_path: Any, tracer: str) -> None:
     run = ranks.launch(HERE, "profile_on_one_rank", tracer, tmp=tmp_path, timeout=200)
     res = _assert_paired(run)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import ranks
 import torch
-from ranks import CountingBackend, result
+from ranks import CountingBackend, error_result, result
 
 import dynamo_dist
 from dynamo_dist.dist import local as dist_local
@@ -134,6 +134,36 @@ def local_models_and_limits(rank: int, world: int) -> dict[str, Any]:
     return result(cb, True, outs=outs)
 
 
+def _postprocess(x: Any) -> Any:
+    """A graph for a tensor; for a list nothing to compile (Dynamo would skip the code)."""
+    if isinstance(x, torch.Tensor):
+        return x.sin() * 2
+    return x
+
+
+def local_skip_stays_local(rank: int, world: int) -> dict[str, Any]:
+    """Rank 0 alone calls a function inside local() with an input Dynamo finds nothing to
+    compile in, before and after the lockstep calls compiled it; the lockstep calls of
+    that function (and the next one) must still be exchanged on every rank."""
+    cb = CountingBackend()
+    post = dynamo_dist.compile(_postprocess, backend=cb, timeout=30)
+    step = dynamo_dist.compile(_step, backend=cb, timeout=30)
+    outs: list[float] = []
+    kept = True
+    try:
+        for phase in range(2):
+            if rank == 0:
+                with dynamo_dist.local():
+                    for _ in range(2):  # the second call replays the local decision
+                        kept &= post([1.0, float(phase)]) == [1.0, float(phase)]
+            for i in range(3):
+                x = torch.full((4, 3), float(i + phase))
+                outs += [float(post(x).sum()), float(step(x).sum())]
+    except dynamo_dist.DynamoDistError as e:
+        return error_result(cb, e)
+    return result(cb, kept, outs=outs)
+
+
 # -- tests ------------------------------------------------------------------------------------
 @pytest.mark.multiproc
 @pytest.mark.timeout(300)
@@ -173,6 +203,19 @@ def test_local_models_and_local_recompile_limit_keep_lockstep(tmp_path) -> None:
     assert r0["stats"]["divergences"] == r1["stats"]["divergences"] == 0
     assert r0["outs"] == r1["outs"]
     assert "reached the recompile limit" in run.output
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(300)
+def test_a_skip_decided_inside_local_stays_out_of_lockstep(tmp_path) -> None:
+    run = ranks.launch(__file__, "local_skip_stays_local", tmp=tmp_path, timeout=240)
+    r0, r1 = run.rank(0), run.rank(1)
+    for one in (r0, r1):
+        assert one["ok"], (one.get("error"), one.get("message"))
+    # Both lockstep phases exchange both functions' calls on both ranks: 6 + 6.
+    assert r0["stats"]["exchanges"] == r1["stats"]["exchanges"] == 12, (r0, r1)
+    assert r0["graphs"] == r1["graphs"] == 2, (r0, r1)
+    assert r0["outs"] == r1["outs"]
 
 
 if __name__ == "__main__":
