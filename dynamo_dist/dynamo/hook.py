@@ -129,13 +129,18 @@ def _line_of(code: types.CodeType, lasti: int) -> int:
     return code.co_firstlineno
 
 
+def region_label(region: int) -> str:
+    """The name users read for a compiled region (the report's per-region rows, errors)."""
+    return _regions.get(region, "code outside dynamo_dist.compile")
+
+
 def describe_identity(ident: int) -> str:
     """Human name of a frame identity: the compiled region and, inside it, the call site."""
     desc = _C.describe_identity(ident)
     if desc is None:
         return f"frame {ident:#x}"
     code, lasti, region, _grad, callee = desc
-    where = _regions.get(region, "code outside dynamo_dist.compile")
+    where = region_label(region)
     name = getattr(code, "co_qualname", code.co_name)
     site = f"{name} ({os.path.basename(code.co_filename)}:{_line_of(code, lasti)})"
     if callee is not None:
