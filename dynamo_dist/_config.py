@@ -144,6 +144,10 @@ class Config:
     )
     """Path of a JSON job report written by rank 0 at exit; None prints the table only."""
 
+    report_verbose: bool = _key(False)
+    """Rank 0's table at exit also lists each compiled region's exchanges, hits and waits
+    per rank (``dynamo-dist report --verbose`` prints a saved report so)."""
+
     all_compiles: bool = _key(
         False,
         flag="--all-compiles",

@@ -22,15 +22,17 @@ log = get_logger("report")
 _PREFIX = "dynamo_dist/report/"
 
 COLUMNS: list[tuple[str, str, str]] = [
-    # (header, stats key, format)
+    # (header, stats key, format); every header has its LEGEND entry
     ("rank", "rank", "d"),
     ("exchanges", "exchanges", "d"),
     ("hit rate", "hit_rate", ".1%"),
     ("forced", "forced_recompiles", "d"),
     ("diverg.", "divergences", "d"),
     ("compiles", "compiles", "d"),
-    ("p50 us", "p50_us", ".1f"),
-    ("p99 us", "p99_us", ".1f"),
+    ("cost p50 us", "cost_p50_us", ".1f"),
+    ("cost p99 us", "cost_p99_us", ".1f"),
+    ("wait p50 us", "wait_p50_us", ".1f"),
+    ("wait p99 us", "wait_p99_us", ".1f"),
     ("transport", "transport", "s"),
     ("loads", "cache_loads", "d"),
     ("publishes", "cache_publishes", "d"),
@@ -38,6 +40,62 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("precomp.", "precompiled_calls", "d"),
     ("fallbacks", "precompiled_fallback_reasons", "s"),
 ]
+
+#: What each column of the table means, printed under it (header -> definition).
+LEGEND: dict[str, str] = {
+    "rank": "global rank",
+    "exchanges": "guard exchanges this rank took part in, over its groups: one per entry "
+    "into a compiled frame inside a dynamo_dist.compile region (outside "
+    "dynamo_dist.local()), one per call of a precompiled module",
+    "hit rate": "share of Dynamo's guard checks (frames with compiled entries) that this "
+    "rank's own guards passed, before the ranks agreed; 100% when none",
+    "forced": "checks this rank's guards passed while another rank's failed: this rank "
+    "recompiled with the others",
+    "diverg.": "exchanges at which ranks guarded different frames (an error), plus mixed "
+    "outcomes that policy strict refused",
+    "compiles": "frames Dynamo compiled on this rank in step with its group (those inside "
+    "dynamo_dist.local() are local_compiles in the JSON)",
+    "cost p50 us": "median of an exchange's own cost on this rank, in microseconds: the "
+    "frame's identity, posting the record, combining the ranks' records, the verdict; "
+    "not the wait (last 8192 exchanges per group)",
+    "cost p99 us": "99th percentile of the same",
+    "wait p50 us": "median time an exchange was blocked on the other ranks: until every "
+    "rank of its host posted, then the host leaders' step across hosts (gloo: the "
+    "all-reduce). It measures the others' lateness (uneven work between compiled calls), "
+    "not dynamo_dist: the rank that arrives last waits about 0",
+    "wait p99 us": "99th percentile of the same",
+    "transport": "how the exchange ran: shm (shared memory, one host); shm+native or "
+    "shm+gloo (shared memory within hosts, the leaders' native rounds or gloo across); "
+    "gloo; none (a group of one rank)",
+    "loads": "graphs this rank installed from the shared cache instead of compiling them",
+    "publishes": "graphs this rank compiled and published to the shared cache",
+    "saved s": "compile seconds the loads saved (the compile time each loaded entry recorded)",
+    "precomp.": "calls that ran a precompiled artifact (no Dynamo)",
+    "fallbacks": "why modules left the precompiled route (reason:count; each then traces "
+    "with Dynamo on every start); - when none",
+}
+
+#: The verbose table's per-region rows (``regions`` in each rank's stats).
+REGION_COLUMNS: list[tuple[str, str, str]] = [
+    ("rank", "rank", "s"),
+    ("exchanges", "exchanges", "d"),
+    ("hits", "hits", "d"),
+    ("misses", "misses", "d"),
+    ("wait ms", "wait_ms_total", ".1f"),
+    ("max wait ms", "wait_ms_max", ".2f"),
+    ("frames", "frames", "d"),
+]
+
+REGION_LEGEND: dict[str, str] = {
+    "rank": "global rank",
+    "exchanges": "guard exchanges for the region's frames on this rank",
+    "hits": "of them, exchanges in which this rank's own guards passed",
+    "misses": "of them, exchanges in which they did not, or the frame had no entry yet",
+    "wait ms": "total milliseconds its exchanges were blocked on the other ranks",
+    "max wait ms": "the longest single wait",
+    "frames": "distinct frame identities exchanged (call sites, resume functions after "
+    "graph breaks, grad modes)",
+}
 
 
 def with_derived(stats: dict[str, Any]) -> dict[str, Any]:
@@ -70,24 +128,41 @@ def _nesting(value: Any) -> int:
     return deepest
 
 
-def format_table(report: dict[str, Any]) -> str:
-    """One row per rank; ranks that never reported are listed as missing."""
-    by_rank: dict[str, dict[str, Any]] = report.get("ranks", {})
-    rows = [[h for h, _, _ in COLUMNS]]
-    for r in sorted(by_rank, key=int):
-        st = by_rank[r]
+def _rows(columns: list[tuple[str, str, str]], records: list[dict[str, Any]]) -> list[str]:
+    """A right-aligned table: a header, a rule, one row per record (``-``: no value)."""
+    rows = [[h for h, _, _ in columns]]
+    for rec in records:
         row = []
-        for _, key, fmt in COLUMNS:
-            v = st.get(key)
+        for _, key, fmt in columns:
+            v = rec.get(key)
             try:
                 row.append(format(v, fmt) if v is not None else "-")
             except (TypeError, ValueError):
                 row.append(str(v))
         rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def _legend(legend: dict[str, str], indent: str = "  ") -> list[str]:
+    width = max(len(h) for h in legend)
+    return [f"{indent}{h.ljust(width)}  {text}" for h, text in legend.items()]
+
+
+def format_table(report: dict[str, Any], verbose: bool = False) -> str:
+    """One row per rank, then the columns' legend; ranks that never reported are missing.
+
+    ``verbose``: also each compiled region's exchanges, hits and waits, per rank.
+    """
+    by_rank: dict[str, dict[str, Any]] = report.get("ranks", {})
+    lines = _rows(COLUMNS, [by_rank[r] for r in sorted(by_rank, key=int)])
     lines.extend(_group_lines(by_rank))
+    if verbose:
+        lines.extend(_region_lines(by_rank))
+    lines.append("columns:")
+    lines.extend(_legend(LEGEND))
     missing = report.get("missing") or []
     head = f"dynamo_dist job report ({report.get('world_size', len(by_rank))} ranks)"
     stalled = report.get("stalled") or []
@@ -103,6 +178,28 @@ def format_table(report: dict[str, Any]) -> str:
     if never:
         head += f"; ranks {never} made no compiled call (nothing to report)"
     return head + "\n" + "\n".join(lines)
+
+
+def _region_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
+    """Per compiled region (its label), a row per rank that exchanged for it."""
+    regions: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(by_rank, key=int):
+        # A record read from the job's store may hold anything: only objects are regions.
+        of_rank = by_rank[r].get("regions")
+        if not isinstance(of_rank, dict):
+            continue
+        for label, counts in of_rank.items():
+            if isinstance(counts, dict):
+                regions.setdefault(str(label), []).append({**counts, "rank": r})
+    if not regions:
+        return ["per region: none reported"]
+    out = ["per region:"]
+    for label in sorted(regions):
+        out.append(f"  {label}")
+        out.extend(f"    {line}" for line in _rows(REGION_COLUMNS, regions[label]))
+    out.append("region columns:")
+    out.extend(_legend(REGION_LEGEND))
+    return out
 
 
 def _group_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
@@ -154,6 +251,7 @@ def publish_and_collect(
     wait_s: float,
     path: str | None,
     started: Callable[[], set[int]] | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any] | None:
     """Publish this rank's stats; on rank 0 collect everyone's, log the table, write ``path``.
 
@@ -161,7 +259,7 @@ def publish_and_collect(
     one down and start another), so a report never mixes in an earlier one's stats.
     ``started()``: the ranks that ever started dynamo_dist (made a compiled call); rank
     0 does not wait for the others, which have no stats to give, and says so (None:
-    every rank counts as started).
+    every rank counts as started). ``verbose``: the table has the per-region rows.
     """
     prefix = f"{_PREFIX}{generation}/"
     try:
@@ -214,7 +312,7 @@ def publish_and_collect(
         "missing": [r for r in range(world_size) if str(r) not in by_rank and r not in never],
         "never_compiled": sorted(never),
     }
-    log.info("%s", format_table(report))
+    log.info("%s", format_table(report, verbose))
     _write(report, path)
     return report
 
