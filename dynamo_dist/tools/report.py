@@ -159,10 +159,10 @@ def format_table(report: dict[str, Any], verbose: bool = False) -> str:
     by_rank: dict[str, dict[str, Any]] = report.get("ranks", {})
     lines = _rows(COLUMNS, [by_rank[r] for r in sorted(by_rank, key=int)])
     lines.extend(_group_lines(by_rank))
-    if verbose:
-        lines.extend(_region_lines(by_rank))
     lines.append("columns:")
     lines.extend(_legend(LEGEND))
+    if verbose:
+        lines.extend(_region_lines(by_rank))
     missing = report.get("missing") or []
     head = f"dynamo_dist job report ({report.get('world_size', len(by_rank))} ranks)"
     stalled = report.get("stalled") or []
