@@ -380,8 +380,8 @@ class GlooTransport(Transport):
     def exchange_timed(self, hit: bool, ident: int) -> tuple[bool, int]:
         """:meth:`exchange`, and the nanoseconds this rank waited for the others.
 
-        The wait is the whole all-reduce call: gloo's own sends and receives are a few
-        microseconds of it, the rest is the slowest rank's lateness. The hook counts the
+        The wait is the whole all-reduce call: gloo's own sends and receives happen inside
+        it and cannot be timed apart from the slowest rank's lateness. The hook counts the
         rest of the exchange (packing, the verdict, its own work) as the exchange's cost.
         """
         if self.broken is not None:
