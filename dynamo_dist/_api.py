@@ -180,7 +180,7 @@ def attach(
     (:meth:`_Joining.decide`), and a module with a shared cache may take the precompiled
     route at its first call (:class:`_FirstForward`).
     """
-    _log.configure(cfg.log_level)
+    _log.configure(cfg.log_level, cfg.log_format)
     joining = _Joining(model, cfg, kwargs, group, now)
     if cfg.cache_dir:
         # Now, before anything is traced or compiled (the first call may be inside
