@@ -27,7 +27,7 @@ from dynamo_dist import _errors
 from dynamo_dist._log import get_logger
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist.local import GroupInfo
-from dynamo_dist.dynamo import compat, patches, pgo
+from dynamo_dist.dynamo import compat, names, patches, pgo
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C
 from dynamo_dist.exchange.policy import Policy
@@ -251,8 +251,7 @@ class GuardedCallback:
                     "%s reached the recompile limit (%d) with entries compiled inside "
                     "dynamo_dist.local(); further rank-local calls that miss run eagerly (the "
                     "calls outside local() keep their own limit)",
-                    f"{frame.f_code.co_name} ({frame.f_code.co_filename}:"
-                    f"{frame.f_code.co_firstlineno})",
+                    names.describe_code(frame.f_code),
                     specific,
                 )
             return compat.run_eagerly_once()
