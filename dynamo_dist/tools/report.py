@@ -28,16 +28,32 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("hit rate", "hit_rate", ".1%"),
     ("forced", "forced_recompiles", "d"),
     ("diverg.", "divergences", "d"),
-    ("compiles", "compiles", "d"),
+    ("traced", "frames_traced", "d"),
+    ("built", "graphs_built", "d"),
+    ("loaded", "graphs_loaded", "d"),
+    ("loaded from", "loaded_from_text", "s"),
+    ("recomp.", "recompiles", "d"),
     ("p50 us", "p50_us", ".1f"),
     ("p99 us", "p99_us", ".1f"),
     ("transport", "transport", "s"),
-    ("loads", "cache_loads", "d"),
     ("publishes", "cache_publishes", "d"),
-    ("saved s", "compile_seconds_saved", ".1f"),
+    ("build s saved", "build_seconds_saved", ".1f"),
     ("precomp.", "precompiled_calls", "d"),
     ("fallbacks", "precompiled_fallback_reasons", "s"),
 ]
+
+#: What each column of the compile accounting means (README, "The job report").
+LEGEND: dict[str, str] = {
+    "traced": "frames Dynamo traced on this rank (a precompiled capture traces one)",
+    "built": "graphs inductor built on this rank (0 on a warm start that loaded everything)",
+    "loaded": "graphs loaded instead of built: each is a cache hit",
+    "loaded from": "where the loaded graphs came from: shared (the shared directory), "
+    "host_copy (the copy a rank of this host left), precompiled (precompiled artifacts)",
+    "recomp.": "frames or precompiled modules that needed another graph (their guards "
+    "failed); reasons in the JSON (recompile_reasons) and below the table",
+    "build s saved": "measured: the recorded build time of each loaded graph minus the time "
+    "this rank took to load it (waiting included); negative if loading took longer",
+}
 
 
 def with_derived(stats: dict[str, Any]) -> dict[str, Any]:
@@ -47,12 +63,17 @@ def with_derived(stats: dict[str, Any]) -> dict[str, Any]:
     # Why modules left the precompiled route (each traces on every start), e.g.
     # "graph_break:1"; "-" when none did.
     fallbacks = out.get("precompiled_fallbacks")
-    out["precompiled_fallback_reasons"] = (
-        ",".join(f"{k}:{v}" for k, v in sorted(fallbacks.items()))
-        if isinstance(fallbacks, dict) and fallbacks
-        else "-"
-    )
+    out["precompiled_fallback_reasons"] = _counts_text(fallbacks)
+    # Where loaded graphs came from, e.g. "shared:2,host_copy:2"; "-" when none was.
+    out["loaded_from_text"] = _counts_text(out.get("loaded_from"))
     return out
+
+
+def _counts_text(counts: Any) -> str:
+    """``{"a": 1, "b": 2}`` as ``a:1,b:2`` (zero counts left out); ``-`` when empty."""
+    if not isinstance(counts, dict):
+        return "-"
+    return ",".join(f"{k}:{v}" for k, v in sorted(counts.items()) if v) or "-"
 
 
 #: A rank's stats nest four levels (groups, a group, its ranks); far deeper is no report.
@@ -88,6 +109,7 @@ def format_table(report: dict[str, Any]) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.extend(_group_lines(by_rank))
+    lines.extend(_recompile_lines(by_rank))
     missing = report.get("missing") or []
     head = f"dynamo_dist job report ({report.get('world_size', len(by_rank))} ranks)"
     stalled = report.get("stalled") or []
@@ -103,6 +125,34 @@ def format_table(report: dict[str, Any]) -> str:
     if never:
         head += f"; ranks {never} made no compiled call (nothing to report)"
     return head + "\n" + "\n".join(lines)
+
+
+#: Recompile reasons shown per rank below the table (all of them are in the JSON).
+_REASONS_SHOWN = 3
+
+
+def _recompile_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
+    """Each recompiling rank's most frequent reasons; ranks with the same reasons share a line."""
+    by_reasons: dict[str, list[str]] = {}
+    for r, st in by_rank.items():
+        reasons = st.get("recompile_reasons")
+        if not isinstance(reasons, dict) or not reasons:
+            continue
+        top = sorted(reasons.items(), key=lambda kv: (-_as_int(kv[1]), str(kv[0])))
+        text = "; ".join(f"{k} ({v}x)" for k, v in top[:_REASONS_SHOWN])
+        if len(top) > _REASONS_SHOWN:
+            text += f"; {len(top) - _REASONS_SHOWN} more in the JSON"
+        by_reasons.setdefault(text, []).append(r)
+    if not by_reasons:
+        return []
+    out = ["recompile reasons:"]
+    for text, rs in sorted(by_reasons.items(), key=lambda t: min(int(r) for r in t[1])):
+        out.append(f"  ranks {','.join(sorted(rs, key=int))}: {text}")
+    return out
+
+
+def _as_int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 def _group_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
@@ -128,7 +178,7 @@ def _group_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
         parts = []
         for key, label in (
             ("exchanges", "exchanges"),
-            ("compiles", "compiles"),
+            ("compiles", "frames traced"),
             ("local_compiles", "local compiles"),
             ("divergences", "divergences"),
         ):
