@@ -304,7 +304,7 @@ class _Joining:
             ranks = dist_group.resolve(self.group)
             shared = self._shared(agree=True)
             joined = runtime.group(ranks, self.label)
-            joined.counts.local_compiles += self.adoption.counts.local_compiles
+            joined.counts.add(self.adoption.counts)
             if shared is not None:
                 shared.load_profile(joined.info)
             self.region = dynamo_hook.register_region(self.label, joined.name)

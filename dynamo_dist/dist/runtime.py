@@ -14,6 +14,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from functools import reduce
 from typing import Any
 
 import torch.distributed as dist
@@ -25,6 +26,7 @@ from dynamo_dist.dist import group as dist_group
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.tools import report as tools_report
 from dynamo_dist.exchange.collective import GlooTransport, Transport, percentiles
+from dynamo_dist import _counts
 from dynamo_dist._config import Config
 from dynamo_dist.dist.group import group_name
 from dynamo_dist.dynamo.hook import _C, describe_identity
@@ -138,6 +140,9 @@ class Group:
             compiles=self.counts.compiles,
             local_compiles=self.counts.local_compiles,
             first_entry_exchanges=self.counts.first_entry_exchanges,
+            recompiles=self.counts.recompiles,
+            recompile_reasons=dict(self.counts.recompile_reasons),
+            regions={k: dict(v) for k, v in self.counts.regions.items()},
         )
 
 
@@ -259,6 +264,7 @@ class Runtime:
     def stats(self) -> Stats:
         """This rank's typed stats record: totals over its groups, each group, the cache."""
         groups = {g.name: g.stats() for g in self.groups.values()}
+        gs = list(groups.values())
         hooks = [g.hook.counters() for g in self.groups.values() if g.hook is not None]
         hook_totals = {k: sum(int(h.get(k, 0)) for h in hooks) for k in hooks[0]} if hooks else {}
         samples = [g.samples_ns() for g in self.groups.values()]
@@ -278,6 +284,9 @@ class Runtime:
             first_entry_exchanges=sum(g.first_entry_exchanges for g in groups.values()),
             compiles=sum(g.compiles for g in groups.values()),
             local_compiles=sum(g.local_compiles for g in groups.values()),
+            recompiles=sum(g.recompiles for g in groups.values()),
+            recompile_reasons=reduce(_counts.add, (g.recompile_reasons for g in gs), {}),
+            traced_by_region=reduce(_counts.add, (g.regions for g in gs), {}),
             groups=groups,
             regions=exchange_stats.regions(
                 (f for g in self.groups.values() if g.hook is not None for f in g.hook.frames()),

@@ -5,7 +5,8 @@ The counters come from four places: the C++ hook (evaluations, misses), the runt
 region) and the cache.
 Each has a typed record here; :meth:`Stats.as_dict` flattens them into the keys
 ``dynamo_dist.stats()`` has always returned, so the job report and scripts keep working.
-This module imports nothing from the package: every layer can count into it.
+This module imports nothing from the package but ``_counts``: every layer can count
+into it.
 """
 
 from __future__ import annotations
@@ -15,16 +16,40 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from dynamo_dist import _counts
+
 
 @dataclass(slots=True)
 class Counts:
     """What the runtime counts itself; the policy layer and the frame callback add to it."""
 
     compiles: int = 0
-    """Frames Dynamo compiled through a dynamo_dist callback, in lockstep with the group."""
+    """Frames Dynamo traced (and compiled) through a dynamo_dist callback, in lockstep with
+    the group."""
 
     local_compiles: int = 0
     """Frames compiled inside ``dynamo_dist.local()`` (this rank alone)."""
+
+    recompiles: int = 0
+    """Of those, frames that already had compiled entries (Dynamo's recompiles)."""
+
+    recompile_reasons: dict[str, int] = field(default_factory=dict)
+    """Recompiles by Dynamo's reason (its first failed guard), or ``forced: ...``."""
+
+    regions: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Frames traced per compiled region (``dynamo.hook.region_label``): ``{"traced": n}``."""
+
+    def count_traced(self, region: str, recompile_reason: str | None) -> None:
+        """A frame of ``region`` was traced (a recompile if ``recompile_reason``)."""
+        self.regions[region] = _counts.add(self.regions.get(region), {"traced": 1})
+        if recompile_reason is not None:
+            self.recompiles += 1
+            _counts.capped(self.recompile_reasons, recompile_reason)
+
+    def add(self, other: Counts) -> None:
+        """Add ``other``'s counts to these (compiles counted before a group was joined)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _counts.add(getattr(self, f.name), getattr(other, f.name)))
 
     first_entry_exchanges: int = 0
     """Exchanges run for a frame this rank had no compiled entry for."""
@@ -147,6 +172,9 @@ class GroupStats:
     compiles: int
     local_compiles: int
     first_entry_exchanges: int
+    recompiles: int = 0
+    recompile_reasons: dict[str, int] = field(default_factory=dict)
+    regions: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         tr = self.transport
@@ -158,6 +186,7 @@ class GroupStats:
             "divergences": tr.divergences,
             "compiles": self.compiles,
             "local_compiles": self.local_compiles,
+            "recompiles": self.recompiles,
             "first_entry_exchanges": self.first_entry_exchanges,
             **tr.times(),
         }
@@ -174,9 +203,13 @@ class RuntimeStats:
     first_entry_exchanges: int
     compiles: int
     local_compiles: int = 0
+    recompiles: int = 0
+    recompile_reasons: dict[str, int] = field(default_factory=dict)
+    traced_by_region: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Frames traced per compiled region (the frame callback's ``traced`` counts)."""
     groups: dict[str, GroupStats] = field(default_factory=dict)
     regions: dict[str, RegionStats] = field(default_factory=dict)
-    """Per compiled region, by its label (``dynamo.hook.region_label``)."""
+    """Per compiled region, by its label (``dynamo.hook.region_label``): its exchanges."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -213,10 +246,25 @@ class Stats:
                 local_compiles=rt.local_compiles,
                 **tr.times(),
                 groups={name: g.as_dict() for name, g in rt.groups.items()},
-                regions={label: r.as_dict() for label, r in rt.regions.items()},
             )
         out["installed"] = self.installed
         out.update(self.cache)
+        if rt is not None:
+            # The compile accounting: what the frame callback counted (Dynamo's frames),
+            # added to what the cache counted under the same keys (precompiled captures).
+            traced = {
+                "frames_traced": rt.compiles + rt.local_compiles,
+                "recompiles": rt.recompiles,
+                "recompile_reasons": rt.recompile_reasons,
+                # Per region: its exchanges (the hook), its traces (the frame callback)
+                # and its builds and loads (the cache), under one label.
+                "regions": _counts.add(
+                    {label: r.as_dict() for label, r in rt.regions.items()},
+                    rt.traced_by_region,
+                ),
+            }
+            for key, value in traced.items():
+                out[key] = _counts.add(self.cache.get(key), value)
         refused = int(out.get("store_payloads_refused", 0)) + self.store_refused
         out["store_payloads_refused"] = refused
         return out

@@ -28,15 +28,18 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("hit rate", "hit_rate", ".1%"),
     ("forced", "forced_recompiles", "d"),
     ("diverg.", "divergences", "d"),
-    ("compiles", "compiles", "d"),
+    ("traced", "frames_traced", "d"),
+    ("built", "graphs_built", "d"),
+    ("loaded", "graphs_loaded", "d"),
+    ("loaded from", "loaded_from_text", "s"),
+    ("recomp.", "recompiles", "d"),
     ("cost p50 us", "cost_p50_us", ".1f"),
     ("cost p99 us", "cost_p99_us", ".1f"),
     ("wait p50 us", "wait_p50_us", ".1f"),
     ("wait p99 us", "wait_p99_us", ".1f"),
     ("transport", "transport", "s"),
-    ("loads", "cache_loads", "d"),
     ("publishes", "cache_publishes", "d"),
-    ("saved s", "compile_seconds_saved", ".1f"),
+    ("build s saved", "build_seconds_saved", ".1f"),
     ("precomp.", "precompiled_calls", "d"),
     ("fallbacks", "precompiled_fallback_reasons", "s"),
 ]
@@ -53,8 +56,13 @@ LEGEND: dict[str, str] = {
     "recompiled with the others",
     "diverg.": "exchanges at which ranks guarded different frames (an error), plus mixed "
     "outcomes that policy strict refused",
-    "compiles": "frames Dynamo compiled on this rank in step with its group (those inside "
-    "dynamo_dist.local() are local_compiles in the JSON)",
+    "traced": "frames Dynamo traced on this rank (a precompiled capture traces one)",
+    "built": "graphs inductor built on this rank (0 on a warm start that loaded everything)",
+    "loaded": "graphs loaded instead of built: each is a cache hit",
+    "loaded from": "where the loaded graphs came from: shared (the shared directory), "
+    "host_copy (the copy a rank of this host left), precompiled (precompiled artifacts)",
+    "recomp.": "frames or precompiled modules that needed another graph (their guards "
+    "failed); reasons in the JSON (recompile_reasons) and below the table",
     "cost p50 us": "median of an exchange's own cost on this rank, in microseconds: the "
     "frame's identity, posting the record, combining the ranks' records, the verdict; "
     "not the wait (last 8192 exchanges per group)",
@@ -67,9 +75,9 @@ LEGEND: dict[str, str] = {
     "transport": "how the exchange ran: shm (shared memory, one host); shm+native or "
     "shm+gloo (shared memory within hosts, the leaders' native rounds or gloo across); "
     "gloo; none (a group of one rank)",
-    "loads": "graphs this rank installed from the shared cache instead of compiling them",
     "publishes": "graphs this rank compiled and published to the shared cache",
-    "saved s": "compile seconds the loads saved (the compile time each loaded entry recorded)",
+    "build s saved": "measured: the recorded build time of each loaded graph minus the time "
+    "this rank took to load it (waiting included); negative if loading took longer",
     "precomp.": "calls that ran a precompiled artifact (no Dynamo)",
     "fallbacks": "why modules left the precompiled route (reason:count; each then traces "
     "with Dynamo on every start); - when none",
@@ -84,6 +92,9 @@ REGION_COLUMNS: list[tuple[str, str, str]] = [
     ("wait ms", "wait_ms_total", ".1f"),
     ("max wait ms", "wait_ms_max", ".2f"),
     ("frames", "frames", "d"),
+    ("traced", "traced", "d"),
+    ("built", "built", "d"),
+    ("loaded", "loaded", "d"),
 ]
 
 REGION_LEGEND: dict[str, str] = {
@@ -95,6 +106,9 @@ REGION_LEGEND: dict[str, str] = {
     "max wait ms": "the longest single wait",
     "frames": "distinct frame identities exchanged (call sites, resume functions after "
     "graph breaks, grad modes)",
+    "traced": "frames of the region Dynamo traced on this rank",
+    "built": "of the region's graphs, those inductor built on this rank",
+    "loaded": "of the region's graphs, those loaded instead (from any source)",
 }
 
 
@@ -105,12 +119,17 @@ def with_derived(stats: dict[str, Any]) -> dict[str, Any]:
     # Why modules left the precompiled route (each traces on every start), e.g.
     # "graph_break:1"; "-" when none did.
     fallbacks = out.get("precompiled_fallbacks")
-    out["precompiled_fallback_reasons"] = (
-        ",".join(f"{k}:{v}" for k, v in sorted(fallbacks.items()))
-        if isinstance(fallbacks, dict) and fallbacks
-        else "-"
-    )
+    out["precompiled_fallback_reasons"] = _counts_text(fallbacks)
+    # Where loaded graphs came from, e.g. "shared:2,host_copy:2"; "-" when none was.
+    out["loaded_from_text"] = _counts_text(out.get("loaded_from"))
     return out
+
+
+def _counts_text(counts: Any) -> str:
+    """``{"a": 1, "b": 2}`` as ``a:1,b:2`` (zero counts left out); ``-`` when empty."""
+    if not isinstance(counts, dict):
+        return "-"
+    return ",".join(f"{k}:{v}" for k, v in sorted(counts.items()) if v) or "-"
 
 
 #: A rank's stats nest four levels (groups, a group, its ranks); far deeper is no report.
@@ -159,6 +178,7 @@ def format_table(report: dict[str, Any], verbose: bool = False) -> str:
     by_rank: dict[str, dict[str, Any]] = report.get("ranks", {})
     lines = _rows(COLUMNS, [by_rank[r] for r in sorted(by_rank, key=int)])
     lines.extend(_group_lines(by_rank))
+    lines.extend(_recompile_lines(by_rank))
     lines.append("columns:")
     lines.extend(_legend(LEGEND))
     if verbose:
@@ -202,6 +222,34 @@ def _region_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+#: Recompile reasons shown per rank below the table (all of them are in the JSON).
+_REASONS_SHOWN = 3
+
+
+def _recompile_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
+    """Each recompiling rank's most frequent reasons; ranks with the same reasons share a line."""
+    by_reasons: dict[str, list[str]] = {}
+    for r, st in by_rank.items():
+        reasons = st.get("recompile_reasons")
+        if not isinstance(reasons, dict) or not reasons:
+            continue
+        top = sorted(reasons.items(), key=lambda kv: (-_as_int(kv[1]), str(kv[0])))
+        text = "; ".join(f"{k} ({v}x)" for k, v in top[:_REASONS_SHOWN])
+        if len(top) > _REASONS_SHOWN:
+            text += f"; {len(top) - _REASONS_SHOWN} more in the JSON"
+        by_reasons.setdefault(text, []).append(r)
+    if not by_reasons:
+        return []
+    out = ["recompile reasons:"]
+    for text, rs in sorted(by_reasons.items(), key=lambda t: min(int(r) for r in t[1])):
+        out.append(f"  ranks {','.join(sorted(rs, key=int))}: {text}")
+    return out
+
+
+def _as_int(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
 def _group_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
     """Per group (``group=``): each figure once if every member agrees, else per rank.
 
@@ -225,7 +273,7 @@ def _group_lines(by_rank: dict[str, dict[str, Any]]) -> list[str]:
         parts = []
         for key, label in (
             ("exchanges", "exchanges"),
-            ("compiles", "compiles"),
+            ("compiles", "frames traced"),
             ("local_compiles", "local compiles"),
             ("divergences", "divergences"),
         ):
