@@ -1,4 +1,5 @@
 #include "guard_hook.h"
+#include "wait_common.h"
 
 #include <Python.h>
 #include <frameobject.h>
@@ -17,7 +18,6 @@
 #include <cstddef>
 #include <cstring>
 #include <new>
-#include <chrono>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
@@ -482,20 +482,73 @@ void add_call_objects(py::module_& m) {
                   region_enter_new);
 }
 
-GuardHook::GuardHook(py::object exchange) : exchange_(std::move(exchange)) {}
+namespace {
+constexpr size_t kSamples = 8192;
+constexpr size_t kFirstFrameSlots = 64;  // a power of two
+}  // namespace
+
+FrameTable::FrameTable() : slots_(kFirstFrameSlots, FrameCounts{kOther, 0, 0, 0, 0}) {}
+
+FrameCounts& FrameTable::find(uint64_t ident) {
+  if (slots_[last_].ident == ident) return slots_[last_];
+  if (ident == kOther) return other_;
+  size_t mask = slots_.size() - 1;
+  size_t i = static_cast<size_t>(ident) & mask;
+  while (slots_[i].ident != ident && slots_[i].ident != kOther) i = (i + 1) & mask;
+  if (slots_[i].ident == kOther) {
+    if (used_ >= kMaxFrames) return other_;
+    if (2 * (used_ + 1) > slots_.size()) {
+      grow();
+      return find(ident);
+    }
+    slots_[i].ident = ident;
+    ++used_;
+  }
+  last_ = i;
+  return slots_[i];
+}
+
+void FrameTable::grow() {
+  std::vector<FrameCounts> old(2 * slots_.size(), FrameCounts{kOther, 0, 0, 0, 0});
+  old.swap(slots_);
+  const size_t mask = slots_.size() - 1;
+  for (const FrameCounts& c : old) {
+    if (c.ident == kOther) continue;
+    size_t i = static_cast<size_t>(c.ident) & mask;
+    while (slots_[i].ident != kOther) i = (i + 1) & mask;
+    slots_[i] = c;
+  }
+  last_ = 0;
+}
+
+void FrameTable::add(uint64_t ident, bool hit, uint64_t wait_ns) {
+  FrameCounts& c = find(ident);
+  ++c.exchanges;
+  c.hits += hit ? 1 : 0;
+  c.wait_ns += wait_ns;
+  if (wait_ns > c.wait_max_ns) c.wait_max_ns = wait_ns;
+}
+
+py::list FrameTable::to_list() const {
+  py::list out;
+  auto put = [&out](const FrameCounts& c, py::object ident) {
+    out.append(py::make_tuple(ident, c.exchanges, c.hits, c.wait_ns, c.wait_max_ns));
+  };
+  for (const FrameCounts& c : slots_) {
+    if (c.ident != kOther) put(c, py::int_(c.ident));
+  }
+  if (other_.exchanges > 0) put(other_, py::int_(-1));
+  return out;
+}
+
+GuardHook::GuardHook(py::object exchange) : exchange_(std::move(exchange)) {
+  samples_.reserve(kSamples);
+}
 
 GuardHook::GuardHook(std::shared_ptr<ShmExchange> shm, py::object slow_path)
-    : shm_(std::move(shm)), slow_path_(std::move(slow_path)) {}
-
-namespace {
-constexpr size_t kLatencySamples = 8192;
-
-inline uint64_t now_ns() {
-  using namespace std::chrono;
-  return static_cast<uint64_t>(
-      duration_cast<nanoseconds>(steady_clock::now().time_since_epoch()).count());
+    : shm_(std::move(shm)), slow_path_(std::move(slow_path)) {
+  samples_.reserve(kSamples);
 }
-}  // namespace
 
 bool GuardHook::thread_ok() const {
   return owner_ == 0 || owner_ == PyThread_get_thread_ident();
@@ -508,7 +561,19 @@ void GuardHook::release() {
   shm_.reset();
 }
 
-bool GuardHook::exchange(bool hit, uint64_t ident) {
+bool GuardHook::exchange(bool hit, uint64_t ident) { return exchange_from(hit, ident, now_ns()); }
+
+void GuardHook::record(uint64_t cost_ns, uint64_t wait_ns) {
+  const ExchangeSample sample{cost_ns, wait_ns};
+  if (samples_.size() < kSamples) {
+    samples_.push_back(sample);  // within the reserved capacity
+  } else {
+    samples_[sample_next_] = sample;
+    sample_next_ = (sample_next_ + 1) % kSamples;
+  }
+}
+
+bool GuardHook::exchange_from(bool hit, uint64_t ident, uint64_t t0) {
   if (released_) return hit;
   const unsigned long me = PyThread_get_thread_ident();
   if (owner_ != me) {
@@ -527,36 +592,49 @@ bool GuardHook::exchange(bool hit, uint64_t ident) {
   // exit, say, from another thread) may drop the members meanwhile.
   if (!shm_) {
     py::object exchange = exchange_;
-    return exchange(hit, ident).cast<bool>();
+    py::object out = exchange(hit, ident);
+    bool verdict;
+    uint64_t wait_ns = 0;  // a callable that returns the verdict alone: all cost
+    if (PyTuple_Check(out.ptr())) {
+      auto pair = out.cast<py::tuple>();
+      verdict = pair[0].cast<bool>();
+      wait_ns = pair[1].cast<uint64_t>();
+    } else {
+      verdict = out.cast<bool>();
+    }
+    const uint64_t total = now_ns() - t0;
+    record(total > wait_ns ? total - wait_ns : 0, wait_ns);
+    frames_.add(ident, hit, wait_ns);
+    return verdict;
   }
   const std::shared_ptr<ShmExchange> shm = shm_;
   py::object slow_path = slow_path_;
   const uint64_t seq = ++seq_;
   last_ident_ = ident;
-  const uint64_t t0 = now_ns();
   ExchangeResult r = shm->exchange(pack_record(hit, ident), seq);
+  // Counted whatever the outcome; a failed exchange's wait (a timeout's, say) is no
+  // sample of the exchange's cost or wait: its error reports it.
+  frames_.add(ident, hit, r.waited_ns);
   if (r.status == ExchangeStatus::kOk) {
-    const uint64_t sample = now_ns() - t0;
-    if (latencies_.size() < kLatencySamples) {
-      latencies_.push_back(sample);
-    } else {
-      latencies_[latency_next_] = sample;
-      latency_next_ = (latency_next_ + 1) % kLatencySamples;
-    }
+    const uint64_t total = now_ns() - t0;
+    record(total > r.waited_ns ? total - r.waited_ns : 0, r.waited_ns);
     const int verdict = fast_verdict(r.word);  // pack_record/fast_verdict: guard_hook.h
     if (verdict >= 0) {
       return verdict == 1;
     }
   }
   return slow_path(static_cast<int>(r.status), seq, ident, hit, static_cast<int64_t>(r.word),
-                   r.culprit, r.waited_s)
+                   r.culprit, static_cast<double>(r.waited_ns) * 1e-9)
       .cast<bool>();
 }
 
-py::list GuardHook::latencies_ns() const {
-  py::list out;
-  for (uint64_t v : latencies_) out.append(v);
-  return out;
+py::tuple GuardHook::samples_ns() const {
+  py::list cost, wait;
+  for (const ExchangeSample& s : samples_) {
+    cost.append(s.cost_ns);
+    wait.append(s.wait_ns);
+  }
+  return py::make_tuple(cost, wait);
 }
 
 bool GuardHook::call(bool hit) {
@@ -582,7 +660,8 @@ bool GuardHook::call(bool hit) {
     return false;
   }
   try {
-    bool verdict = exchange(hit, current_identity(pending_callee_code()));
+    const uint64_t t0 = now_ns();  // the exchange's cost includes computing the identity
+    bool verdict = exchange_from(hit, current_identity(pending_callee_code()), t0);
     if (hit && !verdict) {
       ++forced_recompiles_;
     }

@@ -78,6 +78,49 @@ int local_active_threads();
 
 class GuardHook;
 
+// One exchange's figures, in nanoseconds. `wait`: the time this rank was blocked on
+// the others (shared memory: ExchangeResult::waited_ns; gloo: the all-reduce call, as
+// the transport's callable reports it). `cost`: the rest, i.e. what the exchange costs
+// this rank itself: from before the hook computes the frame's identity (for exchanges
+// the Python callback makes, from the exchange's start) to the verdict, less `wait`.
+struct ExchangeSample {
+  uint64_t cost_ns;
+  uint64_t wait_ns;
+};
+
+// What the exchanges about one frame identity add up to on this rank: the report's
+// per-region breakdown (dynamo_dist/exchange/stats.py sums identities into regions).
+struct FrameCounts {
+  uint64_t ident;
+  uint64_t exchanges;
+  uint64_t hits;  // exchanges in which this rank's own guards passed (before agreeing)
+  uint64_t wait_ns;  // total
+  uint64_t wait_max_ns;
+};
+
+// FrameCounts by identity, on the hot path: an open-addressing table (linear probing;
+// identities are hashes already) behind a cache of the last slot used. It allocates only
+// when a new identity fills it past half, and holds at most kMaxFrames identities: the
+// exchanges of any others are counted together under ident kOther, so a program making
+// ever new identities costs bounded memory.
+class FrameTable {
+ public:
+  static constexpr size_t kMaxFrames = 4096;
+  static constexpr uint64_t kOther = ~0ULL;  // identities are 62-bit: never all ones
+  FrameTable();
+  void add(uint64_t ident, bool hit, uint64_t wait_ns);
+  // [(ident, exchanges, hits, wait_ns, wait_max_ns)]; ident -1 for the others.
+  py::list to_list() const;
+
+ private:
+  FrameCounts& find(uint64_t ident);
+  void grow();
+  std::vector<FrameCounts> slots_;  // ident kOther: empty
+  size_t used_ = 0;
+  size_t last_ = 0;
+  FrameCounts other_{kOther, 0, 0, 0, 0};
+};
+
 // Python callable (code) -> (hash: int, use_lasti: bool), called once per
 // caller code object. The hash must be stable across processes.
 void set_code_classifier(py::object fn);
@@ -104,7 +147,8 @@ void add_call_objects(py::module_& m);
 // The hook object installed with set_guard_complete_hook.
 class GuardHook {
  public:
-  // Python transport: exchange(hit, ident) -> bool.
+  // Python transport: exchange(hit, ident) -> verdict, or (verdict, waited_ns) from a
+  // transport that measures its wait for the other ranks (gloo's all-reduce call).
   explicit GuardHook(py::object exchange);
   // Shared-memory transport with a C++ fast path. slow_path(status, seq, ident,
   // hit, word, culprit, waited_s) -> bool runs in Python only when the fast
@@ -129,7 +173,9 @@ class GuardHook {
   uint64_t last_ident() const { return last_ident_; }
   // Process-wide order of this hook's last exchange among all hooks' exchanges.
   uint64_t last_epoch() const { return last_epoch_; }
-  py::list latencies_ns() const;
+  // (cost_ns, wait_ns): two lists, pairwise the last kSamples completed exchanges.
+  py::tuple samples_ns() const;
+  py::list frames() const { return frames_.to_list(); }
 
   // Called by Dynamo: hit == true means the local cache lookup found an entry.
   // Returns false to force a recompile. Never throws: an exception escaping
@@ -140,14 +186,19 @@ class GuardHook {
   py::dict counters() const;
 
  private:
+  // exchange(), with `t0` read before the frame's identity was computed (by call()).
+  bool exchange_from(bool hit, uint64_t ident, uint64_t t0);
+  void record(uint64_t cost_ns, uint64_t wait_ns);
+
   py::object exchange_;
   std::shared_ptr<ShmExchange> shm_;
   py::object slow_path_;
   uint64_t seq_ = 0;
   uint64_t last_ident_ = 0;
   uint64_t last_epoch_ = 0;
-  std::vector<uint64_t> latencies_;
-  size_t latency_next_ = 0;
+  std::vector<ExchangeSample> samples_;  // a ring, reserved up front: no allocation per call
+  size_t sample_next_ = 0;
+  FrameTable frames_;
   uint64_t evaluations_ = 0;
   uint64_t local_misses_ = 0;
   uint64_t forced_recompiles_ = 0;

@@ -83,7 +83,8 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<GuardHook>(m, "GuardHook", "Callable installed as Dynamo's guard-complete hook.")
       .def(py::init<py::object>(), py::arg("exchange"),
-           "exchange(hit: bool, ident: int) -> bool is called for every guard result.")
+           "exchange(hit: bool, ident: int) -> bool, or (bool, waited_ns), is called for every "
+           "guard result.")
       .def(py::init<std::shared_ptr<ShmExchange>, py::object>(), py::arg("shm"),
            py::arg("slow_path"),
            "Shared-memory fast path; slow_path(status, seq, ident, hit, word, culprit, waited) "
@@ -98,7 +99,12 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("seq", &GuardHook::seq)
       .def_property_readonly("last_ident", &GuardHook::last_ident)
       .def_property_readonly("last_epoch", &GuardHook::last_epoch)
-      .def("latencies_ns", &GuardHook::latencies_ns)
+      .def("samples_ns", &GuardHook::samples_ns,
+           "(cost, wait): pairwise lists of the last 8192 completed exchanges' own cost and "
+           "wait for the other ranks, in nanoseconds.")
+      .def("frames", &GuardHook::frames,
+           "[(ident, exchanges, hits, wait_ns, wait_max_ns)] per frame identity exchanged; "
+           "ident -1: the identities beyond the first 4096, together.")
       .def("__call__", &GuardHook::call, py::arg("hit"),
            "Dynamo's entry point: returns the verdict agreed by all ranks (False forces a recompile).")
       .def("counters", &GuardHook::counters, "This rank's hook counters as a dict.");

@@ -317,15 +317,23 @@ void ShmExchange::abort() {
 template <typename Ready, typename Watch>
 ExchangeResult ShmExchange::wait_for(uint64_t seq, Ready ready, Watch watch, int* culprit_hint,
                                      double timeout_s) {
+  // Already there (the common case of a rank that arrives last): no wait, and no clock
+  // read. Otherwise waited_ns runs from here to the return, whatever the outcome.
+  if (ready()) return {ExchangeStatus::kOk, 0, -1, 0};
   Header* h = header(base_);
-  const double start = now_s();
+  const uint64_t start_ns = now_ns();
+  const double start = static_cast<double>(start_ns) * 1e-9;  // now_s()'s clock
+  ExchangeResult res{ExchangeStatus::kOk, 0, -1, 0};
+  auto waited = [&res, start_ns]() -> ExchangeResult {
+    res.waited_ns = now_ns() - start_ns;
+    return res;
+  };
   const double spin_until = start + spin_s_;
   for (int i = 0;; ++i) {
-    if (ready()) return {ExchangeStatus::kOk, 0, -1, 0.0};
+    if (ready()) return waited();
     DD_PAUSE();
     if ((i & 63) == 63 && now_s() >= spin_until) break;
   }
-  ExchangeResult res{ExchangeStatus::kOk, 0, -1, 0.0};
   double next_log = start + log_interval_s_;
   // Python runs signal handlers on its main thread only; elsewhere there is
   // nothing to check (and no reason to take the GIL).
@@ -335,7 +343,7 @@ ExchangeResult ShmExchange::wait_for(uint64_t seq, Ready ready, Watch watch, int
   {
     py::gil_scoped_release nogil;
     for (int i = 0; i < kYieldIters; ++i) {
-      if (ready()) return res;
+      if (ready()) return waited();
       sched_yield();
     }
     while (true) {
@@ -344,7 +352,7 @@ ExchangeResult ShmExchange::wait_for(uint64_t seq, Ready ready, Watch watch, int
       std::atomic_thread_fence(std::memory_order_seq_cst);  // pairs with notify()'s
       if (ready()) {
         h->sleepers.fetch_sub(1, std::memory_order_seq_cst);
-        return res;
+        return waited();
       }
       const uint32_t aborted = h->aborted.load(std::memory_order_acquire);
       if (aborted != 0) {
@@ -356,9 +364,8 @@ ExchangeResult ShmExchange::wait_for(uint64_t seq, Ready ready, Watch watch, int
       struct timespec ts{0, kSleepSliceNs};
       const bool interrupted = futex(&h->gen, FUTEX_WAIT, g, &ts) != 0 && errno == EINTR;
       h->sleepers.fetch_sub(1, std::memory_order_seq_cst);
-      if (ready()) return res;
+      if (ready()) return waited();
       double t = now_s();
-      res.waited_s = t - start;
       // A peer that no longer exists will never post (or publish the verdict):
       // fail now rather than at the timeout.
       for (int r = 0; r < local_world_; ++r) {
@@ -408,8 +415,7 @@ ExchangeResult ShmExchange::wait_for(uint64_t seq, Ready ready, Watch watch, int
     abort();
     throw py::error_already_set(std::move(*raised));
   }
-  res.waited_s = now_s() - start;
-  return res;
+  return waited();
 }
 
 double ShmExchange::waiting_for() const {
@@ -496,12 +502,16 @@ ExchangeResult ShmExchange::exchange_impl(uint64_t word, uint64_t seq) {
     return res;
   }
   if (local_rank_ == 0) {
+    // The cross-host step is the host leader's wait: the other hosts' leaders arrive when
+    // their own ranks have; its own sends and receives are a small part of it.
+    const uint64_t cross_start = now_ns();
     try {
       combined = cross_host(combined);
     } catch (...) {
       abort();
       throw;
     }
+    res.waited_ns += now_ns() - cross_start;
     h->verdict[parity] = combined;
     h->verdict_seq.store(seq, std::memory_order_release);
     notify();
@@ -515,7 +525,9 @@ ExchangeResult ShmExchange::exchange_impl(uint64_t word, uint64_t seq) {
   auto is_leader = [](int r) { return r == 0; };
   // A grace period: the leader's own timeout (or its peers' failure) should
   // reach us as an abort with a precise error before we give up on it.
+  const uint64_t waited_local = res.waited_ns;
   res = wait_for(seq, verdict_ready, is_leader, &leader, timeout_s_ + 5.0);
+  res.waited_ns += waited_local;
   if (res.status == ExchangeStatus::kOk) {
     res.word = h->verdict[parity];
   }

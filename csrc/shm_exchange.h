@@ -51,7 +51,11 @@ struct ExchangeResult {
   ExchangeStatus status;
   uint64_t word;  // AND over ranks of the packed records (valid when kOk)
   int culprit;  // local rank that did not arrive, died or gave up, or -1
-  double waited_s;
+  // Nanoseconds this rank was blocked on others during the exchange, whatever the status:
+  // waiting for the local peers to post, then (a host leader) the cross-host step or (the
+  // other ranks of a host, with several hosts) the leader's verdict. 0 when every peer had
+  // posted already. The rest of the exchange (posting, the AND) is the rank's own cost.
+  uint64_t waited_ns;
 };
 
 class ShmExchange {

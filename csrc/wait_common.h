@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <chrono>
+#include <cstdint>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -23,6 +24,13 @@ namespace dynamo_dist {
 // Blocking waits are sliced so that signal handlers (Ctrl-C, a preemption's SIGTERM)
 // run at least this often.
 constexpr double kSignalCheckS = 0.05;
+
+// Monotonic nanoseconds, the same clock as now_s(): the hook's cost and wait samples.
+inline uint64_t now_ns() {
+  using namespace std::chrono;
+  return static_cast<uint64_t>(
+      duration_cast<nanoseconds>(steady_clock::now().time_since_epoch()).count());
+}
 
 // Monotonic seconds: deadlines and waited times, never wall-clock time.
 inline double now_s() {

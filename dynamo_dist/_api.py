@@ -22,7 +22,7 @@ from dynamo_dist.cache import profile as cache_profile
 from dynamo_dist.dist import group as dist_group
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist import runtime as dist_runtime
-from dynamo_dist.dynamo import compat, intercept
+from dynamo_dist.dynamo import compat, intercept, names
 from dynamo_dist.dynamo import hook as dynamo_hook
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -180,7 +180,7 @@ def attach(
     (:meth:`_Joining.decide`), and a module with a shared cache may take the precompiled
     route at its first call (:class:`_FirstForward`).
     """
-    _log.configure(cfg.log_level)
+    _log.configure(cfg.log_level, cfg.log_format)
     joining = _Joining(model, cfg, kwargs, group, now)
     if cfg.cache_dir:
         # Now, before anything is traced or compiled (the first call may be inside
@@ -208,7 +208,15 @@ def attach(
 class _Shared:
     """The shared cache as one compile uses it: its backend, key factors and profile."""
 
-    def __init__(self, model: Any, cfg: Config, inner: Any, kwargs: dict[str, Any], agree: bool):
+    def __init__(
+        self,
+        model: Any,
+        cfg: Config,
+        inner: Any,
+        kwargs: dict[str, Any],
+        agree: bool,
+        label: str,
+    ):
         self.inner = inner
         self.dynamic: bool | None = kwargs.get("dynamic")
         self.static: dict[str, Any] = {
@@ -220,9 +228,7 @@ class _Shared:
             "source": cache_key.source_hash(model),
         }
         self.cache = cache_backend.get_cache(cfg, agree)
-        self.backend = cache_backend.CachingBackend(
-            inner, self.cache, self.static, dynamo_hook.describe_callable(model)
-        )
+        self.backend = cache_backend.CachingBackend(inner, self.cache, self.static, label)
         self.profiles = cache_profile.profiles_for(self.cache)
 
     def load_profile(self, group: Any) -> None:
@@ -247,7 +253,9 @@ class _Joining:
         self.kwargs = kwargs
         self.group = group
         self.now = now
-        self.label = dynamo_hook.describe_callable(model)
+        #: The name users read (errors, the report, ``cache ls``): see :mod:`.dynamo.names`.
+        self.place = names.find_place(model)
+        self.label = names.describe_callable(model, self.place)
         self.adoption = intercept.Adoption(
             cfg.policy,
             self.on_first_call,
@@ -287,16 +295,19 @@ class _Joining:
             runtime = dist_runtime.ensure(self.cfg)
             if runtime is None and collective and at_compile and _job_world() > 1:
                 return  # decided at the first call (on_first_call)
+            if self.place is None:  # the parent may be calling it now (a first call)
+                self.place = names.find_place(self.model)
+                self.label = names.describe_callable(self.model, self.place)
             if runtime is None or not collective:
                 self._stay_plain(in_job=runtime is not None)
                 return
             ranks = dist_group.resolve(self.group)
             shared = self._shared(agree=True)
             joined = runtime.group(ranks, self.label)
-            joined.counts.local_compiles += self.adoption.counts.local_compiles
+            joined.counts.add(self.adoption.counts)
             if shared is not None:
                 shared.load_profile(joined.info)
-            self.region = dynamo_hook.register_region(self.model, joined.name)
+            self.region = dynamo_hook.register_region(self.label, joined.name)
             self.adoption.attach(joined, self.region, shared.backend if shared else None)
             self.shared, self.routable = shared, shared is not None
             self.joined_group = joined if joined.hook is not None else None
@@ -336,7 +347,7 @@ class _Joining:
                 self.label,
             )
             return None
-        return _Shared(self.model, self.cfg, built, self.kwargs, agree)
+        return _Shared(self.model, self.cfg, built, self.kwargs, agree, self.label)
 
     def precompiled(self, forward: Callable[..., Any]) -> Callable[..., Any]:
         """``forward`` behind the precompiled route, where this compile may take it."""

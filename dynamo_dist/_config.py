@@ -17,8 +17,9 @@ import tomllib
 import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
+from typing import Any, Literal, NamedTuple, NewType, get_args, get_origin, get_type_hints
 
+from dynamo_dist import _log
 from dynamo_dist._errors import ConfigError
 
 PolicyName = Literal["sync", "strict", "warn", "off"]
@@ -26,6 +27,8 @@ TransportChoice = Literal["auto", "shm", "gloo"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 FollowerChoice = Literal["auto", "wait", "compile"]
 LeaderExchangeChoice = Literal["native", "doubling", "allreduce"]
+#: A :mod:`logging` %-style format for dynamo_dist's lines (checked by ``_log.format_problem``).
+LogFormat = NewType("LogFormat", str)
 
 POLICIES: tuple[str, ...] = get_args(PolicyName)
 TRANSPORTS: tuple[str, ...] = get_args(TransportChoice)
@@ -139,10 +142,22 @@ class Config:
     log_level: LogLevel = _key("WARNING", env="DYNAMO_DIST_LOG")
     """Level of the ``dynamo_dist`` logger."""
 
+    log_format: LogFormat = _key(LogFormat(_log.DEFAULT_FORMAT))
+    """Layout of dynamo_dist's log lines: a ``logging`` %-style format with the fields of a
+    ``LogRecord`` (``%(asctime)s``, ``%(levelname)s``, ``%(name)s``, ``%(process)d``...)
+    and ``%(rank)s``; it must contain ``%(message)s``. The default, ``[rank0]:2026-12-07
+    12:00:01,123 W dynamo_dist.cache: ...``, starts with the rank prefix of torch's own
+    lines. Applies to the handler dynamo_dist adds, not to handlers an application put
+    on the ``dynamo_dist`` logger itself."""
+
     report: str | None = _key(
         None, flag="--report", metavar="PATH", help="write the job report as JSON to PATH"
     )
     """Path of a JSON job report written by rank 0 at exit; None prints the table only."""
+
+    report_verbose: bool = _key(False)
+    """Rank 0's table at exit also lists each compiled region's exchanges, hits and waits
+    per rank (``dynamo-dist report --verbose`` prints a saved report so)."""
 
     all_compiles: bool = _key(
         False,
@@ -210,8 +225,20 @@ def _optional_path(key: str) -> Callable[[Any], str | None]:
     return check
 
 
+def _log_format(key: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        problem = _log.format_problem(value)
+        if problem is not None:
+            raise _bad(key, value, f"{_log.FORMAT_RULE} ({problem})")
+        return str(value)
+
+    return check
+
+
 def _check_for(key: str, hint: Any) -> Callable[[Any], Any]:
     """The check a field's annotation implies (a new kind of annotation needs a case here)."""
+    if hint is LogFormat:
+        return _log_format(key)
     if get_origin(hint) is Literal:
         return _choice(key, get_args(hint))
     if hint is bool:

@@ -27,8 +27,10 @@ import ast
 import builtins
 import hashlib
 import importlib
+import math
 import re
 import sys
+import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,6 +48,7 @@ __all__ = [
     "dropped_check",
     "load",
     "produce",
+    "recorded_build_seconds",
     "sources_now",
 ]
 
@@ -357,6 +360,7 @@ def produce(
     data = read_stored(name)
     if data is not None:
         return Stored(data)
+    started = time.monotonic()
     dropped: list[GuardRecord] = []
     try:
         art = capture(dropped)
@@ -372,7 +376,7 @@ def produce(
         isa: list[str] | None = inductor.cpu_isa_names()
     except Exception:
         isa = None
-    header = {
+    header: dict[str, Any] = {
         "label": label,
         "isa": isa,
         "torch": compat.torch_version(),
@@ -380,11 +384,25 @@ def produce(
         "dropped": [[r.name, r.guard_type, list(r.identity)] for r in dropped],
     }
     try:
-        blob = encode(header, artifacts.aot_serialize(art))
+        payload = artifacts.aot_serialize(art)
+        # What a load saves: the capture (trace and inductor) and its serialization.
+        header["build_seconds"] = round(time.monotonic() - started, 3)
+        blob = encode(header, payload)
     except Exception as e:
         return Failed(PACKAGE_ERROR, f"serialize: {type(e).__name__}: {e}")
     write_stored(name, blob)
     return Captured(art, sources, dropped)
+
+
+def recorded_build_seconds(data: bytes) -> float | None:
+    """What capturing the stored artifact took (None: not recorded, or not an artifact)."""
+    try:
+        seconds = decode(data)[0].get("build_seconds")
+    except ValueError:
+        return None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return None
+    return float(seconds) if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def load(

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch.fx
 
+from dynamo_dist import _counts
 from dynamo_dist._config import Config
 from dynamo_dist.cache import fs
 from dynamo_dist.cache.key import graph_key
@@ -167,9 +168,5 @@ def stats() -> dict[str, Any]:
     """Cache counters summed over the cache directories this process uses."""
     out: dict[str, Any] = {}
     for c in _caches.values():
-        for k, v in c.stats().items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                out[k] = out.get(k, 0) + v
-            else:
-                out[k] = v
+        out = _counts.add(out, c.stats())
     return out

@@ -139,6 +139,10 @@ class CacheDir:
             "cache_writable": self.enabled and self.writable,
         }
 
+    def source_of(self, entry: Entry) -> str:
+        """Where ``entry`` was read: "host_copy" (fan-out's host-local copy) or "shared"."""
+        return "shared" if self.hosts.store_of(entry) is self.store else "host_copy"
+
     def local_problem(self, what: str, key: str, e: BaseException) -> None:
         """One warning per kind of local problem; the compile goes on without the cache."""
         self.counts.cache_errors += 1

@@ -193,7 +193,6 @@ class HostSite:
             self.turn.let_go()
             return None, None
         if entry is not None:
-            self.turn.count_look(True)
             self.turn.let_go()  # found after taking the lock: placed by the last fetcher
             return "load", entry
         if self.turn.fetch is not None:

@@ -24,7 +24,7 @@ from dynamo_dist.cache.rooms import ROOMS, staging_dir
 from dynamo_dist.cache.stats import emit_load, emit_refusal, log
 from dynamo_dist.cache.turn import Turn
 
-__all__ = ["install", "stage"]
+__all__ = ["install", "recorded_build_seconds", "stage"]
 
 
 def stage(d: CacheDir, entry: Entry, turn: Turn | None = None) -> Path | None:
@@ -107,18 +107,30 @@ def install(d: CacheDir, key: str, entry: Entry, label: str, staging: Path, ok: 
         fs_tree.remove_path(staging, owner=os.geteuid())
 
 
+def recorded_build_seconds(entry: Entry) -> float | None:
+    """What building the entry's graph took its publisher (None: not recorded).
+
+    The manifest's ``compile_seconds``: the publisher's compile in its clean room.
+    """
+    seconds = entry.manifest.get("compile_seconds")
+    if (
+        not isinstance(seconds, int | float)
+        or isinstance(seconds, bool)
+        or not math.isfinite(seconds)
+        or seconds < 0
+    ):
+        return None
+    return float(seconds)
+
+
 def _loaded(d: CacheDir, key: str, entry: Entry, label: str) -> None:
-    """Count, log and emit one installed entry."""
-    seconds = entry.manifest.get("compile_seconds", 0)
-    if not isinstance(seconds, int | float) or not math.isfinite(seconds) or seconds < 0:
-        seconds = 0.0
+    """Count, log and emit one installed entry (the graph it holds: ``Turn.count``)."""
     owner = entry.manifest.get("owner")
     owner_rank = owner.get("rank") if isinstance(owner, dict) else None
     if not isinstance(owner_rank, int) or isinstance(owner_rank, bool):
         owner_rank = None
     d.counts.cache_loads += 1
-    if d.hosts.store_of(entry) is not d.store:
+    if d.source_of(entry) == "host_copy":
         d.counts.cache_host_loads += 1
-    d.counts.compile_seconds_saved += float(seconds)
     log.info("loaded %s for %s (compiled by rank %s)", key[:12], label, owner_rank)
-    emit_load(key, label, owner_rank, d.rank, float(seconds))
+    emit_load(key, label, owner_rank, d.rank, recorded_build_seconds(entry) or 0.0)

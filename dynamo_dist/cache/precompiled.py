@@ -32,6 +32,7 @@ own), and a failure sends its later local calls through Dynamo, on that rank alo
 from __future__ import annotations
 
 import threading
+import time
 import types
 from collections.abc import Callable
 from functools import partial
@@ -58,6 +59,7 @@ from dynamo_dist.cache.artifact import (
     guard_filter,
     load,
     produce,
+    recorded_build_seconds,
     sources_now,
 )
 from dynamo_dist.cache.artifact_file import discard
@@ -227,6 +229,8 @@ class PrecompiledModule:
                     "same idea; it also makes changing sizes and scalars dynamic)",
                 )
             else:
+                if self.arts:  # it had artifacts; none fits this call: a recompile
+                    self.counts.count_recompile(self._miss_reason(full, kwargs).splitlines()[0])
                 art, failed = self._obtain(target, args, kwargs)
         if self._agree(art is not None, full, kwargs, report=False):
             return self._run(art, full, kwargs)
@@ -363,12 +367,20 @@ class PrecompiledModule:
             return self._usable(held[0], held[1], full, kwargs)
         capture = partial(self._capture, target, args, kwargs)
         marks = [(args[i], dims) for i, dims in dynamic.items()]
+        started = time.monotonic()
         # Agreed through the group's exchange (_agree), not the cache's agreement
         # (group=None); the capture's own trace, if any, runs no compiler collectives.
-        with dist_local.compiling(None), patches.marked_dynamic(marks):
+        # A load is counted below, once the artifact is loaded (counts_loads=False).
+        with dist_local.compiling(None, self.region), patches.marked_dynamic(marks):
             got = self.cache.compile(
-                key, factors, partial(produce, key, capture, self.label), self.label, group=None
+                key,
+                factors,
+                partial(produce, key, capture, self.label),
+                self.label,
+                group=None,
+                counts_loads=False,
             )
+        region = dynamo_hook.region_label(self.region)
         if isinstance(got, Failed):
             return None, got
         if isinstance(got, Captured):
@@ -380,6 +392,7 @@ class PrecompiledModule:
             self.counts.precompiled_captures += 1
             # Inductor compiled it (forward and backward), outside its FX graph cache.
             self.counts.inductor_compiles += 1
+            self.counts.count_built(region)
             emit_precompiled("capture", self.label, self.cache.rank, key=key[:12])
         elif isinstance(got, Stored):
             loaded, failed = load(got.data, self._f_globals)
@@ -389,6 +402,9 @@ class PrecompiledModule:
                 return None, failed
             art, check = loaded
             self.counts.precompiled_loads += 1
+            seconds = time.monotonic() - started
+            built = recorded_build_seconds(got.data)
+            self.counts.count_loaded("precompiled", region, built, seconds)
             emit_precompiled("load", self.label, self.cache.rank, key=key[:12])
         else:
             return None, Failed(PACKAGE_ERROR, f"unexpected result {type(got).__name__}")
@@ -415,6 +431,7 @@ class PrecompiledModule:
         dropped: list[GuardRecord],
     ) -> Any:
         capture = artifacts.aot_capture(self.backend, guard_filter(dropped))
+        self.counts.count_traced(dynamo_hook.region_label(self.region))  # aot_compile traces
         # Gradients of an earlier step, set aside: Dynamo saves the parameters' guard
         # state with them, as a placeholder its own loader then refuses to assign
         # ("assigned grad expected to be a Tensor or None"). The capture reads no grad.

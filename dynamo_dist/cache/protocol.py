@@ -40,7 +40,7 @@ from typing import Any
 from dynamo_dist.cache.agree import next_compile
 from dynamo_dist.cache.directory import CacheDir
 from dynamo_dist.cache.fanout import HostSite
-from dynamo_dist.cache.follow import install, stage
+from dynamo_dist.cache.follow import install, recorded_build_seconds, stage
 from dynamo_dist.cache.lead import compile_ahead, lead
 from dynamo_dist.cache.localdir import private_local_dir, require_private_local_dir
 from dynamo_dist.cache.lock import ALIVE_GRACE, Holder, Lock, Watch, owner_record
@@ -101,9 +101,7 @@ class SharedSite:
     def look(self) -> Outcome | None:
         entry, readable = self.cache.get_entry(self.key)
         if entry is not None:
-            self.turn.count_look(True)
             return "load", entry
-        self.turn.count_look(False)
         if not readable or not self.cache.writable:
             return "fallback", None  # this rank can neither load nor publish it
         return None
@@ -191,6 +189,7 @@ class SharedCache(CacheDir):
         upcoming: Callable[[], Iterable[Upcoming]] | None = None,
         *,
         group: GroupInfo | None = None,
+        counts_loads: bool = True,
     ) -> Any:
         """Compile one graph through the cache: load it, lead its compile, or fall back.
 
@@ -198,8 +197,9 @@ class SharedCache(CacheDir):
         publish while it waits for another rank to publish this one (see
         :func:`dynamo_dist.cache.lead.compile_ahead`). ``group``: the group of the
         compile in progress, whose ranks agree on it (None: nobody, as for a compile
-        inside ``dynamo_dist.local()``). Never raises an error of the cache's own: only
-        what ``compile_fn`` raises.
+        inside ``dynamo_dist.local()``). ``counts_loads`` False: the caller counts a
+        loaded graph itself, after loading it further (a precompiled artifact). Never
+        raises an error of the cache's own: only what ``compile_fn`` raises.
         """
         # Numbered by compile within the group, not by key: ranks compiling
         # rank-specific graphs (different keys) still meet at the same agreement.
@@ -210,6 +210,21 @@ class SharedCache(CacheDir):
             # could use the cache need not wait out the timeout for this rank.
             return self.compile_uncached(compile_fn, n, group=group)
         turn = Turn(self.rank, self.counts, self.agreement, n, group)
+        try:
+            return self._turn(key, factors, label, compile_fn, turn, upcoming)
+        finally:
+            turn.count(counts_loads)
+
+    def _turn(
+        self,
+        key: str,
+        factors: dict[str, Any],
+        label: str,
+        compile_fn: Callable[[], Any],
+        turn: Turn,
+        upcoming: Callable[[], Iterable[Upcoming]] | None,
+    ) -> Any:
+        """One compile through the cache; a failure of the cache's costs a local compile."""
         try:
             # Applied on every rank (leader and followers alike): it is part of
             # AOTAutograd's configuration, hence of its cache key.
@@ -271,6 +286,8 @@ class SharedCache(CacheDir):
             and install(self, key, entry, label, staging, ok)
         )
         if installed:
+            assert entry is not None
+            turn.installed = (self.source_of(entry), recorded_build_seconds(entry))
             # Every kernel came built: loading them needs no precompiled header.
             with inductor.cpp_kernels_load_only():
                 return turn.compile(compile_fn)

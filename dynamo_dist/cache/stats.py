@@ -15,11 +15,15 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from dynamo_dist import _counts
 from dynamo_dist._log import get_logger
+from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dynamo import events as dynamo_events
+from dynamo_dist.dynamo import hook as dynamo_hook
 
 __all__ = [
     "CacheStats",
+    "current_region_label",
     "emit_load",
     "emit_precompiled",
     "emit_profile",
@@ -38,6 +42,11 @@ _warned: set[str] = set()
 _KEY_PREFIX = 12
 #: A refusal reason is a short message; cap it so a pathological one stays small.
 _REASON_MAX = 300
+
+
+def current_region_label() -> str:
+    """The name of the compiled region whose compile runs on this thread (``regions``)."""
+    return dynamo_hook.region_label(dist_local.current_region())
 
 
 def warn_once(key: str, msg: str, *args: Any) -> None:
@@ -63,8 +72,12 @@ def warn_first(key: str, msg: str, *args: Any) -> None:
 class CacheStats:
     """One cache directory's counters in this process (field order is the report's order)."""
 
+    # Hits: graphs loaded (``graphs_loaded``: every load, wherever it came from).
+    # Misses: graphs that went through the cache and were not loaded from it (this rank
+    # built them, or compiled them itself after a problem or a timeout).
     cache_hits: int = 0
     cache_misses: int = 0
+    # Entries installed into this rank's inductor cache (a precompiled one included).
     cache_loads: int = 0
     cache_publishes: int = 0
     cache_refused: int = 0
@@ -81,8 +94,9 @@ class CacheStats:
     cache_errors: int = 0
     cache_bytes_read: int = 0
     cache_bytes_written: int = 0
+    # FX graphs inductor compiled on this rank (a graph with a backward is two), and
+    # one per precompiled capture.
     inductor_compiles: int = 0
-    compile_seconds_saved: float = 0.0
     # Automatic-dynamic profiles (``_cache_profile``): merged at start, published when
     # the code state gained a dynamic mark.
     profile_loads: int = 0
@@ -112,23 +126,83 @@ class CacheStats:
     # Artifacts found but not used because a function they inline was edited since
     # their capture (the old code is never run): captured again for the code as it is.
     precompiled_stale: int = 0
+    # The compile accounting (README, "The job report"), counted where the cache sees
+    # it; the runtime adds what Dynamo's frame callback counts under the same keys.
+    # Module forwards traced by a precompiled capture (Dynamo's aot_compile).
+    frames_traced: int = 0
+    # Graphs this rank built: inductor compiled at least one FX graph for the graph handed
+    # to the cache, or captured a precompiled artifact. A graph compiled ahead (a later
+    # DDP piece) is built here, then loaded when this rank reaches it.
+    graphs_built: int = 0
+    # Graphs this rank loaded instead of building (each load is a cache hit), by where
+    # they came from: "shared" (the shared directory), "host_copy" (the copy the host's
+    # fetcher or leader left, fan-out), "precompiled" (a precompiled artifact, from
+    # either).
+    graphs_loaded: int = 0
+    loaded_from: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Precompiled modules that needed another artifact (its guards failed), by reason.
+    recompiles: int = 0
+    recompile_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    # Measured, per loaded graph whose entry records its build time: that build time
+    # (the publisher's, in its clean room), and the time this rank took to have the
+    # graph from the cache (waiting for its publisher included). Their difference is
+    # ``build_seconds_saved``, negative where loading took longer than the build.
+    build_seconds_loaded: float = 0.0
+    load_seconds: float = 0.0
+    # Per compiled region (``dynamo.hook.region_label``): {"built", "loaded", "traced"}.
+    regions: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+
+    def count_traced(self, region: str) -> None:
+        """A precompiled capture traced a module's forward, in ``region``."""
+        self.frames_traced += 1
+        self.regions[region] = _counts.add(self.regions.get(region), {"traced": 1})
+
+    def count_built(self, region: str) -> None:
+        """This rank built a graph of ``region`` (see ``graphs_built``)."""
+        self.graphs_built += 1
+        self.regions[region] = _counts.add(self.regions.get(region), {"built": 1})
+
+    def count_loaded(
+        self, source: str, region: str, build_seconds: float | None, load_seconds: float
+    ) -> None:
+        """This rank loaded a graph of ``region`` from ``source``, a cache hit.
+
+        ``build_seconds``: what its build took, as recorded (None: not recorded, and the
+        load is left out of the measured saving); ``load_seconds``: what loading took.
+        """
+        self.graphs_loaded += 1
+        self.cache_hits += 1
+        _counts.capped(self.loaded_from, source)
+        self.regions[region] = _counts.add(self.regions.get(region), {"loaded": 1})
+        if build_seconds is not None:
+            self.build_seconds_loaded += build_seconds
+            self.load_seconds += load_seconds
+
+    def count_recompile(self, reason: str) -> None:
+        self.recompiles += 1
+        _counts.capped(self.recompile_reasons, reason)
 
     def as_dict(self) -> dict[str, Any]:
-        """The counters under the keys ``dynamo_dist.stats()`` has always reported."""
+        """The counters under the keys ``dynamo_dist.stats()`` reports (README)."""
         out = dataclasses.asdict(self)
-        out["compile_seconds_saved"] = round(self.compile_seconds_saved, 2)
+        out["build_seconds_loaded"] = round(self.build_seconds_loaded, 2)
+        out["load_seconds"] = round(self.load_seconds, 2)
+        out["build_seconds_saved"] = round(self.build_seconds_loaded - self.load_seconds, 2)
         return out
 
 
-def emit_load(key: str, label: str, owner_rank: Any, rank: int, compile_seconds: float) -> None:
-    """An entry was verified and installed: this rank skips inductor for ``label``."""
+def emit_load(key: str, label: str, owner_rank: Any, rank: int, build_seconds: float) -> None:
+    """An entry was verified and installed: this rank skips inductor for ``label``.
+
+    ``build_seconds``: what building it took its publisher, as its manifest records.
+    """
     dynamo_events.emit(
         "cache_load",
         key=key[:_KEY_PREFIX],
         label=label,
         rank=rank,
         owner_rank=owner_rank,
-        compile_seconds_saved=compile_seconds,
+        build_seconds=build_seconds,
     )
 
 

@@ -9,12 +9,13 @@ holds the host's fetch lock while this rank fetches a graph for its host (fan-ou
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from dynamo_dist.cache.agree import Agreement
 from dynamo_dist.cache.lock import Lock, owner_record
-from dynamo_dist.cache.stats import CacheStats
+from dynamo_dist.cache.stats import CacheStats, current_region_label
 from dynamo_dist.cache.store import DiskStore
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dynamo import inductor
@@ -23,13 +24,20 @@ __all__ = ["Turn", "compile_counted"]
 
 
 def compile_counted(counts: CacheStats, compile_fn: Callable[[], Any]) -> Any:
-    """``compile_fn()``, counting the graphs inductor compiled for it in ``counts``."""
+    """``compile_fn()``, counting the graphs inductor compiled for it in ``counts``.
+
+    One graph built if inductor missed its FX graph cache at least once (a graph with a
+    backward misses twice): a graph whose kernels inductor found in its own cache, or
+    loaded from an installed entry, is not built.
+    """
     before = inductor.fxgraph_cache_misses()
     try:
         return compile_fn()
     finally:
-        after = inductor.fxgraph_cache_misses()
-        counts.inductor_compiles += after - before
+        built = inductor.fxgraph_cache_misses() - before
+        counts.inductor_compiles += built
+        if built > 0:
+            counts.count_built(current_region_label())
 
 
 class Turn:
@@ -52,7 +60,9 @@ class Turn:
         self.compile_raised = False
         self.has_result = False
         self.result: Any = None
-        self.looked = False  # counted as a hit or a miss
+        self.start = time.monotonic()
+        #: The entry installed for this compile: (where from, its recorded build seconds).
+        self.installed: tuple[str, float | None] | None = None
         # Fan-out: the host-local store, and the host's fetch lock while this rank holds it.
         self.host: DiskStore | None = None
         self.fetch: Lock | None = None
@@ -74,13 +84,19 @@ class Turn:
             fetch, self.fetch = self.fetch, None
             fetch.release()
 
-    def count_look(self, found: bool) -> None:
-        if not self.looked:
-            self.looked = True
-            if found:
-                self.counts.cache_hits += 1
-            else:
-                self.counts.cache_misses += 1
+    def count(self, counts_loads: bool) -> None:
+        """Count this compile once it is over: a graph loaded (a hit), or a miss.
+
+        A load is this rank's time from the start of the compile (waiting for the rank
+        that built it included) until the graph was usable. ``counts_loads`` False: the
+        caller loads further (a precompiled artifact) and counts the load itself.
+        """
+        if self.installed is None or not self.has_result:
+            self.counts.cache_misses += 1
+        elif counts_loads:
+            source, build_seconds = self.installed
+            seconds = time.monotonic() - self.start
+            self.counts.count_loaded(source, current_region_label(), build_seconds, seconds)
 
     def compile(self, compile_fn: Callable[[], Any]) -> Any:
         try:

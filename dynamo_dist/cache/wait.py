@@ -128,7 +128,6 @@ class Wait:
                     if holder is not None and lock is not None:
                         site.taking_over(holder, watch)  # said by the one that took it
                 else:
-                    site.turn.count_look(False)
                     seen = holder
                     if site.compiling(holder):
                         # A graph is being compiled: compile too, stop, or compile ahead.
@@ -170,7 +169,6 @@ class Wait:
         """The holder let go without leaving the entry (it compiles the graph itself: it
         could not read or publish it, or was refused, or timed out), so nobody will
         install the entry: compile now, all at once, rather than lead one by one."""
-        site.turn.count_look(False)
         self.counts.cache_fallbacks += 1
         log.info(site.let_go_format, seen.describe(), site.key[:12], site.label)
         return "fallback", None

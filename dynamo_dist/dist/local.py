@@ -134,12 +134,23 @@ def current_group() -> GroupInfo | None:
     return getattr(_tls, "group", None)
 
 
+def current_region() -> int:
+    """The compiled region (``dynamo.hook`` id) whose compile runs on this thread; -1: none.
+
+    What the cache files the graphs it builds and loads under, in each rank's
+    ``regions`` stats.
+    """
+    region: int = getattr(_tls, "region", -1)
+    return region
+
+
 @contextmanager
-def compiling(group: GroupInfo | None) -> Iterator[None]:
-    """Mark the compile in this block as agreeing within ``group`` (None: locally)."""
-    prev = getattr(_tls, "group", None)
-    _tls.group = group
+def compiling(group: GroupInfo | None, region: int = -1) -> Iterator[None]:
+    """Mark the compile in this block as agreeing within ``group`` (None: locally), for
+    the compiled region ``region``."""
+    prev = getattr(_tls, "group", None), getattr(_tls, "region", -1)
+    _tls.group, _tls.region = group, region
     try:
         yield
     finally:
-        _tls.group = prev
+        _tls.group, _tls.region = prev

@@ -14,10 +14,12 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from functools import reduce
 from typing import Any
 
 import torch.distributed as dist
 
+from dynamo_dist import _counts
 from dynamo_dist._config import Config
 from dynamo_dist._log import get_logger
 from dynamo_dist.cache import backend
@@ -29,6 +31,7 @@ from dynamo_dist.dist.store import open_store, refused_count
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C, describe_identity
 from dynamo_dist.exchange import consensus as exchange_consensus
+from dynamo_dist.exchange import stats as exchange_stats
 from dynamo_dist.exchange.collective import GlooTransport, Transport, percentiles
 from dynamo_dist.exchange.policy import Policy
 from dynamo_dist.exchange.record import MixedSlot
@@ -123,9 +126,13 @@ class Group:
         if self.transport is not None:
             self.transport.close()
 
+    def samples_ns(self) -> tuple[list[int], list[int]]:
+        """(cost, wait) of this group's recent exchanges, in ns (``GuardHook.samples_ns``)."""
+        return self.hook.samples_ns() if self.hook is not None else ([], [])
+
     def stats(self) -> GroupStats:
         tr = self.transport
-        lat = percentiles(tr.latencies()) if tr is not None else {"p50_us": 0.0, "p99_us": 0.0}
+        cost, wait = self.samples_ns()
         return GroupStats(
             ranks=list(self.ranks),
             transport=TransportStats(
@@ -133,12 +140,15 @@ class Group:
                 exchanges=tr.position()[0] if tr is not None else 0,
                 mixed_outcomes=tr.mixed if tr is not None else 0,
                 divergences=(tr.divergences if tr is not None else 0) + self.counts.strict_errors,
-                p50_us=lat["p50_us"],
-                p99_us=lat["p99_us"],
+                **percentiles(cost, "cost"),
+                **percentiles(wait, "wait"),
             ),
             compiles=self.counts.compiles,
             local_compiles=self.counts.local_compiles,
             first_entry_exchanges=self.counts.first_entry_exchanges,
+            recompiles=self.counts.recompiles,
+            recompile_reasons=dict(self.counts.recompile_reasons),
+            regions={k: dict(v) for k, v in self.counts.regions.items()},
         )
 
 
@@ -210,6 +220,7 @@ class Runtime:
                 records=self.board.snapshot,
                 # Two heartbeats (a live rank's record changes at least once in each).
                 silent_after=2 * (2 * self.board.interval + self.board.tick_interval),
+                verbose=self.cfg.report_verbose,
             )
 
     def abandon_in_child(self) -> None:
@@ -262,12 +273,10 @@ class Runtime:
     def stats(self) -> Stats:
         """This rank's typed stats record: totals over its groups, each group, the cache."""
         groups = {g.name: g.stats() for g in self.groups.values()}
+        gs = list(groups.values())
         hooks = [g.hook.counters() for g in self.groups.values() if g.hook is not None]
         hook_totals = {k: sum(int(h.get(k, 0)) for h in hooks) for k in hooks[0]} if hooks else {}
-        samples = [
-            ns for g in self.groups.values() if g.transport for ns in g.transport.latencies()
-        ]
-        lat = percentiles(samples)
+        samples = [g.samples_ns() for g in self.groups.values()]
         names = sorted({g.transport.name for g in groups.values()} - {"none"})
         runtime = RuntimeStats(
             policy=self.cfg.policy,
@@ -278,13 +287,20 @@ class Runtime:
                 exchanges=sum(g.transport.exchanges for g in groups.values()),
                 mixed_outcomes=sum(g.transport.mixed_outcomes for g in groups.values()),
                 divergences=sum(g.transport.divergences for g in groups.values()),
-                p50_us=lat["p50_us"],
-                p99_us=lat["p99_us"],
+                **percentiles((ns for cost, _ in samples for ns in cost), "cost"),
+                **percentiles((ns for _, wait in samples for ns in wait), "wait"),
             ),
             first_entry_exchanges=sum(g.first_entry_exchanges for g in groups.values()),
             compiles=sum(g.compiles for g in groups.values()),
             local_compiles=sum(g.local_compiles for g in groups.values()),
+            recompiles=sum(g.recompiles for g in groups.values()),
+            recompile_reasons=reduce(_counts.add, (g.recompile_reasons for g in gs), {}),
+            traced_by_region=reduce(_counts.add, (g.regions for g in gs), {}),
             groups=groups,
+            regions=exchange_stats.regions(
+                (f for g in self.groups.values() if g.hook is not None for f in g.hook.frames()),
+                _region_of,
+            ),
         )
         return Stats(
             rank=self.rank,
@@ -293,6 +309,14 @@ class Runtime:
             cache=backend.stats(),
             store_refused=refused_count(),
         )
+
+
+def _region_of(ident: int) -> str:
+    """The label of the compiled region a frame identity belongs to (``region_label``)."""
+    if ident < 0:  # GuardHook.frames(): the identities beyond its cap, together
+        return "other frames (beyond 4096 distinct in a group)"
+    desc = _C.describe_identity(ident)
+    return dynamo_hook.region_label(desc[2]) if desc is not None else "frames without a description"
 
 
 def _make_transport(

@@ -28,7 +28,7 @@ from dynamo_dist import _errors
 from dynamo_dist._log import get_logger
 from dynamo_dist.dist import local as dist_local
 from dynamo_dist.dist.local import GroupInfo
-from dynamo_dist.dynamo import compat, patches, pgo
+from dynamo_dist.dynamo import compat, names, patches, pgo
 from dynamo_dist.dynamo import hook as dynamo_hook
 from dynamo_dist.dynamo.hook import _C
 from dynamo_dist.exchange.policy import Policy
@@ -203,8 +203,10 @@ class GuardedCallback:
         group: GroupInfo | None,
         counts: Counts,
         before_compile: Callable[[Any], None] | None = None,
+        region: int = -1,
     ) -> None:
         self._inner = inner
+        self._region = region  # the compiled region (dynamo.hook): its compiles' label
         # Called with each frame about to be compiled, before Dynamo sees it (the shared
         # cache's automatic-dynamic profile files entries of closures there).
         self._before_compile = before_compile
@@ -236,6 +238,7 @@ class GuardedCallback:
         if dist_local.is_local():  # inside local(), or in a forked child of a rank
             return self._local(frame, cache_entry, frame_state)
         policy = self._policy
+        forced = False
         if policy is not None:
             # A thread other than the group's owner: the hook exchanged nothing for it
             # (and forced this call here); raise on this thread only.
@@ -246,21 +249,36 @@ class GuardedCallback:
             outcome = policy.take_mixed()
             if outcome is not None:
                 policy.handle_mixed(outcome, self._policy_name, frame, cache_entry)
+                forced = outcome.hit  # this rank's guards passed; another rank's failed
         if self._before_compile is not None:
             try:
                 self._before_compile(frame)
             except Exception:  # it must never stop a compile
                 log.debug("the before-compile hook failed", exc_info=True)
         specific, total, _, _ = local_entries.counts(frame)
+        mark = compat.last_compile_record() if cache_entry is not None else None
         with (
-            dist_local.compiling(self._group),
+            dist_local.compiling(self._group, self._region),
             patches.recompile_headroom(specific, total),
         ):
             result = self._inner(frame, cache_entry, frame_state)
         skipped_codes.record(frame.f_code, result)
         if getattr(result, "guarded_code", None) is not None:
             self._counts.compiles += 1
+            self._count_traced(cache_entry, mark, forced)
         return result
+
+    def _count_traced(self, cache_entry: Any, mark: Any, forced: bool = False) -> None:
+        """Count a frame Dynamo traced: a recompile (and why) if it had entries already."""
+        reason = None
+        if forced:
+            reason = "forced: another rank's guards failed (policy sync)"
+        elif cache_entry is not None:
+            try:
+                reason = compat.recompile_reason_since(mark)
+            except Exception:  # accounting must never break a compile
+                reason = "unknown"
+        self._counts.count_traced(dynamo_hook.region_label(self._region), reason)
 
     @dynamo_hook.transparent
     def _replay(self, frame: Any, actions: tuple[int, int]) -> Any:
@@ -309,13 +327,13 @@ class GuardedCallback:
                     "%s reached the recompile limit (%d) with entries compiled inside "
                     "dynamo_dist.local(); further rank-local calls that miss run eagerly (the "
                     "calls outside local() keep their own limit)",
-                    f"{frame.f_code.co_name} ({frame.f_code.co_filename}:"
-                    f"{frame.f_code.co_firstlineno})",
+                    names.describe_code(frame.f_code),
                     specific,
                 )
             return compat.run_eagerly_once()
+        mark = compat.last_compile_record() if cache_entry is not None else None
         with (
-            dist_local.compiling(None),
+            dist_local.compiling(None, self._region),
             pgo.isolated_code_state(local_entries.code_state()),
             patches.recompile_headroom(lock_same, lock_total),
         ):
@@ -326,5 +344,6 @@ class GuardedCallback:
             return compat.decide_once(decided)
         if getattr(result, "guarded_code", None) is not None:
             self._counts.local_compiles += 1
+            self._count_traced(cache_entry, mark)
             local_entries.record(frame.f_code, result)
         return result

@@ -90,6 +90,41 @@ def guard_failure_reasons(frame: Any, cache_entry: Any) -> list[str]:
     return [str(r) for r in reasons]
 
 
+def last_compile_record() -> Any:
+    """Dynamo's record of the last compile in this process (a mark for
+    :func:`recompile_reason_since`; None before any).
+
+    ``torch._dynamo.utils.get_compilation_metrics``: torch 2.6 through 2.13 (a bounded
+    deque of ``CompilationMetrics``).
+    """
+    from torch._dynamo.utils import get_compilation_metrics
+
+    records = get_compilation_metrics()
+    return records[-1] if records else None
+
+
+def recompile_reason_since(mark: Any) -> str:
+    """Why Dynamo recompiled in the compile recorded after ``mark``: its first line.
+
+    Dynamo's ``recompile_reason`` (the first failed guard, as ``TORCH_LOGS=recompiles``
+    shows it) without its compile id (``"1/0: "``), so one reason counts once across
+    frames. Generic when there is no record (a forced recompile, whose guards passed,
+    says "Unable to find recompilation reasons").
+    """
+    import re
+
+    from torch._dynamo.utils import get_compilation_metrics
+
+    records = get_compilation_metrics()
+    after = next((i + 1 for i in range(len(records) - 1, -1, -1) if records[i] is mark), 0)
+    for record in records[after:]:
+        reason = getattr(record, "recompile_reason", None)
+        if reason:
+            first = str(reason).strip().splitlines()[0] if str(reason).strip() else ""
+            return re.sub(r"^\d+/\d+: ", "", first) or "unknown"
+    return "unknown (no recompile reason recorded by Dynamo)"
+
+
 def dynamo_would_trace(code: Any) -> bool:
     """Whether Dynamo would trace ``code``: not disabled, and not skip-listed.
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from dynamo_dist._log import get_logger
 from dynamo_dist._version import __version__
-from dynamo_dist.dynamo import compat, patches
+from dynamo_dist.dynamo import compat, names, patches
 
 log = get_logger("hook")
 
@@ -95,29 +95,20 @@ def _install_mode_probe() -> None:
 _install_mode_probe()
 
 
-def register_region(fn: object, group_name: str) -> int:
+def register_region(name: str, group_name: str) -> int:
     """A new region id for one dynamo_dist.compile call in the group named ``group_name``.
 
     Numbered per group: the n-th compile for a group is the same code on each of its
     ranks, whatever else each rank compiled (other groups, code compiled on some
     ranks only), so the id, part of every frame identity, matches across the group.
+    ``name`` (:func:`names.describe_callable`) is for people only: it is not hashed.
     """
     n = _region_counts.get(group_name, 0) + 1
     _region_counts[group_name] = n
     digest = hashlib.blake2b(f"{group_name}#{n}".encode(), digest_size=8).digest()
     region = int.from_bytes(digest, "little") >> 2  # a positive int64
-    _regions[region] = f"{describe_callable(fn)} [compile #{n} of group {group_name}]"
+    _regions[region] = f"{name} [compile #{n} of group {group_name}]"
     return region
-
-
-def describe_callable(fn: object) -> str:
-    target = getattr(fn, "forward", fn) if not isinstance(fn, types.FunctionType) else fn
-    target = getattr(target, "__func__", target)
-    code = getattr(target, "__code__", None)
-    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    if code is None:
-        return str(name)
-    return f"{name} ({os.path.basename(code.co_filename)}:{code.co_firstlineno})"
 
 
 def _line_of(code: types.CodeType, lasti: int) -> int:
@@ -129,19 +120,21 @@ def _line_of(code: types.CodeType, lasti: int) -> int:
     return code.co_firstlineno
 
 
+def region_label(region: int) -> str:
+    """The name users read for a compiled region (the report's per-region rows, errors)."""
+    return _regions.get(region, "code outside dynamo_dist.compile")
+
+
 def describe_identity(ident: int) -> str:
     """Human name of a frame identity: the compiled region and, inside it, the call site."""
     desc = _C.describe_identity(ident)
     if desc is None:
         return f"frame {ident:#x}"
     code, lasti, region, _grad, callee = desc
-    where = _regions.get(region, "code outside dynamo_dist.compile")
-    name = getattr(code, "co_qualname", code.co_name)
-    site = f"{name} ({os.path.basename(code.co_filename)}:{_line_of(code, lasti)})"
+    where = region_label(region)
+    site = names.describe_code(code, _line_of(code, lasti))
     if callee is not None:
-        callee_name = getattr(callee, "co_qualname", callee.co_name)
-        entered = f"{callee_name} ({os.path.basename(callee.co_filename)}:{callee.co_firstlineno})"
-        return f"{where}: {entered}, called from {site}"
+        return f"{where}: {names.describe_code(callee)}, called from {site}"
     return f"{where}, called from {site}"
 
 

@@ -154,6 +154,7 @@ class Adoption:
                 group.info,
                 group.counts,
                 self.before_compile,
+                region,
             )
         attached = (dynamo_hook.PENDING_CHECK, dynamo_hook.region_enter(region, group.hook))
         for ctx in self.contexts:

@@ -12,7 +12,6 @@ word's format is ``exchange/record.py``; the network step is ``exchange/allreduc
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -29,8 +28,6 @@ from dynamo_dist.exchange.record import MixedSlot, Outcome, pack, unpack
 from dynamo_dist.exchange.status import StatusBoard, board_reader_stride, describe_missing
 
 log = get_logger("collective")
-
-_LATENCY_SAMPLES = 8192
 
 
 class Transport:
@@ -120,10 +117,6 @@ class Transport:
 
     def close(self) -> None:
         """Release what the transport holds outside Python's reach (sockets, C++ callbacks)."""
-
-    def latencies(self) -> list[int]:
-        """Recent exchange latencies in nanoseconds."""
-        raise NotImplementedError
 
     def watch(self) -> None:
         """Called periodically off the hot path: progress lines, and one stall warning.
@@ -378,11 +371,19 @@ class GlooTransport(Transport):
         self.waiters.append(self._allreduce)
         self.seq = 0
         self.last_ident = 0
-        self.latencies_ns: deque[int] = deque(maxlen=_LATENCY_SAMPLES)
         self.epoch = 0
 
     def exchange(self, hit: bool, ident: int) -> bool:
         """Agree on one guard result; returns True only if every rank hit."""
+        return self.exchange_timed(hit, ident)[0]
+
+    def exchange_timed(self, hit: bool, ident: int) -> tuple[bool, int]:
+        """:meth:`exchange`, and the nanoseconds this rank waited for the others.
+
+        The wait is the whole all-reduce call: gloo's own sends and receives happen inside
+        it and cannot be timed apart from the slowest rank's lateness. The hook counts the
+        rest of the exchange (packing, the verdict, its own work) as the exchange's cost.
+        """
         if self.broken is not None:
             raise self.broken
         self.seq += 1
@@ -391,22 +392,19 @@ class GlooTransport(Transport):
         self.epoch = _next_epoch()
         t0 = time.perf_counter_ns()
         word, failure = self._allreduce(pack(hit, ident))
+        waited_ns = time.perf_counter_ns() - t0
         if failure is not None:
-            raise self.timeout_error(seq, ident, (time.perf_counter_ns() - t0) / 1e9, failure)
-        self.latencies_ns.append(time.perf_counter_ns() - t0)
-        return self.decide(seq, ident, hit, word)
+            raise self.timeout_error(seq, ident, waited_ns / 1e9, failure)
+        return self.decide(seq, ident, hit, word), waited_ns
 
     def make_hook(self) -> _C.GuardHook:
-        return _C.GuardHook(self.exchange)
+        return _C.GuardHook(self.exchange_timed)
 
     def position(self) -> tuple[int, int]:
         return self.seq, self.last_ident
 
     def last_epoch(self) -> int:
         return self.epoch
-
-    def latencies(self) -> list[int]:
-        return list(self.latencies_ns)
 
 
 _epoch = 0
@@ -419,12 +417,11 @@ def _next_epoch() -> int:
     return _epoch
 
 
-def percentiles(samples_ns: Iterable[int]) -> dict[str, float]:
+def percentiles(samples_ns: Iterable[int], name: str) -> dict[str, float]:
+    """``{name}_p50_us`` and ``{name}_p99_us`` of nanosecond samples (0.0 without any)."""
     xs = sorted(samples_ns)
-    if not xs:
-        return {"p50_us": 0.0, "p99_us": 0.0}
 
     def pick(q: float) -> float:
-        return xs[min(len(xs) - 1, int(q * len(xs)))] / 1e3
+        return round(xs[min(len(xs) - 1, int(q * len(xs)))] / 1e3, 2) if xs else 0.0
 
-    return {"p50_us": round(pick(0.50), 2), "p99_us": round(pick(0.99), 2)}
+    return {f"{name}_p50_us": pick(0.50), f"{name}_p99_us": pick(0.99)}

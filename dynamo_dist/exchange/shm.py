@@ -290,9 +290,6 @@ class ShmTransport(Transport):
         waits = [w for w in (local if local >= 0 else None, cross) if w is not None]
         return max(waits) if waits else None
 
-    def latencies(self) -> list[int]:
-        return list(self._hook.latencies_ns()) if self._hook is not None else []
-
     def _log_wait(self, seq: int, waited: float) -> None:
         self.log_wait(seq, self._seq_ident()[1], waited)
 

@@ -1,18 +1,22 @@
 """One typed record of this rank's counters, flattened to the dict users and the report read.
 
 The counters come from four places: the C++ hook (evaluations, misses), the runtime
-(compiles, first-entry exchanges), the transport (exchanges, latencies) and the cache.
+(compiles, first-entry exchanges), the transport (exchanges, their cost and wait, per
+region) and the cache.
 Each has a typed record here; :meth:`Stats.as_dict` flattens them into the keys
 ``dynamo_dist.stats()`` has always returned, so the job report and scripts keep working.
-This module imports nothing from the package: every layer can count into it.
+This module imports nothing from the package but ``_counts``: every layer can count
+into it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from dynamo_dist import _counts
 
 
 @dataclass(slots=True)
@@ -20,10 +24,32 @@ class Counts:
     """What the runtime counts itself; the policy layer and the frame callback add to it."""
 
     compiles: int = 0
-    """Frames Dynamo compiled through a dynamo_dist callback, in lockstep with the group."""
+    """Frames Dynamo traced (and compiled) through a dynamo_dist callback, in lockstep with
+    the group."""
 
     local_compiles: int = 0
     """Frames compiled inside ``dynamo_dist.local()`` (this rank alone)."""
+
+    recompiles: int = 0
+    """Of those, frames that already had compiled entries (Dynamo's recompiles)."""
+
+    recompile_reasons: dict[str, int] = field(default_factory=dict)
+    """Recompiles by Dynamo's reason (its first failed guard), or ``forced: ...``."""
+
+    regions: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Frames traced per compiled region (``dynamo.hook.region_label``): ``{"traced": n}``."""
+
+    def count_traced(self, region: str, recompile_reason: str | None) -> None:
+        """A frame of ``region`` was traced (a recompile if ``recompile_reason``)."""
+        self.regions[region] = _counts.add(self.regions.get(region), {"traced": 1})
+        if recompile_reason is not None:
+            self.recompiles += 1
+            _counts.capped(self.recompile_reasons, recompile_reason)
+
+    def add(self, other: Counts) -> None:
+        """Add ``other``'s counts to these (compiles counted before a group was joined)."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _counts.add(getattr(self, f.name), getattr(other, f.name)))
 
     first_entry_exchanges: int = 0
     """Exchanges run for a frame this rank had no compiled entry for."""
@@ -53,7 +79,7 @@ class HookCounters:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TransportStats:
-    """The guard exchange's counts and latencies."""
+    """The guard exchange's counts and times (percentiles of the hook's last 8192 samples)."""
 
     name: str
     """``gloo``, ``shm``, ``shm+native`` or ``shm+gloo`` (reported as ``transport``): shared
@@ -64,8 +90,77 @@ class TransportStats:
     divergences: int
     """Frame mismatches, plus mixed exchanges policy ``strict`` refused."""
 
-    p50_us: float
-    p99_us: float
+    cost_p50_us: float
+    """Median of what an exchange costs this rank itself: computing the frame's identity,
+    posting its record, the AND and the verdict; not the wait for the other ranks."""
+    cost_p99_us: float
+    wait_p50_us: float
+    """Median time an exchange was blocked on the other ranks: until every local peer had
+    posted, then the cross-host step (a host leader) or the leader's verdict (its host's
+    other ranks); with gloo, the all-reduce. A rank that arrives last waits ~0; its peers
+    wait for its lateness."""
+    wait_p99_us: float
+
+    def times(self) -> dict[str, float]:
+        """The four figures under their report keys."""
+        return {
+            "cost_p50_us": self.cost_p50_us,
+            "cost_p99_us": self.cost_p99_us,
+            "wait_p50_us": self.wait_p50_us,
+            "wait_p99_us": self.wait_p99_us,
+        }
+
+
+@dataclass(kw_only=True, slots=True)
+class RegionStats:
+    """One compiled region (a ``dynamo_dist.compile`` call) on this rank: its exchanges.
+
+    Summed from the C++ hook's counts per frame identity (``GuardHook.frames()``): a
+    region's frames are its call sites, the resume functions after a graph break, and
+    each grad mode. The report's per-region breakdown (``dynamo-dist report --verbose``).
+    """
+
+    frames: int = 0
+    """Distinct frame identities exchanged in the region."""
+    exchanges: int = 0
+    hits: int = 0
+    """Exchanges in which this rank's own guards passed (before the ranks agreed); the
+    others (``misses``) had no entry whose guards passed, or no entry yet."""
+    wait_ns: int = 0
+    """Total time its exchanges were blocked on the other ranks (``wait_*_us``' sense)."""
+    wait_max_ns: int = 0
+
+    def add_frame(self, exchanges: int, hits: int, wait_ns: int, wait_max_ns: int) -> None:
+        self.frames += 1
+        self.exchanges += exchanges
+        self.hits += hits
+        self.wait_ns += wait_ns
+        self.wait_max_ns = max(self.wait_max_ns, wait_max_ns)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "exchanges": self.exchanges,
+            "hits": self.hits,
+            "misses": self.exchanges - self.hits,
+            "wait_ms_total": round(self.wait_ns / 1e6, 3),
+            "wait_ms_max": round(self.wait_max_ns / 1e6, 3),
+            "frames": self.frames,
+        }
+
+
+def regions(
+    frames: Iterable[tuple[int, int, int, int, int]], label_of: Callable[[int], str]
+) -> dict[str, RegionStats]:
+    """Per-identity counts (``GuardHook.frames()`` rows, any number of hooks) by region label.
+
+    ``label_of(ident)``: the name of the region the identity was computed in.
+    """
+    out: dict[str, RegionStats] = {}
+    for ident, exchanges, hits, wait_ns, wait_max_ns in frames:
+        out.setdefault(label_of(ident), RegionStats()).add_frame(
+            exchanges, hits, wait_ns, wait_max_ns
+        )
+    return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -77,6 +172,9 @@ class GroupStats:
     compiles: int
     local_compiles: int
     first_entry_exchanges: int
+    recompiles: int = 0
+    recompile_reasons: dict[str, int] = field(default_factory=dict)
+    regions: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         tr = self.transport
@@ -88,9 +186,9 @@ class GroupStats:
             "divergences": tr.divergences,
             "compiles": self.compiles,
             "local_compiles": self.local_compiles,
+            "recompiles": self.recompiles,
             "first_entry_exchanges": self.first_entry_exchanges,
-            "p50_us": tr.p50_us,
-            "p99_us": tr.p99_us,
+            **tr.times(),
         }
 
 
@@ -105,7 +203,13 @@ class RuntimeStats:
     first_entry_exchanges: int
     compiles: int
     local_compiles: int = 0
+    recompiles: int = 0
+    recompile_reasons: dict[str, int] = field(default_factory=dict)
+    traced_by_region: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Frames traced per compiled region (the frame callback's ``traced`` counts)."""
     groups: dict[str, GroupStats] = field(default_factory=dict)
+    regions: dict[str, RegionStats] = field(default_factory=dict)
+    """Per compiled region, by its label (``dynamo.hook.region_label``): its exchanges."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -140,12 +244,27 @@ class Stats:
                 divergences=tr.divergences,
                 compiles=rt.compiles,
                 local_compiles=rt.local_compiles,
-                p50_us=tr.p50_us,
-                p99_us=tr.p99_us,
+                **tr.times(),
                 groups={name: g.as_dict() for name, g in rt.groups.items()},
             )
         out["installed"] = self.installed
         out.update(self.cache)
+        if rt is not None:
+            # The compile accounting: what the frame callback counted (Dynamo's frames),
+            # added to what the cache counted under the same keys (precompiled captures).
+            traced = {
+                "frames_traced": rt.compiles + rt.local_compiles,
+                "recompiles": rt.recompiles,
+                "recompile_reasons": rt.recompile_reasons,
+                # Per region: its exchanges (the hook), its traces (the frame callback)
+                # and its builds and loads (the cache), under one label.
+                "regions": _counts.add(
+                    {label: r.as_dict() for label, r in rt.regions.items()},
+                    rt.traced_by_region,
+                ),
+            }
+            for key, value in traced.items():
+                out[key] = _counts.add(self.cache.get(key), value)
         refused = int(out.get("store_payloads_refused", 0)) + self.store_refused
         out["store_payloads_refused"] = refused
         return out

@@ -16,7 +16,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"dynamo-dist report: cannot read {args.path}: {e}", file=sys.stderr)
         return 2
-    print(tools_report.format_table(report))
+    print(tools_report.format_table(report, verbose=args.verbose))
     return 0
 
 
@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("report", help="pretty-print a saved job report (JSON)")
     r.add_argument("path")
+    r.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also each compiled region's exchanges, hits and waits, per rank",
+    )
     r.set_defaults(func=_cmd_report)
     c = sub.add_parser("config", help="print the configuration reference, or check a profile")
     c.add_argument("--check", metavar="FILE", help="validate FILE (with the environment)")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -334,7 +335,9 @@ def test_a_planted_lock_that_cannot_be_taken_over_is_waited_out_once(
     res = json.loads(done.stdout.strip().splitlines()[-1])
     assert res["outs"] == ["compiled"] * 3 and res["stats"]["cache_publishes"] == 0, res
     log = done.stderr
-    warnings = [ln for ln in log.splitlines() if "WARNING: shared cache lock" in ln]
+    warnings = [
+        ln for ln in log.splitlines() if re.search(r" W dynamo_dist[.\w]*: shared cache lock", ln)
+    ]
     assert len(warnings) == 1, log[-4000:]
     (line,) = warnings
     assert str(lock) in line and f"owner uid {ATTACKER}" in line, line

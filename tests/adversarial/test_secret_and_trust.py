@@ -184,7 +184,7 @@ def test_secret_is_removed_from_the_environment_at_import(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[-2:] == [secret, secret], proc.stdout
-    warnings = [ln for ln in lines if "WARNING" in ln]
+    warnings = [ln for ln in lines if " W dynamo_dist." in ln]
     assert len(warnings) == 1, proc.stdout
     (warning,) = warnings
     assert lines.index(warning) > lines.index("imported"), "warned at first use, not import"

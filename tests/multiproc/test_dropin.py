@@ -303,7 +303,7 @@ def test_nanogpt_without_local_fails_fast(tmp_path, cache):
         msg = res["message"]
         assert "dynamo_dist.local()" in msg, msg
         # It names the frame, each rank and each rank's grad mode.
-        assert "GPT (test_dropin.py:" in msg and "rank 0" in msg and "rank 1" in msg, msg
+        assert "GPT.forward (test_dropin.py:" in msg and "rank 0" in msg and "rank 1" in msg, msg
         assert "grad disabled" in msg and "grad enabled" in msg, msg
         # Rank 0's first evaluation call, at iteration 0, is the one that diverges.
         assert res["iters"] == 0, res

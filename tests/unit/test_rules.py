@@ -29,8 +29,8 @@ MAX_FUNCTION_LINES = 80
 
 #: Every module, lowest first. A module imports only modules listed before it.
 ORDER: list[tuple[str, ...]] = [
-    ("_version", "_errors", "_log", "dist.limits", "dist.proc", "_C"),
-    ("dynamo.compat",),  # read-only views of torch's and CPython's internals
+    ("_version", "_errors", "_log", "_counts", "dist.limits", "dist.proc", "_C"),
+    ("dynamo.compat", "dynamo.names"),  # read-only views of torch's and CPython's internals
     # changes to torch's state, and torch's subsystems as dynamo_dist uses them
     ("dynamo.patches", "dynamo.pgo", "dynamo.pgo_pickle", "dynamo.inductor", "dynamo.ddp"),
     ("dynamo.artifacts",),  # precompiled artifacts: a capture runs in its own code state

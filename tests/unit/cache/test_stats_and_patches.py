@@ -24,7 +24,6 @@ REPORTED = [
     "cache_bytes_read",
     "cache_bytes_written",
     "inductor_compiles",
-    "compile_seconds_saved",
     "profile_loads",
     "profile_publishes",
     "cache_host_fetches",
@@ -37,14 +36,52 @@ REPORTED = [
     "precompiled_misses",
     "precompiled_fallbacks",
     "precompiled_stale",
+    "frames_traced",
+    "graphs_built",
+    "graphs_loaded",
+    "loaded_from",
+    "recompiles",
+    "recompile_reasons",
+    "build_seconds_loaded",
+    "load_seconds",
+    "regions",
+    "build_seconds_saved",
 ]
 
 
 def test_stats_record_keeps_the_reported_keys() -> None:
-    s = CacheStats(cache_loads=2, compile_seconds_saved=1.23456)
+    s = CacheStats(cache_loads=2, build_seconds_loaded=1.23456, load_seconds=0.2)
     d = s.as_dict()
     assert list(d) == REPORTED
-    assert d["cache_loads"] == 2 and d["compile_seconds_saved"] == 1.23
+    assert d["cache_loads"] == 2 and d["build_seconds_saved"] == 1.03
+
+
+def test_every_load_is_a_hit_counted_by_source_and_region() -> None:
+    s = CacheStats()
+    s.count_loaded("host_copy", "f (a.py:1)", 2.0, 0.5)
+    s.count_loaded("shared", "f (a.py:1)", None, 9.0)  # no recorded build time
+    s.count_loaded("precompiled", "m (b.py:3)", 1.0, 1.5)  # slower than its build
+    s.count_built("g (c.py:5)")
+    d = s.as_dict()
+    assert d["graphs_loaded"] == d["cache_hits"] == 3 and d["cache_misses"] == 0
+    assert d["loaded_from"] == {"host_copy": 1, "shared": 1, "precompiled": 1}
+    # Only loads with a recorded build time are measured; a slow one counts negative.
+    assert d["build_seconds_loaded"] == 3.0 and d["load_seconds"] == 2.0
+    assert d["build_seconds_saved"] == 1.0
+    assert d["regions"] == {
+        "f (a.py:1)": {"loaded": 2},
+        "m (b.py:3)": {"loaded": 1},
+        "g (c.py:5)": {"built": 1},
+    }
+
+
+def test_recompile_reasons_stay_bounded() -> None:
+    s = CacheStats()
+    for n in range(100):
+        s.count_recompile(f"size mismatch, actual {n}")
+    s.count_recompile("x" * 1000)
+    assert s.recompiles == 101
+    assert len(s.recompile_reasons) == 33 and s.recompile_reasons["other"] == 69
 
 
 def test_inductor_cache_dir_override_restores(monkeypatch: pytest.MonkeyPatch) -> None:

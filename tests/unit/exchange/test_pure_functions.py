@@ -26,7 +26,7 @@ from dynamo_dist.exchange.collective import Transport, percentiles
 from dynamo_dist.exchange.record import MixedSlot, pack, unpack
 from dynamo_dist.exchange.status import describe_missing
 from dynamo_dist.tools.cache_cli import parse_age, parse_size
-from dynamo_dist.tools.report import format_table, with_derived
+from dynamo_dist.tools.report import LEGEND, format_table, with_derived
 
 M64 = (1 << 64) - 1
 
@@ -167,18 +167,20 @@ def test_cpp_and_python_agree_on_random_records() -> None:
 @pytest.mark.parametrize(
     ("samples", "want"),
     [
-        ([], {"p50_us": 0.0, "p99_us": 0.0}),
-        ([1500], {"p50_us": 1.5, "p99_us": 1.5}),
-        ([1000 * i for i in range(1, 101)], {"p50_us": 51.0, "p99_us": 100.0}),
-        ([1000 * i for i in range(100, 0, -1)], {"p50_us": 51.0, "p99_us": 100.0}),  # unsorted
-        ([1234, 5678], {"p50_us": 5.68, "p99_us": 5.68}),  # rounded to 2 decimals
-        ([10] * 99 + [10**9], {"p50_us": 0.01, "p99_us": 1e6}),  # one outlier in 100
-        ([10] * 200 + [10**9], {"p50_us": 0.01, "p99_us": 0.01}),  # below the 99th
+        ([], (0.0, 0.0)),
+        ([1500], (1.5, 1.5)),
+        ([1000 * i for i in range(1, 101)], (51.0, 100.0)),
+        ([1000 * i for i in range(100, 0, -1)], (51.0, 100.0)),  # unsorted
+        ([1234, 5678], (5.68, 5.68)),  # rounded to 2 decimals
+        ([10] * 99 + [10**9], (0.01, 1e6)),  # one outlier in 100
+        ([10] * 200 + [10**9], (0.01, 0.01)),  # below the 99th
     ],
 )
-def test_percentiles(samples: list[int], want: dict[str, float]) -> None:
-    assert percentiles(samples) == want
-    assert percentiles(iter(samples)) == want  # any iterable, e.g. a deque
+def test_percentiles(samples: list[int], want: tuple[float, float]) -> None:
+    named = {"wait_p50_us": want[0], "wait_p99_us": want[1]}
+    assert percentiles(samples, "wait") == named
+    assert percentiles(iter(samples), "wait") == named  # any iterable, e.g. a generator
+    assert percentiles(samples, "cost") == {"cost_p50_us": want[0], "cost_p99_us": want[1]}
 
 
 # -- describe_missing ----------------------------------------------------------------------
@@ -253,18 +255,25 @@ def test_with_derived_hit_rate() -> None:
 def test_format_table_rows_columns_and_missing_ranks() -> None:
     rank = {
         "exchanges": 1200,
-        "hit_rate": 0.995,
+        "evaluations": 1000,
+        "local_misses": 5,  # hit rate 99.5%
         "forced_recompiles": 2,
         "divergences": 0,
-        "compiles": 3,
-        "p50_us": 12.345,
-        "p99_us": 80.0,
+        "frames_traced": 3,
+        "graphs_built": 0,
+        "graphs_loaded": 2,
+        "loaded_from": {"host_copy": 1, "shared": 1, "precompiled": 0},
+        "recompiles": 1,
+        "recompile_reasons": {"tensor 'x' size mismatch at index 0. expected 4, actual 6": 1},
+        "cost_p50_us": 1.25,
+        "cost_p99_us": 3.0,
+        "wait_p50_us": 12.345,
+        "wait_p99_us": 80.0,
         "transport": "shm",
-        "cache_loads": 1,
         "cache_publishes": 0,
-        "compile_seconds_saved": 4.25,
+        "build_seconds_saved": 4.25,
         "precompiled_calls": 30,
-        "precompiled_fallback_reasons": "graph_break:1",
+        "precompiled_fallbacks": {"graph_break": 1},
     }
     report = {
         "world_size": 12,
@@ -274,11 +283,13 @@ def test_format_table_rows_columns_and_missing_ranks() -> None:
         },
         "missing": [5, 7],
     }
+    report["ranks"] = {r: with_derived(st) for r, st in report["ranks"].items()}
     lines = format_table(report).splitlines()
     assert lines[0] == (
         "dynamo_dist job report (12 ranks); no report from ranks [5, 7] (exited early or crashed)"
     )
-    header, rule, first, second = lines[1:]
+    header, rule, first, second, reasons_title, reasons = lines[1:7]
+    assert lines[7] == "columns:"  # then the legend (tests/unit/tools/test_report.py)
     assert header.split() == [
         "rank",
         "exchanges",
@@ -286,16 +297,29 @@ def test_format_table_rows_columns_and_missing_ranks() -> None:
         "rate",
         "forced",
         "diverg.",
-        "compiles",
+        "traced",
+        "built",
+        "loaded",
+        "loaded",
+        "from",
+        "recomp.",
+        "cost",
         "p50",
         "us",
+        "cost",
+        "p99",
+        "us",
+        "wait",
+        "p50",
+        "us",
+        "wait",
         "p99",
         "us",
         "transport",
-        "loads",
         "publishes",
-        "saved",
+        "build",
         "s",
+        "saved",
         "precomp.",
         "fallbacks",
     ]
@@ -308,10 +332,15 @@ def test_format_table_rows_columns_and_missing_ranks() -> None:
         "2",
         "0",
         "3",
+        "0",
+        "2",
+        "host_copy:1,shared:1",
+        "1",
+        "1.2",
+        "3.0",
         "12.3",
         "80.0",
         "-",
-        "1",
         "0",
         "4.2",
         "30",
@@ -319,13 +348,20 @@ def test_format_table_rows_columns_and_missing_ranks() -> None:
     ]
     assert second.split()[:3] == ["10", "1200", "99.5%"]
     # Every column is right-aligned to one width.
-    assert len({len(line) for line in lines[1:]}) == 1
+    assert len({len(line) for line in lines[1:5]}) == 1
+    # Ranks with the same recompile reasons share one line below the table.
+    assert reasons_title == "recompile reasons:"
+    assert reasons == (
+        "  ranks 2,10: tensor 'x' size mismatch at index 0. expected 4, actual 6 (1x)"
+    )
+    # Every column of the compile accounting is defined in the legend.
+    assert {"traced", "built", "loaded", "loaded from", "recomp.", "build s saved"} <= set(LEGEND)
 
 
 def test_format_table_without_ranks_or_missing() -> None:
     text = format_table({"ranks": {}})
     assert text.splitlines()[0] == "dynamo_dist job report (0 ranks)"
-    assert len(text.splitlines()) == 3  # title, header, rule
+    assert len(text.splitlines()) == 4 + len(LEGEND)  # title, header, rule, the legend
 
 
 # -- cache CLI arguments -----------------------------------------------------------------
@@ -499,10 +535,10 @@ def test_format_table_shows_each_group_once() -> None:
     }
     lines = format_table(report).splitlines()
     i = lines.index("per group:")
-    assert lines[i + 1 :] == [
-        "  ranks 0,1 (shm; reported by ranks 0,1): exchanges 7, compiles 2, local compiles 0, "
-        "divergences 0",
-        "  ranks 2,3 (shm; reported by ranks 2,3): exchanges 7, compiles r2=2 r3=3, local "
+    assert lines[i + 1 : lines.index("columns:")] == [
+        "  ranks 0,1 (shm; reported by ranks 0,1): exchanges 7, frames traced 2, local "
+        "compiles 0, divergences 0",
+        "  ranks 2,3 (shm; reported by ranks 2,3): exchanges 7, frames traced r2=2 r3=3, local "
         "compiles 0, divergences 0",
     ]
     world_only = {"ranks": {"0": {"groups": {"world": stage("world", 1)["groups"]["world"]}}}}
