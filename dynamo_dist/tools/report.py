@@ -343,21 +343,8 @@ def publish_and_collect(
             silent.look()
             next_look = time.monotonic() + 1.0
         for r, key in enumerate(keys):
-            if str(r) in by_rank or r in refused:
-                continue
-            try:
-                if store.check([key]):
-                    record = json.loads(dist_store.checked(store.get(key), "report record"))
-                    if _nesting(record) > _MAX_NESTING:
-                        # Printing it would exceed the recursion limit (str() of a list
-                        # nested nearly as deep as json.loads allows), at shutdown.
-                        raise dist_store.PayloadRefused("report record nested too deeply")
-                    by_rank[str(r)] = record if isinstance(record, dict) else {}
-            except dist_store.PayloadRefused as e:
-                dist_store.refuse("report record", e)
-                refused.add(r)
-            except Exception:
-                pass
+            if str(r) not in by_rank and r not in refused:
+                _read_record(store, r, key, by_rank, refused)
         waiting = set(range(world_size)) - {int(r) for r in by_rank} - refused - never
         waiting -= silent.gone
         if not waiting or time.monotonic() >= deadline:
@@ -374,6 +361,26 @@ def publish_and_collect(
     log.info("%s", format_table(report, verbose))
     _write(report, path)
     return report
+
+
+def _read_record(
+    store: Any, r: int, key: str, by_rank: dict[str, dict[str, Any]], refused: set[int]
+) -> None:
+    """Rank ``r``'s report record into ``by_rank`` once it is there; a refused one into
+    ``refused`` (over the store's size cap, or nested too deeply: listed as missing)."""
+    try:
+        if store.check([key]):
+            record = json.loads(dist_store.checked(store.get(key), "report record"))
+            if _nesting(record) > _MAX_NESTING:
+                # Printing it would exceed the recursion limit (str() of a list
+                # nested nearly as deep as json.loads allows), at shutdown.
+                raise dist_store.PayloadRefused("report record nested too deeply")
+            by_rank[str(r)] = record if isinstance(record, dict) else {}
+    except dist_store.PayloadRefused as e:
+        dist_store.refuse("report record", e)
+        refused.add(r)
+    except Exception:
+        pass
 
 
 class _Silence:

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 import ranks
-from test_metadata_fuzz import Hang, deadline
+from fuzz_cases import Hang, deadline
 
 from dynamo_dist.cache import key as cache_key
 from dynamo_dist.cache import protocol
