@@ -11,7 +11,7 @@ moment of the first run:
 - ``sigkill``, ``sigstop`` (never resumed), ``sigstop_cont`` (resumed after 1-8 s),
   ``sigint_rank``: of a random rank; ``sigint_leader``: of a host leader (2 hosts);
   ``sigint_launcher``: of the torchrun agent;
-- ``enospc``: the cache on a 4 MiB tmpfs, which fills up (ENOSPC) as entries are
+- ``enospc``: the cache on a 4 MiB tmpfs filled but for 0-512 KiB (ENOSPC) as entries are
   published; ``readonly``: the cache bind-mounted read-only mid-run;
 - ``corrupt``, ``truncate``: a random file of the cache flipped or cut mid-run;
 - ``store_delay``: the agent, which hosts the job's store, stopped for 1-5 s.
@@ -179,7 +179,10 @@ def _script(args: argparse.Namespace, cache: str, fault: str, tmp: str) -> str:
             line += " rc=0; for p in $pids; do wait $p || rc=$?; done; (exit $rc)"
         runs.append(line)
     mount = {
-        "enospc": f"mount -t tmpfs -o size=4m,mode=0700 tmpfs {cache}",
+        # A 4 MiB tmpfs that a file of the trial's own fills but for 0-512 KiB: entries
+        # fit in 4 MiB, so without it the disk would never be full.
+        "enospc": f"mount -t tmpfs -o size=4m,mode=0700 tmpfs {cache} && head -c "
+        f"{4096 * 1024 - random.Random(tmp).randrange(512 * 1024)} /dev/zero > {cache}/.filler",
         "readonly": f"mount --bind {cache} {cache}",
     }.get(fault, "true")
     restore = f"mount -o remount,rw,bind {cache} {cache}" if fault == "readonly" else "true"
