@@ -177,6 +177,7 @@ def _script(args: argparse.Namespace, cache: str, fault: str, tmp: str) -> str:
                 for node, cmd in enumerate(cmds)
             )
             line += " rc=0; for p in $pids; do wait $p || rc=$?; done; (exit $rc)"
+            line = "{ " + line + "; } 2>/dev/null"  # job control's "Exit 1" notices
         runs.append(line)
     mount = {
         # A 4 MiB tmpfs that a file of the trial's own fills but for 0-512 KiB: entries
