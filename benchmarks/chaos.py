@@ -170,13 +170,20 @@ def _script(args: argparse.Namespace, cache: str, fault: str, tmp: str) -> str:
             line = f"{env} {shlex.join(cmds[0])} > {tmp}/run{run}.log 2>&1"
         else:
             # Job control on (set -m): bash starts background jobs with SIGINT ignored
-            # otherwise, and a rank started so would never see the SIGINT faults. The
-            # run's status is the worst agent's (a bare ``wait`` always returns 0).
+            # otherwise, and a rank started so would never see the SIGINT faults. As a
+            # scheduler does (srun --kill-on-bad-exit), the first agent to fail ends
+            # the others: torchrun's agents learn nothing of another host's failure,
+            # and one whose rank is stopped would wait for it for ever. The run's
+            # status is the first failure's (a bare ``wait`` always returns 0).
             line = "set -m; pids=; " + " ".join(
                 f'{env} {shlex.join(cmd)} > {tmp}/run{run}.host{node}.log 2>&1 & pids+=" $!";'
                 for node, cmd in enumerate(cmds)
             )
-            line += " rc=0; for p in $pids; do wait $p || rc=$?; done; (exit $rc)"
+            line += (
+                " rc=0; for _ in $pids; do wait -n; r=$?; if [ $r -ne 0 ]; then"
+                " [ $rc -eq 0 ] && rc=$r; for p in $pids; do kill -TERM -- -$p; done; fi;"
+                " done; (exit $rc)"
+            )
             line = "{ " + line + "; } 2>/dev/null"  # job control's "Exit 1" notices
         runs.append(line)
     mount = {
@@ -367,7 +374,7 @@ def run_trial(index: int, fault: str, seed: int, args: argparse.Namespace) -> Tr
         if not rc1.exists():
             trial.hang, trial.outcome = True, "hang"
             for pid, penv in _processes(tag).items():  # end the first run; the restart goes on
-                if "RANK" in penv or "torch.distributed.run" in _cmdline(pid):
+                if "RANK" in penv or pid in _agents(tag):  # never the script's shell
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
         else:
