@@ -193,6 +193,33 @@ class StatusBoard:
         return out
 
 
+class RecordAges:
+    """How long each rank's status record has stayed as it was, on this process's clock.
+
+    Judged by when this process last saw the record's ``time`` change, never by that
+    timestamp itself: hosts' clocks differ. Used by the stall watch and by rank 0's wait
+    for the exit reports, which both must tell a stopped or dead rank from a live one.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[Any, float]] = {}  # rank -> (its record's time, since)
+
+    def age(self, rank: int, stamp: Any, now: float) -> float | None:
+        """Seconds ``rank``'s record has had ``stamp``; None when it is new or just changed."""
+        seen = self._seen.get(rank)
+        if seen is None or seen[0] != stamp:
+            self._seen[rank] = (stamp, now)
+            return None
+        return now - seen[1]
+
+    def forget(self, rank: int) -> None:
+        self._seen.pop(rank, None)
+
+    def restart(self, now: float) -> None:
+        """Count every record's age from ``now`` (this process itself was not running)."""
+        self._seen = {r: (stamp, now) for r, (stamp, _) in self._seen.items()}
+
+
 def _parse(raw: Any) -> dict[str, Any]:
     """A rank's status record, or ``{"error": ...}``: any process may have set the key.
 

@@ -101,7 +101,7 @@ class StallWatch:
         self._clock = clock
         self._next_read = clock()
         self._last_read: float | None = None
-        self._seen: dict[int, tuple[Any, float]] = {}  # rank -> (its record's time, seen at)
+        self._ages = status.RecordAges()
         self._warned: dict[int, float] = {}
         self._notices_seen: int | None = None
 
@@ -121,26 +121,23 @@ class StallWatch:
             # This reader was not running (a job suspended and resumed, SLURM's suspend,
             # docker pause, Ctrl-Z): every rank's silence counts from now, or the first
             # rank resumed would name the others, stopped exactly as long as itself.
-            self._seen = {r: (stamp, now) for r, (stamp, _) in self._seen.items()}
+            self._ages.restart(now)
         self._last_read = now
         board = self._board.snapshot()
         stale: list[Stale] = []
         for r, rec in board.items():
             if r == self._rank or not rec or "time" not in rec:
-                self._seen.pop(r, None)
+                self._ages.forget(r)
                 continue
             if rec.get("state", "running") != "running":
-                self._seen.pop(r, None)  # exited or finished: it says so itself
+                self._ages.forget(r)  # exited or finished: it says so itself
                 self._warned.pop(r, None)
                 continue
-            stamp = rec.get("time")
-            seen = self._seen.get(r)
-            if seen is None or seen[0] != stamp:
-                self._seen[r] = (stamp, now)
+            silent = self._ages.age(r, rec.get("time"), now)
+            if silent is None:
                 if self._warned.pop(r, None) is not None:
                     log.warning("rank %d publishes its status again", r)
                 continue
-            silent = now - seen[1]
             if silent >= self.stale_after:
                 stale.append(Stale(r, silent + self._board.interval, rec))
         due = [s for s in stale if now - self._warned.get(s.rank, -1e18) >= self._repeat]

@@ -17,6 +17,7 @@ from typing import Any
 
 from dynamo_dist._log import get_logger
 from dynamo_dist.dist import store as dist_store
+from dynamo_dist.exchange import status
 
 log = get_logger("report")
 
@@ -391,7 +392,7 @@ class _Silence:
     ) -> None:
         self._records = records
         self._after = after
-        self._seen: dict[int, tuple[Any, float]] = {}  # rank -> (its record's time, since)
+        self._ages = status.RecordAges()
         self.gone: set[int] = set()
 
     def look(self) -> None:
@@ -405,11 +406,10 @@ class _Silence:
         now = time.monotonic()
         for r, rec in board.items():
             stamp = rec.get("time") if isinstance(rec, dict) else None
-            seen = self._seen.get(r)
-            if seen is None or seen[0] != stamp:
-                self._seen[r] = (stamp, now)
+            age = self._ages.age(r, stamp, now)
+            if age is None:
                 self.gone.discard(r)
-            elif stamp is not None and now - seen[1] >= self._after:
+            elif stamp is not None and age >= self._after:
                 self.gone.add(r)
 
 
