@@ -373,8 +373,9 @@ def run_trial(index: int, fault: str, seed: int, args: argparse.Namespace) -> Tr
             time.sleep(0.2)
         if not rc1.exists():
             trial.hang, trial.outcome = True, "hang"
+            agents = set(_agents(tag))
             for pid, penv in _processes(tag).items():  # end the first run; the restart goes on
-                if "RANK" in penv or pid in _agents(tag):  # never the script's shell
+                if "RANK" in penv or pid in agents:  # never the script's shell
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
         else:
