@@ -4,7 +4,10 @@ One rank arrives late at every exchange of one compiled function (it sleeps firs
 peers' exchanges then wait for it, and the report must show that as their wait, not
 as what the exchange costs. Two compiled functions called a known number of times give
 the per-region breakdown its truth. Durations are only compared with each other (wait
-against cost, one rank's wait against another's), or with the injected lateness.
+against cost, one rank's wait against another's), or with the injected lateness, and
+with margins a loaded machine keeps: the late rank's own waits are scheduling noise
+(a peer descheduled for a few ms on 2 cores shared by 4 ranks), which the lateness
+(LATE_S, far above such noise) must dominate by a few times, not by an exact factor.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import dynamo_dist
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(400)]
 
 HERE = __file__
-LATE_S = 0.05
+LATE_S = 0.2
 LATE_CALLS = 7  # of _late, each after the late rank's sleep
 ON_TIME_CALLS = 3  # of _on_time, nobody sleeping
 
@@ -73,12 +76,14 @@ def _assert_wait_not_cost(run: ranks.RankRun, world: int, transport: str) -> Non
         # and not its cost, shows it.
         assert st["wait_p50_us"] >= 0.4 * LATE_S * 1e6, st
         assert st["wait_p50_us"] >= 10 * st["cost_p50_us"], st
-        assert st["wait_p50_us"] >= 10 * late["wait_p50_us"], (st, late)
+        assert st["wait_p50_us"] >= 4 * late["wait_p50_us"], (st, late)
 
         def late_region(s: dict[str, Any]) -> dict[str, Any]:
             return next(g for g in s["regions"].values() if g["exchanges"] == LATE_CALLS)
 
-        assert late_region(st)["wait_ms_total"] >= 10 * late_region(late)["wait_ms_total"]
+        waited = late_region(st)["wait_ms_total"]
+        assert waited >= 0.4 * LATE_S * LATE_CALLS * 1e3, st
+        assert waited >= 4 * late_region(late)["wait_ms_total"], (st, late)
         assert late_region(st)["wait_ms_max"] >= 0.4 * LATE_S * 1e3
 
 
