@@ -400,10 +400,11 @@ def run_trial(index: int, fault: str, seed: int, args: argparse.Namespace) -> Tr
                 os.kill(pid, signal.SIGKILL)
     trial.leaks += sorted(set(glob.glob(_SEGMENTS)) - segments_before)
     _check_restart(trial, cache, tmp, fault, env)
-    if not args.keep:
-        subprocess.run(["rm", "-rf", tmp], check=False)
-    else:
+    bad = trial.hang or trial.leaks or trial.data_lost or trial.unverified
+    if args.keep or bad:  # a failed trial's logs are what explains it: never delete them
         trial.note += f" [{tmp}]"
+    else:
+        subprocess.run(["rm", "-rf", tmp], check=False)
     return trial
 
 
@@ -442,7 +443,11 @@ def main() -> int:
     )
     ap.add_argument("--first", type=int, default=0, help="skip the trials before this one")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--keep", action="store_true", help="keep each trial's directory")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep every trial's directory (a failed trial's is always kept)",
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("chaos.py mounts (unshare -m) and signals other processes: run as root")

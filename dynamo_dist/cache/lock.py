@@ -23,7 +23,10 @@ shared filesystem that many hosts, containers and attackers write to:
   (:func:`._proc.identity`); only a holder of this host, boot and namespace is
   checked directly, and found dead at once. Found alive (and running as the lock
   file's owner), a leader is waited for ``ALIVE_GRACE`` times longer before silence
-  counts (a host's fetcher is not: taking it over costs a read, not a compile).
+  counts (a host's fetcher is not: taking it over costs a read, not a compile). Found
+  stopped (SIGSTOP, a debugger), it is waited for only ``STOPPED_AFTER`` seconds of
+  silence: a stopped orphan of an earlier job, its launcher killed, is never resumed,
+  and one that is resumed after a takeover only compiles the graph a second time.
   Elastic restart counts are not used: they are per agent, not per job.
 
 Everything in a lock file was written by someone who could write the directory, so
@@ -57,6 +60,9 @@ __all__ = ["HEARTBEAT_S", "Holder", "Lock", "Locks", "Watch", "look", "owner_rec
 HEARTBEAT_S = 2.0
 # How many times longer a silent holder is waited for when its process is seen alive.
 ALIVE_GRACE = 4
+# Seconds of silence after which a holder seen stopped here is taken over: a few missed
+# heartbeats, far less than ``stale_after`` (which the waiters' timeout may not outlast).
+STOPPED_AFTER = 3 * HEARTBEAT_S
 # More generations than takeovers a real graph ever needs; a directory holding more
 # was filled by someone else, and the cache then costs a local compile, not a hang.
 MAX_GENERATIONS = 64
@@ -99,6 +105,10 @@ class Holder:
     def alive_by_identity(self) -> bool | None:
         """True/False when the holder's process can be checked from here, else None."""
         return dist_proc.identity_alive(self.record.get("proc"), self.uid)
+
+    def stopped_by_identity(self) -> bool:
+        """Whether the holder's process is seen here, stopped (it cannot beat)."""
+        return dist_proc.identity_stopped(self.record.get("proc"), self.uid)
 
     def dead_by_identity(self) -> bool:
         """Whether the holder is known dead without waiting for missed heartbeats."""
@@ -158,6 +168,8 @@ class Watch:
         alive = holder.alive_by_identity()
         if alive is False:
             return True
+        if alive and holder.stopped_by_identity():
+            return silent > min(STOPPED_AFTER, self.stale_after)
         limit = self.stale_after * (self.alive_grace if alive else 1)
         return silent > limit
 
@@ -169,8 +181,10 @@ class Watch:
         if alive is False:
             return "its process has exited"
         silent = f"no heartbeat for {self.silent_for(holder):.0f}s"
+        if alive and holder.stopped_by_identity():
+            return f"{silent}, its process stopped (SIGSTOP, a debugger, an earlier job's orphan)"
         if alive:
-            return f"{silent}, though its process is still there: stopped, frozen or swapping"
+            return f"{silent}, though its process is still there: frozen or swapping"
         return silent
 
 

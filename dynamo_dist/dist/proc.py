@@ -24,12 +24,18 @@ def pid_alive(pid: int) -> bool:
         return False  # OverflowError: no such pid can exist
     except PermissionError:
         return True
+    return _run_state(pid) not in ("Z", "X")
+
+
+def _run_state(pid: int) -> str | None:
+    """The process's state letter (field 3 of /proc/PID/stat): R, S, T (stopped), Z, ..."""
+    stat = _read(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
     try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+        return stat.rsplit(")", 1)[1].split()[0]
+    except IndexError:
+        return None
 
 
 def _read(path: str) -> str | None:
@@ -88,6 +94,20 @@ def identity() -> dict[str, object]:
 
 
 _PID_LIMIT = 1 << 22  # Linux's pid_max can be at most 2**22
+
+
+def identity_stopped(ident: object, uid: int | None = None) -> bool:
+    """Whether the process named by :func:`identity` runs here but is stopped.
+
+    Stopped by a signal (SIGSTOP, SIGTSTP: ``T``) or held by a debugger (``t``): it
+    cannot beat or make progress until someone resumes it, which for the orphan of an
+    earlier job (its launcher gone) is never. False whenever :func:`identity_alive`
+    cannot vouch for the process.
+    """
+    if identity_alive(ident, uid) is not True:
+        return False
+    assert isinstance(ident, dict)  # vouched for above
+    return _run_state(ident["pid"]) in ("T", "t")
 
 
 def identity_alive(ident: object, uid: int | None = None) -> bool | None:

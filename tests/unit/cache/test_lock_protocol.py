@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -43,8 +44,10 @@ _WORKER = textwrap.dedent(
     key = os.environ.get("GRAPH_KEY", key)
     cache = protocol.SharedCache(root, float(timeout), 30.0, agree=False)
     factors = cache_key.version_factors()
-    while time.time() < float(start_at):  # start together: the race is the point
-        time.sleep(0.001)
+    if start_at != "0":  # start together, however late each import ended: the race is the point
+        Path(start_at + f".ready.{os.getpid()}").touch()
+        while not os.path.exists(start_at):
+            time.sleep(0.001)
     roles = []
     def compile_fn():
         d = Path(inductor.cache_dir())
@@ -66,7 +69,7 @@ def _worker(
     root: Path,
     local: Path,
     timeout: float = 20.0,
-    start_at: float = 0.0,
+    start_at: Path | None = None,
     hold: float = 0.5,
     env: dict[str, str] | None = None,
     prefix: list[str] | None = None,
@@ -75,7 +78,7 @@ def _worker(
     full = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(local), **(env or {})}
     cmd = [*(prefix or []), sys.executable, "-c", _WORKER, str(root), KEY, str(timeout)]
     return subprocess.Popen(
-        [*cmd, str(start_at), str(hold)],
+        [*cmd, str(start_at or 0), str(hold)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -94,6 +97,20 @@ def _result(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[dict[str
     lines = [ln for ln in out.splitlines() if ln.startswith("{")]
     assert proc.returncode == 0 and lines, out[-3000:]
     return json.loads(lines[-1]), out
+
+
+def _go(go: Path, procs: list[subprocess.Popen[str]]) -> None:
+    """Let the workers started with ``start_at=go`` race, once every one is waiting.
+
+    A clock time to start at lost the race under load: a worker still importing torch
+    then came late and led again after the others had finished.
+    """
+    deadline = time.monotonic() + 180
+    while len(list(go.parent.glob(go.name + ".ready.*"))) < len(procs):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            break  # a worker died: its result says why
+        time.sleep(0.01)
+    go.touch()
 
 
 def _plant_lock(store: DiskStore, gen: int, record: dict[str, Any]) -> Path:
@@ -116,8 +133,9 @@ def test_one_leader_when_six_processes_race_for_a_dead_lock(tmp_path: Path) -> N
     for trial in range(2):
         root = tmp_path / f"c{trial}"
         _plant_lock(DiskStore(root), 0, {"rank": 9, "proc": _dead_identity()})
-        start = time.time() + 4.0  # every worker imported torch and waits by then
-        procs = [_worker(root, tmp_path / f"l{trial}.{i}", start_at=start) for i in range(6)]
+        go = tmp_path / f"go{trial}"
+        procs = [_worker(root, tmp_path / f"l{trial}.{i}", start_at=go) for i in range(6)]
+        _go(go, procs)
         results = [_result(p)[0] for p in procs]
         assert all(r["out"] == "compiled" for r in results)
         leaders = sum(r["roles"] == ["leader"] for r in results)
@@ -253,13 +271,13 @@ def test_a_failed_publish_does_not_make_the_ranks_compile_one_by_one(tmp_path: P
         "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
         "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))"
     )
-    start = time.time() + 4.0
+    go = tmp_path / "go"
     procs = []
     for i in range(4):
         local = tmp_path / f"l{i}"
         local.mkdir(mode=0o700)
         p = subprocess.Popen(
-            [sys.executable, "-c", limit + "\n" + _WORKER, str(root), KEY, "60", str(start), "1"],
+            [sys.executable, "-c", limit + "\n" + _WORKER, str(root), KEY, "60", str(go), "1"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -267,6 +285,7 @@ def test_a_failed_publish_does_not_make_the_ranks_compile_one_by_one(tmp_path: P
             start_new_session=True,
         )
         procs.append(p)
+    _go(go, procs)
     results = [_result(p) for p in procs]
     roles = [r["roles"] for r, _ in results]
     assert sorted(roles) == [["leader"], ["plain"], ["plain"], ["plain"]], roles
@@ -412,3 +431,47 @@ def test_a_lock_naming_a_live_process_is_not_kept_for_ever(tmp_path: Path) -> No
         os.chown(path, 65534, 65534)
         h = locks.holder(KEY)
         assert h is not None and h.alive_by_identity() is None
+
+
+def test_a_stopped_holder_is_taken_over_after_a_few_missed_beats(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stopped orphan of an earlier job (its launcher killed, never resumed) held its
+    lock for ALIVE_GRACE x stale_after: the restart's ranks each waited out their
+    timeout for it. Seen stopped, a holder is given up after STOPPED_AFTER of silence;
+    running, it keeps its lock."""
+    from dynamo_dist.cache import lock as cache_lock
+
+    monkeypatch.setattr(cache_lock, "STOPPED_AFTER", 0.2)
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        ident = {**dist_proc.identity(), "pid": child.pid, "start": None}
+        for _ in range(100):  # the start time, once the child has exec'd
+            ident["start"] = dist_proc._start_ticks(child.pid)
+            if ident["start"] is not None:
+                break
+            time.sleep(0.01)
+        store = DiskStore(tmp_path / "c")
+        _plant_lock(store, 0, {"rank": 1, "proc": ident})
+        locks = Locks(store)
+        watch = Watch(stale_after=600.0)
+        h = locks.holder(KEY)
+        assert h is not None and h.alive_by_identity() and not h.stopped_by_identity()
+        assert not watch.dead(h)
+        time.sleep(0.3)
+        assert not watch.dead(h)  # running and silent: waited for (stale_after)
+        child.send_signal(signal.SIGSTOP)
+        deadline = time.monotonic() + 30
+        while not h.stopped_by_identity() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert h.stopped_by_identity()
+        assert watch.dead(h)  # silent for 0.3 s already, now seen stopped
+        assert "stopped" in watch.reason(h)
+        child.send_signal(signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while h.stopped_by_identity() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not watch.dead(h)  # resumed: a live holder again
+    finally:
+        child.kill()
+        child.wait()
