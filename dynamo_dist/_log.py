@@ -10,8 +10,10 @@ dynamo_dist.cache: ...``, the rank prefix torch's logs use. The level comes from
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 
 _ROOT = "dynamo_dist"
 DEFAULT_FORMAT = "[rank%(rank)s]:%(asctime)s %(levelname).1s %(name)s: %(message)s"
@@ -24,8 +26,19 @@ FORMAT_RULE = (
 _handler: logging.Handler | None = None  # ours, if we added it
 
 
+#: The rank torch.distributed gave this process, once seen: the job report is logged
+#: after the process group is gone, and launchers such as Lightning's start rank 0
+#: without ``RANK`` in its environment.
+_seen_rank: str | None = None
+
+
 def _rank() -> str:
-    return os.environ.get("RANK", "-")
+    global _seen_rank
+    dist = sys.modules.get("torch.distributed")
+    with contextlib.suppress(Exception):  # never let a log line fail on this
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            _seen_rank = str(dist.get_rank())
+    return _seen_rank or os.environ.get("RANK", "-")
 
 
 class _RankFilter(logging.Filter):

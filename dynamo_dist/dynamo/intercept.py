@@ -60,6 +60,29 @@ class SwitchableBackend:
         return hash(type(self))
 
 
+class _CountingBackend:
+    """The backend torch.compile built, counting each graph it builds for the report.
+
+    In front of the backend when no shared cache is (the cache counts its own builds
+    and loads): ``built`` then still says how many graphs this rank compiled, per region.
+    """
+
+    def __init__(self, inner: Any, counts: Counts, region: int) -> None:
+        self.inner = inner
+        self.counts = counts
+        self.region = region
+
+    def __call__(self, gm: Any, example_inputs: Any) -> Any:
+        self.counts.count_built(dynamo_hook.region_label(self.region))
+        return self.inner(gm, example_inputs)
+
+    def __eq__(self, other: object) -> bool:  # see SwitchableBackend.__eq__
+        return isinstance(other, _CountingBackend) and bool(self.inner == other.inner)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
+
+
 class _ForwardingCallback:
     """Dynamo's frame callback, forwarded as is until the group's callback is attached.
 
@@ -142,10 +165,12 @@ class Adoption:
         return self.backends[0].built if self.backends else None
 
     def attach(self, group: Group, region: int, backend: Any = None) -> None:
-        """Point every adopted context at ``group`` (and ``backend``, if given)."""
-        if backend is not None:
-            for b in self.backends:
-                b.target = backend
+        """Point every adopted context at ``group`` (and ``backend``, if given: the shared
+        cache's; else the built backend, counting its builds)."""
+        for b in self.backends:
+            b.target = (
+                backend if backend is not None else _CountingBackend(b.built, group.counts, region)
+            )
         for forwarding in self.callbacks:
             forwarding.target = GuardedCallback(
                 forwarding.inner,

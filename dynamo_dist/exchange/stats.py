@@ -37,7 +37,8 @@ class Counts:
     """Recompiles by Dynamo's reason (its first failed guard), or ``forced: ...``."""
 
     regions: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Frames traced per compiled region (``dynamo.hook.region_label``): ``{"traced": n}``."""
+    """Per compiled region (``dynamo.hook.region_label``): frames traced, and graphs the
+    backend built where no shared cache counts them: ``{"traced": n, "built": m}``."""
 
     def count_traced(self, region: str, recompile_reason: str | None) -> None:
         """A frame of ``region`` was traced (a recompile if ``recompile_reason``)."""
@@ -45,6 +46,10 @@ class Counts:
         if recompile_reason is not None:
             self.recompiles += 1
             _counts.capped(self.recompile_reasons, recompile_reason)
+
+    def count_built(self, region: str) -> None:
+        """The backend built a graph of ``region`` (no shared cache: it counts its own)."""
+        self.regions[region] = _counts.add(self.regions.get(region), {"built": 1})
 
     def add(self, other: Counts) -> None:
         """Add ``other``'s counts to these (compiles counted before a group was joined)."""
@@ -206,7 +211,8 @@ class RuntimeStats:
     recompiles: int = 0
     recompile_reasons: dict[str, int] = field(default_factory=dict)
     traced_by_region: dict[str, dict[str, int]] = field(default_factory=dict)
-    """Frames traced per compiled region (the frame callback's ``traced`` counts)."""
+    """Per compiled region: frames traced (the frame callback's ``traced`` counts) and,
+    without a shared cache, graphs built (the counting backend's ``built``)."""
     groups: dict[str, GroupStats] = field(default_factory=dict)
     regions: dict[str, RegionStats] = field(default_factory=dict)
     """Per compiled region, by its label (``dynamo.hook.region_label``): its exchanges."""
@@ -252,8 +258,10 @@ class Stats:
         if rt is not None:
             # The compile accounting: what the frame callback counted (Dynamo's frames),
             # added to what the cache counted under the same keys (precompiled captures).
+            built = sum(r.get("built", 0) for r in rt.traced_by_region.values())
             traced = {
                 "frames_traced": rt.compiles + rt.local_compiles,
+                "graphs_built": built,
                 "recompiles": rt.recompiles,
                 "recompile_reasons": rt.recompile_reasons,
                 # Per region: its exchanges (the hook), its traces (the frame callback)

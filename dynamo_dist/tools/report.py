@@ -59,7 +59,8 @@ LEGEND: dict[str, str] = {
     "diverg.": "exchanges at which ranks guarded different frames (an error), plus mixed "
     "outcomes that policy strict refused",
     "traced": "frames Dynamo traced on this rank (a precompiled capture traces one)",
-    "built": "graphs inductor built on this rank (0 on a warm start that loaded everything)",
+    "built": "graphs the backend (inductor) built on this rank (0 on a warm start that "
+    "loaded everything)",
     "loaded": "graphs loaded instead of built: each is a cache hit",
     "loaded from": "where the loaded graphs came from: shared (the shared directory), "
     "host_copy (the copy a rank of this host left), precompiled (precompiled artifacts)",
@@ -109,7 +110,7 @@ REGION_LEGEND: dict[str, str] = {
     "frames": "distinct frame identities exchanged (call sites, resume functions after "
     "graph breaks, grad modes)",
     "traced": "frames of the region Dynamo traced on this rank",
-    "built": "of the region's graphs, those inductor built on this rank",
+    "built": "of the region's graphs, those the backend built on this rank",
     "loaded": "of the region's graphs, those loaded instead (from any source)",
 }
 

@@ -68,3 +68,27 @@ def test_a_format_in_a_profile_is_checked_too(tmp_path) -> None:
         C.resolve(config_file=f, environ={})
     f.write_text('log_format = "%(rank)s %(message)s"\n')
     assert C.resolve(config_file=f, environ={}).log_format == "%(rank)s %(message)s"
+
+
+# Lightning starts rank 0 without RANK in its environment, and the job report is logged
+# after the process group is destroyed: the rank torch.distributed gave is kept.
+_NO_RANK_ENV = """
+import torch.distributed as dist
+from dynamo_dist import _log
+log = _log.get_logger("report")
+_log.configure()
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:0", rank=0, world_size=1)
+log.warning("while the group lives")
+dist.destroy_process_group()
+log.warning("after it is gone")
+"""
+
+
+def test_the_rank_prefix_without_rank_in_the_environment() -> None:
+    env = {k: v for k, v in _base_env().items() if k not in ("RANK", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _NO_RANK_ENV], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if "dynamo_dist.report" in ln]
+    assert len(lines) == 2 and all(ln.startswith("[rank0]:") for ln in lines), lines

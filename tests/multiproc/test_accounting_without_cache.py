@@ -1,0 +1,61 @@
+"""``built`` without a shared cache: the graphs the backend built, counted per region.
+
+Without a cache directory nothing counted builds, so the report's ``built`` read ``-``
+although the backend compiled every graph. Real ranks, gloo, the eager backend: a
+function at two static shapes (a recompile) and one with a graph break (two graphs),
+checked against Dynamo's own count of the graphs it handed to the backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import ranks
+import torch
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(300)]
+
+HERE = __file__
+
+
+def scaled(x: torch.Tensor) -> torch.Tensor:
+    return (x * 2).sum(0)
+
+
+def broken(x: torch.Tensor) -> torch.Tensor:
+    y = x.relu()
+    torch._dynamo.graph_break()
+    return y + 1
+
+
+def no_cache_job(rank: int, world: int) -> dict[str, Any]:
+    from torch._dynamo.utils import counters
+
+    import dynamo_dist
+
+    f = dynamo_dist.compile(scaled, backend="eager", dynamic=False)
+    g = dynamo_dist.compile(broken, backend="eager")
+    for n in (4, 4, 6):
+        f(torch.ones(n, 3))
+    g(torch.ones(4))
+    return {"stats": dynamo_dist.stats(), "graphs": int(counters["stats"]["unique_graphs"])}
+
+
+def test_built_counts_the_backends_graphs_without_a_cache(tmp_path) -> None:
+    run = ranks.launch(HERE, "no_cache_job", tmp=tmp_path, env={}, timeout=240)
+    assert run.returncode == 0, run.output[-4000:]
+    for r in (0, 1):
+        s, graphs = run.rank(r)["stats"], run.rank(r)["graphs"]
+        assert "cache_publishes" not in s, s  # no shared cache here
+        assert graphs == 4, graphs  # scaled twice, broken's two graphs
+        assert s["graphs_built"] == graphs, s
+        built = {label: g.get("built", 0) for label, g in s["regions"].items()}
+        assert sorted(built.values()) == [2, 2], built
+        assert any("scaled" in label for label in built) and any(
+            "broken" in label for label in built
+        )
+
+
+if __name__ == "__main__":
+    ranks.main(globals())
