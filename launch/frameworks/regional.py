@@ -2,8 +2,9 @@
 
     dynamo-dist-run --all-compiles --standalone --nproc-per-node=2 launch/frameworks/regional.py
 
-torchtitan's ``apply_compile`` does ``torch.compile(block, fullgraph=True)`` for every
-block (torchtitan itself needs tokenizer assets from a hub; this is the same pattern).
+torchtitan's ``apply_compile`` compiles every block on its own with ``fullgraph=True``
+(``block.compile(...)``, ``nn.Module.compile``, at commit a9c5edc); the README shows
+torchtitan itself under the switch, and this is the same pattern without torchtitan.
 All blocks share one compiled graph; rank 1's shorter sequence at step 2 makes that
 graph dynamic, on both ranks together under the switch.
 """
