@@ -161,4 +161,9 @@ def aot_guard_failure(art: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     """Why ``art``'s guards fail for this call (Dynamo's verbose check), one line."""
     found = art._artifacts
     f_locals = art.prepare_f_locals(*args, **kwargs)
-    return " ".join(str(found.guard_manager.check_verbose(f_locals)).split())[:500]
+    info = found.guard_manager.check_verbose(f_locals)
+    # GuardDebugInfo's failed guards, as Dynamo words them for a recompile; its repr
+    # (result=0, num_guards_executed=...) is not for users.
+    parts = getattr(info, "verbose_code_parts", None)
+    text = "; ".join(map(str, parts)) if isinstance(parts, list | tuple) and parts else str(info)
+    return " ".join(text.split())[:500]
