@@ -97,7 +97,10 @@ def _counters() -> dict[str, Any]:
 def _precompiled_stats() -> dict[str, Any]:
     import dynamo_dist
 
-    return {k: v for k, v in dynamo_dist.stats().items() if k.startswith("precompiled_")}
+    stats = dynamo_dist.stats()
+    return {
+        k: v for k, v in stats.items() if k.startswith("precompiled_") or k == "recompile_reasons"
+    }
 
 
 # -- rank programs -------------------------------------------------------------------------
@@ -454,6 +457,9 @@ def test_every_fallback_reason_is_agreed_and_counted(tmp_path: Path) -> None:
         reasons = w["precompiled_fallbacks"]
         assert reasons["unserializable_guard"] == 1 and reasons["graph_break"] == 1, w
         assert reasons["guard_miss"] == 1, w
+        # Why, as Dynamo words a failed guard (not GuardDebugInfo's repr).
+        missed = [k for k in w["recompile_reasons"] if k.startswith("precompiled guards failed")]
+        assert missed and not any("GuardDebugInfo" in k for k in missed), w
         # The edited helper: the old artifact was refused, one for the new code captured.
         assert "source_changed" not in reasons and w["precompiled_stale"] == 1, w
     assert warm[1]["precompiled_fallbacks"]["torch_internals_changed"] == 1
