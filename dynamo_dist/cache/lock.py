@@ -24,9 +24,9 @@ shared filesystem that many hosts, containers and attackers write to:
   checked directly, and found dead at once. Found alive (and running as the lock
   file's owner), a leader is waited for ``ALIVE_GRACE`` times longer before silence
   counts (a host's fetcher is not: taking it over costs a read, not a compile). Found
-  stopped (SIGSTOP, a debugger), it is waited for only ``STOPPED_AFTER`` seconds of
-  silence: a stopped orphan of an earlier job, its launcher killed, is never resumed,
-  and one that is resumed after a takeover only compiles the graph a second time.
+  stopped (SIGSTOP, a debugger) at every look for ``STOPPED_AFTER`` seconds, and silent
+  as long, it is given up: a stopped orphan of an earlier job, its launcher killed, is
+  never resumed, and one resumed after a takeover only compiles the graph again.
   Elastic restart counts are not used: they are per agent, not per job.
 
 Everything in a lock file was written by someone who could write the directory, so
@@ -121,6 +121,10 @@ class Holder:
 #: that this rank cannot take over (a co-tenant's, in a directory it cannot write) is not
 #: waited out again for ``stale_after`` at every later miss (issue 30).
 _FIRST_SEEN: dict[tuple[int, tuple[int, int]], tuple[int, float]] = {}
+#: When this process first saw each lock's holder stopped, at every look since: a holder
+#: seen running again is forgotten here (a sampling profiler or a debugger stops a live
+#: leader for moments; only a holder that stays stopped is given up early).
+_FIRST_STOPPED: dict[tuple[int, tuple[int, int]], float] = {}
 #: More lock files than one process waits on; past this the memory starts again (a
 #: forgotten lock costs one more wait, never a wrong verdict).
 _MAX_REMEMBERED = 4096
@@ -153,6 +157,17 @@ class Watch:
         _FIRST_SEEN[ident] = (holder.beat, now)
         return 0.0
 
+    def stopped_for(self, holder: Holder) -> float:
+        """Seconds ``holder`` has been seen stopped at every look; 0 if running now."""
+        ident = (holder.gen, holder.inode)
+        if not holder.stopped_by_identity():
+            _FIRST_STOPPED.pop(ident, None)
+            return 0.0
+        now = time.monotonic()
+        if len(_FIRST_STOPPED) >= _MAX_REMEMBERED:
+            _FIRST_STOPPED.clear()
+        return now - _FIRST_STOPPED.setdefault(ident, now)
+
     def dead(self, holder: Holder) -> bool:
         """Not a lock file, dead by identity, or silent for longer than ``stale_after``.
 
@@ -168,8 +183,12 @@ class Watch:
         alive = holder.alive_by_identity()
         if alive is False:
             return True
-        if alive and holder.stopped_by_identity():
-            return silent > min(STOPPED_AFTER, self.stale_after)
+        if alive:
+            # Stopped and silent all along: an orphan nobody will resume. Both clocks,
+            # since a live leader may be silent (holding the GIL) and stopped a moment.
+            early = min(STOPPED_AFTER, self.stale_after)
+            if self.stopped_for(holder) > early and silent > early:
+                return True
         limit = self.stale_after * (self.alive_grace if alive else 1)
         return silent > limit
 
@@ -181,7 +200,7 @@ class Watch:
         if alive is False:
             return "its process has exited"
         silent = f"no heartbeat for {self.silent_for(holder):.0f}s"
-        if alive and holder.stopped_by_identity():
+        if alive and self.stopped_for(holder) > 0:
             return f"{silent}, its process stopped (SIGSTOP, a debugger, an earlier job's orphan)"
         if alive:
             return f"{silent}, though its process is still there: frozen or swapping"

@@ -161,9 +161,29 @@ def aot_guard_failure(art: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     """Why ``art``'s guards fail for this call (Dynamo's verbose check), one line."""
     found = art._artifacts
     f_locals = art.prepare_f_locals(*args, **kwargs)
-    info = found.guard_manager.check_verbose(f_locals)
-    # GuardDebugInfo's failed guards, as Dynamo words them for a recompile; its repr
+    manager = found.guard_manager
+    info = manager.check_verbose(f_locals)
+    # The failed guard, as Dynamo words it for a recompile; GuardDebugInfo's repr
     # (result=0, num_guards_executed=...) is not for users.
     parts = getattr(info, "verbose_code_parts", None)
-    text = "; ".join(map(str, parts)) if isinstance(parts, list | tuple) and parts else str(info)
+    if not isinstance(parts, list | tuple) or not parts:
+        text = str(info)
+    elif len(parts) == 1:
+        text = str(parts[0])  # a tensor check's own reason, or the one guard
+    else:
+        text = _first_failing(manager, f_locals, [str(p) for p in parts])
     return " ".join(text.split())[:500]
+
+
+def _first_failing(manager: Any, f_locals: dict[str, Any], parts: list[str]) -> str:
+    """Of a leaf guard's code parts (symbolic shapes put all of theirs in one), the first
+    that is false here, evaluated as Dynamo's ``get_guard_fail_reason_helper`` does."""
+    try:
+        scope = {"L": f_locals, "G": manager.global_scope["G"], **(manager.closure_vars or {})}
+        for part in parts:
+            held = eval(part, dict(manager.global_scope), scope)  # the artifact's own guard
+            if isinstance(held, bool) and not held:
+                return part
+    except Exception:  # diagnostics only: fall through to every part
+        pass
+    return "; ".join(parts)

@@ -53,8 +53,12 @@ class SwitchableBackend:
     # compare equal (torch's wrappers define __eq__): torchtitan compiles each block on
     # its own, and all blocks share one compiled graph. Identity would compile every
     # block anew and hit the recompile limit (fullgraph: a hard error).
+    # Targets compare unwrapped: a block attached to its group (counting its builds) and
+    # one still pending or plain (an eval copy only ever called in local()) share graphs.
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, SwitchableBackend) and bool(self.target == other.target)
+        return isinstance(other, SwitchableBackend) and bool(
+            _uncounted(self.target) == _uncounted(other.target)
+        )
 
     def __hash__(self) -> int:
         return hash(type(self))
@@ -73,14 +77,13 @@ class _CountingBackend:
         self.region = region
 
     def __call__(self, gm: Any, example_inputs: Any) -> Any:
+        built = self.inner(gm, example_inputs)  # a build that raises built nothing
         self.counts.count_built(dynamo_hook.region_label(self.region))
-        return self.inner(gm, example_inputs)
+        return built
 
-    def __eq__(self, other: object) -> bool:  # see SwitchableBackend.__eq__
-        return isinstance(other, _CountingBackend) and bool(self.inner == other.inner)
 
-    def __hash__(self) -> int:
-        return hash(type(self))
+def _uncounted(target: Any) -> Any:
+    return target.inner if isinstance(target, _CountingBackend) else target
 
 
 class _ForwardingCallback:
@@ -142,6 +145,9 @@ class Adoption:
 
     def backend(self, built: Any) -> Any:
         b = SwitchableBackend(built)
+        # Until attach, builds (inside local(), before the group is joined) count for the
+        # group here, as the traces do (region -1: no region yet, as GuardedCallback's).
+        b.target = _CountingBackend(built, self.counts, -1)
         self.backends.append(b)
         return b
 

@@ -465,13 +465,21 @@ def test_a_stopped_holder_is_taken_over_after_a_few_missed_beats(
         while not h.stopped_by_identity() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert h.stopped_by_identity()
-        assert watch.dead(h)  # silent for 0.3 s already, now seen stopped
+        assert not watch.dead(h)  # silent for 0.3 s, but stopped only since this look
+        time.sleep(0.3)
+        assert watch.dead(h)  # stopped at every look for STOPPED_AFTER, and silent
         assert "stopped" in watch.reason(h)
+        # Stopped for moments (a sampling profiler, a debugger) is not stopped for good:
+        # one look that sees it running starts the stopped clock again.
         child.send_signal(signal.SIGCONT)
         deadline = time.monotonic() + 30
         while h.stopped_by_identity() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert not watch.dead(h)  # resumed: a live holder again
+        child.send_signal(signal.SIGSTOP)
+        while not h.stopped_by_identity() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not watch.dead(h)  # silent for long, stopped again only now
     finally:
         child.kill()
         child.wait()
