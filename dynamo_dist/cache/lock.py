@@ -102,13 +102,18 @@ class Holder:
         r = self.record
         return f"rank {_plain(r.get('rank'))} ({_plain(r.get('host'))}, pid {_plain(r.get('pid'))})"
 
+    def state_by_identity(self) -> dist_proc.ProcessState | None:
+        """Exited, running or stopped when the holder's process can be checked from
+        here, else None."""
+        return dist_proc.identity_state(self.record.get("proc"), self.uid)
+
     def alive_by_identity(self) -> bool | None:
         """True/False when the holder's process can be checked from here, else None."""
         return dist_proc.identity_alive(self.record.get("proc"), self.uid)
 
     def stopped_by_identity(self) -> bool:
         """Whether the holder's process is seen here, stopped (it cannot beat)."""
-        return dist_proc.identity_stopped(self.record.get("proc"), self.uid)
+        return self.state_by_identity() == "stopped"
 
     def dead_by_identity(self) -> bool:
         """Whether the holder is known dead without waiting for missed heartbeats."""
@@ -157,10 +162,13 @@ class Watch:
         _FIRST_SEEN[ident] = (holder.beat, now)
         return 0.0
 
-    def stopped_for(self, holder: Holder) -> float:
-        """Seconds ``holder`` has been seen stopped at every look; 0 if running now."""
+    def stopped_for(self, holder: Holder, state: dist_proc.ProcessState | None) -> float:
+        """Seconds ``holder`` has been seen stopped at every look; 0 if not now.
+
+        ``state``: this look's :meth:`Holder.state_by_identity`.
+        """
         ident = (holder.gen, holder.inode)
-        if not holder.stopped_by_identity():
+        if state != "stopped":
             _FIRST_STOPPED.pop(ident, None)
             return 0.0
         now = time.monotonic()
@@ -180,29 +188,28 @@ class Watch:
         silent = self.silent_for(holder)
         if not holder.regular:
             return True  # a directory, FIFO or link: nothing of ours ever made it
-        alive = holder.alive_by_identity()
-        if alive is False:
+        state = holder.state_by_identity()
+        if state == "exited":
             return True
-        if alive:
-            # Stopped and silent all along: an orphan nobody will resume. Both clocks,
-            # since a live leader may be silent (holding the GIL) and stopped a moment.
-            early = min(STOPPED_AFTER, self.stale_after)
-            if self.stopped_for(holder) > early and silent > early:
-                return True
-        limit = self.stale_after * (self.alive_grace if alive else 1)
+        # Stopped and silent all along: an orphan nobody will resume. Both clocks, since
+        # a live leader may be silent (holding the GIL) and stopped a moment.
+        early = min(STOPPED_AFTER, self.stale_after)
+        if self.stopped_for(holder, state) > early and silent > early:
+            return True
+        limit = self.stale_after * (self.alive_grace if state is not None else 1)
         return silent > limit
 
     def reason(self, holder: Holder) -> str:
         """Why :meth:`dead` gave ``holder`` up, for a log line."""
         if not holder.regular:
             return "its lock is a directory, FIFO or link: never a lock of ours"
-        alive = holder.alive_by_identity()
-        if alive is False:
+        state = holder.state_by_identity()
+        if state == "exited":
             return "its process has exited"
         silent = f"no heartbeat for {self.silent_for(holder):.0f}s"
-        if alive and self.stopped_for(holder) > 0:
+        if self.stopped_for(holder, state) > 0:
             return f"{silent}, its process stopped (SIGSTOP, a debugger, an earlier job's orphan)"
-        if alive:
+        if state is not None:
             return f"{silent}, though its process is still there: frozen or swapping"
         return silent
 

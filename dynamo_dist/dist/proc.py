@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Literal
+
+#: What :func:`identity_state` tells of a process.
+ProcessState = Literal["exited", "running", "stopped"]
 
 
 def restart_count() -> str:
@@ -96,22 +100,20 @@ def identity() -> dict[str, object]:
 _PID_LIMIT = 1 << 22  # Linux's pid_max can be at most 2**22
 
 
-def identity_stopped(ident: object, uid: int | None = None) -> bool:
-    """Whether the process named by :func:`identity` runs here but is stopped.
-
-    Stopped by a signal (SIGSTOP, SIGTSTP: ``T``) or held by a debugger (``t``): it
-    cannot beat or make progress until someone resumes it, which for the orphan of an
-    earlier job (its launcher gone) is never. False whenever :func:`identity_alive`
-    cannot vouch for the process.
-    """
-    if identity_alive(ident, uid) is not True:
-        return False
-    assert isinstance(ident, dict)  # vouched for above
-    return _run_state(ident["pid"]) in ("T", "t")
-
-
 def identity_alive(ident: object, uid: int | None = None) -> bool | None:
-    """Whether the process named by :func:`identity` still runs; None if it cannot be told.
+    """Whether the process named by :func:`identity` still runs; None if it cannot be told
+    (see :func:`identity_state`)."""
+    state = identity_state(ident, uid)
+    return None if state is None else state != "exited"
+
+
+def identity_state(ident: object, uid: int | None = None) -> ProcessState | None:
+    """The process named by :func:`identity`: exited, running or stopped; None if it
+    cannot be told.
+
+    Stopped is a signal's stop (SIGSTOP, SIGTSTP: ``T``) or a debugger's (``t``): such a
+    process cannot beat or make progress until someone resumes it, which for the orphan
+    of an earlier job (its launcher gone) is never.
 
     Only a process of this host, kernel boot and PID namespace can be checked here (the
     host too: cloned VMs share a boot id and the initial namespace's inode); anything
@@ -134,16 +136,16 @@ def identity_alive(ident: object, uid: int | None = None) -> bool | None:
     if pidns != _pid_namespace():
         return None
     if not pid_alive(pid):
-        return False
+        return "exited"
     now = _start_ticks(pid)
     if now is None or not isinstance(start, int) or isinstance(start, bool):
         return None
     if now != start:
-        return False  # the pid was reused: ours is gone
+        return "exited"  # the pid was reused: ours is gone
     if uid is not None:
         try:
             if os.stat(f"/proc/{pid}").st_uid != uid:
                 return None
         except OSError:
             return None
-    return True
+    return "stopped" if _run_state(pid) in ("T", "t") else "running"
